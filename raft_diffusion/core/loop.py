@@ -1,0 +1,236 @@
+"""The RAFT stage loop, model-agnostic.
+
+    for stage in 1..N:
+        sample K outputs per prompt (seeded per sample) -> score -> stream into the pool
+        keep the best -> fine-tune on them -> evaluate on held-out prompts -> checkpoint
+
+A task (the diffusion or LLM adapter) supplies the model-specific steps; see :class:`RaftTask`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import RewardError
+from .pool import StreamingPool
+from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_jsonl
+from .seeds import sample_seed, stage_seed
+from .types import Sample
+
+log = logging.getLogger("raft")
+
+
+class RaftTask(Protocol):
+    """What a model family plugs into the loop."""
+
+    reward_name: str  # for error messages
+    train_prompts: list[str]
+
+    def restore(self, stage_dir) -> None:
+        """Load the weights a completed stage saved (resume)."""
+
+    def sample(self, stage: int, requests: Sequence[Sample]) -> Iterator[list[Sample]]:
+        """Generate the requested samples (payloads filled), yielding them in batches."""
+
+    def score(self, batch: list[Sample]) -> torch.Tensor | Sequence[float | None]:
+        """Rewards of a batch, one per sample (NaN/None = no score). May add reward components to extras."""
+
+    def save_kept(self, stage_dir, kept: list[Sample]) -> None:
+        """Persist what fine-tuning needs of the kept samples (images, latents, texts)."""
+
+    def load_kept(self, stage_dir, kept: list[Sample]) -> list[Sample]:
+        """Fill payloads of kept samples saved by ``save_kept`` (offline mode, resume)."""
+
+    def finetune(self, stage: int, kept: list[Sample]) -> dict:
+        """Fine-tune the model on the kept samples; returns training metrics."""
+
+    def save(self, stage_dir) -> None:
+        """Save the current weights into the stage folder."""
+
+    def evaluate(self, stage: int, stage_dir) -> dict:
+        """Held-out metrics of the current model (stage 0 = the base model)."""
+
+    def weights_dir(self, stage_dir):
+        """The folder inside ``stage_dir`` that ``final/`` should mirror."""
+
+
+def as_rewards(name: str, out, n: int) -> list[float]:
+    """Validate a reward's output for a batch of ``n`` and turn it into floats (NaN = no score)."""
+    if isinstance(out, torch.Tensor):
+        if out.ndim != 1 or out.shape[0] != n:
+            raise RewardError(
+                f"reward '{name}' returned a tensor of shape {tuple(out.shape)} for a batch of {n}; "
+                f"it must return shape ({n},): one score per image"
+            )
+        return [float(x) for x in out.detach().float().cpu().tolist()]
+    if isinstance(out, (list, tuple)):
+        if len(out) != n:
+            raise RewardError(f"reward '{name}' returned {len(out)} scores for a batch of {n}; return one per sample")
+        try:
+            return [float("nan") if x is None else float(x) for x in out]
+        except (TypeError, ValueError):
+            raise RewardError(f"reward '{name}' returned non-numeric scores; return floats (None = no score)") from None
+    raise RewardError(f"reward '{name}' returned {type(out).__name__}; it must return a 1-D torch.Tensor with one score per sample")
+
+
+def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
+    """Indices of the training prompts used in a stage (all, or a seeded draw of ``prompts.per_stage``)."""
+    per = cfg.prompts.per_stage
+    if per is None or per >= n_prompts:
+        return list(range(n_prompts))
+    rng = random.Random(stage_seed(cfg.seed, stage, "prompts"))
+    return sorted(rng.sample(range(n_prompts), per))
+
+
+def collect_pool(cfg, task: RaftTask, stage: int, stats: dict) -> StreamingPool:
+    """Steps 1-3 of a stage: sample, score, stream into the selection pool."""
+    K = cfg.sampling.num_per_prompt
+    requests = [
+        Sample(prompt_index=p, sample_index=k, seed=sample_seed(cfg.seed, stage, p, k))
+        for p in stage_prompts(cfg, stage, len(task.train_prompts))
+        for k in range(K)
+    ]
+    pool = StreamingPool(cfg.ranking, expected_total=len(requests))
+    bar = tqdm(total=len(requests), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
+    score_time = 0.0
+    for batch in task.sample(stage, requests):
+        t = time.perf_counter()
+        rewards = as_rewards(task.reward_name, task.score(batch), len(batch))
+        score_time += time.perf_counter() - t
+        for s, r in zip(batch, rewards):
+            s.reward = r
+        pool.add(batch)
+        stats["reward_queries"] += len(batch)
+        bar.update(len(batch))
+    bar.close()
+    stats["time_score"] = score_time
+    if pool.records and all(math.isnan(s.reward) for s in pool.records):
+        raise RewardError(f"reward '{task.reward_name}' returned NaN (no score) for all {len(pool.records)} samples of stage {stage}")
+    return pool
+
+
+def _summary(values: list[float]) -> dict:
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return {}
+    mean = sum(v) / len(v)
+    std = (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5
+    return {"mean": mean, "std": std, "max": max(v), "min": min(v)}
+
+
+def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict]:
+    """Run (or resume) every stage; returns the metrics rows. ``should_stop(rows) -> str | None`` ends early."""
+    done = run.last_completed()
+    run.truncate_metrics(done)
+    rows = run.metrics()
+    prior_seconds = rows[-1]["seconds"] if rows else 0.0
+    stats = {"reward_queries": rows[-1].get("reward_queries", 0) if rows else 0}
+    t0 = time.perf_counter()
+    offline = cfg.mode == "offline" or cfg.sampling.external_pool is not None
+
+    # Step 0: the base model's evaluation (stage 0) before any training.
+    if done == 0 and not any(r["stage"] == 0 for r in rows) and cfg.eval.every:
+        t = time.perf_counter()
+        row = {"stage": 0, **task.evaluate(0, run.stage_dir(0)), "time_eval": time.perf_counter() - t}
+        row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
+        run.put_metrics(row)
+        rows = run.metrics()
+    if done:
+        log.info("resuming %s after stage %d", run.root, done)
+        task.restore(run.stage_dir(done))
+
+    for stage in range(done + 1, cfg.num_stages + 1):
+        reason = should_stop(rows) if should_stop else None
+        if reason:
+            log.warning("early stop before stage %d: %s", stage, reason)
+            break
+        sdir = run.stage_dir(stage)
+        row: dict = {"stage": stage}
+
+        # Steps 1-3: sample and score (online), or reuse the first stage's pool (offline).
+        t = time.perf_counter()
+        if offline and stage > 1:
+            records = read_jsonl(run.stage_dir(1) / "samples.jsonl")
+            kept = task.load_kept(run.stage_dir(1), [_from_record(r) for r in records if r.get("kept")])
+            kept.sort(key=lambda s: -s.reward)
+            rewards = [s.reward if s.reward is not None else math.nan for s in map(_from_record, records)]
+        else:
+            pool = collect_pool(cfg, task, stage, stats)
+            kept = pool.kept()
+            task.save_kept(sdir, kept)
+            write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])
+            rewards = [s.reward for s in pool.records]
+            del pool
+        row["time_sample"] = time.perf_counter() - t
+        row["time_score"] = stats.pop("time_score", 0.0)
+        if not kept:
+            raise RewardError(
+                f"stage {stage} kept no samples (every reward was NaN or below ranking.threshold={cfg.ranking.threshold}); "
+                "lower the threshold or check the reward"
+            )
+        s_all, s_kept = _summary(rewards), _summary([s.reward for s in kept])
+        row.update(
+            reward_mean=s_all.get("mean"), reward_std=s_all.get("std"), reward_max=s_all.get("max"),
+            reward_min=s_all.get("min"), kept_reward_mean=s_kept.get("mean"), kept_reward_min=s_kept.get("min"),
+            num_generated=len(rewards), num_kept=len(kept),
+        )
+
+        # Step 4: fine-tune on the kept samples.
+        t = time.perf_counter()
+        row.update(task.finetune(stage, kept))
+        row["time_finetune"] = time.perf_counter() - t
+        task.save(sdir)
+        del kept
+
+        # Step 5: evaluate on held-out prompts with fixed seeds.
+        if cfg.eval.every and (stage % cfg.eval.every == 0 or stage == cfg.num_stages):
+            t = time.perf_counter()
+            row.update(task.evaluate(stage, sdir))
+            row["time_eval"] = time.perf_counter() - t
+
+        # Step 6: checkpoint: metrics, then the stage marker (the marker is what resume trusts).
+        row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
+        run.put_metrics(row)
+        run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
+        rows = run.metrics()
+        print(stage_line(row), flush=True)
+
+    last = run.last_completed()
+    if last:
+        copy_dir_atomic(task.weights_dir(run.stage_dir(last)), run.final_dir)
+    return rows
+
+
+def _from_record(r: dict) -> Sample:
+    reward = r.get("reward")
+    return Sample(
+        prompt_index=r["prompt_index"], sample_index=r["sample_index"], seed=r["seed"],
+        reward=math.nan if reward is None else reward, log_ratio=r.get("log_ratio"),
+        extras={k: v for k, v in r.items() if k not in ("prompt_index", "sample_index", "seed", "reward", "log_ratio")},
+    )
+
+
+def stage_line(row: dict) -> str:
+    """One-line stage summary for the console."""
+    def fmt(key, spec=".4g"):
+        v = row.get(key)
+        return "-" if v is None else format(v, spec)
+
+    parts = [
+        f"stage {row['stage']:>3}",
+        f"reward mean {fmt('reward_mean')} max {fmt('reward_max')}",
+        f"kept {row.get('num_kept', 0)}/{row.get('num_generated', 0)} (mean {fmt('kept_reward_mean')})",
+    ]
+    if "loss_mean" in row:
+        parts.append(f"loss {fmt('loss_mean')}")
+    if "eval_reward_mean" in row:
+        parts.append(f"eval reward {fmt('eval_reward_mean')}")
+    parts.append(f"{row.get('seconds', 0):.0f}s")
+    return " | ".join(parts)

@@ -1,0 +1,74 @@
+"""A streaming selection pool: memory holds only what the stage may still keep.
+
+Samples arrive in batches; each is recorded (prompt index, seed, reward, ...), and its payload is
+held only while it is among the best seen so far for its slot (its prompt in ``local`` mode, the
+whole stage in ``global`` mode). Selections equal :func:`ranking.select` on the same samples.
+"""
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable
+
+from .ranking import global_count, is_nan, order_key, ranking_key
+from .types import Sample
+
+
+class StreamingPool:
+    """Keeps the top samples of a stage while the rest stream past.
+
+    ``expected_total`` (the number of samples the stage will generate) is needed by ``global`` mode
+    to turn ``top_ratio`` into a count before the samples arrive.
+    """
+
+    def __init__(self, ranking, expected_total: int):
+        self.ranking = ranking
+        self.expected_total = expected_total
+        self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
+        self._heaps: dict[object, list] = {}
+        self._capacity = self._slot_capacity()
+        self.max_payloads_held = 0
+
+    def _slot_capacity(self) -> int | None:
+        r = self.ranking
+        if r.mode == "local":
+            return r.top_k
+        if r.mode == "global":
+            cap = global_count(self.expected_total, r.top_ratio)
+            return cap if r.max_kept is None else min(cap, r.max_kept)
+        return r.max_kept  # threshold: unbounded unless capped
+
+    def _slot(self, sample: Sample) -> object:
+        return sample.prompt_index if self.ranking.mode == "local" else "all"
+
+    def add(self, samples: Iterable[Sample]) -> None:
+        for s in samples:
+            self.records.append(s)
+            key = ranking_key(s.reward, s.log_ratio, self.ranking.kl_beta)
+            if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
+                s.payload = None
+                continue
+            heap = self._heaps.setdefault(self._slot(s), [])
+            item = (order_key(key, s.prompt_index, s.sample_index), s)
+            if self._capacity is None or len(heap) < self._capacity:
+                heapq.heappush(heap, item)
+            elif item[0] > heap[0][0]:
+                heapq.heapreplace(heap, item)[1].payload = None
+            else:
+                s.payload = None
+        self.max_payloads_held = max(self.max_payloads_held, self.num_payloads_held())
+
+    def num_payloads_held(self) -> int:
+        return sum(1 for s in self.records if s.payload is not None)
+
+    def kept(self) -> list[Sample]:
+        """The selection, best first; also marks ``kept`` in every record's extras."""
+        items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
+        if self.ranking.max_kept is not None:
+            for _, dropped in items[self.ranking.max_kept:]:
+                dropped.payload = None
+            items = items[: self.ranking.max_kept]
+        chosen = [s for _, s in items]
+        kept_ids = {id(s) for s in chosen}
+        for s in self.records:
+            s.extras["kept"] = id(s) in kept_ids
+        return chosen

@@ -1,0 +1,138 @@
+"""Ranking and the streaming pool against brute-force references."""
+import math
+import random
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raft_diffusion.core.pool import StreamingPool
+from raft_diffusion.core.ranking import global_count, ranking_key, select
+from raft_diffusion.core.types import Sample
+
+
+def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0):
+    return SimpleNamespace(mode=mode, top_k=top_k, top_ratio=top_ratio, threshold=threshold, max_kept=max_kept, kl_beta=kl_beta)
+
+
+def brute_local(rewards, P, K, k):
+    """For each prompt, sort its samples by (-reward, sample index) and take k non-NaN."""
+    out = set()
+    for p in range(P):
+        items = [(rewards[p * K + j], j) for j in range(K) if not math.isnan(rewards[p * K + j])]
+        items.sort(key=lambda t: (-t[0], t[1]))
+        out |= {(p, j) for _, j in items[:k]}
+    return out
+
+
+def make(rewards, P, K, log_ratios=None):
+    return [
+        Sample(prompt_index=p, sample_index=j, seed=p * 100 + j, reward=rewards[p * K + j],
+               log_ratio=None if log_ratios is None else log_ratios[p * K + j], payload=("img", p, j))
+        for p in range(P) for j in range(K)
+    ]
+
+
+reward_lists = st.integers(1, 5).flatmap(
+    lambda P: st.integers(1, 6).flatmap(
+        lambda K: st.tuples(
+            st.just(P), st.just(K),
+            st.lists(st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1.0, math.nan])), min_size=P * K, max_size=P * K),
+        )
+    )
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(reward_lists, st.integers(1, 6), st.integers(1, 4))
+def test_local_pool_equals_bruteforce_and_holds_at_most_topk(data, k, batch):
+    P, K, rewards = data
+    k = min(k, K)
+    samples = make(rewards, P, K)
+    order = list(range(len(samples)))
+    random.Random(P * 31 + K).shuffle(order)  # arrival order must not matter
+    pool = StreamingPool(R("local", top_k=k), expected_total=len(samples))
+    for i in range(0, len(order), batch):
+        pool.add([samples[j] for j in order[i:i + batch]])
+        per_prompt = {}
+        for s in pool.records:
+            if s.payload is not None:
+                per_prompt[s.prompt_index] = per_prompt.get(s.prompt_index, 0) + 1
+        assert all(v <= k for v in per_prompt.values())
+    kept = pool.kept()
+    assert {(s.prompt_index, s.sample_index) for s in kept} == brute_local(rewards, P, K, k)
+    assert all(s.payload is not None for s in kept)
+    assert all(not math.isnan(s.reward) for s in kept)
+    assert sum(s.payload is not None for s in pool.records) == len(kept)
+    assert [s.extras["kept"] for s in pool.records].count(True) == len(kept)
+    # The reference selection agrees, element for element, in best-first order.
+    ref = select([s.reward for s in samples], [s.prompt_index for s in samples], [s.sample_index for s in samples], mode="local", top_k=k)
+    assert sorted((samples[i].prompt_index, samples[i].sample_index) for i in ref) == sorted((s.prompt_index, s.sample_index) for s in kept)
+
+
+@settings(max_examples=150, deadline=None)
+@given(reward_lists, st.floats(0.05, 1.0), st.one_of(st.none(), st.integers(1, 5)))
+def test_global_pool_equals_sorted_topn(data, ratio, max_kept):
+    P, K, rewards = data
+    samples = make(rewards, P, K)
+    pool = StreamingPool(R("global", top_ratio=ratio, max_kept=max_kept), expected_total=len(samples))
+    pool.add(reversed(samples))
+    kept = pool.kept()
+    valid = sorted((i for i in range(len(rewards)) if not math.isnan(rewards[i])), key=lambda i: (-rewards[i], i // K, i % K))
+    n = global_count(len(rewards), ratio)
+    if max_kept is not None:
+        n = min(n, max_kept)
+    assert [(s.prompt_index, s.sample_index) for s in kept] == [(i // K, i % K) for i in valid[:n]]
+
+
+@settings(max_examples=100, deadline=None)
+@given(reward_lists, st.floats(-2, 2))
+def test_threshold_pool(data, thr):
+    P, K, rewards = data
+    pool = StreamingPool(R("threshold", threshold=thr), expected_total=P * K)
+    pool.add(make(rewards, P, K))
+    got = {(s.prompt_index, s.sample_index) for s in pool.kept()}
+    assert got == {(i // K, i % K) for i, r in enumerate(rewards) if not math.isnan(r) and r >= thr}
+
+
+def test_ties_break_by_prompt_then_sample_index():
+    rewards = [1.0, 1.0, 1.0, 1.0, 0.5, 1.0]  # 2 prompts x 3 samples, all tied at the top
+    samples = make(rewards, 2, 3)
+    pool = StreamingPool(R("global", top_ratio=0.5), expected_total=6)
+    pool.add(samples[::-1])
+    assert [(s.prompt_index, s.sample_index) for s in pool.kept()] == [(0, 0), (0, 1), (0, 2)]
+    local = StreamingPool(R("local", top_k=1), expected_total=6)
+    local.add(samples[::-1])
+    assert [(s.prompt_index, s.sample_index) for s in local.kept()] == [(0, 0), (1, 0)]
+
+
+def test_nan_never_selected_even_when_nothing_else():
+    samples = make([math.nan, math.nan, 2.0, math.nan], 2, 2)
+    pool = StreamingPool(R("local", top_k=2), expected_total=4)
+    pool.add(samples)
+    assert [(s.prompt_index, s.sample_index) for s in pool.kept()] == [(1, 0)]
+
+
+def test_kl_key_changes_only_the_ranking():
+    assert ranking_key(2.0, 10.0, 0.1) == pytest.approx(1.0)
+    assert ranking_key(2.0, None, 0.1) == 2.0  # generator supplied no log-ratio: no-op
+    assert ranking_key(2.0, 10.0, 0.0) == 2.0
+    # Sample 0 has the higher reward but drifted far from the base; with beta=0.1 sample 1 wins.
+    samples = make([2.0, 1.5], 1, 2, log_ratios=[10.0, 0.0])
+    plain = StreamingPool(R("local"), 2)
+    plain.add(make([2.0, 1.5], 1, 2, log_ratios=[10.0, 0.0]))
+    assert plain.kept()[0].sample_index == 0
+    kl = StreamingPool(R("local", kl_beta=0.1), 2)
+    kl.add(samples)
+    assert kl.kept()[0].sample_index == 1
+    assert kl.kept()[0].reward == 1.5  # the reward itself is untouched
+
+
+def test_local_then_max_kept_like_the_raft_notebook():
+    # best per prompt, then the global top 2 of those
+    rewards = [0.1, 0.9, 0.5, 0.2, 0.8, 0.3, 0.7, 0.6, 0.0]  # 3 prompts x 3
+    pool = StreamingPool(R("local", top_k=1, max_kept=2), expected_total=9)
+    pool.add(make(rewards, 3, 3))
+    assert [(s.prompt_index, s.sample_index, s.reward) for s in pool.kept()] == [(0, 1, 0.9), (1, 1, 0.8)]
+    assert sum(s.payload is not None for s in pool.records) == 2
