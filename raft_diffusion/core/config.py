@@ -161,8 +161,9 @@ def _section_type(cls, name: str):
     return tp if dataclasses.is_dataclass(tp) else None
 
 
-def valid_keys(cls=RaftConfig, prefix: str = "") -> list[str]:
+def valid_keys(cls=None, prefix: str = "") -> list[str]:
     """Every dotted key the config accepts."""
+    cls = cls or RaftConfig
     out = []
     for f in dataclasses.fields(cls):
         sub = _section_type(cls, f.name)
@@ -172,39 +173,41 @@ def valid_keys(cls=RaftConfig, prefix: str = "") -> list[str]:
     return out
 
 
-def _unknown(key: str) -> ConfigError:
-    near = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
+def _unknown(key: str, root) -> ConfigError:
+    keys = valid_keys(root)
+    near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # try matching the last component only
-        leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(valid_keys())}
+        leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
         near = [leaves[m] for m in difflib.get_close_matches(key.rsplit(".", 1)[-1], list(leaves), n=1, cutoff=0.6)]
     hint = f"; did you mean '{near[0]}'?" if near else "; run 'raft-diffusion config-help' to list valid keys"
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
-def _build(cls, data: dict, prefix: str = ""):
+def _build(cls, data: dict, prefix: str = "", root=None):
+    root = root or cls
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise _unknown(prefix + str(key))
+            raise _unknown(prefix + str(key), root)
         sub = _section_type(cls, key)
-        kwargs[key] = _build(sub, value or {}, prefix + key + ".") if sub is not None else value
+        kwargs[key] = _build(sub, value or {}, prefix + key + ".", root) if sub is not None else value
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - defensive
         raise ConfigError(f"bad config section '{prefix}': {e}") from None
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def _set_dotted(data: dict, dotted: str, value: Any, root) -> None:
     parts = dotted.split(".")
     node = data
-    cls = RaftConfig
+    cls = root
     for i, part in enumerate(parts[:-1]):
         sub = _section_type(cls, part) if cls is not None and part in {f.name for f in dataclasses.fields(cls)} else None
         if cls is not None and sub is None and part not in {f.name for f in dataclasses.fields(cls)}:
-            raise _unknown(".".join(parts[: i + 1]))
+            raise _unknown(".".join(parts[: i + 1]), root)
         if part not in node and cls is not None and sub is None:  # free-form mapping: start from its default
             default = next(f for f in dataclasses.fields(cls) if f.name == part)
             node[part] = default.default_factory() if default.default_factory is not dataclasses.MISSING else {}
@@ -233,14 +236,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict | None, overrides: list[str] = ()) -> RaftConfig:
+def config_from_dict(data: dict | None, overrides: list[str] = (), cls=None):
+    """Build and validate a config of class ``cls`` (default :class:`RaftConfig`) from a mapping + overrides."""
+    cls = cls or RaftConfig
     data = dict(data or {})
     for key, value in parse_overrides(list(overrides)):
-        _set_dotted(data, key, value)
-    return _build(RaftConfig, data).validate()
+        _set_dotted(data, key, value, cls)
+    return _build(cls, data).validate()
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfig:
+def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
     """YAML preset (optional) + ``key=value`` overrides -> validated config."""
     data: dict = {}
     if path is not None:
@@ -251,15 +256,16 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfi
             data = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data, overrides)
+    return config_from_dict(data, overrides, cls)
 
 
 def dump_config(cfg: RaftConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def config_help(cls=RaftConfig, prefix: str = "") -> list[str]:
+def config_help(cls=None, prefix: str = "") -> list[str]:
     """``key (default): help`` lines for every field."""
+    cls = cls or RaftConfig
     lines = []
     for f in dataclasses.fields(cls):
         sub = _section_type(cls, f.name)

@@ -92,11 +92,14 @@ def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
 def collect_pool(cfg, task: RaftTask, stage: int, stats: dict) -> StreamingPool:
     """Steps 1-3 of a stage: sample, score, stream into the selection pool."""
     K = cfg.sampling.num_per_prompt
-    requests = [
-        Sample(prompt_index=p, sample_index=k, seed=sample_seed(cfg.seed, stage, p, k))
-        for p in stage_prompts(cfg, stage, len(task.train_prompts))
-        for k in range(K)
-    ]
+    plan = getattr(task, "plan", None)
+    requests = plan(stage) if plan is not None else None
+    if requests is None:
+        requests = [
+            Sample(prompt_index=p, sample_index=k, seed=sample_seed(cfg.seed, stage, p, k))
+            for p in stage_prompts(cfg, stage, len(task.train_prompts))
+            for k in range(K)
+        ]
     pool = StreamingPool(cfg.ranking, expected_total=len(requests))
     bar = tqdm(total=len(requests), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
     score_time = 0.0
