@@ -193,11 +193,39 @@ def _build(cls, data: dict, prefix: str = "", root=None):
         if key not in names:
             raise _unknown(prefix + str(key), root)
         sub = _section_type(cls, key)
-        kwargs[key] = _build(sub, value or {}, prefix + key + ".", root) if sub is not None else value
+        if sub is not None:
+            kwargs[key] = _build(sub, value or {}, prefix + key + ".", root)
+        else:
+            kwargs[key] = _coerce(value, typing.get_type_hints(cls)[key], prefix + key)
     try:
         return cls(**kwargs)
     except TypeError as e:  # pragma: no cover - defensive
         raise ConfigError(f"bad config section '{prefix}': {e}") from None
+
+
+def _coerce(value: Any, tp, key: str) -> Any:
+    """Turn a YAML value into the field's scalar type (e.g. '1e-4' -> 1e-4); error on nonsense."""
+    args = typing.get_args(tp)
+    if value is None:
+        if tp is Any or type(None) in args:
+            return None
+        raise ConfigError(f"{key} must not be null")
+    scalar = next((a for a in args if a is not type(None)), tp) if args and type(None) in args else tp
+    if scalar not in (int, float, bool, str):
+        return value
+    if scalar is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if scalar is str:
+        return value if isinstance(value, str) else str(value)
+    try:
+        out = scalar(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be {'an integer' if scalar is int else 'a number'}, got {value!r}") from None
+    if scalar is int and isinstance(value, float) and value != out:
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    return out
 
 
 def _set_dotted(data: dict, dotted: str, value: Any, root) -> None:

@@ -1,0 +1,1 @@
+"""Stable Diffusion adapter: pipeline loading, pool generation and UNet (LoRA) fine-tuning."""

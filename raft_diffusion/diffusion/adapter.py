@@ -1,0 +1,254 @@
+"""Stable Diffusion as a RAFT task: the generator, fine-tuner and evaluator the core loop drives."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..core.errors import UserError
+from ..core.rundir import write_jsonl
+from ..core.seeds import eval_seed, sample_seed, stage_seed
+from ..core.types import Sample
+from . import finetune as ft
+from .generate import encode_images, encode_prompts, generate_batch
+from .pipeline import load_pipeline, resolve_device
+from .prompts import load_prompts
+
+
+def resolve_pretrained(name: str) -> str:
+    """'tiny' means the tiny test model, built once into the cache; anything else is passed through."""
+    if name == "tiny":
+        from .tiny import ensure_tiny_pipeline
+
+        return str(ensure_tiny_pipeline())
+    return name
+
+
+def load_reward(cfg_reward: dict, device, dtype):
+    """The configured reward (lazy import keeps the core importable without the reward package)."""
+    from reward_models import load_reward_from_config
+
+    return load_reward_from_config(cfg_reward, device=device, dtype=dtype)
+
+
+def reward_label(cfg_reward: dict) -> str:
+    if "mix" in cfg_reward:
+        return "+".join(str(c.get("name")) for c in cfg_reward["mix"])
+    return str(cfg_reward.get("name"))
+
+
+def to_pil(image: torch.Tensor) -> Image.Image:
+    """Float [3,H,W] in [0,1] -> PIL (rounded, not truncated)."""
+    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(arr)
+
+
+def save_png(image: torch.Tensor, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    to_pil(image).save(tmp, format="PNG")
+    tmp.replace(path)
+
+
+def sample_name(prompt_index: int, sample_index: int) -> str:
+    return f"p{prompt_index:04d}_s{sample_index:03d}"
+
+
+class DiffusionTask:
+    """Generator, fine-tuner and evaluator for any StableDiffusionPipeline-compatible model."""
+
+    def __init__(self, cfg, reward=None):
+        self.cfg = cfg
+        s = cfg.sampling
+        # 1. Prompts (training or an external pool's, and held-out) and the reward: cheap checks first.
+        self.external = _read_manifest(s.external_pool) if s.external_pool else None
+        if self.external is not None:
+            self.train_prompts = list(dict.fromkeys(row["prompt"] for row in self.external))
+        else:
+            self.train_prompts = load_prompts(cfg.prompts.train)
+        self.eval_prompts = load_prompts(cfg.prompts.eval) if cfg.prompts.eval is not None else list(self.train_prompts)
+        device = resolve_device(cfg.model.device)
+        self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
+        self.reward_name = reward_label(cfg.reward)
+        # 2. The pipeline, frozen but for what fine-tuning trains.
+        self.pipe = load_pipeline(
+            cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
+            dtype=cfg.model.dtype, safety_checker=cfg.model.safety_checker, attention=cfg.model.attention,
+            scheduler=s.scheduler,
+        )
+        self.device = self.pipe.unet.device
+        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.height, self.width = s.height or default, s.width or default
+        # 3. Prompt embeddings, once per prompt (the text encoder is frozen).
+        self.do_cfg = s.guidance_scale > 1.0
+        self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, self.do_cfg)
+        self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.do_cfg)
+        # 4. What fine-tuning trains.
+        t = cfg.train
+        if t.method == "lora":
+            ft.add_lora(self.pipe.unet, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                        target_modules=tuple(t.target_modules), init_seed=stage_seed(cfg.seed, 0, "lora-init"))
+        else:
+            ft.set_full_finetune(self.pipe.unet)
+
+    # -- generation ----------------------------------------------------------------------------
+    def _generate(self, embeds, prompt_indices, seeds):
+        cond, uncond = embeds
+        idx = torch.tensor(prompt_indices, device=cond.device)
+        s = self.cfg.sampling
+        return generate_batch(
+            self.pipe, cond[idx], None if uncond is None else uncond[idx], list(seeds),
+            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+            height=self.height, width=self.width, eta=s.eta,
+        )
+
+    def plan(self, stage: int) -> list[Sample] | None:
+        """Requests of an external pool (one per manifest row); None = the core's K-per-prompt plan."""
+        if self.external is None:
+            return None
+        counts: dict[int, int] = {}
+        out = []
+        for row in self.external:
+            p = self.train_prompts.index(row["prompt"])
+            k = counts[p] = counts.get(p, -1) + 1
+            seed = int(row.get("seed", sample_seed(self.cfg.seed, stage, p, k)))
+            out.append(Sample(prompt_index=p, sample_index=k, seed=seed, extras={"source": row["image"]}))
+        return out
+
+    def sample(self, stage: int, requests):
+        bs = self.cfg.sampling.batch_size
+        for i in range(0, len(requests), bs):
+            batch = list(requests[i:i + bs])
+            if self.external is not None:
+                images = torch.stack([self._load_external(s.extras["source"]) for s in batch]).to(self.device)
+                latents = encode_images(self.pipe, images, [s.seed for s in batch])
+            else:
+                latents, images = self._generate(self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch])
+            for j, s in enumerate(batch):  # clone: a dropped sample must free its memory, not pin the batch
+                s.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
+            yield batch
+
+    def _load_external(self, path: str) -> torch.Tensor:
+        try:
+            img = Image.open(path).convert("RGB")
+        except OSError as e:
+            raise UserError(f"external pool image {path} cannot be read ({e}); fix the manifest's 'image' path") from None
+        img = img.resize((self.width, self.height), Image.BICUBIC) if img.size != (self.width, self.height) else img
+        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+
+    def score(self, batch: list[Sample]):
+        images = torch.stack([s.payload["image"] for s in batch])
+        out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
+        _attach_components(self.reward, batch)
+        return out
+
+    # -- kept samples --------------------------------------------------------------------------
+    def save_kept(self, stage_dir: Path, kept: list[Sample]) -> None:
+        tensors = {}
+        for s in kept:
+            name = sample_name(s.prompt_index, s.sample_index)
+            tensors[name] = s.payload["latents"].detach().float().cpu().contiguous()
+            if self.cfg.save_kept_images:
+                save_png(s.payload["image"], stage_dir / "kept" / f"{name}.png")
+                s.extras["image"] = f"kept/{name}.png"
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stage_dir / ".kept_latents.safetensors.tmp"
+        save_file(tensors, str(tmp))
+        tmp.replace(stage_dir / "kept_latents.safetensors")
+
+    def load_kept(self, stage_dir: Path, kept: list[Sample]) -> list[Sample]:
+        tensors = load_file(str(stage_dir / "kept_latents.safetensors"))
+        for s in kept:
+            s.payload = {"latents": tensors[sample_name(s.prompt_index, s.sample_index)].to(self.device)}
+        return kept
+
+    # -- fine-tuning and weights ---------------------------------------------------------------
+    def finetune(self, stage: int, kept: list[Sample]) -> dict:
+        t = self.cfg.train
+        latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
+        embeds = self.train_embeds[0][torch.tensor([s.prompt_index for s in kept], device=self.device)]
+        return ft.train_unet(
+            self.pipe, latents, embeds, steps=t.steps_per_stage, batch_size=t.batch_size,
+            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
+            gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
+            weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
+            mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
+            progress=self.cfg.progress, desc=f"stage {stage} train",
+        )
+
+    def weights_dir(self, stage_dir: Path) -> Path:
+        return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "unet")
+
+    def save(self, stage_dir: Path) -> None:
+        if self.cfg.train.method == "lora":
+            ft.save_lora(self.pipe.unet, self.weights_dir(stage_dir))
+        else:
+            self.pipe.unet.save_pretrained(self.weights_dir(stage_dir))
+
+    def restore(self, stage_dir: Path) -> None:
+        if self.cfg.train.method == "lora":
+            ft.load_lora_into_unet(self.pipe.unet, self.weights_dir(stage_dir))
+        else:
+            from diffusers import UNet2DConditionModel
+
+            state = UNet2DConditionModel.from_pretrained(self.weights_dir(stage_dir)).state_dict()
+            self.pipe.unet.load_state_dict(state)
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self, stage: int, stage_dir: Path) -> dict:
+        """Held-out prompts x fixed seeds (the same noise every stage); images into stage_dir/eval/."""
+        n = self.cfg.eval.num_per_prompt
+        todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
+        rows, rewards = [], []
+        bs = self.cfg.sampling.batch_size
+        for i in tqdm(range(0, len(todo), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
+            chunk = todo[i:i + bs]
+            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk])
+            r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
+            comps = getattr(self.reward, "last_components", None) or {}
+            for j, (p, k, sd) in enumerate(chunk):
+                row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
+                row.update({f"reward/{c}": float(v[j]) for c, v in comps.items()})
+                if self.cfg.eval.save_images:
+                    name = sample_name(p, k)
+                    save_png(images[j], stage_dir / "eval" / f"{name}.png")
+                    row["image"] = f"eval/{name}.png"
+                rows.append(row)
+            rewards.append(r)
+        write_jsonl(stage_dir / "eval.jsonl", rows)
+        allr = torch.cat(rewards)
+        return {"eval_reward_mean": float(allr.nanmean()), "eval_reward_std": float(allr[~allr.isnan()].std(unbiased=False))}
+
+
+def _attach_components(reward, batch: list[Sample]) -> None:
+    comps = getattr(reward, "last_components", None) or {}
+    for c, v in comps.items():
+        for j, s in enumerate(batch):
+            s.extras[f"reward/{c}"] = float(v[j])
+
+
+def _read_manifest(path: str) -> list[dict]:
+    """A JSONL manifest of {"prompt": ..., "image": path[, "seed": int]}; image paths relative to the manifest."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"image\"}} object per line)")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"image\": ...}}") from None
+        if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
+            raise UserError(f"{p}:{n} needs the keys 'prompt' and 'image'")
+        img = Path(row["image"]).expanduser()
+        row["image"] = str(img if img.is_absolute() else (p.parent / img))
+        rows.append(row)
+    if not rows:
+        raise UserError(f"external pool manifest {p} has no entries")
+    return rows

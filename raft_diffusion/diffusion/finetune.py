@@ -1,0 +1,318 @@
+"""Fine-tune the UNet on kept samples: LoRA via peft (or all weights) with the ordinary denoising loss."""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from raft_diffusion.core.errors import UserError
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the UNet attention projections
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for saved LoRA weights
+_MIXED_PRECISION = {"no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _rng_devices(module: torch.nn.Module) -> list[int]:
+    """CUDA devices whose RNG state ``fork_rng`` must save/restore for this module."""
+    return sorted({p.device.index or 0 for p in module.parameters() if p.device.type == "cuda"})
+
+
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def add_lora(
+    unet,
+    *,
+    rank: int = 4,
+    alpha: float = 4,
+    dropout: float = 0.0,
+    target_modules=LORA_TARGETS,
+    init_seed: int = 0,
+    adapter_name: str = "default",
+) -> int:
+    """Freeze the UNet and add a peft LoRA adapter (``unet.add_adapter``); return the trainable parameter count.
+
+    ``lora_A`` is drawn from a Gaussian under ``torch.manual_seed(init_seed)`` (global RNG state
+    restored afterwards) and ``lora_B`` starts at zero, so the UNet's output is unchanged at first.
+    """
+    from peft import LoraConfig
+
+    if rank < 1:
+        raise UserError(f"LoRA rank must be >= 1, got {rank}: set lora rank to a positive integer")
+    config = LoraConfig(
+        r=int(rank),
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",
+        target_modules=list(target_modules),
+    )
+    unet.requires_grad_(False)
+    with torch.random.fork_rng(devices=_rng_devices(unet)):
+        torch.manual_seed(init_seed)
+        try:
+            unet.add_adapter(config, adapter_name=adapter_name)
+        except ValueError as err:
+            if "target modules" in str(err).lower() or "not found" in str(err).lower():
+                raise UserError(
+                    f"LoRA target modules {list(target_modules)} match no UNet layer: "
+                    f"use names of Linear layers such as {', '.join(LORA_TARGETS)}"
+                ) from None
+            raise
+    return sum(p.numel() for p in trainable_parameters(unet))
+
+
+def set_full_finetune(unet) -> int:
+    """Make every UNet parameter trainable; return the trainable parameter count."""
+    unet.requires_grad_(True)
+    return sum(p.numel() for p in unet.parameters())
+
+
+def save_lora(unet, out_dir: str | Path, *, adapter_name: str = "default") -> Path:
+    """Save the UNet's LoRA in diffusers format (``pipe.load_lora_weights(out_dir)`` loads it).
+
+    The LoRA config (rank, alpha, targets) goes into the safetensors metadata, so alpha != rank
+    reloads with the right scale. The folder is replaced atomically (temp sibling, then rename).
+    """
+    from diffusers import StableDiffusionPipeline
+    from peft.utils import get_peft_model_state_dict
+
+    out_dir = Path(out_dir)
+    if adapter_name not in getattr(unet, "peft_config", {}):
+        raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r} to save (call add_lora first)")
+    # 1. the LoRA tensors, in diffusers key format, plus the adapter config as metadata
+    # peft key names (lora_A/lora_B) as they are: converting to the legacy "lora.down" names only covers
+    # attention projections, and a file mixing both styles loses the attention LoRA on reload.
+    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    kwargs = {"unet_lora_layers": state, "safe_serialization": True}
+    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        kwargs["unet_lora_adapter_metadata"] = unet.peft_config[adapter_name].to_dict()
+    # 2. write into a temporary sibling folder, then swap it into place
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    old = None
+    try:
+        StableDiffusionPipeline.save_lora_weights(str(tmp), **kwargs)
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def load_lora_into_unet(unet, lora_dir: str | Path, *, adapter_name: str = "default") -> None:
+    """Restore a LoRA saved by :func:`save_lora` into a UNet that already has the same adapter (for resume).
+
+    Every LoRA tensor must match the adapter's keys and shapes (and its rank/alpha when the file
+    records them); otherwise a UserError says what differs.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_unet_state_dict_to_peft
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+    lora_dir = Path(lora_dir)
+    if not (lora_dir / LORA_WEIGHT_NAME).is_file():
+        weights = str(lora_dir / LORA_WEIGHT_NAME)
+        raise UserError(f"no LoRA weights at {weights!r}: point to a folder written by save_lora")
+    if adapter_name not in getattr(unet, "peft_config", {}):
+        raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r} (call add_lora with the saved settings first)")
+    # 1. read, keep the UNet part, convert to peft keys
+    result = StableDiffusionPipeline.lora_state_dict(str(lora_dir), return_lora_metadata=True)
+    state, metadata = result[0], (result[2] if len(result) > 2 else None)
+    state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
+    state = convert_unet_state_dict_to_peft(state)
+    # 2. compare with the adapter: keys, shapes, rank and alpha
+    expected = get_peft_model_state_dict(unet, adapter_name=adapter_name)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"LoRA in {str(lora_dir)!r} does not fit the UNet's adapter ({len(missing)} missing keys, e.g. "
+            f"{missing[:1]}; {len(unexpected)} unexpected, e.g. {unexpected[:1]}): resume with the same lora settings"
+        )
+    wrong = [k for k in expected if expected[k].shape != state[k].shape]
+    if wrong:
+        raise UserError(
+            f"LoRA in {str(lora_dir)!r} has other shapes than the UNet's adapter (e.g. {wrong[0]}: "
+            f"{tuple(state[wrong[0]].shape)} vs {tuple(expected[wrong[0]].shape)}): resume with the same lora rank"
+        )
+    config = unet.peft_config[adapter_name]
+    unet_meta = {k.removeprefix("unet."): v for k, v in (metadata or {}).items()}
+    for field in ("r", "lora_alpha"):
+        if field in unet_meta and float(unet_meta[field]) != float(getattr(config, field)):
+            raise UserError(
+                f"LoRA in {str(lora_dir)!r} was saved with {field}={unet_meta[field]} but the adapter has "
+                f"{field}={getattr(config, field)}: resume with the same lora settings"
+            )
+    # 3. load
+    set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
+
+
+def _training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
+    kind = noise_scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    if kind == "sample":
+        return latents
+    raise UserError(f"unsupported prediction_type {kind!r} in the scheduler config: expected epsilon or v_prediction")
+
+
+def train_unet(
+    pipe,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    *,
+    steps: int,
+    batch_size: int,
+    learning_rate: float,
+    lr_scheduler: str = "constant",
+    lr_warmup_steps: int = 0,
+    gradient_accumulation_steps: int = 1,
+    max_grad_norm: float | None = 1.0,
+    weight_decay: float = 1e-2,
+    adam_betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    seed: int = 0,
+    mixed_precision: str = "no",
+    gradient_checkpointing: bool = False,
+    progress: bool = True,
+    desc: str = "train",
+) -> dict:
+    """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
+
+    Ordinary SD loss: ``t ~ U[0, T)``, ``noise ~ N(0, I)``, MSE between the UNet's prediction on
+    ``add_noise(latents, noise, t)`` and noise (epsilon) or velocity (v_prediction), as the
+    scheduler config says. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
+    micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
+    batch order, timesteps and noise (and the global RNG is seeded for LoRA dropout), so a call is
+    exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
+    Mixed precision (autocast; loss scaling for fp16) applies on CUDA only and is ignored on CPU;
+    gradient checkpointing applies whenever asked for (it only saves memory) and is switched off again.
+    Trainable fp16/bf16 weights are upcast to fp32 first. The UNet is left in eval mode.
+    """
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+
+    unet = pipe.unet
+    device = unet.device
+    # 1. check inputs and what trains
+    n = latents.shape[0]
+    if n == 0 or prompt_embeds.shape[0] != n:
+        raise ValueError(f"need matching non-empty latents and prompt_embeds, got {n} and {prompt_embeds.shape[0]}")
+    if steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1:
+        raise UserError(
+            f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 "
+            f"(got {steps}, {batch_size}, {gradient_accumulation_steps})"
+        )
+    if mixed_precision not in _MIXED_PRECISION:
+        raise UserError(f"unknown mixed_precision {mixed_precision!r}: choose one of {', '.join(_MIXED_PRECISION)}")
+    params = trainable_parameters(unet)
+    if not params:
+        raise ValueError("the UNet has no trainable parameters: call add_lora or set_full_finetune first")
+    if steps == 0:
+        return {"loss_mean": float("nan"), "loss_last": float("nan"), "steps": 0, "lr_last": 0.0, "seconds": 0.0}
+    for p in params:  # AdamW and grad scaling want fp32 master weights
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    amp_dtype = _MIXED_PRECISION[mixed_precision] if device.type == "cuda" else None
+    if mixed_precision != "no" and amp_dtype is None:
+        logger.info("mixed_precision=%s ignored on %s: training in fp32", mixed_precision, device.type)
+    if amp_dtype is None and unet.dtype in (torch.float16, torch.bfloat16):
+        logger.warning("UNet weights are %s but mixed_precision=no: set mixed_precision to match", unet.dtype)
+
+    # 2. noise schedule, optimizer, learning-rate schedule, loss scaler
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    optimizer = torch.optim.AdamW(
+        params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay
+    )
+    schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps, num_training_steps=steps)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    model_dtype = torch.float32 if amp_dtype is not None else unet.dtype
+
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    micro = min(batch_size, n)
+    order = torch.empty(0, dtype=torch.long)
+
+    def next_batch() -> torch.Tensor:
+        nonlocal order
+        if order.numel() < micro:  # a fresh permutation per epoch
+            order = torch.cat([order, torch.randperm(n, generator=gen)])
+        idx, order = order[:micro], order[micro:]
+        return idx
+
+    # 3. the loop
+    checkpointing_was_on = bool(getattr(unet, "is_gradient_checkpointing", False))
+    if gradient_checkpointing and not checkpointing_was_on:
+        unet.enable_gradient_checkpointing()
+    losses: list[float] = []
+    start = time.perf_counter()
+    unet.train()
+    try:
+        bar = tqdm(total=steps, desc=desc, disable=not progress)
+        with torch.random.fork_rng(devices=_rng_devices(unet)), bar:
+            torch.manual_seed(int(seed))  # LoRA dropout
+            for _ in range(steps):
+                step_loss = 0.0
+                for _ in range(gradient_accumulation_steps):
+                    idx = next_batch()
+                    x0 = latents[idx.to(latents.device)].to(device, torch.float32)
+                    cond = prompt_embeds[idx.to(prompt_embeds.device)].to(device, model_dtype)
+                    noise = torch.randn(x0.shape, generator=gen).to(device)
+                    t = torch.randint(0, num_train_timesteps, (micro,), generator=gen).to(device)
+                    noisy = noise_scheduler.add_noise(x0, noise, t)
+                    target = _training_target(noise_scheduler, x0, noise, t)
+                    with autocast():
+                        pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
+                    loss = F.mse_loss(pred.float(), target.float()) / gradient_accumulation_steps
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.item()
+                if scaler:
+                    scaler.unscale_(optimizer)
+                if max_grad_norm is not None and max_grad_norm > 0:
+                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+                if not math.isfinite(step_loss):
+                    raise UserError(
+                        f"training loss became {step_loss} at step {len(losses) + 1}: lower the learning rate"
+                    )
+                losses.append(step_loss)
+                bar.update()
+                bar.set_postfix(loss=f"{step_loss:.4f}")
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        unet.eval()
+        if gradient_checkpointing and not checkpointing_was_on:
+            unet.disable_gradient_checkpointing()
+    return {
+        "loss_mean": sum(losses) / len(losses),
+        "loss_last": losses[-1],
+        "steps": len(losses),
+        "lr_last": schedule.get_last_lr()[0],
+        "seconds": time.perf_counter() - start,
+    }

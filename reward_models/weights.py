@@ -1,0 +1,142 @@
+"""Finding weights files and optional packages, with errors that say how to provide them.
+
+A weights *source* is one of:
+
+- a local file path (``~`` expanded);
+- ``hf://<org>/<repo>/<path/in/repo>``: a file on the Hugging Face Hub (``huggingface_hub.hf_hub_download``,
+  which uses the local cache and honours ``HF_HUB_OFFLINE=1``);
+- ``http(s)://...``: downloaded once into ``$REWARD_MODELS_CACHE`` (default ``~/.cache/reward_models``) and
+  read from there afterwards; with ``REWARD_MODELS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1`` only the cache is used.
+
+Nothing here ever returns "no weights": it returns a readable path or raises ``RewardWeightsNotFoundError``.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote, urlparse
+
+from .errors import MissingDependencyError, RewardWeightsNotFoundError
+
+
+def cache_dir() -> Path:
+    """Directory where URL downloads are cached (``$REWARD_MODELS_CACHE`` or ``~/.cache/reward_models``)."""
+    return Path(os.environ.get("REWARD_MODELS_CACHE", "~/.cache/reward_models")).expanduser()
+
+
+def offline() -> bool:
+    """True when downloads are disabled (``REWARD_MODELS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("REWARD_MODELS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def _how_to(what: str, env_var: Optional[str], kwarg: str) -> str:
+    ways = [f"pass {kwarg}='/path/to/file'"]
+    if env_var:
+        ways.append(f"set {env_var}=/path/to/file")
+    ways.append("or a source 'hf://org/repo/file' / 'https://...' reachable from this machine")
+    return f"to provide the {what}: " + ", ".join(ways)
+
+
+def resolve_weights(
+    source: Optional[str],
+    *,
+    what: str,
+    env_var: Optional[str] = None,
+    default: Optional[str] = None,
+    kwarg: str = "weights",
+) -> Path:
+    """Return a local path for a weights file.
+
+    Order: explicit ``source`` (a kwarg), else the environment variable ``env_var``, else ``default``.
+    ``what`` names the file in error messages (e.g. "LAION aesthetic MLP weights").
+    """
+    origin = f"{kwarg}="
+    if not source and env_var and os.environ.get(env_var):
+        source, origin = os.environ[env_var], f"${env_var}="
+    if not source:
+        source, origin = default, "default "
+    if not source:
+        raise RewardWeightsNotFoundError(f"no {what} given; {_how_to(what, env_var, kwarg)}")
+    source = str(source)
+    looked_for = f"{origin}{source!r}"
+
+    if source.startswith("hf://"):
+        parts = source[len("hf://"):].split("/")
+        if len(parts) < 3:
+            raise RewardWeightsNotFoundError(
+                f"{what}: hub source {source!r} must look like 'hf://org/repo/filename'"
+            )
+        repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return Path(hf_hub_download(repo_id=repo_id, filename=filename))
+        except Exception as e:  # network, missing file, offline cache miss, auth
+            raise RewardWeightsNotFoundError(
+                f"could not get {what} from the Hugging Face Hub (looked for {looked_for}: file {filename!r} in "
+                f"repo {repo_id!r}, network and local HF cache): {type(e).__name__}: {_first_line(e)}; "
+                f"{_how_to(what, env_var, kwarg)}"
+            ) from e
+
+    if source.startswith(("http://", "https://")):
+        url_name = unquote(Path(urlparse(source).path).name) or "weights"
+        digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+        target = cache_dir() / f"{digest}-{url_name}"
+        if target.is_file():
+            return target
+        if offline():
+            raise RewardWeightsNotFoundError(
+                f"{what} not in the cache ({target}) and downloads are off (offline mode); looked for {looked_for}; "
+                f"{_how_to(what, env_var, kwarg)}"
+            )
+        try:
+            import torch.hub
+
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(target.name + ".part")
+            torch.hub.download_url_to_file(source, str(tmp), progress=False)
+            os.replace(tmp, target)
+            return target
+        except Exception as e:
+            raise RewardWeightsNotFoundError(
+                f"could not download {what} (looked for {looked_for}, cache {target}): "
+                f"{type(e).__name__}: {_first_line(e)}; {_how_to(what, env_var, kwarg)}"
+            ) from e
+
+    path = Path(source).expanduser()
+    if path.is_file():
+        return path
+    if path.is_dir():
+        raise RewardWeightsNotFoundError(
+            f"{what}: {looked_for} is a directory, expected a file; {_how_to(what, env_var, kwarg)}"
+        )
+    raise RewardWeightsNotFoundError(
+        f"{what} not found: no file at {looked_for}; {_how_to(what, env_var, kwarg)}"
+    )
+
+
+def require_package(module: str, *, extra: str, reward: str, pip_name: Optional[str] = None) -> Any:
+    """Import an optional package or raise ``MissingDependencyError`` naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        if e.name not in (None, module, module.split(".")[0]):
+            # The package is installed but one of *its* imports failed: say so instead of "not installed".
+            raise MissingDependencyError(
+                f"reward '{reward}' needs the package '{pip_name or module}', which is installed but failed "
+                f"to import ({type(e).__name__}: {_first_line(e)}); reinstall it with "
+                f"pip install 'raft-diffusion[{extra}]'"
+            ) from e
+        raise MissingDependencyError(
+            f"reward '{reward}' needs the optional package '{pip_name or module}' (import {module!r} failed); "
+            f"install it with: pip install 'raft-diffusion[{extra}]'"
+        ) from e
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else ""

@@ -1,0 +1,46 @@
+"""Shared pytest fixtures."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    """One intra-op thread unless OMP_NUM_THREADS says otherwise: the test models are tiny, and on a
+    shared 2-core machine OpenMP threads that spin-wait for a busy core made some tests 40x slower."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+
+        torch.set_num_threads(1)
+
+
+# --- tiny Stable Diffusion pipeline (raft_diffusion.diffusion.tiny) ------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory):
+    """A saved tiny SD pipeline folder (built once per test session, outside the user's cache)."""
+    from raft_diffusion.diffusion.tiny import ensure_tiny_pipeline
+
+    return ensure_tiny_pipeline(tmp_path_factory.mktemp("raft-diffusion-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tiny_pipeline_dir):
+    """One loaded tiny pipeline (CPU, fp32) shared by the session: do not modify it (use load_tiny_pipe)."""
+    from raft_diffusion.diffusion.pipeline import load_pipeline
+
+    return load_pipeline(str(tiny_pipeline_dir), device="cpu")
+
+
+@pytest.fixture
+def load_tiny_pipe(tiny_pipeline_dir):
+    """Factory: a freshly loaded tiny pipeline that a test may modify (add LoRA, train, swap schedulers)."""
+    from raft_diffusion.diffusion.pipeline import load_pipeline
+
+    def load(**kwargs):
+        kwargs.setdefault("device", "cpu")
+        return load_pipeline(str(tiny_pipeline_dir), **kwargs)
+
+    return load

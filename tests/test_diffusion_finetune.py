@@ -1,0 +1,190 @@
+"""UNet fine-tuning: LoRA changes only the adapter, saves/reloads in diffusers format, trains reproducibly."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raft_diffusion.core.errors import UserError
+from raft_diffusion.diffusion.finetune import (
+    LORA_WEIGHT_NAME,
+    add_lora,
+    load_lora_into_unet,
+    save_lora,
+    set_full_finetune,
+    train_unet,
+)
+from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
+
+TRAIN = dict(steps=6, batch_size=4, learning_rate=1e-2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def data(tiny_pipe):
+    """Six (latent, text embedding) training pairs and a fixed UNet probe input."""
+    embeds, _ = encode_prompts(tiny_pipe, ["a cat", "a dog", "a frog"], None, do_cfg=False)
+    gen = torch.Generator().manual_seed(0)
+    latents = torch.randn(6, 4, 16, 16, generator=gen)
+    probe = (torch.randn(2, 4, 16, 16, generator=gen), torch.tensor([50, 700]), embeds[:2])
+    return latents, embeds[[0, 1, 2, 0, 1, 2]], probe
+
+
+def unet_output(unet, probe) -> torch.Tensor:
+    x, t, cond = probe
+    with torch.no_grad():
+        return unet(x, t, encoder_hidden_states=cond).sample
+
+
+def base_weights(unet) -> dict[str, torch.Tensor]:
+    return {k.replace(".base_layer", ""): v.clone() for k, v in unet.state_dict().items() if "lora_" not in k}
+
+
+def lora_weights(unet) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+def test_lora_stage_changes_output_keeps_base_and_reloads(load_tiny_pipe, data, tmp_path):
+    latents, embeds, probe = data
+    pipe = load_tiny_pipe()
+    before = unet_output(pipe.unet, probe)
+    base = base_weights(pipe.unet)
+    count = add_lora(pipe.unet, rank=4, alpha=8)  # alpha != rank: the saved scale must survive a reload
+    trainable = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+    assert count > 0 and trainable and all("lora_" in n for n in trainable)
+    assert torch.equal(unet_output(pipe.unet, probe), before)  # lora_B starts at zero
+
+    stats = train_unet(pipe, latents, embeds, **TRAIN)
+    assert stats["steps"] == 6 and stats["loss_mean"] > 0 and stats["loss_last"] > 0
+    assert not pipe.unet.training
+    after = unet_output(pipe.unet, probe)
+    assert (after - before).abs().max() > 1e-3
+    now = base_weights(pipe.unet)
+    assert now.keys() == base.keys() and all(torch.equal(now[k], base[k]) for k in base)
+
+    out = save_lora(pipe.unet, tmp_path / "lora")
+    assert (out / LORA_WEIGHT_NAME).is_file()
+    fresh = load_tiny_pipe()
+    fresh.load_lora_weights(str(out))
+    torch.testing.assert_close(unet_output(fresh.unet, probe), after, rtol=0, atol=1e-5)
+    sampling = dict(num_inference_steps=2, guidance_scale=1.0, height=32, width=32)
+    _, trained_images = generate_batch(pipe, embeds[:2], None, [1, 2], **sampling)
+    _, reloaded_images = generate_batch(fresh, embeds[:2], None, [1, 2], **sampling)
+    torch.testing.assert_close(reloaded_images, trained_images, rtol=0, atol=1e-5)
+
+
+def test_load_lora_into_unet_round_trip_and_mismatches(load_tiny_pipe, data, tmp_path):
+    latents, embeds, probe = data
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet, rank=4, alpha=8)
+    train_unet(pipe, latents, embeds, **TRAIN)
+    save_lora(pipe.unet, tmp_path / "lora")
+    save_lora(pipe.unet, tmp_path / "lora")  # replacing an existing folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+
+    resumed = load_tiny_pipe()
+    add_lora(resumed.unet, rank=4, alpha=8, init_seed=99)
+    load_lora_into_unet(resumed.unet, tmp_path / "lora")
+    torch.testing.assert_close(unet_output(resumed.unet, probe), unet_output(pipe.unet, probe), rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(lora_weights(resumed.unet).values(), lora_weights(pipe.unet).values()))
+
+    other_rank = load_tiny_pipe()
+    add_lora(other_rank.unet, rank=2, alpha=8)
+    with pytest.raises(UserError, match="same lora rank"):
+        load_lora_into_unet(other_rank.unet, tmp_path / "lora")
+    other_alpha = load_tiny_pipe()
+    add_lora(other_alpha.unet, rank=4, alpha=4)
+    with pytest.raises(UserError, match="lora_alpha=8"):
+        load_lora_into_unet(other_alpha.unet, tmp_path / "lora")
+    other_targets = load_tiny_pipe()
+    add_lora(other_targets.unet, rank=4, alpha=8, target_modules=("to_q", "to_k"))
+    with pytest.raises(UserError, match="unexpected"):
+        load_lora_into_unet(other_targets.unet, tmp_path / "lora")
+    with pytest.raises(UserError, match="no LoRA weights"):
+        load_lora_into_unet(resumed.unet, tmp_path / "missing")
+
+
+def test_training_is_reproducible_for_a_seed(load_tiny_pipe, data):
+    latents, embeds, _ = data
+    settings = dict(TRAIN, gradient_accumulation_steps=2, lr_scheduler="cosine", lr_warmup_steps=2, seed=3)
+    runs = []
+    for seed in (3, 3, 4):
+        pipe = load_tiny_pipe()
+        add_lora(pipe.unet, rank=4, alpha=4, dropout=0.1)
+        stats = train_unet(pipe, latents, embeds, **{**settings, "seed": seed})
+        runs.append((stats, lora_weights(pipe.unet)))
+    (s1, w1), (s2, w2), (s3, w3) = runs
+    assert s1["loss_mean"] == s2["loss_mean"] and s1["loss_last"] == s2["loss_last"]
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert any(not torch.equal(w1[k], w3[k]) for k in w1)
+    assert s1["lr_last"] == pytest.approx(0.0, abs=1e-12)  # cosine schedule ends at zero
+
+
+def test_lora_init_is_seeded(load_tiny_pipe):
+    a, b, c = load_tiny_pipe(), load_tiny_pipe(), load_tiny_pipe()
+    add_lora(a.unet, init_seed=1)
+    add_lora(b.unet, init_seed=1)
+    add_lora(c.unet, init_seed=2)
+    wa, wb, wc = lora_weights(a.unet), lora_weights(b.unet), lora_weights(c.unet)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert any(not torch.equal(wa[k], wc[k]) for k in wa)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data, prediction_type):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
+    add_lora(pipe.unet)
+    stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+
+    # the same draws, by hand: batch order, then noise, then timesteps from one generator seeded by `seed`
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randperm(6, generator=gen)
+    noise = torch.randn((6, 4, 16, 16), generator=gen)
+    t = torch.randint(0, 1000, (6,), generator=gen)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    x0 = latents[idx]
+    target = noise if prediction_type == "epsilon" else ddpm.get_velocity(x0, noise, t)
+    with torch.no_grad():
+        pred = pipe.unet(ddpm.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[idx]).sample
+    assert stats["loss_last"] == pytest.approx(F.mse_loss(pred, target).item(), rel=1e-5)
+    other = ddpm.get_velocity(x0, noise, t) if prediction_type == "epsilon" else noise
+    assert stats["loss_last"] != pytest.approx(F.mse_loss(pred, other).item(), rel=1e-3)
+
+
+def test_full_finetune_and_gradient_checkpointing(load_tiny_pipe, data):
+    latents, embeds, probe = data
+    results = []
+    for checkpointing in (False, True):
+        pipe = load_tiny_pipe()
+        count = set_full_finetune(pipe.unet)
+        assert count == sum(p.numel() for p in pipe.unet.parameters())
+        before = base_weights(pipe.unet)
+        stats = train_unet(pipe, latents, embeds, steps=2, batch_size=3, learning_rate=1e-3,
+                           gradient_checkpointing=checkpointing, progress=False)  # fmt: skip
+        assert not pipe.unet.is_gradient_checkpointing
+        assert any(not torch.equal(before[k], v) for k, v in base_weights(pipe.unet).items())
+        results.append((stats["loss_mean"], unet_output(pipe.unet, probe)))
+    assert results[0][0] == pytest.approx(results[1][0], rel=1e-5)
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=0, atol=1e-4)
+
+
+def test_bad_training_setups(load_tiny_pipe, data):
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train_unet(pipe, latents, embeds, **TRAIN)
+    with pytest.raises(UserError, match="match no UNet layer"):
+        add_lora(pipe.unet, target_modules=("not_a_layer",))
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    with pytest.raises(UserError, match="unknown mixed_precision"):
+        train_unet(pipe, latents, embeds, **TRAIN, mixed_precision="fp8")
+    with pytest.raises(ValueError, match="matching"):
+        train_unet(pipe, latents, embeds[:3], **TRAIN)
+    assert train_unet(pipe, latents, embeds, **{**TRAIN, "steps": 0})["steps"] == 0
+    # mixed precision is a CUDA speed-up: on CPU it falls back to fp32 training
+    if not torch.cuda.is_available():
+        assert train_unet(pipe, latents, embeds, **{**TRAIN, "steps": 1}, mixed_precision="bf16")["steps"] == 1
