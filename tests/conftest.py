@@ -7,6 +7,15 @@ import pytest
 
 
 def pytest_configure(config):
+    """Models the tests build ('tiny' pipeline and CLIP) go to a throwaway cache, not the user's."""
+    if "RAFT_DIFFUSION_CACHE" not in os.environ:
+        import tempfile
+
+        os.environ["RAFT_DIFFUSION_CACHE"] = tempfile.mkdtemp(prefix="raft-diffusion-test-cache-")
+    _one_thread()
+
+
+def _one_thread():
     """One intra-op thread unless OMP_NUM_THREADS says otherwise: the test models are tiny, and on a
     shared 2-core machine OpenMP threads that spin-wait for a busy core made some tests 40x slower."""
     if "OMP_NUM_THREADS" not in os.environ:

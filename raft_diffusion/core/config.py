@@ -92,6 +92,17 @@ class EvalConfig:
     num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
     save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
+    clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
+    clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int | None = _f(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
+    metric: str = _f("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
+    min_delta: float = _f(0.0, "an improvement must exceed this to reset patience")
+    min_fidelity_ratio: float | None = _f(None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off")
+    min_diversity_ratio: float | None = _f(None, "stop when eval_diversity falls below this fraction of the base model's (needs eval.clip_model); null = off")
 
 
 @dataclass
@@ -106,6 +117,7 @@ class RaftConfig:
     ranking: RankingConfig = _f(None, "what is kept")
     train: TrainConfig = _f(None, "fine-tuning on the kept samples")
     eval: EvalConfig = _f(None, "held-out evaluation")
+    early_stop: EarlyStopConfig = _f(None, "opt-in guard against over-optimisation: stop early, keep the best stage as final/")
     save_kept_images: bool = _f(True, "write kept images as PNG next to samples.jsonl")
     progress: bool = _f(True, "show progress bars")
 
@@ -147,6 +159,17 @@ class RaftConfig:
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(self.eval.num_per_prompt >= 1 and self.eval.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")
+        es = self.early_stop
+        need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
+        need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
+        need(es.metric.startswith("eval_"), f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
+        for key in ("min_fidelity_ratio", "min_diversity_ratio"):
+            ratio = getattr(es, key)
+            need(ratio is None or 0 < ratio <= 1, f"early_stop.{key} must be in (0, 1] or null (got {ratio})")
+            need(ratio is None or self.eval.clip_model is not None,
+                 f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu")
+        need(self.eval.every >= 1 or (es.patience is None and es.min_fidelity_ratio is None and es.min_diversity_ratio is None),
+             "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
         need(isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
              "reward must be a mapping with 'name' (e.g. reward.name=brightness) or 'mix'")
         return self

@@ -18,9 +18,10 @@ from typing import Protocol
 import torch
 from tqdm.auto import tqdm
 
+from .early_stop import STOP_FILE
 from .errors import RewardError
 from .pool import StreamingPool
-from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_jsonl
+from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
 from .seeds import sample_seed, stage_seed
 from .types import Sample
 
@@ -129,7 +130,12 @@ def _summary(values: list[float]) -> dict:
 
 
 def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict]:
-    """Run (or resume) every stage; returns the metrics rows. ``should_stop(rows) -> str | None`` ends early."""
+    """Run (or resume) every stage; returns the metrics rows.
+
+    ``should_stop(rows) -> str | None`` is asked after every stage (and once on resume): a reason ends
+    the run, keeps the best stage as final/ (``should_stop.best_stage(rows)`` when it has one, else the
+    highest ``eval_reward_mean``) and records the reason in ``<run>/early_stop.json``.
+    """
     done = run.last_completed()
     run.truncate_metrics(done)
     rows = run.metrics()
@@ -149,10 +155,9 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         log.info("resuming %s after stage %d", run.root, done)
         task.restore(run.stage_dir(done))
 
+    reason = should_stop(rows) if should_stop else None  # a resumed run that had stopped stays stopped
     for stage in range(done + 1, cfg.num_stages + 1):
-        reason = should_stop(rows) if should_stop else None
         if reason:
-            log.warning("early stop before stage %d: %s", stage, reason)
             break
         sdir = run.stage_dir(stage)
         row: dict = {"stage": stage}
@@ -204,11 +209,28 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
         rows = run.metrics()
         print(stage_line(row), flush=True)
+        reason = should_stop(rows) if should_stop else None
 
     last = run.last_completed()
-    if last:
-        copy_dir_atomic(task.weights_dir(run.stage_dir(last)), run.final_dir)
+    final = last
+    if reason and last:
+        final = _best_stage(rows, should_stop) or last
+        log.warning("early stop after stage %d: %s; final/ = stage %d", last, reason, final)
+        write_json(run.root / STOP_FILE, {"reason": reason, "stopped_after_stage": last, "final_stage": final})
+    else:
+        (run.root / STOP_FILE).unlink(missing_ok=True)  # a resumed run went on past an earlier stop
+    if final:
+        copy_dir_atomic(task.weights_dir(run.stage_dir(final)), run.final_dir)
     return rows
+
+
+def _best_stage(rows: list[dict], should_stop) -> int | None:
+    """The stage to keep as final/ after an early stop."""
+    pick = getattr(should_stop, "best_stage", None)
+    if pick is not None:
+        return pick(rows)
+    scored = [r for r in rows if r["stage"] >= 1 and r.get("eval_reward_mean") is not None]
+    return max(scored, key=lambda r: (r["eval_reward_mean"], -r["stage"]))["stage"] if scored else None
 
 
 def _from_record(r: dict) -> Sample:
@@ -235,5 +257,9 @@ def stage_line(row: dict) -> str:
         parts.append(f"loss {fmt('loss_mean')}")
     if "eval_reward_mean" in row:
         parts.append(f"eval reward {fmt('eval_reward_mean')}")
+    if "eval_clip_score" in row:
+        parts.append(f"clip {fmt('eval_clip_score')}")
+    if "eval_diversity" in row:
+        parts.append(f"diversity {fmt('eval_diversity')}")
     parts.append(f"{row.get('seconds', 0):.0f}s")
     return " | ".join(parts)

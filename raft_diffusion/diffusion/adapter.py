@@ -13,6 +13,7 @@ from ..core.errors import UserError
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, sample_seed, stage_seed
 from ..core.types import Sample
+from ..eval.metrics import eval_metrics, load_eval_clip
 from . import finetune as ft
 from .generate import encode_images, encode_prompts, generate_batch
 from .pipeline import load_pipeline, resolve_device
@@ -74,6 +75,8 @@ class DiffusionTask:
         device = resolve_device(cfg.model.device)
         self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
         self.reward_name = reward_label(cfg.reward)
+        # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
+        self.eval_clip = load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device) if cfg.eval.every else None
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.pipe = load_pipeline(
             cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
@@ -203,7 +206,7 @@ class DiffusionTask:
         """Held-out prompts x fixed seeds (the same noise every stage); images into stage_dir/eval/."""
         n = self.cfg.eval.num_per_prompt
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
-        rows, rewards = [], []
+        rows, embeddings = [], []
         bs = self.cfg.sampling.batch_size
         for i in tqdm(range(0, len(todo), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
             chunk = todo[i:i + bs]
@@ -218,10 +221,13 @@ class DiffusionTask:
                     save_png(images[j], stage_dir / "eval" / f"{name}.png")
                     row["image"] = f"eval/{name}.png"
                 rows.append(row)
-            rewards.append(r)
+            if self.eval_clip is not None:
+                embeddings.append(self.eval_clip.image_embeddings(images))
         write_jsonl(stage_dir / "eval.jsonl", rows)
-        allr = torch.cat(rewards)
-        return {"eval_reward_mean": float(allr.nanmean()), "eval_reward_std": float(allr[~allr.isnan()].std(unbiased=False))}
+        comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
+        image_emb = torch.cat(embeddings) if embeddings else None
+        text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
+        return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
 
 
 def _attach_components(reward, batch: list[Sample]) -> None:

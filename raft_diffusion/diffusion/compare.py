@@ -1,0 +1,223 @@
+"""``raft-diffusion compare BASE LORA_DIR ...``: the gallery's side-by-side for any saved weights against their base.
+
+Every (prompt, seed) is sampled from the base model and from the base model with each set of weights, from
+the same initial noise (the given seeds, the same for every prompt), optionally scored with a reward, and
+written to the output folder:
+
+    images/<NN>_<name>/pNNNN_sSSS.png   the images, one folder per column (00 = the base model)
+    compare.jsonl                       column, weights, prompt_index, sample_index, seed, prompt, reward, image
+    grid.png                            rows = prompts, a group of images per column, rewards under each
+    index.html                          the gallery page (relative paths, no external assets)
+
+Sampler settings, prompts and reward default to a config: ``--config`` (a preset or a run's config.yaml), else
+the config.yaml of the first LORA_DIR when it is a run directory; command-line options override them.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..core.errors import UserError
+from ..core.rundir import write_jsonl
+from ..eval.gallery import Cell, Column, render_grid, render_page
+from .finetune import LORA_WEIGHT_NAME
+
+DEFAULT_SEEDS = (0, 1, 2, 3)
+
+
+@dataclass
+class CompareSettings:
+    """What to sample: prompts x seeds, the sampler and the (optional) reward that labels each image."""
+
+    prompts: list[str]
+    seeds: list[int] = field(default_factory=lambda: list(DEFAULT_SEEDS))
+    num_inference_steps: int = 50
+    guidance_scale: float = 7.5
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    negative_prompt: str | None = None
+    reward: dict | None = None  # a reward config ({name, kwargs} or {mix: ...}); None = no reward
+    batch_size: int = 8
+
+
+def resolve_weights(path: str | Path) -> tuple[str, Path]:
+    """``("lora" | "unet", path)`` for a LoRA folder or file, a full-UNet folder, a stage folder or a run directory."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "final").is_dir():  # a run directory: its final weights
+            p = p / "final"
+        elif (p / "lora").is_dir() and not (p / LORA_WEIGHT_NAME).is_file():  # a stage folder
+            p = p / "lora"
+        elif (p / "unet").is_dir() and not (p / LORA_WEIGHT_NAME).is_file():
+            p = p / "unet"
+    if p.is_file() and p.suffix == ".safetensors":
+        return "lora", p
+    if (p / LORA_WEIGHT_NAME).is_file():
+        return "lora", p
+    if (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*")):
+        return "unet", p
+    raise UserError(
+        f"no weights found in {str(path)!r}: give a LoRA folder (with {LORA_WEIGHT_NAME}), a .safetensors LoRA file, "
+        "a full-UNet folder (config.json + diffusion_pytorch_model.safetensors), a stage folder or a run directory"
+    )
+
+
+def settings_from_config(config_path: str | Path, **overrides) -> CompareSettings:
+    """Defaults from a preset or a run's config.yaml (held-out prompts, sampler, reward), then ``overrides``."""
+    from ..core.config import load_config
+    from .prompts import load_prompts
+
+    cfg = load_config(config_path)
+    s = cfg.sampling
+    base = CompareSettings(
+        prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
+        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height, width=s.width,
+        scheduler=s.scheduler, negative_prompt=cfg.prompts.negative, reward=cfg.reward, batch_size=s.batch_size,
+    )
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(base, key, value)
+    return base
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "weights"
+
+
+def default_label(path: str | Path) -> str:
+    p = Path(path).expanduser().resolve()
+    if (p / "final").is_dir():
+        return f"{p.name} (final)"
+    if p.parent.name == "stages" and p.name.isdigit():
+        return f"{p.parent.parent.name} stage {int(p.name)}"
+    if p.name in ("lora", "unet", "final") and p.parent.name:
+        return f"{p.parent.name}/{p.name}"
+    return p.name
+
+
+class _Weights:
+    """Apply one column's weights to the pipeline and take them off again."""
+
+    def __init__(self, pipe, kind: str, path: Path):
+        self.pipe, self.kind, self.path, self._saved = pipe, kind, path, None
+
+    def __enter__(self):
+        if self.kind == "lora":
+            from diffusers.utils import logging as dlog
+
+            verbosity = dlog.get_verbosity()
+            dlog.set_verbosity_error()  # not "no LoRA keys for the text encoder": RAFT trains the UNet only
+            try:
+                if self.path.is_file():
+                    self.pipe.load_lora_weights(str(self.path.parent), weight_name=self.path.name, adapter_name="compare")
+                else:
+                    self.pipe.load_lora_weights(str(self.path), adapter_name="compare")
+            finally:
+                dlog.set_verbosity(verbosity)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            unet = self.pipe.unet
+            self._saved = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+            unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(self.path)).state_dict())
+        return self
+
+    def __exit__(self, *exc):
+        if self.kind == "lora":
+            self.pipe.unload_lora_weights()
+        else:
+            self.pipe.unet.load_state_dict(self._saved)
+        return False
+
+
+def run_compare(
+    base: str,
+    weights: list[str | Path],
+    out_dir: str | Path,
+    settings: CompareSettings,
+    *,
+    labels: list[str] | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Path:
+    """Sample, score and render the comparison; returns the path of index.html."""
+    from .adapter import load_reward, resolve_pretrained, sample_name, save_png
+    from .generate import encode_prompts, generate_batch
+    from .pipeline import load_pipeline, resolve_device
+
+    # 1. Check the inputs before loading anything heavy.
+    if not settings.prompts:
+        raise UserError("compare needs at least one prompt: --prompt TEXT, --prompts FILE, or --config")
+    if not settings.seeds:
+        raise UserError("compare needs at least one seed: --seeds 0 1 2 3")
+    resolved = [resolve_weights(w) for w in weights]
+    labels = list(labels or [])
+    if len(labels) > len(weights):
+        raise UserError(f"{len(labels)} --label values for {len(weights)} weights folders")
+    labels += [default_label(w) for w in weights[len(labels):]]
+    out = Path(out_dir)
+    dev = resolve_device(device)
+    reward = load_reward(settings.reward, dev, torch.float32) if settings.reward else None
+
+    # 2. The base pipeline and the prompt embeddings.
+    pipe = load_pipeline(resolve_pretrained(base), device=dev, dtype=dtype, scheduler=settings.scheduler)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = settings.height or default, settings.width or default
+    do_cfg = settings.guidance_scale > 1.0
+    cond, uncond = encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
+
+    # 3. Every column: the same prompts x seeds, with its weights applied.
+    todo = [(p, k, seed) for p in range(len(settings.prompts)) for k, seed in enumerate(settings.seeds)]
+    specs = [("base", None, None)] + [(label, kind, path) for label, (kind, path) in zip(labels, resolved)]
+    columns, records = [], []
+    for i, (label, kind, path) in enumerate(specs):
+        col = Column(key=f"c{i:02d}", title=label)
+        folder = out / "images" / f"{i:02d}_{_slug(label)}"
+        ctx = _Weights(pipe, kind, path) if path is not None else _NoWeights()
+        with ctx:
+            for start in range(0, len(todo), settings.batch_size):
+                chunk = todo[start:start + settings.batch_size]
+                idx = torch.tensor([p for p, _, _ in chunk], device=cond.device)
+                _, images = generate_batch(
+                    pipe, cond[idx], None if uncond is None else uncond[idx], [s for _, _, s in chunk],
+                    num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
+                    height=height, width=width,
+                )
+                texts = [settings.prompts[p] for p, _, _ in chunk]
+                scores = reward(images, texts).float().cpu().tolist() if reward is not None else [None] * len(chunk)
+                for j, (p, k, seed) in enumerate(chunk):
+                    image = folder / f"{sample_name(p, k)}.png"
+                    save_png(images[j], image)
+                    col.cells[(p, k)] = Cell(image=image, reward=scores[j], seed=seed)
+                    records.append({"column": i, "label": label, "weights": None if path is None else str(path),
+                                    "prompt_index": p, "sample_index": k, "seed": seed, "prompt": texts[j],
+                                    "reward": scores[j], "image": image.relative_to(out).as_posix()})
+        columns.append(col)
+
+    # 4. Records, grid and page.
+    write_jsonl(out / "compare.jsonl", records)
+    prompts = dict(enumerate(settings.prompts))
+    render_grid(out / "grid.png", prompts, columns, max_samples=len(settings.seeds))
+    reward_name = "no reward" if settings.reward is None else f"reward {json.dumps(settings.reward)}"
+    weights_list = "".join(f"<li><b>{html.escape(label)}</b>: {html.escape(str(base) if path is None else f'{base} + {path}')}</li>"
+                           for label, _, path in specs)
+    intro = (f"<p>{len(settings.seeds)} seeds ({html.escape(', '.join(map(str, settings.seeds)))}) per prompt, the same "
+             f"initial noise in every column; {settings.num_inference_steps} steps, guidance {settings.guidance_scale}, "
+             f"{width}x{height} px; {html.escape(reward_name)}.</p><ul>{weights_list}</ul>"
+             "<p><a href='grid.png'>grid.png</a>: every column, one row per prompt.</p>")
+    return render_page(out, title="RAFT compare", prompts=prompts, columns=columns, intro_html=intro,
+                       images_heading="Images", prompt_label="prompt")
+
+
+class _NoWeights:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -1,0 +1,221 @@
+"""Early-stop rules on synthetic metric sequences, and the loop keeping the best stage as final/."""
+import json
+
+import pytest
+
+from raft_diffusion.core.config import config_from_dict
+from raft_diffusion.core.early_stop import STOP_FILE, EarlyStopper, read_stop
+from raft_diffusion.core.errors import ConfigError
+from raft_diffusion.core.loop import run_raft
+from raft_diffusion.core.rundir import RunDir, write_json
+
+
+def rows_of(rewards, clip=None, div=None):
+    rows = []
+    for s, r in enumerate(rewards):
+        row = {"stage": s}
+        if r is not None:
+            row["eval_reward_mean"] = r
+        if clip is not None:
+            row["eval_clip_score"] = clip[s]
+        if div is not None:
+            row["eval_diversity"] = div[s]
+        rows.append(row)
+    return rows
+
+
+def first_stop(stopper, rows):
+    """The stage after which the stopper first fires (checking after every stage), and its reason."""
+    for n in range(1, len(rows) + 1):
+        reason = stopper(rows[:n])
+        if reason:
+            return rows[n - 1]["stage"], reason
+    return None, None
+
+
+def test_patience_counts_stages_since_the_best_value():
+    rows = rows_of([0.1, 0.5, 0.9, 0.7, 0.6, 0.95])
+    stage, reason = first_stop(EarlyStopper(patience=2), rows)
+    assert stage == 4
+    assert reason == ("eval_reward_mean has not improved for 2 stages (patience 2; best 0.9 at stage 2, 0.6 at stage 4)")
+    assert first_stop(EarlyStopper(patience=3), rows) == (None, None)  # stage 5 improves in time
+    assert first_stop(EarlyStopper(patience=1), rows)[0] == 3
+
+
+def test_patience_counts_the_base_model_and_skips_unevaluated_stages():
+    # nothing ever beats the base model: stop after `patience` stages
+    assert first_stop(EarlyStopper(patience=2), rows_of([1.0, 0.2, 0.3, 0.4]))[0] == 2
+    # eval.every=2: stages 1 and 3 have no eval row values; patience is in stages, not evaluations
+    rows = rows_of([0.1, None, 0.5, None, 0.4, None, 0.45])
+    assert first_stop(EarlyStopper(patience=4), rows)[0] == 6
+    assert first_stop(EarlyStopper(patience=5), rows) == (None, None)
+
+
+def test_min_delta_ignores_tiny_improvements():
+    rows = rows_of([0.0, 1.0, 1.005, 1.009, 1.02])
+    assert first_stop(EarlyStopper(patience=2), rows) == (None, None)
+    stage, reason = first_stop(EarlyStopper(patience=2, min_delta=0.01), rows)
+    assert stage == 3 and "by more than 0.01" in reason and "best 1 at stage 1" in reason
+
+
+def test_other_metric_can_be_watched():
+    rows = [{"stage": s, "eval_reward_mean": 1.0 + s, "eval_best_of_k": v} for s, v in enumerate([3.0, 2.0, 2.5, 2.9])]
+    assert first_stop(EarlyStopper(patience=3, metric="eval_best_of_k"), rows)[0] == 3
+    assert first_stop(EarlyStopper(patience=3), rows) == (None, None)
+
+
+def test_fidelity_floor_is_a_fraction_of_the_base_models():
+    rows = rows_of([0.1, 0.2, 0.3, 0.4], clip=[30.0, 27.0, 24.5, 23.9])
+    stage, reason = first_stop(EarlyStopper(min_fidelity_ratio=0.8), rows)
+    assert stage == 3
+    assert reason == "prompt fidelity eval_clip_score 23.9 at stage 3 fell below 0.8 x the base model's 30 (= 24)"
+    assert first_stop(EarlyStopper(min_fidelity_ratio=0.75), rows) == (None, None)
+
+
+def test_diversity_floor_and_best_stage_above_the_floors():
+    rows = rows_of([0.1, 0.4, 0.6, 0.9], div=[0.20, 0.18, 0.12, 0.05])
+    stopper = EarlyStopper(min_diversity_ratio=0.5, patience=5)
+    stage, reason = first_stop(stopper, rows)
+    assert stage == 3 and reason.startswith("diversity eval_diversity 0.05 at stage 3 fell below 0.5 x")
+    # stage 3 has the highest reward but collapsed diversity: the best stage above the floor is 2
+    assert stopper.best_stage(rows) == 2
+    assert EarlyStopper(patience=5).best_stage(rows) == 3  # without floors: the highest reward
+    # no trained stage above the floor: the highest reward anyway (final/ must hold weights)
+    assert stopper.best_stage(rows_of([0.1, 0.4, 0.3], div=[0.2, 0.01, 0.02])) == 1
+
+
+def test_best_stage_ties_go_to_the_earlier_stage_and_skip_the_base():
+    rows = rows_of([5.0, 0.3, 0.7, 0.7])
+    assert EarlyStopper(patience=1).best_stage(rows) == 2
+    assert EarlyStopper(patience=1).best_stage(rows_of([5.0])) is None
+
+
+def test_inactive_stopper_never_stops():
+    stopper = EarlyStopper()
+    assert not stopper.active
+    assert stopper(rows_of([1.0, 0.0, 0.0, 0.0], clip=[30, 1, 1, 1], div=[1, 0, 0, 0])) is None
+
+
+def test_floors_are_skipped_without_a_positive_base_value():
+    rows = rows_of([0.1, 0.2], clip=[0.0, 0.0])  # a CLIP score clipped to 0 at the base: no ratio to compare
+    assert EarlyStopper(min_fidelity_ratio=0.9)(rows) is None
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["early_stop.patience=0"], "early_stop.patience must be >= 1 or null"),
+    (["early_stop.min_diversity_ratio=0.5"], "early_stop.min_diversity_ratio needs eval.clip_model"),
+    (["eval.clip_model=tiny", "early_stop.min_fidelity_ratio=1.5"], "early_stop.min_fidelity_ratio must be in (0, 1]"),
+    (["early_stop.metric=reward_mean"], "early_stop.metric must be a held-out metric"),
+    (["early_stop.patience=2", "eval.every=0"], "early_stop needs held-out evaluation"),
+    (["early_stop.min_delta=-1"], "early_stop.min_delta must be >= 0"),
+])
+def test_config_validation(overrides, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict({}, overrides)
+
+
+def test_config_fields_and_help():
+    from raft_diffusion.core.config import config_help
+
+    cfg = config_from_dict({}, ["early_stop.patience=3", "early_stop.min_fidelity_ratio=0.9", "eval.clip_model=tiny"])
+    stopper = EarlyStopper.from_config(cfg.early_stop)
+    assert stopper.active and stopper.patience == 3 and stopper.floors == [("eval_clip_score", "prompt fidelity", 0.9)]
+    assert not EarlyStopper.from_config(config_from_dict({}).early_stop).active  # opt-in
+    lines = [line for line in config_help() if line.startswith(("early_stop", "eval.clip"))]
+    assert len(lines) == 8 and all(line.split(": ", 1)[1] for line in lines)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class ScriptedTask:
+    """A task whose held-out reward per stage is scripted; its 'weights' are the stage number."""
+
+    reward_name = "scripted"
+
+    def __init__(self, script):
+        self.script = script
+        self.train_prompts = ["p0", "p1"]
+        self.weights = 0
+        self.stages_run = []
+
+    def sample(self, stage, requests):
+        for s in requests:
+            s.payload = float(s.sample_index)
+        yield list(requests)
+
+    def score(self, batch):
+        return [s.payload for s in batch]
+
+    def save_kept(self, stage_dir, kept):
+        pass
+
+    def load_kept(self, stage_dir, kept):
+        return kept
+
+    def finetune(self, stage, kept):
+        self.stages_run.append(stage)
+        self.weights = stage
+        return {}
+
+    def save(self, stage_dir):
+        write_json(stage_dir / "w" / "weights.json", {"stage": self.weights})
+
+    def restore(self, stage_dir):
+        self.weights = json.loads((stage_dir / "w" / "weights.json").read_text())["stage"]
+
+    def weights_dir(self, stage_dir):
+        return stage_dir / "w"
+
+    def evaluate(self, stage, stage_dir):
+        return {"eval_reward_mean": self.script[stage]}
+
+
+SCRIPT = [0.1, 0.5, 0.9, 0.7, 0.6, 0.95, 0.99]
+
+
+def _run(tmp_path, *overrides):
+    cfg = config_from_dict({"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}}, list(overrides))
+    run = RunDir(tmp_path)
+    run.start(cfg.to_dict())
+    task = ScriptedTask(SCRIPT)
+    stopper = EarlyStopper.from_config(cfg.early_stop)
+    rows = run_raft(cfg, task, run, should_stop=stopper if stopper.active else None)
+    return run, task, rows
+
+
+def final_weights(run):
+    return json.loads((run.final_dir / "weights.json").read_text())["stage"]
+
+
+def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, caplog):
+    run, task, rows = _run(tmp_path, "early_stop.patience=2")
+    assert task.stages_run == [1, 2, 3, 4]  # stage 4 is 2 stages past the best (stage 2): stop
+    assert [r["stage"] for r in rows] == [0, 1, 2, 3, 4]
+    assert final_weights(run) == 2
+    stop = read_stop(run.root)
+    assert stop == {"reason": "eval_reward_mean has not improved for 2 stages (patience 2; best 0.9 at stage 2, "
+                              "0.6 at stage 4)", "stopped_after_stage": 4, "final_stage": 2}
+    assert "early stop after stage 4" in caplog.text and "final/ = stage 2" in caplog.text
+
+    # resuming with the same settings stays stopped; a larger patience is a resumable change and goes on
+    task2 = ScriptedTask(SCRIPT)
+    cfg = config_from_dict({"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}}, ["early_stop.patience=2"])
+    run_raft(cfg, task2, run, should_stop=EarlyStopper.from_config(cfg.early_stop))
+    assert task2.stages_run == [] and final_weights(run) == 2
+    run3, task3, rows3 = _run(tmp_path, "early_stop.patience=3")
+    assert task3.stages_run == [5, 6] and [r["stage"] for r in rows3] == list(range(7))
+    assert final_weights(run3) == 6 and not (run3.root / STOP_FILE).exists()
+
+
+def test_loop_without_early_stop_keeps_the_last_stage(tmp_path):
+    run, task, rows = _run(tmp_path)
+    assert task.stages_run == [1, 2, 3, 4, 5, 6]
+    assert final_weights(run) == 6 and read_stop(run.root) is None
+
+
+def test_a_stop_at_the_last_stage_still_keeps_the_best(tmp_path):
+    cfg_over = ["num_stages=4", "early_stop.patience=2"]
+    run, task, _ = _run(tmp_path, *cfg_over)
+    assert task.stages_run == [1, 2, 3, 4]
+    assert final_weights(run) == 2 and read_stop(run.root)["stopped_after_stage"] == 4
