@@ -14,6 +14,7 @@ from .core.errors import UserError
 
 def _align(args) -> int:
     from .core.config import load_config
+    from .core.dist import init_dist
     from .core.early_stop import EarlyStopper
     from .core.loop import run_raft
     from .core.rundir import RunDir
@@ -21,16 +22,24 @@ def _align(args) -> int:
     from .eval.gallery import write_gallery
 
     cfg = load_config(args.config, args.overrides)
-    cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id
+    dist = init_dist(cfg.model.device)  # several processes under accelerate launch / torchrun
+    if dist.is_main:  # one process builds the tiny model's cache, the others wait and reuse it
+        cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id
+    cfg.model.pretrained = dist.broadcast(cfg.model.pretrained)
     run = RunDir(args.output_dir)
-    run.start(cfg.to_dict())
-    print(f"raft-diffusion: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
-    task = DiffusionTask(cfg)
+    if dist.is_main:
+        run.start(cfg.to_dict())
+        print(f"raft-diffusion: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
+    else:
+        cfg.progress = False  # one set of progress bars
+    dist.barrier()  # a refused resume ends every process here, not in a later collective
+    task = DiffusionTask(cfg, dist=dist)
     stopper = EarlyStopper.from_config(cfg.early_stop)
-    run_raft(cfg, task, run, should_stop=stopper if stopper.active else None)
-    print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
-    if cfg.eval.every:
-        print(f"gallery: {write_gallery(run.root)}", flush=True)
+    run_raft(cfg, task, run, should_stop=stopper if stopper.active else None, dist=dist)
+    if dist.is_main:
+        print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
+        if cfg.eval.every:
+            print(f"gallery: {write_gallery(run.root)}", flush=True)
     return 0
 
 
@@ -127,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.set_defaults(func=_compare)
+
+    from .llm.cli import add_llm_parser
+
+    add_llm_parser(sub)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.set_defaults(func=_config_help)

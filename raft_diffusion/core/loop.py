@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .early_stop import STOP_FILE
 from .errors import RewardError
+from .dist import Dist
 from .pool import StreamingPool
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
 from .seeds import sample_seed, stage_seed
@@ -90,8 +91,14 @@ def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
     return sorted(rng.sample(range(n_prompts), per))
 
 
-def collect_pool(cfg, task: RaftTask, stage: int, stats: dict) -> StreamingPool:
-    """Steps 1-3 of a stage: sample, score, stream into the selection pool."""
+def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None = None) -> StreamingPool:
+    """Steps 1-3 of a stage: sample, score, stream into the selection pool.
+
+    Over several processes each samples whole batches dealt round-robin (so every sample's batch, and
+    hence its image, is the one a single process would make), keeps its local candidates, and the
+    candidates are gathered: every process then selects exactly what one process would.
+    """
+    dist = dist or Dist()
     K = cfg.sampling.num_per_prompt
     plan = getattr(task, "plan", None)
     requests = plan(stage) if plan is not None else None
@@ -102,22 +109,49 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict) -> StreamingPool:
             for k in range(K)
         ]
     pool = StreamingPool(cfg.ranking, expected_total=len(requests))
-    bar = tqdm(total=len(requests), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
+    mine = dist.shard(requests, cfg.sampling.batch_size)
+    bar = tqdm(total=len(mine), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
     score_time = 0.0
-    for batch in task.sample(stage, requests):
+    for batch in task.sample(stage, mine):
         t = time.perf_counter()
         rewards = as_rewards(task.reward_name, task.score(batch), len(batch))
         score_time += time.perf_counter() - t
         for s, r in zip(batch, rewards):
             s.reward = r
         pool.add(batch)
-        stats["reward_queries"] += len(batch)
         bar.update(len(batch))
     bar.close()
     stats["time_score"] = score_time
+    if dist.enabled:
+        pool = _merge_pools(cfg, pool, len(requests), dist)
+    stats["reward_queries"] += len(pool.records)
     if pool.records and all(math.isnan(s.reward) for s in pool.records):
         raise RewardError(f"reward '{task.reward_name}' returned NaN (no score) for all {len(pool.records)} samples of stage {stage}")
     return pool
+
+
+def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> StreamingPool:
+    """Gather every process's records (payloads only on its local candidates) and select again.
+
+    A sample that is not among its own process's candidates has enough better samples there to be
+    excluded from the global selection too, so the merged selection equals one process's.
+    """
+    local.kept()
+    for s in local.records:
+        s.payload = _to_cpu(s.payload)
+    everything = [s for part in dist.gather(local.records) for s in part]
+    everything.sort(key=lambda s: (s.prompt_index, s.sample_index))
+    merged = StreamingPool(cfg.ranking, expected_total=total)
+    merged.add(everything)
+    return merged
+
+
+def _to_cpu(payload):
+    if isinstance(payload, torch.Tensor):
+        return payload.cpu()
+    if isinstance(payload, dict):
+        return {k: _to_cpu(v) for k, v in payload.items()}
+    return payload
 
 
 def _summary(values: list[float]) -> dict:
@@ -129,16 +163,22 @@ def _summary(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "max": max(v), "min": min(v)}
 
 
-def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict]:
+def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist | None = None) -> list[dict]:
     """Run (or resume) every stage; returns the metrics rows.
 
     ``should_stop(rows) -> str | None`` is asked after every stage (and once on resume): a reason ends
     the run, keeps the best stage as final/ (``should_stop.best_stage(rows)`` when it has one, else the
     highest ``eval_reward_mean``) and records the reason in ``<run>/early_stop.json``.
+
+    With ``dist`` over several processes, only the main process writes the run directory; what it
+    reads (progress, metrics, stop decisions) is broadcast to the others.
     """
-    done = run.last_completed()
-    run.truncate_metrics(done)
-    rows = run.metrics()
+    dist = dist or Dist()
+    main = dist.is_main
+    done = dist.broadcast(run.last_completed() if main else None)
+    if main:
+        run.truncate_metrics(done)
+    rows = dist.broadcast(run.metrics() if main else None)
     prior_seconds = rows[-1]["seconds"] if rows else 0.0
     stats = {"reward_queries": rows[-1].get("reward_queries", 0) if rows else 0}
     t0 = time.perf_counter()
@@ -149,13 +189,14 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         t = time.perf_counter()
         row = {"stage": 0, **task.evaluate(0, run.stage_dir(0)), "time_eval": time.perf_counter() - t}
         row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
-        run.put_metrics(row)
-        rows = run.metrics()
+        if main:
+            run.put_metrics(row)
+        rows = rows + [row]
     if done:
         log.info("resuming %s after stage %d", run.root, done)
         task.restore(run.stage_dir(done))
 
-    reason = should_stop(rows) if should_stop else None  # a resumed run that had stopped stays stopped
+    reason = dist.broadcast(should_stop(rows) if should_stop and main else None)  # a stopped run stays stopped
     for stage in range(done + 1, cfg.num_stages + 1):
         if reason:
             break
@@ -165,15 +206,21 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         # Steps 1-3: sample and score (online), or reuse the first stage's pool (offline).
         t = time.perf_counter()
         if offline and stage > 1:
-            records = read_jsonl(run.stage_dir(1) / "samples.jsonl")
-            kept = task.load_kept(run.stage_dir(1), [_from_record(r) for r in records if r.get("kept")])
-            kept.sort(key=lambda s: -s.reward)
+            records, kept = None, None
+            if main:
+                records = read_jsonl(run.stage_dir(1) / "samples.jsonl")
+                kept = task.load_kept(run.stage_dir(1), [_from_record(r) for r in records if r.get("kept")])
+                kept.sort(key=lambda s: -s.reward)
+                for s in kept:
+                    s.payload = _to_cpu(s.payload)
+            records, kept = dist.broadcast((records, kept))
             rewards = [s.reward if s.reward is not None else math.nan for s in map(_from_record, records)]
         else:
-            pool = collect_pool(cfg, task, stage, stats)
+            pool = collect_pool(cfg, task, stage, stats, dist)
             kept = pool.kept()
-            task.save_kept(sdir, kept)
-            write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])
+            if main:
+                task.save_kept(sdir, kept)
+                write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])
             rewards = [s.reward for s in pool.records]
             del pool
         row["time_sample"] = time.perf_counter() - t
@@ -194,7 +241,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         t = time.perf_counter()
         row.update(task.finetune(stage, kept))
         row["time_finetune"] = time.perf_counter() - t
-        task.save(sdir)
+        if main:
+            task.save(sdir)
         del kept
 
         # Step 5: evaluate on held-out prompts with fixed seeds.
@@ -205,11 +253,16 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
 
         # Step 6: checkpoint: metrics, then the stage marker (the marker is what resume trusts).
         row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
-        run.put_metrics(row)
-        run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
-        rows = run.metrics()
-        print(stage_line(row), flush=True)
-        reason = should_stop(rows) if should_stop else None
+        if main:
+            run.put_metrics(row)
+            run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
+            print(stage_line(row), flush=True)
+        rows = rows + [row]
+        reason = dist.broadcast(should_stop(rows) if should_stop and main else None)
+
+    if not main:
+        dist.barrier()  # wait until the main process has written final/
+        return rows
 
     last = run.last_completed()
     final = last
@@ -221,6 +274,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None) -> list[dict
         (run.root / STOP_FILE).unlink(missing_ok=True)  # a resumed run went on past an earlier stop
     if final:
         copy_dir_atomic(task.weights_dir(run.stage_dir(final)), run.final_dir)
+    dist.barrier()
     return rows
 
 

@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, sample_seed, stage_seed
@@ -42,10 +43,15 @@ def reward_label(cfg_reward: dict) -> str:
     return str(cfg_reward.get("name"))
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0,1] -> uint8 on the CPU (rounded, not truncated)."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+
+
 def to_pil(image: torch.Tensor) -> Image.Image:
-    """Float [3,H,W] in [0,1] -> PIL (rounded, not truncated)."""
-    arr = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(arr)
+    """An image [3,H,W] (float in [0,1], or uint8) -> PIL."""
+    arr = image if image.dtype == torch.uint8 else to_uint8(image)
+    return Image.fromarray(arr.permute(1, 2, 0).cpu().numpy())
 
 
 def save_png(image: torch.Tensor, path: Path) -> None:
@@ -62,8 +68,9 @@ def sample_name(prompt_index: int, sample_index: int) -> str:
 class DiffusionTask:
     """Generator, fine-tuner and evaluator for any StableDiffusionPipeline-compatible model."""
 
-    def __init__(self, cfg, reward=None):
+    def __init__(self, cfg, reward=None, dist: Dist | None = None):
         self.cfg = cfg
+        self.dist = dist or Dist()
         s = cfg.sampling
         # 1. Prompts (training or an external pool's, and held-out) and the reward: cheap checks first.
         self.external = _read_manifest(s.external_pool) if s.external_pool else None
@@ -72,7 +79,10 @@ class DiffusionTask:
         else:
             self.train_prompts = load_prompts(cfg.prompts.train)
         self.eval_prompts = load_prompts(cfg.prompts.eval) if cfg.prompts.eval is not None else list(self.train_prompts)
-        device = resolve_device(cfg.model.device)
+        if self.dist.enabled and cfg.model.device == "auto" and self.dist.device is not None:
+            device = torch.device(self.dist.device)  # this process's GPU under accelerate / torchrun
+        else:
+            device = resolve_device(cfg.model.device)
         self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
         self.reward_name = reward_label(cfg.reward)
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
@@ -97,6 +107,10 @@ class DiffusionTask:
                         target_modules=tuple(t.target_modules), init_seed=stage_seed(cfg.seed, 0, "lora-init"))
         else:
             ft.set_full_finetune(self.pipe.unet)
+        if self.dist.is_main:
+            eff = t.batch_size * t.gradient_accumulation_steps
+            where = f"split over {self.dist.world_size} processes" if self.dist.enabled else "on 1 process"
+            print(f"training: effective batch {eff} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) {where}", flush=True)
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, embeds, prompt_indices, seeds):
@@ -180,7 +194,7 @@ class DiffusionTask:
             gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
             weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
-            progress=self.cfg.progress, desc=f"stage {stage} train",
+            progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
         )
 
     def weights_dir(self, stage_dir: Path) -> Path:
@@ -193,6 +207,12 @@ class DiffusionTask:
             self.pipe.unet.save_pretrained(self.weights_dir(stage_dir))
 
     def restore(self, stage_dir: Path) -> None:
+        """The main process loads the saved weights and sends them to the others (no shared disk needed)."""
+        if self.dist.is_main:
+            self._load_weights(stage_dir)
+        self.dist.broadcast_params(ft.trainable_parameters(self.pipe.unet))
+
+    def _load_weights(self, stage_dir: Path) -> None:
         if self.cfg.train.method == "lora":
             ft.load_lora_into_unet(self.pipe.unet, self.weights_dir(stage_dir))
         else:
@@ -203,13 +223,18 @@ class DiffusionTask:
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
-        """Held-out prompts x fixed seeds (the same noise every stage); images into stage_dir/eval/."""
+        """Held-out prompts x fixed seeds (the same noise every stage); images into stage_dir/eval/.
+
+        Over several processes the batches are dealt round-robin and the results gathered; the main
+        process writes the images and ``eval.jsonl``.
+        """
         n = self.cfg.eval.num_per_prompt
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
-        rows, embeddings = [], []
         bs = self.cfg.sampling.batch_size
-        for i in tqdm(range(0, len(todo), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
-            chunk = todo[i:i + bs]
+        mine = self.dist.shard(todo, bs)
+        rows, images_u8, embeddings = [], [], []
+        for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
+            chunk = mine[i:i + bs]
             _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk])
             r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
             comps = getattr(self.reward, "last_components", None) or {}
@@ -217,13 +242,27 @@ class DiffusionTask:
                 row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
                 row.update({f"reward/{c}": float(v[j]) for c, v in comps.items()})
                 if self.cfg.eval.save_images:
-                    name = sample_name(p, k)
-                    save_png(images[j], stage_dir / "eval" / f"{name}.png")
-                    row["image"] = f"eval/{name}.png"
+                    row["image"] = f"eval/{sample_name(p, k)}.png"
                 rows.append(row)
+            if self.cfg.eval.save_images:
+                images_u8.append(to_uint8(images))
             if self.eval_clip is not None:
-                embeddings.append(self.eval_clip.image_embeddings(images))
-        write_jsonl(stage_dir / "eval.jsonl", rows)
+                embeddings.append(self.eval_clip.image_embeddings(images).cpu())
+        if self.dist.enabled:  # everyone gets everything, in the single-process order
+            parts = self.dist.gather((rows, images_u8, embeddings))
+            order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
+            rows = [r for part in parts for r in part[0]]
+            images_u8 = [x for part in parts for x in part[1]]
+            embeddings = [x for part in parts for x in part[2]]
+            perm = sorted(range(len(rows)), key=lambda i: order[(rows[i]["prompt_index"], rows[i]["sample_index"])])
+            rows = [rows[i] for i in perm]
+            images_u8 = [torch.cat(images_u8)[perm]] if images_u8 else []
+            embeddings = [torch.cat(embeddings)[perm]] if embeddings else []
+        if self.dist.is_main:
+            if images_u8:
+                for row, img in zip(rows, torch.cat(images_u8)):
+                    save_png(img, stage_dir / row["image"])
+            write_jsonl(stage_dir / "eval.jsonl", rows)
         comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
         image_emb = torch.cat(embeddings) if embeddings else None
         text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None

@@ -194,6 +194,7 @@ def train_unet(
     gradient_checkpointing: bool = False,
     progress: bool = True,
     desc: str = "train",
+    dist=None,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -206,6 +207,11 @@ def train_unet(
     Mixed precision (autocast; loss scaling for fp16) applies on CUDA only and is ignored on CPU;
     gradient checkpointing applies whenever asked for (it only saves memory) and is switched off again.
     Trainable fp16/bf16 weights are upcast to fp32 first. The UNet is left in eval mode.
+
+    With ``dist`` (a :class:`raft_diffusion.core.dist.Dist` over several processes) every process draws
+    the same batches, noise and timesteps, computes the loss of its share of each micro-batch's rows,
+    and gradients are summed across processes: the effective batch and the update equal one process's,
+    up to floating-point noise (LoRA dropout masks differ per process).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -250,6 +256,7 @@ def train_unet(
     model_dtype = torch.float32 if amp_dtype is not None else unet.dtype
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    sharded = dist is not None and dist.enabled
     micro = min(batch_size, n)
     order = torch.empty(0, dtype=torch.long)
 
@@ -275,17 +282,30 @@ def train_unet(
                 step_loss = 0.0
                 for _ in range(gradient_accumulation_steps):
                     idx = next_batch()
+                    noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
+                    t = torch.randint(0, num_train_timesteps, (micro,), generator=gen)
+                    if sharded:  # this process's rows of the micro-batch
+                        rows = torch.arange(micro)[dist.rank :: dist.world_size]
+                        if rows.numel() == 0:
+                            continue
+                        idx, noise, t = idx[rows], noise[rows], t[rows]
+                    noise, t = noise.to(device), t.to(device)
                     x0 = latents[idx.to(latents.device)].to(device, torch.float32)
                     cond = prompt_embeds[idx.to(prompt_embeds.device)].to(device, model_dtype)
-                    noise = torch.randn(x0.shape, generator=gen).to(device)
-                    t = torch.randint(0, num_train_timesteps, (micro,), generator=gen).to(device)
                     noisy = noise_scheduler.add_noise(x0, noise, t)
                     target = _training_target(noise_scheduler, x0, noise, t)
                     with autocast():
                         pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-                    loss = F.mse_loss(pred.float(), target.float()) / gradient_accumulation_steps
+                    if sharded:  # sum over own rows / the whole micro-batch's count: summed over processes = the mean
+                        loss = F.mse_loss(pred.float(), target.float(), reduction="sum") / (
+                            micro * pred[0].numel() * gradient_accumulation_steps)
+                    else:
+                        loss = F.mse_loss(pred.float(), target.float()) / gradient_accumulation_steps
                     (scaler.scale(loss) if scaler else loss).backward()
                     step_loss += loss.item()
+                if sharded:
+                    dist.sum_grads(params)
+                    step_loss = dist.sum_float(step_loss)
                 if scaler:
                     scaler.unscale_(optimizer)
                 if max_grad_norm is not None and max_grad_norm > 0:
