@@ -1,0 +1,218 @@
+"""``raft-diffusion llm ...``: RAFT for causal language models.
+
+    raft-diffusion llm align --config configs/llm_toy_sentiment.yaml --output-dir runs/llm [key=value ...]
+    raft-diffusion llm report --run-dir runs/llm
+    raft-diffusion llm sample --run-dir runs/llm --prompt "i bought this phone and" [-n 4]
+    raft-diffusion llm toyworld build [--out DIR] [--threads N]
+    raft-diffusion llm config-help
+
+``add_llm_parser(subparsers)`` adds the ``llm`` command to the main parser; ``python -m
+raft_diffusion.llm.cli ...`` runs it standalone. Bad input raises ``UserError`` (one line, exit 2).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ..core.errors import UserError
+
+
+def _quiet_transformers() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside transformers
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _align(args) -> int:
+    from ..core.config import load_config
+    from ..core.early_stop import read_stop
+    from ..core.loop import run_raft
+    from ..core.rundir import RunDir
+    from .config import LLMConfig
+    from .report import write_report
+    from .task import LLMTask
+
+    cfg = load_config(args.config, args.overrides, cls=LLMConfig)
+    _quiet_transformers()
+    run = RunDir(args.output_dir)
+    run.start(cfg.to_dict())
+    print(f"raft-diffusion llm: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
+    task = LLMTask(cfg)
+    rows = run_raft(cfg, task, run, should_stop=cfg.stopper())
+    report = write_report(run.root) if (cfg.eval.report and cfg.eval.every) else None
+    stop = read_stop(run.root)
+    if stop:
+        print(f"early stop: {stop['reason']}; final/ = stage {stop['final_stage']}", flush=True)
+    final_stage = stop["final_stage"] if stop else (rows[-1]["stage"] if rows else 0)
+    first, last = rows[0] if rows else {}, next((r for r in rows if r["stage"] == final_stage), {})
+    if "eval_reward_mean" in first and "eval_reward_mean" in last:
+        print(f"held-out reward {first['eval_reward_mean']:.4g} -> {last['eval_reward_mean']:.4g} (stage {final_stage})"
+              f" (base std {first.get('eval_reward_std', float('nan')):.3g}), distinct-2 "
+              f"{first.get('eval_distinct_2', float('nan')):.3g} -> {last.get('eval_distinct_2', float('nan')):.3g}", flush=True)
+    print(f"done: adapter in {run.final_dir}, metrics in {run.metrics_path}" + (f", report {report}" if report else ""), flush=True)
+    return 0
+
+
+def _report(args) -> int:
+    from .report import write_report
+
+    print(write_report(args.run_dir))
+    return 0
+
+
+def _sample(args) -> int:
+    """Completions from a run's final (or a given stage's) weights, for a quick look."""
+    import yaml
+
+    from ..core.config import config_from_dict
+    from ..core.rundir import RunDir
+    from .config import LLMConfig
+    from .generate import encode_prompts, sample_completions
+
+    run = RunDir(args.run_dir)
+    if not run.config_path.is_file():
+        raise UserError(f"{run.root} is not a run directory (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load(run.config_path.read_text()), cls=LLMConfig)
+    _quiet_transformers()
+    model, tok = load_run_model(run, cfg, stage=args.stage)
+    ids = encode_prompts(tok, [args.prompt], chat=_chat(tok, cfg))
+    s = cfg.sampling
+    for k, c in enumerate(sample_completions(model, tok, ids * args.n, [args.seed + k for k in range(args.n)],
+                                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                                             top_k=s.top_k, top_p=s.top_p, stop_strings=list(s.stop_strings))):
+        print(f"[{k}] {args.prompt} | {c.text}")
+    return 0
+
+
+def _chat(tok, cfg) -> bool:
+    from .generate import uses_chat_template
+
+    return uses_chat_template(tok, cfg.sampling.chat_template)
+
+
+def load_run_model(run, cfg, stage: int | None = None):
+    """(model, tokenizer) of a run: the base model with the adapter of ``stage`` (default final/) loaded."""
+    from .model import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+
+    sub = "lora" if cfg.train.method == "lora" else "model"
+    folder = run.final_dir if stage is None else run.stage_dir(stage) / sub
+    if stage == 0:
+        folder = None
+    elif not folder.is_dir():
+        raise UserError(f"no weights at {folder}; finish a stage first (or pick --stage with a completed stage)")
+    device = resolve_device(cfg.model.device)
+    dtype = resolve_dtype(cfg.model.dtype, device)
+    path = resolve_model_path(cfg.model.pretrained)
+    tok = load_tokenizer(cfg.model.tokenizer or path, pad_token=cfg.model.pad_token)
+    if folder is not None and cfg.train.method == "full":
+        return load_causal_lm(str(folder), device=device, dtype=dtype), tok
+    model = load_causal_lm(path, revision=cfg.model.revision, device=device, dtype=dtype)
+    if folder is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(folder)).eval()
+    return model, tok
+
+
+def _toyworld_build(args) -> int:
+    import torch
+
+    from .toyworld.build import DEFAULT_DIR, build
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _quiet_transformers()
+    build(args.out or DEFAULT_DIR, seed=args.seed, lm_steps=args.lm_steps, reward_steps=args.reward_steps)
+    return 0
+
+
+def _config_help(args) -> int:
+    from ..core.config import config_help
+    from .config import LLMConfig
+
+    print("\n".join(config_help(LLMConfig)))
+    return 0
+
+
+def add_llm_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``llm`` (with align, report, sample, toyworld build, config-help) to an argparse subparsers object."""
+    llm = subparsers.add_parser("llm", help="RAFT for causal language models (transformers + peft)")
+    _add_commands(llm)
+    return llm
+
+
+def _add_commands(llm: argparse.ArgumentParser) -> None:
+    sub = llm.add_subparsers(dest="llm_command", required=True)
+
+    p = sub.add_parser("align", help="run RAFT on a causal LM with a text reward")
+    p.add_argument("--config", "-c", type=Path, help="YAML preset, e.g. configs/llm_toy_sentiment.yaml")
+    p.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
+    p.set_defaults(func=_align)
+
+    p = sub.add_parser("report", help="(re)write report.html of a run directory")
+    p.add_argument("--run-dir", "-r", type=Path, required=True)
+    p.set_defaults(func=_report)
+
+    p = sub.add_parser("sample", help="print completions of a run's final adapter (or --stage N; 0 = base)")
+    p.add_argument("--run-dir", "-r", type=Path, required=True)
+    p.add_argument("--prompt", "-p", required=True)
+    p.add_argument("-n", type=int, default=4, help="number of completions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first completion (then +1 each)")
+    p.add_argument("--stage", type=int, default=None, help="stage whose weights to use (default: final/)")
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("toyworld", help="the toy text world (synthetic reviews, tiny LM, sentiment reward)")
+    tw = p.add_subparsers(dest="toyworld_command", required=True)
+    b = tw.add_parser("build", help="train the toy LM and reward model and write them (2-5 minutes on 2 CPU cores)")
+    b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's assets/toy, which configs use)")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--lm-steps", type=int, default=1200)
+    b.add_argument("--reward-steps", type=int, default=500)
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy shared machine)")
+    b.set_defaults(func=_toyworld_build)
+
+    p = sub.add_parser("config-help", help="list every LLM config key with its default and meaning")
+    p.set_defaults(func=_config_help)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone ``python -m raft_diffusion.llm.cli align ...`` (same as ``raft-diffusion llm align ...``)."""
+    parser = argparse.ArgumentParser(prog="python -m raft_diffusion.llm.cli", description="RAFT for causal language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    _add_commands(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UserError, ValueError) as e:
+        if args.verbose or not _user_facing(e):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted: rerun the same command to resume from the last completed stage", file=sys.stderr)
+        return 130
+
+
+def _user_facing(e: Exception) -> bool:
+    if isinstance(e, UserError):
+        return True
+    try:
+        from reward_models.errors import RewardError
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(e, RewardError)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

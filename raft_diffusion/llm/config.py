@@ -1,0 +1,201 @@
+"""Configuration of an LLM RAFT run: dataclasses with one help line per field, validated in one place.
+
+Loaded with the core's loader (YAML preset + ``key=value`` overrides):
+``load_config(path, overrides, cls=LLMConfig)``. The stage loop reads the same paths as for
+diffusion: seed, num_stages, mode, progress, prompts.per_stage, sampling.num_per_prompt,
+sampling.external_pool, ranking.*, eval.every.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+
+from ..core.config import RankingConfig, _f, _section_type
+from ..core.errors import ConfigError
+from ..core.ranking import MODES
+
+
+@dataclass
+class LLMModelConfig:
+    pretrained: str = _f("toy", "hub id or local folder of a transformers causal LM; 'toy' = the committed toy sentiment LM")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    tokenizer: str | None = _f(None, "tokenizer hub id or folder; null = the model's")
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = _f("auto", "weights dtype: auto (bf16 on CUDA when supported, else fp32), float32, float16, bfloat16")
+    pad_token: str | None = _f(None, "token used for padding when the tokenizer has none; null = its eos token")
+    num_threads: int | None = _f(None, "torch CPU threads (null = torch's default; 1 is fastest on a busy shared machine)")
+
+
+@dataclass
+class LLMPromptsConfig:
+    train: object = _f("builtin:toy_train", "training prompts: a list, a text file (one per line) or builtin:toy_train / builtin:toy_eval")
+    eval: object = _f("builtin:toy_eval", "held-out prompts (same forms); null = the training prompts")
+    per_stage: int | None = _f(None, "prompts drawn per stage (RAFT's b); null = all training prompts every stage")
+
+
+@dataclass
+class LLMSamplingConfig:
+    num_per_prompt: int = _f(8, "K: completions generated per prompt per stage")
+    batch_size: int = _f(64, "sequences per generation batch (batches mix prompts; left padding)")
+    max_new_tokens: int = _f(32, "completion length limit in tokens")
+    temperature: float = _f(1.0, "sampling temperature (0 = greedy); the paper found > 1.0 produced garbage")
+    top_p: float = _f(1.0, "nucleus sampling: keep the smallest token set with this probability mass (1 = off)")
+    top_k: int = _f(0, "keep only the k most likely tokens (0 = off)")
+    stop_strings: list = _f([], "end a completion at the first of these strings (the string itself is cut from the text)")
+    chat_template: str = _f("auto", "auto: wrap prompts in the tokenizer's chat template when it has one; always; never")
+    system_prompt: str | None = _f(None, "system message put before each prompt when the chat template is used")
+    external_pool: str | None = _f(None, "JSONL of {prompt, completion[, seed]} from any generator; replaces sampling (implies offline)")
+
+
+@dataclass
+class FilterConfig:
+    min_tokens: int = _f(1, "discard completions with fewer tokens (eos excluded); 1 drops empty completions")
+    max_tokens: int | None = _f(None, "discard completions with more tokens (e.g. ones cut off by max_new_tokens)")
+    discard_regex: list = _f([], "discard completions matching any of these Python regexes (e.g. '#{3,}')")
+    repeated_ngram_size: int = _f(0, "n of the repeated n-gram rule over words (0 = off)")
+    max_ngram_repeats: int = _f(2, "discard when one n-gram occurs more often than this")
+    require_stop: bool = _f(False, "discard completions that ended at max_new_tokens instead of eos or a stop string")
+    dedupe: bool = _f(False, "discard a completion whose text (whitespace-normalised) already occurred earlier in the stage")
+
+
+@dataclass
+class LLMTrainConfig:
+    method: str = _f("lora", "lora (peft adapter) or full (every weight; keeps a frozen base copy when the KL key or perplexity needs it)")
+    lora_rank: int = _f(8, "LoRA rank r")
+    lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
+    target_modules: object = _f("all-linear", "modules that receive LoRA: 'all-linear' or a list of names (e.g. [q_proj, v_proj])")
+    epochs: float = _f(2.0, "passes over the kept samples per stage (the paper used 2)")
+    max_steps: int | None = _f(None, "cap on optimizer steps per stage (null = from epochs)")
+    batch_size: int = _f(16, "kept samples per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step (loss is averaged over all their response tokens)")
+    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    lr_scheduler: str = _f("constant", "transformers schedule name: constant, constant_with_warmup, linear, cosine, ...")
+    lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    max_length: int | None = _f(None, "truncate prompt+completion to this many tokens (prompt cut from the left); null = the model's limit")
+    mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; CUDA only)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory")
+
+
+@dataclass
+class LLMEvalConfig:
+    num_per_prompt: int = _f(4, "held-out completions per eval prompt (fixed seeds, the same every stage)")
+    every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
+    best_of_k: int | None = _f(None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off")
+    gold_reward: dict | None = _f(None, "optional second reward reported as eval_gold_* (e.g. {name: toy_gold}); never used for ranking")
+    report: bool = _f(True, "write report.html (before/after completions per held-out prompt) when the run ends")
+
+
+@dataclass
+class LLMEarlyStopConfig:
+    patience: int | None = _f(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
+    metric: str = _f("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
+    min_delta: float = _f(0.0, "an improvement must exceed this to reset patience")
+    min_diversity_ratio: float | None = _f(None, "stop when eval_distinct_2 falls below this fraction of the base model's (final/ = the best stage above it); null = off")
+
+
+@dataclass
+class LLMConfig:
+    seed: int = _f(0, "run seed: every sample's seed derives from it")
+    num_stages: int = _f(5, "RAFT stages (sample, rank, fine-tune)")
+    mode: str = _f("online", "online: sample from the current model each stage; offline: one pool from the base model")
+    model: LLMModelConfig = _f(None, "base causal LM")
+    prompts: LLMPromptsConfig = _f(None, "prompt sets")
+    sampling: LLMSamplingConfig = _f(None, "completion generation")
+    filters: FilterConfig = _f(None, "discard rules applied before ranking (a discarded completion gets no reward)")
+    reward: dict = _f({"name": "toy_sentiment"}, "text reward: {name: NAME, kwargs: {...}}; NAME = a built-in, sequence_classification, or package.module:function")
+    ranking: RankingConfig = _f(None, "what is kept (kl_beta > 0 ranks by r - beta*log(p/p_base), base = adapter disabled)")
+    train: LLMTrainConfig = _f(None, "fine-tuning on the kept completions (loss on response tokens only)")
+    eval: LLMEvalConfig = _f(None, "held-out evaluation")
+    early_stop: LLMEarlyStopConfig = _f(None, "opt-in guard against over-optimisation: stop early, keep the best stage as final/")
+    progress: bool = _f(True, "show progress bars")
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            sub = _section_type(type(self), f.name)
+            if sub is not None and getattr(self, f.name) is None:
+                setattr(self, f.name, sub())
+
+    def validate(self) -> "LLMConfig":
+        """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
+        s, r, t, fl, e = self.sampling, self.ranking, self.train, self.filters, self.eval
+
+        def need(cond: bool, msg: str):
+            if not cond:
+                raise ConfigError(msg)
+
+        need(isinstance(self.num_stages, int) and self.num_stages >= 1, f"num_stages must be an integer >= 1 (got {self.num_stages!r})")
+        need(self.mode in ("online", "offline"), f"mode must be 'online' or 'offline' (got {self.mode!r})")
+        need(isinstance(self.model.pretrained, str) and self.model.pretrained, "model.pretrained must name a hub id or a folder (or 'toy')")
+        need(self.model.num_threads is None or self.model.num_threads >= 1, "model.num_threads must be >= 1 or null")
+        need(s.num_per_prompt >= 1, f"sampling.num_per_prompt must be >= 1 (got {s.num_per_prompt})")
+        need(s.batch_size >= 1, f"sampling.batch_size must be >= 1 (got {s.batch_size})")
+        need(s.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1 (got {s.max_new_tokens})")
+        need(s.temperature >= 0, f"sampling.temperature must be >= 0 (0 = greedy; got {s.temperature})")
+        need(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1] (got {s.top_p})")
+        need(s.top_k >= 0, f"sampling.top_k must be >= 0 (0 = off; got {s.top_k})")
+        need(isinstance(s.stop_strings, list) and all(isinstance(x, str) and x for x in s.stop_strings),
+             "sampling.stop_strings must be a list of non-empty strings")
+        need(s.chat_template in ("auto", "always", "never"), f"sampling.chat_template must be auto, always or never (got {s.chat_template!r})")
+        need(fl.min_tokens >= 0, "filters.min_tokens must be >= 0")
+        need(fl.max_tokens is None or fl.max_tokens >= max(1, fl.min_tokens), "filters.max_tokens must be >= filters.min_tokens (or null)")
+        need(isinstance(fl.discard_regex, list), "filters.discard_regex must be a list of regexes")
+        for pat in fl.discard_regex:
+            try:
+                re.compile(pat)
+            except (re.error, TypeError) as err:
+                raise ConfigError(f"filters.discard_regex entry {pat!r} is not a valid regex ({err})") from None
+        need(fl.repeated_ngram_size >= 0 and fl.max_ngram_repeats >= 1, "filters.repeated_ngram_size must be >= 0 and filters.max_ngram_repeats >= 1")
+        need(r.mode in MODES, f"ranking.mode must be one of {', '.join(MODES)} (got {r.mode!r})")
+        need(r.top_k >= 1, f"ranking.top_k must be >= 1 (got {r.top_k})")
+        if r.mode == "local" and s.external_pool is None:
+            need(r.top_k <= s.num_per_prompt,
+                 f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} completions "
+                 "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt")
+        need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
+        need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
+        need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
+        need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
+        need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
+        need(t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
+             "train.target_modules must be 'all-linear' or a non-empty list of module names")
+        need(t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs must be > 0 (or set train.max_steps)")
+        need(t.max_steps is None or t.max_steps >= 0, "train.max_steps must be >= 0 or null")
+        need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
+        need(t.learning_rate > 0, "train.learning_rate must be > 0")
+        need(t.max_length is None or t.max_length >= 2, "train.max_length must be >= 2 or null")
+        need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
+        need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
+        need(e.best_of_k is None or e.best_of_k >= 0, "eval.best_of_k must be >= 0 or null")
+        need(e.gold_reward is None or (isinstance(e.gold_reward, dict) and "name" in e.gold_reward),
+             "eval.gold_reward must be null or a mapping with 'name' (e.g. {name: toy_gold})")
+        need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")
+        es = self.early_stop
+        need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
+        need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
+        need(isinstance(es.metric, str) and es.metric.startswith("eval_"), f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
+        need(es.min_diversity_ratio is None or 0 < es.min_diversity_ratio <= 1, f"early_stop.min_diversity_ratio must be in (0, 1] or null (got {es.min_diversity_ratio})")
+        need(e.every >= 1 or (es.patience is None and es.min_diversity_ratio is None), "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
+        need(isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
+             "reward must be a mapping with 'name' (e.g. reward.name=toy_sentiment) or 'mix'")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stopper(self):
+        """The core early-stop rule for ``run_raft(should_stop=...)``, or None when early_stop is off."""
+        from ..core.early_stop import EarlyStopper
+
+        es = self.early_stop
+        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta)
+        if es.min_diversity_ratio is not None:  # the LLM's diversity measure is distinct-2
+            stopper.floors = [("eval_distinct_2", "diversity", es.min_diversity_ratio)]
+        return stopper if stopper.active else None
+
+    @property
+    def best_of_k(self) -> int:
+        return self.sampling.num_per_prompt if self.eval.best_of_k is None else self.eval.best_of_k

@@ -1,0 +1,185 @@
+"""Loading a causal LM and its tokenizer, and the LoRA adapter that RAFT trains.
+
+Weights are never silently random: a missing folder, an unreachable hub id, or a checkpoint that
+leaves weights uninitialised is a ``UserError`` naming what was looked for and how to provide it.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..core.errors import UserError
+
+log = logging.getLogger(__name__)
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+TOY_DIR = ASSETS_DIR / "toy"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def toy_path(part: str) -> Path:
+    """A committed toy-world artifact (``lm``, ``reward``, ``prompts_train.txt`` ...); a clear error when absent."""
+    p = TOY_DIR / part
+    if not p.exists():
+        raise UserError(f"toy text world artifact not found: {p}; build it with 'raft-diffusion llm toyworld build'")
+    return p
+
+
+def asset_path(rel: str) -> Path:
+    """A file under raft_diffusion/llm/assets/ (toy-world files through ``toy_path``, so a missing build is explained)."""
+    return toy_path(rel.split("/", 1)[1]) if rel.startswith("toy/") else ASSETS_DIR / rel
+
+
+def resolve_model_path(name: str) -> str:
+    """'toy' -> the committed toy LM folder; anything else (hub id or folder) is passed through."""
+    return str(toy_path("lm")) if name == "toy" else name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UserError(f"model.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"model.device={name} but CUDA is not available here; use model.device=auto or cpu")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in _DTYPES:
+        raise UserError(f"model.dtype {name!r} is not one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+def _load_error(kind: str, name: str, err: Exception) -> UserError:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    where = "local folder" if Path(name).expanduser().exists() else "hub id or local folder"
+    return UserError(
+        f"cannot load the {kind} '{name}' ({where}): {first}. Give a folder holding config.json and weights "
+        f"(safetensors), or a hub id reachable from this machine (HF_HOME / HF_HUB_OFFLINE select the cache)"
+    )
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, pad_token: str | None = None):
+    """The tokenizer with a pad token and left padding (generation pads on the left).
+
+    No pad token: ``pad_token`` (a token already in the vocabulary) when given, else the eos token.
+    Neither available is an error: adding a new token would need new (random) embeddings.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+    except (OSError, ValueError) as err:
+        raise _load_error("tokenizer", name, err) from None
+    if pad_token is not None:
+        if tok.convert_tokens_to_ids(pad_token) in (None, tok.unk_token_id) and pad_token != tok.unk_token:
+            raise UserError(f"model.pad_token {pad_token!r} is not in the vocabulary of tokenizer '{name}'; choose an existing token")
+        tok.pad_token = pad_token
+    elif tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(
+                f"tokenizer '{name}' has no pad token and no eos token, so batches cannot be padded; "
+                "set model.pad_token to a token of its vocabulary"
+            )
+        log.info("tokenizer '%s' has no pad token; padding with its eos token %r", name, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def check_complete(kind: str, name: str, info: dict) -> None:
+    """Refuse a model whose checkpoint did not provide every weight (transformers would init them randomly)."""
+    missing = sorted(info.get("missing_keys") or [])
+    mismatched = list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = missing[:3] if missing else [str(m[0]) if isinstance(m, tuple) else str(m) for m in mismatched[:3]]
+        raise UserError(
+            f"the {kind} '{name}' does not hold every weight it needs ({len(missing) + len(mismatched)} missing or "
+            f"mismatched, e.g. {', '.join(what)}); they would be random. Point to a checkpoint of this architecture"
+        )
+
+
+def load_causal_lm(name: str, *, revision: str | None = None, device: torch.device, dtype: torch.dtype):
+    """AutoModelForCausalLM in eval mode on ``device``; every weight must come from the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, output_loading_info=True)
+    except (OSError, ValueError) as err:
+        raise _load_error("causal LM", name, err) from None
+    check_complete("causal LM", name, info)
+    return model.to(device).eval()
+
+
+def max_positions(model) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _has_conv1d(model) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        return False
+    return any(isinstance(m, Conv1D) for m in model.modules())
+
+
+def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, init_seed: int):
+    """Freeze ``model`` and wrap it in a peft LoRA adapter ('default'); lora_B starts at zero (output unchanged).
+
+    The adapter's random init runs under ``torch.manual_seed(init_seed)`` with the global RNG restored after.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
+        fan_in_fan_out=_has_conv1d(model),  # GPT-2 style Conv1D layers store weights transposed
+    )
+    model.requires_grad_(False)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(init_seed)
+        try:
+            peft_model = get_peft_model(model, config)
+        except ValueError as err:
+            if "target" in str(err).lower():
+                raise UserError(
+                    f"train.target_modules={target_modules!r} matches no layer of the model: use 'all-linear' or names of "
+                    f"its Linear layers (e.g. q_proj, v_proj for Llama-style models, c_attn for GPT-2)"
+                ) from None
+            raise
+    return peft_model
+
+
+def adapter_state(model) -> dict:
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(model)
+
+
+def load_adapter_weights(model, folder: Path) -> None:
+    """Load a saved adapter's weights into the live peft model (resume); every key must match."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    f = Path(folder) / "adapter_model.safetensors"
+    if not f.is_file():
+        raise UserError(f"LoRA adapter weights not found at {f}; the run directory is incomplete (delete the stage folder to redo it)")
+    result = set_peft_model_state_dict(model, load_file(str(f)))
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise UserError(f"adapter {folder} does not fit this model (unexpected keys such as {unexpected[0]}); was it saved by another config?")

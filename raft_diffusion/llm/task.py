@@ -1,0 +1,335 @@
+"""A causal LM as a RAFT task: the generator, fine-tuner and evaluator the core loop drives.
+
+    sample     K completions per prompt, one seeded generator per completion (see generate.py);
+               discard rules mark completions that must not be ranked; with ranking.kl_beta > 0 each
+               completion gets log_ratio = log p_theta(y|x) - log p_base(y|x), the base being the same
+               model with its LoRA adapter disabled (no second copy is loaded)
+    score      the text reward on (prompt, completion) pairs; discarded completions get None
+    finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
+    save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
+               stages/NNN/model/ for full fine-tuning
+    evaluate   held-out prompts x fixed seeds: reward, gold reward, distinct-1/2, length, base perplexity
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core.errors import UserError
+from ..core.rundir import read_jsonl, replace_dir, write_jsonl
+from ..core.seeds import eval_seed, sample_seed, stage_seed
+from ..core.types import Sample
+from .filters import Filters
+from .generate import eos_ids, encode_prompts, sample_completions, uses_chat_template
+from .metrics import best_of_k, distinct_n, mean_std, perplexity
+from .model import (add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions, resolve_device,
+                    resolve_dtype, resolve_model_path)
+from .prompts import load_prompts
+from .rewards import load_text_reward, reward_label, wrap_callable
+from .sft import sequence_logprobs, train_response_only
+
+log = logging.getLogger(__name__)
+
+
+class LLMTask:
+    """Generator, fine-tuner and evaluator for any transformers causal LM and any text reward.
+
+    ``reward`` / ``gold_reward``: optional callables ``(prompts, completions, **kw) -> list[float | None]``
+    that replace ``cfg.reward`` / ``cfg.eval.gold_reward`` (tests, notebooks).
+    """
+
+    def __init__(self, cfg, reward=None, gold_reward=None):
+        self.cfg = cfg
+        m, s, t = cfg.model, cfg.sampling, cfg.train
+        if m.num_threads:
+            torch.set_num_threads(m.num_threads)
+        # 1. Tokenizer and model (frozen but for what fine-tuning trains).
+        self.device = resolve_device(m.device)
+        self.dtype = resolve_dtype(m.dtype, self.device)
+        path = resolve_model_path(m.pretrained)
+        self.tokenizer = load_tokenizer(m.tokenizer or path, revision=m.revision if not m.tokenizer else None, pad_token=m.pad_token)
+        model = load_causal_lm(path, revision=m.revision, device=self.device, dtype=self.dtype)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.eos = eos_ids(model, self.tokenizer)
+        eos_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else min(self.eos, default=None)
+        self._stop_ids = [] if eos_id is None else [int(eos_id)]
+        self.chat = uses_chat_template(self.tokenizer, s.chat_template)
+        limit = max_positions(model)
+        if limit is not None and s.max_new_tokens >= limit:
+            raise UserError(f"sampling.max_new_tokens={s.max_new_tokens} does not fit the model's {limit} positions; lower it")
+        self.prompt_limit = None if limit is None else limit - s.max_new_tokens
+        self.max_length = min(x for x in (t.max_length, limit) if x is not None) if (t.max_length or limit) else None
+        # 2. Prompts: training (or an external pool's) and held-out.
+        self.external = read_manifest(s.external_pool) if s.external_pool else None
+        if self.external is not None:
+            self.train_prompts = list(dict.fromkeys(row["prompt"] for row in self.external))
+        else:
+            self.train_prompts = load_prompts(cfg.prompts.train, "prompts.train")
+        self.eval_prompts = load_prompts(cfg.prompts.eval, "prompts.eval") if cfg.prompts.eval is not None else list(self.train_prompts)
+        enc = dict(chat=self.chat, system_prompt=s.system_prompt, max_len=self.prompt_limit)
+        self.train_ids = encode_prompts(self.tokenizer, self.train_prompts, **enc)
+        self.eval_ids = encode_prompts(self.tokenizer, self.eval_prompts, **enc)
+        # 3. Rewards: the one RAFT ranks by, and an optional gold one that is only reported.
+        if reward is not None:
+            self.reward, self.reward_name = wrap_callable(reward), getattr(reward, "__name__", "custom")
+        else:
+            self.reward, self.reward_name = load_text_reward(cfg.reward, self.device), reward_label(cfg.reward)
+        gold_spec = cfg.eval.gold_reward
+        self.gold = wrap_callable(gold_reward) if gold_reward is not None else (load_text_reward(gold_spec, self.device) if gold_spec else None)
+        # 4. What fine-tuning trains; where base log-probs come from.
+        if t.method == "lora":
+            self.model = add_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                                  target_modules=t.target_modules, init_seed=stage_seed(cfg.seed, 0, "lora-init"))
+            self.base = None
+        else:
+            model.requires_grad_(True)
+            self.model = model
+            needs_base = cfg.ranking.kl_beta > 0 or cfg.eval.every > 0
+            self.base = copy.deepcopy(model).requires_grad_(False).eval() if needs_base else None  # full FT: a frozen copy
+        if t.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+            if hasattr(self.model, "enable_input_require_grads"):
+                self.model.enable_input_require_grads()
+        if t.mixed_precision != "no" and self.device.type != "cuda":
+            log.warning("train.mixed_precision=%s needs CUDA; training in %s on %s", t.mixed_precision, self.dtype, self.device)
+        self.model.eval()
+        self.filters = Filters(cfg.filters)
+        self._discarded: dict[int, int] = {}  # stage -> completions the filters discarded (reported with training)
+
+    # -- helpers -------------------------------------------------------------------------------
+    @contextmanager
+    def base_model(self):
+        """The base model: the LoRA model with its adapter disabled, or the frozen copy (full fine-tuning)."""
+        if self.base is not None:
+            yield self.base
+        else:
+            with self.model.disable_adapter():
+                yield self.model
+
+    def _generate(self, prompt_ids, seeds):
+        s = self.cfg.sampling
+        return sample_completions(
+            self.model, self.tokenizer, prompt_ids, seeds, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+            top_k=s.top_k, top_p=s.top_p, stop_strings=list(s.stop_strings), eos=self.eos,
+        )
+
+    def _logprobs(self, model, prompt_ids, completion_ids):
+        return sequence_logprobs(model, prompt_ids, completion_ids, self.pad_id, batch_size=self.cfg.train.batch_size, max_length=self.max_length)
+
+    def log_ratios(self, prompt_ids, completion_ids) -> list[tuple[float, float]]:
+        """(log p_theta(y|x), log p_base(y|x)) summed over completion tokens, per row."""
+        cur = self._logprobs(self.model, prompt_ids, completion_ids)
+        with self.base_model() as base:
+            ref = self._logprobs(base, prompt_ids, completion_ids)
+        return [(c[0], r[0]) for c, r in zip(cur, ref)]
+
+    # -- generation ----------------------------------------------------------------------------
+    def plan(self, stage: int) -> list[Sample] | None:
+        """Requests of an external pool (one per manifest row); None = the core's K-per-prompt plan."""
+        if self.external is None:
+            return None
+        counts: dict[int, int] = {}
+        out = []
+        for row in self.external:
+            p = self.train_prompts.index(row["prompt"])
+            k = counts[p] = counts.get(p, -1) + 1
+            seed = int(row.get("seed", sample_seed(self.cfg.seed, stage, p, k)))
+            out.append(Sample(prompt_index=p, sample_index=k, seed=seed, extras={"completion": row["completion"]}))
+        return out
+
+    def sample(self, stage: int, requests):
+        bs = self.cfg.sampling.batch_size
+        discarded = 0
+        seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
+        for i in range(0, len(requests), bs):
+            batch = list(requests[i:i + bs])
+            prompt_ids = [self.train_ids[r.prompt_index] for r in batch]
+            if self.external is not None:
+                for r, p in zip(batch, prompt_ids):
+                    ids = self.tokenizer(r.extras["completion"], add_special_tokens=False).input_ids
+                    n = len(ids)
+                    ids = ids + self._stop_ids  # an external completion is finished: learn to stop after it
+                    r.payload = {"prompt_ids": p, "completion_ids": ids}
+                    r.extras.update(n_tokens=n, finish="eos")
+            else:
+                for r, p, c in zip(batch, prompt_ids, self._generate(prompt_ids, [r.seed for r in batch])):
+                    r.payload = {"prompt_ids": p, "completion_ids": c.ids}
+                    r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish)
+            live = []
+            for r in batch:
+                why = self.filters.reason(r.extras["completion"], r.extras["n_tokens"], r.extras["finish"])
+                if self.cfg.filters.dedupe and not why:
+                    norm = " ".join(r.extras["completion"].split())
+                    why = "duplicate" if norm in seen else None
+                    seen.add(norm)
+                if why:
+                    r.extras["discarded"] = why
+                    discarded += 1
+                else:
+                    live.append(r)
+            if self.cfg.ranking.kl_beta > 0 and live:
+                for r, (cur, ref) in zip(live, self.log_ratios([r.payload["prompt_ids"] for r in live], [r.payload["completion_ids"] for r in live])):
+                    r.log_ratio = cur - ref
+            yield batch
+        self._discarded[stage] = discarded
+        if requests and discarded == len(requests):
+            raise UserError(
+                f"the filters discarded all {len(requests)} completions of stage {stage} (e.g. "
+                f"{requests[0].extras.get('discarded')!r}); loosen filters.* or check the model's completions"
+            )
+
+    def score(self, batch: list[Sample]):
+        live = [j for j, s in enumerate(batch) if "discarded" not in s.extras]
+        out: list[float | None] = [None] * len(batch)
+        if live:
+            scores = self.reward([self.train_prompts[batch[j].prompt_index] for j in live], [batch[j].extras["completion"] for j in live])
+            for j, v in zip(live, scores):
+                out[j] = v
+        return out
+
+    # -- kept samples --------------------------------------------------------------------------
+    def save_kept(self, stage_dir: Path, kept: list[Sample]) -> None:
+        write_jsonl(Path(stage_dir) / "kept.jsonl", [
+            {"prompt_index": s.prompt_index, "sample_index": s.sample_index, **s.payload} for s in kept
+        ])
+
+    def load_kept(self, stage_dir: Path, kept: list[Sample]) -> list[Sample]:
+        rows = {(r["prompt_index"], r["sample_index"]): r for r in read_jsonl(Path(stage_dir) / "kept.jsonl")}
+        for s in kept:
+            r = rows[(s.prompt_index, s.sample_index)]
+            s.payload = {"prompt_ids": r["prompt_ids"], "completion_ids": r["completion_ids"]}
+        return kept
+
+    # -- fine-tuning and weights ---------------------------------------------------------------
+    def finetune(self, stage: int, kept: list[Sample]) -> dict:
+        t = self.cfg.train
+        out = {"num_discarded": self._discarded.pop(stage)} if stage in self._discarded else {}
+        return out | train_response_only(
+            self.model, [(s.payload["prompt_ids"], s.payload["completion_ids"]) for s in kept], pad_id=self.pad_id,
+            epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
+            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=self.max_length,
+            seed=stage_seed(self.cfg.seed, stage, "train"), mixed_precision=t.mixed_precision,
+            progress=self.cfg.progress, desc=f"stage {stage} train",
+        )
+
+    def weights_dir(self, stage_dir: Path) -> Path:
+        return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "model")
+
+    def save(self, stage_dir: Path) -> None:
+        """The adapter (or full model + tokenizer) into stage_dir, written to a temp folder then moved."""
+        dst = self.weights_dir(stage_dir)
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        self.model.save_pretrained(tmp)
+        if self.cfg.train.method == "full":
+            self.tokenizer.save_pretrained(tmp)
+        replace_dir(tmp, dst)
+
+    def restore(self, stage_dir: Path) -> None:
+        src = self.weights_dir(stage_dir)
+        if self.cfg.train.method == "lora":
+            load_adapter_weights(self.model, src)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            state = AutoModelForCausalLM.from_pretrained(src, dtype=self.dtype).state_dict()
+            self.model.load_state_dict(state)
+        self.model.eval()
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def _call(self, reward, prompts, completions) -> list[float]:
+        out = []
+        bs = max(1, self.cfg.sampling.batch_size)
+        for i in range(0, len(prompts), bs):
+            out += [float("nan") if v is None else float(v) for v in reward(prompts[i:i + bs], completions[i:i + bs])]
+        return out
+
+    def eval_completions(self, n: int):
+        """``n`` completions per held-out prompt with the fixed eval seeds: rows of (p, k, seed, Completion)."""
+        todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
+        bs = self.cfg.sampling.batch_size
+        rows = []
+        for i in tqdm(range(0, len(todo), bs), desc="eval", disable=not self.cfg.progress, leave=False):
+            chunk = todo[i:i + bs]
+            comps = self._generate([self.eval_ids[p] for p, _, _ in chunk], [sd for _, _, sd in chunk])
+            rows += [(p, k, sd, c) for (p, k, sd), c in zip(chunk, comps)]
+        return rows
+
+    def evaluate(self, stage: int, stage_dir: Path) -> dict:
+        """Held-out metrics of the current model (stage 0 = the base, plus its best-of-K reference)."""
+        n = self.cfg.eval.num_per_prompt
+        k_ref = self.cfg.best_of_k if stage == 0 else 0
+        rows = self.eval_completions(max(n, k_ref))
+        prompts = [self.eval_prompts[p] for p, _, _, _ in rows]
+        texts = [c.text for *_, c in rows]
+        rewards = self._call(self.reward, prompts, texts)
+        golds = self._call(self.gold, prompts, texts) if self.gold is not None else None
+        main = [i for i, (_, k, _, _) in enumerate(rows) if k < n]
+        with self.base_model() as base:
+            base_lp = self._logprobs(base, [self.eval_ids[rows[i][0]] for i in main], [rows[i][3].ids for i in main])
+        out_rows = []
+        for j, i in enumerate(main):
+            p, k, sd, c = rows[i]
+            row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "completion": c.text,
+                   "reward": rewards[i], "n_tokens": c.n_tokens, "finish": c.finish, "base_logprob": base_lp[j][0]}
+            if golds is not None:
+                row["gold"] = golds[i]
+            out_rows.append(row)
+        write_jsonl(Path(stage_dir) / "eval.jsonl", out_rows)
+        r_mean, r_std = mean_std([rewards[i] for i in main])
+        metrics = {
+            "eval_reward_mean": r_mean, "eval_reward_std": r_std,
+            "eval_distinct_1": distinct_n([texts[i] for i in main], 1),
+            "eval_distinct_2": distinct_n([texts[i] for i in main], 2),
+            "eval_length": sum(rows[i][3].n_tokens for i in main) / len(main),
+            "eval_base_perplexity": perplexity([lp for lp, _ in base_lp], [nt for _, nt in base_lp]),
+        }
+        by_prompt_main: dict[int, list[float]] = {}
+        for i in main:
+            by_prompt_main.setdefault(rows[i][0], []).append(rewards[i])
+        metrics["eval_best_of_k"] = best_of_k(by_prompt_main)  # K = eval.num_per_prompt, as the diffusion module
+        if golds is not None:
+            metrics["eval_gold_mean"], metrics["eval_gold_std"] = mean_std([golds[i] for i in main])
+        if k_ref:
+            by_prompt: dict[int, list[int]] = {}
+            for i, (p, k, _, _) in enumerate(rows):
+                if k < k_ref:
+                    by_prompt.setdefault(p, []).append(i)
+            metrics["eval_base_best_of_k"] = best_of_k({p: [rewards[i] for i in idx] for p, idx in by_prompt.items()})
+            if golds is not None:  # gold of the completion the reward picked, per prompt
+                picked = [max(idx, key=lambda i: (rewards[i] == rewards[i], rewards[i])) for idx in by_prompt.values()]
+                metrics["eval_base_best_of_k_gold"] = sum(golds[i] for i in picked) / len(picked)
+        return metrics
+
+
+def read_manifest(path: str) -> list[dict]:
+    """A JSONL file of {"prompt": ..., "completion": ...[, "seed": int]} written by any generator."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"completion\"}} object per line)")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"completion\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
+            raise UserError(f"{p}:{n} needs string values for 'prompt' and 'completion'")
+        if not row["completion"].strip():
+            raise UserError(f"{p}:{n} has an empty completion; there is nothing to fine-tune on, remove the line")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"external pool manifest {p} has no entries")
+    return rows

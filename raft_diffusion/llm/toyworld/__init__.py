@@ -1,0 +1,1 @@
+"""The toy text world: synthetic reviews (corpus), their builder (build) and rewards (rewards)."""
