@@ -20,6 +20,7 @@ def _align(args) -> int:
     from .core.rundir import RunDir
     from .diffusion.adapter import DiffusionTask, resolve_pretrained
     from .eval.gallery import write_gallery
+    from .eval.tracking import Trackers
 
     cfg = load_config(args.config, args.overrides)
     dist = init_dist(cfg.model.device)  # several processes under accelerate launch / torchrun
@@ -35,7 +36,13 @@ def _align(args) -> int:
     dist.barrier()  # a refused resume ends every process here, not in a later collective
     task = DiffusionTask(cfg, dist=dist)
     stopper = EarlyStopper.from_config(cfg.early_stop)
-    run_raft(cfg, task, run, should_stop=stopper if stopper.active else None, dist=dist)
+    trackers = Trackers(run.root, cfg) if dist.is_main else None
+    try:
+        run_raft(cfg, task, run, should_stop=stopper if stopper.active else None, dist=dist,
+                 on_stage=trackers if trackers is not None and trackers.active else None)
+    finally:
+        if trackers is not None:
+            trackers.close()
     if dist.is_main:
         print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
         if cfg.eval.every:

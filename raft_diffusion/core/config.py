@@ -94,6 +94,9 @@ class EvalConfig:
     save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
     clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
     clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
+    tensorboard: bool = _f(False, "also log every stage's metrics and an eval image grid to <run>/tensorboard (needs the tensorboard package)")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs wandb installed and logged in)")
+    wandb_project: str = _f("raft-diffusion", "wandb project name")
 
 
 @dataclass

@@ -163,7 +163,7 @@ def _summary(values: list[float]) -> dict:
     return {"mean": mean, "std": std, "max": max(v), "min": min(v)}
 
 
-def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist | None = None) -> list[dict]:
+def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist | None = None, on_stage=None) -> list[dict]:
     """Run (or resume) every stage; returns the metrics rows.
 
     ``should_stop(rows) -> str | None`` is asked after every stage (and once on resume): a reason ends
@@ -171,7 +171,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
     highest ``eval_reward_mean``) and records the reason in ``<run>/early_stop.json``.
 
     With ``dist`` over several processes, only the main process writes the run directory; what it
-    reads (progress, metrics, stop decisions) is broadcast to the others.
+    reads (progress, metrics, stop decisions) is broadcast to the others. ``on_stage(row, stage_dir)`` is
+    called on the main process after each stage's row is written (stage 0 included), e.g. for trackers.
     """
     dist = dist or Dist()
     main = dist.is_main
@@ -191,6 +192,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
         row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
         if main:
             run.put_metrics(row)
+            if on_stage:
+                on_stage(row, run.stage_dir(0))
         rows = rows + [row]
     if done:
         log.info("resuming %s after stage %d", run.root, done)
@@ -257,6 +260,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
             run.put_metrics(row)
             run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
             print(stage_line(row), flush=True)
+            if on_stage:
+                on_stage(row, sdir)
         rows = rows + [row]
         reason = dist.broadcast(should_stop(rows) if should_stop and main else None)
 
