@@ -9,7 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .core.errors import UserError
+from .core.errors import UserError, run_command
 
 
 def _align(args) -> int:
@@ -156,27 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return args.func(args)
-    except (UserError, ValueError) as e:
-        if args.verbose or not _is_user_facing(e):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: rerun the same command to resume from the last completed stage", file=sys.stderr)
-        return 130
-
-
-def _is_user_facing(e: Exception) -> bool:
-    """Our own errors and the reward package's; other ValueErrors are bugs and keep their traceback."""
-    if isinstance(e, UserError):
-        return True
-    try:
-        from reward_models.errors import RewardError
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, RewardError)
+    return run_command(args)
 
 
 if __name__ == "__main__":

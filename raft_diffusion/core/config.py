@@ -125,10 +125,7 @@ class RaftConfig:
     progress: bool = _f(True, "show progress bars")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            sub = _section_type(type(self), f.name)
-            if sub is not None and getattr(self, f.name) is None:
-                setattr(self, f.name, sub())
+        fill_sections(self)
 
     def validate(self) -> "RaftConfig":
         """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
@@ -179,6 +176,14 @@ class RaftConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def fill_sections(config) -> None:
+    """Give every nested-section field left as None its section's defaults (for root config dataclasses)."""
+    for f in dataclasses.fields(config):
+        sub = _section_type(type(config), f.name)
+        if sub is not None and getattr(config, f.name) is None:
+            setattr(config, f.name, sub())
 
 
 def _section_type(cls, name: str):

@@ -11,7 +11,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..core.config import RankingConfig, _f, _section_type
+from ..core.config import RankingConfig, _f, fill_sections
 from ..core.errors import ConfigError
 from ..core.ranking import MODES
 
@@ -114,10 +114,7 @@ class LLMConfig:
     progress: bool = _f(True, "show progress bars")
 
     def __post_init__(self):
-        for f in dataclasses.fields(self):
-            sub = _section_type(type(self), f.name)
-            if sub is not None and getattr(self, f.name) is None:
-                setattr(self, f.name, sub())
+        fill_sections(self)
 
     def validate(self) -> "LLMConfig":
         """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
