@@ -145,8 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_compare)
 
     from .llm.cli import add_llm_parser
+    from .toyworld.cli import add_toyworld_parser
 
     add_llm_parser(sub)
+    add_toyworld_parser(sub)
 
     p = sub.add_parser("config-help", help="list every config key with its default and meaning")
     p.set_defaults(func=_config_help)

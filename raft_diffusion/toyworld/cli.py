@@ -1,0 +1,53 @@
+"""``raft-diffusion toyworld build``: train the toy world's models from scratch (seeded) into a folder."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _build(args) -> int:
+    import dataclasses
+
+    import torch
+
+    from .build import ASSETS_DIR, BuildSettings, build
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BuildSettings.miniature() if args.miniature else BuildSettings()
+    settings = dataclasses.replace(settings, seed=args.seed)
+    out = Path(args.out) if args.out else ASSETS_DIR
+    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
+    unknown = set(parts) - {"rewards", "sd"}
+    if unknown:
+        from raft_diffusion.core.errors import UserError
+
+        raise UserError(f"unknown --parts {sorted(unknown)}: choose from rewards, sd")
+    info = build(out, settings, parts=parts, log=lambda m: print(m, flush=True))
+    print(f"toy world built in {out} ({info['seconds']:.0f}s)", flush=True)
+    return 0
+
+
+def add_toyworld_parser(subparsers) -> argparse.ArgumentParser:
+    """Register ``toyworld build`` under an ``argparse`` subparsers object; returns the ``toyworld`` parser."""
+    p = subparsers.add_parser("toyworld", help="the toy text-to-image world (procedural shapes, small models)")
+    sub = p.add_subparsers(dest="toyworld_command", required=True)
+    b = sub.add_parser("build", help="train the toy CLIP, aesthetic head and text-to-image pipeline from scratch")
+    b.add_argument("--out", default=None, help="output folder (default: the packaged raft_diffusion/toyworld/assets)")
+    b.add_argument("--seed", type=int, default=0, help="build seed")
+    b.add_argument("--parts", default="rewards,sd", help="comma-separated parts to (re)build: rewards, sd")
+    b.add_argument("--miniature", action="store_true", help="a few-minute build with briefly trained parts (tests)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    b.set_defaults(func=_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="raft-diffusion-toyworld")
+    add_toyworld_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

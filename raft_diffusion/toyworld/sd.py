@@ -1,0 +1,244 @@
+"""The toy world's text-to-image model: a miniature Stable Diffusion trained on the world.
+
+Real SD 1.x structure at toy width: an ``AutoencoderKL`` (32 px images <-> 16x16x4 latents), a
+``UNet2DConditionModel`` with cross-attention, a ``CLIPTextModel`` and OpenAI CLIP's BPE tokenizer, saved as a
+``StableDiffusionPipeline`` folder with a DDIM scheduler.
+
+1. Train the autoencoder on renders (reconstruction + a small KL term); set ``scaling_factor`` = 1 / latent std.
+2. Encode a pool of training renders once (posterior mean and std, so each step draws a fresh latent).
+3. Train the UNet and the text encoder together with the epsilon-prediction loss, dropping 10% of the captions
+   (classifier-free guidance); keep an exponential moving average of both and save that.
+
+Held-out prompts: a fixed 10% of the world's captions never appear in training (``split_captions``).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .world import COLOURS, SHAPES, all_captions, caption, caption_variant, render_batch, sample_scenes, to_tensor
+
+TEXT_HIDDEN = 32
+EVAL_FRACTION = 0.1  # share of captions held out from text-to-image training
+
+
+def is_held_out(text: str) -> bool:
+    """Whether a caption belongs to the held-out split (a fixed hash rule: the same on every machine)."""
+    base = text.replace("noisy ", "")  # a caption and its noisy-background twin share the split
+    return int(hashlib.sha256(base.encode()).hexdigest()[:8], 16) % 1000 < EVAL_FRACTION * 1000
+
+
+def split_captions() -> tuple[list[str], list[str]]:
+    caps = all_captions()
+    return [c for c in caps if not is_held_out(c)], [c for c in caps if is_held_out(c)]
+
+
+def build_components(seed: int = 0) -> dict:
+    """Untrained components (fixed init seed)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from raft_diffusion.diffusion.tiny import CLIP_MAX_LENGTH, build_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
+            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, mid_block_add_attention=False,
+        )
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
+            attention_head_dim=8, norm_num_groups=16,
+        )
+        torch.manual_seed(seed + 2)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
+            num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406,
+            eos_token_id=49407, pad_token_id=49407, layer_norm_eps=1e-5,
+        ))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": build_clip_tokenizer(),
+            "scheduler": scheduler}
+
+
+def _cosine(opt, steps: int):
+    warm = max(1, steps // 20)
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+
+
+def train_vae(vae, steps: int, batch: int, seed: int, log: Callable[[str], None]) -> dict:
+    """Reconstruction (L1 + MSE) plus KL * 1e-6; returns figures and sets ``scaling_factor``."""
+    with torch.no_grad():  # start with a narrow posterior (std ~0.02): early training is not drowned in noise
+        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+    vae.train()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    sched = _cosine(opt, steps)
+    t0 = time.time()
+    for step in range(steps):
+        x = to_tensor(render_batch(sample_scenes(batch, seed=seed * 1_000_003 + 500_000 + step))) * 2 - 1
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample()).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 250 == 0 or step == steps - 1:
+            log(f"vae step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        x = to_tensor(render_batch(sample_scenes(256, seed=seed * 1_000_003 + 499_999))) * 2 - 1
+        mean = vae.encode(x).latent_dist.mean
+        rec = vae.decode(mean).sample.clamp(-1, 1)
+    std = float(mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"recon_mae": float((rec - x).abs().mean() / 2), "latent_std": std, "seconds": time.time() - t0}
+
+
+def _tokenize(tokenizer, texts) -> torch.Tensor:
+    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def train_unet(c: dict, steps: int, batch: int, seed: int, log: Callable[[str], None], pool_size: int = 20000,
+               lr: float = 1e-3, ema_decay: float = 0.995) -> dict:
+    """Train UNet + text encoder on a pool of training-split renders; replace both by their EMA.
+
+    Half of the captions are full, half shortened (``caption_variant``), so short prompts work too.
+    """
+    vae, unet, te, tok, sch = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    t0 = time.time()
+    scenes = [s for s in sample_scenes(int(pool_size / (1 - EVAL_FRACTION)) + 64, seed=seed * 1_000_003 + 700_000)
+              if not is_held_out(caption(s))][:pool_size]
+    rng = np.random.default_rng([seed, 0x5D])
+    ids_full = _tokenize(tok, [caption(s) for s in scenes])
+    ids_short = _tokenize(tok, [caption_variant(s, rng, p_full=0.0) for s in scenes])
+    empty = _tokenize(tok, [""])[0]
+    means, stds = [], []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 256):
+            d = vae.encode(to_tensor(render_batch(scenes[i:i + 256])) * 2 - 1).latent_dist
+            means.append(d.mean)
+            stds.append(d.std)
+    means, stds = torch.cat(means), torch.cat(stds)
+    sf = float(vae.config.scaling_factor)
+    log(f"unet: pool of {len(scenes)} latents encoded ({time.time() - t0:.0f}s)")
+    unet.train()
+    te.train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    sched = _cosine(opt, steps)
+    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    gen = torch.Generator().manual_seed(seed)
+    n_train = sch.config.num_train_timesteps
+    for step in range(steps):
+        idx = torch.randint(0, len(scenes), (batch,), generator=gen)
+        lat = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
+        noise = torch.randn(lat.shape, generator=gen)
+        t = torch.randint(0, n_train, (batch,), generator=gen)
+        noisy = sch.add_noise(lat, noise, t)
+        tokens = torch.where((torch.rand(batch, generator=gen) < 0.5)[:, None], ids_full[idx], ids_short[idx])
+        drop = torch.rand(batch, generator=gen) < 0.1
+        tokens[drop] = empty
+        enc = te(tokens)[0]
+        loss = F.mse_loss(unet(noisy, t, enc).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_te, te)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - d)
+        if step % 250 == 0 or step == steps - 1:
+            log(f"unet step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    c["unet"], c["text_encoder"] = ema_unet.eval(), ema_te.eval()
+    return {"final_loss": float(loss.item()), "seconds": time.time() - t0}
+
+
+def make_pipeline(c: dict):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=c["vae"].eval(), text_encoder=c["text_encoder"].eval(),
+                                   tokenizer=c["tokenizer"], unet=c["unet"].eval(), scheduler=c["scheduler"],
+                                   safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, directory: Path, half: bool = True) -> Path:
+    """``save_pretrained`` with safetensors; ``half`` stores fp16 weights (loaders upcast with dtype=float32)."""
+    p = copy.deepcopy(pipe)
+    if half:
+        p.to(torch.float16)
+    p.save_pretrained(str(directory), safe_serialization=True)
+    return Path(directory)
+
+
+@torch.no_grad()
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
+    """float ``[B, 3, 32, 32]`` in [0, 1], one fixed-seed sample per prompt."""
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt",
+               height=32, width=32)
+    return out.images.float().clamp(0, 1)
+
+
+def evaluate_pipeline(pipe, n_prompts: int = 100, seed: int = 0, steps: int = 20, guidance: float = 4.0) -> dict:
+    """Oracle fidelity (shape+colour match) and gold aesthetic of samples for held-out prompts."""
+    from .oracle import oracle_metrics
+
+    _, held = split_captions()
+    rng = np.random.default_rng(seed)
+    prompts = [held[i] for i in rng.choice(len(held), size=min(n_prompts, len(held)), replace=False)]
+    images = torch.cat([sample(pipe, prompts[i:i + 50], list(range(i, min(i + 50, len(prompts)))), steps, guidance)
+                        for i in range(0, len(prompts), 50)])
+    m = oracle_metrics(images, prompts)
+    return {"prompts": len(prompts), "match": float(m["match"].mean()), "shape_ok": float(m["shape_ok"].mean()),
+            "colour_ok": float(m["colour_ok"].mean()), "gold_mean": float(m["aesthetic"].mean()),
+            "gold_std": float(m["aesthetic"].std()), "images": images, "prompt_list": prompts}
+
+
+def build_sd(out: Path, s, log: Callable[[str], None] = print) -> dict:
+    """Train all parts (settings ``s``: a ``BuildSettings``) and save the pipeline to ``out/sd``."""
+    t0 = time.time()
+    c = build_components(s.seed)
+    info = {"vae": train_vae(c["vae"], s.sd_vae_steps, s.sd_vae_batch, s.seed, log)}
+    log(f"vae: {info['vae']}")
+    info["unet"] = train_unet(c, s.sd_unet_steps, s.sd_batch, s.seed, log, pool_size=s.sd_pool)
+    pipe = make_pipeline(c)
+    save_pipeline(pipe, out / "sd")
+    train_p, eval_p = demo_prompts(seed=s.seed)
+    (out / "prompts_train.txt").write_text("\n".join(train_p) + "\n")
+    (out / "prompts_eval.txt").write_text("\n".join(eval_p) + "\n")
+    ev = evaluate_pipeline(pipe, n_prompts=s.sd_eval_prompts, seed=s.seed)
+    info["eval"] = {k: v for k, v in ev.items() if k not in ("images", "prompt_list")}
+    info["seconds"] = time.time() - t0
+    log(f"sd: {info['eval']} ({info['seconds']:.0f}s)")
+    return info
+
+
+def demo_prompts(n_train: int = 12, seed: int = 0) -> tuple[list[str], list[str]]:
+    """Short prompts ("a red circle") for the RAFT demos: ``n_train`` colour-shape pairs to align on, the rest
+    held out for evaluation. Size, position and background are left to the model: room for an aesthetic."""
+    pairs = [f"a {c} {s}" for s in SHAPES for c in COLOURS]
+    order = np.random.default_rng([seed, 0xD3]).permutation(len(pairs))
+    return [pairs[i] for i in order[:n_train]], [pairs[i] for i in order[n_train:]]

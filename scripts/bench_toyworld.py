@@ -1,0 +1,158 @@
+#!/usr/bin/env python
+"""Benchmark a RAFT run on the toy world: one table of base, each stage, and base best-of-K.
+
+    python scripts/bench_toyworld.py [--config configs/toy_aesthetic.yaml] [--run-dir runs/toy_aesthetic]
+
+Runs ``raft-diffusion align`` first when the run directory has no finished run. Every figure is measured on the
+run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``stages/NNN/eval``):
+
+- proxy: the run's reward (from ``eval.jsonl``); its rise in units of the base model's per-image std;
+- gold: the pixel oracle's estimate of the hidden gold aesthetic, with the paired rise over the base and a
+  bootstrap 95% interval (same prompt and seed, resampled over samples);
+- fidelity: share of samples whose subject has the prompt's shape and colour (oracle);
+- diversity: mean pairwise cosine distance of toy-CLIP image embeddings among samples of a prompt, as a ratio
+  to the base model's.
+The last row is best-of-K from the base model (K fresh samples per eval slot, the best by the proxy).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raft_diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
+
+
+def _load_images(stage_dir: Path) -> tuple[list[dict], torch.Tensor]:
+    rows = [json.loads(line) for line in (stage_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    ims = [np.asarray(Image.open(stage_dir / r["image"]).convert("RGB")) for r in rows]
+    return rows, torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255.0
+
+
+def _diversity(emb: torch.Tensor, prompt_idx: list[int]) -> float:
+    out = []
+    idx = np.asarray(prompt_idx)
+    for p in np.unique(idx):
+        e = torch.nn.functional.normalize(emb[torch.from_numpy(np.nonzero(idx == p)[0])], dim=-1)
+        n = e.shape[0]
+        if n > 1:
+            sim = e @ e.t()
+            out.append(float((1 - sim).sum() / (n * (n - 1))))
+    return float(np.mean(out)) if out else float("nan")
+
+
+def _bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, len(diff), size=(n, len(diff)))].mean(1)
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+    ap.add_argument("--best-of-k", type=int, default=8, help="K of the base best-of-K row (0 skips it)")
+    ap.add_argument("--json", default=None, help="also write the table as JSON")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
+    if not (run / "final").is_dir():
+        from raft_diffusion.cli import main as cli_main
+
+        rc = cli_main(["align", "--config", args.config, "--output-dir", str(run), *args.overrides])
+        if rc:
+            return rc
+    import yaml
+
+    from reward_models import load_reward, load_reward_from_config
+
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/toyworld/assets/clip")
+    embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
+    stages = sorted(int(p.name) for p in (run / "stages").iterdir() if (p / "eval.jsonl").is_file())
+    if not stages or stages[0] != 0:
+        print(f"error: {run} has no stage-0 (base) evaluation", file=sys.stderr)
+        return 2
+
+    table = []
+    base = None
+    for st in stages:
+        rows, images = _load_images(run / "stages" / f"{st:03d}")
+        prompts = [r["prompt"] for r in rows]
+        m = oracle_metrics(images, prompts)
+        with torch.no_grad():
+            emb = embedder.encode_images(images)
+        rec = {"row": "base" if st == 0 else f"stage {st}", "proxy": np.asarray([r["reward"] for r in rows]),
+               "gold": m["aesthetic"], "fidelity": m["match"].astype(float),
+               "diversity": _diversity(emb, [r["prompt_index"] for r in rows]), "rows": rows}
+        if base is None:
+            base = rec
+        table.append(rec)
+
+    if args.best_of_k:
+        from raft_diffusion.diffusion.pipeline import load_pipeline
+        from raft_diffusion.toyworld.sd import sample
+
+        pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32")
+        reward = load_reward_from_config(cfg["reward"], device="cpu")
+        s = cfg["sampling"]
+        best_imgs, best_proxy, prompts = [], [], []
+        for j, r in enumerate(base["rows"]):
+            seeds = [10_000_000 + j * args.best_of_k + k for k in range(args.best_of_k)]
+            ims = sample(pipe, [r["prompt"]] * args.best_of_k, seeds, steps=s["num_inference_steps"],
+                         guidance=s["guidance_scale"])
+            sc = reward(ims, [r["prompt"]] * args.best_of_k).float()
+            b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
+            best_imgs.append(ims[b])
+            best_proxy.append(float(sc[b]))
+            prompts.append(r["prompt"])
+        ims = torch.stack(best_imgs)
+        m = oracle_metrics(ims, prompts)
+        with torch.no_grad():
+            emb = embedder.encode_images(ims)
+        table.append({"row": f"base best-of-{args.best_of_k}", "proxy": np.asarray(best_proxy), "gold": m["aesthetic"],
+                      "fidelity": m["match"].astype(float),
+                      "diversity": _diversity(emb, [r["prompt_index"] for r in base["rows"]]), "rows": base["rows"]})
+
+    sd = float(base["proxy"].std())
+    out = []
+    print(f"toy world bench: {run}  ({len(base['rows'])} eval images: "
+          f"{len(set(r['prompt'] for r in base['rows']))} held-out prompts x fixed seeds)")
+    print(f"{'':16s} {'proxy':>8s} {'d/sd':>6s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
+    for rec in table:
+        d = rec["gold"] - base["gold"]
+        lo, hi = _bootstrap(d)
+        dz = (rec["proxy"].mean() - base["proxy"].mean()) / sd if sd > 0 else float("nan")
+        div = rec["diversity"] / base["diversity"] if base["diversity"] > 0 else float("nan")
+        o = {"row": rec["row"], "proxy": float(rec["proxy"].mean()), "proxy_rise_sd": float(dz),
+             "gold": float(rec["gold"].mean()), "gold_rise": float(d.mean()), "gold_rise_ci": [lo, hi],
+             "fidelity": float(rec["fidelity"].mean()), "diversity_ratio": float(div)}
+        out.append(o)
+        print(f"{rec['row']:16s} {o['proxy']:8.3f} {dz:6.2f} {o['gold']:6.2f} "
+              f"{f'{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {div:8.2f}")
+    stage_rows = [o for o in out if o["row"].startswith("stage")]
+    if stage_rows:
+        last = stage_rows[-1]
+        checks = {
+            "proxy rises >= 1 base sd": last["proxy_rise_sd"] >= 1.0,
+            "gold rises (95% CI above 0)": last["gold_rise_ci"][0] > 0,
+            "fidelity falls <= 3 points": last["fidelity"] >= out[0]["fidelity"] - 0.03,
+            "diversity >= 70% of base": last["diversity_ratio"] >= 0.7,
+        }
+        print("last stage: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
