@@ -152,3 +152,30 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key 'topk'; did you mean 'ranking.top_k'?"
+
+
+def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
+    """Images from any generator, listed in a JSONL manifest, are scored, ranked and trained on."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for p, prompt in enumerate(["a red circle", "a blue square"]):
+        for k, level in enumerate([60, 200, 120]):  # centre brightness ranks sample 1 first
+            img = np.full((32, 32, 3), 30, dtype=np.uint8)
+            img[8:24, 8:24] = level + 10 * p
+            Image.fromarray(img).save(tmp_path / f"{p}_{k}.png")
+            rows.append({"prompt": prompt, "image": f"{p}_{k}.png"})
+    manifest = tmp_path / "pool.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
+                 "train.steps_per_stage=4") == 0
+    samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
+    assert [(s["prompt"], s["sample_index"], s["kept"]) for s in samples] == [
+        ("a red circle", 0, False), ("a red circle", 1, True), ("a red circle", 2, False),
+        ("a blue square", 0, False), ("a blue square", 1, True), ("a blue square", 2, False)]
+    luma = [s["reward"] for s in samples]
+    assert luma[1] == pytest.approx(200 / 255, abs=0.02) and luma[0] < luma[2] < luma[1]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert read_jsonl(out / "metrics.jsonl")[-1]["reward_queries"] == 6

@@ -91,6 +91,22 @@ def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
     return sorted(rng.sample(range(n_prompts), per))
 
 
+def external_requests(rows: list[dict], prompts: list[str], run_seed: int, stage: int, extras) -> list[Sample]:
+    """Requests for an external pool: one per manifest row, numbered per prompt in manifest order.
+
+    A row's ``seed`` is used when it has one, else the seed the sample would have had; ``extras(row)``
+    gives what the task needs to fetch the sample (an image path, a completion).
+    """
+    counts: dict[int, int] = {}
+    out = []
+    for row in rows:
+        p = prompts.index(row["prompt"])
+        k = counts[p] = counts.get(p, -1) + 1
+        seed = int(row.get("seed", sample_seed(run_seed, stage, p, k)))
+        out.append(Sample(prompt_index=p, sample_index=k, seed=seed, extras=extras(row)))
+    return out
+
+
 def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None = None) -> StreamingPool:
     """Steps 1-3 of a stage: sample, score, stream into the selection pool.
 

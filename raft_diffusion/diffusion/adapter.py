@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
@@ -11,8 +12,9 @@ from tqdm.auto import tqdm
 
 from ..core.dist import Dist
 from ..core.errors import UserError
+from ..core.loop import external_requests
 from ..core.rundir import write_jsonl
-from ..core.seeds import eval_seed, sample_seed, stage_seed
+from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from ..eval.metrics import eval_metrics, load_eval_clip
 from . import finetune as ft
@@ -127,14 +129,7 @@ class DiffusionTask:
         """Requests of an external pool (one per manifest row); None = the core's K-per-prompt plan."""
         if self.external is None:
             return None
-        counts: dict[int, int] = {}
-        out = []
-        for row in self.external:
-            p = self.train_prompts.index(row["prompt"])
-            k = counts[p] = counts.get(p, -1) + 1
-            seed = int(row.get("seed", sample_seed(self.cfg.seed, stage, p, k)))
-            out.append(Sample(prompt_index=p, sample_index=k, seed=seed, extras={"source": row["image"]}))
-        return out
+        return external_requests(self.external, self.train_prompts, self.cfg.seed, stage, lambda row: {"source": row["image"]})
 
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
@@ -155,7 +150,7 @@ class DiffusionTask:
         except OSError as e:
             raise UserError(f"external pool image {path} cannot be read ({e}); fix the manifest's 'image' path") from None
         img = img.resize((self.width, self.height), Image.BICUBIC) if img.size != (self.width, self.height) else img
-        return torch.from_numpy(__import__("numpy").asarray(img).copy()).permute(2, 0, 1).float() / 255.0
+        return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
 
     def score(self, batch: list[Sample]):
         images = torch.stack([s.payload["image"] for s in batch])

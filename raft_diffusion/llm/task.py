@@ -22,8 +22,9 @@ import torch
 from tqdm.auto import tqdm
 
 from ..core.errors import UserError
+from ..core.loop import external_requests
 from ..core.rundir import read_jsonl, replace_dir, write_jsonl
-from ..core.seeds import eval_seed, sample_seed, stage_seed
+from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import eos_ids, encode_prompts, sample_completions, uses_chat_template
@@ -134,14 +135,7 @@ class LLMTask:
         """Requests of an external pool (one per manifest row); None = the core's K-per-prompt plan."""
         if self.external is None:
             return None
-        counts: dict[int, int] = {}
-        out = []
-        for row in self.external:
-            p = self.train_prompts.index(row["prompt"])
-            k = counts[p] = counts.get(p, -1) + 1
-            seed = int(row.get("seed", sample_seed(self.cfg.seed, stage, p, k)))
-            out.append(Sample(prompt_index=p, sample_index=k, seed=seed, extras={"completion": row["completion"]}))
-        return out
+        return external_requests(self.external, self.train_prompts, self.cfg.seed, stage, lambda row: {"completion": row["completion"]})
 
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
