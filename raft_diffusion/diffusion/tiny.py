@@ -157,16 +157,38 @@ def default_cache_dir() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "raft-diffusion"
 
 
-def ensure_tiny_pipeline(cache_dir: Path | str | None = None) -> Path:
-    """Build the tiny pipeline once and save it under ``<cache_dir>/tiny-sd-v1``; return that folder.
+def build_once(name: str, marker: str, build, cache_dir: Path | str | None = None) -> Path:
+    """``<cache_dir>/<name>``, made by ``build(tmp_folder)`` the first time (``marker`` = a file it writes).
 
     The folder is written atomically (built in a temporary sibling, then renamed), so a killed or
     concurrent build never leaves a half-written model behind.
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / TINY_PIPELINE_NAME
-    if (target / "model_index.json").is_file():
+    target = root / name
+    if (target / marker).is_file():
         return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(tmp)
+        if target.exists() and not (target / marker).is_file():
+            shutil.rmtree(target)  # a stale, incomplete folder from an older layout
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).is_file():  # not a concurrent builder winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def ensure_tiny_pipeline(cache_dir: Path | str | None = None) -> Path:
+    """Build the tiny pipeline once and save it under ``<cache_dir>/tiny-sd-v1``; return that folder."""
+    return build_once(
+        TINY_PIPELINE_NAME, "model_index.json",
+        lambda tmp: build_tiny_pipeline().save_pretrained(str(tmp), safe_serialization=True), cache_dir,
+    )
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_PIPELINE_NAME}-", dir=root))
     try:

@@ -125,18 +125,16 @@ def load_eval_clip(clip_model: str | None, clip_pretrained: str | None, device="
 
 def ensure_tiny_clip(cache_dir: str | Path | None = None) -> Path:
     """A tiny random-weight open_clip model (fixed seed) saved once under the cache; for smoke tests only."""
-    import shutil
-    import tempfile
-
     from reward_models import save_open_clip
     from reward_models.testing import build_tiny_open_clip
 
-    from ..diffusion.tiny import default_cache_dir
+    from ..diffusion.tiny import build_once
 
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / TINY_CLIP_NAME
-    if (target / "open_clip_model.safetensors").is_file():
-        return target
+    def build(tmp: Path) -> None:
+        model, cfg = build_tiny_open_clip(seed=0)
+        save_open_clip(model, cfg, tmp)
+
+    return build_once(TINY_CLIP_NAME, "open_clip_model.safetensors", build, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-", dir=root))
     try:
