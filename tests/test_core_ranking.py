@@ -136,3 +136,16 @@ def test_local_then_max_kept_like_the_raft_notebook():
     pool.add(make(rewards, 3, 3))
     assert [(s.prompt_index, s.sample_index, s.reward) for s in pool.kept()] == [(0, 1, 0.9), (1, 1, 0.8)]
     assert sum(s.payload is not None for s in pool.records) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(reward_lists, st.sampled_from(["local", "global", "threshold"]), st.one_of(st.none(), st.integers(1, 4)))
+def test_payload_count_matches_the_records(data, mode, max_kept):
+    P, K, rewards = data
+    pool = StreamingPool(R(mode, top_k=1, top_ratio=0.3, threshold=0.0, max_kept=max_kept), expected_total=P * K)
+    samples = make(rewards, P, K)
+    for i in range(0, len(samples), 3):
+        pool.add(samples[i:i + 3])
+        assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)
+    pool.kept()
+    assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)

@@ -26,6 +26,7 @@ class StreamingPool:
         self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
         self._heaps: dict[object, list] = {}
         self._capacity = self._slot_capacity()
+        self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
 
     def _slot_capacity(self) -> int | None:
@@ -51,20 +52,23 @@ class StreamingPool:
             item = (order_key(key, s.prompt_index, s.sample_index), s)
             if self._capacity is None or len(heap) < self._capacity:
                 heapq.heappush(heap, item)
+                self._held += s.payload is not None
             elif item[0] > heap[0][0]:
+                self._held += (s.payload is not None) - (heap[0][1].payload is not None)
                 heapq.heapreplace(heap, item)[1].payload = None
             else:
                 s.payload = None
-        self.max_payloads_held = max(self.max_payloads_held, self.num_payloads_held())
+            self.max_payloads_held = max(self.max_payloads_held, self._held)
 
     def num_payloads_held(self) -> int:
-        return sum(1 for s in self.records if s.payload is not None)
+        return self._held
 
     def kept(self) -> list[Sample]:
         """The selection, best first; also marks ``kept`` in every record's extras."""
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
         if self.ranking.max_kept is not None:
             for _, dropped in items[self.ranking.max_kept:]:
+                self._held -= dropped.payload is not None
                 dropped.payload = None
             items = items[: self.ranking.max_kept]
         chosen = [s for _, s in items]
