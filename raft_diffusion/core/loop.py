@@ -8,18 +8,20 @@ A task (the diffusion or LLM adapter) supplies the model-specific steps; see :cl
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
 from tqdm.auto import tqdm
 
 from .early_stop import STOP_FILE
-from .errors import RewardError
+from .errors import RewardError, UserError
 from .dist import Dist
 from .pool import StreamingPool
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
@@ -89,6 +91,34 @@ def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
         return list(range(n_prompts))
     rng = random.Random(stage_seed(cfg.seed, stage, "prompts"))
     return sorted(rng.sample(range(n_prompts), per))
+
+
+def read_manifest(path: str, field: str, check=None) -> list[dict]:
+    """An external pool: a JSONL file of {"prompt": ..., field: ...[, "seed": int]} written by any generator.
+
+    Every error names the file and line and says what a line must look like; ``check(row)`` may return
+    a task-specific complaint about a row (reported the same way).
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"{field}\"}} object per line)")
+    rows = []
+    for n, line in enumerate(p.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"{field}\": ...}}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(field), str):
+            raise UserError(f"{p}:{n} needs string values for 'prompt' and '{field}'")
+        problem = check(row) if check else None
+        if problem:
+            raise UserError(f"{p}:{n} {problem}")
+        rows.append(row)
+    if not rows:
+        raise UserError(f"external pool manifest {p} has no entries")
+    return rows
 
 
 def external_requests(rows: list[dict], prompts: list[str], run_seed: int, stage: int, extras) -> list[Sample]:

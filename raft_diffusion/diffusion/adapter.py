@@ -1,7 +1,6 @@
 """Stable Diffusion as a RAFT task: the generator, fine-tuner and evaluator the core loop drives."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ from tqdm.auto import tqdm
 
 from ..core.dist import Dist
 from ..core.errors import UserError
-from ..core.loop import external_requests
+from ..core.loop import external_requests, read_manifest
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -272,23 +271,9 @@ def _attach_components(reward, batch: list[Sample]) -> None:
 
 
 def _read_manifest(path: str) -> list[dict]:
-    """A JSONL manifest of {"prompt": ..., "image": path[, "seed": int]}; image paths relative to the manifest."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"image\"}} object per line)")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"image\": ...}}") from None
-        if not isinstance(row, dict) or "prompt" not in row or "image" not in row:
-            raise UserError(f"{p}:{n} needs the keys 'prompt' and 'image'")
+    """An external image pool; image paths are relative to the manifest."""
+    rows = read_manifest(path, "image")
+    for row in rows:
         img = Path(row["image"]).expanduser()
-        row["image"] = str(img if img.is_absolute() else (p.parent / img))
-        rows.append(row)
-    if not rows:
-        raise UserError(f"external pool manifest {p} has no entries")
+        row["image"] = str(img if img.is_absolute() else (Path(path).parent / img))
     return rows

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ..core.errors import UserError
 from ..core.loop import external_requests
+from ..core.loop import read_manifest as core_read_manifest
 from ..core.rundir import read_jsonl, replace_dir, write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -307,23 +307,9 @@ class LLMTask:
 
 
 def read_manifest(path: str) -> list[dict]:
-    """A JSONL file of {"prompt": ..., "completion": ...[, "seed": int]} written by any generator."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"completion\"}} object per line)")
-    rows = []
-    for n, line in enumerate(p.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"completion\": ...}}") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("completion"), str):
-            raise UserError(f"{p}:{n} needs string values for 'prompt' and 'completion'")
+    """An external pool of {"prompt": ..., "completion": ...[, "seed": int]} written by any generator."""
+    def empty(row):
         if not row["completion"].strip():
-            raise UserError(f"{p}:{n} has an empty completion; there is nothing to fine-tune on, remove the line")
-        rows.append(row)
-    if not rows:
-        raise UserError(f"external pool manifest {p} has no entries")
-    return rows
+            return "has an empty completion; there is nothing to fine-tune on, remove the line"
+
+    return core_read_manifest(path, "completion", empty)
