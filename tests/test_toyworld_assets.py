@@ -53,9 +53,9 @@ def test_text_to_image_follows_prompts():
 
     pipe = load_pipeline(str(ASSETS_DIR / "sd"), device="cpu", dtype="fp32")
     _, held = split_captions()
-    prompts = list(np.random.default_rng(0).choice(held, size=24, replace=False))
-    m = oracle_metrics(sample(pipe, prompts, list(range(24)), steps=20), prompts)
-    # the committed base model gets colour right (0.88 on 100 held-out prompts) but draws blob-like shapes
-    # (shape 0.25, chance 0.25): the 0.60 shape+colour bar is not met yet (see build_info.json)
-    assert m["colour_ok"].mean() >= 0.7, m["colour_ok"].mean()
+    prompts = list(np.random.default_rng(0).choice(held, size=32, replace=False))
+    m = oracle_metrics(sample(pipe, prompts, list(range(32)), steps=20), prompts)
+    # the bar is 0.60 shape+colour on held-out prompts; the build measured 0.96 on 100 (build_info.json).
+    # A blob-drawing model gets shape right at chance (0.25): the previous base model scored 0.21 here.
+    assert m["match"].mean() >= 0.75, m["match"].mean()
     assert m["aesthetic"].std() > 0.5  # room left for alignment

@@ -8,13 +8,12 @@ import torch
 from raft_diffusion.toyworld.build import BuildSettings, build
 from raft_diffusion.toyworld.world import caption, render_batch, sample_scenes, to_tensor
 
-pytestmark = pytest.mark.slow  # about a minute on one core
-
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
+    """The miniature build, with the two parts in parallel processes as `toyworld build` runs them (~80 s)."""
     out = tmp_path_factory.mktemp("toyworld")
-    info = build(out, BuildSettings.miniature(), log=lambda m: None)
+    info = build(out, BuildSettings.miniature(), log=lambda m: None, jobs=2)
     return out, info
 
 
@@ -26,6 +25,7 @@ def test_build_writes_every_part(world):
         assert (out / rel).exists(), rel
     saved = json.loads((out / "build_info.json").read_text())
     assert saved["settings"]["clip_steps"] == BuildSettings.miniature().clip_steps
+    assert saved["jobs"] == 2 and saved["wall_seconds"] > 0
     # even a minute of training learns colour (the easiest attribute) far above chance (0.2)
     assert info["rewards"]["zero_shot_colour"] > 0.6
     assert info["sd"]["vae"]["recon_mae"] < 0.35
@@ -54,8 +54,36 @@ def test_pipeline_loads_and_generates(world):
 
     out, _ = world
     pipe = load_pipeline(str(out / "sd"), device="cpu", dtype="fp32")
-    assert pipe.unet.dtype == torch.float32 and pipe.tokenizer.model_max_length == 77
+    assert pipe.unet.dtype == torch.float32
+    assert pipe.tokenizer.model_max_length == pipe.text_encoder.config.max_position_embeddings == 24
     a = sample(pipe, ["a red circle", "a blue square"], [0, 1], steps=4)
     b = sample(pipe, ["a red circle", "a blue square"], [0, 1], steps=4)
     assert a.shape == (2, 3, 32, 32) and torch.equal(a, b)
     assert np.isfinite(a.numpy()).all()
+
+
+def test_text_encoder_is_the_toy_clips_text_tower(world):
+    """SD conditions on its CLIP's text tower: the saved encoder reproduces the CLIP's text embeddings."""
+    from reward_models import load_reward
+
+    from raft_diffusion.diffusion.pipeline import load_pipeline
+
+    out, _ = world
+    clip = load_reward("clip_score", clip_model=str(out / "clip"), clip_pretrained=None).backbone.model.float()
+    pipe = load_pipeline(str(out / "sd"), device="cpu", dtype="fp32")
+    texts = ["a small red circle in the centre on a noisy gray background", "a blue cross"]
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        ours = pipe.text_encoder(ids).pooler_output @ clip.text_projection
+        theirs = clip.encode_text(ids)
+    # both sides hold fp16-rounded weights; a random text tower would be off by O(1)
+    torch.testing.assert_close(ours, theirs, atol=2e-3, rtol=2e-3)
+    assert ours.std() > 0.1
+
+
+def test_sd_part_alone_needs_the_clip(tmp_path):
+    from raft_diffusion.core.errors import UserError
+
+    with pytest.raises(UserError, match="--parts rewards"):
+        build(tmp_path, BuildSettings.miniature(), parts=("sd",), log=lambda m: None)

@@ -29,9 +29,9 @@ class BuildSettings:
     head_train: int = 20000  # renders the aesthetic head is fitted on
     head_steps: int = 3000  # Adam steps of the head
     eval_scenes: int = 1000  # held-out renders for the quality figures
-    sd_vae_steps: int = 600  # autoencoder steps (batch sd_vae_batch)
+    sd_vae_steps: int = 1000  # autoencoder steps (batch sd_vae_batch); trains while the CLIP does
     sd_vae_batch: int = 16  # renders per autoencoder batch
-    sd_unet_steps: int = 2000  # denoiser + text-encoder steps
+    sd_unet_steps: int = 4500  # denoiser steps (the text encoder is the CLIP's, frozen)
     sd_batch: int = 32  # latents per denoiser batch
     sd_pool: int = 20000  # training renders encoded once for the denoiser
     sd_eval_prompts: int = 100  # held-out prompts sampled to measure the text-to-image model
@@ -50,15 +50,21 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = print) -> dict:
-    """Train and save the small CLIP and the aesthetic head; return their quality figures."""
+def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = print,
+                  on_clip_saved: Callable[[], None] | None = None) -> dict:
+    """Train and save the small CLIP and the aesthetic head; return their quality figures.
+
+    ``on_clip_saved`` is called as soon as ``out/clip`` is written (the text-to-image model conditions on it).
+    """
     from .clip import embed_images, save_clip, save_head, spearman, train_aesthetic_head, train_clip, zero_shot_accuracy
     from .world import gold_aesthetic, render_batch, sample_scenes, to_tensor
 
     t0 = time.time()
     model, cfg, tokenizer = train_clip(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed, log=log)
-    head = train_aesthetic_head(model, n_train=s.head_train, steps=s.head_steps, seed=s.seed, log=log)
     save_clip(model, cfg, out / "clip")
+    if on_clip_saved is not None:
+        on_clip_saved()
+    head = train_aesthetic_head(model, n_train=s.head_train, steps=s.head_steps, seed=s.seed, log=log)
     save_head(head, out / "aesthetic_head.safetensors")
     scenes = sample_scenes(s.eval_scenes, seed=s.seed * 1_000_003 + 424_242)
     emb = embed_images(model, to_tensor(render_batch(scenes)))
@@ -71,27 +77,88 @@ def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = prin
     return quality
 
 
+def _prefixed_print(prefix: str, message: str) -> None:
+    print(f"{prefix}{message}", flush=True)
+
+
+def _sd_worker(out: Path, s: BuildSettings, events) -> dict:
+    """The text-to-image part in a child process: one thread, a second one once the rewards part is done."""
+    from functools import partial
+
+    from .sd import build_sd, load_text_encoder
+
+    torch.set_num_threads(1)
+    torch.manual_seed(s.seed)
+    clip_saved, rewards_done, failed = events
+
+    def text_encoder():
+        while not clip_saved.wait(5.0):
+            if failed.is_set():
+                raise RuntimeError("the rewards part failed before saving the toy CLIP")
+        return load_text_encoder(out / "clip")
+
+    def poll(step: int) -> None:
+        if rewards_done.is_set() and torch.get_num_threads() < 2:
+            torch.set_num_threads(2)
+
+    return build_sd(out, s, partial(_prefixed_print, "[sd] "), text_encoder=text_encoder, poll=poll)
+
+
 def build(out: Path | str = ASSETS_DIR, settings: BuildSettings | None = None, parts: tuple = ("rewards", "sd"),
-          log: Callable[[str], None] = print) -> dict:
-    """Train the requested parts into ``out`` and write ``build_info.json``; return the info dict."""
+          log: Callable[[str], None] = print, jobs: int = 1) -> dict:
+    """Train the requested parts into ``out`` and write ``build_info.json``; return the info dict.
+
+    The text-to-image model conditions on the text tower of the toy CLIP, so ``sd`` alone needs ``out/clip``.
+    ``jobs=2`` trains the two parts at once in two single-threaded processes: the autoencoder while the CLIP
+    trains, then the UNet while the aesthetic head trains (the UNet takes the second thread when that is done).
+    On 2 cores this beats one process with 2 threads: the models are small, so threads mostly wait on each
+    other. Every part draws from its own seeds: the artifacts depend on ``jobs`` only through float rounding.
+    """
     s = settings or BuildSettings()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(s.seed)
     info_path = out / "build_info.json"
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     info["settings"] = asdict(s)
-    info["torch_threads"] = torch.get_num_threads()
+    order = [p for p in ("rewards", "sd") if p in parts]
+    parallel = jobs > 1 and len(order) > 1
+    info["jobs"] = 2 if parallel else 1
+    info["torch_threads"] = 1 if parallel else torch.get_num_threads()
     t0 = time.time()
-    if "rewards" in parts:
-        info["rewards"] = build_rewards(out, s, log)
-        _write_json(info_path, info)
-    if "sd" in parts:
-        from .sd import build_sd
+    if parallel:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
 
-        info["sd"] = build_sd(out, s, log)
-        _write_json(info_path, info)
+        ctx = multiprocessing.get_context("spawn")
+        with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            events = (manager.Event(), manager.Event(), manager.Event())
+            child = pool.submit(_sd_worker, out, s, events)
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                torch.manual_seed(s.seed)
+                info["rewards"] = build_rewards(out, s, log, on_clip_saved=events[0].set)
+            except BaseException:
+                events[2].set()
+                raise
+            finally:
+                events[1].set()
+                torch.set_num_threads(threads)
+            _write_json(info_path, info)
+            info["sd"] = child.result()
+    else:
+        for part in order:
+            torch.manual_seed(s.seed)
+            if part == "rewards":
+                info[part] = build_rewards(out, s, log)
+            else:
+                from .sd import build_sd
+
+                info[part] = build_sd(out, s, log)
+            _write_json(info_path, info)
     info["seconds_this_call"] = time.time() - t0
     info["seconds"] = sum(info[p]["seconds"] for p in ("rewards", "sd") if p in info)  # all parts, even if built apart
+    if order == ["rewards", "sd"]:
+        info["wall_seconds"] = info["seconds_this_call"]
     _write_json(info_path, info)
     return info

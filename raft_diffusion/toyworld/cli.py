@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -23,8 +24,8 @@ def _build(args) -> int:
         from raft_diffusion.core.errors import UserError
 
         raise UserError(f"unknown --parts {sorted(unknown)}: choose from rewards, sd")
-    info = build(out, settings, parts=parts, log=lambda m: print(m, flush=True))
-    print(f"toy world built in {out} ({info['seconds']:.0f}s)", flush=True)
+    info = build(out, settings, parts=parts, log=lambda m: print(m, flush=True), jobs=max(1, args.jobs))
+    print(f"toy world built in {out} ({info['seconds_this_call']:.0f}s wall)", flush=True)
     return 0
 
 
@@ -37,7 +38,9 @@ def add_toyworld_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="build seed")
     b.add_argument("--parts", default="rewards,sd", help="comma-separated parts to (re)build: rewards, sd")
     b.add_argument("--miniature", action="store_true", help="a few-minute build with briefly trained parts (tests)")
-    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; jobs=1 only)")
+    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="train the CLIP/head and the text-to-image model in parallel processes (1 thread each)")
     b.set_defaults(func=_build)
     return p
 

@@ -1,13 +1,16 @@
 """The toy world's text-to-image model: a miniature Stable Diffusion trained on the world.
 
 Real SD 1.x structure at toy width: an ``AutoencoderKL`` (32 px images <-> 16x16x4 latents), a
-``UNet2DConditionModel`` with cross-attention, a ``CLIPTextModel`` and OpenAI CLIP's BPE tokenizer, saved as a
-``StableDiffusionPipeline`` folder with a DDIM scheduler.
+``UNet2DConditionModel`` with cross-attention, a frozen ``CLIPTextModel`` and OpenAI CLIP's BPE tokenizer, saved
+as a ``StableDiffusionPipeline`` folder with a DDIM scheduler.
 
 1. Train the autoencoder on renders (reconstruction + a small KL term); set ``scaling_factor`` = 1 / latent std.
 2. Encode a pool of training renders once (posterior mean and std, so each step draws a fresh latent).
-3. Train the UNet and the text encoder together with the epsilon-prediction loss, dropping 10% of the captions
-   (classifier-free guidance); keep an exponential moving average of both and save that.
+3. As SD 1.x conditions on OpenAI CLIP's text tower, frozen, the toy model conditions on the text tower of the
+   toy world's own CLIP (:func:`text_encoder_from_open_clip`), frozen. (A text encoder trained from scratch
+   together with the UNet learned colour but never shape within the build's budget: shape stayed at chance.)
+4. Train the UNet with the epsilon-prediction loss under min-SNR weighting (gamma 5), dropping 10% of the
+   captions (classifier-free guidance); keep an exponential moving average and save that.
 
 Held-out prompts: a fixed 10% of the world's captions never appear in training (``split_captions``).
 """
@@ -26,7 +29,6 @@ import torch.nn.functional as F
 
 from .world import COLOURS, SHAPES, all_captions, caption, caption_variant, render_batch, sample_scenes, to_tensor
 
-TEXT_HIDDEN = 32
 EVAL_FRACTION = 0.1  # share of captions held out from text-to-image training
 
 
@@ -41,37 +43,103 @@ def split_captions() -> tuple[list[str], list[str]]:
     return [c for c in caps if not is_held_out(c)], [c for c in caps if is_held_out(c)]
 
 
-def build_components(seed: int = 0) -> dict:
-    """Untrained components (fixed init seed)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+UNET_CHANNELS = (32, 64)
+UNET_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
 
-    from raft_diffusion.diffusion.tiny import CLIP_MAX_LENGTH, build_clip_tokenizer
+
+def build_vae(seed: int = 0):
+    """An untrained toy autoencoder (fixed init seed): 32x32x3 images <-> 16x16x4 latents."""
+    from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        vae = AutoencoderKL(
+        return AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
             block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, mid_block_add_attention=False,
         )
+
+
+def build_components(vae, text_encoder, seed: int = 0) -> dict:
+    """Pipeline components around a (trained) VAE and a frozen ``CLIPTextModel``, with an untrained UNet.
+
+    The UNet's cross-attention width and the tokenizer's length follow the text encoder's config.
+    """
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    from raft_diffusion.diffusion.tiny import build_clip_tokenizer
+
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=TEXT_HIDDEN,
-            attention_head_dim=8, norm_num_groups=16,
+            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=UNET_CHANNELS,
+            down_block_types=UNET_DOWN, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(UNET_DOWN)),
+            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=16,
         )
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=49408, hidden_size=TEXT_HIDDEN, intermediate_size=4 * TEXT_HIDDEN, num_hidden_layers=3,
-            num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406,
-            eos_token_id=49407, pad_token_id=49407, layer_norm_eps=1e-5,
-        ))
+    tokenizer = build_clip_tokenizer()
+    tokenizer.model_max_length = text_encoder.config.max_position_embeddings
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return {"vae": vae, "unet": unet, "text_encoder": text_encoder, "tokenizer": build_clip_tokenizer(),
-            "scheduler": scheduler}
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder.requires_grad_(False).eval(),
+            "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def require_clip(clip_dir: Path) -> Path:
+    from raft_diffusion.core.errors import UserError
+
+    if not (Path(clip_dir) / "open_clip_config.json").is_file():
+        raise UserError(f"no toy CLIP in {clip_dir}: the text-to-image model conditions on its text tower; "
+                        "build it first (raft-diffusion toyworld build --parts rewards)")
+    return Path(clip_dir)
+
+
+def load_text_encoder(clip_dir: Path):
+    """The frozen ``CLIPTextModel`` of a saved toy CLIP (open_clip folder), as the text-to-image model uses it."""
+    from reward_models import load_reward
+
+    backbone = load_reward("clip_score", clip_model=str(require_clip(clip_dir)), clip_pretrained=None).backbone
+    return text_encoder_from_open_clip(backbone.model.float())
+
+
+def text_encoder_from_open_clip(model):
+    """The text tower of an open_clip CLIP as a ``transformers`` ``CLIPTextModel`` (the same function, new keys).
+
+    Stable Diffusion 1.x conditions its UNet on a frozen CLIP text encoder; the toy world does the same with its
+    own small CLIP. Tokens are read by the real CLIP BPE tokenizer (OpenAI's vocabulary in both libraries).
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    sd = {k: v.detach().float() for k, v in model.state_dict().items() if not k.startswith("visual.")}
+    width = sd["token_embedding.weight"].shape[1]
+    layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    heads = int(getattr(model.transformer.resblocks[0].attn, "num_heads"))
+    mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
+    act = "quick_gelu" if "QuickGELU" in type(model.transformer.resblocks[0].mlp.gelu).__name__ else "gelu"
+    cfg = CLIPTextConfig(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=width, intermediate_size=mlp,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=act,
+                         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    out = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
+           "embeddings.position_embedding.weight": sd["positional_embedding"],
+           "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
+    for i in range(layers):
+        src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
+        for name, part in zip(("q", "k", "v"), sd[src + "attn.in_proj_weight"].chunk(3)):
+            out[dst + f"self_attn.{name}_proj.weight"] = part
+        for name, part in zip(("q", "k", "v"), sd[src + "attn.in_proj_bias"].chunk(3)):
+            out[dst + f"self_attn.{name}_proj.bias"] = part
+        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
+                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        for a, b in pairs.items():
+            out[dst + b + ".weight"] = sd[src + a + ".weight"]
+            out[dst + b + ".bias"] = sd[src + a + ".bias"]
+    te = CLIPTextModel(cfg)
+    missing, unexpected = te.load_state_dict(out, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"open_clip text tower does not map onto CLIPTextModel: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return te.eval()
 
 
 def _cosine(opt, steps: int):
@@ -115,61 +183,72 @@ def _tokenize(tokenizer, texts) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
-def train_unet(c: dict, steps: int, batch: int, seed: int, log: Callable[[str], None], pool_size: int = 20000,
-               lr: float = 1e-3, ema_decay: float = 0.995) -> dict:
-    """Train UNet + text encoder on a pool of training-split renders; replace both by their EMA.
-
-    Half of the captions are full, half shortened (``caption_variant``), so short prompts work too.
-    """
-    vae, unet, te, tok, sch = c["vae"], c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
-    t0 = time.time()
+def encode_pool(vae, pool_size: int, seed: int) -> dict:
+    """Render ``pool_size`` training-split scenes once and keep their latent posteriors (mean, std) and captions."""
     scenes = [s for s in sample_scenes(int(pool_size / (1 - EVAL_FRACTION)) + 64, seed=seed * 1_000_003 + 700_000)
               if not is_held_out(caption(s))][:pool_size]
-    rng = np.random.default_rng([seed, 0x5D])
-    ids_full = _tokenize(tok, [caption(s) for s in scenes])
-    ids_short = _tokenize(tok, [caption_variant(s, rng, p_full=0.0) for s in scenes])
-    empty = _tokenize(tok, [""])[0]
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
             d = vae.encode(to_tensor(render_batch(scenes[i:i + 256])) * 2 - 1).latent_dist
             means.append(d.mean)
             stds.append(d.std)
-    means, stds = torch.cat(means), torch.cat(stds)
-    sf = float(vae.config.scaling_factor)
-    log(f"unet: pool of {len(scenes)} latents encoded ({time.time() - t0:.0f}s)")
+    return {"scenes": scenes, "means": torch.cat(means), "stds": torch.cat(stds)}
+
+
+def train_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Callable[[str], None],
+               lr: float = 2e-3, ema_decay: float = 0.995, min_snr_gamma: float = 5.0,
+               poll: Callable[[int], None] | None = None) -> dict:
+    """Train the UNet (text encoder frozen) on an encoded pool (:func:`encode_pool`); replace it by its EMA.
+
+    Half of the captions are full, half shortened (``caption_variant``), so short prompts work too. The loss
+    is weighted per timestep by ``min(SNR, gamma) / SNR`` (min-SNR weighting, Hang et al. 2023), which spends
+    less of the budget on nearly clean latents. ``poll(step)`` is called every 50 steps (the parallel build
+    uses it to take a second thread once the other part is done).
+    """
+    unet, te, tok, sch = c["unet"], c["text_encoder"], c["tokenizer"], c["scheduler"]
+    t0 = time.time()
+    scenes, means, stds = pool["scenes"], pool["means"], pool["stds"]
+    rng = np.random.default_rng([seed, 0x5D])
+    ids_full = _tokenize(tok, [caption(s) for s in scenes])
+    ids_short = _tokenize(tok, [caption_variant(s, rng, p_full=0.0) for s in scenes])
+    empty = _tokenize(tok, [""])[0]
+    sf = float(c["vae"].config.scaling_factor)
+    alphas = sch.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)
     unet.train()
-    te.train()
-    params = list(unet.parameters()) + list(te.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = _cosine(opt, steps)
-    ema_unet, ema_te = copy.deepcopy(unet).eval(), copy.deepcopy(te).eval()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     n_train = sch.config.num_train_timesteps
     for step in range(steps):
+        if poll is not None and step % 50 == 0:
+            poll(step)
         idx = torch.randint(0, len(scenes), (batch,), generator=gen)
         lat = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * sf
         noise = torch.randn(lat.shape, generator=gen)
         t = torch.randint(0, n_train, (batch,), generator=gen)
         noisy = sch.add_noise(lat, noise, t)
         tokens = torch.where((torch.rand(batch, generator=gen) < 0.5)[:, None], ids_full[idx], ids_short[idx])
-        drop = torch.rand(batch, generator=gen) < 0.1
-        tokens[drop] = empty
-        enc = te(tokens)[0]
-        loss = F.mse_loss(unet(noisy, t, enc).sample, noise)
+        tokens[torch.rand(batch, generator=gen) < 0.1] = empty
+        with torch.no_grad():
+            enc = te(tokens)[0]
+        err = (unet(noisy, t, enc).sample - noise).pow(2).mean(dim=(1, 2, 3))
+        loss = (err * weight[t]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         sched.step()
         d = min(ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_te, te)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - d)
+            for pe, pl in zip(ema.parameters(), unet.parameters()):
+                pe.lerp_(pl, 1 - d)
         if step % 250 == 0 or step == steps - 1:
             log(f"unet step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    c["unet"], c["text_encoder"] = ema_unet.eval(), ema_te.eval()
+    c["unet"] = ema
     return {"final_loss": float(loss.item()), "seconds": time.time() - t0}
 
 
@@ -217,13 +296,24 @@ def evaluate_pipeline(pipe, n_prompts: int = 100, seed: int = 0, steps: int = 20
             "gold_std": float(m["aesthetic"].std()), "images": images, "prompt_list": prompts}
 
 
-def build_sd(out: Path, s, log: Callable[[str], None] = print) -> dict:
-    """Train all parts (settings ``s``: a ``BuildSettings``) and save the pipeline to ``out/sd``."""
+def build_sd(out: Path, s, log: Callable[[str], None] = print, text_encoder=None,
+             poll: Callable[[int], None] | None = None) -> dict:
+    """Train the autoencoder and the UNet (settings ``s``: a ``BuildSettings``) and save the pipeline to ``out/sd``.
+
+    ``text_encoder``: a ``CLIPTextModel``, or a callable returning one (called once the autoencoder is trained,
+    so a parallel build can train the CLIP meanwhile); default: the text tower of the toy CLIP in ``out/clip``.
+    """
+    if text_encoder is None:
+        require_clip(Path(out) / "clip")  # before any training: fail in a second, not after the autoencoder
     t0 = time.time()
-    c = build_components(s.seed)
-    info = {"vae": train_vae(c["vae"], s.sd_vae_steps, s.sd_vae_batch, s.seed, log)}
+    vae = build_vae(s.seed)
+    info = {"vae": train_vae(vae, s.sd_vae_steps, s.sd_vae_batch, s.seed, log)}
     log(f"vae: {info['vae']}")
-    info["unet"] = train_unet(c, s.sd_unet_steps, s.sd_batch, s.seed, log, pool_size=s.sd_pool)
+    pool = encode_pool(vae, s.sd_pool, s.seed)
+    log(f"unet: pool of {len(pool['scenes'])} latents encoded ({time.time() - t0:.0f}s)")
+    te = text_encoder() if callable(text_encoder) else text_encoder
+    c = build_components(vae, te if te is not None else load_text_encoder(Path(out) / "clip"), s.seed)
+    info["unet"] = train_unet(c, pool, s.sd_unet_steps, s.sd_batch, s.seed, log, poll=poll)
     pipe = make_pipeline(c)
     save_pipeline(pipe, out / "sd")
     train_p, eval_p = demo_prompts(seed=s.seed)
