@@ -12,7 +12,8 @@ run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``s
 - fidelity: share of samples whose subject has the prompt's shape and colour (oracle);
 - diversity: mean pairwise cosine distance of toy-CLIP image embeddings among samples of a prompt, as a ratio
   to the base model's.
-The last row is best-of-K from the base model (K fresh samples per eval slot, the best by the proxy).
+The last row is best-of-K from the base model (K fresh samples per eval slot, the best by the proxy). The bars
+are checked on the stage the run delivers as ``final/``: the last stage, or the one early stop kept.
 """
 from __future__ import annotations
 
@@ -141,14 +142,19 @@ def main(argv=None) -> int:
               f"{f'{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {div:8.2f}")
     stage_rows = [o for o in out if o["row"].startswith("stage")]
     if stage_rows:
-        last = stage_rows[-1]
+        from raft_diffusion.core.early_stop import read_stop
+
+        stop = read_stop(run)
+        last = next((o for o in stage_rows if stop and o["row"] == f"stage {stop['final_stage']}"), stage_rows[-1])
         checks = {
             "proxy rises >= 1 base sd": last["proxy_rise_sd"] >= 1.0,
             "gold rises (95% CI above 0)": last["gold_rise_ci"][0] > 0,
             "fidelity falls <= 3 points": last["fidelity"] >= out[0]["fidelity"] - 0.03,
             "diversity >= 70% of base": last["diversity_ratio"] >= 0.7,
         }
-        print("last stage: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+        if stop:
+            print(f"early stop after stage {stop['stopped_after_stage']}: {stop['reason']}")
+        print(f"final ({last['row']}): " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
