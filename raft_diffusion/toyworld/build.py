@@ -98,6 +98,8 @@ def _sd_worker(out: Path, s: BuildSettings, events) -> dict:
         return load_text_encoder(out / "clip")
 
     def poll(step: int) -> None:
+        if failed.is_set():  # the build has failed already: do not train for minutes more
+            raise RuntimeError("the rewards part failed; stopping the text-to-image part")
         if rewards_done.is_set() and torch.get_num_threads() < 2:
             torch.set_num_threads(2)
 
