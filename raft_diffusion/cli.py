@@ -9,6 +9,7 @@ import logging
 import sys
 from pathlib import Path
 
+from .core.config import add_align_arguments
 from .core.errors import UserError, run_command
 
 
@@ -110,9 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("align", help="run RAFT on a Stable Diffusion pipeline")
-    p.add_argument("--config", "-c", type=Path, help="YAML preset, e.g. configs/tiny.yaml")
-    p.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
+    add_align_arguments(p, example="configs/tiny.yaml")
     p.set_defaults(func=_align)
 
     p = sub.add_parser("gallery", help="write RUN_DIR/gallery/: index.html, grid_before_after.png, reward_curve.png")

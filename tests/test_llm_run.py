@@ -20,14 +20,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def small_cfg(*overrides, **sections):
     base = {
         "num_stages": 2, "progress": False, "seed": 0,

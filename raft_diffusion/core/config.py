@@ -335,3 +335,13 @@ def config_help(cls=None, prefix: str = "") -> list[str]:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             lines.append(f"{prefix}{f.name} ({default!r}): {f.metadata.get('help', '')}")
     return lines
+
+
+def add_align_arguments(parser, example: str) -> None:
+    """The ``align`` command's arguments, shared by the diffusion and LLM CLIs (``example``: a preset path)."""
+    from pathlib import Path
+
+    parser.add_argument("--config", "-c", type=Path, help=f"YAML preset, e.g. {example}")
+    parser.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")

@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..core.config import add_align_arguments
 from ..core.errors import UserError, run_command
 
 
@@ -154,9 +155,7 @@ def _add_commands(llm: argparse.ArgumentParser) -> None:
     sub = llm.add_subparsers(dest="llm_command", required=True)
 
     p = sub.add_parser("align", help="run RAFT on a causal LM with a text reward")
-    p.add_argument("--config", "-c", type=Path, help="YAML preset, e.g. configs/llm_toy_sentiment.yaml")
-    p.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
+    add_align_arguments(p, example="configs/llm_toy_sentiment.yaml")
     p.set_defaults(func=_align)
 
     p = sub.add_parser("report", help="(re)write report.html of a run directory")

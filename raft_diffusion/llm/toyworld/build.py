@@ -68,6 +68,29 @@ def _schedule(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
+def _fit(model, opt, batches, loss_fn, *, steps: int, peak_lr: float, warmup: int, name: str, log) -> None:
+    """Train ``model`` for ``steps`` batches: warm-up/cosine learning rate, grad-norm clip 1.0, a log line every 200.
+
+    ``loss_fn(model, ids, mask, idx)`` returns the batch loss (``idx``: the rows' indices, for per-row labels).
+    """
+    model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = peak_lr * _schedule(step, steps, warmup)
+        loss = loss_fn(model, *next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"  {name} step {step:5d} loss {loss.item():.3f}")
+    model.eval()
+
+
+def _lm_loss(model, ids, mask, idx):
+    return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+
+
 def train_lm(tokenizer, *, steps: int, seed: int, log=print):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -83,20 +106,7 @@ def train_lm(tokenizer, *, steps: int, seed: int, log=print):
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
     it = _batches(train, 64, tokenizer.pad_token_id, random.Random(seed))
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = 3e-3 * _schedule(step, steps, 100)
-        ids, mask, _ = next(it)
-        labels = ids.masked_fill(mask == 0, -100)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"  lm step {step:5d} loss {loss.item():.3f}")
-    model.eval()
+    _fit(model, opt, it, _lm_loss, steps=steps, peak_lr=3e-3, warmup=100, name="lm", log=log)
     with torch.no_grad():
         tot, n = 0.0, 0
         vit = _batches(val, 100, tokenizer.pad_token_id, random.Random(1))
@@ -149,20 +159,11 @@ def train_reward(tokenizer, *, steps: int, seed: int, log=print):
         model.score.weight.zero_()
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     it = _batches(rows, 64, tokenizer.pad_token_id, random.Random(seed + 2))
-    model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = 2e-3 * _schedule(step, steps, 50)
-        ids, mask, idx = next(it)
-        pred = model(input_ids=ids, attention_mask=mask).logits[:, 0]
-        loss = F.mse_loss(pred, labels[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if step % 200 == 0 or step == steps - 1:
-            log(f"  reward step {step:5d} loss {loss.item():.3f}")
-    model.eval()
+
+    def loss_fn(m, ids, mask, idx):
+        return F.mse_loss(m(input_ids=ids, attention_mask=mask).logits[:, 0], labels[idx])
+
+    _fit(model, opt, it, loss_fn, steps=steps, peak_lr=2e-3, warmup=50, name="reward", log=log)
     enc = tokenizer([t for t, _ in val], padding=True, return_tensors="pt")
     with torch.no_grad():
         pred = model(**enc).logits[:, 0]
