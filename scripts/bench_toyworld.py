@@ -29,6 +29,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from raft_diffusion.eval.metrics import diversity  # noqa: E402
 from raft_diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
 
 
@@ -36,18 +37,6 @@ def _load_images(stage_dir: Path) -> tuple[list[dict], torch.Tensor]:
     rows = [json.loads(line) for line in (stage_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
     ims = [np.asarray(Image.open(stage_dir / r["image"]).convert("RGB")) for r in rows]
     return rows, torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255.0
-
-
-def _diversity(emb: torch.Tensor, prompt_idx: list[int]) -> float:
-    out = []
-    idx = np.asarray(prompt_idx)
-    for p in np.unique(idx):
-        e = torch.nn.functional.normalize(emb[torch.from_numpy(np.nonzero(idx == p)[0])], dim=-1)
-        n = e.shape[0]
-        if n > 1:
-            sim = e @ e.t()
-            out.append(float((1 - sim).sum() / (n * (n - 1))))
-    return float(np.mean(out)) if out else float("nan")
 
 
 def _bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -94,7 +83,7 @@ def main(argv=None) -> int:
             emb = embedder.encode_images(images)
         rec = {"row": "base" if st == 0 else f"stage {st}", "proxy": np.asarray([r["reward"] for r in rows]),
                "gold": m["aesthetic"], "fidelity": m["match"].astype(float),
-               "diversity": _diversity(emb, [r["prompt_index"] for r in rows]), "rows": rows}
+               "diversity": diversity(emb, [r["prompt_index"] for r in rows]), "rows": rows}
         if base is None:
             base = rec
         table.append(rec)
@@ -122,7 +111,7 @@ def main(argv=None) -> int:
             emb = embedder.encode_images(ims)
         table.append({"row": f"base best-of-{args.best_of_k}", "proxy": np.asarray(best_proxy), "gold": m["aesthetic"],
                       "fidelity": m["match"].astype(float),
-                      "diversity": _diversity(emb, [r["prompt_index"] for r in base["rows"]]), "rows": base["rows"]})
+                      "diversity": diversity(emb, [r["prompt_index"] for r in base["rows"]]), "rows": base["rows"]})
 
     sd = float(base["proxy"].std())
     out = []

@@ -41,6 +41,8 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["ranking.mode=best"], "ranking.mode must be one of local, global, threshold"),
         ({}, ["num_stages"], "is not key=value"),
         ({"sampling": 3}, [], "config section 'sampling' must be a mapping"),
+        ({}, ["train.snr_gamma=0"], "train.snr_gamma must be > 0 or null (got 0"),
+        ({}, ["train.empty_prompt_ratio=1"], "train.empty_prompt_ratio must be in [0, 1) (got 1"),
     ],
 )
 def test_bad_config_is_one_clear_line(data, overrides, message):

@@ -129,15 +129,17 @@ def test_lora_init_is_seeded(load_tiny_pipe):
     assert any(not torch.equal(wa[k], wc[k]) for k in wa)
 
 
+@pytest.mark.parametrize("snr_gamma", [None, 5.0])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data, prediction_type):
+def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data, prediction_type, snr_gamma):
     from diffusers import DDIMScheduler, DDPMScheduler
 
     latents, embeds, _ = data
     pipe = load_tiny_pipe()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     add_lora(pipe.unet)
-    stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+    stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False,
+                       snr_gamma=snr_gamma)
 
     # the same draws, by hand: batch order, then noise, then timesteps from one generator seeded by `seed`
     gen = torch.Generator().manual_seed(5)
@@ -149,9 +151,46 @@ def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data
     target = noise if prediction_type == "epsilon" else ddpm.get_velocity(x0, noise, t)
     with torch.no_grad():
         pred = pipe.unet(ddpm.add_noise(x0, noise, t), t, encoder_hidden_states=embeds[idx]).sample
-    assert stats["loss_last"] == pytest.approx(F.mse_loss(pred, target).item(), rel=1e-5)
+    per_sample = ((pred - target) ** 2).flatten(1).mean(1)
+    weights = torch.ones(6)
+    if snr_gamma is not None:  # Min-SNR: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for velocity
+        snr = ddpm.alphas_cumprod[t] / (1 - ddpm.alphas_cumprod[t])
+        weights = snr.clamp(max=snr_gamma) / (snr if prediction_type == "epsilon" else snr + 1)
+        assert weights.min() < 0.9  # the draw includes a nearly-clean step that the weighting discounts
+    assert stats["loss_last"] == pytest.approx((weights * per_sample).mean().item(), rel=1e-5)
     other = ddpm.get_velocity(x0, noise, t) if prediction_type == "epsilon" else noise
-    assert stats["loss_last"] != pytest.approx(F.mse_loss(pred, other).item(), rel=1e-3)
+    assert stats["loss_last"] != pytest.approx((weights * ((pred - other) ** 2).flatten(1).mean(1)).mean().item(), rel=1e-3)
+    if snr_gamma is not None:
+        assert stats["loss_last"] != pytest.approx(per_sample.mean().item(), rel=1e-3)
+
+
+def test_caption_dropout_trains_those_samples_on_the_empty_prompt(load_tiny_pipe, data):
+    from diffusers import DDPMScheduler
+
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    # a stand-in far from every prompt's embedding, so that the swap shows in the tiny UNet's loss
+    empty = torch.randn(1, *embeds.shape[1:], generator=torch.Generator().manual_seed(1)) * 3.0
+    kw = dict(steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+    stats = train_unet(pipe, latents, embeds, **kw, empty_prompt_ratio=0.5, empty_embeds=empty)
+    # by hand: the usual draws, then one uniform per sample; below the ratio -> the empty prompt's embedding
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randperm(6, generator=gen)
+    noise = torch.randn((6, 4, 16, 16), generator=gen)
+    t = torch.randint(0, 1000, (6,), generator=gen)
+    drop = torch.rand(6, generator=gen) < 0.5
+    assert 0 < int(drop.sum()) < 6  # this seed drops some captions and keeps others
+    cond = torch.where(drop.view(-1, 1, 1), empty, embeds[idx])
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pred = pipe.unet(ddpm.add_noise(latents[idx], noise, t), t, encoder_hidden_states=cond).sample
+    assert stats["loss_last"] == pytest.approx(F.mse_loss(pred, noise).item(), rel=1e-5)
+    assert stats["loss_last"] != pytest.approx(train_unet(pipe, latents, embeds, **kw)["loss_last"], rel=1e-3)
+    with pytest.raises(ValueError, match="needs empty_embeds"):
+        train_unet(pipe, latents, embeds, **kw, empty_prompt_ratio=0.1)
+    with pytest.raises(UserError, match=r"empty_prompt_ratio must be in \[0, 1\)"):
+        train_unet(pipe, latents, embeds, **kw, empty_prompt_ratio=1.0, empty_embeds=empty)
 
 
 def test_full_finetune_and_gradient_checkpointing(load_tiny_pipe, data):
@@ -180,6 +219,8 @@ def test_bad_training_setups(load_tiny_pipe, data):
         add_lora(pipe.unet, target_modules=("not_a_layer",))
     pipe = load_tiny_pipe()
     add_lora(pipe.unet)
+    with pytest.raises(UserError, match="snr_gamma must be > 0"):
+        train_unet(pipe, latents, embeds, **TRAIN, snr_gamma=0.0)
     with pytest.raises(UserError, match="unknown mixed_precision"):
         train_unet(pipe, latents, embeds, **TRAIN, mixed_precision="fp8")
     with pytest.raises(ValueError, match="matching"):

@@ -85,6 +85,8 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
+    snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
 
 
 @dataclass
@@ -156,6 +158,8 @@ class RaftConfig:
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
         need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
+        need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
+        need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(self.eval.num_per_prompt >= 1 and self.eval.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")

@@ -174,6 +174,21 @@ def _training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor
     raise UserError(f"unsupported prediction_type {kind!r} in the scheduler config: expected epsilon or v_prediction")
 
 
+def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023): ``min(SNR, gamma) / SNR`` for epsilon
+    targets, ``min(SNR, gamma) / (SNR + 1)`` for velocity targets, ``min(SNR, gamma)`` for sample targets.
+
+    They cap the weight of the nearly-clean timesteps, so the loss is no longer dominated by fine detail and the
+    high-noise steps that decide a picture's layout (size, position, background) get a larger share.
+    """
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = alphas / (1.0 - alphas)
+    capped = snr.clamp(max=float(gamma))
+    kind = noise_scheduler.config.prediction_type
+    w = capped / snr if kind == "epsilon" else capped / (snr + 1.0) if kind == "v_prediction" else capped
+    return w.float()
+
+
 def train_unet(
     pipe,
     latents: torch.Tensor,
@@ -192,6 +207,9 @@ def train_unet(
     seed: int = 0,
     mixed_precision: str = "no",
     gradient_checkpointing: bool = False,
+    snr_gamma: float | None = None,
+    empty_prompt_ratio: float = 0.0,
+    empty_embeds: torch.Tensor | None = None,
     progress: bool = True,
     desc: str = "train",
     dist=None,
@@ -200,7 +218,11 @@ def train_unet(
 
     Ordinary SD loss: ``t ~ U[0, T)``, ``noise ~ N(0, I)``, MSE between the UNet's prediction on
     ``add_noise(latents, noise, t)`` and noise (epsilon) or velocity (v_prediction), as the
-    scheduler config says. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
+    scheduler config says; ``snr_gamma`` weights each sample's MSE by :func:`min_snr_weights` (None: equal
+    weights). With ``empty_prompt_ratio`` > 0 each sample is trained, with that probability, on ``empty_embeds``
+    (the embedding of the empty prompt, ``[1, L, D]``) instead of its prompt's, as SD's own training drops
+    captions: what is learnt then also moves the unconditional prediction, i.e. applies to every prompt.
+    ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
     batch order, timesteps and noise (and the global RNG is seeded for LoRA dropout), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
@@ -228,6 +250,12 @@ def train_unet(
             f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 "
             f"(got {steps}, {batch_size}, {gradient_accumulation_steps})"
         )
+    if not 0.0 <= empty_prompt_ratio < 1.0:
+        raise UserError(f"empty_prompt_ratio must be in [0, 1) (got {empty_prompt_ratio}); 0.1 is a usual choice")
+    if empty_prompt_ratio > 0 and empty_embeds is None:
+        raise ValueError("empty_prompt_ratio > 0 needs empty_embeds (the empty prompt's text embedding)")
+    if snr_gamma is not None and not snr_gamma > 0:
+        raise UserError(f"snr_gamma must be > 0 or null (got {snr_gamma}); 5 is the usual choice")
     if mixed_precision not in _MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision {mixed_precision!r}: choose one of {', '.join(_MIXED_PRECISION)}")
     params = trainable_parameters(unet)
@@ -284,23 +312,28 @@ def train_unet(
                     idx = next_batch()
                     noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
                     t = torch.randint(0, num_train_timesteps, (micro,), generator=gen)
+                    # drawn only when used, so runs without caption dropout keep their exact draws
+                    drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
                     if sharded:  # this process's rows of the micro-batch
                         rows = torch.arange(micro)[dist.rank :: dist.world_size]
                         if rows.numel() == 0:
                             continue
                         idx, noise, t = idx[rows], noise[rows], t[rows]
+                        drop = None if drop is None else drop[rows]
                     noise, t = noise.to(device), t.to(device)
                     x0 = latents[idx.to(latents.device)].to(device, torch.float32)
                     cond = prompt_embeds[idx.to(prompt_embeds.device)].to(device, model_dtype)
+                    if drop is not None and drop.any():
+                        cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
                     noisy = noise_scheduler.add_noise(x0, noise, t)
                     target = _training_target(noise_scheduler, x0, noise, t)
                     with autocast():
                         pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-                    if sharded:  # sum over own rows / the whole micro-batch's count: summed over processes = the mean
-                        loss = F.mse_loss(pred.float(), target.float(), reduction="sum") / (
-                            micro * pred[0].numel() * gradient_accumulation_steps)
-                    else:
-                        loss = F.mse_loss(pred.float(), target.float()) / gradient_accumulation_steps
+                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+                    if snr_gamma is not None:
+                        per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
+                    # sharded: the sum over own rows / the whole micro-batch's count, summed over processes = the mean
+                    loss = per_sample.sum() / ((micro if sharded else per_sample.numel()) * gradient_accumulation_steps)
                     (scaler.scale(loss) if scaler else loss).backward()
                     step_loss += loss.item()
                 if sharded:

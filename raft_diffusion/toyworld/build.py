@@ -51,16 +51,18 @@ def _write_json(path: Path, obj) -> None:
 
 
 def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = print,
-                  on_clip_saved: Callable[[], None] | None = None) -> dict:
+                  on_clip_saved: Callable[[], None] | None = None, clip_poll: Callable[[int], None] | None = None) -> dict:
     """Train and save the small CLIP and the aesthetic head; return their quality figures.
 
-    ``on_clip_saved`` is called as soon as ``out/clip`` is written (the text-to-image model conditions on it).
+    ``on_clip_saved`` is called as soon as ``out/clip`` is written (the text-to-image model conditions on it);
+    ``clip_poll(step)`` before every CLIP step.
     """
     from .clip import embed_images, save_clip, save_head, spearman, train_aesthetic_head, train_clip, zero_shot_accuracy
     from .world import gold_aesthetic, render_batch, sample_scenes, to_tensor
 
     t0 = time.time()
-    model, cfg, tokenizer = train_clip(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed, log=log)
+    model, cfg, tokenizer = train_clip(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed, log=log,
+                                       poll=clip_poll)
     save_clip(model, cfg, out / "clip")
     if on_clip_saved is not None:
         on_clip_saved()
@@ -82,22 +84,33 @@ def _prefixed_print(prefix: str, message: str) -> None:
 
 
 def _sd_worker(out: Path, s: BuildSettings, events) -> dict:
-    """The text-to-image part in a child process: one thread, a second one once the rewards part is done."""
+    """The text-to-image part in a child process: one thread, a second one once the rewards part is done.
+
+    ``events``: (CLIP saved, rewards part done, rewards part failed, this part waits for the CLIP).
+    """
     from functools import partial
 
     from .sd import build_sd, load_text_encoder
 
     torch.set_num_threads(1)
     torch.manual_seed(s.seed)
-    clip_saved, rewards_done, failed = events
+    clip_saved, rewards_done, failed, sd_waiting = events
+    parent = os.getppid()
+
+    def check_parent() -> None:  # a killed build (Ctrl-C, kill) must not leave this process training
+        if os.getppid() != parent:
+            raise RuntimeError("the build process has gone; stopping the text-to-image part")
 
     def text_encoder():
+        sd_waiting.set()  # the CLIP may take this process's core until it is saved
         while not clip_saved.wait(5.0):
+            check_parent()
             if failed.is_set():
                 raise RuntimeError("the rewards part failed before saving the toy CLIP")
         return load_text_encoder(out / "clip")
 
     def poll(step: int) -> None:
+        check_parent()
         if failed.is_set():  # the build has failed already: do not train for minutes more
             raise RuntimeError("the rewards part failed; stopping the text-to-image part")
         if rewards_done.is_set() and torch.get_num_threads() < 2:
@@ -112,7 +125,8 @@ def build(out: Path | str = ASSETS_DIR, settings: BuildSettings | None = None, p
 
     The text-to-image model conditions on the text tower of the toy CLIP, so ``sd`` alone needs ``out/clip``.
     ``jobs=2`` trains the two parts at once in two single-threaded processes: the autoencoder while the CLIP
-    trains, then the UNet while the aesthetic head trains (the UNet takes the second thread when that is done).
+    trains (the CLIP takes the second thread once the autoencoder is done), then the UNet while the aesthetic
+    head trains (the UNet takes the second thread when that is done).
     On 2 cores this beats one process with 2 threads: the models are small, so threads mostly wait on each
     other. Every part draws from its own seeds: the artifacts depend on ``jobs`` only through float rounding.
     """
@@ -133,13 +147,22 @@ def build(out: Path | str = ASSETS_DIR, settings: BuildSettings | None = None, p
 
         ctx = multiprocessing.get_context("spawn")
         with ctx.Manager() as manager, ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
-            events = (manager.Event(), manager.Event(), manager.Event())
+            events = (manager.Event(), manager.Event(), manager.Event(), manager.Event())
             child = pool.submit(_sd_worker, out, s, events)
             threads = torch.get_num_threads()
             torch.set_num_threads(1)
+
+            def clip_poll(step: int) -> None:  # the autoencoder is done and the UNet waits: use both cores
+                if step % 10 == 0 and torch.get_num_threads() < 2 and events[3].is_set():
+                    torch.set_num_threads(2)
+
+            def clip_saved() -> None:  # the UNet starts now: back to one core each
+                torch.set_num_threads(1)
+                events[0].set()
+
             try:
                 torch.manual_seed(s.seed)
-                info["rewards"] = build_rewards(out, s, log, on_clip_saved=events[0].set)
+                info["rewards"] = build_rewards(out, s, log, on_clip_saved=clip_saved, clip_poll=clip_poll)
             except BaseException:
                 events[2].set()
                 raise

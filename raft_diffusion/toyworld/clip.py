@@ -69,8 +69,11 @@ def _caption_parts(rng: np.random.Generator, p_full: float = 0.5) -> dict:
 
 
 def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-               log: Callable[[str], None] = print, log_every: int = 100):
-    """Train the toy CLIP contrastively on fresh scenes (full and shortened captions); returns ``(model, model_cfg, tokenizer)`` in eval mode."""
+               log: Callable[[str], None] = print, log_every: int = 100, poll: Callable[[int], None] | None = None):
+    """Train the toy CLIP contrastively on fresh scenes (full and shortened captions); returns ``(model, model_cfg, tokenizer)`` in eval mode.
+
+    ``poll(step)`` is called before every step (a parallel build uses it to take a second thread).
+    """
     model, cfg, tokenizer = build_clip(seed)
     transform = _transform(model)
     model.train()
@@ -82,6 +85,8 @@ def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed:
     rng = np.random.default_rng([seed, 0xC119])
     t0 = time.time()
     for step in range(steps):
+        if poll is not None:
+            poll(step)
         scenes = sample_scenes(batch_size, seed=seed * 1_000_003 + step + 1)
         images = degrade(to_tensor(render_batch(scenes)), gen)
         parts = [_caption_parts(rng) for _ in scenes]
