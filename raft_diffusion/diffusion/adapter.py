@@ -101,6 +101,9 @@ class DiffusionTask:
         self.do_cfg = s.guidance_scale > 1.0
         self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, self.do_cfg)
         self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.do_cfg)
+        # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
+        self.empty_embeds = (encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
+                             if cfg.train.empty_prompt_ratio > 0 else None)
         # 4. What fine-tuning trains.
         t = cfg.train
         if t.method == "lora":
@@ -188,17 +191,9 @@ class DiffusionTask:
             gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
             weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
-            snr_gamma=t.snr_gamma, empty_prompt_ratio=t.empty_prompt_ratio, empty_embeds=self._empty_embeds(),
+            snr_gamma=t.snr_gamma, empty_prompt_ratio=t.empty_prompt_ratio, empty_embeds=self.empty_embeds,
             progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
         )
-
-    def _empty_embeds(self) -> torch.Tensor | None:
-        """The empty prompt's text embedding ``[1, L, D]`` (for caption dropout), encoded once."""
-        if self.cfg.train.empty_prompt_ratio <= 0:
-            return None
-        if getattr(self, "_empty", None) is None:
-            self._empty = encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
-        return self._empty
 
     def weights_dir(self, stage_dir: Path) -> Path:
         return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "unet")

@@ -181,7 +181,7 @@ def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> t
     They cap the weight of the nearly-clean timesteps, so the loss is no longer dominated by fine detail and the
     high-noise steps that decide a picture's layout (size, position, background) get a larger share.
     """
-    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    alphas = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps]
     snr = alphas / (1.0 - alphas)
     capped = snr.clamp(max=float(gamma))
     kind = noise_scheduler.config.prediction_type

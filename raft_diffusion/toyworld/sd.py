@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..diffusion.finetune import min_snr_weights
 from .world import COLOURS, SHAPES, all_captions, caption, caption_variant, render_batch, sample_scenes, to_tensor
 
 EVAL_FRACTION = 0.1  # share of captions held out from text-to-image training
@@ -214,15 +215,14 @@ def train_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Call
     ids_short = _tokenize(tok, [caption_variant(s, rng, p_full=0.0) for s in scenes])
     empty = _tokenize(tok, [""])[0]
     sf = float(c["vae"].config.scaling_factor)
-    alphas = sch.alphas_cumprod
-    snr = alphas / (1 - alphas)
-    weight = snr.clamp(max=min_snr_gamma) / snr if min_snr_gamma > 0 else torch.ones_like(snr)
+    n_train = sch.config.num_train_timesteps
+    steps_all = torch.arange(n_train)
+    weight = min_snr_weights(sch, steps_all, min_snr_gamma) if min_snr_gamma > 0 else torch.ones(n_train)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = _cosine(opt, steps)
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    n_train = sch.config.num_train_timesteps
     for step in range(steps):
         if poll is not None and step % 50 == 0:
             poll(step)
