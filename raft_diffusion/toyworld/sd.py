@@ -216,8 +216,7 @@ def train_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Call
     empty = _tokenize(tok, [""])[0]
     sf = float(c["vae"].config.scaling_factor)
     n_train = sch.config.num_train_timesteps
-    steps_all = torch.arange(n_train)
-    weight = min_snr_weights(sch, steps_all, min_snr_gamma) if min_snr_gamma > 0 else torch.ones(n_train)
+    weight = min_snr_weights(sch, torch.arange(n_train), min_snr_gamma) if min_snr_gamma > 0 else torch.ones(n_train)
     unet.train()
     opt = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     sched = _cosine(opt, steps)
