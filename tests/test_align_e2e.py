@@ -179,3 +179,29 @@ def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
     assert luma[1] == pytest.approx(200 / 255, abs=0.02) and luma[0] < luma[2] < luma[1]
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert read_jsonl(out / "metrics.jsonl")[-1]["reward_queries"] == 6
+
+
+def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path):
+    """Plain top-2 would keep an image and its copy; with ranking.diversity_weight the distinct one is kept."""
+    import numpy as np
+    from PIL import Image
+
+    rows = []
+    for p, prompt in enumerate(["a red circle", "a blue square"]):
+        for k in range(3):
+            img = np.full((32, 32, 3), 30, dtype=np.uint8)
+            if k == 0:  # dimmer, and a different picture: stripes
+                img[8:24, 8:24:4] = 120
+            else:  # samples 1 and 2 are the same bright square
+                img[8:24, 8:24] = 200 + 10 * p
+            Image.fromarray(img).save(tmp_path / f"{p}_{k}.png")
+            rows.append({"prompt": prompt, "image": f"{p}_{k}.png"})
+    manifest = tmp_path / "pool.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=2",
+                 "ranking.diversity_weight=100", "train.steps_per_stage=2", "eval.every=0") == 0
+    samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
+    r = [s["reward"] for s in samples]
+    assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, top 2 = samples 1 and 2
+    assert [s["sample_index"] for s in samples if s["kept"]] == [0, 1, 0, 1]

@@ -43,6 +43,9 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({"sampling": 3}, [], "config section 'sampling' must be a mapping"),
         ({}, ["train.snr_gamma=0"], "train.snr_gamma must be > 0 or null (got 0"),
         ({}, ["train.empty_prompt_ratio=1"], "train.empty_prompt_ratio must be in [0, 1) (got 1"),
+        ({}, ["ranking.diversity_weight=-1"], "ranking.diversity_weight must be >= 0 (got -1"),
+        ({}, ["ranking.diversity_weight=2", "ranking.mode=global", "eval.clip_model=tiny"], "needs ranking.mode=local (got 'global')"),
+        ({}, ["ranking.diversity_weight=2"], "ranking.diversity_weight needs eval.clip_model"),
     ],
 )
 def test_bad_config_is_one_clear_line(data, overrides, message):

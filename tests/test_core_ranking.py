@@ -7,13 +7,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.pool import StreamingPool
-from raft_diffusion.core.ranking import global_count, ranking_key, select
+from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key, select
 from raft_diffusion.core.types import Sample
 
 
-def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0):
-    return SimpleNamespace(mode=mode, top_k=top_k, top_ratio=top_ratio, threshold=threshold, max_kept=max_kept, kl_beta=kl_beta)
+def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0, diversity_weight=0.0):
+    return SimpleNamespace(mode=mode, top_k=top_k, top_ratio=top_ratio, threshold=threshold, max_kept=max_kept,
+                           kl_beta=kl_beta, diversity_weight=diversity_weight)
 
 
 def brute_local(rewards, P, K, k):
@@ -149,3 +151,69 @@ def test_payload_count_matches_the_records(data, mode, max_kept):
         assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)
     pool.kept()
     assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)
+
+
+# ---------------------------------------------------------------------------------- diversity_weight
+
+
+def test_diverse_pick_trades_reward_for_spread():
+    keys = [5.0, 4.9, 4.0]  # item 1 is a near-copy of item 0; item 2 is orthogonal but scores 1.0 less
+    emb = [[1.0, 0.0], [1.0, 0.01], [0.0, 1.0]]
+    assert diverse_pick(keys, emb, 2, 0.5) == [0, 1]  # 4.9 + 0.5 * 5e-5 beats 4.0 + 0.5 * 1
+    assert diverse_pick(keys, emb, 2, 2.0) == [0, 2]  # 4.0 + 2 * 1 beats 4.9 + 2 * 5e-5
+    # third pick: item 1's mean distance to {0, 2} is (5e-5 + 0.990) / 2
+    assert diverse_pick(keys, emb, 3, 2.0) == [0, 2, 1]
+    assert diverse_pick(keys, emb, 9, 2.0) == [0, 2, 1]  # k beyond the group: every item once
+
+
+def brute_diverse(rewards, embs, P, K, k, w):
+    """Per prompt, best first by (-reward, index); then greedily reward + w * mean(1 - cos) to the picks so far."""
+    def cos_dist(a, b):
+        na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
+        return 1.0 - sum(x * y for x, y in zip(a, b)) / (na * nb)
+
+    out = set()
+    for p in range(P):
+        items = sorted((j for j in range(K) if not math.isnan(rewards[p * K + j])), key=lambda j: (-rewards[p * K + j], j))
+        picked = items[:1]
+        while items and len(picked) < min(k, len(items)):
+            rest = [j for j in items if j not in picked]
+            score = {j: rewards[p * K + j] + w * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in picked) / len(picked)
+                     for j in rest}
+            picked.append(max(rest, key=lambda j: (score[j], -items.index(j))))
+        out |= {(p, j) for j in picked}
+    return out
+
+
+@settings(max_examples=120, deadline=None)
+@given(reward_lists, st.integers(1, 6), st.integers(1, 4), st.sampled_from([0.3, 1.0, 4.0]), st.randoms(use_true_random=False))
+def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, w, rnd):
+    P, K, rewards = data
+    k = min(k, K)
+    embs = [[rnd.uniform(-1, 1) for _ in range(3)] + [0.05] for _ in range(P * K)]  # never the zero vector
+    samples = make(rewards, P, K)
+    for s, e in zip(samples, embs):
+        s.embedding = e
+    order = list(range(len(samples)))
+    rnd.shuffle(order)  # arrival order must not matter
+    pool = StreamingPool(R("local", top_k=k, diversity_weight=w), expected_total=len(samples))
+    for i in range(0, len(order), batch):
+        pool.add([samples[j] for j in order[i:i + batch]])
+    kept = pool.kept()
+    want = brute_diverse(rewards, embs, P, K, k, w)
+    assert {(s.prompt_index, s.sample_index) for s in kept} == want
+    assert [s.reward for s in kept] == sorted((s.reward for s in kept), reverse=True)  # best first, as always
+    # the streaming pool and the reference selection agree, and only the kept hold payloads afterwards
+    ref = select([s.reward for s in samples], [s.prompt_index for s in samples], [s.sample_index for s in samples],
+                 mode="local", top_k=k, diversity_weight=w, embeddings=embs)
+    assert {(samples[i].prompt_index, samples[i].sample_index) for i in ref} == want
+    assert {(s.prompt_index, s.sample_index) for s in pool.records if s.payload is not None} == want
+    assert pool.num_payloads_held() == len(want)
+
+
+def test_diverse_selection_needs_local_mode_and_embeddings():
+    with pytest.raises(ConfigError, match="needs ranking.mode=local"):
+        StreamingPool(R("global", diversity_weight=1.0), expected_total=4)
+    pool = StreamingPool(R("local", top_k=2, diversity_weight=1.0), expected_total=4)
+    with pytest.raises(ConfigError, match="this generator supplies none"):
+        pool.add(make([1.0, 2.0], 1, 2))

@@ -250,6 +250,8 @@ def test_config_rules():
         config_from_dict({}, ["sampling.max_new_token=3"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="sampling.top_p"):
         config_from_dict({}, ["sampling.top_p=0"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="the LLM generator supplies no embeddings"):
+        config_from_dict({}, ["ranking.diversity_weight=1"], cls=LLMConfig)
 
 
 def test_add_llm_parser_hooks_into_a_main_parser(capsys):

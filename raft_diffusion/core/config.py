@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .ranking import MODES
+from .ranking import MODES, check_diverse
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
@@ -66,6 +66,7 @@ class RankingConfig:
     threshold: float = _f(0.0, "minimum ranking key kept in threshold mode")
     max_kept: int | None = _f(None, "after the mode's selection keep at most this many, best first")
     kl_beta: float = _f(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
+    diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
 
 
 @dataclass
@@ -153,6 +154,11 @@ class RaftConfig:
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
+        need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
+        if r.diversity_weight:
+            check_diverse(r.mode, True)
+            need(self.eval.clip_model is not None,
+                 "ranking.diversity_weight needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")

@@ -184,7 +184,7 @@ def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> Streaming
     """
     local.kept()
     for s in local.records:
-        s.payload = _to_cpu(s.payload)
+        s.payload, s.embedding = _to_cpu(s.payload), _to_cpu(s.embedding)
     everything = [s for part in dist.gather(local.records) for s in part]
     everything.sort(key=lambda s: (s.prompt_index, s.sample_index))
     merged = StreamingPool(cfg.ranking, expected_total=total)

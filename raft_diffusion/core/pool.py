@@ -3,13 +3,15 @@
 Samples arrive in batches; each is recorded (prompt index, seed, reward, ...), and its payload is
 held only while it is among the best seen so far for its slot (its prompt in ``local`` mode, the
 whole stage in ``global`` mode). Selections equal :func:`ranking.select` on the same samples.
+With ``ranking.diversity_weight`` > 0 a prompt's pick depends on all of its samples, so every scored
+sample's payload is held until :meth:`StreamingPool.kept`.
 """
 from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
 
-from .ranking import global_count, is_nan, order_key, ranking_key
+from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, ranking_key
 from .types import Sample
 
 
@@ -25,12 +27,16 @@ class StreamingPool:
         self.expected_total = expected_total
         self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
         self._heaps: dict[object, list] = {}
+        self._diverse = bool(getattr(ranking, "diversity_weight", 0.0))
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
 
     def _slot_capacity(self) -> int | None:
         r = self.ranking
+        if getattr(r, "diversity_weight", 0.0):
+            check_diverse(r.mode, True)
+            return None  # the greedy spread pick needs every candidate of the prompt
         if r.mode == "local":
             return r.top_k
         if r.mode == "global":
@@ -48,6 +54,8 @@ class StreamingPool:
             if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
+            if self._diverse and s.embedding is None:
+                check_diverse(self.ranking.mode, False)
             heap = self._heaps.setdefault(self._slot(s), [])
             item = (order_key(key, s.prompt_index, s.sample_index), s)
             if self._capacity is None or len(heap) < self._capacity:
@@ -63,8 +71,22 @@ class StreamingPool:
     def num_payloads_held(self) -> int:
         return self._held
 
+    def _spread_heaps(self) -> None:
+        """Cut each prompt's candidates down to its greedy spread-out ``top_k`` (drops the others' payloads)."""
+        for slot, heap in self._heaps.items():
+            items = sorted(heap, key=lambda it: it[0], reverse=True)
+            picks = set(diverse_pick([it[0][0] for it in items], [it[1].embedding for it in items],
+                                     self.ranking.top_k, self.ranking.diversity_weight))
+            for j, (_, s) in enumerate(items):
+                if j not in picks:
+                    self._held -= s.payload is not None
+                    s.payload = None
+            self._heaps[slot] = [it for j, it in enumerate(items) if j in picks]
+
     def kept(self) -> list[Sample]:
         """The selection, best first; also marks ``kept`` in every record's extras."""
+        if self._diverse:
+            self._spread_heaps()
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
         if self.ranking.max_kept is not None:
             for _, dropped in items[self.ranking.max_kept:]:

@@ -6,6 +6,12 @@ Three modes over one total order:
 - ``threshold``: every sample whose key is at least ``threshold``,
 optionally followed by ``max_kept`` (the best N of what the mode selected).
 
+With ``diversity_weight`` w > 0 (``local`` mode only) each prompt's ``top_k`` are picked greedily instead:
+first its best sample, then each time the one that maximises ``key + w * mean cosine distance`` between
+its embedding and those already picked for the prompt. Pure best-of-K keeps near-copies of one mode (one
+layout, one background) when other modes score almost as well; this keeps a spread set at a small cost
+in reward (w is in reward units per unit of cosine distance).
+
 The ranking key is the reward, or ``reward - beta * log(p_theta / p_base)`` when ``kl_beta > 0``
 and the generator supplied the log-ratio. NaN keys are never selected. Ties break towards the
 lower prompt index, then the lower sample index, so selections are deterministic.
@@ -15,6 +21,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import torch
+
+from .errors import ConfigError
 from .types import Sample
 
 MODES = ("local", "global", "threshold")
@@ -41,6 +50,29 @@ def global_count(total: int, top_ratio: float) -> int:
     return max(1, math.ceil(top_ratio * total - 1e-9)) if total else 0
 
 
+def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float) -> list[int]:
+    """Greedy spread-out top ``k`` of one group whose items come best first: positions into ``keys``.
+
+    The first pick is item 0 (the best); each next one maximises ``key + weight * mean(1 - cos)`` to the
+    picks so far. Ties go to the earlier (better-ranked) item, so the result is deterministic.
+    """
+    if not len(keys):
+        return []
+    e = torch.stack([torch.as_tensor(x, dtype=torch.float64).flatten() for x in embeddings])
+    e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    gain = torch.as_tensor(list(keys), dtype=torch.float64)
+    dist_sum = torch.zeros_like(gain)
+    picked = [0]
+    free = torch.ones_like(gain, dtype=torch.bool)
+    while len(picked) < min(k, len(keys)):
+        last = picked[-1]
+        free[last] = False
+        dist_sum += 1.0 - e @ e[last]
+        score = torch.where(free, gain + weight * dist_sum / len(picked), torch.tensor(-math.inf, dtype=torch.float64))
+        picked.append(int(score.argmax()))  # argmax returns the first maximum
+    return picked
+
+
 def select(
     keys: Sequence[float],
     prompt_indices: Sequence[int],
@@ -51,13 +83,25 @@ def select(
     top_ratio: float = 0.1,
     threshold: float = 0.0,
     max_kept: int | None = None,
+    diversity_weight: float = 0.0,
+    embeddings: Sequence | None = None,
 ) -> list[int]:
     """Reference (non-streaming) selection: indices of kept items, best first."""
     if mode not in MODES:
         raise ValueError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
     valid = [i for i, k in enumerate(keys) if not is_nan(k)]
     best_first = sorted(valid, key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
-    if mode == "local":
+    if diversity_weight:
+        check_diverse(mode, embeddings is not None)
+        groups: dict[int, list[int]] = {}
+        for i in best_first:
+            groups.setdefault(prompt_indices[i], []).append(i)
+        chosen = []
+        for members in groups.values():
+            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight)
+            chosen += [members[j] for j in picks]
+        chosen.sort(key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
+    elif mode == "local":
         taken: dict[int, int] = {}
         chosen = []
         for i in best_first:
@@ -74,9 +118,19 @@ def select(
     return chosen
 
 
+def check_diverse(mode: str, have_embeddings: bool) -> None:
+    """Raise a one-line ConfigError when ``ranking.diversity_weight`` > 0 cannot work."""
+    if mode != "local":
+        raise ConfigError(f"ranking.diversity_weight spreads each prompt's top_k, so it needs ranking.mode=local (got {mode!r})")
+    if not have_embeddings:
+        raise ConfigError("ranking.diversity_weight > 0 needs an embedding on every sample, and this generator supplies none; "
+                         "set ranking.diversity_weight=0")
+
+
 def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
     """Apply a :class:`RankingConfig`-like object to samples (reference path; the pool streams)."""
     keys = [ranking_key(s.reward, s.log_ratio, ranking.kl_beta) for s in samples]
+    w = getattr(ranking, "diversity_weight", 0.0)
     idx = select(
         keys,
         [s.prompt_index for s in samples],
@@ -86,5 +140,7 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         top_ratio=ranking.top_ratio,
         threshold=ranking.threshold,
         max_kept=ranking.max_kept,
+        diversity_weight=w,
+        embeddings=[s.embedding for s in samples] if w and all(s.embedding is not None for s in samples) else None,
     )
     return [samples[i] for i in idx]

@@ -19,6 +19,7 @@ class Sample:
     reward: float = float("nan")  # NaN means "no score" and is never selected
     log_ratio: float | None = None  # log p_theta/p_base of the sample, when the generator can supply it
     payload: Any = None  # adapter-specific content; dropped once a sample cannot be kept
+    embedding: Any = None  # a feature vector for ranking.diversity_weight (the adapter supplies it then)
     extras: dict = field(default_factory=dict)  # small JSON-able per-sample facts (reward components, paths)
 
     def record(self) -> dict:

@@ -87,7 +87,9 @@ class DiffusionTask:
         self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
         self.reward_name = reward_label(cfg.reward)
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
-        self.eval_clip = load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device) if cfg.eval.every else None
+        # (also the embedding space of ranking.diversity_weight)
+        self.eval_clip = (load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
+                          if cfg.eval.every or cfg.ranking.diversity_weight else None)
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.pipe = load_pipeline(
             cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
@@ -158,6 +160,9 @@ class DiffusionTask:
         images = torch.stack([s.payload["image"] for s in batch])
         out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
         _attach_components(self.reward, batch)
+        if self.cfg.ranking.diversity_weight:
+            for s, e in zip(batch, self.eval_clip.image_embeddings(images)):
+                s.embedding = e
         return out
 
     # -- kept samples --------------------------------------------------------------------------

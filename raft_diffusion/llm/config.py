@@ -155,6 +155,8 @@ class LLMConfig:
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
+        need(r.diversity_weight == 0, "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
+             "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
