@@ -170,7 +170,8 @@ def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"
     assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
-                 "train.steps_per_stage=4", "train.empty_prompt_ratio=0.5", "train.snr_gamma=5") == 0
+                 "train.steps_per_stage=4", "train.empty_prompt_ratio=0.5", "train.snr_gamma=5",
+                 "train.timestep_range=[500,1000]") == 0
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     assert [(s["prompt"], s["sample_index"], s["kept"]) for s in samples] == [
         ("a red circle", 0, False), ("a red circle", 1, True), ("a red circle", 2, False),

@@ -193,6 +193,30 @@ def test_caption_dropout_trains_those_samples_on_the_empty_prompt(load_tiny_pipe
         train_unet(pipe, latents, embeds, **kw, empty_prompt_ratio=1.0, empty_embeds=empty)
 
 
+def test_timestep_range_trains_only_those_timesteps(load_tiny_pipe, data):
+    from diffusers import DDPMScheduler
+
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    kw = dict(steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+    stats = train_unet(pipe, latents, embeds, **kw, timestep_range=(900, 1000))
+    # by hand: the usual draws, with t ~ U[900, 1000) from the same generator
+    gen = torch.Generator().manual_seed(5)
+    idx = torch.randperm(6, generator=gen)
+    noise = torch.randn((6, 4, 16, 16), generator=gen)
+    t = torch.randint(900, 1000, (6,), generator=gen)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pred = pipe.unet(ddpm.add_noise(latents[idx], noise, t), t, encoder_hidden_states=embeds[idx]).sample
+    assert stats["loss_last"] == pytest.approx(F.mse_loss(pred, noise).item(), rel=1e-5)
+    # the full range is the default draw, bit for bit
+    full = train_unet(pipe, latents, embeds, **kw, timestep_range=(0, 1000))["loss_last"]
+    assert full == train_unet(pipe, latents, embeds, **kw)["loss_last"] != stats["loss_last"]
+    with pytest.raises(UserError, match=r"timestep_range must be \[lo, hi\] with 0 <= lo < hi <= 1000 \(got \[500, 1200\]\)"):
+        train_unet(pipe, latents, embeds, **kw, timestep_range=(500, 1200))
+
+
 def test_full_finetune_and_gradient_checkpointing(load_tiny_pipe, data):
     latents, embeds, probe = data
     results = []

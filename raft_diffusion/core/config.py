@@ -87,6 +87,7 @@ class TrainConfig:
     mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
+    timestep_range: list | None = _f(None, "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep")
     snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
 
 
@@ -166,6 +167,10 @@ class RaftConfig:
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
         need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
+        need(t.timestep_range is None or (isinstance(t.timestep_range, list) and len(t.timestep_range) == 2
+                                          and all(isinstance(v, int) for v in t.timestep_range)
+                                          and 0 <= t.timestep_range[0] < t.timestep_range[1]),
+             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})")
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(self.eval.num_per_prompt >= 1 and self.eval.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")

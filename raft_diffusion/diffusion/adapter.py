@@ -197,6 +197,7 @@ class DiffusionTask:
             weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
             snr_gamma=t.snr_gamma, empty_prompt_ratio=t.empty_prompt_ratio, empty_embeds=self.empty_embeds,
+            timestep_range=t.timestep_range,
             progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
         )
 

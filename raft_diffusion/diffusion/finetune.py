@@ -210,6 +210,7 @@ def train_unet(
     snr_gamma: float | None = None,
     empty_prompt_ratio: float = 0.0,
     empty_embeds: torch.Tensor | None = None,
+    timestep_range: tuple[int, int] | None = None,
     progress: bool = True,
     desc: str = "train",
     dist=None,
@@ -222,7 +223,8 @@ def train_unet(
     weights). With ``empty_prompt_ratio`` > 0 each sample is trained, with that probability, on ``empty_embeds``
     (the embedding of the empty prompt, ``[1, L, D]``) instead of its prompt's, as SD's own training drops
     captions: what is learnt then also moves the unconditional prediction, i.e. applies to every prompt.
-    ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
+    ``timestep_range`` ``(lo, hi)`` draws ``t ~ U[lo, hi)`` instead: high timesteps (much noise) set the layout
+    and colours, low ones the fine detail. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
     batch order, timesteps and noise (and the global RNG is seeded for LoRA dropout), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
@@ -256,6 +258,11 @@ def train_unet(
         raise ValueError("empty_prompt_ratio > 0 needs empty_embeds (the empty prompt's text embedding)")
     if snr_gamma is not None and not snr_gamma > 0:
         raise UserError(f"snr_gamma must be > 0 or null (got {snr_gamma}); 5 is the usual choice")
+    if timestep_range is not None:
+        lo, hi = (int(v) for v in timestep_range)
+        if not 0 <= lo < hi <= pipe.scheduler.config.num_train_timesteps:
+            raise UserError(f"timestep_range must be [lo, hi] with 0 <= lo < hi <= "
+                            f"{pipe.scheduler.config.num_train_timesteps} (got {list(timestep_range)})")
     if mixed_precision not in _MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision {mixed_precision!r}: choose one of {', '.join(_MIXED_PRECISION)}")
     params = trainable_parameters(unet)
@@ -274,7 +281,7 @@ def train_unet(
 
     # 2. noise schedule, optimizer, learning-rate schedule, loss scaler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    t_lo, t_hi = timestep_range if timestep_range is not None else (0, noise_scheduler.config.num_train_timesteps)
     optimizer = torch.optim.AdamW(
         params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay
     )
@@ -311,7 +318,7 @@ def train_unet(
                 for _ in range(gradient_accumulation_steps):
                     idx = next_batch()
                     noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
-                    t = torch.randint(0, num_train_timesteps, (micro,), generator=gen)
+                    t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
                     # drawn only when used, so runs without caption dropout keep their exact draws
                     drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
                     if sharded:  # this process's rows of the micro-batch
