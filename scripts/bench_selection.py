@@ -2,7 +2,7 @@
 """What selection alone can reach on the toy world: plain top-n against spread-out picks (ranking.diversity_weight).
 
     python scripts/bench_selection.py [--config configs/toy_aesthetic.yaml] [--pool 64] [--keep 4 8 16]
-                                      [--weights 0 2 4 6]
+                                      [--weights 2 4 6]
 
 Samples ``--pool`` images per held-out prompt from the base model (fresh seeds), scores them with the config's
 reward, and for each ``--keep`` n picks n per prompt two ways: the best n by reward (what best-of-K selection

@@ -27,14 +27,14 @@ class StreamingPool:
         self.expected_total = expected_total
         self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
         self._heaps: dict[object, list] = {}
-        self._diverse = bool(getattr(ranking, "diversity_weight", 0.0))
+        self.spread = bool(getattr(ranking, "diversity_weight", 0.0))  # greedy spread-out pick per prompt
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
 
     def _slot_capacity(self) -> int | None:
         r = self.ranking
-        if getattr(r, "diversity_weight", 0.0):
+        if self.spread:
             check_diverse(r.mode, True)
             return None  # the greedy spread pick needs every candidate of the prompt
         if r.mode == "local":
@@ -54,7 +54,7 @@ class StreamingPool:
             if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
-            if self._diverse and s.embedding is None:
+            if self.spread and s.embedding is None:
                 check_diverse(self.ranking.mode, False)
             heap = self._heaps.setdefault(self._slot(s), [])
             item = (order_key(key, s.prompt_index, s.sample_index), s)
@@ -85,7 +85,7 @@ class StreamingPool:
 
     def kept(self) -> list[Sample]:
         """The selection, best first; also marks ``kept`` in every record's extras."""
-        if self._diverse:
+        if self.spread:
             self._spread_heaps()
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
         if self.ranking.max_kept is not None:
