@@ -154,20 +154,29 @@ def test_console_script_prints_no_traceback(tmp_path):
     assert proc.stderr.strip() == "error: unknown config key 'topk'; did you mean 'ranking.top_k'?"
 
 
-def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
-    """Images from any generator, listed in a JSONL manifest, are scored, ranked and trained on."""
+def write_pool(folder, draw) -> Path:
+    """An external-pool manifest of 3 images for each of 2 prompts; ``draw(img, p, k)`` paints image k of prompt p."""
     import numpy as np
     from PIL import Image
 
     rows = []
     for p, prompt in enumerate(["a red circle", "a blue square"]):
-        for k, level in enumerate([60, 200, 120]):  # centre brightness ranks sample 1 first
+        for k in range(3):
             img = np.full((32, 32, 3), 30, dtype=np.uint8)
-            img[8:24, 8:24] = level + 10 * p
-            Image.fromarray(img).save(tmp_path / f"{p}_{k}.png")
+            draw(img, p, k)
+            Image.fromarray(img).save(folder / f"{p}_{k}.png")
             rows.append({"prompt": prompt, "image": f"{p}_{k}.png"})
-    manifest = tmp_path / "pool.jsonl"
+    manifest = folder / "pool.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return manifest
+
+
+def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
+    """Images from any generator, listed in a JSONL manifest, are scored, ranked and trained on."""
+    def draw(img, p, k):  # centre brightness ranks sample 1 first
+        img[8:24, 8:24] = [60, 200, 120][k] + 10 * p
+
+    manifest = write_pool(tmp_path, draw)
     out = tmp_path / "run"
     assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
                  "train.steps_per_stage=4", "train.empty_prompt_ratio=0.5", "train.snr_gamma=5",
@@ -184,21 +193,13 @@ def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
 
 def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path):
     """Plain top-2 would keep an image and its copy; with ranking.diversity_weight the distinct one is kept."""
-    import numpy as np
-    from PIL import Image
+    def draw(img, p, k):
+        if k == 0:  # dimmer, and a different picture: stripes
+            img[8:24, 8:24:4] = 120
+        else:  # samples 1 and 2 are the same bright square
+            img[8:24, 8:24] = 200 + 10 * p
 
-    rows = []
-    for p, prompt in enumerate(["a red circle", "a blue square"]):
-        for k in range(3):
-            img = np.full((32, 32, 3), 30, dtype=np.uint8)
-            if k == 0:  # dimmer, and a different picture: stripes
-                img[8:24, 8:24:4] = 120
-            else:  # samples 1 and 2 are the same bright square
-                img[8:24, 8:24] = 200 + 10 * p
-            Image.fromarray(img).save(tmp_path / f"{p}_{k}.png")
-            rows.append({"prompt": prompt, "image": f"{p}_{k}.png"})
-    manifest = tmp_path / "pool.jsonl"
-    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = write_pool(tmp_path, draw)
     out = tmp_path / "run"
     assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=2",
                  "ranking.diversity_weight=100", "train.steps_per_stage=2", "eval.every=0") == 0

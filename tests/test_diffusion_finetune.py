@@ -43,6 +43,17 @@ def lora_weights(unet) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad}
 
 
+def hand_draws(seed: int, t_range: tuple[int, int] = (0, 1000)):
+    """train_unet's draws for one micro-batch of 6, by hand: batch order, noise, timesteps from one generator.
+
+    Returns the generator too, for the draws that follow (caption dropout)."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(6, generator=gen)
+    noise = torch.randn((6, 4, 16, 16), generator=gen)
+    t = torch.randint(*t_range, (6,), generator=gen)
+    return gen, idx, noise, t
+
+
 def test_lora_stage_changes_output_keeps_base_and_reloads(load_tiny_pipe, data, tmp_path):
     latents, embeds, probe = data
     pipe = load_tiny_pipe()
@@ -141,11 +152,7 @@ def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data
     stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False,
                        snr_gamma=snr_gamma)
 
-    # the same draws, by hand: batch order, then noise, then timesteps from one generator seeded by `seed`
-    gen = torch.Generator().manual_seed(5)
-    idx = torch.randperm(6, generator=gen)
-    noise = torch.randn((6, 4, 16, 16), generator=gen)
-    t = torch.randint(0, 1000, (6,), generator=gen)
+    _, idx, noise, t = hand_draws(5)  # the same draws, by hand
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     x0 = latents[idx]
     target = noise if prediction_type == "epsilon" else ddpm.get_velocity(x0, noise, t)
@@ -175,10 +182,7 @@ def test_caption_dropout_trains_those_samples_on_the_empty_prompt(load_tiny_pipe
     kw = dict(steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
     stats = train_unet(pipe, latents, embeds, **kw, empty_prompt_ratio=0.5, empty_embeds=empty)
     # by hand: the usual draws, then one uniform per sample; below the ratio -> the empty prompt's embedding
-    gen = torch.Generator().manual_seed(5)
-    idx = torch.randperm(6, generator=gen)
-    noise = torch.randn((6, 4, 16, 16), generator=gen)
-    t = torch.randint(0, 1000, (6,), generator=gen)
+    gen, idx, noise, t = hand_draws(5)
     drop = torch.rand(6, generator=gen) < 0.5
     assert 0 < int(drop.sum()) < 6  # this seed drops some captions and keeps others
     cond = torch.where(drop.view(-1, 1, 1), empty, embeds[idx])
@@ -201,11 +205,7 @@ def test_timestep_range_trains_only_those_timesteps(load_tiny_pipe, data):
     add_lora(pipe.unet)
     kw = dict(steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
     stats = train_unet(pipe, latents, embeds, **kw, timestep_range=(900, 1000))
-    # by hand: the usual draws, with t ~ U[900, 1000) from the same generator
-    gen = torch.Generator().manual_seed(5)
-    idx = torch.randperm(6, generator=gen)
-    noise = torch.randn((6, 4, 16, 16), generator=gen)
-    t = torch.randint(900, 1000, (6,), generator=gen)
+    _, idx, noise, t = hand_draws(5, (900, 1000))  # by hand: the usual draws, with t ~ U[900, 1000)
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     with torch.no_grad():
         pred = pipe.unet(ddpm.add_noise(latents[idx], noise, t), t, encoder_hidden_states=embeds[idx]).sample
