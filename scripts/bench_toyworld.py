@@ -95,11 +95,13 @@ def main(argv=None) -> int:
         pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32")
         reward = load_reward_from_config(cfg["reward"], device="cpu")
         s = cfg["sampling"]
+        guidance = cfg["eval"].get("guidance_scale")  # best-of-K at the setting the eval rows use
+        guidance = s["guidance_scale"] if guidance is None else guidance
         best_imgs, best_proxy, prompts = [], [], []
         for j, r in enumerate(base["rows"]):
             seeds = [10_000_000 + j * args.best_of_k + k for k in range(args.best_of_k)]
             ims = sample(pipe, [r["prompt"]] * args.best_of_k, seeds, steps=s["num_inference_steps"],
-                         guidance=s["guidance_scale"])
+                         guidance=guidance)
             sc = reward(ims, [r["prompt"]] * args.best_of_k).float()
             b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
             best_imgs.append(ims[b])

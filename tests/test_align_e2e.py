@@ -89,6 +89,33 @@ def test_final_lora_loads_in_diffusers_and_changes_images(full_run, tiny_pipelin
     assert float(r[0]) == pytest.approx(row["reward"], abs=1e-4)
 
 
+def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tmp_path):
+    """eval.guidance_scale changes the held-out samples only: the pool is the default run's, bit for bit."""
+    from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
+    from raft_diffusion.diffusion.pipeline import load_pipeline
+    from reward_models import load_reward
+
+    out = tmp_path / "evalg"
+    assert align(out, tiny_pipeline_dir, "num_stages=1", "eval.guidance_scale=1.0") == 0
+    pool = [r["reward"] for r in read_jsonl(out / "stages" / "001" / "samples.jsonl")]
+    assert pool == [r["reward"] for r in read_jsonl(full_run / "stages" / "001" / "samples.jsonl")]
+    rows = read_jsonl(out / "stages" / "000" / "eval.jsonl")
+    default = read_jsonl(full_run / "stages" / "000" / "eval.jsonl")
+    gaps = [abs(a["reward"] - b["reward"]) for a, b in zip(rows, default)]
+    assert max(gaps) > 1e-4  # (the tiny random model barely responds to guidance)
+    # the base's held-out image that moved most, regenerated without guidance and with the pool's
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    reward = load_reward("brightness", device="cpu", region=[0.25, 0.25, 0.75, 0.75])
+    row = rows[gaps.index(max(gaps))]
+    got = {}
+    for g in (1.0, 2.0):
+        emb, neg = encode_prompts(pipe, [row["prompt"]], None, g > 1)
+        img = generate_batch(pipe, emb, neg, [row["seed"]], num_inference_steps=4, guidance_scale=g, height=32, width=32)[1]
+        got[g] = float(reward(img, [row["prompt"]])[0])
+    assert got[1.0] == pytest.approx(row["reward"], abs=1e-6)
+    assert abs(got[2.0] - row["reward"]) > 1e-4
+
+
 def test_killed_run_resumes_to_the_same_result(full_run, tiny_pipeline_dir, tmp_path, monkeypatch):
     from raft_diffusion.diffusion.adapter import DiffusionTask
 
@@ -207,3 +234,38 @@ def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path
     r = [s["reward"] for s in samples]
     assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, top 2 = samples 1 and 2
     assert [s["sample_index"] for s in samples if s["kept"]] == [0, 1, 0, 1]
+
+
+def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_path):
+    """ranking.prompt_match=2: a sample the eval CLIP does not match to its prompt (rank 3 or 4 of the 4
+    training prompts) is scored and logged but never kept; the kept set is the top 2 of the rest."""
+    from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
+    from raft_diffusion.diffusion.pipeline import load_pipeline
+    from raft_diffusion.eval.metrics import load_eval_clip, prompt_ranks
+
+    out = tmp_path / "run"
+    assert align(out, tiny_pipeline_dir, "num_stages=1", "ranking.prompt_match=2", "train.steps_per_stage=2",
+                 "eval.every=0") == 0
+    samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
+    assert all(s["reward"] is not None for s in samples)
+    off = [s for s in samples if s.get("discarded")]
+    assert off and all(s["prompt_rank"] > 2 and not s["kept"] for s in off)
+    assert all(s["prompt_rank"] <= 2 for s in samples if not s.get("discarded"))
+    assert read_jsonl(out / "metrics.jsonl")[-1]["num_discarded"] == len(off)
+    beaten = 0
+    for p in range(4):
+        mine = [s for s in samples if s["prompt_index"] == p]
+        live = sorted((s for s in mine if not s.get("discarded")), key=lambda s: -s["reward"])
+        assert {s["sample_index"] for s in mine if s["kept"]} == {s["sample_index"] for s in live[:2]}
+        beaten += sum(len(live) < 2 or s["reward"] > live[1]["reward"] for s in mine if s.get("discarded"))
+    assert beaten  # the gate changed the selection: plain top 2 would have kept an off-prompt image
+    # the logged ranks are the eval CLIP's on the pool images, among the training prompts
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu")
+    prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
+    mine = [s for s in samples if s["prompt_index"] == 1]
+    emb, neg = encode_prompts(pipe, [s["prompt"] for s in mine], None, True)
+    images = generate_batch(pipe, emb, neg, [s["seed"] for s in mine], num_inference_steps=4, guidance_scale=2.0,
+                            height=32, width=32)[1]
+    clip = load_eval_clip("tiny", None)
+    ranks = prompt_ranks(clip.image_embeddings(images), clip.text_embeddings(prompts), [1] * len(mine))
+    assert ranks == [s["prompt_rank"] for s in mine]

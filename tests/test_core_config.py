@@ -48,6 +48,9 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["ranking.diversity_weight=-1"], "ranking.diversity_weight must be >= 0 (got -1"),
         ({}, ["ranking.diversity_weight=2", "ranking.mode=global", "eval.clip_model=tiny"], "needs ranking.mode=local (got 'global')"),
         ({}, ["ranking.diversity_weight=2"], "ranking.diversity_weight needs eval.clip_model"),
+        ({}, ["ranking.prompt_match=0", "eval.clip_model=tiny"], "ranking.prompt_match must be an integer >= 1 or null (got 0)"),
+        ({}, ["ranking.prompt_match=0.5", "eval.clip_model=tiny"], "ranking.prompt_match must be an integer, got 0.5"),
+        ({}, ["ranking.prompt_match=1"], "ranking.prompt_match needs eval.clip_model"),
     ],
 )
 def test_bad_config_is_one_clear_line(data, overrides, message):

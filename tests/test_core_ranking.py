@@ -4,6 +4,7 @@ import random
 from types import SimpleNamespace
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,6 +115,19 @@ def test_nan_never_selected_even_when_nothing_else():
     pool = StreamingPool(R("local", top_k=2), expected_total=4)
     pool.add(samples)
     assert [(s.prompt_index, s.sample_index) for s in pool.kept()] == [(1, 0)]
+
+
+@pytest.mark.parametrize("w", [0.0, 2.0])
+def test_discarded_samples_are_never_kept_however_well_they_score(w):
+    samples = make([9.0, 1.0, 0.5, 8.0, 2.0, 3.0], 2, 3)
+    samples[0].extras["discarded"] = "eval CLIP ranks its prompt 3 of 4"
+    samples[3].extras["discarded"] = "eval CLIP ranks its prompt 2 of 4"
+    for s in samples:
+        s.embedding = torch.tensor([1.0, float(s.sample_index)])
+    pool = StreamingPool(R("local", top_k=2, diversity_weight=w), expected_total=6)
+    pool.add(samples)
+    assert {(s.prompt_index, s.sample_index) for s in pool.kept()} == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert samples[0].payload is None and samples[0].reward == 9.0  # scored and logged, not kept
 
 
 def test_kl_key_changes_only_the_ranking():

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from raft_diffusion.eval.metrics import best_of_k, clip_scores, diversity, eval_metrics, mean_std
+from raft_diffusion.eval.metrics import best_of_k, clip_scores, diversity, eval_metrics, mean_std, prompt_ranks
 
 E1, E2, E3 = torch.eye(3)
 
@@ -37,6 +37,15 @@ def test_clip_score_is_100_cosine_clipped_at_zero():
     img = torch.stack([E1, E1, E1 + E2, -E1])
     txt = torch.stack([E1, E1 + E2, 2 * E1 + 2 * E2, E1])
     assert clip_scores(img, txt).tolist() == pytest.approx([100.0, 100 / math.sqrt(2), 100.0, 0.0])
+
+
+def test_prompt_rank_counts_the_prompts_strictly_closer_to_the_image():
+    prompts = torch.stack([E1, E2, E1 + E2, -E1])  # cosines to E1: 1, 0, 0.71, -1
+    img = torch.stack([E1, E1, E1, 3 * E1, E2, E1 + E2])
+    own = [0, 2, 1, 3, 0, 2]
+    assert prompt_ranks(img, prompts, own) == [1, 2, 3, 4, 3, 1]
+    # a tie counts in the image's favour: E1 + E2 is as close to E1 as to E2 (both rank 2 for it)
+    assert prompt_ranks(img[5:], prompts, [0]) == [2] and prompt_ranks(img[5:], prompts, [1]) == [2]
 
 
 def test_best_of_k_is_mean_over_prompts_of_the_max_and_skips_nan():

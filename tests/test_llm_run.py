@@ -210,6 +210,7 @@ def test_dedupe_filter_keeps_one_copy_per_stage(tmp_path):
     assert len(live) == len(set(live)) and dups  # 3-token completions repeat; only the first copy is ranked
     assert all(s["reward"] is None and not s["kept"] for s in dups)
     assert all(" ".join(d["completion"].split()) in live for d in dups)
+    assert read_jsonl(tmp_path / "metrics.jsonl")[-1]["num_discarded"] == len(dups)
 
 
 def test_full_finetuning_keeps_a_frozen_base_copy(tmp_path):

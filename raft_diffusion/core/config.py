@@ -67,6 +67,7 @@ class RankingConfig:
     max_kept: int | None = _f(None, "after the mode's selection keep at most this many, best first")
     kl_beta: float = _f(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
     diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
+    prompt_match: int | None = _f(None, "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)")
 
 
 @dataclass
@@ -95,6 +96,7 @@ class TrainConfig:
 class EvalConfig:
     num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
+    guidance_scale: float | None = _f(None, "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage")
     save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
     clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
     clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
@@ -160,6 +162,10 @@ class RaftConfig:
             check_diverse(r.mode, True)
             need(self.eval.clip_model is not None,
                  "ranking.diversity_weight needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
+        need(r.prompt_match is None or r.prompt_match >= 1,
+             f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
+        need(r.prompt_match is None or self.eval.clip_model is not None,
+             "ranking.prompt_match needs eval.clip_model (the CLIP that matches images to prompts)")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")

@@ -266,6 +266,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
                     s.payload = _to_cpu(s.payload)
             records, kept = dist.broadcast((records, kept))
             rewards = [s.reward if s.reward is not None else math.nan for s in map(_from_record, records)]
+            discarded = sum(1 for r in records if r.get("discarded"))
         else:
             pool = collect_pool(cfg, task, stage, stats, dist)
             kept = pool.kept()
@@ -273,19 +274,20 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
                 task.save_kept(sdir, kept)
                 write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])
             rewards = [s.reward for s in pool.records]
+            discarded = sum(1 for s in pool.records if s.extras.get("discarded"))
             del pool
         row["time_sample"] = time.perf_counter() - t
         row["time_score"] = stats.pop("time_score", 0.0)
         if not kept:
             raise RewardError(
-                f"stage {stage} kept no samples (every reward was NaN or below ranking.threshold={cfg.ranking.threshold}); "
-                "lower the threshold or check the reward"
+                f"stage {stage} kept no samples (every sample was discarded ({discarded}), or its reward NaN or below "
+                f"ranking.threshold={cfg.ranking.threshold}); lower the threshold, loosen the discard rule or check the reward"
             )
         s_all, s_kept = _summary(rewards), _summary([s.reward for s in kept])
         row.update(
             reward_mean=s_all.get("mean"), reward_std=s_all.get("std"), reward_max=s_all.get("max"),
             reward_min=s_all.get("min"), kept_reward_mean=s_kept.get("mean"), kept_reward_min=s_kept.get("min"),
-            num_generated=len(rewards), num_kept=len(kept),
+            num_generated=len(rewards), num_kept=len(kept), num_discarded=discarded,
         )
 
         # Step 4: fine-tune on the kept samples.

@@ -51,7 +51,7 @@ class StreamingPool:
         for s in samples:
             self.records.append(s)
             key = ranking_key(s.reward, s.log_ratio, self.ranking.kl_beta)
-            if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
+            if is_nan(key) or s.extras.get("discarded") or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
             if self.spread and s.embedding is None:

@@ -13,7 +13,8 @@ layout, one background) when other modes score almost as well; this keeps a spre
 in reward (w is in reward units per unit of cosine distance).
 
 The ranking key is the reward, or ``reward - beta * log(p_theta / p_base)`` when ``kl_beta > 0``
-and the generator supplied the log-ratio. NaN keys are never selected. Ties break towards the
+and the generator supplied the log-ratio. NaN keys, and samples a task marked ``discarded`` (an LLM
+filter, a diffusion prompt-match gate), are never selected. Ties break towards the
 lower prompt index, then the lower sample index, so selections are deterministic.
 """
 from __future__ import annotations

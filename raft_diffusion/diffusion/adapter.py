@@ -15,7 +15,7 @@ from ..core.loop import external_requests, read_manifest
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
-from ..eval.metrics import eval_metrics, load_eval_clip
+from ..eval.metrics import eval_metrics, load_eval_clip, prompt_ranks
 from . import finetune as ft
 from .generate import encode_images, encode_prompts, generate_batch
 from .pipeline import load_pipeline, resolve_device
@@ -87,9 +87,10 @@ class DiffusionTask:
         self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
         self.reward_name = reward_label(cfg.reward)
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
-        # (also the embedding space of ranking.diversity_weight)
+        # (also the embedding space of ranking.diversity_weight and the judge of ranking.prompt_match)
         self.eval_clip = (load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
-                          if cfg.eval.every or cfg.ranking.diversity_weight else None)
+                          if cfg.eval.every or cfg.ranking.diversity_weight or cfg.ranking.prompt_match else None)
+        self._prompt_text = None
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.pipe = load_pipeline(
             cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
@@ -100,9 +101,10 @@ class DiffusionTask:
         default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self.height, self.width = s.height or default, s.width or default
         # 3. Prompt embeddings, once per prompt (the text encoder is frozen).
-        self.do_cfg = s.guidance_scale > 1.0
-        self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, self.do_cfg)
-        self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.do_cfg)
+        # the pool's guidance and the held-out samples' (eval.guidance_scale, default the same)
+        self.eval_guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else s.guidance_scale
+        self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, s.guidance_scale > 1.0)
+        self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.eval_guidance > 1.0)
         # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
         self.empty_embeds = (encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
                              if cfg.train.empty_prompt_ratio > 0 else None)
@@ -119,13 +121,13 @@ class DiffusionTask:
             print(f"training: effective batch {eff} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) {where}", flush=True)
 
     # -- generation ----------------------------------------------------------------------------
-    def _generate(self, embeds, prompt_indices, seeds):
+    def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float):
         cond, uncond = embeds
         idx = torch.tensor(prompt_indices, device=cond.device)
         s = self.cfg.sampling
         return generate_batch(
             self.pipe, cond[idx], None if uncond is None else uncond[idx], list(seeds),
-            num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale,
+            num_inference_steps=s.num_inference_steps, guidance_scale=guidance_scale,
             height=self.height, width=self.width, eta=s.eta,
         )
 
@@ -143,7 +145,8 @@ class DiffusionTask:
                 images = torch.stack([self._load_external(s.extras["source"]) for s in batch]).to(self.device)
                 latents = encode_images(self.pipe, images, [s.seed for s in batch])
             else:
-                latents, images = self._generate(self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch])
+                latents, images = self._generate(self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch],
+                                                 self.cfg.sampling.guidance_scale)
             for j, s in enumerate(batch):  # clone: a dropped sample must free its memory, not pin the batch
                 s.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
             yield batch
@@ -160,9 +163,20 @@ class DiffusionTask:
         images = torch.stack([s.payload["image"] for s in batch])
         out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
         _attach_components(self.reward, batch)
-        if self.cfg.ranking.diversity_weight:
-            for s, e in zip(batch, self.eval_clip.image_embeddings(images)):
+        r = self.cfg.ranking
+        if r.diversity_weight or r.prompt_match:
+            emb = self.eval_clip.image_embeddings(images)
+        if r.diversity_weight:
+            for s, e in zip(batch, emb):
                 s.embedding = e
+        if r.prompt_match:
+            if self._prompt_text is None:  # every training prompt, embedded once
+                self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
+            ranks = prompt_ranks(emb, self._prompt_text, [s.prompt_index for s in batch])
+            for s, k in zip(batch, ranks):
+                s.extras["prompt_rank"] = k
+                if k > r.prompt_match:
+                    s.extras["discarded"] = f"eval CLIP ranks its prompt {k} of {len(self.train_prompts)}"
         return out
 
     # -- kept samples --------------------------------------------------------------------------
@@ -239,7 +253,8 @@ class DiffusionTask:
         rows, images_u8, embeddings = [], [], []
         for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
             chunk = mine[i:i + bs]
-            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk])
+            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk],
+                                       self.eval_guidance)
             r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):

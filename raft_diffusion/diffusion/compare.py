@@ -69,7 +69,10 @@ def resolve_weights(path: str | Path) -> tuple[str, Path]:
 
 
 def settings_from_config(config_path: str | Path, **overrides) -> CompareSettings:
-    """Defaults from a preset or a run's config.yaml (held-out prompts, sampler, reward), then ``overrides``."""
+    """Defaults from a preset or a run's config.yaml (held-out prompts, sampler, reward), then ``overrides``.
+
+    The guidance scale is the held-out evaluation's (``eval.guidance_scale``, else the pool's).
+    """
     from ..core.config import load_config
     from .prompts import load_prompts
 
@@ -77,7 +80,8 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
     s = cfg.sampling
     base = CompareSettings(
         prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
-        num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, height=s.height, width=s.width,
+        num_inference_steps=s.num_inference_steps, height=s.height, width=s.width,
+        guidance_scale=s.guidance_scale if cfg.eval.guidance_scale is None else cfg.eval.guidance_scale,
         scheduler=s.scheduler, negative_prompt=cfg.prompts.negative, reward=cfg.reward, batch_size=s.batch_size,
     )
     for key, value in overrides.items():

@@ -461,11 +461,14 @@ def _config_summary(cfg: dict) -> str:
         ("sampling", f"K={get('sampling.num_per_prompt')}, {get('sampling.num_inference_steps')} steps, guidance "
                      f"{get('sampling.guidance_scale')}, {get('sampling.scheduler') or 'the model scheduler'}, {size}"),
         ("ranking", f"{get('ranking.mode')}, top_k={get('ranking.top_k')}, top_ratio={get('ranking.top_ratio')}, "
-                    f"max_kept={json.dumps(get('ranking.max_kept'))}, kl_beta={get('ranking.kl_beta')}"),
+                    f"max_kept={json.dumps(get('ranking.max_kept'))}, kl_beta={get('ranking.kl_beta')}, "
+                    f"diversity_weight={get('ranking.diversity_weight')}, prompt_match={json.dumps(get('ranking.prompt_match'))}"),
         ("train", f"{get('train.method')} rank {get('train.lora_rank')} alpha {get('train.lora_alpha')}, lr "
                   f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
                   f"batch {get('train.batch_size')} per stage"),
-        ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, CLIP {get('eval.clip_model')}"),
+        ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, guidance "
+                 f"{get('sampling.guidance_scale') if get('eval.guidance_scale') is None else get('eval.guidance_scale')}, "
+                 f"CLIP {get('eval.clip_model')}"),
         ("early stop", json.dumps(get("early_stop"))),
         ("prompts", f"train {json.dumps(get('prompts.train'))}; held-out {json.dumps(get('prompts.eval'))}"),
     ]

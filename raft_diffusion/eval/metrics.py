@@ -52,6 +52,16 @@ def clip_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float = 
     return (scale * cos).clamp_min(0.0)
 
 
+def prompt_ranks(image_emb: torch.Tensor, prompt_emb: torch.Tensor, own: Sequence[int]) -> list[int]:
+    """For each image, the rank (1 = best) of its own prompt ``own[i]`` among all ``prompt_emb`` by cosine.
+
+    Ties count in the image's favour: a prompt ranks below only the prompts strictly closer to the image.
+    """
+    sim = l2_normalize(image_emb.double()) @ l2_normalize(prompt_emb.double()).T
+    mine = sim[torch.arange(len(own)), torch.as_tensor(list(own))]
+    return [1 + int(n) for n in (sim > mine[:, None]).sum(1)]
+
+
 def diversity(image_emb: torch.Tensor, groups: Sequence[int]) -> float:
     """Mean over groups with >= 2 members of the mean pairwise ``1 - cos`` of their embeddings; NaN if none."""
     e = l2_normalize(image_emb.double())
@@ -135,16 +145,3 @@ def ensure_tiny_clip(cache_dir: str | Path | None = None) -> Path:
         save_open_clip(model, cfg, tmp)
 
     return build_once(TINY_CLIP_NAME, "open_clip_model.safetensors", build, cache_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_CLIP_NAME}-", dir=root))
-    try:
-        model, cfg = build_tiny_open_clip(seed=0)
-        save_open_clip(model, cfg, tmp)
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "open_clip_model.safetensors").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

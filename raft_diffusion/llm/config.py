@@ -157,6 +157,8 @@ class LLMConfig:
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(r.diversity_weight == 0, "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
              "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0")
+        need(r.prompt_match is None, "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
+             "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),

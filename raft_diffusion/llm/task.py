@@ -101,7 +101,6 @@ class LLMTask:
             log.warning("train.mixed_precision=%s needs CUDA; training in %s on %s", t.mixed_precision, self.dtype, self.device)
         self.model.eval()
         self.filters = Filters(cfg.filters)
-        self._discarded: dict[int, int] = {}  # stage -> completions the filters discarded (reported with training)
 
     # -- helpers -------------------------------------------------------------------------------
     @contextmanager
@@ -171,7 +170,6 @@ class LLMTask:
                 for r, (cur, ref) in zip(live, self.log_ratios([r.payload["prompt_ids"] for r in live], [r.payload["completion_ids"] for r in live])):
                     r.log_ratio = cur - ref
             yield batch
-        self._discarded[stage] = discarded
         if requests and discarded == len(requests):
             raise UserError(
                 f"the filters discarded all {len(requests)} completions of stage {stage} (e.g. "
@@ -203,8 +201,7 @@ class LLMTask:
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample]) -> dict:
         t = self.cfg.train
-        out = {"num_discarded": self._discarded.pop(stage)} if stage in self._discarded else {}
-        return out | train_response_only(
+        return train_response_only(
             self.model, [(s.payload["prompt_ids"], s.payload["completion_ids"]) for s in kept], pad_id=self.pad_id,
             epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
             learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
