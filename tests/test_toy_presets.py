@@ -28,10 +28,14 @@ def test_toy_preset_one_short_stage(preset, tmp_path, monkeypatch):
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     top_k = yaml.safe_load((out / "config.yaml").read_text())["ranking"]["top_k"]
     assert top_k == {"toy_aesthetic": 2, "toy_clipscore": 1}[preset]
+    off = [s for s in samples if s.get("discarded")]  # the demo's prompt gate (ranking.prompt_match)
+    assert rows[1]["num_discarded"] == len(off) and (len(off) > 0) == (preset == "toy_aesthetic")
+    assert not any(s["kept"] for s in off)
     for p in {s["prompt_index"] for s in samples}:
-        mine = [s for s in samples if s["prompt_index"] == p]
-        assert [s["kept"] for s in mine].count(True) == top_k
-        assert max(mine, key=lambda s: s["reward"])["kept"]  # the best of K by the reward is always kept
+        live = [s for s in samples if s["prompt_index"] == p and not s.get("discarded")]
+        assert [s["kept"] for s in live].count(True) == min(top_k, len(live))
+        if live:  # the best of K by the reward, among the on-prompt ones, is always kept
+            assert max(live, key=lambda s: s["reward"])["kept"]
     # the base model draws what its held-out prompts ask for (oracle), so the demo starts from a sound model
     ev = read_jsonl(out / "stages" / "000" / "eval.jsonl")
     ims = torch.from_numpy(np.stack([np.asarray(Image.open(out / "stages" / "000" / r["image"]).convert("RGB"))

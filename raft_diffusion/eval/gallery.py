@@ -234,6 +234,7 @@ def render_reward_curve(
     final: int | None = None,
     floors: dict[str, float] | None = None,
     title: str = "",
+    pool_label: str = "training pool mean",
 ) -> Path:
     """Held-out reward (mean +- std) per stage, plus fidelity and diversity panels when measured.
 
@@ -264,7 +265,7 @@ def render_reward_curve(
             pool = [(r["stage"], r["reward_mean"]) for r in rows if _finite(r.get("reward_mean"))]
             if pool:
                 ax.plot([p[0] for p in pool], [p[1] for p in pool], color="0.6", linestyle=":", marker=".",
-                        label="training pool mean")
+                        label=pool_label)
         base = next((r.get(key) for r in rows if r["stage"] == 0 and _finite(r.get(key))), None)
         if key in floors and base is not None:
             ax.axhline(floors[key] * base, color="tab:red", linestyle="--", linewidth=1,
@@ -509,7 +510,13 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     title = f"{run.root.name}: reward {(cfg or {}).get('reward', {}).get('name', 'mix')}"
     if stop:
         title += f" (stopped early after stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
-    render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title)
+    sampling = (cfg or {}).get("sampling") or {}
+    g_pool, g_eval = sampling.get("guidance_scale"), ((cfg or {}).get("eval") or {}).get("guidance_scale")
+    pool_label = "training pool mean"
+    if g_eval is not None and g_pool is not None and g_eval != g_pool:
+        pool_label += f" (guidance {g_pool:g}; held-out {g_eval:g})"
+    render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title,
+                        pool_label=pool_label)
 
     # 3. base vs final grid
     ends = [c for c in columns if c.key in ("s000", f"s{final or 0:03d}")]
