@@ -133,6 +133,11 @@ class RaftConfig:
     def __post_init__(self):
         fill_sections(self)
 
+    @property
+    def eval_guidance_scale(self) -> float:
+        """The held-out samples' guidance: ``eval.guidance_scale``, else the pool's ``sampling.guidance_scale``."""
+        return self.sampling.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
+
     def validate(self) -> "RaftConfig":
         """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
         s, r, t = self.sampling, self.ranking, self.train

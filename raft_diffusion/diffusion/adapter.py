@@ -102,7 +102,7 @@ class DiffusionTask:
         self.height, self.width = s.height or default, s.width or default
         # 3. Prompt embeddings, once per prompt (the text encoder is frozen).
         # the pool's guidance and the held-out samples' (eval.guidance_scale, default the same)
-        self.eval_guidance = cfg.eval.guidance_scale if cfg.eval.guidance_scale is not None else s.guidance_scale
+        self.eval_guidance = cfg.eval_guidance_scale
         self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, s.guidance_scale > 1.0)
         self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.eval_guidance > 1.0)
         # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)

@@ -81,7 +81,7 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
     base = CompareSettings(
         prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
         num_inference_steps=s.num_inference_steps, height=s.height, width=s.width,
-        guidance_scale=s.guidance_scale if cfg.eval.guidance_scale is None else cfg.eval.guidance_scale,
+        guidance_scale=cfg.eval_guidance_scale,
         scheduler=s.scheduler, negative_prompt=cfg.prompts.negative, reward=cfg.reward, batch_size=s.batch_size,
     )
     for key, value in overrides.items():
