@@ -94,9 +94,10 @@ def main(argv=None) -> int:
 
         pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32")
         reward = load_reward_from_config(cfg["reward"], device="cpu")
+        from raft_diffusion.core.config import load_config
+
         s = cfg["sampling"]
-        guidance = cfg["eval"].get("guidance_scale")  # best-of-K at the setting the eval rows use
-        guidance = s["guidance_scale"] if guidance is None else guidance
+        guidance = load_config(run / "config.yaml").eval_guidance_scale  # best-of-K at the held-out samples' setting
         best_imgs, best_proxy, prompts = [], [], []
         for j, r in enumerate(base["rows"]):
             seeds = [10_000_000 + j * args.best_of_k + k for k in range(args.best_of_k)]

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.pool import StreamingPool
-from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key, select
+from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key, select, select_samples
 from raft_diffusion.core.types import Sample
 
 
@@ -126,7 +126,9 @@ def test_discarded_samples_are_never_kept_however_well_they_score(w):
         s.embedding = torch.tensor([1.0, float(s.sample_index)])
     pool = StreamingPool(R("local", top_k=2, diversity_weight=w), expected_total=6)
     pool.add(samples)
-    assert {(s.prompt_index, s.sample_index) for s in pool.kept()} == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    kept = [(s.prompt_index, s.sample_index) for s in pool.kept()]
+    assert set(kept) == {(0, 1), (0, 2), (1, 1), (1, 2)}
+    assert [(s.prompt_index, s.sample_index) for s in select_samples(samples, R("local", top_k=2, diversity_weight=w))] == kept
     assert samples[0].payload is None and samples[0].reward == 9.0  # scored and logged, not kept
 
 

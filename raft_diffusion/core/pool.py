@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, ranking_key
+from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key
 from .types import Sample
 
 
@@ -50,8 +50,8 @@ class StreamingPool:
     def add(self, samples: Iterable[Sample]) -> None:
         for s in samples:
             self.records.append(s)
-            key = ranking_key(s.reward, s.log_ratio, self.ranking.kl_beta)
-            if is_nan(key) or s.extras.get("discarded") or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
+            key = sample_key(s, self.ranking.kl_beta)
+            if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
             if self.spread and s.embedding is None:

@@ -37,6 +37,11 @@ def ranking_key(reward: float, log_ratio: float | None, kl_beta: float) -> float
     return float(reward)
 
 
+def sample_key(s: Sample, kl_beta: float) -> float:
+    """A sample's ranking key; NaN (never selected) when its task marked it ``discarded``."""
+    return math.nan if s.extras.get("discarded") else ranking_key(s.reward, s.log_ratio, kl_beta)
+
+
 def order_key(key: float, prompt_index: int, sample_index: int) -> tuple:
     """Sort key, larger is better: the ranking key, then lower prompt, then lower sample index."""
     return (key, -prompt_index, -sample_index)
@@ -130,7 +135,7 @@ def check_diverse(mode: str, have_embeddings: bool) -> None:
 
 def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
     """Apply a :class:`RankingConfig`-like object to samples (reference path; the pool streams)."""
-    keys = [ranking_key(s.reward, s.log_ratio, ranking.kl_beta) for s in samples]
+    keys = [sample_key(s, ranking.kl_beta) for s in samples]
     w = getattr(ranking, "diversity_weight", 0.0)
     idx = select(
         keys,

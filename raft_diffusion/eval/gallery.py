@@ -443,6 +443,13 @@ def _metrics_table(rows: list[dict], final: int | None) -> str:
     return "".join(out)
 
 
+def _guidances(cfg: dict) -> tuple:
+    """(pool, held-out) guidance scales of a run's config.yaml dict (the held-out one defaults to the pool's)."""
+    g_pool = ((cfg or {}).get("sampling") or {}).get("guidance_scale")
+    g_eval = ((cfg or {}).get("eval") or {}).get("guidance_scale")
+    return g_pool, g_pool if g_eval is None else g_eval
+
+
 def _config_summary(cfg: dict) -> str:
     if not cfg:
         return "<p class='muted'>no config.yaml</p>"
@@ -468,7 +475,7 @@ def _config_summary(cfg: dict) -> str:
                   f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
                   f"batch {get('train.batch_size')} per stage"),
         ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, guidance "
-                 f"{get('sampling.guidance_scale') if get('eval.guidance_scale') is None else get('eval.guidance_scale')}, "
+                 f"{_guidances(cfg)[1]}, "
                  f"CLIP {get('eval.clip_model')}"),
         ("early stop", json.dumps(get("early_stop"))),
         ("prompts", f"train {json.dumps(get('prompts.train'))}; held-out {json.dumps(get('prompts.eval'))}"),
@@ -510,10 +517,9 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     title = f"{run.root.name}: reward {(cfg or {}).get('reward', {}).get('name', 'mix')}"
     if stop:
         title += f" (stopped early after stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
-    sampling = (cfg or {}).get("sampling") or {}
-    g_pool, g_eval = sampling.get("guidance_scale"), ((cfg or {}).get("eval") or {}).get("guidance_scale")
+    g_pool, g_eval = _guidances(cfg)
     pool_label = "training pool mean"
-    if g_eval is not None and g_pool is not None and g_eval != g_pool:
+    if g_pool is not None and g_eval != g_pool:
         pool_label += f" (guidance {g_pool:g}; held-out {g_eval:g})"
     render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title,
                         pool_label=pool_label)
