@@ -236,6 +236,25 @@ def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path
     assert [s["sample_index"] for s in samples if s["kept"]] == [0, 1, 0, 1]
 
 
+def test_novelty_weight_keeps_the_sample_where_the_pool_is_sparse(tiny_pipeline_dir, tmp_path):
+    """Two of a prompt's three images are the same picture: with ranking.novelty_weight the lone one, though it
+    scores less, is kept over the crowded pair (its mean CLIP distance to the others is twice theirs)."""
+    def draw(img, p, k):
+        if k == 0:
+            img[8:24, 8:24:4] = 120
+        else:
+            img[8:24, 8:24] = 200 + 10 * p
+
+    manifest = write_pool(tmp_path, draw)
+    out = tmp_path / "run"
+    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
+                 "ranking.novelty_weight=100", "train.steps_per_stage=2", "eval.every=0") == 0
+    samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
+    r = [s["reward"] for s in samples]
+    assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, sample 1 is kept
+    assert [s["sample_index"] for s in samples if s["kept"]] == [0, 0]
+
+
 def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_path):
     """ranking.prompt_match=2: a sample the eval CLIP does not match to its prompt (rank 3 or 4 of the 4
     training prompts) is scored and logged but never kept; the kept set is the top 2 of the rest."""

@@ -14,9 +14,10 @@ from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key,
 from raft_diffusion.core.types import Sample
 
 
-def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0, diversity_weight=0.0):
+def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0, diversity_weight=0.0,
+      novelty_weight=0.0):
     return SimpleNamespace(mode=mode, top_k=top_k, top_ratio=top_ratio, threshold=threshold, max_kept=max_kept,
-                           kl_beta=kl_beta, diversity_weight=diversity_weight)
+                           kl_beta=kl_beta, diversity_weight=diversity_weight, novelty_weight=novelty_weight)
 
 
 def brute_local(rewards, P, K, k):
@@ -182,8 +183,21 @@ def test_diverse_pick_trades_reward_for_spread():
     assert diverse_pick(keys, emb, 9, 2.0) == [0, 2, 1]  # k beyond the group: every item once
 
 
-def brute_diverse(rewards, embs, P, K, k, w):
-    """Per prompt, best first by (-reward, index); then greedily reward + w * mean(1 - cos) to the picks so far."""
+def test_novelty_pick_prefers_the_sample_in_the_sparse_part_of_the_pool():
+    # items 0-2 crowd one mode (0 scores best); item 3 sits alone in another and scores 0.3 less than item 0
+    keys = [5.0, 4.9, 4.8, 4.7]
+    emb = [[1.0, 0.0], [1.0, 0.02], [1.0, -0.02], [0.0, 1.0]]
+    assert diverse_pick(keys, emb, 1, 0.0) == [0]
+    # item 0's mean distance to the others is about 1/3; item 3's is about 1: a gain of 2v/3 over item 0
+    assert diverse_pick(keys, emb, 1, 0.0, novelty=0.3) == [0]  # +0.2 < 0.3
+    assert diverse_pick(keys, emb, 1, 0.0, novelty=0.6) == [3]  # +0.4 > 0.3
+    assert diverse_pick(keys, emb, 2, 0.0, novelty=0.6) == [3, 0]  # then the plain best by gain
+    assert diverse_pick(keys, emb, 2, 0.0, novelty=0.0) == [0, 1]
+
+
+def brute_diverse(rewards, embs, P, K, k, w, v=0.0):
+    """Per prompt: gain = reward + v * mean(1 - cos) to the prompt's other valid samples; best gain first (ties:
+    better reward, then lower index); then greedily gain + w * mean(1 - cos) to the picks so far."""
     def cos_dist(a, b):
         na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
         return 1.0 - sum(x * y for x, y in zip(a, b)) / (na * nb)
@@ -191,10 +205,12 @@ def brute_diverse(rewards, embs, P, K, k, w):
     out = set()
     for p in range(P):
         items = sorted((j for j in range(K) if not math.isnan(rewards[p * K + j])), key=lambda j: (-rewards[p * K + j], j))
-        picked = items[:1]
+        gain = {j: rewards[p * K + j] + (v * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in items if i != j)
+                                         / (len(items) - 1) if len(items) > 1 else 0.0) for j in items}
+        picked = [max(items, key=lambda j: (gain[j], -items.index(j)))] if items else []
         while items and len(picked) < min(k, len(items)):
             rest = [j for j in items if j not in picked]
-            score = {j: rewards[p * K + j] + w * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in picked) / len(picked)
+            score = {j: gain[j] + w * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in picked) / len(picked)
                      for j in rest}
             picked.append(max(rest, key=lambda j: (score[j], -items.index(j))))
         out |= {(p, j) for j in picked}
@@ -202,8 +218,10 @@ def brute_diverse(rewards, embs, P, K, k, w):
 
 
 @settings(max_examples=120, deadline=None)
-@given(reward_lists, st.integers(1, 6), st.integers(1, 4), st.sampled_from([0.3, 1.0, 4.0]), st.randoms(use_true_random=False))
-def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, w, rnd):
+@given(reward_lists, st.integers(1, 6), st.integers(1, 4), st.sampled_from([(0.3, 0.0), (1.0, 0.0), (4.0, 0.0), (0.0, 2.0),
+                                                                            (1.0, 3.0)]), st.randoms(use_true_random=False))
+def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, wv, rnd):
+    w, v = wv
     P, K, rewards = data
     k = min(k, K)
     embs = [[rnd.uniform(-1, 1) for _ in range(3)] + [0.05] for _ in range(P * K)]  # never the zero vector
@@ -212,16 +230,16 @@ def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, w, rnd):
         s.embedding = e
     order = list(range(len(samples)))
     rnd.shuffle(order)  # arrival order must not matter
-    pool = StreamingPool(R("local", top_k=k, diversity_weight=w), expected_total=len(samples))
+    pool = StreamingPool(R("local", top_k=k, diversity_weight=w, novelty_weight=v), expected_total=len(samples))
     for i in range(0, len(order), batch):
         pool.add([samples[j] for j in order[i:i + batch]])
     kept = pool.kept()
-    want = brute_diverse(rewards, embs, P, K, k, w)
+    want = brute_diverse(rewards, embs, P, K, k, w, v)
     assert {(s.prompt_index, s.sample_index) for s in kept} == want
     assert [s.reward for s in kept] == sorted((s.reward for s in kept), reverse=True)  # best first, as always
     # the streaming pool and the reference selection agree, and only the kept hold payloads afterwards
     ref = select([s.reward for s in samples], [s.prompt_index for s in samples], [s.sample_index for s in samples],
-                 mode="local", top_k=k, diversity_weight=w, embeddings=embs)
+                 mode="local", top_k=k, diversity_weight=w, embeddings=embs, novelty_weight=v)
     assert {(samples[i].prompt_index, samples[i].sample_index) for i in ref} == want
     assert {(s.prompt_index, s.sample_index) for s in pool.records if s.payload is not None} == want
     assert pool.num_payloads_held() == len(want)

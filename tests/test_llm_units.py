@@ -252,6 +252,8 @@ def test_config_rules():
         config_from_dict({}, ["sampling.top_p=0"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="the LLM generator supplies no embeddings"):
         config_from_dict({}, ["ranking.diversity_weight=1"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="ranking.novelty_weight is for diffusion runs"):
+        config_from_dict({}, ["ranking.novelty_weight=1"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="use the filters.. discard rules and set ranking.prompt_match=null"):
         config_from_dict({}, ["ranking.prompt_match=1"], cls=LLMConfig)
 

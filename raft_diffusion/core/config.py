@@ -67,6 +67,7 @@ class RankingConfig:
     max_kept: int | None = _f(None, "after the mode's selection keep at most this many, best first")
     kl_beta: float = _f(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
     diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
+    novelty_weight: float = _f(0.0, "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)")
     prompt_match: int | None = _f(None, "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)")
 
 
@@ -163,10 +164,12 @@ class RaftConfig:
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
-        if r.diversity_weight:
-            check_diverse(r.mode, True)
-            need(self.eval.clip_model is not None,
-                 "ranking.diversity_weight needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
+        need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
+        for name in ("diversity_weight", "novelty_weight"):
+            if getattr(r, name):
+                check_diverse(r.mode, True)
+                need(self.eval.clip_model is not None,
+                     f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
         need(r.prompt_match is None or r.prompt_match >= 1,
              f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
         need(r.prompt_match is None or self.eval.clip_model is not None,

@@ -27,7 +27,8 @@ class StreamingPool:
         self.expected_total = expected_total
         self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
         self._heaps: dict[object, list] = {}
-        self.spread = bool(getattr(ranking, "diversity_weight", 0.0))  # greedy spread-out pick per prompt
+        # greedy spread-out / novelty pick per prompt: needs every candidate of the prompt
+        self.spread = bool(getattr(ranking, "diversity_weight", 0.0) or getattr(ranking, "novelty_weight", 0.0))
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
@@ -76,7 +77,8 @@ class StreamingPool:
         for slot, heap in self._heaps.items():
             items = sorted(heap, key=lambda it: it[0], reverse=True)
             picks = set(diverse_pick([it[0][0] for it in items], [it[1].embedding for it in items],
-                                     self.ranking.top_k, self.ranking.diversity_weight))
+                                     self.ranking.top_k, self.ranking.diversity_weight,
+                                     getattr(self.ranking, "novelty_weight", 0.0)))
             for j, (_, s) in enumerate(items):
                 if j not in picks:
                     self._held -= s.payload is not None

@@ -12,6 +12,12 @@ its embedding and those already picked for the prompt. Pure best-of-K keeps near
 layout, one background) when other modes score almost as well; this keeps a spread set at a small cost
 in reward (w is in reward units per unit of cosine distance).
 
+With ``novelty_weight`` v > 0 (``local`` mode only) each eligible sample's key is first raised by
+``v * mean cosine distance`` to the other eligible samples of its prompt, then the pick above (or the plain
+``top_k`` when w is 0) runs on the raised keys. The pool is a draw from the current model, so this favours
+good samples where the model puts little mass over equally good ones where it crowds: a model fine-tuned on
+its own best samples otherwise collapses onto its best mode stage after stage.
+
 The ranking key is the reward, or ``reward - beta * log(p_theta / p_base)`` when ``kl_beta > 0``
 and the generator supplied the log-ratio. NaN keys, and samples a task marked ``discarded`` (an LLM
 filter, a diffusion prompt-match gate), are never selected. Ties break towards the
@@ -56,21 +62,26 @@ def global_count(total: int, top_ratio: float) -> int:
     return max(1, math.ceil(top_ratio * total - 1e-9)) if total else 0
 
 
-def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float) -> list[int]:
+def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0) -> list[int]:
     """Greedy spread-out top ``k`` of one group whose items come best first: positions into ``keys``.
 
-    The first pick is item 0 (the best); each next one maximises ``key + weight * mean(1 - cos)`` to the
-    picks so far. Ties go to the earlier (better-ranked) item, so the result is deterministic.
+    With ``novelty`` > 0 each item's gain is first raised by ``novelty * mean(1 - cos)`` to the group's
+    other items (a sample in a crowded part of the pool gains little); then the first pick is the best gain and
+    each next one maximises ``gain + weight * mean(1 - cos)`` to the picks so far. With ``weight`` 0 this is the
+    plain top ``k`` by gain. Ties go to the earlier (better-ranked) item, so the result is deterministic.
     """
-    if not len(keys):
+    n = len(keys)
+    if not n:
         return []
     e = torch.stack([torch.as_tensor(x, dtype=torch.float64).flatten() for x in embeddings])
     e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
     gain = torch.as_tensor(list(keys), dtype=torch.float64)
+    if novelty and n > 1:
+        gain = gain + novelty * (1.0 - e @ e.T).sum(1) / (n - 1)
     dist_sum = torch.zeros_like(gain)
-    picked = [0]
+    picked = [int(gain.argmax())]
     free = torch.ones_like(gain, dtype=torch.bool)
-    while len(picked) < min(k, len(keys)):
+    while len(picked) < min(k, n):
         last = picked[-1]
         free[last] = False
         dist_sum += 1.0 - e @ e[last]
@@ -91,20 +102,22 @@ def select(
     max_kept: int | None = None,
     diversity_weight: float = 0.0,
     embeddings: Sequence | None = None,
+    novelty_weight: float = 0.0,
 ) -> list[int]:
     """Reference (non-streaming) selection: indices of kept items, best first."""
     if mode not in MODES:
         raise ValueError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
     valid = [i for i, k in enumerate(keys) if not is_nan(k)]
     best_first = sorted(valid, key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
-    if diversity_weight:
+    if diversity_weight or novelty_weight:
         check_diverse(mode, embeddings is not None)
         groups: dict[int, list[int]] = {}
         for i in best_first:
             groups.setdefault(prompt_indices[i], []).append(i)
         chosen = []
         for members in groups.values():
-            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight)
+            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight,
+                                 novelty_weight)
             chosen += [members[j] for j in picks]
         chosen.sort(key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
     elif mode == "local":
@@ -125,18 +138,20 @@ def select(
 
 
 def check_diverse(mode: str, have_embeddings: bool) -> None:
-    """Raise a one-line ConfigError when ``ranking.diversity_weight`` > 0 cannot work."""
+    """Raise a one-line ConfigError when ``ranking.diversity_weight`` or ``novelty_weight`` > 0 cannot work."""
     if mode != "local":
-        raise ConfigError(f"ranking.diversity_weight spreads each prompt's top_k, so it needs ranking.mode=local (got {mode!r})")
+        raise ConfigError("ranking.diversity_weight and ranking.novelty_weight pick within each prompt, so each needs "
+                          f"ranking.mode=local (got {mode!r})")
     if not have_embeddings:
-        raise ConfigError("ranking.diversity_weight > 0 needs an embedding on every sample, and this generator supplies none; "
-                         "set ranking.diversity_weight=0")
+        raise ConfigError("ranking.diversity_weight or ranking.novelty_weight > 0 needs an embedding on every sample, and this "
+                          "generator supplies none; set both to 0")
 
 
 def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
     """Apply a :class:`RankingConfig`-like object to samples (reference path; the pool streams)."""
     keys = [sample_key(s, ranking.kl_beta) for s in samples]
     w = getattr(ranking, "diversity_weight", 0.0)
+    nw = getattr(ranking, "novelty_weight", 0.0)
     idx = select(
         keys,
         [s.prompt_index for s in samples],
@@ -147,6 +162,7 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         threshold=ranking.threshold,
         max_kept=ranking.max_kept,
         diversity_weight=w,
-        embeddings=[s.embedding for s in samples] if w and all(s.embedding is not None for s in samples) else None,
+        embeddings=[s.embedding for s in samples] if (w or nw) and all(s.embedding is not None for s in samples) else None,
+        novelty_weight=nw,
     )
     return [samples[i] for i in idx]

@@ -470,7 +470,8 @@ def _config_summary(cfg: dict) -> str:
                      f"{get('sampling.guidance_scale')}, {get('sampling.scheduler') or 'the model scheduler'}, {size}"),
         ("ranking", f"{get('ranking.mode')}, top_k={get('ranking.top_k')}, top_ratio={get('ranking.top_ratio')}, "
                     f"max_kept={json.dumps(get('ranking.max_kept'))}, kl_beta={get('ranking.kl_beta')}, "
-                    f"diversity_weight={get('ranking.diversity_weight')}, prompt_match={json.dumps(get('ranking.prompt_match'))}"),
+                    f"diversity_weight={get('ranking.diversity_weight')}, novelty_weight={get('ranking.novelty_weight')}, "
+                    f"prompt_match={json.dumps(get('ranking.prompt_match'))}"),
         ("train", f"{get('train.method')} rank {get('train.lora_rank')} alpha {get('train.lora_alpha')}, lr "
                   f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
                   f"batch {get('train.batch_size')} per stage"),

@@ -157,6 +157,8 @@ class LLMConfig:
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(r.diversity_weight == 0, "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
              "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0")
+        need(r.novelty_weight == 0, "ranking.novelty_weight is for diffusion runs (it favours images in sparse parts of the "
+             "pool in CLIP space); the LLM generator supplies no embeddings, so set ranking.novelty_weight=0")
         need(r.prompt_match is None, "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
              "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
