@@ -218,8 +218,14 @@ def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
     assert read_jsonl(out / "metrics.jsonl")[-1]["reward_queries"] == 6
 
 
-def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path):
-    """Plain top-2 would keep an image and its copy; with ranking.diversity_weight the distinct one is kept."""
+@pytest.mark.parametrize("top_k, weight, kept", [
+    # plain top 2 would keep an image and its copy; the spread-out pick keeps the distinct one second
+    (2, "ranking.diversity_weight=100", [0, 1, 0, 1]),
+    # the novelty term: the lone image's mean CLIP distance to the others is twice the copies', so it beats them
+    (1, "ranking.novelty_weight=100", [0, 0]),
+])
+def test_diversity_terms_keep_the_distinct_image(tiny_pipeline_dir, tmp_path, top_k, weight, kept):
+    """Each prompt's pool: a dim striped image and two copies of a bright square, which score higher."""
     def draw(img, p, k):
         if k == 0:  # dimmer, and a different picture: stripes
             img[8:24, 8:24:4] = 120
@@ -228,31 +234,12 @@ def test_diversity_weight_keeps_a_distinct_runner_up(tiny_pipeline_dir, tmp_path
 
     manifest = write_pool(tmp_path, draw)
     out = tmp_path / "run"
-    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=2",
-                 "ranking.diversity_weight=100", "train.steps_per_stage=2", "eval.every=0") == 0
+    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", f"ranking.top_k={top_k}",
+                 weight, "train.steps_per_stage=2", "eval.every=0") == 0
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     r = [s["reward"] for s in samples]
-    assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, top 2 = samples 1 and 2
-    assert [s["sample_index"] for s in samples if s["kept"]] == [0, 1, 0, 1]
-
-
-def test_novelty_weight_keeps_the_sample_where_the_pool_is_sparse(tiny_pipeline_dir, tmp_path):
-    """Two of a prompt's three images are the same picture: with ranking.novelty_weight the lone one, though it
-    scores less, is kept over the crowded pair (its mean CLIP distance to the others is twice theirs)."""
-    def draw(img, p, k):
-        if k == 0:
-            img[8:24, 8:24:4] = 120
-        else:
-            img[8:24, 8:24] = 200 + 10 * p
-
-    manifest = write_pool(tmp_path, draw)
-    out = tmp_path / "run"
-    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
-                 "ranking.novelty_weight=100", "train.steps_per_stage=2", "eval.every=0") == 0
-    samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
-    r = [s["reward"] for s in samples]
-    assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, sample 1 is kept
-    assert [s["sample_index"] for s in samples if s["kept"]] == [0, 0]
+    assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, samples 1 (and 2) are kept
+    assert [s["sample_index"] for s in samples if s["kept"]] == kept
 
 
 def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_path):

@@ -253,8 +253,8 @@ def test_diverse_selection_needs_local_mode_and_embeddings():
         pool.add(make([1.0, 2.0], 1, 2))
 
 
-@pytest.mark.parametrize("w", [0.0, 3.0])
-def test_merged_pools_of_two_processes_select_what_one_does(w):
+@pytest.mark.parametrize("w, v", [(0.0, 0.0), (3.0, 0.0), (0.0, 4.0)])
+def test_merged_pools_of_two_processes_select_what_one_does(w, v):
     """Each process streams half of every prompt's samples; the merged pick equals one pool's, payloads included."""
     from raft_diffusion.core.loop import _merge_pools
 
@@ -269,7 +269,7 @@ def test_merged_pools_of_two_processes_select_what_one_does(w):
             s.embedding = e
         return out
 
-    ranking = R("local", top_k=k, diversity_weight=w)
+    ranking = R("local", top_k=k, diversity_weight=w, novelty_weight=v)
     one = StreamingPool(ranking, P * K)
     one.add(fresh())
     want = [(s.prompt_index, s.sample_index) for s in one.kept()]
@@ -294,5 +294,5 @@ def test_merged_pools_of_two_processes_select_what_one_does(w):
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
-    if w:  # the spread-out pick differs from the plain top k here, so the test covers what it is about
+    if w or v:  # the spread-out or novelty pick differs from the plain top k here, so the test covers what it is about
         assert set(want) != set(brute_local(rewards, P, K, k))

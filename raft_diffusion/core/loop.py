@@ -180,8 +180,8 @@ def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> Streaming
     """Gather every process's records (payloads only on its local candidates) and select again.
 
     A sample that is not among its own process's candidates has enough better samples there to be
-    excluded from the global selection too, so the merged selection equals one process's. A spread-out pick
-    (``ranking.diversity_weight``) has no such local cut: every local sample stays a candidate.
+    excluded from the global selection too, so the merged selection equals one process's. A spread-out or novelty
+    pick (``ranking.diversity_weight``, ``novelty_weight``) has no such local cut: every local sample stays a candidate.
     """
     if not local.spread:
         local.kept()

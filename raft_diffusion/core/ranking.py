@@ -75,16 +75,19 @@ def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novel
         return []
     e = torch.stack([torch.as_tensor(x, dtype=torch.float64).flatten() for x in embeddings])
     e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    dist = 1.0 - e @ e.T
+    dist = (dist + dist.T) / 2  # exactly symmetric, so mathematically tied gains tie in floating point too
+    dist.fill_diagonal_(0.0)
     gain = torch.as_tensor(list(keys), dtype=torch.float64)
     if novelty and n > 1:
-        gain = gain + novelty * (1.0 - e @ e.T).sum(1) / (n - 1)
+        gain = gain + novelty * dist.sum(1) / (n - 1)
     dist_sum = torch.zeros_like(gain)
     picked = [int(gain.argmax())]
     free = torch.ones_like(gain, dtype=torch.bool)
     while len(picked) < min(k, n):
         last = picked[-1]
         free[last] = False
-        dist_sum += 1.0 - e @ e[last]
+        dist_sum += dist[:, last]
         score = torch.where(free, gain + weight * dist_sum / len(picked), torch.tensor(-math.inf, dtype=torch.float64))
         picked.append(int(score.argmax()))  # argmax returns the first maximum
     return picked
