@@ -11,7 +11,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key
+from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, uses_embeddings
 from .types import Sample
 
 
@@ -28,7 +28,7 @@ class StreamingPool:
         self.records: list[Sample] = []  # every sample, payload dropped once it cannot be kept
         self._heaps: dict[object, list] = {}
         # greedy spread-out / novelty pick per prompt: needs every candidate of the prompt
-        self.spread = bool(getattr(ranking, "diversity_weight", 0.0) or getattr(ranking, "novelty_weight", 0.0))
+        self.spread = uses_embeddings(ranking)
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0

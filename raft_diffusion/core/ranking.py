@@ -140,6 +140,11 @@ def select(
     return chosen
 
 
+def uses_embeddings(ranking) -> bool:
+    """Whether a RankingConfig-like object picks in embedding space (``diversity_weight`` or ``novelty_weight`` > 0)."""
+    return bool(getattr(ranking, "diversity_weight", 0.0) or getattr(ranking, "novelty_weight", 0.0))
+
+
 def check_diverse(mode: str, have_embeddings: bool) -> None:
     """Raise a one-line ConfigError when ``ranking.diversity_weight`` or ``novelty_weight`` > 0 cannot work."""
     if mode != "local":
@@ -165,7 +170,8 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         threshold=ranking.threshold,
         max_kept=ranking.max_kept,
         diversity_weight=w,
-        embeddings=[s.embedding for s in samples] if (w or nw) and all(s.embedding is not None for s in samples) else None,
+        embeddings=([s.embedding for s in samples] if uses_embeddings(ranking) and all(s.embedding is not None for s in samples)
+                    else None),
         novelty_weight=nw,
     )
     return [samples[i] for i in idx]

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import external_requests, read_manifest
+from ..core.ranking import uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -89,8 +90,7 @@ class DiffusionTask:
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
         # (also the embedding space of ranking.diversity_weight and the judge of ranking.prompt_match)
         self.eval_clip = (load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
-                          if cfg.eval.every or cfg.ranking.diversity_weight or cfg.ranking.novelty_weight
-                          or cfg.ranking.prompt_match else None)
+                          if cfg.eval.every or uses_embeddings(cfg.ranking) or cfg.ranking.prompt_match else None)
         self._prompt_text = None
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.pipe = load_pipeline(
@@ -165,9 +165,9 @@ class DiffusionTask:
         out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
         _attach_components(self.reward, batch)
         r = self.cfg.ranking
-        if r.diversity_weight or r.novelty_weight or r.prompt_match:
+        if uses_embeddings(r) or r.prompt_match:
             emb = self.eval_clip.image_embeddings(images)
-        if r.diversity_weight or r.novelty_weight:
+        if uses_embeddings(r):
             for s, e in zip(batch, emb):
                 s.embedding = e
         if r.prompt_match:
