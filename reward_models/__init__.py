@@ -7,14 +7,14 @@
 Image rewards: ``(images, prompts, **kwargs) -> Tensor[B]`` (NaN = no score). Text rewards (trl convention):
 ``(prompts, completions, **kwargs) -> list[float | None]``. Names: built-ins (``list_rewards()``), entry points in
 the group ``reward_models``, ``"package.module:function"`` or ``"path/to/file.py:function"``; see
-``reward_models.registry`` for the factory rule and ``reward_models.composite`` for weighted mixes.
+``reward_models.registry`` for the factory rule and ``reward_models.loading`` for config dicts and weighted mixes.
 
 Importing this package imports torch only; open_clip and transformers are imported when a reward needs them.
 """
 from .aesthetic import AestheticMLP, load_aesthetic_head
 from .backbones import clear_backbone_cache, load_hf_clip, load_open_clip, save_open_clip
 from .checks import check_reward_output, check_text_reward_output
-from .composite import CompositeReward, load_reward_from_config, zscore
+from .composite import CompositeReward, zscore
 from .errors import (
     MissingDependencyError,
     RewardConfigError,
@@ -25,7 +25,8 @@ from .errors import (
     UnknownRewardError,
 )
 from .preprocess import ImageTransform
-from .registry import ENTRY_POINT_GROUP, REGISTRY, LoadedReward, RewardInfo, list_rewards, load_reward, reward_factory
+from .loading import load_reward, load_reward_from_config
+from .registry import ENTRY_POINT_GROUP, REGISTRY, LoadedReward, RewardInfo, list_rewards, reward_factory
 
 __all__ = [
     "AestheticMLP",

@@ -299,25 +299,16 @@ def _from_object(obj: Any, label: str, device, dtype, kwargs: dict, kind: Option
     return LoadedReward(label, reward, kind)
 
 
-def load_reward(
-    name: Union[str, Callable, dict],
+def load_named_reward(
+    name: Union[str, Callable],
     device: Union[str, torch.device, None] = None,
     dtype: Any = torch.float32,
     **kwargs,
 ) -> LoadedReward:
-    """Load a reward by name (built-in, entry point, ``module:function``, ``file.py:function``), from a
-    callable, or from a config dict (see ``load_reward_from_config``).
-
-    device: where model-backed rewards run (default: CUDA if available, else CPU). dtype: their weights' dtype
-    (a ``torch.dtype`` or a name such as ``"bf16"``). ``kwargs`` go to the reward's factory.
+    """Load one reward by name (built-in, entry point, ``module:function``, ``file.py:function``) or from a
+    callable; ``reward_models.load_reward`` also takes a config dict.
     """
     device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if isinstance(name, dict):
-        if kwargs:
-            raise RewardConfigError("load_reward: put kwargs inside the config dict, not next to it")
-        from .composite import load_reward_from_config
-
-        return load_reward_from_config(name, device=device, dtype=dtype)
     if isinstance(name, LoadedReward) and not kwargs:
         return name
     if not isinstance(name, str):

@@ -34,8 +34,8 @@ def setup_threads(args):
 
 
 def make_config(args, **over):
-    from raft_diffusion.core.config import config_from_dict
-    from raft_diffusion.diffusion.adapter import resolve_pretrained
+    from raft_diffusion.diffusion.config import config_from_dict
+    from raft_diffusion.diffusion.task import resolve_pretrained
 
     prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square", "star", "triangle")]
     prompts = (prompts * (args.prompts // len(prompts) + 1))[: args.prompts]

@@ -19,7 +19,7 @@ def main():
     import torch
 
     from raft_diffusion.core.loop import collect_pool
-    from raft_diffusion.diffusion.adapter import DiffusionTask
+    from raft_diffusion.diffusion.task import DiffusionTask
 
     cfg = make_config(args)
     task = DiffusionTask(cfg)  # the plain loop uses the very same pipeline object and reward

@@ -21,7 +21,7 @@ def child(args) -> None:
     import psutil
 
     from raft_diffusion.core.loop import collect_pool
-    from raft_diffusion.diffusion.adapter import DiffusionTask
+    from raft_diffusion.diffusion.task import DiffusionTask
 
     cfg = make_config(args, **{"sampling.height": args.size, "sampling.width": args.size})
     task = DiffusionTask(cfg)

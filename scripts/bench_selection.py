@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from raft_diffusion.core.ranking import diverse_pick  # noqa: E402
-from raft_diffusion.eval.metrics import diversity  # noqa: E402
-from raft_diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
+from raft_diffusion.diffusion.metrics import diversity  # noqa: E402
+from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -39,11 +39,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from raft_diffusion.core.config import load_config
+    from raft_diffusion.diffusion.config import load_config
     from raft_diffusion.diffusion.pipeline import load_pipeline
     from raft_diffusion.diffusion.prompts import load_prompts
-    from raft_diffusion.eval.metrics import load_eval_clip
-    from raft_diffusion.toyworld.sd import sample
+    from raft_diffusion.diffusion.metrics import load_eval_clip
+    from raft_diffusion.diffusion.toyworld.sd import sample
     from reward_models import load_reward_from_config
 
     cfg = load_config(args.config)

@@ -25,7 +25,7 @@ def main():
 
     from raft_diffusion.core.loop import collect_pool, run_raft
     from raft_diffusion.core.rundir import RunDir
-    from raft_diffusion.diffusion.adapter import DiffusionTask
+    from raft_diffusion.diffusion.task import DiffusionTask
     from raft_diffusion.diffusion.generate import encode_images
 
     cfg = make_config(args, **{"train.steps_per_stage": args.train_steps})

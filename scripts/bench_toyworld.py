@@ -29,8 +29,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from raft_diffusion.eval.metrics import diversity  # noqa: E402
-from raft_diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
+from raft_diffusion.diffusion.metrics import diversity  # noqa: E402
+from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
 
 
 def _load_images(stage_dir: Path) -> tuple[list[dict], torch.Tensor]:
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     from reward_models import load_reward, load_reward_from_config
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/toyworld/assets/clip")
+    clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
     embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
     stages = sorted(int(p.name) for p in (run / "stages").iterdir() if (p / "eval.jsonl").is_file())
     if not stages or stages[0] != 0:
@@ -90,11 +90,11 @@ def main(argv=None) -> int:
 
     if args.best_of_k:
         from raft_diffusion.diffusion.pipeline import load_pipeline
-        from raft_diffusion.toyworld.sd import sample
+        from raft_diffusion.diffusion.toyworld.sd import sample
 
         pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32")
         reward = load_reward_from_config(cfg["reward"], device="cpu")
-        from raft_diffusion.core.config import load_config
+        from raft_diffusion.diffusion.config import load_config
 
         s = cfg["sampling"]
         guidance = load_config(run / "config.yaml").eval_guidance_scale  # best-of-K at the held-out samples' setting

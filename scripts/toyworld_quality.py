@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Measure the quality bars of a built toy world through the same loaders the real models use.
 
-    python scripts/toyworld_quality.py [--assets raft_diffusion/toyworld/assets] [--n 1000] [--sd-prompts 100]
+    python scripts/toyworld_quality.py [--assets raft_diffusion/diffusion/toyworld/assets] [--n 1000] [--sd-prompts 100]
 
 - zero-shot shape / colour accuracy of the small CLIP on held-out renders (``clip_score`` reward: each image
   against its caption with the shape / colour word swapped);             bar >= 0.90 each
@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raft_diffusion.toyworld.build import ASSETS_DIR  # noqa: E402
-from raft_diffusion.toyworld.clip import spearman, zero_shot_by_reward  # noqa: E402
-from raft_diffusion.toyworld.world import caption, gold_aesthetic, render_batch, sample_scenes, to_tensor  # noqa: E402
+from raft_diffusion.diffusion.toyworld.build import ASSETS_DIR  # noqa: E402
+from raft_diffusion.diffusion.toyworld.clip import spearman, zero_shot_by_reward  # noqa: E402
+from raft_diffusion.diffusion.toyworld.world import caption, gold_aesthetic, render_batch, sample_scenes, to_tensor  # noqa: E402
 
 HELD_OUT_SEED = 987_654  # scenes never drawn by the build (it uses seeds derived from the build seed)
 
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
             ("aesthetic head Spearman vs gold", fig["head_spearman"], ">= 0.80")]
     if args.sd_prompts and (assets / "sd" / "model_index.json").is_file():
         from raft_diffusion.diffusion.pipeline import load_pipeline
-        from raft_diffusion.toyworld.sd import evaluate_pipeline
+        from raft_diffusion.diffusion.toyworld.sd import evaluate_pipeline
 
         pipe = load_pipeline(str(assets / "sd"), device="cpu", dtype="fp32")
         ev = evaluate_pipeline(pipe, n_prompts=args.sd_prompts)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Save enlarged grids of a built toy world: renders, their VAE reconstructions, and base-model samples.
 
-    python scripts/toyworld_samples.py [--assets raft_diffusion/toyworld/assets] [--out toyworld_samples]
+    python scripts/toyworld_samples.py [--assets raft_diffusion/diffusion/toyworld/assets] [--out toyworld_samples]
 """
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raft_diffusion.toyworld.build import ASSETS_DIR  # noqa: E402
-from raft_diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
-from raft_diffusion.toyworld.sd import sample, split_captions  # noqa: E402
-from raft_diffusion.toyworld.viz import save_grid  # noqa: E402
-from raft_diffusion.toyworld.world import render_batch, sample_scenes, to_tensor  # noqa: E402
+from raft_diffusion.diffusion.toyworld.build import ASSETS_DIR  # noqa: E402
+from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
+from raft_diffusion.diffusion.toyworld.sd import sample, split_captions  # noqa: E402
+from raft_diffusion.diffusion.toyworld.viz import save_grid  # noqa: E402
+from raft_diffusion.diffusion.toyworld.world import render_batch, sample_scenes, to_tensor  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -117,7 +117,7 @@ def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tm
 
 
 def test_killed_run_resumes_to_the_same_result(full_run, tiny_pipeline_dir, tmp_path, monkeypatch):
-    from raft_diffusion.diffusion.adapter import DiffusionTask
+    from raft_diffusion.diffusion.task import DiffusionTask
 
     out = tmp_path / "part"
     real = DiffusionTask.finetune
@@ -247,7 +247,7 @@ def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_pat
     training prompts) is scored and logged but never kept; the kept set is the top 2 of the rest."""
     from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
     from raft_diffusion.diffusion.pipeline import load_pipeline
-    from raft_diffusion.eval.metrics import load_eval_clip, prompt_ranks
+    from raft_diffusion.diffusion.metrics import load_eval_clip, prompt_ranks
 
     out = tmp_path / "run"
     assert align(out, tiny_pipeline_dir, "num_stages=1", "ranking.prompt_match=2", "train.steps_per_stage=2",

@@ -1,11 +1,16 @@
 """Config loading, overrides, validation messages; seeds; run directory."""
+from pathlib import Path
+
 import pytest
 import yaml
 
-from raft_diffusion.core.config import config_from_dict, config_help, dump_config, load_config, valid_keys
+from raft_diffusion.core.config import config_help, dump_config, valid_keys
+from raft_diffusion.diffusion.config import RaftConfig, config_from_dict, load_config
 from raft_diffusion.core.errors import ConfigError, UserError
 from raft_diffusion.core.rundir import RunDir
 from raft_diffusion.core.seeds import eval_seed, sample_seed
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_yaml_plus_dotted_overrides(tmp_path):
@@ -69,8 +74,8 @@ def test_missing_config_file(tmp_path):
 
 
 def test_every_field_has_help():
-    lines = config_help()
-    assert len(lines) == len(valid_keys())
+    lines = config_help(RaftConfig)
+    assert len(lines) == len(valid_keys(RaftConfig))
     assert all(line.split(": ", 1)[1].strip() for line in lines)
 
 
@@ -101,3 +106,67 @@ def test_rundir_resume_rules(tmp_path):
     run.put_metrics({"stage": 1, "x": 10})
     assert run.metrics() == [{"stage": 0, "x": 0}, {"stage": 1, "x": 10}]
     assert not list(run.root.rglob("*.tmp"))
+
+
+# --- values refused at load time, before any heavy import (issue: bad values that failed late) -------------
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_scheduler=bogus", "train.lr_scheduler must be one of constant, constant_with_warmup"),
+    ("sampling.height=30", "sampling.height must be a multiple of 8 .*e.g. sampling.height=32"),
+    ("sampling.width=4", "sampling.width must be a multiple of 8"),
+    ("train.lora_dropout=2", r"train.lora_dropout must be in \[0, 1\) \(got 2.0\)"),
+    ("train.lr_warmup_steps=-1", "train.lr_warmup_steps must be >= 0"),
+    ("train.target_modules=[]", "train.target_modules must be a module name or a list"),
+])
+def test_bad_values_fail_at_load(override, message):
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({}, [override])
+
+
+def test_a_single_target_module_is_a_list_of_one():
+    assert config_from_dict({}, ["train.target_modules=to_q"]).train.target_modules == ["to_q"]
+    assert config_from_dict({"train": {"target_modules": "to_k"}}).train.target_modules == ["to_k"]
+
+
+def test_scheduler_names_are_the_libraries_own():
+    from diffusers.optimization import SchedulerType
+
+    from raft_diffusion.diffusion.config import LR_SCHEDULERS
+
+    assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_yaml_errors_name_line_and_column(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 0\nsampling:\n  num_per_prompt: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml is not valid YAML: .* at line \d+, column \d+"):
+        load_config(bad)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("seed: 0 # caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)
+
+
+def test_preflight_reads_prompt_files_and_refuses_absurd_sizes(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_bytes("a caf\xe9\n".encode("latin-1"))
+    with pytest.raises(UserError, match=r"prompt file .*p.txt' is not UTF-8 text"):
+        config_from_dict({}, [f"prompts.train={prompts}"]).preflight()
+    with pytest.raises(UserError, match=r"one stage would generate 10,000,000 samples \(10 prompts x sampling.num_per_prompt=1000000\)"):
+        config_from_dict({}, ["sampling.num_per_prompt=1000000"]).preflight()
+    train, held_out = config_from_dict({}, ["prompts.eval=[a dog]"]).preflight()
+    assert len(train) == 10 and held_out == ["a dog"]
+
+
+def test_loading_a_config_imports_no_torch():
+    """Config errors come before any heavy import: a fresh interpreter loads and checks a preset without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from raft_diffusion.diffusion.config import load_config; "
+            "load_config('configs/toy_aesthetic.yaml').preflight(); "
+            "from raft_diffusion.llm.config import LLMConfig; from raft_diffusion.core.config import load_config as lc; "
+            "lc('configs/llm_toy_sentiment.yaml', cls=LLMConfig).preflight(); import raft_diffusion.cli as c; c.build_parser(); "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "[]"

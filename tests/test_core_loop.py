@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from raft_diffusion.core.config import config_from_dict
-from raft_diffusion.core.errors import RewardError
+from raft_diffusion.diffusion.config import config_from_dict
+from raft_diffusion.core.errors import ScoreError
 from raft_diffusion.core.loop import run_raft
 from raft_diffusion.core.rundir import RunDir, read_jsonl, write_json
 from raft_diffusion.core.seeds import eval_seed
@@ -15,6 +15,7 @@ class ScalarTask:
     """The 'model' is one number mu; a sample is mu + N(0,1) drawn from its seed; reward = sample."""
 
     reward_name = "identity"
+    console_metrics = ()
 
     def __init__(self, cfg, n_prompts=3, reward_fn=None):
         self.cfg = cfg
@@ -25,6 +26,12 @@ class ScalarTask:
 
     def _draw(self, seed):
         return self.mu + torch.randn((), generator=torch.Generator().manual_seed(seed)).item()
+
+    def plan(self, stage):
+        return None  # the loop's K-per-prompt plan
+
+    def discard(self, batch):
+        pass
 
     def sample(self, stage, requests):
         for i in range(0, len(requests), 4):
@@ -145,7 +152,7 @@ def test_wrong_shape_reward_is_named(tmp_path):
     cfg = _cfg()
     run = RunDir(tmp_path)
     task = ScalarTask(cfg, reward_fn=lambda xs: torch.zeros(len(xs), 2))
-    with pytest.raises(RewardError, match=r"reward 'identity' returned a tensor of shape \(4, 2\) for a batch of 4"):
+    with pytest.raises(ScoreError, match=r"reward 'identity' returned a tensor of shape \(4, 2\) for a batch of 4"):
         run_raft(cfg, task, run)
     assert run.metrics()[0]["stage"] == 0  # the base evaluation already computed is kept
 
@@ -153,5 +160,5 @@ def test_wrong_shape_reward_is_named(tmp_path):
 def test_all_nan_reward_is_an_error(tmp_path):
     cfg = _cfg()
     task = ScalarTask(cfg, reward_fn=lambda xs: torch.full((len(xs),), math.nan))
-    with pytest.raises(RewardError, match="returned NaN .* for all 18 samples"):
+    with pytest.raises(ScoreError, match="returned NaN .* for all 18 samples"):
         run_raft(cfg, task, RunDir(tmp_path))

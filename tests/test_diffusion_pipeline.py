@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.pipeline import enable_attention, load_pipeline, resolve_device, resolve_dtype
+from raft_diffusion.core.common import resolve_device
+from raft_diffusion.diffusion.pipeline import enable_attention, load_pipeline, resolve_dtype
 
 
 def test_resolve_device_and_dtype():

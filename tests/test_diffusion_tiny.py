@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from raft_diffusion.core.common import default_cache_dir
 from raft_diffusion.diffusion import tiny
 
 
@@ -69,7 +70,7 @@ def test_ensure_tiny_pipeline_writes_once_atomically(tiny_pipeline_dir, tmp_path
     assert index["_class_name"] == "StableDiffusionPipeline"
     assert index["safety_checker"] == [None, None]
     monkeypatch.setenv("RAFT_DIFFUSION_CACHE", str(tmp_path / "env-cache"))
-    assert tiny.default_cache_dir() == tmp_path / "env-cache"
+    assert default_cache_dir() == tmp_path / "env-cache"
 
 
 def test_saved_tiny_pipeline_matches_built_one(tiny_pipe):

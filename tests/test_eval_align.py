@@ -18,7 +18,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory):
-    from raft_diffusion.eval.metrics import ensure_tiny_clip
+    from raft_diffusion.diffusion.tiny import ensure_tiny_clip
 
     return ensure_tiny_clip(tmp_path_factory.mktemp("clip-cache"))
 
@@ -48,7 +48,7 @@ def test_eval_metrics_in_every_row(stopped_run):
 
 
 def test_diversity_recomputed_from_the_saved_images(stopped_run, tiny_clip_dir):
-    from raft_diffusion.eval.metrics import diversity, load_eval_clip
+    from raft_diffusion.diffusion.metrics import diversity, load_eval_clip
 
     clip = load_eval_clip(str(tiny_clip_dir), None)
     evals = read_jsonl(stopped_run / "stages" / "000" / "eval.jsonl")

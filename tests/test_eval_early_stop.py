@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from raft_diffusion.core.config import config_from_dict
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.early_stop import STOP_FILE, EarlyStopper, read_stop
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.loop import run_raft
@@ -66,15 +66,15 @@ def test_other_metric_can_be_watched():
 
 def test_fidelity_floor_is_a_fraction_of_the_base_models():
     rows = rows_of([0.1, 0.2, 0.3, 0.4], clip=[30.0, 27.0, 24.5, 23.9])
-    stage, reason = first_stop(EarlyStopper(min_fidelity_ratio=0.8), rows)
+    stage, reason = first_stop(EarlyStopper(floors=[("eval_clip_score", "prompt fidelity", 0.8)]), rows)
     assert stage == 3
     assert reason == "prompt fidelity eval_clip_score 23.9 at stage 3 fell below 0.8 x the base model's 30 (= 24)"
-    assert first_stop(EarlyStopper(min_fidelity_ratio=0.75), rows) == (None, None)
+    assert first_stop(EarlyStopper(floors=[("eval_clip_score", "prompt fidelity", 0.75)]), rows) == (None, None)
 
 
 def test_diversity_floor_and_best_stage_above_the_floors():
     rows = rows_of([0.1, 0.4, 0.6, 0.9], div=[0.20, 0.18, 0.12, 0.05])
-    stopper = EarlyStopper(min_diversity_ratio=0.5, patience=5)
+    stopper = EarlyStopper(floors=[("eval_diversity", "diversity", 0.5)], patience=5)
     stage, reason = first_stop(stopper, rows)
     assert stage == 3 and reason.startswith("diversity eval_diversity 0.05 at stage 3 fell below 0.5 x")
     # stage 3 has the highest reward but collapsed diversity: the best stage above the floor is 2
@@ -98,7 +98,7 @@ def test_inactive_stopper_never_stops():
 
 def test_floors_are_skipped_without_a_positive_base_value():
     rows = rows_of([0.1, 0.2], clip=[0.0, 0.0])  # a CLIP score clipped to 0 at the base: no ratio to compare
-    assert EarlyStopper(min_fidelity_ratio=0.9)(rows) is None
+    assert EarlyStopper(floors=[("eval_clip_score", "prompt fidelity", 0.9)])(rows) is None
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -116,12 +116,13 @@ def test_config_validation(overrides, message):
 
 def test_config_fields_and_help():
     from raft_diffusion.core.config import config_help
+    from raft_diffusion.diffusion.config import RaftConfig
 
     cfg = config_from_dict({}, ["early_stop.patience=3", "early_stop.min_fidelity_ratio=0.9", "eval.clip_model=tiny"])
-    stopper = EarlyStopper.from_config(cfg.early_stop)
+    stopper = cfg.stopper()
     assert stopper.active and stopper.patience == 3 and stopper.floors == [("eval_clip_score", "prompt fidelity", 0.9)]
-    assert not EarlyStopper.from_config(config_from_dict({}).early_stop).active  # opt-in
-    lines = [line for line in config_help() if line.startswith(("early_stop", "eval.clip"))]
+    assert config_from_dict({}).stopper() is None  # opt-in
+    lines = [line for line in config_help(RaftConfig) if line.startswith(("early_stop", "eval.clip"))]
     assert len(lines) == 8 and all(line.split(": ", 1)[1] for line in lines)
 
 
@@ -132,12 +133,19 @@ class ScriptedTask:
     """A task whose held-out reward per stage is scripted; its 'weights' are the stage number."""
 
     reward_name = "scripted"
+    console_metrics = ()
 
     def __init__(self, script):
         self.script = script
         self.train_prompts = ["p0", "p1"]
         self.weights = 0
         self.stages_run = []
+
+    def plan(self, stage):
+        return None  # the loop's K-per-prompt plan
+
+    def discard(self, batch):
+        pass
 
     def sample(self, stage, requests):
         for s in requests:
@@ -179,8 +187,8 @@ def _run(tmp_path, *overrides):
     run = RunDir(tmp_path)
     run.start(cfg.to_dict())
     task = ScriptedTask(SCRIPT)
-    stopper = EarlyStopper.from_config(cfg.early_stop)
-    rows = run_raft(cfg, task, run, should_stop=stopper if stopper.active else None)
+    stopper = cfg.stopper()
+    rows = run_raft(cfg, task, run, should_stop=stopper)
     return run, task, rows
 
 
@@ -201,7 +209,7 @@ def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, caplog):
     # resuming with the same settings stays stopped; a larger patience is a resumable change and goes on
     task2 = ScriptedTask(SCRIPT)
     cfg = config_from_dict({"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}}, ["early_stop.patience=2"])
-    run_raft(cfg, task2, run, should_stop=EarlyStopper.from_config(cfg.early_stop))
+    run_raft(cfg, task2, run, should_stop=cfg.stopper())
     assert task2.stages_run == [] and final_weights(run) == 2
     run3, task3, rows3 = _run(tmp_path, "early_stop.patience=3")
     assert task3.stages_run == [5, 6] and [r["stage"] for r in rows3] == list(range(7))

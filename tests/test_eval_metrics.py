@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from raft_diffusion.eval.metrics import best_of_k, clip_scores, diversity, eval_metrics, mean_std, prompt_ranks
+from raft_diffusion.core.common import best_of_k, mean_std
+from raft_diffusion.diffusion.metrics import clip_scores, diversity, eval_metrics, prompt_ranks
 
 E1, E2, E3 = torch.eye(3)
 
@@ -83,7 +84,8 @@ def test_eval_metrics_keys_and_values():
 def test_tiny_eval_clip_agrees_with_the_clip_score_reward(tmp_path):
     from reward_models import load_reward
 
-    from raft_diffusion.eval.metrics import ensure_tiny_clip, load_eval_clip
+    from raft_diffusion.diffusion.metrics import load_eval_clip
+    from raft_diffusion.diffusion.tiny import ensure_tiny_clip
 
     folder = ensure_tiny_clip(tmp_path)
     assert ensure_tiny_clip(tmp_path) == folder  # built once

@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from raft_diffusion.cli import main
-from raft_diffusion.core.config import config_from_dict
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.rundir import RunDir, write_json, write_jsonl
-from raft_diffusion.eval.gallery import base_best_of_k, write_gallery
+from raft_diffusion.diffusion.gallery import base_best_of_k, write_gallery
 
 PROMPTS = ["a red square", "a blue circle", "a green star"]
 K = 3
@@ -263,7 +263,7 @@ def test_gallery_page_in_headless_chromium(tmp_path):
 
 
 def test_display_size_enlarges_small_images_by_whole_factors():
-    from raft_diffusion.eval.gallery import display_size
+    from raft_diffusion.diffusion.gallery import display_size
 
     assert display_size(32, 32, 128, 256) == (128, 128, True)
     assert display_size(24, 48, 128, 256) == (72, 144, True)  # ceil(128 / 48) = 3

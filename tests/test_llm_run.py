@@ -128,6 +128,8 @@ def test_kl_key_uses_the_adapter_disabled_base(toy_run):
     try:
         reqs = [Sample(prompt_index=p, sample_index=k, seed=100 * p + k) for p in range(3) for k in range(2)]
         batch = next(iter(task.sample(3, reqs)))
+        task.discard(batch)
+        task.score(batch)  # the log-ratio is computed with the reward, for the completions the filters kept
     finally:
         task.cfg.ranking.kl_beta = 0.0
     live = [s for s in batch if "discarded" not in s.extras]
@@ -149,7 +151,7 @@ def test_reward_with_no_scores_fails_clearly(tmp_path):
 
 def test_filters_that_discard_everything_fail_clearly(tmp_path):
     cfg = small_cfg("num_stages=1", "filters.min_tokens=100", "eval.every=0", "prompts.per_stage=2")
-    with pytest.raises(UserError, match="the filters discarded all 16 completions of stage 1 .*shorter than 100 tokens"):
+    with pytest.raises(UserError, match="the discard rules discarded all 16 completions of stage 1 .*shorter than 100 tokens"):
         run(cfg, tmp_path)
 
 
@@ -167,7 +169,7 @@ def test_empty_external_completion_is_named(tmp_path):
 def test_missing_model_and_assets_are_clear_errors(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="cannot load the (tokenizer|causal LM) '.*missing_lm'"):
         run(small_cfg(f"model.pretrained={tmp_path / 'missing_lm'}"), tmp_path / "a")
-    import raft_diffusion.llm.model as M
+    import raft_diffusion.llm.assets as M
 
     monkeypatch.setattr(M, "TOY_DIR", tmp_path / "no_toy")
     with pytest.raises(UserError, match="toy text world artifact not found: .*no_toy/lm; build it with 'raft-diffusion llm toyworld build'"):

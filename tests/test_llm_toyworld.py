@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from raft_diffusion.llm.model import TOY_DIR, toy_path
+from raft_diffusion.llm.assets import TOY_DIR, toy_path
 from raft_diffusion.llm.toyworld import corpus as C
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"

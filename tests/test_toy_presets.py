@@ -10,7 +10,7 @@ from PIL import Image
 
 from raft_diffusion.cli import main
 from raft_diffusion.core.rundir import read_jsonl
-from raft_diffusion.toyworld.oracle import oracle_metrics
+from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 

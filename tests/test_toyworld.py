@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.toyworld import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, all_captions, analyse,
+from raft_diffusion.diffusion.toyworld import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, all_captions, analyse,
                                      caption, gold_aesthetic, make_scene, oracle_metrics, parse_caption,
                                      render, render_batch, sample_scenes, to_tensor)
 
@@ -120,8 +120,8 @@ def test_oracle_on_non_world_images():
 def test_oracle_rewards_load_by_import_path():
     from reward_models import load_reward
 
-    fid = load_reward("raft_diffusion.toyworld.rewards:fidelity")
-    gold = load_reward("raft_diffusion.toyworld.rewards:gold_aesthetic")
+    fid = load_reward("raft_diffusion.diffusion.toyworld.rewards:fidelity")
+    gold = load_reward("raft_diffusion.diffusion.toyworld.rewards:gold_aesthetic")
     good = make_scene("circle", "yellow", "large", "centre", "black")
     bad = make_scene("circle", "yellow", "small", "bottom right", "white", noisy=True)
     images = to_tensor(render_batch([good, bad]))

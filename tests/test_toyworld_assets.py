@@ -1,13 +1,13 @@
-"""The committed toy world (raft_diffusion/toyworld/assets) loads with the real loaders and meets its bars."""
+"""The committed toy world (raft_diffusion/diffusion/toyworld/assets) loads with the real loaders and meets its bars."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.toyworld.build import ASSETS_DIR
-from raft_diffusion.toyworld.clip import spearman, zero_shot_by_reward
-from raft_diffusion.toyworld.world import caption, gold_aesthetic, render_batch, sample_scenes, to_tensor
+from raft_diffusion.diffusion.toyworld.build import ASSETS_DIR
+from raft_diffusion.diffusion.toyworld.clip import spearman, zero_shot_by_reward
+from raft_diffusion.diffusion.toyworld.world import caption, gold_aesthetic, render_batch, sample_scenes, to_tensor
 
 SEED = 2024  # held-out renders (the build draws from seeds derived from its own seed)
 
@@ -48,8 +48,8 @@ def test_aesthetic_head_tracks_gold(rewards):
 
 def test_text_to_image_follows_prompts():
     from raft_diffusion.diffusion.pipeline import load_pipeline
-    from raft_diffusion.toyworld.oracle import oracle_metrics
-    from raft_diffusion.toyworld.sd import sample, split_captions
+    from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics
+    from raft_diffusion.diffusion.toyworld.sd import sample, split_captions
 
     pipe = load_pipeline(str(ASSETS_DIR / "sd"), device="cpu", dtype="fp32")
     _, held = split_captions()

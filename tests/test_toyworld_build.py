@@ -1,12 +1,14 @@
-"""A miniature toy world built from scratch (every part briefly trained), loaded by the real loaders."""
+"""A miniature toy world built from scratch (every part briefly trained), loaded by the real loaders.
+
+The build takes ~80 s on 2 cores, so the tests that need it are slow (``pytest -m slow``)."""
 import json
 
 import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.toyworld.build import BuildSettings, build
-from raft_diffusion.toyworld.world import caption, render_batch, sample_scenes, to_tensor
+from raft_diffusion.diffusion.toyworld.build import BuildSettings, build
+from raft_diffusion.diffusion.toyworld.world import caption, render_batch, sample_scenes, to_tensor
 
 
 @pytest.fixture(scope="module")
@@ -17,6 +19,7 @@ def world(tmp_path_factory):
     return out, info
 
 
+@pytest.mark.slow
 def test_build_writes_every_part(world):
     out, info = world
     for rel in ("clip/open_clip_config.json", "clip/open_clip_model.safetensors", "aesthetic_head.safetensors",
@@ -31,6 +34,7 @@ def test_build_writes_every_part(world):
     assert info["sd"]["vae"]["recon_mae"] < 0.35
 
 
+@pytest.mark.slow
 def test_rewards_load_with_the_real_loaders(world):
     from reward_models import load_reward
 
@@ -48,9 +52,10 @@ def test_rewards_load_with_the_real_loaders(world):
     assert matched.mean() > shuffled.mean()
 
 
+@pytest.mark.slow
 def test_pipeline_loads_and_generates(world):
     from raft_diffusion.diffusion.pipeline import load_pipeline
-    from raft_diffusion.toyworld.sd import sample
+    from raft_diffusion.diffusion.toyworld.sd import sample
 
     out, _ = world
     pipe = load_pipeline(str(out / "sd"), device="cpu", dtype="fp32")
@@ -62,6 +67,7 @@ def test_pipeline_loads_and_generates(world):
     assert np.isfinite(a.numpy()).all()
 
 
+@pytest.mark.slow
 def test_text_encoder_is_the_toy_clips_text_tower(world):
     """SD conditions on its CLIP's text tower: the saved encoder reproduces the CLIP's text embeddings."""
     from reward_models import load_reward

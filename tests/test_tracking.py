@@ -7,10 +7,10 @@ import pytest
 from PIL import Image
 
 from raft_diffusion.cli import main
-from raft_diffusion.core.config import config_from_dict
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.rundir import read_jsonl, write_jsonl
-from raft_diffusion.eval.tracking import Trackers, eval_grid
+from raft_diffusion.diffusion.tracking import Trackers, eval_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 

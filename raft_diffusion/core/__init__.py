@@ -1,16 +1,21 @@
-"""Model-agnostic RAFT core: config, seeds, ranking, pool, run directory, stage loop.
+"""Model-agnostic RAFT core: base config, seeds, ranking, pool, run directory, stage loop, early stop,
+shared helpers. A kind (``raft_diffusion.diffusion``, ``raft_diffusion.llm``) plugs in through
+:class:`~raft_diffusion.core.task.RaftTask`.
 
-Imports nothing from diffusers or transformers.
+Imports nothing from diffusers or transformers, nor from the kinds above it. The names below load on
+first use, so that reading a config (``core.config``) does not import torch.
 """
-from .config import RaftConfig, load_config
-from .errors import ConfigError, RewardError, UserError
-from .pool import StreamingPool
-from .ranking import ranking_key, select
-from .rundir import RunDir
-from .seeds import eval_seed, sample_seed
-from .types import Sample
+from importlib import import_module
 
-__all__ = [
-    "RaftConfig", "load_config", "ConfigError", "RewardError", "UserError", "StreamingPool",
-    "ranking_key", "select", "RunDir", "eval_seed", "sample_seed", "Sample",
-]
+_EXPORTS = {
+    "BaseConfig": "config", "load_config": "config", "ConfigError": "errors", "ScoreError": "errors",
+    "UserError": "errors", "StreamingPool": "pool", "ranking_key": "ranking", "select": "ranking", "RunDir": "rundir",
+    "eval_seed": "seeds", "sample_seed": "seeds", "Sample": "types", "RaftTask": "task", "run_raft": "loop",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,24 +1,30 @@
-"""Run configuration: nested dataclasses, YAML presets, ``key=value`` overrides, one validation.
+"""The base run configuration both kinds extend, and the loader: YAML presets, ``key=value`` overrides.
 
-Every field carries a one-line ``help``. ``load_config(path, overrides)`` is the only entry point
-the CLI needs; unknown keys fail with the nearest valid key suggested.
+A kind's config (``diffusion.config.RaftConfig``, ``llm.config.LLMConfig``) is a :class:`BaseConfig`
+subclass: nested dataclasses whose fields carry a one-line ``help``. The base holds what the stage loop
+reads (seed, stages, mode, prompts, ranking, early stop, the sampling/eval sizes) and checks it in
+:meth:`BaseConfig.validate`; a kind adds its own sections and rules in ``check``.
+``load_config(path, overrides, cls)`` is the only entry point a CLI needs; unknown keys fail with the
+nearest valid key suggested.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
+from .early_stop import EarlyStopper
 from .errors import ConfigError
-from .ranking import MODES, check_diverse
+from .ranking import MODES
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
+def option(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
     """A dataclass field with a help line (mutable defaults go through a factory)."""
     if isinstance(default, (list, dict)):
         value = default
@@ -27,181 +33,129 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw) -> Any:
 
 
 @dataclass
-class ModelConfig:
-    pretrained: str = _f("runwayml/stable-diffusion-v1-5", "hub id or local folder of a StableDiffusionPipeline; 'tiny' builds a tiny test model")
-    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
-    variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
-    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
-    dtype: str = _f("auto", "weights dtype for sampling: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
-    attention: str = _f("auto", "attention kernels: auto (xformers on CUDA when installed, else SDPA), sdpa, xformers")
-    safety_checker: bool = _f(False, "run the pipeline's safety checker on samples")
-
-
-@dataclass
 class PromptsConfig:
-    train: Any = _f("builtin:cifar10", "training prompts: a list, a text file (one per line) or builtin:cifar10 / builtin:simple_animals")
-    eval: Any = _f(None, "held-out prompts (same forms); null = the training prompts")
-    negative: str | None = _f(None, "negative prompt used for classifier-free guidance")
-    per_stage: int | None = _f(None, "prompts drawn per stage (RAFT's b); null = all training prompts every stage")
-
-
-@dataclass
-class SamplingConfig:
-    num_per_prompt: int = _f(8, "K: samples generated per prompt per stage")
-    batch_size: int = _f(8, "images per generation batch (batches mix prompts)")
-    num_inference_steps: int = _f(50, "denoising steps per sample")
-    guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 disables guidance)")
-    scheduler: str | None = _f(None, "scheduler class name, e.g. DPMSolverMultistepScheduler; null keeps the model's")
-    height: int | None = _f(None, "image height in pixels; null = the model's default")
-    width: int | None = _f(None, "image width in pixels; null = the model's default")
-    eta: float = _f(0.0, "DDIM eta (0 = deterministic given the initial noise)")
-    external_pool: str | None = _f(None, "JSONL manifest of {prompt, image[, seed]} from any generator; replaces sampling (implies offline)")
+    train: Any = option(None, "training prompts: a list or a text file (one per line)")
+    eval: Any = option(None, "held-out prompts (same forms); null = the training prompts")
+    per_stage: int | None = option(None, "prompts drawn per stage (RAFT's b); null = all training prompts every stage")
 
 
 @dataclass
 class RankingConfig:
-    mode: str = _f("local", "local: best top_k per prompt; global: best top_ratio of the stage; threshold: reward >= threshold")
-    top_k: int = _f(1, "samples kept per prompt in local mode")
-    top_ratio: float = _f(0.125, "fraction of all samples kept in global mode")
-    threshold: float = _f(0.0, "minimum ranking key kept in threshold mode")
-    max_kept: int | None = _f(None, "after the mode's selection keep at most this many, best first")
-    kl_beta: float = _f(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
-    diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
-    novelty_weight: float = _f(0.0, "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)")
-    prompt_match: int | None = _f(None, "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)")
-
-
-@dataclass
-class TrainConfig:
-    method: str = _f("lora", "lora (peft adapter on the UNet attention) or full (every UNet weight)")
-    lora_rank: int = _f(4, "LoRA rank r")
-    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / r)")
-    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
-    target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that receive LoRA")
-    steps_per_stage: int = _f(80, "optimizer steps per stage")
-    batch_size: int = _f(8, "kept samples per micro-batch")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    learning_rate: float = _f(1e-4, "AdamW learning rate")
-    lr_scheduler: str = _f("constant", "diffusers schedule name: constant, constant_with_warmup, cosine, linear, ...")
-    lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
-    weight_decay: float = _f(1e-2, "AdamW weight decay")
-    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
-    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
-    timestep_range: list | None = _f(None, "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep")
-    snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
-
-
-@dataclass
-class EvalConfig:
-    num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
-    every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
-    guidance_scale: float | None = _f(None, "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage")
-    save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
-    clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
-    clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
-    tensorboard: bool = _f(False, "also log every stage's metrics and an eval image grid to <run>/tensorboard (needs the tensorboard package)")
-    wandb: bool = _f(False, "also log to Weights & Biases (needs wandb installed and logged in)")
-    wandb_project: str = _f("raft-diffusion", "wandb project name")
+    mode: str = option("local", "local: best top_k per prompt; global: best top_ratio of the stage; threshold: reward >= threshold")
+    top_k: int = option(1, "samples kept per prompt in local mode")
+    top_ratio: float = option(0.125, "fraction of all samples kept in global mode")
+    threshold: float = option(0.0, "minimum ranking key kept in threshold mode")
+    max_kept: int | None = option(None, "after the mode's selection keep at most this many, best first")
+    kl_beta: float = option(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
 
 
 @dataclass
 class EarlyStopConfig:
-    patience: int | None = _f(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
-    metric: str = _f("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
-    min_delta: float = _f(0.0, "an improvement must exceed this to reset patience")
-    min_fidelity_ratio: float | None = _f(None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off")
-    min_diversity_ratio: float | None = _f(None, "stop when eval_diversity falls below this fraction of the base model's (needs eval.clip_model); null = off")
+    patience: int | None = option(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
+    metric: str = option("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
+    min_delta: float = option(0.0, "an improvement must exceed this to reset patience")
+
+
+Need = Callable[[bool, str], None]
+
+
+def need(cond: bool, msg: str) -> None:
+    """Raise a ConfigError with ``msg`` (which names the key and the fix) unless ``cond`` holds."""
+    if not cond:
+        raise ConfigError(msg)
 
 
 @dataclass
-class RaftConfig:
-    seed: int = _f(0, "run seed: every sample's seed derives from it")
-    num_stages: int = _f(10, "RAFT stages (sample, rank, fine-tune)")
-    mode: str = _f("online", "online: sample from the current model each stage; offline: one pool from the base model")
-    model: ModelConfig = _f(None, "base model")
-    prompts: PromptsConfig = _f(None, "prompt sets")
-    sampling: SamplingConfig = _f(None, "pool generation")
-    reward: dict = _f({"name": "brightness"}, "reward: {name: NAME, kwargs: {...}} or {mix: [...], normalize: ...}")
-    ranking: RankingConfig = _f(None, "what is kept")
-    train: TrainConfig = _f(None, "fine-tuning on the kept samples")
-    eval: EvalConfig = _f(None, "held-out evaluation")
-    early_stop: EarlyStopConfig = _f(None, "opt-in guard against over-optimisation: stop early, keep the best stage as final/")
-    save_kept_images: bool = _f(True, "write kept images as PNG next to samples.jsonl")
-    progress: bool = _f(True, "show progress bars")
+class BaseConfig:
+    """What every RAFT run has: seed, stages, mode, and the shared rules of one validation.
+
+    A subclass declares its sections, in the order users read them, with classes that extend the ones
+    here: ``prompts`` (:class:`PromptsConfig`), ``ranking`` (:class:`RankingConfig`), ``early_stop``
+    (:class:`EarlyStopConfig`), plus ``sampling`` (num_per_prompt, batch_size, external_pool), ``eval``
+    (num_per_prompt, every), ``reward`` (a mapping) and ``progress`` (bool), all of which the loop reads.
+    """
+
+    seed: int = option(0, "run seed: every sample's seed derives from it")
+    num_stages: int = option(10, "RAFT stages (sample, rank, fine-tune)")
+    mode: str = option("online", "online: sample from the current model each stage; offline: one pool from the base model")
+
+    sample_noun: ClassVar[str] = "samples"  # what one generated output is called in messages
+    example_reward: ClassVar[str] = "brightness"
+    max_stage_samples: ClassVar[int] = 1_000_000  # more than one stage's pool (records, candidates) should hold
 
     def __post_init__(self):
         fill_sections(self)
 
-    @property
-    def eval_guidance_scale(self) -> float:
-        """The held-out samples' guidance: ``eval.guidance_scale``, else the pool's ``sampling.guidance_scale``."""
-        return self.sampling.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
-
-    def validate(self) -> "RaftConfig":
-        """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
-        s, r, t = self.sampling, self.ranking, self.train
-
-        def need(cond: bool, msg: str):
-            if not cond:
-                raise ConfigError(msg)
-
-        need(self.num_stages >= 1, f"num_stages must be >= 1 (got {self.num_stages})")
+    def validate(self):
+        """Every rule in one place: the shared ones here, the kind's own in :meth:`check`."""
+        s, r, e, es = self.sampling, self.ranking, self.eval, self.early_stop
+        need(isinstance(self.num_stages, int) and self.num_stages >= 1, f"num_stages must be an integer >= 1 (got {self.num_stages!r})")
         need(self.mode in ("online", "offline"), f"mode must be 'online' or 'offline' (got {self.mode!r})")
         need(s.num_per_prompt >= 1, f"sampling.num_per_prompt must be >= 1 (got {s.num_per_prompt})")
         need(s.batch_size >= 1, f"sampling.batch_size must be >= 1 (got {s.batch_size})")
-        need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")
         need(r.mode in MODES, f"ranking.mode must be one of {', '.join(MODES)} (got {r.mode!r})")
         need(r.top_k >= 1, f"ranking.top_k must be >= 1 (got {r.top_k})")
         if r.mode == "local" and s.external_pool is None:
-            need(
-                r.top_k <= s.num_per_prompt,
-                f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} samples "
-                "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt",
-            )
+            need(r.top_k <= s.num_per_prompt,
+                 f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} {self.sample_noun} "
+                 "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt")
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
-        need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
-        need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
-        for name in ("diversity_weight", "novelty_weight"):
-            if getattr(r, name):
-                check_diverse(r.mode, True)
-                need(self.eval.clip_model is not None,
-                     f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
-        need(r.prompt_match is None or r.prompt_match >= 1,
-             f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
-        need(r.prompt_match is None or self.eval.clip_model is not None,
-             "ranking.prompt_match needs eval.clip_model (the CLIP that matches images to prompts)")
-        need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
-        need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
-        need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
-        need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
-        need(t.learning_rate > 0, "train.learning_rate must be > 0")
-        need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
-        need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
-        need(t.timestep_range is None or (isinstance(t.timestep_range, list) and len(t.timestep_range) == 2
-                                          and all(isinstance(v, int) for v in t.timestep_range)
-                                          and 0 <= t.timestep_range[0] < t.timestep_range[1]),
-             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})")
-        need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
-        need(self.eval.num_per_prompt >= 1 and self.eval.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
-        need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")
-        es = self.early_stop
+        need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
-        need(es.metric.startswith("eval_"), f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
-        for key in ("min_fidelity_ratio", "min_diversity_ratio"):
-            ratio = getattr(es, key)
+        need(isinstance(es.metric, str) and es.metric.startswith("eval_"),
+             f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
+        for key, _, _, ratio in self.floor_settings():
             need(ratio is None or 0 < ratio <= 1, f"early_stop.{key} must be in (0, 1] or null (got {ratio})")
-            need(ratio is None or self.eval.clip_model is not None,
-                 f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu")
-        need(self.eval.every >= 1 or (es.patience is None and es.min_fidelity_ratio is None and es.min_diversity_ratio is None),
+        need(e.every >= 1 or not self.stopper_settings_active(),
              "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
         need(isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
-             "reward must be a mapping with 'name' (e.g. reward.name=brightness) or 'mix'")
+             f"reward must be a mapping with 'name' (e.g. reward.name={self.example_reward}) or 'mix'")
+        self.check()
         return self
+
+    def check(self) -> None:
+        """The kind's own rules (raise through :func:`need`)."""
+
+    # -- checks that read files, before any model is loaded -------------------------------------------
+    def load_prompt_sets(self) -> tuple[list[str] | None, list[str]]:
+        """The training prompts (None when an external pool brings its own) and the held-out prompts."""
+        raise NotImplementedError
+
+    def preflight(self) -> tuple[list[str] | None, list[str]]:
+        """Read the prompt files and check the sizes they imply; the CLI calls this right after loading, so a bad
+        prompt file or an absurd size fails in a second instead of after the model has loaded."""
+        train, held_out = self.load_prompt_sets()
+        k, limit = self.sampling.num_per_prompt, self.max_stage_samples
+        if train is not None:
+            per = min(self.prompts.per_stage or len(train), len(train))
+            need(per * k <= limit,
+                 f"one stage would generate {per * k:,} {self.sample_noun} ({per} prompts x sampling.num_per_prompt={k}), "
+                 f"more than the {limit:,} a stage's pool is sized for; lower sampling.num_per_prompt or prompts.per_stage "
+                 f"(RAFT needs K of about 4-64 per prompt)")
+        n_eval = len(held_out) * self.eval.num_per_prompt
+        need(not self.eval.every or n_eval <= limit,
+             f"each evaluation would generate {n_eval:,} {self.sample_noun} ({len(held_out)} held-out prompts x "
+             f"eval.num_per_prompt={self.eval.num_per_prompt}), more than {limit:,}; lower eval.num_per_prompt")
+        return train, held_out
+
+    # -- early stop ----------------------------------------------------------------------------
+    def floor_settings(self) -> list[tuple[str, str, str, float | None]]:
+        """The kind's early-stop floors: (early_stop key, metrics.jsonl key, label, ratio or None)."""
+        return []
+
+    def stopper_settings_active(self) -> bool:
+        return self.early_stop.patience is not None or any(r is not None for *_, r in self.floor_settings())
+
+    def stopper(self) -> EarlyStopper | None:
+        """The early-stop rule for ``run_raft(should_stop=...)``, or None when early_stop is off."""
+        es = self.early_stop
+        floors = [(metric, label, ratio) for _, metric, label, ratio in self.floor_settings() if ratio is not None]
+        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta, floors=floors)
+        return stopper if stopper.active else None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -221,9 +175,8 @@ def _section_type(cls, name: str):
     return tp if dataclasses.is_dataclass(tp) else None
 
 
-def valid_keys(cls=None, prefix: str = "") -> list[str]:
-    """Every dotted key the config accepts."""
-    cls = cls or RaftConfig
+def valid_keys(cls, prefix: str = "") -> list[str]:
+    """Every dotted key the config class accepts."""
     out = []
     for f in dataclasses.fields(cls):
         sub = _section_type(cls, f.name)
@@ -271,6 +224,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
             return None
         raise ConfigError(f"{key} must not be null")
     scalar = next((a for a in args if a is not type(None)), tp) if args and type(None) in args else tp
+    if scalar is list and isinstance(value, str):
+        return [value]  # a single name where a list of names is expected (e.g. train.target_modules=to_q)
     if scalar not in (int, float, bool, str):
         return value
     if scalar is bool:
@@ -324,16 +279,15 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def config_from_dict(data: dict | None, overrides: list[str] = (), cls=None):
-    """Build and validate a config of class ``cls`` (default :class:`RaftConfig`) from a mapping + overrides."""
-    cls = cls or RaftConfig
+def config_from_dict(data: dict | None, overrides: list[str] = (), *, cls):
+    """Build and validate a config of class ``cls`` (a :class:`BaseConfig` subclass) from a mapping + overrides."""
     data = dict(data or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value, cls)
     return _build(cls, data).validate()
 
 
-def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
+def load_config(path: str | Path | None, overrides: list[str] = (), *, cls):
     """YAML preset (optional) + ``key=value`` overrides -> validated config."""
     data: dict = {}
     if path is not None:
@@ -341,19 +295,27 @@ def load_config(path: str | Path | None, overrides: list[str] = (), cls=None):
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (give a YAML preset, e.g. configs/tiny.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(data, overrides, cls)
+            raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    return config_from_dict(data, overrides, cls=cls)
 
 
-def dump_config(cfg: RaftConfig) -> str:
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What is wrong and where: ``<problem> at line L, column C``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
+
+
+def dump_config(cfg: BaseConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def config_help(cls=None, prefix: str = "") -> list[str]:
-    """``key (default): help`` lines for every field."""
-    cls = cls or RaftConfig
+def config_help(cls, prefix: str = "") -> list[str]:
+    """``key (default): help`` lines for every field of a config class."""
     lines = []
     for f in dataclasses.fields(cls):
         sub = _section_type(cls, f.name)
@@ -374,3 +336,26 @@ def add_align_arguments(parser, example: str) -> None:
     parser.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
+
+
+def config_reference(cls, title: str, intro: str = "") -> str:
+    """A Markdown table of every key of a config class (key, default, meaning), one section per block."""
+    out = [f"## {title}", ""]
+    if intro:
+        out += [intro, ""]
+    out += ["| key | default | meaning |", "|---|---|---|"]
+
+    def rows(c, prefix: str) -> None:
+        for f in dataclasses.fields(c):
+            sub = _section_type(c, f.name)
+            text = f.metadata.get("help", "").replace("|", "\\|")
+            if sub is not None:
+                out.append(f"| **`{prefix}{f.name}`** | | {text} |")
+                rows(sub, prefix + f.name + ".")
+            else:
+                default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("...").strip()
+                out.append(f"| `{prefix}{f.name}` | `{shown}` | {text} |")
+
+    rows(cls, "")
+    return "\n".join(out) + "\n"

@@ -4,21 +4,20 @@ The rules read the ``metrics.jsonl`` rows (stage 0 = the base model) after every
 
 - patience: the monitored metric (``eval_reward_mean`` by default) has not improved by more than
   ``min_delta`` for ``patience`` stages (latest evaluated stage - stage of the best value >= patience);
-- fidelity: the latest ``eval_clip_score`` is below ``min_fidelity_ratio`` x the base model's;
-- diversity: the latest ``eval_diversity`` is below ``min_diversity_ratio`` x the base model's.
+- floors: the latest value of a metric is below ``ratio`` x the base model's (the kinds name theirs:
+  prompt fidelity ``eval_clip_score`` and diversity ``eval_diversity`` for diffusion, distinct-2 for LLMs).
 
 When a rule fires the loop stops and keeps the best stage as ``final/``: the trained stage with the
-highest monitored metric among those that stay above the fidelity and diversity floors. Why it
-stopped is written to ``<run>/early_stop.json``.
+highest monitored metric among those that stay above the floors. Why it stopped is written to
+``<run>/early_stop.json``.
 """
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
-FIDELITY_METRIC = "eval_clip_score"
-DIVERSITY_METRIC = "eval_diversity"
 STOP_FILE = "early_stop.json"
 
 
@@ -37,28 +36,14 @@ class EarlyStopper:
         patience: int | None = None,
         metric: str = "eval_reward_mean",
         min_delta: float = 0.0,
-        min_fidelity_ratio: float | None = None,
-        min_diversity_ratio: float | None = None,
+        floors: Sequence[tuple[str, str, float]] = (),
     ):
+        """``floors``: (metrics.jsonl key, label for messages, ratio) for each metric that must stay
+        at or above ``ratio`` x the base model's value."""
         self.patience = patience
         self.metric = metric
         self.min_delta = float(min_delta)
-        self.floors = [
-            (key, label, ratio)
-            for key, label, ratio in (
-                (FIDELITY_METRIC, "prompt fidelity", min_fidelity_ratio),
-                (DIVERSITY_METRIC, "diversity", min_diversity_ratio),
-            )
-            if ratio is not None
-        ]
-
-    @classmethod
-    def from_config(cls, c) -> "EarlyStopper":
-        """From an ``early_stop`` config section (any object with the constructor's fields)."""
-        return cls(
-            patience=c.patience, metric=c.metric, min_delta=c.min_delta,
-            min_fidelity_ratio=c.min_fidelity_ratio, min_diversity_ratio=c.min_diversity_ratio,
-        )
+        self.floors = [(key, label, float(ratio)) for key, label, ratio in floors]
 
     @property
     def active(self) -> bool:

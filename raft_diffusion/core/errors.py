@@ -9,29 +9,25 @@ class ConfigError(UserError):
     """An invalid configuration value or key."""
 
 
-class RewardError(UserError):
-    """A reward returned something unusable (wrong shape, not a tensor, all NaN)."""
+class ScoreError(UserError):
+    """What a task's ``score`` returned is unusable (wrong shape or type, all NaN); the message names the reward."""
 
 
-def is_user_facing(e: BaseException) -> bool:
-    """Our own errors and the reward package's; other exceptions are bugs and keep their traceback."""
-    if isinstance(e, UserError):
-        return True
-    try:
-        from reward_models.errors import RewardError as RewardPackageError
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(e, RewardPackageError)
+def is_user_facing(e: BaseException, user_errors: tuple[type[BaseException], ...] = ()) -> bool:
+    """Our own errors and those the caller names (e.g. the reward package's); other exceptions are bugs
+    and keep their traceback."""
+    return isinstance(e, (UserError, *user_errors))
 
 
-def run_command(args) -> int:
-    """Run a CLI handler ``args.func(args)``: user errors print as one line (exit 2), Ctrl-C as a resume hint."""
+def run_command(args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a CLI handler ``args.func(args)``: user errors (ours and ``user_errors``) print as one line (exit 2),
+    Ctrl-C as a resume hint."""
     import sys
 
     try:
         return args.func(args)
-    except (UserError, ValueError) as e:
-        if getattr(args, "verbose", False) or not is_user_facing(e):
+    except (UserError, *user_errors) as e:
+        if getattr(args, "verbose", False) or not is_user_facing(e, user_errors):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,7 +4,7 @@
         sample K outputs per prompt (seeded per sample) -> score -> stream into the pool
         keep the best -> fine-tune on them -> evaluate on held-out prompts -> checkpoint
 
-A task (the diffusion or LLM adapter) supplies the model-specific steps; see :class:`RaftTask`.
+A task (the diffusion or LLM adapter) supplies the model-specific steps; see :class:`~.task.RaftTask`.
 """
 from __future__ import annotations
 
@@ -13,75 +13,43 @@ import logging
 import math
 import random
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Protocol
+
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from .early_stop import STOP_FILE
-from .errors import RewardError, UserError
+from .early_stop import STOP_FILE, EarlyStopper
+from .errors import ScoreError, UserError
+from .common import summary
 from .dist import Dist
 from .pool import StreamingPool
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
 from .seeds import sample_seed, stage_seed
+from .task import RaftTask
 from .types import Sample
 
 log = logging.getLogger("raft")
-
-
-class RaftTask(Protocol):
-    """What a model family plugs into the loop."""
-
-    reward_name: str  # for error messages
-    train_prompts: list[str]
-
-    def restore(self, stage_dir) -> None:
-        """Load the weights a completed stage saved (resume)."""
-
-    def sample(self, stage: int, requests: Sequence[Sample]) -> Iterator[list[Sample]]:
-        """Generate the requested samples (payloads filled), yielding them in batches."""
-
-    def score(self, batch: list[Sample]) -> torch.Tensor | Sequence[float | None]:
-        """Rewards of a batch, one per sample (NaN/None = no score). May add reward components to extras."""
-
-    def save_kept(self, stage_dir, kept: list[Sample]) -> None:
-        """Persist what fine-tuning needs of the kept samples (images, latents, texts)."""
-
-    def load_kept(self, stage_dir, kept: list[Sample]) -> list[Sample]:
-        """Fill payloads of kept samples saved by ``save_kept`` (offline mode, resume)."""
-
-    def finetune(self, stage: int, kept: list[Sample]) -> dict:
-        """Fine-tune the model on the kept samples; returns training metrics."""
-
-    def save(self, stage_dir) -> None:
-        """Save the current weights into the stage folder."""
-
-    def evaluate(self, stage: int, stage_dir) -> dict:
-        """Held-out metrics of the current model (stage 0 = the base model)."""
-
-    def weights_dir(self, stage_dir):
-        """The folder inside ``stage_dir`` that ``final/`` should mirror."""
 
 
 def as_rewards(name: str, out, n: int) -> list[float]:
     """Validate a reward's output for a batch of ``n`` and turn it into floats (NaN = no score)."""
     if isinstance(out, torch.Tensor):
         if out.ndim != 1 or out.shape[0] != n:
-            raise RewardError(
+            raise ScoreError(
                 f"reward '{name}' returned a tensor of shape {tuple(out.shape)} for a batch of {n}; "
                 f"it must return shape ({n},): one score per image"
             )
         return [float(x) for x in out.detach().float().cpu().tolist()]
     if isinstance(out, (list, tuple)):
         if len(out) != n:
-            raise RewardError(f"reward '{name}' returned {len(out)} scores for a batch of {n}; return one per sample")
+            raise ScoreError(f"reward '{name}' returned {len(out)} scores for a batch of {n}; return one per sample")
         try:
             return [float("nan") if x is None else float(x) for x in out]
         except (TypeError, ValueError):
-            raise RewardError(f"reward '{name}' returned non-numeric scores; return floats (None = no score)") from None
-    raise RewardError(f"reward '{name}' returned {type(out).__name__}; it must return a 1-D torch.Tensor with one score per sample")
+            raise ScoreError(f"reward '{name}' returned non-numeric scores; return floats (None = no score)") from None
+    raise ScoreError(f"reward '{name}' returned {type(out).__name__}; it must return a 1-D torch.Tensor with one score per sample")
 
 
 def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
@@ -146,8 +114,7 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     """
     dist = dist or Dist()
     K = cfg.sampling.num_per_prompt
-    plan = getattr(task, "plan", None)
-    requests = plan(stage) if plan is not None else None
+    requests = task.plan(stage)
     if requests is None:
         requests = [
             Sample(prompt_index=p, sample_index=k, seed=sample_seed(cfg.seed, stage, p, k))
@@ -160,6 +127,7 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     score_time = 0.0
     for batch in task.sample(stage, mine):
         t = time.perf_counter()
+        task.discard(batch)  # the one place discard rules run: marked samples are logged, never kept
         rewards = as_rewards(task.reward_name, task.score(batch), len(batch))
         score_time += time.perf_counter() - t
         for s, r in zip(batch, rewards):
@@ -171,8 +139,13 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     if dist.enabled:
         pool = _merge_pools(cfg, pool, len(requests), dist)
     stats["reward_queries"] += len(pool.records)
+    if pool.records and all(s.extras.get("discarded") for s in pool.records):
+        raise UserError(
+            f"the discard rules discarded all {len(pool.records)} {cfg.sample_noun} of stage {stage} (e.g. "
+            f"{pool.records[0].extras['discarded']!r}); loosen them (filters.*, ranking.prompt_match) or check the model's outputs"
+        )
     if pool.records and all(math.isnan(s.reward) for s in pool.records):
-        raise RewardError(f"reward '{task.reward_name}' returned NaN (no score) for all {len(pool.records)} samples of stage {stage}")
+        raise ScoreError(f"reward '{task.reward_name}' returned NaN (no score) for all {len(pool.records)} samples of stage {stage}")
     return pool
 
 
@@ -202,21 +175,13 @@ def _to_cpu(payload):
     return payload
 
 
-def _summary(values: list[float]) -> dict:
-    v = [x for x in values if not math.isnan(x)]
-    if not v:
-        return {}
-    mean = sum(v) / len(v)
-    std = (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5
-    return {"mean": mean, "std": std, "max": max(v), "min": min(v)}
-
-
-def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist | None = None, on_stage=None) -> list[dict]:
+def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | None = None, dist: Dist | None = None,
+             on_stage=None) -> list[dict]:
     """Run (or resume) every stage; returns the metrics rows.
 
     ``should_stop(rows) -> str | None`` is asked after every stage (and once on resume): a reason ends
-    the run, keeps the best stage as final/ (``should_stop.best_stage(rows)`` when it has one, else the
-    highest ``eval_reward_mean``) and records the reason in ``<run>/early_stop.json``.
+    the run, keeps ``should_stop.best_stage(rows)`` as final/ and records the reason in
+    ``<run>/early_stop.json``.
 
     With ``dist`` over several processes, only the main process writes the run directory; what it
     reads (progress, metrics, stop decisions) is broadcast to the others. ``on_stage(row, stage_dir)`` is
@@ -279,11 +244,11 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
         row["time_sample"] = time.perf_counter() - t
         row["time_score"] = stats.pop("time_score", 0.0)
         if not kept:
-            raise RewardError(
+            raise ScoreError(
                 f"stage {stage} kept no samples (every sample was discarded ({discarded}), or its reward NaN or below "
                 f"ranking.threshold={cfg.ranking.threshold}); lower the threshold, loosen the discard rule or check the reward"
             )
-        s_all, s_kept = _summary(rewards), _summary([s.reward for s in kept])
+        s_all, s_kept = summary(rewards), summary([s.reward for s in kept])
         row.update(
             reward_mean=s_all.get("mean"), reward_std=s_all.get("std"), reward_max=s_all.get("max"),
             reward_min=s_all.get("min"), kept_reward_mean=s_kept.get("mean"), kept_reward_min=s_kept.get("min"),
@@ -309,7 +274,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
         if main:
             run.put_metrics(row)
             run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})
-            print(stage_line(row), flush=True)
+            print(stage_line(row, task.console_metrics), flush=True)
             if on_stage:
                 on_stage(row, sdir)
         rows = rows + [row]
@@ -322,7 +287,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
     last = run.last_completed()
     final = last
     if reason and last:
-        final = _best_stage(rows, should_stop) or last
+        final = should_stop.best_stage(rows) or last
         log.warning("early stop after stage %d: %s; final/ = stage %d", last, reason, final)
         write_json(run.root / STOP_FILE, {"reason": reason, "stopped_after_stage": last, "final_stage": final})
     else:
@@ -331,15 +296,6 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop=None, dist: Dist |
         copy_dir_atomic(task.weights_dir(run.stage_dir(final)), run.final_dir)
     dist.barrier()
     return rows
-
-
-def _best_stage(rows: list[dict], should_stop) -> int | None:
-    """The stage to keep as final/ after an early stop."""
-    pick = getattr(should_stop, "best_stage", None)
-    if pick is not None:
-        return pick(rows)
-    scored = [r for r in rows if r["stage"] >= 1 and r.get("eval_reward_mean") is not None]
-    return max(scored, key=lambda r: (r["eval_reward_mean"], -r["stage"]))["stage"] if scored else None
 
 
 def _from_record(r: dict) -> Sample:
@@ -351,8 +307,8 @@ def _from_record(r: dict) -> Sample:
     )
 
 
-def stage_line(row: dict) -> str:
-    """One-line stage summary for the console."""
+def stage_line(row: dict, extra: Sequence[tuple[str, str]] = ()) -> str:
+    """One-line stage summary for the console; ``extra``: the task's (metric key, label) pairs to show too."""
     def fmt(key, spec=".4g"):
         v = row.get(key)
         return "-" if v is None else format(v, spec)
@@ -366,9 +322,8 @@ def stage_line(row: dict) -> str:
         parts.append(f"loss {fmt('loss_mean')}")
     if "eval_reward_mean" in row:
         parts.append(f"eval reward {fmt('eval_reward_mean')}")
-    if "eval_clip_score" in row:
-        parts.append(f"clip {fmt('eval_clip_score')}")
-    if "eval_diversity" in row:
-        parts.append(f"diversity {fmt('eval_diversity')}")
+    for key, label in extra:
+        if key in row:
+            parts.append(f"{label} {fmt(key)}")
     parts.append(f"{row.get('seconds', 0):.0f}s")
     return " | ".join(parts)

@@ -28,8 +28,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import torch
-
 from .errors import ConfigError
 from .types import Sample
 
@@ -73,6 +71,8 @@ def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novel
     n = len(keys)
     if not n:
         return []
+    import torch  # here, not at the top: the config imports this module and must load without torch
+
     e = torch.stack([torch.as_tensor(x, dtype=torch.float64).flatten() for x in embeddings])
     e = e / e.norm(dim=1, keepdim=True).clamp_min(1e-12)
     dist = 1.0 - e @ e.T

@@ -24,7 +24,7 @@ import torch
 
 from ..core.errors import UserError
 from ..core.rundir import write_jsonl
-from ..eval.gallery import Cell, Column, render_grid, render_page
+from .gallery import Cell, Column, render_grid, render_page
 from .finetune import LORA_WEIGHT_NAME
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
@@ -73,7 +73,7 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
 
     The guidance scale is the held-out evaluation's (``eval.guidance_scale``, else the pool's).
     """
-    from ..core.config import load_config
+    from .config import load_config
     from .prompts import load_prompts
 
     cfg = load_config(config_path)
@@ -151,9 +151,10 @@ def run_compare(
     dtype: str = "auto",
 ) -> Path:
     """Sample, score and render the comparison; returns the path of index.html."""
-    from .adapter import load_reward, resolve_pretrained, sample_name, save_png
+    from .task import load_reward, resolve_pretrained, sample_name, save_png
     from .generate import encode_prompts, generate_batch
-    from .pipeline import load_pipeline, resolve_device
+    from ..core.common import resolve_device
+    from .pipeline import load_pipeline
 
     # 1. Check the inputs before loading anything heavy.
     if not settings.prompts:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from raft_diffusion.core.errors import UserError
+from ..core.common import resolve_device
+from ..core.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -22,27 +23,6 @@ _DTYPES = {
 }  # fmt: skip
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ATTENTION_MODES = ("auto", "xformers", "sdpa")
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU; an explicit device must exist."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device!r} requested but CUDA is not available: use device=cpu or device=auto")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            count = torch.cuda.device_count()
-            raise UserError(f"device {device!r} does not exist ({count} CUDA devices): pick one of cuda:0..{count - 1}")
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device {device!r} requested but MPS is not available: use device=cpu or device=auto")
-    return dev
 
 
 def resolve_dtype(dtype: str | torch.dtype, device: torch.device | str) -> torch.dtype:

@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
+from ..core.common import build_once
+
 TINY_PIPELINE_NAME = "tiny-sd-v1"  # bump when the architecture below changes
+TINY_CLIP_NAME = "tiny-open-clip-v1"  # bump when reward_models.testing.TINY_OPEN_CLIP_CFG changes
 CLIP_MAX_LENGTH = 77  # CLIP's context length (what SD's text encoder was trained with)
 
 
@@ -151,55 +152,21 @@ def build_tiny_pipeline(seed: int = 0, image_size: int = 32, **kwargs):
     return pipe
 
 
-def default_cache_dir() -> Path:
-    """``$RAFT_DIFFUSION_CACHE``, else ``~/.cache/raft-diffusion``."""
-    env = os.environ.get("RAFT_DIFFUSION_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "raft-diffusion"
-
-
-def build_once(name: str, marker: str, build, cache_dir: Path | str | None = None) -> Path:
-    """``<cache_dir>/<name>``, made by ``build(tmp_folder)`` the first time (``marker`` = a file it writes).
-
-    The folder is written atomically (built in a temporary sibling, then renamed), so a killed or
-    concurrent build never leaves a half-written model behind.
-    """
-    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    target = root / name
-    if (target / marker).is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        build(tmp)
-        if target.exists() and not (target / marker).is_file():
-            shutil.rmtree(target)  # a stale, incomplete folder from an older layout
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / marker).is_file():  # not a concurrent builder winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
 def ensure_tiny_pipeline(cache_dir: Path | str | None = None) -> Path:
     """Build the tiny pipeline once and save it under ``<cache_dir>/tiny-sd-v1``; return that folder."""
     return build_once(
         TINY_PIPELINE_NAME, "model_index.json",
         lambda tmp: build_tiny_pipeline().save_pretrained(str(tmp), safe_serialization=True), cache_dir,
     )
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_PIPELINE_NAME}-", dir=root))
-    try:
-        build_tiny_pipeline().save_pretrained(str(tmp), safe_serialization=True)
-        if target.exists() and not (target / "model_index.json").is_file():
-            shutil.rmtree(target)  # a stale, incomplete folder from an older layout
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():  # not a concurrent builder winning the race
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+
+def ensure_tiny_clip(cache_dir: Path | str | None = None) -> Path:
+    """A tiny random-weight open_clip model (fixed seed) saved once under the cache; for smoke tests only."""
+    from reward_models import save_open_clip
+    from reward_models.testing import build_tiny_open_clip
+
+    def build(tmp: Path) -> None:
+        model, cfg = build_tiny_open_clip(seed=0)
+        save_open_clip(model, cfg, tmp)
+
+    return build_once(TINY_CLIP_NAME, "open_clip_model.safetensors", build, cache_dir)

@@ -18,32 +18,24 @@ from pathlib import Path
 
 from ..core.config import add_align_arguments
 from ..core.errors import UserError, run_command
-
-
-def _quiet_transformers() -> None:
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside transformers
-    try:
-        from transformers.utils import logging as tlog
-
-        tlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
+from .toyworld.cli import add_toyworld_parser
 
 
 def _align(args) -> int:
     from ..core.config import load_config
+    from .config import LLMConfig
+
+    cfg = load_config(args.config, args.overrides, cls=LLMConfig)
+    cfg.preflight()  # prompt files and sizes, in a second, before torch, transformers and the model load
+
     from ..core.early_stop import read_stop
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
-    from .config import LLMConfig
+    from .model import quiet_transformers
     from .report import write_report
     from .task import LLMTask
 
-    cfg = load_config(args.config, args.overrides, cls=LLMConfig)
-    _quiet_transformers()
+    quiet_transformers()
     run = RunDir(args.output_dir)
     run.start(cfg.to_dict())
     print(f"raft-diffusion llm: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
@@ -83,7 +75,9 @@ def _sample(args) -> int:
     if not run.config_path.is_file():
         raise UserError(f"{run.root} is not a run directory (no config.yaml)")
     cfg = config_from_dict(yaml.safe_load(run.config_path.read_text()), cls=LLMConfig)
-    _quiet_transformers()
+    from .model import quiet_transformers
+
+    quiet_transformers()
     model, tok = load_run_model(run, cfg, stage=args.stage)
     ids = encode_prompts(tok, [args.prompt], chat=_chat(tok, cfg))
     s = cfg.sampling
@@ -102,7 +96,8 @@ def _chat(tok, cfg) -> bool:
 
 def load_run_model(run, cfg, stage: int | None = None):
     """(model, tokenizer) of a run: the base model with the adapter of ``stage`` (default final/) loaded."""
-    from .model import load_causal_lm, load_tokenizer, resolve_device, resolve_dtype, resolve_model_path
+    from ..core.common import resolve_device
+    from .model import load_causal_lm, load_tokenizer, resolve_dtype, resolve_model_path
 
     sub = "lora" if cfg.train.method == "lora" else "model"
     folder = run.final_dir if stage is None else run.stage_dir(stage) / sub
@@ -122,18 +117,6 @@ def load_run_model(run, cfg, stage: int | None = None):
 
         model = PeftModel.from_pretrained(model, str(folder)).eval()
     return model, tok
-
-
-def _toyworld_build(args) -> int:
-    import torch
-
-    from .toyworld.build import DEFAULT_DIR, build
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    _quiet_transformers()
-    build(args.out or DEFAULT_DIR, seed=args.seed, lm_steps=args.lm_steps, reward_steps=args.reward_steps)
-    return 0
 
 
 def _config_help(args) -> int:
@@ -170,15 +153,7 @@ def _add_commands(llm: argparse.ArgumentParser) -> None:
     p.add_argument("--stage", type=int, default=None, help="stage whose weights to use (default: final/)")
     p.set_defaults(func=_sample)
 
-    p = sub.add_parser("toyworld", help="the toy text world (synthetic reviews, tiny LM, sentiment reward)")
-    tw = p.add_subparsers(dest="toyworld_command", required=True)
-    b = tw.add_parser("build", help="train the toy LM and reward model and write them (2-5 minutes on 2 CPU cores)")
-    b.add_argument("--out", type=Path, default=None, help="output folder (default: the package's assets/toy, which configs use)")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--lm-steps", type=int, default=1200)
-    b.add_argument("--reward-steps", type=int, default=500)
-    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on a busy shared machine)")
-    b.set_defaults(func=_toyworld_build)
+    add_toyworld_parser(sub)
 
     p = sub.add_parser("config-help", help="list every LLM config key with its default and meaning")
     p.set_defaults(func=_config_help)
@@ -191,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_commands(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(args)
+    from reward_models.errors import RewardError
+
+    return run_command(args, user_errors=(RewardError,))
 
 
 if __name__ == "__main__":

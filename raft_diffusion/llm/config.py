@@ -1,19 +1,24 @@
 """Configuration of an LLM RAFT run: dataclasses with one help line per field, validated in one place.
 
 Loaded with the core's loader (YAML preset + ``key=value`` overrides):
-``load_config(path, overrides, cls=LLMConfig)``. The stage loop reads the same paths as for
+``load_config(path, overrides, cls=LLMConfig)``; :class:`LLMConfig` extends the core's base config. The stage loop reads the same paths as for
 diffusion: seed, num_stages, mode, progress, prompts.per_stage, sampling.num_per_prompt,
 sampling.external_pool, ranking.*, eval.every.
 """
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 
-from ..core.config import RankingConfig, _f, fill_sections
+from ..core import config as core
+from ..core.config import need
+from ..core.config import option as _f
 from ..core.errors import ConfigError
-from ..core.ranking import MODES
+
+# transformers.SchedulerType's names (tests/test_llm_units.py checks the list against transformers)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
 
 
 @dataclass
@@ -28,7 +33,7 @@ class LLMModelConfig:
 
 
 @dataclass
-class LLMPromptsConfig:
+class LLMPromptsConfig(core.PromptsConfig):
     train: object = _f("builtin:toy_train", "training prompts: a list, a text file (one per line) or builtin:toy_train / builtin:toy_eval")
     eval: object = _f("builtin:toy_eval", "held-out prompts (same forms); null = the training prompts")
     per_stage: int | None = _f(None, "prompts drawn per stage (RAFT's b); null = all training prompts every stage")
@@ -57,6 +62,15 @@ class FilterConfig:
     max_ngram_repeats: int = _f(2, "discard when one n-gram occurs more often than this")
     require_stop: bool = _f(False, "discard completions that ended at max_new_tokens instead of eos or a stop string")
     dedupe: bool = _f(False, "discard a completion whose text (whitespace-normalised) already occurred earlier in the stage")
+
+
+@dataclass
+class LLMRankingConfig(core.RankingConfig):
+    # Diffusion-only keys, accepted so that LLM configs and run snapshots written before they left the shared
+    # ranking section still load; each must stay off.
+    diversity_weight: float = _f(0.0, "diffusion only (picks spread out in CLIP space); must be 0 for LLM runs")
+    novelty_weight: float = _f(0.0, "diffusion only (favours images in sparse parts of the pool); must be 0 for LLM runs")
+    prompt_match: int | None = _f(None, "diffusion only (a CLIP matches images to prompts); must be null for LLM runs")
 
 
 @dataclass
@@ -90,46 +104,43 @@ class LLMEvalConfig:
 
 
 @dataclass
-class LLMEarlyStopConfig:
-    patience: int | None = _f(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
-    metric: str = _f("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
-    min_delta: float = _f(0.0, "an improvement must exceed this to reset patience")
+class LLMEarlyStopConfig(core.EarlyStopConfig):
     min_diversity_ratio: float | None = _f(None, "stop when eval_distinct_2 falls below this fraction of the base model's (final/ = the best stage above it); null = off")
 
 
 @dataclass
-class LLMConfig:
-    seed: int = _f(0, "run seed: every sample's seed derives from it")
+class LLMConfig(core.BaseConfig):
     num_stages: int = _f(5, "RAFT stages (sample, rank, fine-tune)")
-    mode: str = _f("online", "online: sample from the current model each stage; offline: one pool from the base model")
     model: LLMModelConfig = _f(None, "base causal LM")
     prompts: LLMPromptsConfig = _f(None, "prompt sets")
     sampling: LLMSamplingConfig = _f(None, "completion generation")
     filters: FilterConfig = _f(None, "discard rules applied before ranking (a discarded completion gets no reward)")
     reward: dict = _f({"name": "toy_sentiment"}, "text reward: {name: NAME, kwargs: {...}}; NAME = a built-in, sequence_classification, or package.module:function")
-    ranking: RankingConfig = _f(None, "what is kept (kl_beta > 0 ranks by r - beta*log(p/p_base), base = adapter disabled)")
+    ranking: LLMRankingConfig = _f(None, "what is kept (kl_beta > 0 ranks by r - beta*log(p/p_base), base = adapter disabled)")
     train: LLMTrainConfig = _f(None, "fine-tuning on the kept completions (loss on response tokens only)")
     eval: LLMEvalConfig = _f(None, "held-out evaluation")
     early_stop: LLMEarlyStopConfig = _f(None, "opt-in guard against over-optimisation: stop early, keep the best stage as final/")
     progress: bool = _f(True, "show progress bars")
 
-    def __post_init__(self):
-        fill_sections(self)
+    sample_noun = "completions"
+    example_reward = "toy_sentiment"
 
-    def validate(self) -> "LLMConfig":
-        """Every cross-field rule in one place; raises ConfigError naming the key and the fix."""
+    def load_prompt_sets(self):
+        from .prompts import load_prompts
+
+        train = None if self.sampling.external_pool else load_prompts(self.prompts.train, "prompts.train")
+        if self.prompts.eval is None:
+            return train, train if train is not None else []
+        return train, load_prompts(self.prompts.eval, "prompts.eval")
+
+    def floor_settings(self):
+        return [("min_diversity_ratio", "eval_distinct_2", "diversity", self.early_stop.min_diversity_ratio)]
+
+    def check(self) -> None:
+        """The LLM rules (the shared ones are in :meth:`BaseConfig.validate`)."""
         s, r, t, fl, e = self.sampling, self.ranking, self.train, self.filters, self.eval
-
-        def need(cond: bool, msg: str):
-            if not cond:
-                raise ConfigError(msg)
-
-        need(isinstance(self.num_stages, int) and self.num_stages >= 1, f"num_stages must be an integer >= 1 (got {self.num_stages!r})")
-        need(self.mode in ("online", "offline"), f"mode must be 'online' or 'offline' (got {self.mode!r})")
         need(isinstance(self.model.pretrained, str) and self.model.pretrained, "model.pretrained must name a hub id or a folder (or 'toy')")
         need(self.model.num_threads is None or self.model.num_threads >= 1, "model.num_threads must be >= 1 or null")
-        need(s.num_per_prompt >= 1, f"sampling.num_per_prompt must be >= 1 (got {s.num_per_prompt})")
-        need(s.batch_size >= 1, f"sampling.batch_size must be >= 1 (got {s.batch_size})")
         need(s.max_new_tokens >= 1, f"sampling.max_new_tokens must be >= 1 (got {s.max_new_tokens})")
         need(s.temperature >= 0, f"sampling.temperature must be >= 0 (0 = greedy; got {s.temperature})")
         need(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1] (got {s.top_p})")
@@ -146,15 +157,6 @@ class LLMConfig:
             except (re.error, TypeError) as err:
                 raise ConfigError(f"filters.discard_regex entry {pat!r} is not a valid regex ({err})") from None
         need(fl.repeated_ngram_size >= 0 and fl.max_ngram_repeats >= 1, "filters.repeated_ngram_size must be >= 0 and filters.max_ngram_repeats >= 1")
-        need(r.mode in MODES, f"ranking.mode must be one of {', '.join(MODES)} (got {r.mode!r})")
-        need(r.top_k >= 1, f"ranking.top_k must be >= 1 (got {r.top_k})")
-        if r.mode == "local" and s.external_pool is None:
-            need(r.top_k <= s.num_per_prompt,
-                 f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} completions "
-                 "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt")
-        need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
-        need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
-        need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(r.diversity_weight == 0, "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
              "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0")
         need(r.novelty_weight == 0, "ranking.novelty_weight is for diffusion runs (it favours images in sparse parts of the "
@@ -163,6 +165,9 @@ class LLMConfig:
              "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null")
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
+        need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
+        need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
+        need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
         need(t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
              "train.target_modules must be 'all-linear' or a non-empty list of module names")
         need(t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs must be > 0 (or set train.max_steps)")
@@ -171,33 +176,9 @@ class LLMConfig:
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(t.max_length is None or t.max_length >= 2, "train.max_length must be >= 2 or null")
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
-        need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(e.best_of_k is None or e.best_of_k >= 0, "eval.best_of_k must be >= 0 or null")
         need(e.gold_reward is None or (isinstance(e.gold_reward, dict) and "name" in e.gold_reward),
              "eval.gold_reward must be null or a mapping with 'name' (e.g. {name: toy_gold})")
-        need(self.prompts.per_stage is None or self.prompts.per_stage >= 1, "prompts.per_stage must be >= 1 or null")
-        es = self.early_stop
-        need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
-        need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
-        need(isinstance(es.metric, str) and es.metric.startswith("eval_"), f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
-        need(es.min_diversity_ratio is None or 0 < es.min_diversity_ratio <= 1, f"early_stop.min_diversity_ratio must be in (0, 1] or null (got {es.min_diversity_ratio})")
-        need(e.every >= 1 or (es.patience is None and es.min_diversity_ratio is None), "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
-        need(isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
-             "reward must be a mapping with 'name' (e.g. reward.name=toy_sentiment) or 'mix'")
-        return self
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def stopper(self):
-        """The core early-stop rule for ``run_raft(should_stop=...)``, or None when early_stop is off."""
-        from ..core.early_stop import EarlyStopper
-
-        es = self.early_stop
-        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta)
-        if es.min_diversity_ratio is not None:  # the LLM's diversity measure is distinct-2
-            stopper.floors = [("eval_distinct_2", "diversity", es.min_diversity_ratio)]
-        return stopper if stopper.active else None
 
     @property
     def best_of_k(self) -> int:

@@ -1,4 +1,4 @@
-"""Text metrics of the held-out evaluation: distinct-n, base perplexity, best-of-K."""
+"""Text metrics of the held-out evaluation: distinct-n and base perplexity."""
 from __future__ import annotations
 
 import math
@@ -20,18 +20,3 @@ def perplexity(logprob_sums: Sequence[float], token_counts: Sequence[int]) -> fl
     """exp(-(sum of log-probs) / (number of tokens)) over all sequences; NaN when there are no tokens."""
     n = sum(token_counts)
     return math.exp(-sum(logprob_sums) / n) if n else float("nan")
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and population std of the finite values (NaN, NaN when none)."""
-    v = [x for x in values if x is not None and not math.isnan(x)]
-    if not v:
-        return float("nan"), float("nan")
-    m = sum(v) / len(v)
-    return m, (sum((x - m) ** 2 for x in v) / len(v)) ** 0.5
-
-
-def best_of_k(rewards_by_prompt: dict[int, list[float]]) -> float:
-    """Mean over prompts of the best finite reward among each prompt's samples."""
-    bests = [max(x for x in rs if not math.isnan(x)) for rs in rewards_by_prompt.values() if any(not math.isnan(x) for x in rs)]
-    return sum(bests) / len(bests) if bests else float("nan")

@@ -11,43 +11,30 @@ from pathlib import Path
 import torch
 
 from ..core.errors import UserError
+from .assets import toy_path
 
 log = logging.getLogger(__name__)
 
-ASSETS_DIR = Path(__file__).resolve().parent / "assets"
-TOY_DIR = ASSETS_DIR / "toy"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
            "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
-def toy_path(part: str) -> Path:
-    """A committed toy-world artifact (``lm``, ``reward``, ``prompts_train.txt`` ...); a clear error when absent."""
-    p = TOY_DIR / part
-    if not p.exists():
-        raise UserError(f"toy text world artifact not found: {p}; build it with 'raft-diffusion llm toyworld build'")
-    return p
+def quiet_transformers() -> None:
+    import warnings
 
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)  # raised inside transformers
+    try:
+        from transformers.utils import logging as tlog
 
-def asset_path(rel: str) -> Path:
-    """A file under raft_diffusion/llm/assets/ (toy-world files through ``toy_path``, so a missing build is explained)."""
-    return toy_path(rel.split("/", 1)[1]) if rel.startswith("toy/") else ASSETS_DIR / rel
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def resolve_model_path(name: str) -> str:
     """'toy' -> the committed toy LM folder; anything else (hub id or folder) is passed through."""
     return str(toy_path("lm")) if name == "toy" else name
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise UserError(f"model.device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"model.device={name} but CUDA is not available here; use model.device=auto or cpu")
-    return dev
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

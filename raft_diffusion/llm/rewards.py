@@ -35,10 +35,3 @@ def wrap_callable(fn, name: str = "custom"):
     from reward_models import LoadedReward
 
     return fn if isinstance(fn, LoadedReward) else LoadedReward(getattr(fn, "__name__", name), fn, "text")
-
-
-def reward_label(spec: dict) -> str:
-    if "mix" in spec:
-        return "+".join(str(c.get("name") if isinstance(c, dict) else c) for c in spec["mix"])
-    name = str(spec.get("name"))
-    return name.rsplit(":", 1)[-1] if ":" in name else name

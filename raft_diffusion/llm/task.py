@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..core.common import best_of_k, mean_std, resolve_device, reward_label
 from ..core.errors import UserError
 from ..core.loop import external_requests
 from ..core.loop import read_manifest as core_read_manifest
@@ -28,11 +29,11 @@ from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import eos_ids, encode_prompts, sample_completions, uses_chat_template
-from .metrics import best_of_k, distinct_n, mean_std, perplexity
-from .model import (add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions, resolve_device,
+from .metrics import distinct_n, perplexity
+from .model import (add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions,
                     resolve_dtype, resolve_model_path)
 from .prompts import load_prompts
-from .rewards import load_text_reward, reward_label, wrap_callable
+from .rewards import load_text_reward, wrap_callable
 from .sft import sequence_logprobs, train_response_only
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,9 @@ class LLMTask:
     ``reward`` / ``gold_reward``: optional callables ``(prompts, completions, **kw) -> list[float | None]``
     that replace ``cfg.reward`` / ``cfg.eval.gold_reward`` (tests, notebooks).
     """
+
+
+    console_metrics = ()  # the console line of a stage shows the shared columns only
 
     def __init__(self, cfg, reward=None, gold_reward=None):
         self.cfg = cfg
@@ -138,8 +142,7 @@ class LLMTask:
 
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
-        discarded = 0
-        seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
+        self._seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
         for i in range(0, len(requests), bs):
             batch = list(requests[i:i + bs])
             prompt_ids = [self.train_ids[r.prompt_index] for r in batch]
@@ -154,30 +157,27 @@ class LLMTask:
                 for r, p, c in zip(batch, prompt_ids, self._generate(prompt_ids, [r.seed for r in batch])):
                     r.payload = {"prompt_ids": p, "completion_ids": c.ids}
                     r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish)
-            live = []
-            for r in batch:
-                why = self.filters.reason(r.extras["completion"], r.extras["n_tokens"], r.extras["finish"])
-                if self.cfg.filters.dedupe and not why:
-                    norm = " ".join(r.extras["completion"].split())
-                    why = "duplicate" if norm in seen else None
-                    seen.add(norm)
-                if why:
-                    r.extras["discarded"] = why
-                    discarded += 1
-                else:
-                    live.append(r)
-            if self.cfg.ranking.kl_beta > 0 and live:
-                for r, (cur, ref) in zip(live, self.log_ratios([r.payload["prompt_ids"] for r in live], [r.payload["completion_ids"] for r in live])):
-                    r.log_ratio = cur - ref
             yield batch
-        if requests and discarded == len(requests):
-            raise UserError(
-                f"the filters discarded all {len(requests)} completions of stage {stage} (e.g. "
-                f"{requests[0].extras.get('discarded')!r}); loosen filters.* or check the model's completions"
-            )
+
+    def discard(self, batch: list[Sample]) -> None:
+        """The ``filters.*`` rules: a discarded completion gets no reward and is never kept."""
+        for r in batch:
+            why = self.filters.reason(r.extras["completion"], r.extras["n_tokens"], r.extras["finish"])
+            if self.cfg.filters.dedupe and not why:
+                norm = " ".join(r.extras["completion"].split())
+                why = "duplicate" if norm in self._seen else None
+                self._seen.add(norm)
+            if why:
+                r.extras["discarded"] = why
 
     def score(self, batch: list[Sample]):
+        """The reward of each completion the filters kept (None for the discarded), and its log-ratio
+        to the base when the ranking key needs it (``ranking.kl_beta``)."""
         live = [j for j, s in enumerate(batch) if "discarded" not in s.extras]
+        if self.cfg.ranking.kl_beta > 0 and live:
+            pairs = self.log_ratios([batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live])
+            for j, (cur, ref) in zip(live, pairs):
+                batch[j].log_ratio = cur - ref
         out: list[float | None] = [None] * len(batch)
         if live:
             scores = self.reward([self.train_prompts[batch[j].prompt_index] for j in live], [batch[j].extras["completion"] for j in live])
@@ -285,10 +285,8 @@ class LLMTask:
             "eval_length": sum(rows[i][3].n_tokens for i in main) / len(main),
             "eval_base_perplexity": perplexity([lp for lp, _ in base_lp], [nt for _, nt in base_lp]),
         }
-        by_prompt_main: dict[int, list[float]] = {}
-        for i in main:
-            by_prompt_main.setdefault(rows[i][0], []).append(rewards[i])
-        metrics["eval_best_of_k"] = best_of_k(by_prompt_main)  # K = eval.num_per_prompt, as the diffusion module
+        # K = eval.num_per_prompt, as the diffusion module
+        metrics["eval_best_of_k"] = best_of_k([rewards[i] for i in main], [rows[i][0] for i in main])
         if golds is not None:
             metrics["eval_gold_mean"], metrics["eval_gold_std"] = mean_std([golds[i] for i in main])
         if k_ref:
@@ -296,7 +294,8 @@ class LLMTask:
             for i, (p, k, _, _) in enumerate(rows):
                 if k < k_ref:
                     by_prompt.setdefault(p, []).append(i)
-            metrics["eval_base_best_of_k"] = best_of_k({p: [rewards[i] for i in idx] for p, idx in by_prompt.items()})
+            ref = [i for idx in by_prompt.values() for i in idx]
+            metrics["eval_base_best_of_k"] = best_of_k([rewards[i] for i in ref], [rows[i][0] for i in ref])
             if golds is not None:  # gold of the completion the reward picked, per prompt
                 picked = [max(idx, key=lambda i: (rewards[i] == rewards[i], rewards[i])) for idx in by_prompt.values()]
                 metrics["eval_base_best_of_k_gold"] = sum(golds[i] for i in picked) / len(picked)

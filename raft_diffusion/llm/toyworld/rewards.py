@@ -18,7 +18,7 @@ from .corpus import gold_sentiment
 def toy_sentiment(device="cpu", dtype=torch.float32, batch_size: int = 64):
     from reward_models.text import sequence_classifier
 
-    from ..model import toy_path
+    from ..assets import toy_path
 
     return sequence_classifier(
         device=device, dtype=dtype, model=str(toy_path("reward")), label=0,

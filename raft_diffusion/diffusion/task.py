@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..core.common import resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import external_requests, read_manifest
@@ -16,10 +17,10 @@ from ..core.ranking import uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
-from ..eval.metrics import eval_metrics, load_eval_clip, prompt_ranks
+from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from . import finetune as ft
 from .generate import encode_images, encode_prompts, generate_batch
-from .pipeline import load_pipeline, resolve_device
+from .pipeline import load_pipeline
 from .prompts import load_prompts
 
 
@@ -37,12 +38,6 @@ def load_reward(cfg_reward: dict, device, dtype):
     from reward_models import load_reward_from_config
 
     return load_reward_from_config(cfg_reward, device=device, dtype=dtype)
-
-
-def reward_label(cfg_reward: dict) -> str:
-    if "mix" in cfg_reward:
-        return "+".join(str(c.get("name")) for c in cfg_reward["mix"])
-    return str(cfg_reward.get("name"))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -69,6 +64,8 @@ def sample_name(prompt_index: int, sample_index: int) -> str:
 
 class DiffusionTask:
     """Generator, fine-tuner and evaluator for any StableDiffusionPipeline-compatible model."""
+
+    console_metrics = (("eval_clip_score", "clip"), ("eval_diversity", "diversity"))
 
     def __init__(self, cfg, reward=None, dist: Dist | None = None):
         self.cfg = cfg
@@ -160,25 +157,36 @@ class DiffusionTask:
         img = img.resize((self.width, self.height), Image.BICUBIC) if img.size != (self.width, self.height) else img
         return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255.0
 
+    def discard(self, batch: list[Sample]) -> None:
+        """``ranking.prompt_match``: an image whose own prompt the eval CLIP does not rank among the top N
+        training prompts is discarded (still scored and logged, never kept)."""
+        n = self.cfg.ranking.prompt_match
+        if not n:
+            return
+        if self._prompt_text is None:  # every training prompt, embedded once
+            self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
+        ranks = prompt_ranks(self._image_embeddings(batch), self._prompt_text, [s.prompt_index for s in batch])
+        for s, k in zip(batch, ranks):
+            s.extras["prompt_rank"] = k
+            if k > n:
+                s.extras["discarded"] = f"eval CLIP ranks its prompt {k} of {len(self.train_prompts)}"
+
     def score(self, batch: list[Sample]):
         images = torch.stack([s.payload["image"] for s in batch])
         out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
         _attach_components(self.reward, batch)
-        r = self.cfg.ranking
-        if uses_embeddings(r) or r.prompt_match:
-            emb = self.eval_clip.image_embeddings(images)
-        if uses_embeddings(r):
-            for s, e in zip(batch, emb):
+        if uses_embeddings(self.cfg.ranking):  # the spread-out / novelty pick works in CLIP image space
+            for s, e in zip(batch, self._image_embeddings(batch)):
                 s.embedding = e
-        if r.prompt_match:
-            if self._prompt_text is None:  # every training prompt, embedded once
-                self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
-            ranks = prompt_ranks(emb, self._prompt_text, [s.prompt_index for s in batch])
-            for s, k in zip(batch, ranks):
-                s.extras["prompt_rank"] = k
-                if k > r.prompt_match:
-                    s.extras["discarded"] = f"eval CLIP ranks its prompt {k} of {len(self.train_prompts)}"
         return out
+
+    def _image_embeddings(self, batch: list[Sample]) -> torch.Tensor:
+        """The eval CLIP's embeddings of a batch's images (computed once per batch, kept on the payload)."""
+        if any("clip_embedding" not in s.payload for s in batch):
+            emb = self.eval_clip.image_embeddings(torch.stack([s.payload["image"] for s in batch]))
+            for s, e in zip(batch, emb):
+                s.payload["clip_embedding"] = e
+        return torch.stack([s.payload["clip_embedding"] for s in batch])
 
     # -- kept samples --------------------------------------------------------------------------
     def save_kept(self, stage_dir: Path, kept: list[Sample]) -> None:

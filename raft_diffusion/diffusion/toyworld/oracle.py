@@ -4,7 +4,7 @@ No learning: the background is the median colour of the image border; the subjec
 region that differs from it; its box gives size and position, its core pixels give colour (nearest palette
 colour) and contrast, the background pixels give noise, and the subject's cropped coverage map is matched
 against drawn templates of each shape. The four measured quantities go through the same formula as the gold
-score (:func:`raft_diffusion.toyworld.world.aesthetic_from_features`).
+score (:func:`raft_diffusion.diffusion.toyworld.world.aesthetic_from_features`).
 """
 from __future__ import annotations
 

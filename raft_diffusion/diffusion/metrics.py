@@ -15,35 +15,15 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
+from ..core.common import best_of_k, mean_std
+
 log = logging.getLogger("raft")
-
-TINY_CLIP_NAME = "tiny-open-clip-v1"  # bump when reward_models.testing.TINY_OPEN_CLIP_CFG changes
-
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and population std of the finite values; (nan, nan) when there are none."""
-    v = torch.as_tensor(values, dtype=torch.float64).flatten()
-    v = v[torch.isfinite(v)]
-    if v.numel() == 0:
-        return math.nan, math.nan
-    return float(v.mean()), float(v.std(unbiased=False))
-
-
-def best_of_k(rewards: Sequence[float], groups: Sequence[int]) -> float:
-    """Mean over groups (prompts) of the best finite reward in the group; NaN when no group has one."""
-    best: dict[int, float] = {}
-    for r, g in zip(rewards, groups):
-        if r is not None and math.isfinite(r):
-            best[g] = max(best.get(g, -math.inf), float(r))
-    return sum(best.values()) / len(best) if best else math.nan
 
 
 def clip_scores(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: float = 100.0) -> torch.Tensor:
@@ -128,20 +108,8 @@ def load_eval_clip(clip_model: str | None, clip_pretrained: str | None, device="
     from reward_models import load_open_clip
 
     if clip_model == "tiny":
+        from .tiny import ensure_tiny_clip
+
         clip_model, clip_pretrained = str(ensure_tiny_clip()), None
     backbone = load_open_clip(clip_model, clip_pretrained, device=device, dtype=torch.float32, reward="eval.clip_model")
     return EvalClip(backbone)
-
-
-def ensure_tiny_clip(cache_dir: str | Path | None = None) -> Path:
-    """A tiny random-weight open_clip model (fixed seed) saved once under the cache; for smoke tests only."""
-    from reward_models import save_open_clip
-    from reward_models.testing import build_tiny_open_clip
-
-    from ..diffusion.tiny import build_once
-
-    def build(tmp: Path) -> None:
-        model, cfg = build_tiny_open_clip(seed=0)
-        save_open_clip(model, cfg, tmp)
-
-    return build_once(TINY_CLIP_NAME, "open_clip_model.safetensors", build, cache_dir)

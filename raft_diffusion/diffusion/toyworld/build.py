@@ -1,6 +1,6 @@
 """Build the toy world's trained parts from scratch, seeded, into one folder.
 
-Layout of a built world (the committed one is ``raft_diffusion/toyworld/assets``)::
+Layout of a built world (the committed one is ``raft_diffusion/diffusion/toyworld/assets``)::
 
     clip/                      small CLIP, open_clip format (reward_models.save_open_clip)
     aesthetic_head.safetensors LAION-layout aesthetic head on clip/'s image embeddings

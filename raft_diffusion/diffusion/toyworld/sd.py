@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..diffusion.finetune import min_snr_weights
+from ..finetune import min_snr_weights
 from .world import COLOURS, SHAPES, all_captions, caption, caption_variant, render_batch, sample_scenes, to_tensor
 
 EVAL_FRACTION = 0.1  # share of captions held out from text-to-image training
@@ -197,7 +197,7 @@ def encode_pool(vae, pool_size: int, seed: int) -> dict:
     return {"scenes": scenes, "means": torch.cat(means), "stds": torch.cat(stds)}
 
 
-def train_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Callable[[str], None],
+def pretrain_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Callable[[str], None],
                lr: float = 2e-3, ema_decay: float = 0.995, min_snr_gamma: float = 5.0,
                poll: Callable[[int], None] | None = None) -> dict:
     """Train the UNet (text encoder frozen) on an encoded pool (:func:`encode_pool`); replace it by its EMA.
@@ -312,7 +312,7 @@ def build_sd(out: Path, s, log: Callable[[str], None] = print, text_encoder=None
     log(f"unet: pool of {len(pool['scenes'])} latents encoded ({time.time() - t0:.0f}s)")
     te = text_encoder() if callable(text_encoder) else text_encoder
     c = build_components(vae, te if te is not None else load_text_encoder(Path(out) / "clip"), s.seed)
-    info["unet"] = train_unet(c, pool, s.sd_unet_steps, s.sd_batch, s.seed, log, poll=poll)
+    info["unet"] = pretrain_unet(c, pool, s.sd_unet_steps, s.sd_batch, s.seed, log, poll=poll)
     pipe = make_pipeline(c)
     save_pipeline(pipe, out / "sd")
     train_p, eval_p = demo_prompts(seed=s.seed)

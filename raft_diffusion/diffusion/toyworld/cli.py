@@ -34,7 +34,7 @@ def add_toyworld_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("toyworld", help="the toy text-to-image world (procedural shapes, small models)")
     sub = p.add_subparsers(dest="toyworld_command", required=True)
     b = sub.add_parser("build", help="train the toy CLIP, aesthetic head and text-to-image pipeline from scratch")
-    b.add_argument("--out", default=None, help="output folder (default: the packaged raft_diffusion/toyworld/assets)")
+    b.add_argument("--out", default=None, help="output folder (default: the packaged raft_diffusion/diffusion/toyworld/assets)")
     b.add_argument("--seed", type=int, default=0, help="build seed")
     b.add_argument("--parts", default="rewards,sd", help="comma-separated parts to (re)build: rewards, sd")
     b.add_argument("--miniature", action="store_true", help="a few-minute build with briefly trained parts (tests)")

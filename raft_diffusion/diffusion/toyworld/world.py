@@ -5,7 +5,7 @@ positions, on a plain or noisy background of a named colour. Everything is deter
 
 The **gold aesthetic** (1-10) is a fixed function of four properties of the scene that a person would agree
 make a small picture better: a large subject, centred, contrasting with its background, on a clean
-background. :mod:`raft_diffusion.toyworld.oracle` measures the same four properties from pixels, so the gold
+background. :mod:`raft_diffusion.diffusion.toyworld.oracle` measures the same four properties from pixels, so the gold
 score of *any* image (a generated one included) can be estimated; on renders the two agree closely.
 """
 from __future__ import annotations

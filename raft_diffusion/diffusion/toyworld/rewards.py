@@ -1,6 +1,6 @@
 """The pixel oracle as rewards (the toy world's *gold* measurements), in the image-reward contract.
 
-``load_reward("raft_diffusion.toyworld.rewards:gold_aesthetic")`` scores images with the oracle's estimate of
+``load_reward("raft_diffusion.diffusion.toyworld.rewards:gold_aesthetic")`` scores images with the oracle's estimate of
 the gold aesthetic; ``...:fidelity`` gives 1.0 when the subject has the prompt's shape and colour, else 0.0.
 They are for evaluation (what a person would judge); the trained proxies are ``aesthetic`` and ``clip_score``
 with the toy CLIP (see ``toyworld.assets``).

@@ -1,0 +1,168 @@
+"""Helpers both kinds share: statistics of rewards, prompt lists, devices, the build-once cache, reward labels.
+
+Kept here so that the diffusion and LLM packages never carry a copy each.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# -- statistics ------------------------------------------------------------------------------------
+
+
+def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
+    """Mean and population std of the finite values; (nan, nan) when there are none."""
+    import torch  # here, not at the top: prompt files are read before torch is imported
+
+    v = torch.as_tensor([math.nan if x is None else x for x in values], dtype=torch.float64).flatten()
+    v = v[torch.isfinite(v)]
+    if v.numel() == 0:
+        return math.nan, math.nan
+    return float(v.mean()), float(v.std(unbiased=False))
+
+
+def best_of_k(rewards: Sequence[float | None], groups: Sequence[int]) -> float:
+    """Mean over groups (prompts) of the best finite reward in the group; NaN when no group has one."""
+    best: dict[int, float] = {}
+    for r, g in zip(rewards, groups):
+        if r is not None and math.isfinite(r):
+            best[g] = max(best.get(g, -math.inf), float(r))
+    return sum(best.values()) / len(best) if best else math.nan
+
+
+def summary(values: Iterable[float]) -> dict:
+    """mean, std, max, min of the non-NaN values ({} when there are none)."""
+    v = [x for x in values if not math.isnan(x)]
+    if not v:
+        return {}
+    mean = sum(v) / len(v)
+    std = (sum((x - mean) ** 2 for x in v) / len(v)) ** 0.5
+    return {"mean": mean, "std": std, "max": max(v), "min": min(v)}
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def read_prompt_file(path: Path, hint: str = "") -> list[str]:
+    """One prompt per line (UTF-8); blank lines and lines starting with '#' are skipped."""
+    if not path.is_file():
+        raise UserError(f"prompt file {str(path)!r} not found: give an existing text file (one prompt per line), "
+                        f"an inline list, or builtin:NAME{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"prompt file {str(path)!r} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def load_prompt_spec(spec, builtins: Mapping[str, Callable[[], list[str]]], key: str = "prompts") -> list[str]:
+    """A prompt spec -> a non-empty list of prompts.
+
+    ``spec`` is an inline list of strings, ``"builtin:NAME"`` (``builtins[NAME]()`` gives the list) or a
+    path to a text file; ``key`` names the config key in errors.
+    """
+    names = ", ".join(sorted(builtins))
+    hint = f" ({names})" if names else ""
+    if isinstance(spec, Path):
+        prompts, where = read_prompt_file(spec, hint), f"prompt file {str(spec)!r}"
+    elif isinstance(spec, str):
+        if spec.startswith("builtin:"):
+            name = spec.removeprefix("builtin:").strip()
+            if name not in builtins:
+                raise UserError(f"{key}: unknown built-in prompt set {name!r}: choose one of {names}")
+            prompts, where = [p.strip() for p in builtins[name]() if p.strip()], f"built-in prompt set {name!r}"
+        else:
+            prompts, where = read_prompt_file(Path(spec).expanduser(), hint), f"prompt file {spec!r}"
+    elif isinstance(spec, (list, tuple)):
+        bad = [p for p in spec if not isinstance(p, str)]
+        if bad:
+            raise UserError(f"{key}: prompts must be strings, got {bad[0]!r}: quote each prompt in the list")
+        prompts, where = [p.strip() for p in spec if p.strip()], "the inline prompt list"
+    else:
+        raise UserError(f"{key} must be a list of prompts, a text file or builtin:NAME (got {type(spec).__name__})")
+    if not prompts:
+        raise UserError(f"{key}: {where} has no prompts: give at least one non-empty prompt")
+    return prompts
+
+
+# -- devices ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; an explicit device must exist."""
+    import torch
+
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UserError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device!r} requested but CUDA is not available: use device=cpu or device=auto")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            count = torch.cuda.device_count()
+            raise UserError(f"device {device!r} does not exist ({count} CUDA devices): pick one of cuda:0..{count - 1}")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"device {device!r} requested but MPS is not available: use device=cpu or device=auto")
+    return dev
+
+
+# -- build-once cache ------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """``$RAFT_DIFFUSION_CACHE``, else ``~/.cache/raft-diffusion``."""
+    env = os.environ.get("RAFT_DIFFUSION_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "raft-diffusion"
+
+
+def build_once(name: str, marker: str, build: Callable[[Path], None], cache_dir: Path | str | None = None) -> Path:
+    """``<cache_dir>/<name>``, made by ``build(tmp_folder)`` the first time (``marker`` = a file it writes).
+
+    The folder is written atomically (built in a temporary sibling, then renamed), so a killed or
+    concurrent build never leaves a half-written model behind.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    target = root / name
+    if (target / marker).is_file():
+        return target
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
+    try:
+        build(tmp)
+        if target.exists() and not (target / marker).is_file():
+            shutil.rmtree(target)  # a stale, incomplete folder from an older layout
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not (target / marker).is_file():  # not a concurrent builder winning the race
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# -- rewards ---------------------------------------------------------------------------------------
+
+
+def reward_label(spec: dict) -> str:
+    """A short name for a reward config (``a+b`` for a mix; a ``module:function`` path by its function)."""
+    if "mix" in spec:
+        return "+".join(reward_label(c) if isinstance(c, dict) else str(c) for c in spec["mix"])
+    name = str(spec.get("name"))
+    return name.rsplit(":", 1)[-1] if ":" in name else name

@@ -1,0 +1,147 @@
+"""The diffusion commands of ``raft-diffusion``: align, gallery, compare, toyworld, config-help.
+
+``add_commands(subparsers)`` adds them to the main parser (``raft_diffusion.cli``); bad input raises
+``UserError`` (one line, exit 2).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..core.config import add_align_arguments
+from ..core.errors import UserError
+from .toyworld.cli import add_toyworld_parser
+
+
+def _align(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    cfg.preflight()  # prompt files and sizes, in a second, before torch, diffusers and the model load
+
+    from ..core.dist import init_dist
+    from ..core.loop import run_raft
+    from ..core.rundir import RunDir
+    from .gallery import write_gallery
+    from .task import DiffusionTask, resolve_pretrained
+    from .tracking import Trackers
+
+    dist = init_dist(cfg.model.device)  # several processes under accelerate launch / torchrun
+    if dist.is_main:  # one process builds the tiny model's cache, the others wait and reuse it
+        cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id
+    cfg.model.pretrained = dist.broadcast(cfg.model.pretrained)
+    run = RunDir(args.output_dir)
+    if dist.is_main:
+        run.start(cfg.to_dict())
+        print(f"raft-diffusion: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
+    else:
+        cfg.progress = False  # one set of progress bars
+    dist.barrier()  # a refused resume ends every process here, not in a later collective
+    task = DiffusionTask(cfg, dist=dist)
+    trackers = Trackers(run.root, cfg) if dist.is_main else None
+    try:
+        run_raft(cfg, task, run, should_stop=cfg.stopper(), dist=dist,
+                 on_stage=trackers if trackers is not None and trackers.active else None)
+    finally:
+        if trackers is not None:
+            trackers.close()
+    if dist.is_main:
+        print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
+        if cfg.eval.every:
+            print(f"gallery: {write_gallery(run.root)}", flush=True)
+    return 0
+
+
+def _gallery(args) -> int:
+    from .gallery import write_gallery
+
+    if not args.run_dir.is_dir():
+        raise UserError(f"run directory {args.run_dir} does not exist")
+    print(write_gallery(args.run_dir, max_grid_samples=args.max_grid_samples))
+    return 0
+
+
+def _compare(args) -> int:
+    import yaml
+
+    from .compare import CompareSettings, resolve_weights, run_compare, settings_from_config
+    from .prompts import load_prompts
+
+    config = args.config
+    if config is None:  # a run directory given as weights brings its own settings
+        run_cfg = Path(args.weights[0]) / "config.yaml"
+        config = run_cfg if run_cfg.is_file() else None
+    prompts = list(args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
+    reward = None
+    if args.reward is not None and args.reward != "none":
+        kwargs = yaml.safe_load(args.reward_kwargs) if args.reward_kwargs else {}
+        if not isinstance(kwargs, dict):
+            raise UserError(f"--reward-kwargs must be a mapping, e.g. '{{region: [0.25, 0.25, 0.75, 0.75]}}' (got {args.reward_kwargs!r})")
+        reward = {"name": args.reward, "kwargs": kwargs}
+    overrides = dict(
+        prompts=prompts or None, seeds=args.seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        height=args.height, width=args.width, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
+        reward=reward, batch_size=args.batch_size,
+    )
+    if config is not None:
+        print(f"compare: settings from {config}", flush=True)
+        settings = settings_from_config(config, **overrides)
+    else:
+        settings = CompareSettings(prompts=[], **{k: v for k, v in overrides.items() if v is not None and k != "prompts"})
+        settings.prompts = prompts
+    if args.reward == "none":
+        settings.reward = None
+    for w in args.weights:
+        resolve_weights(w)  # a clear error before any model is loaded
+    page = run_compare(args.base, args.weights, args.output_dir, settings, labels=args.label,
+                       device=args.device, dtype=args.dtype)
+    print(page)
+    return 0
+
+
+def _config_help(args) -> int:
+    from ..core.config import config_help
+    from .config import RaftConfig
+
+    print("\n".join(config_help(RaftConfig)))
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add the diffusion commands to an argparse subparsers object."""
+    p = sub.add_parser("align", help="run RAFT on a Stable Diffusion pipeline")
+    add_align_arguments(p, example="configs/tiny.yaml")
+    p.set_defaults(func=_align)
+
+    p = sub.add_parser("gallery", help="write RUN_DIR/gallery/: index.html, grid_before_after.png, reward_curve.png")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by align")
+    p.add_argument("--max-grid-samples", type=int, default=4, help="samples per prompt in grid_before_after.png")
+    p.set_defaults(func=_gallery)
+
+    p = sub.add_parser("compare", help="side-by-side images of saved weights against their base model, same prompts and seeds")
+    p.add_argument("base", metavar="BASE", help="base pipeline: hub id, local folder, or tiny")
+    p.add_argument("weights", nargs="+", metavar="LORA_DIR",
+                   help="LoRA folder or .safetensors file, full-UNet folder, stage folder, or run directory (its final/)")
+    p.add_argument("--output-dir", "-o", type=Path, required=True, help="where images, compare.jsonl, grid.png and index.html go")
+    p.add_argument("--config", "-c", type=Path, help="preset or run config.yaml giving held-out prompts, sampler and reward "
+                   "(default: the first LORA_DIR's config.yaml when it is a run directory)")
+    p.add_argument("--prompt", "-p", action="append", help="a prompt (repeat for more; replaces the config's)")
+    p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME")
+    p.add_argument("--seeds", type=int, nargs="+", help="seeds, the same for every prompt (default 0 1 2 3)")
+    p.add_argument("--steps", type=int, help="denoising steps (default: config, else 50)")
+    p.add_argument("--guidance", type=float, help="guidance scale (default: config, else 7.5)")
+    p.add_argument("--height", type=int, help="image height (default: config, else the model's)")
+    p.add_argument("--width", type=int, help="image width (default: config, else the model's)")
+    p.add_argument("--scheduler", help="scheduler class name, e.g. DPMSolverMultistepScheduler")
+    p.add_argument("--negative-prompt", help="negative prompt for classifier-free guidance")
+    p.add_argument("--reward", help="reward that labels each image (default: the config's; 'none' for no reward)")
+    p.add_argument("--reward-kwargs", help="YAML mapping of reward kwargs, e.g. '{region: [0.25, 0.25, 0.75, 0.75]}'")
+    p.add_argument("--label", action="append", help="column title for each LORA_DIR, in order")
+    p.add_argument("--batch-size", type=int, help="images per generation batch")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
+    p.set_defaults(func=_compare)
+
+    add_toyworld_parser(sub)
+
+    p = sub.add_parser("config-help", help="list every config key with its default and meaning")
+    p.set_defaults(func=_config_help)

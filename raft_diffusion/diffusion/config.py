@@ -1,0 +1,184 @@
+"""Configuration of a diffusion RAFT run: the base config's sections extended with the model, the sampler,
+LoRA/full fine-tuning of the UNet, held-out evaluation with CLIP fidelity and diversity.
+
+``load_config(path, overrides)`` loads a YAML preset plus ``key=value`` overrides into a validated
+:class:`RaftConfig`; ``raft-diffusion config-help`` lists every key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..core import config as core
+from ..core.config import config_from_dict as _config_from_dict
+from ..core.config import load_config as _load_config
+from ..core.config import need
+from ..core.config import option as _f
+from ..core.ranking import check_diverse
+
+# diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = _f("runwayml/stable-diffusion-v1-5", "hub id or local folder of a StableDiffusionPipeline; 'tiny' builds a tiny test model")
+    revision: str | None = _f(None, "hub revision (branch, tag or commit)")
+    variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
+    device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: str = _f("auto", "weights dtype for sampling: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
+    attention: str = _f("auto", "attention kernels: auto (xformers on CUDA when installed, else SDPA), sdpa, xformers")
+    safety_checker: bool = _f(False, "run the pipeline's safety checker on samples")
+
+
+@dataclass
+class PromptsConfig(core.PromptsConfig):
+    train: Any = _f("builtin:cifar10", "training prompts: a list, a text file (one per line) or builtin:cifar10 / builtin:simple_animals")
+    eval: Any = _f(None, "held-out prompts (same forms); null = the training prompts")
+    negative: str | None = _f(None, "negative prompt used for classifier-free guidance")
+
+
+@dataclass
+class SamplingConfig:
+    num_per_prompt: int = _f(8, "K: samples generated per prompt per stage")
+    batch_size: int = _f(8, "images per generation batch (batches mix prompts)")
+    num_inference_steps: int = _f(50, "denoising steps per sample")
+    guidance_scale: float = _f(7.5, "classifier-free guidance scale (<= 1 disables guidance)")
+    scheduler: str | None = _f(None, "scheduler class name, e.g. DPMSolverMultistepScheduler; null keeps the model's")
+    height: int | None = _f(None, "image height in pixels; null = the model's default")
+    width: int | None = _f(None, "image width in pixels; null = the model's default")
+    eta: float = _f(0.0, "DDIM eta (0 = deterministic given the initial noise)")
+    external_pool: str | None = _f(None, "JSONL manifest of {prompt, image[, seed]} from any generator; replaces sampling (implies offline)")
+
+
+@dataclass
+class RankingConfig(core.RankingConfig):
+    diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
+    novelty_weight: float = _f(0.0, "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)")
+    prompt_match: int | None = _f(None, "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)")
+
+
+@dataclass
+class TrainConfig:
+    method: str = _f("lora", "lora (peft adapter on the UNet attention) or full (every UNet weight)")
+    lora_rank: int = _f(4, "LoRA rank r")
+    lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
+    target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that receive LoRA")
+    steps_per_stage: int = _f(80, "optimizer steps per stage")
+    batch_size: int = _f(8, "kept samples per micro-batch")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    learning_rate: float = _f(1e-4, "AdamW learning rate")
+    lr_scheduler: str = _f("constant", "diffusers schedule name: constant, constant_with_warmup, cosine, linear, ...")
+    lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
+    weight_decay: float = _f(1e-2, "AdamW weight decay")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
+    gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
+    empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
+    timestep_range: list | None = _f(None, "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep")
+    snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
+
+
+@dataclass
+class EvalConfig:
+    num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
+    every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
+    guidance_scale: float | None = _f(None, "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage")
+    save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
+    clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
+    clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
+    tensorboard: bool = _f(False, "also log every stage's metrics and an eval image grid to <run>/tensorboard (needs the tensorboard package)")
+    wandb: bool = _f(False, "also log to Weights & Biases (needs wandb installed and logged in)")
+    wandb_project: str = _f("raft-diffusion", "wandb project name")
+
+
+@dataclass
+class EarlyStopConfig(core.EarlyStopConfig):
+    min_fidelity_ratio: float | None = _f(None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off")
+    min_diversity_ratio: float | None = _f(None, "stop when eval_diversity falls below this fraction of the base model's (needs eval.clip_model); null = off")
+
+
+@dataclass
+class RaftConfig(core.BaseConfig):
+    model: ModelConfig = _f(None, "base model")
+    prompts: PromptsConfig = _f(None, "prompt sets")
+    sampling: SamplingConfig = _f(None, "pool generation")
+    reward: dict = _f({"name": "brightness"}, "reward: {name: NAME, kwargs: {...}} or {mix: [...], normalize: ...}")
+    ranking: RankingConfig = _f(None, "what is kept")
+    train: TrainConfig = _f(None, "fine-tuning on the kept samples")
+    eval: EvalConfig = _f(None, "held-out evaluation")
+    early_stop: EarlyStopConfig = _f(None, "opt-in guard against over-optimisation: stop early, keep the best stage as final/")
+    save_kept_images: bool = _f(True, "write kept images as PNG next to samples.jsonl")
+    progress: bool = _f(True, "show progress bars")
+
+    @property
+    def eval_guidance_scale(self) -> float:
+        """The held-out samples' guidance: ``eval.guidance_scale``, else the pool's ``sampling.guidance_scale``."""
+        return self.sampling.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
+
+    def load_prompt_sets(self):
+        from .prompts import load_prompts
+
+        train = None if self.sampling.external_pool else load_prompts(self.prompts.train, "prompts.train")
+        held_out = self.prompts.eval if self.prompts.eval is not None else self.prompts.train
+        if held_out == self.prompts.train and train is not None:
+            return train, train
+        return train, load_prompts(held_out, "prompts.eval")
+
+    def floor_settings(self):
+        es = self.early_stop
+        return [("min_fidelity_ratio", "eval_clip_score", "prompt fidelity", es.min_fidelity_ratio),
+                ("min_diversity_ratio", "eval_diversity", "diversity", es.min_diversity_ratio)]
+
+    def check(self) -> None:
+        """The diffusion rules (the shared ones are in :meth:`BaseConfig.validate`)."""
+        s, r, t, es = self.sampling, self.ranking, self.train, self.early_stop
+        need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        for side in ("height", "width"):
+            v = getattr(s, side)
+            need(v is None or (v >= 8 and v % 8 == 0),
+                 f"sampling.{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks) or null for the model's "
+                 f"default (got {v}); e.g. sampling.{side}={max(8, round((v or 0) / 8) * 8)}")
+        need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
+        need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
+        for name in ("diversity_weight", "novelty_weight"):
+            if getattr(r, name):
+                check_diverse(r.mode, True)
+                need(self.eval.clip_model is not None,
+                     f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
+        need(r.prompt_match is None or r.prompt_match >= 1,
+             f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
+        need(r.prompt_match is None or self.eval.clip_model is not None,
+             "ranking.prompt_match needs eval.clip_model (the CLIP that matches images to prompts)")
+        need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
+        need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
+        need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
+        need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
+        need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
+        need(isinstance(t.target_modules, list) and t.target_modules and all(isinstance(m, str) and m for m in t.target_modules),
+             f"train.target_modules must be a module name or a list of them, e.g. [to_q, to_k, to_v, to_out.0] (got {t.target_modules!r})")
+        need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
+        need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
+        need(t.learning_rate > 0, "train.learning_rate must be > 0")
+        need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
+        need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
+        need(t.timestep_range is None or (isinstance(t.timestep_range, list) and len(t.timestep_range) == 2
+                                          and all(isinstance(v, int) for v in t.timestep_range)
+                                          and 0 <= t.timestep_range[0] < t.timestep_range[1]),
+             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})")
+        need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
+        for key, _, _, ratio in self.floor_settings():
+            need(ratio is None or self.eval.clip_model is not None,
+                 f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu")
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfig:
+    """A YAML preset (optional) + ``key=value`` overrides -> a validated :class:`RaftConfig`."""
+    return _load_config(path, overrides, cls=RaftConfig)
+
+
+def config_from_dict(data: dict | None, overrides: list[str] = ()) -> RaftConfig:
+    """A mapping + ``key=value`` overrides -> a validated :class:`RaftConfig`."""
+    return _config_from_dict(data, overrides, cls=RaftConfig)
