@@ -18,10 +18,11 @@ def _matches(module_name: str, target: str) -> bool:
 
 
 def matching_modules(denoiser: torch.nn.Module, targets) -> list[str]:
-    """Names of the Linear layers of ``denoiser`` that the peft target list ``targets`` selects."""
+    """Names of the Linear layers of ``denoiser`` that the peft target list ``targets`` selects (a layer that
+    already carries LoRA counts by its wrapped ``base_layer``)."""
     return [
         name for name, module in denoiser.named_modules()
-        if isinstance(module, torch.nn.Linear) and any(_matches(name, t) for t in targets)
+        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear) and any(_matches(name, t) for t in targets)
     ]  # fmt: skip
 
 

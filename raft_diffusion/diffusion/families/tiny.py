@@ -7,9 +7,9 @@ Their images are noise-like: they are not generators. Images are 32 px, latents 
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -45,6 +45,12 @@ def build_t5_tokenizer(vocab_size: int = 400, model_max_length: int = 512):
     tok.train_from_iterator(_corpus(), trainer)
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    """CLIP's BPE tokenizer, built once per process (it is only read)."""
+    return build_clip_tokenizer()
 
 
 def _clip_config(with_projection: bool):
@@ -106,7 +112,7 @@ def tiny_sdxl_components(seed: int = 0) -> dict:
                       "text_encoder_2": _clip(seed + 1, True)}  # fmt: skip
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        steps_offset=1, timestep_spacing="leading")  # fmt: skip
-    clip_tokenizer = build_clip_tokenizer()
+    clip_tokenizer = _clip_tokenizer()
     return {**components, "tokenizer": clip_tokenizer, "tokenizer_2": clip_tokenizer, "scheduler": scheduler,
             "image_encoder": None, "feature_extractor": None}  # fmt: skip
 
@@ -128,7 +134,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
                                                               shift_factor=0.0609, scaling_factor=1.5035),
                       "text_encoder": _clip(seed, True), "text_encoder_2": _clip(seed + 1, True),
                       "text_encoder_3": _t5(seed, len(t5_tokenizer))}  # fmt: skip
-    clip_tokenizer = build_clip_tokenizer()
+    clip_tokenizer = _clip_tokenizer()
     return {**components, "tokenizer": clip_tokenizer, "tokenizer_2": clip_tokenizer, "tokenizer_3": t5_tokenizer,
             "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
             "image_encoder": None, "feature_extractor": None}  # fmt: skip
@@ -153,7 +159,7 @@ def tiny_flux_components(seed: int = 0) -> dict:
         num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
         base_image_seq_len=256, max_image_seq_len=4096,
     )  # FLUX.1-dev's scheduler config
-    return {**components, "tokenizer": build_clip_tokenizer(), "tokenizer_2": t5_tokenizer, "scheduler": scheduler,
+    return {**components, "tokenizer": _clip_tokenizer(), "tokenizer_2": t5_tokenizer, "scheduler": scheduler,
             "image_encoder": None, "feature_extractor": None}  # fmt: skip
 
 
