@@ -42,8 +42,18 @@ def family_dirs(tiny_pipeline_dir):
 
 @pytest.fixture(scope="session")
 def pipes(family_dirs):
-    """One loaded pipeline per family, shared: tests must not modify them."""
-    return {name: get_family(name).load(family_dirs[name], device="cpu") for name in FAMILIES}
+    """One loaded pipeline per family, shared: tests must not modify them. The tiny pipelines save the same CLIP
+    tokenizer as ``tokenizer`` and ``tokenizer_2``: it is read once for both (tokenizer loading dominates)."""
+    from transformers import CLIPTokenizer
+
+    loaded = {}
+    for name in FAMILIES:
+        extra = {}
+        if name in ("sdxl", "sd3"):
+            tokenizer = CLIPTokenizer.from_pretrained(str(family_dirs[name] / "tokenizer"))
+            extra = {"tokenizer": tokenizer, "tokenizer_2": tokenizer}
+        loaded[name] = get_family(name).load(family_dirs[name], device="cpu", **extra)
+    return loaded
 
 
 def _reload(name, family_dirs, pipes, **kwargs):
@@ -93,6 +103,19 @@ def test_unsupported_pipeline_is_one_line_listing_the_supported(tmp_path):
         detect_family(tmp_path, override="sd4")
     with pytest.raises(UserError, match="no model_index.json"):
         detect_family(tmp_path / "..")
+
+
+def test_load_refuses_a_folder_that_is_not_a_pipeline(tmp_path):
+    with pytest.raises(UserError, match="has no model_index.json.*FluxPipeline"):
+        get_family("flux").load(tmp_path, device="cpu")
+
+
+def test_loss_settings_are_checked():
+    with pytest.raises(UserError, match="unknown weighting_scheme 'lognorm'"):
+        LossSettings(weighting_scheme="lognorm")
+    with pytest.raises(UserError, match="timestep_range"):
+        LossSettings(timestep_range=(500, 500))
+    assert LossSettings(timestep_range=[0.0, 1000.0]).timestep_range == (0, 1000)
 
 
 # --- prompt encoding ---------------------------------------------------------------------------------------
@@ -164,6 +187,19 @@ def test_per_seed_sampling_batch_alone_and_pipeline_agree(pipes, embeds, name):
     images = family.decode(pipe, batch[1:2])
     assert tuple(images.shape) == (1, 3, SIZE, SIZE) and 0 <= images.min() and images.max() <= 1
     torch.testing.assert_close(images, _pipeline_latents(name, pipe, PROMPTS[1], 22, "pt"), atol=1e-4, rtol=0)
+
+
+def test_encode_images_to_denoiser_space(pipes):
+    family, pipe = get_family("sd3"), pipes["sd3"]
+    images = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    latents = family.encode_images(pipe, images, [4, 5])
+    with torch.no_grad():
+        dist = pipe.vae.encode(images * 2 - 1).latent_dist
+    eps = torch.stack([torch.randn(4, 16, 16, generator=torch.Generator().manual_seed(s)) for s in (4, 5)])
+    by_hand = (dist.mean + dist.std * eps - 0.0609) * 1.5035  # the tiny SD3 VAE's shift and scaling factors
+    torch.testing.assert_close(latents, by_hand)
+    torch.testing.assert_close(family.encode_images(pipe, images[1:], [5])[0], latents[1], atol=1e-5, rtol=0)
+    assert (latents[0] - latents[1]).abs().mean() > 0.1
 
 
 # --- losses ------------------------------------------------------------------------------------------------
@@ -354,3 +390,17 @@ def test_lora_trains_saves_and_reloads_in_a_fresh_pipeline(family_dirs, pipes, e
     fresh.load_lora_weights(str(out))
     reloaded = family.sample(fresh, emb, [0, 1], [5, 6], **sample)
     assert torch.equal(reloaded, after)  # bit-equal on CPU: the same peft layers and weights
+    # resume: the same adapter (another init) on a fresh denoiser, then the saved tensors
+    resumed = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(resumed), rank=4, init_seed=1)
+    family.load_lora(family.denoiser(resumed), out)
+    assert torch.equal(family.sample(resumed, emb, [0, 1], [5, 6], **sample), after)
+    family.denoiser(resumed).add_adapter(_lora_config(8, family.default_lora_targets(family.denoiser(resumed))), "r8")
+    with pytest.raises(UserError, match="does not fit the adapter.*same lora settings"):
+        family.load_lora(family.denoiser(resumed), out, adapter_name="r8")
+
+
+def _lora_config(rank, targets):
+    from peft import LoraConfig
+
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
 from raft_diffusion.diffusion.families.settings import LossSettings
 
@@ -46,12 +47,24 @@ class Family(ABC):
         ``components`` replace or drop pipeline parts (``text_encoder_3=None``). The pipeline is moved
         to the device, every module frozen and in eval mode, progress bars off.
         """
-        from raft_diffusion.diffusion.pipeline import _dtype_kwarg, _quiet_loading, resolve_device, resolve_dtype
+        from raft_diffusion.diffusion import pipeline as sd_pipeline
 
-        dev = resolve_device(device)
-        kwargs = {"revision": revision, "variant": variant, _dtype_kwarg(): resolve_dtype(dtype, dev), **components}
-        with _quiet_loading():
-            pipe = self.pipeline_class().from_pretrained(str(pretrained), **kwargs)
+        dev = sd_pipeline.resolve_device(device)
+        name = str(pretrained)
+        local = sd_pipeline._looks_like_path(name)
+        if local and not (Path(name).expanduser() / "model_index.json").is_file():
+            raise UserError(f"model folder {name!r} has no model_index.json: pass a diffusers {self.pipeline_class_name} "
+                            "folder (saved with save_pretrained) or a hub id like owner/name")  # fmt: skip
+        kwargs = {"revision": revision, "variant": variant,
+                  sd_pipeline._dtype_kwarg(): sd_pipeline.resolve_dtype(dtype, dev), **components}  # fmt: skip
+        try:
+            with sd_pipeline._quiet_loading():
+                pipe = self.pipeline_class().from_pretrained(str(Path(name).expanduser()) if local else name, **kwargs)
+        except sd_pipeline._hub_errors() as err:
+            where = "" if local else f" from the Hugging Face Hub ({sd_pipeline._hub_reason(err)})"
+            raise UserError(f"could not load {self.pipeline_class_name} {name!r}{where}: "
+                            f"{sd_pipeline._first_line(err, 160)}; pass a local pipeline folder or a hub id "
+                            "that is in the HF_HOME cache") from None  # fmt: skip
         pipe.to(dev)
         for module in pipe.components.values():
             if isinstance(module, torch.nn.Module):
@@ -130,6 +143,19 @@ class Family(ABC):
             images.append(vae.decode(z, return_dict=False)[0].float())
         return (torch.cat(images) / 2 + 0.5).clamp(0, 1)
 
+    @torch.no_grad()
+    def encode_images(self, pipe, images: torch.Tensor, seeds) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]`` -> denoiser-space latents ``(z - shift_factor) * scaling_factor``,
+        z a VAE posterior sample drawn with a generator seeded by each image's seed (offline mode: samples from
+        another generator)."""
+        if images.ndim != 4 or images.shape[1] != 3 or len(seeds) != images.shape[0]:
+            raise ValueError(f"need images [B, 3, H, W] and one seed each, got {tuple(images.shape)} and {len(seeds)}")
+        vae = pipe.vae
+        posterior = vae.encode(images.to(pipe.device, vae.dtype) * 2 - 1).latent_dist
+        eps = torch.stack([torch.randn(posterior.mean.shape[1:], generator=g) for g in seed_generators(seeds)])
+        z = posterior.mean + posterior.std * eps.to(posterior.mean.device, posterior.mean.dtype)
+        return ((z - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor).float()
+
     # --- training --------------------------------------------------------------------------------------
 
     @abstractmethod
@@ -171,6 +197,12 @@ class Family(ABC):
         targets = self.default_lora_targets(denoiser) if targets is None else list(targets)
         return add_lora(denoiser, rank=rank, alpha=rank if alpha is None else alpha, dropout=dropout,
                         targets=targets, init_seed=init_seed)  # fmt: skip
+
+    def load_lora(self, denoiser, lora_dir, *, adapter_name="default") -> None:
+        """Restore a LoRA written by :meth:`save_lora` into a denoiser that has the same adapter (resume)."""
+        from raft_diffusion.diffusion.families.lora import load_lora
+
+        load_lora(self.denoiser_attr, denoiser, lora_dir, adapter_name=adapter_name)
 
     def save_lora(self, pipe, denoiser, out_dir, *, adapter_name="default") -> Path:
         """Save the denoiser's LoRA with the pipeline class's ``save_lora_weights`` (``pipe.load_lora_weights``

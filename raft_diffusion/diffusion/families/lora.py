@@ -80,3 +80,33 @@ def save_lora(pipeline_class, denoiser_attr: str, denoiser, out_dir, *, adapter_
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return out_dir
+
+
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name for saved LoRA weights
+
+
+def load_lora(denoiser_attr: str, denoiser, lora_dir, *, adapter_name: str = "default") -> None:
+    """Load the ``<denoiser_attr>.`` tensors of a :func:`save_lora` folder into the denoiser's existing adapter.
+
+    Keys and shapes must match the adapter exactly (same targets and rank), else a UserError says what differs.
+    """
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(lora_dir) / LORA_WEIGHT_NAME
+    if not path.is_file():
+        raise UserError(f"no LoRA weights at {str(path)!r}: point to a folder written by save_lora")
+    if adapter_name not in getattr(denoiser, "peft_config", {}):
+        raise ValueError(f"the denoiser has no LoRA adapter {adapter_name!r} (add one with the saved settings first)")
+    prefix = denoiser_attr + "."
+    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    expected = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]
+    if missing or unexpected or wrong:
+        raise UserError(
+            f"LoRA in {str(lora_dir)!r} does not fit the adapter ({len(missing)} missing keys, {len(unexpected)} "
+            f"unexpected, {len(wrong)} of another shape, e.g. {(missing + unexpected + wrong)[:1]}): "
+            "resume with the same lora settings"
+        )
+    set_peft_model_state_dict(denoiser, state, adapter_name=adapter_name)

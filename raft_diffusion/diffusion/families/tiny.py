@@ -1,4 +1,4 @@
-"""Tiny SDXL / SD3.5 / FLUX.1 pipelines built from configs (fixed init seeds), saved as pipeline folders.
+"""Tiny SDXL / SD3.5 / FLUX.1 (and SD) pipelines built from configs (fixed init seeds), saved as pipeline folders.
 
 The real structures at toy width, so loading, encoding, sampling, the losses and LoRA save/load run the
 real diffusers code paths: CLIP's real BPE tokenizer (built offline, see ``diffusion.tiny``), a small
@@ -163,11 +163,18 @@ def tiny_flux_components(seed: int = 0) -> dict:
             "image_encoder": None, "feature_extractor": None}  # fmt: skip
 
 
-_BUILDERS = {"sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components}
+def tiny_sd_components(seed: int = 0) -> dict:
+    """StableDiffusionPipeline parts: those of ``diffusion.tiny`` (the SD path's tiny model)."""
+    from raft_diffusion.diffusion.tiny import build_tiny_components
+
+    return build_tiny_components(seed=seed, image_size=TINY_IMAGE_SIZE)
+
+
+_BUILDERS = {"sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components}
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
-    """A tiny pipeline of ``family`` (``sdxl``, ``sd3``, ``flux``) on CPU in fp32."""
+    """A tiny pipeline of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``) on CPU in fp32."""
     from raft_diffusion.diffusion.families.registry import get_family
 
     if family not in _BUILDERS:
