@@ -286,31 +286,26 @@ def test_timestep_range_bounds_the_draws(pipes, name):
     assert scaled.min() < 215 and scaled.max() > 385  # and it covers the range
 
 
-def test_sdxl_time_ids_match_the_pipeline():
-    from diffusers import StableDiffusionXLPipeline
-
-    class Stub:  # _get_add_time_ids reads only the UNet's add-embedding sizes
-        class unet:
-            config = type("C", (), {"addition_time_embed_dim": 8})
-            add_embedding = type("A", (), {"linear_1": torch.nn.Linear(6 * 8 + 32, 1)})
-
-    ids = StableDiffusionXLPipeline._get_add_time_ids(Stub(), (1024, 768), (0, 0), (1024, 768), torch.float32, 32)
-    torch.testing.assert_close(sdxl_time_ids(1024, 768)[None], ids)
-    assert sdxl_time_ids(1024, 768).tolist() == [1024, 768, 0, 0, 1024, 768]
+@pytest.mark.parametrize("height, width", [(32, 32), (1024, 768)])
+def test_sdxl_time_ids_match_the_pipeline(pipes, height, width):
+    pipe = pipes["sdxl"]
+    ids = pipe._get_add_time_ids((height, width), (0, 0), (height, width), dtype=torch.float32,
+                                 text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)  # fmt: skip
+    torch.testing.assert_close(sdxl_time_ids(height, width)[None], ids, rtol=0, atol=0)
+    assert sdxl_time_ids(height, width).tolist() == [height, width, 0, 0, height, width]
 
 
 @pytest.mark.parametrize("name, prediction_type", [("sd", "epsilon"), ("sd", "v_prediction"), ("sdxl", "epsilon")])
 def test_unet_training_loss_equals_by_hand(pipes, embeds, name, prediction_type):
-    family, pipe, emb = get_family(name), pipes[name], embeds[name]
-    pipe.scheduler.register_to_config(prediction_type=prediction_type)  # restored below
-    try:
-        g = torch.Generator().manual_seed(3)
-        x0, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
-        t = torch.tensor([100, 700])
-        with torch.no_grad():
-            loss = family.training_loss(pipe, pipe.unet, x0, emb, [1, 0], noise=noise, timesteps=t)
-    finally:
-        pipe.scheduler.register_to_config(prediction_type="epsilon")
+    family, shared, emb = get_family(name), pipes[name], embeds[name]
+    # the same modules with a scheduler of the given prediction type (the shared pipeline stays as it is)
+    scheduler = type(shared.scheduler).from_config(shared.scheduler.config, prediction_type=prediction_type)
+    pipe = type(shared)(**{**shared.components, "scheduler": scheduler})
+    g = torch.Generator().manual_seed(3)
+    x0, noise = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 4, 16, 16, generator=g)
+    t = torch.tensor([100, 700])
+    with torch.no_grad():
+        loss = family.training_loss(pipe, pipe.unet, x0, emb, [1, 0], noise=noise, timesteps=t)
     betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float32) ** 2  # scaled_linear
     abar = torch.cumprod(1 - betas, 0)[t].view(-1, 1, 1, 1)
     noisy = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
@@ -404,3 +399,49 @@ def _lora_config(rank, targets):
     from peft import LoraConfig
 
     return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets)
+
+
+# --- memory arithmetic -----------------------------------------------------------------------------------------
+
+
+class _Block(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+
+    def forward(self, x):
+        h = self.up(x)  # saves x
+        q = h.view(2, 4, 4, 4)  # [batch, heads, tokens, head dim]
+        a = torch.nn.functional.scaled_dot_product_attention(q, q, q)  # fused: q (= h), output, log-sum-exp
+        return self.down(torch.nn.functional.gelu(a.reshape(2, 4, 16)))  # gelu saves a view of a; down its output
+
+
+class _Toy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList([_Block(), _Block()])
+        self.out = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return self.out(x)
+
+
+def test_saved_activation_accounting_on_meta():
+    from raft_diffusion.diffusion.families.memory import saved_activation_bytes
+
+    with torch.device("meta"):
+        model = _Toy()
+    x = torch.empty(2, 4, 8, device="meta")
+    report = saved_activation_bytes(model, lambda: model(x), ["blocks.0", "blocks.1"])
+    f = 4  # fp32 bytes
+    # per block: its input [2,4,8]; the up output [2,4,16] once (SDPA's q, k and v are views of it);
+    # SDPA output [2,4,4,4] (gelu's input is a view of it) and log-sum-exp [2,4,4]; gelu output [2,4,16]
+    block = (64 + 128 + 128 + 32 + 128) * f
+    assert report.per_block == {"blocks.0": block, "blocks.1": block}
+    assert report.outside_blocks == 64 * f  # the last Linear's input
+    assert report.block_inputs == 2 * 64 * f
+    assert report.with_checkpointing == 64 * f + 2 * 64 * f + block
+    with pytest.raises(ValueError, match="meta device"):
+        saved_activation_bytes(torch.nn.Linear(2, 2), lambda: None, [])

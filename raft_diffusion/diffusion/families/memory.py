@@ -139,6 +139,8 @@ def _record_saved(report: ActivationReport, blocks: dict[str, torch.nn.Module], 
 def saved_activation_bytes(denoiser: torch.nn.Module, forward, block_names) -> ActivationReport:
     """Run ``forward()`` (one training forward of ``denoiser``) and measure what autograd saves, attributing it to
     the modules named by ``block_names`` (the units gradient checkpointing wraps)."""
+    if any(p.device.type != "meta" for p in denoiser.parameters()):
+        raise ValueError("saved_activation_bytes measures shapes only: build the denoiser on the meta device")
     blocks = {n: m for n, m in denoiser.named_modules() if n in set(block_names)}
     report = ActivationReport(per_block={n: 0 for n in blocks})
     params = {id(p) for p in denoiser.parameters()}
