@@ -29,6 +29,7 @@ class Family(ABC):
     pipeline_class_name: str = ""  # diffusers class named in model_index.json's _class_name
     denoiser_attr: str = ""  # "unet" or "transformer": the module that trains
     lora_targets: tuple[str, ...] = ()  # default peft target_modules (diffusers' LoRA training scripts)
+    cuda_dtype: str = "fp16"  # what dtype "auto" means on CUDA (fp32 elsewhere)
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"
@@ -44,12 +45,15 @@ class Family(ABC):
     def load(self, pretrained, *, dtype="auto", device="auto", revision=None, variant=None, **components):
         """Load the pipeline with its class's ``from_pretrained`` (a hub id or a saved folder; no random weights).
 
-        ``components`` replace or drop pipeline parts (``text_encoder_3=None``). The pipeline is moved
-        to the device, every module frozen and in eval mode, progress bars off.
+        ``components`` replace or drop pipeline parts (``text_encoder_3=None``). ``dtype="auto"`` is the family's
+        ``cuda_dtype`` on CUDA (bf16 for T5-based families, whose activations overflow fp16) and fp32 elsewhere.
+        The pipeline is moved to the device, every module frozen and in eval mode, progress bars off.
         """
         from raft_diffusion.diffusion import pipeline as sd_pipeline
 
         dev = sd_pipeline.resolve_device(device)
+        if dtype == "auto" and dev.type == "cuda":
+            dtype = self.cuda_dtype
         name = str(pretrained)
         local = sd_pipeline._looks_like_path(name)
         if local and not (Path(name).expanduser() / "model_index.json").is_file():

@@ -16,6 +16,7 @@ class FluxFamily(FlowFamily):
     name = "flux"
     pipeline_class_name = "FluxPipeline"
     denoiser_attr = "transformer"
+    cuda_dtype = "bf16"  # T5-XXL and the MMDiT overflow in fp16
     # diffusers' train_dreambooth_lora_flux.py default
     lora_targets = ("attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
                     "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
