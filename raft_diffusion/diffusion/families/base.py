@@ -91,11 +91,13 @@ class Family(ABC):
     def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of one sample's (unpacked) latents at this image size."""
 
-    def initial_noise(self, pipe, seeds, height: int, width: int) -> torch.Tensor:
+    def initial_noise(self, pipe, seeds, height: int, width: int, *, generators=None) -> torch.Tensor:
         """Float32 standard-normal starting latents ``[B, C, h, w]`` on CPU, sample i from a generator seeded by
-        ``seeds[i]``: the same draw diffusers makes for a list of per-sample CPU generators in fp32."""
+        ``seeds[i]``: the same draw diffusers makes for a list of per-sample CPU generators in fp32. Pass
+        ``generators`` (one per seed) to draw from them, leaving them advanced as the pipeline would."""
         shape = self.latent_shape(pipe, height, width)
-        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in seed_generators(seeds)])
+        generators = seed_generators(seeds) if generators is None else generators
+        return torch.stack([torch.randn(shape, generator=g, dtype=torch.float32) for g in generators])
 
     def _call_kwargs(self, embeds: PromptEmbeds, batch_size: int, cfg: bool) -> dict:
         """The pipeline ``__call__`` arguments that carry a batch's conditioning (``cfg``: with the negative ones)."""
@@ -127,10 +129,11 @@ class Family(ABC):
         dtype = self.denoiser(pipe).dtype
         batch = embeds[prompt_indices].to(pipe.device, dtype)
         cfg = guidance > 1.0 and any(n.startswith("negative_") for n in embeds.shared)
-        noise = self.initial_noise(pipe, seeds, height, width).to(pipe.device, dtype)
+        generators = seed_generators(seeds)  # first the starting noise, then (same generators) any sampler noise
+        noise = self.initial_noise(pipe, seeds, height, width, generators=generators).to(pipe.device, dtype)
         out = pipe(
             **self._call_kwargs(batch, len(seeds), cfg), latents=self._pack(pipe, noise),
-            generator=seed_generators(seeds), num_inference_steps=steps, guidance_scale=guidance,
+            generator=generators, num_inference_steps=steps, guidance_scale=guidance,
             height=height, width=width, output_type="latent", return_dict=False, **kwargs,
         )[0]  # fmt: skip
         return self._unpack(pipe, out, height, width)
