@@ -14,36 +14,48 @@ import torch
 from raft_diffusion.diffusion.families import PromptEmbeds, get_family
 from raft_diffusion.diffusion.families.lora import matching_modules
 from raft_diffusion.diffusion.families.memory import (
-    LORA_STATE_BYTES, checkpoint_units, count_parameters, gib, lora_parameter_count, saved_activation_bytes,
+    LORA_STATE_BYTES,
+    checkpoint_units,
+    count_parameters,
+    gib,
+    lora_parameter_count,
+    saved_activation_bytes,
 )  # fmt: skip
 
 pytestmark = pytest.mark.slow
 
 # stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-SDXL_UNET = dict(
-    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
-    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(5, 10, 20),
-    transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048, use_linear_projection=True,
-    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
-    norm_num_groups=32, norm_eps=1e-5,
-)  # fmt: skip
+SDXL_UNET = {
+    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
+    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
+    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "norm_eps": 1e-5,
+}  # fmt: skip
 # stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: dual attention in blocks 0-12)
-SD35_MEDIUM = dict(
-    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
-    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)  # fmt: skip
+SD35_MEDIUM = {
+    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
+    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
+    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
+    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+}  # fmt: skip
 # black-forest-labs/FLUX.1-dev, transformer/config.json
-FLUX_DEV = dict(
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)  # fmt: skip
+FLUX_DEV = {
+    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
+    "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
 
 
 def _denoiser(name: str, dtype=torch.bfloat16):
     from accelerate import init_empty_weights
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        FluxTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
 
     cls, config = {"sdxl": (UNet2DConditionModel, SDXL_UNET), "sd3": (SD3Transformer2DModel, SD35_MEDIUM),
                    "flux": (FluxTransformer2DModel, FLUX_DEV)}[name]  # fmt: skip
@@ -148,7 +160,13 @@ def test_text_encoder_and_vae_sizes_used_above():
     """The published configs of the other modules give the parameter counts TEXT_AND_VAE adds up."""
     from accelerate import init_empty_weights
     from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                             projection_dim=768, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
@@ -156,8 +174,8 @@ def test_text_encoder_and_vae_sizes_used_above():
                             projection_dim=1280, hidden_act="gelu")  # OpenCLIP ViT-bigG/14 (SDXL text_encoder_2)
     t5_xxl = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                       feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # google/t5-v1_1-xxl
-    vae = dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-               up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32)  # fmt: skip
+    vae = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+               "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "norm_num_groups": 32}  # fmt: skip
     with init_empty_weights():
         sizes = {
             "clip_l": count_parameters(CLIPTextModel(clip_l)),

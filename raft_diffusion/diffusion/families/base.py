@@ -57,8 +57,10 @@ class Family(ABC):
         name = str(pretrained)
         local = sd_pipeline._looks_like_path(name)
         if local and not (Path(name).expanduser() / "model_index.json").is_file():
-            raise UserError(f"model folder {name!r} has no model_index.json: pass a diffusers {self.pipeline_class_name} "
-                            "folder (saved with save_pretrained) or a hub id like owner/name")  # fmt: skip
+            raise UserError(
+                f"model folder {name!r} has no model_index.json: pass a diffusers {self.pipeline_class_name} "
+                "folder (saved with save_pretrained) or a hub id like owner/name"
+            )
         kwargs = {"revision": revision, "variant": variant,
                   sd_pipeline._dtype_kwarg(): sd_pipeline.resolve_dtype(dtype, dev), **components}  # fmt: skip
         try:

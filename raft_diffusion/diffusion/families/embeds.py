@@ -29,7 +29,7 @@ class PromptEmbeds:
     def __len__(self) -> int:
         return next(iter(self.per_prompt.values())).shape[0]
 
-    def __getitem__(self, indices) -> "PromptEmbeds":
+    def __getitem__(self, indices) -> PromptEmbeds:
         """The rows ``indices`` (a list, a LongTensor or a slice) of every per-prompt tensor."""
         if not isinstance(indices, slice):
             indices = torch.as_tensor(indices, dtype=torch.long)
@@ -57,10 +57,11 @@ class PromptEmbeds:
             return t.expand(batch_size, *t.shape[1:])
         return None
 
-    def to(self, device=None, dtype=None) -> "PromptEmbeds":
+    def to(self, device=None, dtype=None) -> PromptEmbeds:
         """A copy with every floating-point tensor moved/cast (integer ids keep their dtype)."""
 
         def move(t: torch.Tensor) -> torch.Tensor:
             return t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else t.dtype)
 
-        return PromptEmbeds({k: move(v) for k, v in self.per_prompt.items()}, {k: move(v) for k, v in self.shared.items()})
+        per_prompt = {k: move(v) for k, v in self.per_prompt.items()}
+        return PromptEmbeds(per_prompt, {k: move(v) for k, v in self.shared.items()})

@@ -22,7 +22,8 @@ def matching_modules(denoiser: torch.nn.Module, targets) -> list[str]:
     already carries LoRA counts by its wrapped ``base_layer``)."""
     return [
         name for name, module in denoiser.named_modules()
-        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear) and any(_matches(name, t) for t in targets)
+        if isinstance(getattr(module, "base_layer", module), torch.nn.Linear)
+        and any(_matches(name, t) for t in targets)
     ]  # fmt: skip
 
 

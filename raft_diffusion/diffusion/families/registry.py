@@ -37,7 +37,9 @@ def _class_name_of(source) -> str:
     if (folder / "model_index.json").is_file():
         return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "?")
     if folder.exists():
-        raise UserError(f"{str(source)!r} has no model_index.json: pass a diffusers pipeline folder or set model.family")
+        raise UserError(
+            f"{str(source)!r} has no model_index.json: pass a diffusers pipeline folder or set model.family"
+        )
     try:  # a hub id: its model_index.json, from the local cache or the hub
         from diffusers import DiffusionPipeline
 

@@ -51,7 +51,8 @@ class StableDiffusionFamily(Family):
         """Positive conditioning per prompt; with ``do_cfg`` the negative prompt's (``""`` by default) once,
         as ``shared`` tensors named ``negative_*``."""
         prompts = list(prompts)
-        chunks = [self._encode(pipe, prompts[i : i + batch_size], False, None) for i in range(0, len(prompts), batch_size)]
+        chunks = [self._encode(pipe, prompts[i : i + batch_size], False, None)
+                  for i in range(0, len(prompts), batch_size)]  # fmt: skip
         per_prompt = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0] if not k.startswith("negative_")}
         shared = {}
         if do_cfg:

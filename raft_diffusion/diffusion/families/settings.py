@@ -29,5 +29,7 @@ class LossSettings:
         if self.timestep_range is not None:
             lo, hi = self.timestep_range
             if not 0 <= lo < hi <= 1000:
-                raise UserError(f"timestep_range must be [lo, hi] with 0 <= lo < hi <= 1000 (got {list(self.timestep_range)})")
+                raise UserError(
+                    f"timestep_range must be [lo, hi] with 0 <= lo < hi <= 1000 (got {list(self.timestep_range)})"
+                )
             object.__setattr__(self, "timestep_range", (int(lo), int(hi)))

@@ -14,7 +14,11 @@ from pathlib import Path
 
 import torch
 
-from raft_diffusion.diffusion.tiny import CLIP_MAX_LENGTH, build_clip_tokenizer, build_once
+from raft_diffusion.diffusion.tiny import (
+    CLIP_MAX_LENGTH,
+    build_clip_tokenizer,
+    build_once,
+)
 
 TINY_VERSION = 1  # bump when a builder below changes
 TINY_IMAGE_SIZE = 32
@@ -41,7 +45,8 @@ def build_t5_tokenizer(vocab_size: int = 400, model_max_length: int = 512):
     tok = Tokenizer(models.Unigram())
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
-    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>")
+    specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
     tok.train_from_iterator(_corpus(), trainer)
     vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
@@ -170,7 +175,9 @@ def tiny_sd_components(seed: int = 0) -> dict:
     return build_tiny_components(seed=seed, image_size=TINY_IMAGE_SIZE)
 
 
-_BUILDERS = {"sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components}
+_BUILDERS = {
+    "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
+}  # fmt: skip
 
 
 def build_tiny_pipeline(family: str, seed: int = 0):
