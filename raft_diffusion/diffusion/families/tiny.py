@@ -1,0 +1,209 @@
+"""Tiny SDXL / SD3.5 / FLUX.1 (and SD) pipelines built from configs (fixed init seeds), saved as pipeline folders.
+
+The real structures at toy width, so loading, encoding, sampling, the losses and LoRA save/load run the
+real diffusers code paths: CLIP's real BPE tokenizer (built offline, see ``diffusion.tiny``), a small
+Unigram T5 tokenizer trained on the fly, T5EncoderModel / CLIP / AutoencoderKL / the denoiser from configs.
+Their images are noise-like: they are not generators. Images are 32 px, latents 16 x 16 (VAE factor 2).
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from raft_diffusion.diffusion.tiny import (
+    CLIP_MAX_LENGTH,
+    build_clip_tokenizer,
+    build_once,
+)
+
+TINY_VERSION = 1  # bump when a builder below changes
+TINY_IMAGE_SIZE = 32
+_CLIP_HIDDEN = 32
+_T5_DIM = 64
+
+_COLOURS = ["red", "green", "blue", "yellow", "black", "white", "orange", "purple", "pink", "brown", "grey"]
+_THINGS = ["cat", "dog", "car", "house", "tree", "flower", "bird", "boat", "apple", "squirrel", "burger", "horse"]
+_PLACES = ["on a table", "in the snow", "at night", "by the sea", "in a forest", "on the moon", "in a city street"]
+_STYLES = ["a photo of", "a painting of", "a drawing of", "a close-up of", "an oil painting of", "a picture of"]
+
+
+def _corpus() -> list[str]:
+    """Captions made from small word lists: enough text for a few hundred Unigram pieces."""
+    return [f"{s} a {c} {t} {p}" for s, c, t, p in itertools.product(_STYLES, _COLOURS, _THINGS, _PLACES)]
+
+
+def build_t5_tokenizer(vocab_size: int = 400, model_max_length: int = 512):
+    """A T5-style tokenizer (Unigram, ``<pad>``=0, ``</s>``=1 appended, ``<unk>``=2) trained on the fly with the
+    ``tokenizers`` library and wrapped as ``T5TokenizerFast``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+    trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=specials, unk_token="<unk>")
+    tok.train_from_iterator(_corpus(), trainer)
+    vocab = [tuple(v) for v in json.loads(tok.to_str())["model"]["vocab"]]
+    return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=model_max_length)
+
+
+@functools.lru_cache(maxsize=1)
+def _clip_tokenizer():
+    """CLIP's BPE tokenizer, built once per process (it is only read)."""
+    return build_clip_tokenizer()
+
+
+def _clip_config(with_projection: bool):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=49408, hidden_size=_CLIP_HIDDEN, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=CLIP_MAX_LENGTH, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        layer_norm_eps=1e-5, hidden_act="gelu", **({"projection_dim": _CLIP_HIDDEN} if with_projection else {}),
+    )  # fmt: skip
+
+
+def _clip(seed: int, with_projection: bool):
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return cls(_clip_config(with_projection)).eval()
+
+
+def _t5(seed: int, vocab_size: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=vocab_size, d_model=_T5_DIM, d_ff=64, d_kv=16, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+        feed_forward_proj="gated-gelu", pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    return T5EncoderModel(config).eval()
+
+
+def _vae(seed: int, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1, latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=8,
+        sample_size=TINY_IMAGE_SIZE, **extra,
+    ).eval()  # fmt: skip
+
+
+def tiny_sdxl_components(seed: int = 0) -> dict:
+    """StableDiffusionXLPipeline parts: UNet with text_time conditioning, two CLIP encoders, Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_IMAGE_SIZE // 2, in_channels=4, out_channels=4, layers_per_block=1,
+            block_out_channels=(16, 32), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4), norm_num_groups=8,
+            use_linear_projection=True, transformer_layers_per_block=(1, 2), cross_attention_dim=2 * _CLIP_HIDDEN,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + _CLIP_HIDDEN,
+        ).eval()  # fmt: skip
+        components = {"unet": unet, "vae": _vae(seed), "text_encoder": _clip(seed, False),
+                      "text_encoder_2": _clip(seed + 1, True)}  # fmt: skip
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       steps_offset=1, timestep_spacing="leading")  # fmt: skip
+    clip_tokenizer = _clip_tokenizer()
+    return {**components, "tokenizer": clip_tokenizer, "tokenizer_2": clip_tokenizer, "scheduler": scheduler,
+            "image_encoder": None, "feature_extractor": None}  # fmt: skip
+
+
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """StableDiffusion3Pipeline parts shaped like SD3.5-medium (MMDiT-X: a dual-attention block, RMS qk-norm)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = SD3Transformer2DModel(
+            sample_size=TINY_IMAGE_SIZE // 2, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+            attention_head_dim=8, num_attention_heads=4, joint_attention_dim=_T5_DIM, caption_projection_dim=32,
+            pooled_projection_dim=2 * _CLIP_HIDDEN, pos_embed_max_size=16, dual_attention_layers=(0,),
+            qk_norm="rms_norm",
+        ).eval()  # fmt: skip
+        components = {"transformer": transformer, "vae": _vae(seed, use_quant_conv=False, use_post_quant_conv=False,
+                                                              shift_factor=0.0609, scaling_factor=1.5035),
+                      "text_encoder": _clip(seed, True), "text_encoder_2": _clip(seed + 1, True),
+                      "text_encoder_3": _t5(seed, len(t5_tokenizer))}  # fmt: skip
+    clip_tokenizer = _clip_tokenizer()
+    return {**components, "tokenizer": clip_tokenizer, "tokenizer_2": clip_tokenizer, "tokenizer_3": t5_tokenizer,
+            "scheduler": FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            "image_encoder": None, "feature_extractor": None}  # fmt: skip
+
+
+def tiny_flux_components(seed: int = 0) -> dict:
+    """FluxPipeline parts shaped like FLUX.1-dev (guidance embedding, double + single stream blocks)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    t5_tokenizer = build_t5_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=_T5_DIM, pooled_projection_dim=_CLIP_HIDDEN,
+            guidance_embeds=True, axes_dims_rope=(4, 4, 8),
+        ).eval()  # fmt: skip
+        components = {"transformer": transformer, "vae": _vae(seed, use_quant_conv=False, use_post_quant_conv=False,
+                                                              shift_factor=0.1159, scaling_factor=0.3611),
+                      "text_encoder": _clip(seed, False), "text_encoder_2": _t5(seed, len(t5_tokenizer))}  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # FLUX.1-dev's scheduler config
+    return {**components, "tokenizer": _clip_tokenizer(), "tokenizer_2": t5_tokenizer, "scheduler": scheduler,
+            "image_encoder": None, "feature_extractor": None}  # fmt: skip
+
+
+def tiny_sd_components(seed: int = 0) -> dict:
+    """StableDiffusionPipeline parts: those of ``diffusion.tiny`` (the SD path's tiny model)."""
+    from raft_diffusion.diffusion.tiny import build_tiny_components
+
+    return build_tiny_components(seed=seed, image_size=TINY_IMAGE_SIZE)
+
+
+_BUILDERS = {
+    "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
+}  # fmt: skip
+
+
+def build_tiny_pipeline(family: str, seed: int = 0):
+    """A tiny pipeline of ``family`` (``sd``, ``sdxl``, ``sd3``, ``flux``) on CPU in fp32."""
+    from raft_diffusion.diffusion.families.registry import get_family
+
+    if family not in _BUILDERS:
+        raise ValueError(f"no tiny builder for family {family!r}: choose one of {', '.join(_BUILDERS)}")
+    pipe = get_family(family).pipeline_class()(**_BUILDERS[family](seed))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_pipeline(family: str, folder: str | Path | None = None, *, seed: int = 0) -> Path:
+    """Build the tiny ``family`` pipeline and save it as a pipeline folder; return the folder.
+
+    With ``folder`` it is written there; without, it is cached once under ``<cache>/tiny-<family>-v<N>``
+    (``$RAFT_DIFFUSION_CACHE``; see ``diffusion.tiny.build_once``).
+    """
+
+    def build(target: Path) -> None:
+        build_tiny_pipeline(family, seed).save_pretrained(str(target), safe_serialization=True)
+
+    if folder is not None:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        build(folder)
+        return folder
+    return build_once(f"tiny-{family}-v{TINY_VERSION}-s{seed}", "model_index.json", build)
