@@ -117,9 +117,7 @@ class DiffusionTask:
         else:
             ft.set_full_finetune(self.pipe.unet)
         if self.dist.is_main:
-            eff = t.batch_size * t.gradient_accumulation_steps
-            where = f"split over {self.dist.world_size} processes" if self.dist.enabled else "on 1 process"
-            print(f"training: effective batch {eff} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) {where}", flush=True)
+            print(f"training: {_training_layout(t, self.dist.world_size)}", flush=True)
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float):
@@ -212,7 +210,7 @@ class DiffusionTask:
             weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
             snr_gamma=t.snr_gamma, empty_prompt_ratio=t.empty_prompt_ratio, empty_embeds=self.empty_embeds,
-            timestep_range=t.timestep_range,
+            timestep_range=t.timestep_range, chunk_rows=t.chunk_size,
             progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
         )
 
@@ -287,6 +285,20 @@ class DiffusionTask:
         image_emb = torch.cat(embeddings) if embeddings else None
         text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
         return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
+
+
+def _training_layout(t, world_size: int) -> str:
+    """One line on how a step's rows are computed: effective batch, chunks, processes (and idle ones)."""
+    rows, chunk = t.batch_size * t.gradient_accumulation_steps, t.chunk_size or t.batch_size
+    chunks = -(-rows // chunk)
+    line = (f"effective batch {rows} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) in {chunks} "
+            f"chunk{'s' * (chunks > 1)} of {chunk} row{'s' * (chunk > 1)}")
+    if world_size == 1:
+        return line + " on 1 process"
+    line += f" dealt over {world_size} processes"
+    if chunks < world_size:
+        line += f" (only {chunks} of them busy while training: lower train.chunk_size to spread a step wider)"
+    return line
 
 
 def _attach_components(reward, batch: list[Sample]) -> None:
