@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from raft_diffusion.core import gradsum
 from raft_diffusion.core.dist import Dist
 from raft_diffusion.core.gradsum import chunk_slices, put_grads, summed_grads, take_grads
 
@@ -96,7 +97,9 @@ def test_take_and_put_grads_round_trip():
     assert torch.equal(params[0].grad, torch.full_like(params[0], 2.0)) and params[-1].grad.shape == (3,)
 
 
-def test_sum_is_the_chunks_added_in_order_for_any_world_size():
+@pytest.mark.parametrize("bucket", [gradsum.BUCKET, 100])  # 100: the 811 gradients go over in 9 pieces
+def test_sum_is_the_chunks_added_in_order_for_any_world_size(bucket, monkeypatch):
+    monkeypatch.setattr(gradsum, "BUCKET", bucket)
     # by hand: each chunk's gradient alone, added 0 + 1 + 2 + 3
     net, params, x, y = model_and_rows()
     backward, n = backward_of(net, x, y, [])
@@ -122,6 +125,7 @@ def test_sum_is_the_chunks_added_in_order_for_any_world_size():
 GLOO_SCRIPT = '''
 import os, sys, torch
 sys.path.insert(0, os.environ["TEST_DIR"])
+from raft_diffusion.core import gradsum
 from raft_diffusion.core.dist import Dist
 from raft_diffusion.core.gradsum import summed_grads, take_grads
 from test_gradsum import backward_of, model_and_rows
