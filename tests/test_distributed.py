@@ -16,9 +16,10 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the Python interpreter")
 
-# configs/tiny.yaml's training settings as shipped (batch 4 in chunks of 2), a smaller pool and fewer steps
+# configs/tiny.yaml's LoRA and training settings with a smaller pool and fewer steps, in chunks of 2 rows so that two
+# processes split every step (as shipped, one chunk of 4 a step, the second process only samples: see the demo test)
 CHEAP = ["progress=false", "sampling.num_per_prompt=4", "sampling.batch_size=4", "sampling.num_inference_steps=3",
-         "ranking.top_k=1", "train.steps_per_stage=8", "eval.num_per_prompt=2", "eval.clip_model=null"]
+         "ranking.top_k=1", "train.steps_per_stage=8", "train.chunk_size=2", "eval.num_per_prompt=2", "eval.clip_model=null"]
 
 
 def launch(args, procs=1, timeout=300):
