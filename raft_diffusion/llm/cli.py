@@ -35,6 +35,7 @@ def _quiet_transformers() -> None:
 
 def _align(args) -> int:
     from ..core.config import load_config
+    from ..core.dist import launched_world_size
     from ..core.early_stop import read_stop
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
@@ -42,6 +43,9 @@ def _align(args) -> int:
     from .report import write_report
     from .task import LLMTask
 
+    if launched_world_size() > 1:  # N copies of one run would write the same run directory
+        raise UserError(f"llm align runs on one process (the launcher started {launched_world_size()}): start it with "
+                        "'raft-diffusion llm align ...' or 'python -m raft_diffusion llm align ...', not torchrun or accelerate launch")
     cfg = load_config(args.config, args.overrides, cls=LLMConfig)
     _quiet_transformers()
     run = RunDir(args.output_dir)
