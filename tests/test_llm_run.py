@@ -202,6 +202,15 @@ def test_cli_offline_pool_run_and_errors(tmp_path, capsys):
     assert "has no evaluation yet" in capsys.readouterr().err
 
 
+def test_cli_refuses_several_processes(tmp_path, capsys, monkeypatch):
+    from raft_diffusion.llm.cli import main
+
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun --nproc_per_node 2 sets
+    assert main(["align", "--config", str(CONFIGS / "llm_toy_sentiment.yaml"), "--output-dir", str(tmp_path / "run")]) == 2
+    assert "llm align runs on one process (the launcher started 2)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_dedupe_filter_keeps_one_copy_per_stage(tmp_path):
     cfg = small_cfg("num_stages=1", "eval.every=0", "prompts.per_stage=6", "filters.dedupe=true", "sampling.max_new_tokens=3",
                     "filters.min_tokens=1", "train.max_steps=1")

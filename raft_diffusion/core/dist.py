@@ -49,21 +49,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def sum_grads(self, params) -> None:
-        """Sum the gradients of ``params`` over processes (a parameter without a gradient counts as zero)."""
+    def all_gather_tensor(self, t: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's ``t`` (same shape and dtype everywhere), in rank order, on ``t``'s device."""
         if not self.enabled:
-            return
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-
-    def sum_float(self, x: float) -> float:
-        if not self.enabled:
-            return x
-        t = torch.tensor([x], dtype=torch.float64, device=self._collective_device())
-        torch.distributed.all_reduce(t)
-        return float(t.item())
+            return [t]
+        src = t.to(self._collective_device()).contiguous()
+        out = [torch.empty_like(src) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, src)
+        return [o.to(t.device) for o in out]
 
     def broadcast_params(self, params) -> None:
         """Make every process's ``params`` equal the main process's (after the main process loaded them)."""

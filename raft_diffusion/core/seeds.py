@@ -34,6 +34,11 @@ def stage_seed(run_seed: int, stage: int, purpose: str) -> int:
     return _hash("stage", run_seed, stage, purpose)
 
 
+def train_chunk_seed(train_seed: int, step: int, chunk: int) -> int:
+    """Seed of one chunk of rows of one optimizer step (dropout masks): the same on whichever process computes it."""
+    return _hash("chunk", train_seed, step, chunk)
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch global generators (belt and braces; the code uses explicit generators)."""
     random.seed(seed)

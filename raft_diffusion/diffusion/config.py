@@ -69,6 +69,7 @@ class TrainConfig:
     steps_per_stage: int = _f(80, "optimizer steps per stage")
     batch_size: int = _f(8, "kept samples per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    chunk_size: int | None = _f(None, "rows per forward/backward pass: a step's chunks are dealt over the processes and their gradients added in chunk order, so the weights are bitwise the same for any number of processes; null = train.batch_size (one chunk per micro-batch). Several processes need a chunk each: 1 spreads a step over up to batch_size x accumulation processes")
     learning_rate: float = _f(1e-4, "AdamW learning rate")
     lr_scheduler: str = _f("constant", "diffusers schedule name: constant, constant_with_warmup, cosine, linear, ...")
     lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
@@ -161,6 +162,8 @@ class RaftConfig(core.BaseConfig):
              f"train.target_modules must be a module name or a list of them, e.g. [to_q, to_k, to_v, to_out.0] (got {t.target_modules!r})")
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
         need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
+        need(t.chunk_size is None or (isinstance(t.chunk_size, int) and t.chunk_size >= 1),
+             f"train.chunk_size must be an integer >= 1 or null (got {t.chunk_size!r})")
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
         need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from raft_diffusion.core.errors import UserError
+from raft_diffusion.core.gradsum import chunk_slices, summed_grads
+from raft_diffusion.core.seeds import train_chunk_seed
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +213,7 @@ def train_unet(
     empty_prompt_ratio: float = 0.0,
     empty_embeds: torch.Tensor | None = None,
     timestep_range: tuple[int, int] | None = None,
+    chunk_rows: int | None = None,
     progress: bool = True,
     desc: str = "train",
     dist=None,
@@ -226,16 +229,21 @@ def train_unet(
     ``timestep_range`` ``(lo, hi)`` draws ``t ~ U[lo, hi)`` instead: high timesteps (much noise) set the layout
     and colours, low ones the fine detail. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
-    batch order, timesteps and noise (and the global RNG is seeded for LoRA dropout), so a call is
+    batch order, timesteps and noise (LoRA dropout is seeded per chunk), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
     Mixed precision (autocast; loss scaling for fp16) applies on CUDA only and is ignored on CPU;
     gradient checkpointing applies whenever asked for (it only saves memory) and is switched off again.
     Trainable fp16/bf16 weights are upcast to fp32 first. The UNet is left in eval mode.
 
-    With ``dist`` (a :class:`raft_diffusion.core.dist.Dist` over several processes) every process draws
-    the same batches, noise and timesteps, computes the loss of its share of each micro-batch's rows,
-    and gradients are summed across processes: the effective batch and the update equal one process's,
-    up to floating-point noise (LoRA dropout masks differ per process).
+    A step's rows (its micro-batches one after another) are computed in chunks of ``chunk_rows`` rows (None:
+    one chunk per micro-batch), one forward/backward pass each, and the chunks' gradients are added in chunk order
+    (:func:`raft_diffusion.core.gradsum.summed_grads`). With ``dist`` over several processes every process draws
+    the same rows, chunk ``i`` is computed by process ``i % world_size``, and every process adds all chunks in
+    the same order, so on the same hardware and thread count the weights after every step are bitwise those of
+    one process -- for LoRA and for full fine-tuning alike. ``chunk_rows`` itself changes the bits (other
+    shapes, other kernels), so keep it when the process count changes; smaller chunks spread a step over more
+    processes but cost one pass each (on CPU, 1-row chunks made the tiny preset's training 2x slower and the
+    toy world's 5x slower than one chunk of 4 or 8 rows).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -252,6 +260,8 @@ def train_unet(
             f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 "
             f"(got {steps}, {batch_size}, {gradient_accumulation_steps})"
         )
+    if chunk_rows is not None and chunk_rows < 1:
+        raise UserError(f"chunk_rows must be >= 1 or None (got {chunk_rows})")
     if not 0.0 <= empty_prompt_ratio < 1.0:
         raise UserError(f"empty_prompt_ratio must be in [0, 1) (got {empty_prompt_ratio}); 0.1 is a usual choice")
     if empty_prompt_ratio > 0 and empty_embeds is None:
@@ -291,8 +301,9 @@ def train_unet(
     model_dtype = torch.float32 if amp_dtype is not None else unet.dtype
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
-    sharded = dist is not None and dist.enabled
     micro = min(batch_size, n)
+    step_rows = micro * gradient_accumulation_steps
+    chunks = chunk_slices(step_rows, chunk_rows or micro)
     order = torch.empty(0, dtype=torch.long)
 
     def next_batch() -> torch.Tensor:
@@ -301,6 +312,34 @@ def train_unet(
             order = torch.cat([order, torch.randperm(n, generator=gen)])
         idx, order = order[:micro], order[micro:]
         return idx
+
+    def draw_step() -> dict:
+        """The step's rows (its micro-batches one after another): sample index, noise, timestep, caption drop."""
+        draws = []
+        for _ in range(gradient_accumulation_steps):
+            idx = next_batch()
+            noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
+            t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
+            # drawn only when used, so runs without caption dropout keep their exact draws
+            drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
+            draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop})
+        return {k: None if draws[0][k] is None else torch.cat([d[k] for d in draws]) for k in draws[0]}
+
+    def chunk_loss(rows: dict) -> torch.Tensor:
+        """The summed (Min-SNR weighted) denoising loss of some rows."""
+        noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows["drop"]
+        x0 = latents[rows["idx"].to(latents.device)].to(device, torch.float32)
+        cond = prompt_embeds[rows["idx"].to(prompt_embeds.device)].to(device, model_dtype)
+        if drop is not None and drop.any():
+            cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
+        noisy = noise_scheduler.add_noise(x0, noise, t)
+        target = _training_target(noise_scheduler, x0, noise, t)
+        with autocast():
+            pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        if snr_gamma is not None:
+            per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
+        return per_sample.sum()
 
     # 3. the loop
     checkpointing_was_on = bool(getattr(unet, "is_gradient_checkpointing", False))
@@ -312,40 +351,17 @@ def train_unet(
     try:
         bar = tqdm(total=steps, desc=desc, disable=not progress)
         with torch.random.fork_rng(devices=_rng_devices(unet)), bar:
-            torch.manual_seed(int(seed))  # LoRA dropout
-            for _ in range(steps):
-                step_loss = 0.0
-                for _ in range(gradient_accumulation_steps):
-                    idx = next_batch()
-                    noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
-                    t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
-                    # drawn only when used, so runs without caption dropout keep their exact draws
-                    drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
-                    if sharded:  # this process's rows of the micro-batch
-                        rows = torch.arange(micro)[dist.rank :: dist.world_size]
-                        if rows.numel() == 0:
-                            continue
-                        idx, noise, t = idx[rows], noise[rows], t[rows]
-                        drop = None if drop is None else drop[rows]
-                    noise, t = noise.to(device), t.to(device)
-                    x0 = latents[idx.to(latents.device)].to(device, torch.float32)
-                    cond = prompt_embeds[idx.to(prompt_embeds.device)].to(device, model_dtype)
-                    if drop is not None and drop.any():
-                        cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
-                    noisy = noise_scheduler.add_noise(x0, noise, t)
-                    target = _training_target(noise_scheduler, x0, noise, t)
-                    with autocast():
-                        pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-                    per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
-                    if snr_gamma is not None:
-                        per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
-                    # sharded: the sum over own rows / the whole micro-batch's count, summed over processes = the mean
-                    loss = per_sample.sum() / ((micro if sharded else per_sample.numel()) * gradient_accumulation_steps)
+            for step in range(steps):
+                draws = draw_step()
+
+                def backward(i: int) -> float:  # chunk i of this step: forward, backward, its share of the mean loss
+                    torch.manual_seed(train_chunk_seed(seed, step, i))  # LoRA dropout masks: a function of the chunk
+                    rows = {k: None if v is None else v[chunks[i]] for k, v in draws.items()}
+                    loss = chunk_loss(rows) / step_rows
                     (scaler.scale(loss) if scaler else loss).backward()
-                    step_loss += loss.item()
-                if sharded:
-                    dist.sum_grads(params)
-                    step_loss = dist.sum_float(step_loss)
+                    return loss.item()
+
+                step_loss = summed_grads(params, len(chunks), backward, dist)
                 if scaler:
                     scaler.unscale_(optimizer)
                 if max_grad_norm is not None and max_grad_norm > 0:

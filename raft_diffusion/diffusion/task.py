@@ -114,9 +114,7 @@ class DiffusionTask:
         else:
             ft.set_full_finetune(self.pipe.unet)
         if self.dist.is_main:
-            eff = t.batch_size * t.gradient_accumulation_steps
-            where = f"split over {self.dist.world_size} processes" if self.dist.enabled else "on 1 process"
-            print(f"training: effective batch {eff} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) {where}", flush=True)
+            print(f"training: {_training_layout(t, self.dist.world_size)}", flush=True)
 
     # -- generation ----------------------------------------------------------------------------
     def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float):
@@ -210,18 +208,11 @@ class DiffusionTask:
 
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample]) -> dict:
-        t = self.cfg.train
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         embeds = self.train_embeds[0][torch.tensor([s.prompt_index for s in kept], device=self.device)]
         return ft.train_unet(
-            self.pipe, latents, embeds, steps=t.steps_per_stage, batch_size=t.batch_size,
-            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
-            gradient_accumulation_steps=t.gradient_accumulation_steps, max_grad_norm=t.max_grad_norm,
-            weight_decay=t.weight_decay, seed=stage_seed(self.cfg.seed, stage, "train"),
-            mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing,
-            snr_gamma=t.snr_gamma, empty_prompt_ratio=t.empty_prompt_ratio, empty_embeds=self.empty_embeds,
-            timestep_range=t.timestep_range,
-            progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
+            self.pipe, latents, embeds, **train_settings(self.cfg.train), seed=stage_seed(self.cfg.seed, stage, "train"),
+            empty_embeds=self.empty_embeds, progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
         )
 
     def weights_dir(self, stage_dir: Path) -> Path:
@@ -295,6 +286,31 @@ class DiffusionTask:
         image_emb = torch.cat(embeddings) if embeddings else None
         text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
         return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
+
+
+def train_settings(t) -> dict:
+    """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)."""
+    return dict(
+        steps=t.steps_per_stage, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+        chunk_rows=t.chunk_size, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler,
+        lr_warmup_steps=t.lr_warmup_steps, max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
+        mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing, snr_gamma=t.snr_gamma,
+        empty_prompt_ratio=t.empty_prompt_ratio, timestep_range=t.timestep_range,
+    )
+
+
+def _training_layout(t, world_size: int) -> str:
+    """One line on how a step's rows are computed: effective batch, chunks, processes (and idle ones)."""
+    rows, chunk = t.batch_size * t.gradient_accumulation_steps, t.chunk_size or t.batch_size
+    chunks = -(-rows // chunk)
+    line = (f"effective batch {rows} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) in {chunks} "
+            f"chunk{'s' * (chunks > 1)} of {chunk} row{'s' * (chunk > 1)}")
+    if world_size == 1:
+        return line + " on 1 process"
+    line += f" dealt over {world_size} processes"
+    if chunks < world_size:
+        line += f" (only {chunks} of them busy while training: lower train.chunk_size to spread a step wider)"
+    return line
 
 
 def _attach_components(reward, batch: list[Sample]) -> None:

@@ -28,6 +28,11 @@ def _align(args) -> int:
     cfg = load_config(args.config, args.overrides, cls=LLMConfig)
     cfg.preflight()  # prompt files and sizes, in a second, before torch, transformers and the model load
 
+    from ..core.dist import launched_world_size
+
+    if launched_world_size() > 1:  # N copies of one run would write the same run directory
+        raise UserError(f"llm align runs on one process (the launcher started {launched_world_size()}): start it with "
+                        "'raft-diffusion llm align ...' or 'python -m raft_diffusion llm align ...', not torchrun or accelerate launch")
     from ..core.early_stop import read_stop
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
