@@ -19,8 +19,9 @@ def check_reward_output(name: str, out: Any, batch_size: int, *, allow_all_nan: 
 
     Accepted: a tensor of shape ``[B]`` or ``[B, 1]``, or a list/tuple/numpy array of ``B`` numbers
     (``None`` entries become NaN). Raised (``RewardOutputError``, naming the reward): anything else, a
-    wrong length, or a batch where every value is NaN (unless ``allow_all_nan``). Infinite values are kept:
-    ``+inf``/``-inf`` rank as expected, NaN means "no score".
+    wrong length, an infinite value (a division by zero or log(0) upstream, which would win or lose every
+    ranking and make the held-out mean NaN), or a batch where every value is NaN (unless ``allow_all_nan``).
+    NaN means "no score".
     """
     if isinstance(out, torch.Tensor):
         tensor = out.detach()
@@ -56,6 +57,9 @@ def check_reward_output(name: str, out: Any, batch_size: int, *, allow_all_nan: 
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.bool, torch.int16, torch.uint8)):
         raise RewardOutputError(f"reward '{name}' returned a tensor of dtype {tensor.dtype}; expected real numbers")
     tensor = tensor.to(device="cpu", dtype=torch.float32)
+    infinite = torch.isinf(tensor)
+    if bool(infinite.any()):
+        raise _infinite(name, float(tensor[infinite][0]), int(infinite.sum()), batch_size, "images")
     if batch_size > 0 and not allow_all_nan and bool(torch.isnan(tensor).all()):
         raise RewardOutputError(
             f"reward '{name}' returned NaN for all {batch_size} samples; NaN means 'no score', so nothing "
@@ -70,8 +74,8 @@ def check_text_reward_output(
     """Validate a text reward's output (trl convention) and return ``list[float | None]`` of length B.
 
     Accepted: a list/tuple of numbers or ``None``, or a 1-D tensor/array; NaN becomes ``None``.
-    Raised (``RewardOutputError``): another type, a wrong length, or every entry ``None`` (unless
-    ``allow_all_nan``).
+    Raised (``RewardOutputError``): another type, a wrong length, an infinite score, or every entry ``None``
+    (unless ``allow_all_nan``).
     """
     if isinstance(out, torch.Tensor) or (type(out).__module__ == "numpy" and hasattr(out, "shape")):
         tensor = torch.as_tensor(out).detach().to("cpu")
@@ -104,12 +108,22 @@ def check_text_reward_output(
             )
         f = float(v)
         result.append(None if math.isnan(f) else f)
+    infinite = [v for v in result if v is not None and math.isinf(v)]
+    if infinite:
+        raise _infinite(name, infinite[0], len(infinite), batch_size, "completions")
     if batch_size > 0 and not allow_all_nan and all(v is None for v in result):
         raise RewardOutputError(
             f"text reward '{name}' returned no score (None/NaN) for all {batch_size} completions; "
             f"nothing could be ranked"
         )
     return result
+
+
+def _infinite(name: str, value: float, count: int, batch_size: int, what: str) -> RewardOutputError:
+    return RewardOutputError(
+        f"reward '{name}' returned {value} for {count} of {batch_size} {what}; scores must be finite "
+        f"(return NaN or None for 'no score')"
+    )
 
 
 def check_images(name: str, images: Any) -> torch.Tensor:

@@ -92,13 +92,15 @@ def test_rundir_resume_rules(tmp_path):
     run = RunDir(tmp_path / "run")
     cfg = config_from_dict({}).to_dict()
     run.start(cfg)
+    assert not run.root.exists()  # nothing is written until the loop begins the run
+    run.begin()
     run.start({**cfg, "num_stages": 20})  # extending a run is allowed
-    with pytest.raises(UserError, match=r"different config \(seed: 0 there, 1 now\)"):
-        run.start({**cfg, "seed": 1})
     assert run.last_completed() == 0
     for s in (0, 1, 2):
         run.put_metrics({"stage": s, "x": s})
     run.mark_done(1, {})
+    with pytest.raises(UserError, match=r"different config \(seed: 0 there, 1 now\)"):
+        run.start({**cfg, "seed": 1})  # refused once a stage has completed
     run.mark_done(3, {})  # a gap: stage 2 never finished, so 3 cannot count
     assert run.last_completed() == 1
     run.truncate_metrics(1)

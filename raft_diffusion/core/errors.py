@@ -1,4 +1,7 @@
 """Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
+from __future__ import annotations
+
+import errno
 
 
 class UserError(Exception):
@@ -19,18 +22,76 @@ def is_user_facing(e: BaseException, user_errors: tuple[type[BaseException], ...
     return isinstance(e, (UserError, *user_errors))
 
 
+RESUME_HINT = "the run directory keeps every completed stage: rerun the same command to resume"
+
+# errno -> what to do about it (the message adds the path and the system's wording)
+_OS_ADVICE = {
+    errno.ENOSPC: "the disk is full: free some space (or choose another --output-dir); " + RESUME_HINT,
+    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another --output-dir); " + RESUME_HINT,
+    errno.EACCES: "permission denied: fix the permissions, or choose an --output-dir you can write to",
+    errno.EPERM: "operation not permitted: fix the permissions, or choose an --output-dir you can write to",
+    errno.EROFS: "the file system is read-only: choose an --output-dir on a writable disk",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another --output-dir (or move the file away)",
+    errno.EEXIST: "a file is in the way: choose another --output-dir (or move the file away)",
+    errno.EISDIR: "a folder is where a file should be: choose another path (or move the folder away)",
+}
+
+
+def environment_error(e: BaseException) -> str | None:
+    """A one-line message for an error of the machine rather than of the code (disk, permissions, memory).
+
+    Libraries often wrap the OSError (safetensors, torch.save): the chain of causes is searched too.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        message = _environment_error(e)
+        if message is not None:
+            return message
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _environment_error(e: BaseException) -> str | None:
+    if isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and _is_alloc_failure(str(e))):
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
+        if "out of memory" in first.lower() and "cuda" in first.lower():
+            first = first.split(".")[0]  # torch's CUDA message goes on about allocator settings
+        return (f"out of memory ({first}); lower sampling.batch_size, train.batch_size or the image size, "
+                f"or free memory on this machine; {RESUME_HINT}")
+    if isinstance(e, OSError) and e.errno in _OS_ADVICE:
+        where = f" ({e.filename})" if e.filename else ""
+        return f"{e.strerror or type(e).__name__}{where}: {_OS_ADVICE[e.errno]}"
+    text = str(e)
+    if "No space left on device" in text or "os error 28" in text:  # wrapped by a Rust or C++ writer
+        return f"No space left on device: {_OS_ADVICE[errno.ENOSPC]}"
+    return None
+
+
+def _is_alloc_failure(text: str) -> bool:
+    t = text.lower()
+    return "can't allocate memory" in t or "out of memory" in t or "cannot allocate memory" in t
+
+
 def run_command(args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
-    """Run a CLI handler ``args.func(args)``: user errors (ours and ``user_errors``) print as one line (exit 2),
-    Ctrl-C as a resume hint."""
+    """Run a CLI handler ``args.func(args)``: user errors (ours and ``user_errors``, e.g. the reward package's)
+    and environment errors print as one line (exit 2), Ctrl-C as a resume hint. ``--verbose`` keeps the traceback."""
     import sys
 
+    verbose = getattr(args, "verbose", False)
     try:
         return args.func(args)
-    except (UserError, *user_errors) as e:
-        if getattr(args, "verbose", False) or not is_user_facing(e, user_errors):
-            raise
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume from the last completed stage", file=sys.stderr)
         return 130
+    except Exception as e:
+        if verbose:
+            raise
+        if is_user_facing(e, user_errors):
+            message = str(e)
+        else:
+            message = environment_error(e)
+            if message is None:
+                raise
+        print(f"error: {' '.join(message.split())}", file=sys.stderr)
+        return 2

@@ -20,9 +20,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from . import faults
+from .common import summary
 from .early_stop import STOP_FILE, EarlyStopper
 from .errors import ScoreError, UserError
-from .common import summary
 from .dist import Dist
 from .pool import StreamingPool
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
@@ -41,15 +42,23 @@ def as_rewards(name: str, out, n: int) -> list[float]:
                 f"reward '{name}' returned a tensor of shape {tuple(out.shape)} for a batch of {n}; "
                 f"it must return shape ({n},): one score per image"
             )
-        return [float(x) for x in out.detach().float().cpu().tolist()]
-    if isinstance(out, (list, tuple)):
+        values = [float(x) for x in out.detach().float().cpu().tolist()]
+    elif isinstance(out, (list, tuple)):
         if len(out) != n:
             raise ScoreError(f"reward '{name}' returned {len(out)} scores for a batch of {n}; return one per sample")
         try:
-            return [float("nan") if x is None else float(x) for x in out]
+            values = [float("nan") if x is None else float(x) for x in out]
         except (TypeError, ValueError):
             raise ScoreError(f"reward '{name}' returned non-numeric scores; return floats (None = no score)") from None
-    raise ScoreError(f"reward '{name}' returned {type(out).__name__}; it must return a 1-D torch.Tensor with one score per sample")
+    else:
+        raise ScoreError(f"reward '{name}' returned {type(out).__name__}; it must return a 1-D torch.Tensor with one score per sample")
+    infinite = [x for x in values if math.isinf(x)]
+    if infinite:
+        raise ScoreError(
+            f"reward '{name}' returned {infinite[0]} for {len(infinite)} of {n} samples; scores must be finite "
+            f"(return NaN or None for 'no score')"
+        )
+    return values
 
 
 def stage_prompts(cfg, stage: int, n_prompts: int) -> list[int]:
@@ -134,6 +143,7 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
             s.reward = r
         pool.add(batch)
         bar.update(len(batch))
+        faults.fault_point("score", stage)
     bar.close()
     stats["time_score"] = score_time
     if dist.enabled:
@@ -189,9 +199,10 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
     """
     dist = dist or Dist()
     main = dist.is_main
-    done = dist.broadcast(run.last_completed() if main else None)
     if main:
-        run.truncate_metrics(done)
+        run.begin()  # config.yaml: the run has really started (the task loaded)
+    # completed, intact stages; damaged ones are reported and redone, unfinished ones cleared
+    done = dist.broadcast(run.recover() if main else None)
     rows = dist.broadcast(run.metrics() if main else None)
     prior_seconds = rows[-1]["seconds"] if rows else 0.0
     stats = {"reward_queries": rows[-1].get("reward_queries", 0) if rows else 0}
@@ -205,11 +216,13 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
         if main:
             run.put_metrics(row)
+            run.mark_done(0, {"stage": 0})
             if on_stage:
                 on_stage(row, run.stage_dir(0))
         rows = rows + [row]
     if done:
-        log.info("resuming %s after stage %d", run.root, done)
+        if main:
+            print(f"resuming {run.root} after stage {done}", flush=True)
         task.restore(run.stage_dir(done))
 
     reason = dist.broadcast(should_stop(rows) if should_stop and main else None)  # a stopped run stays stopped
@@ -238,6 +251,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             if main:
                 task.save_kept(sdir, kept)
                 write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])
+                faults.fault_point("sample", stage)
             rewards = [s.reward for s in pool.records]
             discarded = sum(1 for s in pool.records if s.extras.get("discarded"))
             del pool
@@ -259,8 +273,10 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         t = time.perf_counter()
         row.update(task.finetune(stage, kept))
         row["time_finetune"] = time.perf_counter() - t
+        faults.fault_point("train", stage)  # training writes nothing: a kill anywhere in it leaves this state
         if main:
             task.save(sdir)
+            faults.fault_point("save", stage)
         del kept
 
         # Step 5: evaluate on held-out prompts with fixed seeds.

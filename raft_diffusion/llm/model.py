@@ -47,6 +47,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+def looks_like_path(name: str) -> bool:
+    """A name that can only be a folder: absolute, ./ ../ ~, or more than the one '/' of a hub id."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def check_model_source(kind: str, name: str) -> None:
+    """A folder-like name that does not exist is a missing folder, not a malformed hub id."""
+    if looks_like_path(name) and not Path(name).expanduser().exists():
+        raise UserError(
+            f"{kind} folder not found: {name}; give an existing folder holding config.json and weights, "
+            f"or a hub id such as gpt2 or org/name"
+        )
+
+
 def _load_error(kind: str, name: str, err: Exception) -> UserError:
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     where = "local folder" if Path(name).expanduser().exists() else "hub id or local folder"
@@ -64,6 +78,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, pad_token: str | N
     """
     from transformers import AutoTokenizer
 
+    check_model_source("tokenizer", name)
     try:
         tok = AutoTokenizer.from_pretrained(name, revision=revision)
     except (OSError, ValueError) as err:
@@ -100,6 +115,7 @@ def load_causal_lm(name: str, *, revision: str | None = None, device: torch.devi
     """AutoModelForCausalLM in eval mode on ``device``; every weight must come from the checkpoint."""
     from transformers import AutoModelForCausalLM
 
+    check_model_source("model", name)
     try:
         model, info = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, output_loading_info=True)
     except (OSError, ValueError) as err:
@@ -150,6 +166,24 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, 
                 ) from None
             raise
     return peft_model
+
+
+def save_adapter(model, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` with ``target_modules`` sorted in adapter_config.json.
+
+    peft keeps the targets as a set and writes them in set order, which changes with the process's string
+    hash seed: the same run would give different bytes each time.
+    """
+    configs = getattr(model, "peft_config", {})
+    saved = {name: c.target_modules for name, c in configs.items()}
+    try:
+        for c in configs.values():
+            if isinstance(c.target_modules, (set, frozenset)):
+                c.target_modules = sorted(c.target_modules)
+        model.save_pretrained(folder)
+    finally:
+        for name, targets in saved.items():
+            configs[name].target_modules = targets
 
 
 def adapter_state(model) -> dict:

@@ -31,7 +31,7 @@ from .filters import Filters
 from .generate import eos_ids, encode_prompts, sample_completions, uses_chat_template
 from .metrics import distinct_n, perplexity
 from .model import (add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions,
-                    resolve_dtype, resolve_model_path)
+                    resolve_dtype, resolve_model_path, save_adapter)
 from .prompts import load_prompts
 from .rewards import load_text_reward, wrap_callable
 from .sft import sequence_logprobs, train_response_only
@@ -221,7 +221,10 @@ class LLMTask:
             import shutil
 
             shutil.rmtree(tmp)
-        self.model.save_pretrained(tmp)
+        if self.cfg.train.method == "lora":
+            save_adapter(self.model, tmp)
+        else:
+            self.model.save_pretrained(tmp)
         if self.cfg.train.method == "full":
             self.tokenizer.save_pretrained(tmp)
         replace_dir(tmp, dst)
