@@ -14,7 +14,7 @@ from raft_diffusion.core.config import load_config
 from raft_diffusion.core.dist import init_dist
 from raft_diffusion.core.seeds import stage_seed
 from raft_diffusion.diffusion import finetune as ft
-from raft_diffusion.diffusion.adapter import resolve_pretrained, train_settings
+from raft_diffusion.diffusion.task import resolve_pretrained, train_settings
 from raft_diffusion.diffusion.generate import encode_prompts
 from raft_diffusion.diffusion.pipeline import load_pipeline
 from raft_diffusion.diffusion.prompts import load_prompts

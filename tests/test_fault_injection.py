@@ -93,7 +93,7 @@ def kill_at(monkeypatch, point, stage):
 def kill_while_saving(monkeypatch, kind, stage):
     """The weights of ``stage`` half written in place (a non-atomic writer killed half-way: the worst case)."""
     if kind == "diffusion":
-        from raft_diffusion.diffusion.adapter import DiffusionTask as Task
+        from raft_diffusion.diffusion.task import DiffusionTask as Task
     else:
         from raft_diffusion.llm.task import LLMTask as Task
     real = Task.save
@@ -197,13 +197,16 @@ def test_outputs_have_plain_write_permissions(references):
 
 SCRIPT = """
 import sys, torch
-from raft_diffusion.core.config import config_from_dict
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.loop import run_raft
 from raft_diffusion.core.rundir import RunDir, write_json
 
 class Task:
     reward_name, train_prompts = "draw", ["a", "b"]
     mu = 0.0
+    console_metrics = ()
+    def plan(self, stage): return None
+    def discard(self, batch): pass
     def sample(self, stage, requests):
         for s in requests:
             s.payload = self.mu + torch.rand((), generator=torch.Generator().manual_seed(s.seed)).item()

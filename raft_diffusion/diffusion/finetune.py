@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.gradsum import chunk_slices, summed_grads
 from raft_diffusion.core.seeds import train_chunk_seed
+from raft_diffusion.diffusion.families.lora import sorted_targets
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +101,7 @@ def save_lora(unet, out_dir: str | Path, *, adapter_name: str = "default") -> Pa
     state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     kwargs = {"unet_lora_layers": state, "safe_serialization": True}
     if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        kwargs["unet_lora_adapter_metadata"] = unet.peft_config[adapter_name].to_dict()
+        kwargs["unet_lora_adapter_metadata"] = sorted_targets(unet.peft_config[adapter_name].to_dict())
     # 2. write into a temporary sibling folder, then swap it into place
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -12,6 +12,15 @@ import torch
 from raft_diffusion.core.errors import UserError
 
 
+def sorted_targets(metadata: dict) -> dict:
+    """The LoRA config with ``target_modules`` as a sorted list: peft keeps a set, whose order varies between
+    processes, and the saved file should be the same bytes for the same weights."""
+    targets = metadata.get("target_modules")
+    if isinstance(targets, (set, frozenset, list, tuple)):
+        metadata = {**metadata, "target_modules": sorted(targets)}
+    return metadata
+
+
 def _matches(module_name: str, target: str) -> bool:
     """peft's rule for a plain-string target: the full name, or its dotted suffix."""
     return module_name == target or module_name.endswith("." + target)
@@ -66,7 +75,7 @@ def save_lora(pipeline_class, denoiser_attr: str, denoiser, out_dir, *, adapter_
               "safe_serialization": True}  # fmt: skip
     meta_key = f"{denoiser_attr}_lora_adapter_metadata"
     if meta_key in inspect.signature(pipeline_class.save_lora_weights).parameters:
-        kwargs[meta_key] = denoiser.peft_config[adapter_name].to_dict()
+        kwargs[meta_key] = sorted_targets(denoiser.peft_config[adapter_name].to_dict())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     old = None
