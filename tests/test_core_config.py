@@ -118,7 +118,7 @@ def test_rundir_resume_rules(tmp_path):
     ("sampling.width=4", "sampling.width must be a multiple of 8"),
     ("train.lora_dropout=2", r"train.lora_dropout must be in \[0, 1\) \(got 2.0\)"),
     ("train.lr_warmup_steps=-1", "train.lr_warmup_steps must be >= 0"),
-    ("train.target_modules=[]", "train.target_modules must be a module name or a list"),
+    ("train.target_modules=[]", "train.target_modules must be a module name, a list of them"),
 ])
 def test_bad_values_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
@@ -172,3 +172,30 @@ def test_loading_a_config_imports_no_torch():
             "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_model_family_and_flow_settings_are_checked_and_match_the_families():
+    from raft_diffusion.diffusion.config import FAMILIES, WEIGHTING_SCHEMES
+    from raft_diffusion.diffusion.families import registry, settings
+
+    assert FAMILIES == {f.name: cls for cls, f in registry.FAMILIES.items()}
+    assert WEIGHTING_SCHEMES == settings.WEIGHTING_SCHEMES
+    assert config_from_dict({}, ["model.family=sdxl"]).model.family == "sdxl"
+    with pytest.raises(ConfigError, match="model.family must be one of sd, sdxl, sd3, flux"):
+        config_from_dict({}, ["model.family=kandinsky"])
+    with pytest.raises(ConfigError, match="train.weighting_scheme must be one of logit_normal"):
+        config_from_dict({}, ["train.weighting_scheme=uniform"])
+
+
+def test_a_resume_tolerates_keys_added_since_the_snapshot(tmp_path):
+    """A run directory written before a key existed resumes when the key is at its default."""
+    cfg = config_from_dict({})
+    old = cfg.to_dict()
+    del old["train"]["weighting_scheme"], old["model"]["family"]
+    RunDir(tmp_path).root.mkdir(exist_ok=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    (tmp_path / "stages" / "001").mkdir(parents=True)
+    (tmp_path / "stages" / "001" / "stage.json").write_text("{}")
+    RunDir(tmp_path).start(cfg.to_dict(), defaults=RaftConfig().to_dict())  # no error
+    with pytest.raises(UserError, match="train.weighting_scheme: 'logit_normal' there, 'cosmap' now"):
+        RunDir(tmp_path).start(config_from_dict({}, ["train.weighting_scheme=cosmap"]).to_dict(), defaults=RaftConfig().to_dict())

@@ -221,9 +221,11 @@ class RunDir:
         return {int(p.name): p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
 
     # -- config --------------------------------------------------------------------------------
-    def start(self, config: dict) -> None:
+    def start(self, config: dict, defaults: dict | None = None) -> None:
         """Check the folder, and that a resumed run has the same config (except resumable keys).
 
+        ``defaults`` (the config class's defaults) stand in for keys a snapshot written by an older version
+        lacks, so that a key added later, left at its default, does not block the resume.
         Writes nothing: :meth:`begin` does, once the run has really started.
         """
         _writable_folder(self.root)
@@ -238,6 +240,8 @@ class RunDir:
             diff = "its config.yaml is damaged"
         else:
             new = _flatten(_jsonable(config))
+            absent = _flatten(_jsonable(defaults or {}))
+            old = {**{k: v for k, v in absent.items() if k not in old and k in new}, **old}
             diffs = [
                 k for k in sorted(set(old) | set(new))
                 if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)

@@ -21,6 +21,7 @@ def _align(args) -> int:
     from ..core.dist import init_dist
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
+    from .families import detect_family
     from .gallery import write_gallery
     from .task import DiffusionTask, resolve_pretrained
     from .tracking import Trackers
@@ -29,9 +30,12 @@ def _align(args) -> int:
     if dist.is_main:  # one process builds the tiny model's cache, the others wait and reuse it
         cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id
     cfg.model.pretrained = dist.broadcast(cfg.model.pretrained)
+    family = detect_family(cfg.model.pretrained, cfg.model.family)  # model_index.json's pipeline class, or model.family
+    if cfg.train.target_modules is None:  # the family's LoRA targets, written into the snapshot
+        cfg.train.target_modules = list(family.lora_targets)
     run = RunDir(args.output_dir)
     if dist.is_main:
-        run.start(cfg.to_dict())
+        run.start(cfg.to_dict(), defaults=type(cfg)().to_dict())
         print(f"raft-diffusion: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
     else:
         cfg.progress = False  # one set of progress bars

@@ -18,12 +18,18 @@ from ..core.config import option as _f
 from ..core.ranking import check_diverse
 
 # diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
+# the model families (diffusion.families.registry; tests check these lists against it) and the flow-matching
+# loss weightings of diffusers' SD3/FLUX scripts (diffusion.families.settings)
+FAMILIES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+            "flux": "FluxPipeline"}
+WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("runwayml/stable-diffusion-v1-5", "hub id or local folder of a StableDiffusionPipeline; 'tiny' builds a tiny test model")
+    pretrained: str = _f("runwayml/stable-diffusion-v1-5", "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model")
+    family: str | None = _f(None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5) or flux (FLUX.1); null = read from the folder's model_index.json")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
@@ -65,7 +71,7 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank r")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
-    target_modules: list = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that receive LoRA")
+    target_modules: list | None = _f(None, "denoiser modules that receive LoRA; null = the family's default, as diffusers' LoRA scripts train it (SD/SDXL: to_q, to_k, to_v, to_out.0; SD3: the joint attention's projections; FLUX: those and the feed-forward layers), written into the run's config.yaml")
     steps_per_stage: int = _f(80, "optimizer steps per stage")
     batch_size: int = _f(8, "kept samples per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
@@ -79,6 +85,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
     timestep_range: list | None = _f(None, "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep")
+    weighting_scheme: str = _f("logit_normal", "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)")
+    logit_mean: float = _f(0.0, "SD3/FLUX, logit_normal: mean of logit(u) of the drawn timesteps")
+    logit_std: float = _f(1.0, "SD3/FLUX, logit_normal: std of logit(u) of the drawn timesteps")
+    mode_scale: float = _f(1.29, "SD3/FLUX, mode: how strongly the density favours the middle timesteps")
+    flux_guidance: float = _f(3.5, "FLUX: the distilled guidance value fed to the guidance embedding while training (FLUX.1-dev)")
     snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
 
 
@@ -158,8 +169,16 @@ class RaftConfig(core.BaseConfig):
         need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
         need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
         need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
-        need(isinstance(t.target_modules, list) and t.target_modules and all(isinstance(m, str) and m for m in t.target_modules),
-             f"train.target_modules must be a module name or a list of them, e.g. [to_q, to_k, to_v, to_out.0] (got {t.target_modules!r})")
+        need(t.target_modules is None or (isinstance(t.target_modules, list) and t.target_modules
+                                          and all(isinstance(m, str) and m for m in t.target_modules)),
+             f"train.target_modules must be a module name, a list of them (e.g. [to_q, to_k, to_v, to_out.0]) or null "
+             f"for the family's default (got {t.target_modules!r})")
+        m = self.model
+        need(m.family is None or m.family in FAMILIES or m.family in FAMILIES.values(),
+             f"model.family must be one of {', '.join(FAMILIES)} or null to read it from the model (got {m.family!r})")
+        need(t.weighting_scheme in WEIGHTING_SCHEMES,
+             f"train.weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)} (got {t.weighting_scheme!r})")
+        need(t.logit_std > 0, f"train.logit_std must be > 0 (got {t.logit_std}); 1.0 is the usual choice")
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
         need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
         need(t.chunk_size is None or (isinstance(t.chunk_size, int) and t.chunk_size >= 1),

@@ -218,6 +218,8 @@ def train_unet(
     progress: bool = True,
     desc: str = "train",
     dist=None,
+    family=None,
+    loss_settings=None,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -245,17 +247,26 @@ def train_unet(
     shapes, other kernels), so keep it when the process count changes; smaller chunks spread a step over more
     processes but cost one pass each (on CPU, 1-row chunks made the tiny preset's training 2x slower and the
     toy world's 5x slower than one chunk of 4 or 8 rows).
+
+    With ``family`` (a :class:`raft_diffusion.diffusion.families.Family` other than SD 1.x/2.x) the denoiser is
+    the family's (a UNet or a transformer), ``prompt_embeds`` is a ``PromptEmbeds`` with one row per latent,
+    timesteps come from ``family.draw_timesteps`` and the per-sample loss from ``family.training_loss`` with
+    ``loss_settings`` (the rectified-flow loss for SD3/FLUX; SDXL's denoising loss with its time ids); Min-SNR
+    weights apply to the DDPM families (SDXL), caption dropout to SD only. Without it: the SD 1.x/2.x loss above.
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    unet = pipe.unet
+    unet = family.denoiser(pipe) if family is not None else pipe.unet
     device = unet.device
     # 1. check inputs and what trains
     n = latents.shape[0]
-    if n == 0 or prompt_embeds.shape[0] != n:
-        raise ValueError(f"need matching non-empty latents and prompt_embeds, got {n} and {prompt_embeds.shape[0]}")
+    if n == 0 or len(prompt_embeds) != n:
+        raise ValueError(f"need matching non-empty latents and prompt_embeds, got {n} and {len(prompt_embeds)}")
+    if family is not None and empty_prompt_ratio > 0:
+        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family.name}: set it to 0")
+    ddpm = family is None or family.name in ("sd", "sdxl")  # a denoising (not a rectified-flow) loss
     if steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1:
         raise UserError(
             f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 "
@@ -267,6 +278,9 @@ def train_unet(
         raise UserError(f"empty_prompt_ratio must be in [0, 1) (got {empty_prompt_ratio}); 0.1 is a usual choice")
     if empty_prompt_ratio > 0 and empty_embeds is None:
         raise ValueError("empty_prompt_ratio > 0 needs empty_embeds (the empty prompt's text embedding)")
+    if snr_gamma is not None and not ddpm:
+        raise UserError(f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
+                        "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null")
     if snr_gamma is not None and not snr_gamma > 0:
         raise UserError(f"snr_gamma must be > 0 or null (got {snr_gamma}); 5 is the usual choice")
     if timestep_range is not None:
@@ -291,8 +305,8 @@ def train_unet(
         logger.warning("UNet weights are %s but mixed_precision=no: set mixed_precision to match", unet.dtype)
 
     # 2. noise schedule, optimizer, learning-rate schedule, loss scaler
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    t_lo, t_hi = timestep_range if timestep_range is not None else (0, noise_scheduler.config.num_train_timesteps)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config) if ddpm else None
+    t_lo, t_hi = timestep_range if timestep_range is not None else (0, pipe.scheduler.config.num_train_timesteps)
     optimizer = torch.optim.AdamW(
         params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay
     )
@@ -320,7 +334,10 @@ def train_unet(
         for _ in range(gradient_accumulation_steps):
             idx = next_batch()
             noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
-            t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
+            if family is None:
+                t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
+            else:  # SDXL: the same uniform draw; SD3/FLUX: the logit-normal (or other) density of the flow loss
+                t, _ = family.draw_timesteps(pipe, micro, loss_settings, gen)
             # drawn only when used, so runs without caption dropout keep their exact draws
             drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
             draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop})
@@ -328,6 +345,14 @@ def train_unet(
 
     def chunk_loss(rows: dict) -> torch.Tensor:
         """The summed (Min-SNR weighted) denoising loss of some rows."""
+        if family is not None:
+            x0 = latents[rows["idx"].to(latents.device)]
+            with autocast():
+                per_sample = family.training_loss(pipe, unet, x0, prompt_embeds, rows["idx"], noise=rows["noise"],
+                                                  timesteps=rows["t"], settings=loss_settings)
+            if snr_gamma is not None:
+                per_sample = per_sample * min_snr_weights(noise_scheduler, rows["t"].to(device), snr_gamma)
+            return per_sample.sum()
         noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows["drop"]
         x0 = latents[rows["idx"].to(latents.device)].to(device, torch.float32)
         cond = prompt_embeds[rows["idx"].to(prompt_embeds.device)].to(device, model_dtype)

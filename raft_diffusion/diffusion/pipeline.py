@@ -119,8 +119,9 @@ def load_pipeline(
     safety_checker: bool = False,
     attention: str = "auto",
     scheduler: str | None = None,
+    family=None,
 ):
-    """Load a StableDiffusionPipeline (SD 1.x/2.x) from a hub id or a local folder.
+    """Load a pipeline of ``family`` (default: a StableDiffusionPipeline, SD 1.x/2.x) from a hub id or a local folder.
 
     1. Resolve device and dtype; tell a local folder from a hub id and check it.
     2. ``from_pretrained`` (safety checker dropped unless asked for).
@@ -130,6 +131,10 @@ def load_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    sd = family is None or family.name == "sd"
+    pipeline_class = StableDiffusionPipeline if sd else family.pipeline_class()
+    if not sd and dtype == "auto" and resolve_device(device).type == "cuda":
+        dtype = family.cuda_dtype  # bf16 for the T5-based families, whose activations overflow fp16
     # 1. where from
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -151,11 +156,13 @@ def load_pipeline(
 
     # 2. load
     kwargs = {"revision": revision, "variant": variant, _dtype_kwarg(): torch_dtype}
-    if not safety_checker:
+    if safety_checker and not sd:
+        raise UserError(f"model.safety_checker is for SD 1.x/2.x pipelines; {pipeline_class.__name__} has none: set it to false")
+    if not safety_checker and sd:
         kwargs.update(safety_checker=None, requires_safety_checker=False)
     try:
         with _quiet_loading():
-            pipe = StableDiffusionPipeline.from_pretrained(source, **kwargs)
+            pipe = pipeline_class.from_pretrained(source, **kwargs)
     except _hub_errors() as err:
         if local:
             raise UserError(f"could not load the pipeline in {name!r}: {_first_line(err)}") from None
@@ -178,12 +185,14 @@ def load_pipeline(
 
     # 4. device, freezing, attention
     pipe.to(dev)
-    for module_name in ("unet", "vae", "text_encoder", "safety_checker"):
-        module = getattr(pipe, module_name, None)
+    for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.requires_grad_(False)
             module.eval()
-    enable_attention(pipe, attention)
+    if hasattr(pipe, "unet"):
+        enable_attention(pipe, attention)
+    elif attention == "xformers":  # the transformers' joint-attention processors use torch SDPA
+        raise UserError(f"attention=xformers is for UNet pipelines; {pipeline_class.__name__} uses torch SDPA: set attention=auto")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

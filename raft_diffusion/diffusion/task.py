@@ -20,16 +20,22 @@ from ..core.types import Sample
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from . import finetune as ft
 from .generate import encode_images, encode_prompts, generate_batch
+from .families import detect_family
 from .pipeline import load_pipeline
 from .prompts import load_prompts
 
 
 def resolve_pretrained(name: str) -> str:
-    """'tiny' means the tiny test model, built once into the cache; anything else is passed through."""
+    """'tiny' (SD) and 'tiny-sdxl' / 'tiny-sd3' / 'tiny-flux' mean the tiny test pipelines, built once into the
+    cache (random fixed-seed weights: smoke tests only); anything else is passed through."""
     if name == "tiny":
         from .tiny import ensure_tiny_pipeline
 
         return str(ensure_tiny_pipeline())
+    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux"):
+        from .families.tiny import tiny_pipeline
+
+        return str(tiny_pipeline(name.removeprefix("tiny-")))
     return name
 
 
@@ -63,7 +69,12 @@ def sample_name(prompt_index: int, sample_index: int) -> str:
 
 
 class DiffusionTask:
-    """Generator, fine-tuner and evaluator for any StableDiffusionPipeline-compatible model."""
+    """Generator, fine-tuner and evaluator for a pipeline of any supported family (SD 1.x/2.x, SDXL, SD3, FLUX).
+
+    SD 1.x/2.x keeps the code path it was built on (``generate``, ``finetune``), whose figures and multi-process
+    equality are pinned by tests; the other families go through their :class:`~.families.Family` (encode,
+    sample, decode, the family's loss, LoRA targets and saving).
+    """
 
     console_metrics = (("eval_clip_score", "clip"), ("eval_diversity", "diversity"))
 
@@ -90,37 +101,58 @@ class DiffusionTask:
                           if cfg.eval.every or uses_embeddings(cfg.ranking) or cfg.ranking.prompt_match else None)
         self._prompt_text = None
         # 2. The pipeline, frozen but for what fine-tuning trains.
+        self.family = detect_family(cfg.model.pretrained, cfg.model.family)
+        self.legacy = self.family.name == "sd"  # SD 1.x/2.x: the original generate/finetune path
+        _check_family_settings(cfg, self.family)
         self.pipe = load_pipeline(
             cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
             dtype=cfg.model.dtype, safety_checker=cfg.model.safety_checker, attention=cfg.model.attention,
-            scheduler=s.scheduler,
+            scheduler=s.scheduler, family=self.family,
         )
-        self.device = self.pipe.unet.device
-        default = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.denoiser = self.family.denoiser(self.pipe)
+        self.device = self.denoiser.device
+        size = getattr(self.denoiser.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 128)
+        default = size * self.pipe.vae_scale_factor
         self.height, self.width = s.height or default, s.width or default
-        # 3. Prompt embeddings, once per prompt (the text encoder is frozen).
+        # 3. Prompt embeddings, once per prompt (the text encoders are frozen).
         # the pool's guidance and the held-out samples' (eval.guidance_scale, default the same)
         self.eval_guidance = cfg.eval_guidance_scale
-        self.train_embeds = encode_prompts(self.pipe, self.train_prompts, cfg.prompts.negative, s.guidance_scale > 1.0)
-        self.eval_embeds = encode_prompts(self.pipe, self.eval_prompts, cfg.prompts.negative, self.eval_guidance > 1.0)
+        self.train_embeds = self._encode(self.train_prompts, s.guidance_scale > 1.0)
+        self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
         # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
         self.empty_embeds = (encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
                              if cfg.train.empty_prompt_ratio > 0 else None)
         # 4. What fine-tuning trains.
         t = cfg.train
-        if t.method == "lora":
-            ft.add_lora(self.pipe.unet, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                        target_modules=tuple(t.target_modules), init_seed=stage_seed(cfg.seed, 0, "lora-init"))
+        init_seed = stage_seed(cfg.seed, 0, "lora-init")
+        if t.method == "full":
+            ft.set_full_finetune(self.denoiser)
+        elif self.legacy:
+            ft.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                        target_modules=tuple(t.target_modules or self.family.lora_targets), init_seed=init_seed)
         else:
-            ft.set_full_finetune(self.pipe.unet)
+            targets = (self.family.default_lora_targets(self.denoiser) if t.target_modules in (None, list(self.family.lora_targets))
+                       else t.target_modules)  # the family's defaults less those this model lacks
+            self.family.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
+                                 targets=targets, init_seed=init_seed)
         if self.dist.is_main:
             print(f"training: {_training_layout(t, self.dist.world_size)}", flush=True)
 
     # -- generation ----------------------------------------------------------------------------
+    def _encode(self, prompts: list[str], do_cfg: bool):
+        if self.legacy:
+            return encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
+        return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
+
     def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float):
+        """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""
+        s = self.cfg.sampling
+        if not self.legacy:
+            latents = self.family.sample(self.pipe, embeds, list(prompt_indices), list(seeds), steps=s.num_inference_steps,
+                                         guidance=guidance_scale, height=self.height, width=self.width)
+            return latents, self.family.decode(self.pipe, latents)
         cond, uncond = embeds
         idx = torch.tensor(prompt_indices, device=cond.device)
-        s = self.cfg.sampling
         return generate_batch(
             self.pipe, cond[idx], None if uncond is None else uncond[idx], list(seeds),
             num_inference_steps=s.num_inference_steps, guidance_scale=guidance_scale,
@@ -139,7 +171,9 @@ class DiffusionTask:
             batch = list(requests[i:i + bs])
             if self.external is not None:
                 images = torch.stack([self._load_external(s.extras["source"]) for s in batch]).to(self.device)
-                latents = encode_images(self.pipe, images, [s.seed for s in batch])
+                seeds = [s.seed for s in batch]
+                latents = (encode_images(self.pipe, images, seeds) if self.legacy
+                           else self.family.encode_images(self.pipe, images, seeds))
             else:
                 latents, images = self._generate(self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch],
                                                  self.cfg.sampling.guidance_scale)
@@ -209,35 +243,43 @@ class DiffusionTask:
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample]) -> dict:
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
-        embeds = self.train_embeds[0][torch.tensor([s.prompt_index for s in kept], device=self.device)]
+        rows = [s.prompt_index for s in kept]
+        if self.legacy:
+            embeds, family = self.train_embeds[0][torch.tensor(rows, device=self.device)], {}
+        else:  # one row of conditioning per kept sample, and the family's loss
+            embeds, family = self.train_embeds[rows], {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
         return ft.train_unet(
             self.pipe, latents, embeds, **train_settings(self.cfg.train), seed=stage_seed(self.cfg.seed, stage, "train"),
             empty_embeds=self.empty_embeds, progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
+            **family,
         )
 
     def weights_dir(self, stage_dir: Path) -> Path:
-        return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "unet")
+        """``lora/`` (a LoRA in the family pipeline's format), or the full denoiser's folder (``unet/``, ``transformer/``)."""
+        return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else self.family.denoiser_attr)
 
     def save(self, stage_dir: Path) -> None:
-        if self.cfg.train.method == "lora":
-            ft.save_lora(self.pipe.unet, self.weights_dir(stage_dir))
+        if self.cfg.train.method != "lora":
+            self.denoiser.save_pretrained(self.weights_dir(stage_dir))
+        elif self.legacy:
+            ft.save_lora(self.denoiser, self.weights_dir(stage_dir))
         else:
-            self.pipe.unet.save_pretrained(self.weights_dir(stage_dir))
+            self.family.save_lora(self.pipe, self.denoiser, self.weights_dir(stage_dir))
 
     def restore(self, stage_dir: Path) -> None:
         """The main process loads the saved weights and sends them to the others (no shared disk needed)."""
         if self.dist.is_main:
             self._load_weights(stage_dir)
-        self.dist.broadcast_params(ft.trainable_parameters(self.pipe.unet))
+        self.dist.broadcast_params(ft.trainable_parameters(self.denoiser))
 
     def _load_weights(self, stage_dir: Path) -> None:
-        if self.cfg.train.method == "lora":
-            ft.load_lora_into_unet(self.pipe.unet, self.weights_dir(stage_dir))
+        if self.cfg.train.method != "lora":
+            state = type(self.denoiser).from_pretrained(self.weights_dir(stage_dir)).state_dict()
+            self.denoiser.load_state_dict(state)
+        elif self.legacy:
+            ft.load_lora_into_unet(self.denoiser, self.weights_dir(stage_dir))
         else:
-            from diffusers import UNet2DConditionModel
-
-            state = UNet2DConditionModel.from_pretrained(self.weights_dir(stage_dir)).state_dict()
-            self.pipe.unet.load_state_dict(state)
+            self.family.load_lora(self.denoiser, self.weights_dir(stage_dir))
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
@@ -297,6 +339,29 @@ def train_settings(t) -> dict:
         mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing, snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio, timestep_range=t.timestep_range,
     )
+
+
+def loss_settings(t):
+    """The family loss settings of a ``train`` config section (timestep range and the flow-matching options)."""
+    from .families import LossSettings
+
+    return LossSettings(weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
+                        mode_scale=t.mode_scale, flux_guidance=t.flux_guidance,
+                        timestep_range=None if t.timestep_range is None else tuple(t.timestep_range))
+
+
+def _check_family_settings(cfg, family) -> None:
+    """Settings that only some families support, refused in one line before the model loads."""
+    if family.name == "sd":
+        return
+    t, s = cfg.train, cfg.sampling
+    if t.empty_prompt_ratio > 0:
+        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family.name}: set it to 0")
+    if t.snr_gamma is not None and family.name != "sdxl":
+        raise UserError(f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
+                        "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null")
+    if s.eta:
+        raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
 
 
 def _training_layout(t, world_size: int) -> str:

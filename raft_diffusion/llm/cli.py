@@ -42,7 +42,7 @@ def _align(args) -> int:
 
     quiet_transformers()
     run = RunDir(args.output_dir)
-    run.start(cfg.to_dict())
+    run.start(cfg.to_dict(), defaults=LLMConfig().to_dict())
     print(f"raft-diffusion llm: run directory {run.root} (model {cfg.model.pretrained}, reward {cfg.reward})", flush=True)
     task = LLMTask(cfg)
     rows = run_raft(cfg, task, run, should_stop=cfg.stopper())
