@@ -391,7 +391,10 @@ def export_peft(src: LoraSource, out: str | Path, *, overwrite: bool = False) ->
     _prepare_out(out, overwrite, is_dir=True)
     out.mkdir(parents=True)
     (out / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    save_file(state, str(out / PEFT_WEIGHT_NAME), metadata={"format": "pt"})
+    # the config in the header as well, under the keys' prefix: diffusers' ``unet.load_lora_adapter(out,
+    # weight_name=PEFT_WEIGHT_NAME, prefix="base_model.model")`` reads alpha from there (else it takes alpha = rank)
+    header = json.dumps({f"base_model.model.{k}": v for k, v in config.items()}, indent=2, sort_keys=True)
+    save_file(state, str(out / PEFT_WEIGHT_NAME), metadata={"format": "pt", METADATA_KEY: header})
     return out
 
 
