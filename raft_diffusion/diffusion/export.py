@@ -594,3 +594,72 @@ def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False
     if fmt == "peft":
         return {"peft": export_peft(src, out, overwrite=overwrite)}
     raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+
+
+# --- the Hub -------------------------------------------------------------------------------------------------
+
+
+def push_plan(run_dir: str | Path, *, license: str | None = None) -> tuple[dict[str, Path], str]:
+    """What ``push`` uploads: ``{path in the repo: local file}`` (``final/``'s files at the root, the grid under
+    ``gallery/``) and the card text (README.md, its grid link relative to the repo root)."""
+    from .card import CARD_NAME, GRID, card_text
+
+    src = resolve_source(run_dir)
+    if src.run_dir is None or Path(run_dir).expanduser().resolve() != src.run_dir.resolve():
+        raise UserError(f"{run_dir} is not a run directory (config.yaml, metrics.jsonl, final/): push takes a run directory")
+    files = {p.name: p for p in sorted((src.run_dir / "final").iterdir()) if p.is_file() and p.name != CARD_NAME}
+    if (src.run_dir / GRID).is_file():
+        files[GRID] = src.run_dir / GRID
+    return files, card_text(src.run_dir, license=license, grid_link=GRID)
+
+
+def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no network connection to {host} ({type(err).__name__})"
+    return None
+
+
+def push(run_dir: str | Path, repo_id: str, *, license: str | None = None, private: bool = False,
+         token: str | None = None) -> str:  # fmt: skip
+    """Upload a run's ``final/`` (LoRA), its card (as README.md) and the before/after grid to the Hub model repo
+    ``repo_id`` (created if needed); return the repo's URL. Offline, or on any Hub error, a one-line UserError
+    names what would have been uploaded."""
+    import tempfile
+
+    files, card = push_plan(run_dir, license=license)
+    what = f"{', '.join(sorted(files))} and README.md from {run_dir} to {repo_id}"
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise UserError(f"cannot push ({reason}): would upload {what}")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError(f"push needs huggingface_hub (pip install huggingface_hub): would upload {what}") from None
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="raft-push-") as tmp:
+        stage = Path(tmp)
+        for name, path in files.items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, stage / name)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
+                              commit_message="Upload RAFT LoRA (raft-diffusion)")  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - auth, network and repo errors all end the same way
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(f"push to {repo_id} failed ({type(err).__name__}: {first}; log in with `hf auth login` "
+                            f"or set HF_TOKEN): would upload {what}") from None
+    return f"https://huggingface.co/{repo_id}"
