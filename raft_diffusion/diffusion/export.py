@@ -142,7 +142,7 @@ def resolve_source(path: str | Path) -> LoraSource:
         stage = int(path.name) if path.name.isdigit() else None
         return LoraSource(path / "lora" / LORA_WEIGHT_NAME, run_dir, stage, _read_config(run_dir) if run_dir else {})
     if (path / LORA_WEIGHT_NAME).is_file():  # a LoRA folder (final/ or stages/NNN/lora/ or a copy)
-        parent = path.parent.parent if path.name == "lora" else path.parent
+        parent = path.parent.parent.parent if path.name == "lora" else path.parent  # <run>/stages/NNN/lora, <run>/final
         run_dir = parent if _is_run_dir(parent) else None
         stage = (int(path.parent.name) if path.name == "lora" and path.parent.name.isdigit()
                  else final_stage(run_dir) if run_dir else None)  # fmt: skip
