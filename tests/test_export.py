@@ -260,6 +260,22 @@ def test_align_writes_a_card_with_the_runs_figures(run_dir, capsys):
     assert "![before and after](gallery/grid_before_after.png)" in licensed
 
 
+def test_card_of_a_full_finetuning_run(run_dir, tmp_path):
+    import yaml
+
+    full = tmp_path / "full"
+    (full / "final").mkdir(parents=True)
+    shutil.copy(run_dir / "metrics.jsonl", full / "metrics.jsonl")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["train"]["method"] = "full"
+    (full / "config.yaml").write_text(yaml.safe_dump(cfg))
+    card = (full / "final" / "README.md")
+    assert main(["card", str(full), "--license", "openrail"]) == 0
+    text = card.read_text()
+    assert "# RAFT UNet for" in text and "UNet2DConditionModel.from_pretrained" in text and "load_lora_weights" not in text
+    assert "licence: openrail." in text and "Before / after" not in text  # no gallery in this folder: no image link
+
+
 # --- push -----------------------------------------------------------------------------------------------------
 
 
@@ -312,6 +328,7 @@ def test_bad_input_is_one_clear_line(run_dir, tiny_pipeline_dir, tmp_path, capsy
         (["export", str(tiny_pipeline_dir), "--format", "kohya", "-o", str(tmp_path / "o")], "holds no LoRA"),
         (["export", str(run_dir), "--format", "kohya", "-o", str(tmp_path / "taken")], "already exists"),
         (["export", str(run_dir), "-o", str(tmp_path / "o")], "needs --format"),
+        (["export", str(run_dir), "--format", "diffusers", "-o", str(run_dir), "--overwrite"], "would overwrite the LoRA"),
         (["card", str(unfinished)], "has no final/"),
         (["push", str(unfinished), "a/b"], "has no final/"),
     ]

@@ -39,7 +39,7 @@ def _get(cfg: dict, dotted: str, default=None):
     return node
 
 
-def _settings(cfg: dict, stages_run: int | None) -> list[tuple[str, str]]:
+def _settings(cfg: dict, stages_run: int | None, final: int | None) -> list[tuple[str, str]]:
     """(setting, value) rows of the method table, from the run's config.yaml."""
     mode = _get(cfg, "ranking.mode", "local")
     keep = {"local": f"best {_get(cfg, 'ranking.top_k')} per prompt",
@@ -47,8 +47,8 @@ def _settings(cfg: dict, stages_run: int | None) -> list[tuple[str, str]]:
             "threshold": f"reward >= {_get(cfg, 'ranking.threshold')}"}.get(mode, mode)  # fmt: skip
     targets = _get(cfg, "train.target_modules") or []
     rows = [
-        ("stages", f"{stages_run} run of {_get(cfg, 'num_stages')} planned" if stages_run is not None
-         else str(_get(cfg, "num_stages"))),
+        ("stages", (f"{stages_run} run of {_get(cfg, 'num_stages')} planned" if stages_run is not None
+                    else str(_get(cfg, "num_stages"))) + (f"; final/ holds stage {final}" if final != stages_run else "")),
         ("samples per prompt (K)", str(_get(cfg, "sampling.num_per_prompt"))),
         ("kept", f"{keep} ({mode} ranking)"),
         ("sampler", f"{_get(cfg, 'sampling.num_inference_steps')} steps, guidance {_get(cfg, 'sampling.guidance_scale')}"),
@@ -99,6 +99,7 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
     stage = final_stage(run_dir)
     table, _, _ = metrics_table(rows, stage)
     licence = license or LICENCE_DEFAULT
+    lora = _get(cfg, "train.method", "lora") == "lora"
     grid_link = grid_link or f"../{GRID}"
 
     header = ["---", f"base_model: {base_model}" if "/" in base_model and not Path(base_model).exists() else None,
@@ -106,23 +107,31 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
               "tags:", "- text-to-image", "- stable-diffusion", "- lora", "- diffusers", "- raft", "---"]  # fmt: skip
     out = [line for line in header if line is not None]
     out += [
-        "", f"# RAFT LoRA for {base_model}", "",
-        f"A LoRA on the UNet of `{base_model}`, aligned with the reward **{reward}**"
+        "", f"# RAFT {'LoRA' if lora else 'UNet'} for {base_model}", "",
+        (f"A LoRA on the UNet of `{base_model}`" if lora else f"The fully fine-tuned UNet of `{base_model}`")
+        + f", aligned with the reward **{reward}**"
         + (f" (`{reward_kwargs}`)" if reward_kwargs else "")
         + " by RAFT (Reward rAnked FineTuning, Dong et al., TMLR 2023): each stage samples K images per prompt, "
         "scores them with the reward, keeps the best and fine-tunes on them with the ordinary denoising loss. "
         f"Made with {_tool_version()}.", "",
         "## Method and settings", "", "| setting | value |", "|---|---|",
     ]  # fmt: skip
-    out += [f"| {k} | {v} |" for k, v in _settings(cfg, stage)]
+    stages_run = max((int(r["stage"]) for r in rows if isinstance(r.get("stage"), int)), default=None)
+    out += [f"| {k} | {v} |" for k, v in _settings(cfg, stages_run, stage)]
     out += ["", f"## Held-out evaluation: base model vs final LoRA", "",
             "Fixed held-out prompts and seeds, the same for every stage (from `metrics.jsonl`).", "", *table, ""]  # fmt: skip
     if (run_dir / GRID).is_file():
         out += ["## Before / after", "",
                 "Held-out prompts (rows), the base model's samples next to the final stage's, same seeds:", "",
                 f"![before and after]({grid_link})", ""]  # fmt: skip
-    out += ["## Licence", "", f"licence: {licence}. The LoRA is a derivative of `{base_model}`; its licence "
-            "terms apply to this LoRA and to what it generates.", ""]  # fmt: skip
+    out += ["## Licence", "", f"licence: {licence}. These weights derive from `{base_model}`; its licence "
+            "terms apply to them and to what they generate.", ""]  # fmt: skip
+    if not lora:
+        out += ["## How to use", "", "diffusers:", "", "```python",
+                "from diffusers import StableDiffusionPipeline, UNet2DConditionModel", "",
+                'unet = UNet2DConditionModel.from_pretrained("path/to/this/folder")',
+                f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", unet=unet)', "```", ""]  # fmt: skip
+        return "\n".join(out)
     out += [
         "## How to use", "",
         "diffusers:", "", "```python", "from diffusers import StableDiffusionPipeline", "",

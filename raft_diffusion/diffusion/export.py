@@ -128,9 +128,10 @@ def resolve_source(path: str | Path) -> LoraSource:
     if path.is_file():
         if path.suffix != ".safetensors":
             raise UserError(f"{path} is not a .safetensors file: pass a run directory, a LoRA folder or a LoRA .safetensors file")
-        run_dir = path.parent.parent if _is_run_dir(path.parent.parent) and path.parent.name == "final" else None
-        return LoraSource(path, run_dir, final_stage(run_dir) if run_dir else None,
-                          _read_config(run_dir) if run_dir else {})  # fmt: skip
+        if path.name == LORA_WEIGHT_NAME:  # inside final/ or stages/NNN/lora/: the folder knows its run
+            found = resolve_source(path.parent)
+            return LoraSource(path, found.run_dir, found.stage, found.config)
+        return LoraSource(path)
     if _is_run_dir(path):
         weights = path / "final" / LORA_WEIGHT_NAME
         if not weights.is_file():
@@ -329,7 +330,13 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
     return meta
 
 
-def _prepare_out(out: Path, overwrite: bool, *, is_dir: bool) -> None:
+def _prepare_out(out: Path, overwrite: bool, *, is_dir: bool, src: LoraSource | None = None) -> None:
+    """Make room for ``out``: an existing one is an error unless ``overwrite`` (never the source or its run)."""
+    if src is not None:
+        keep = [src.weights.resolve()] + ([src.run_dir.resolve()] if src.run_dir else [])
+        target = out.resolve()
+        if any(target == k or target in k.parents for k in keep):
+            raise UserError(f"-o {out} would overwrite the LoRA being exported or its run: choose another -o")
     if out.exists():
         if not overwrite:
             raise UserError(f"{out} already exists: choose another -o or pass --overwrite")
@@ -347,11 +354,13 @@ def export_kohya(src: LoraSource, out: str | Path, *, license: str | None = None
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.suffix != ".safetensors":
+    if out.is_dir():  # a folder to put the file in
+        out = out / f"{src.run_dir.name if src.run_dir else 'raft_lora'}.safetensors"
+    elif out.suffix != ".safetensors":
         out = out.with_name(out.name + ".safetensors")
     lora = read_lora(src.weights)
     meta = kohya_metadata(src, lora, license=license, title=out.stem)
-    _prepare_out(out, overwrite, is_dir=False)
+    _prepare_out(out, overwrite, is_dir=False, src=src)
     tmp = out.with_name(f".{out.name}.tmp")
     save_file(kohya_state_dict(lora), str(tmp), metadata=meta)
     tmp.replace(out)
@@ -362,7 +371,7 @@ def export_diffusers(src: LoraSource, out: str | Path, *, overwrite: bool = Fals
     """Copy the diffusers-format LoRA (and the run's model card, when there is one) into the folder ``out``."""
     read_lora(src.weights)  # a LoRA, not any .safetensors
     out = Path(out)
-    _prepare_out(out, overwrite, is_dir=True)
+    _prepare_out(out, overwrite, is_dir=True, src=src)
     out.mkdir(parents=True)
     shutil.copy2(src.weights, out / LORA_WEIGHT_NAME)
     card = src.weights.parent / "README.md"
@@ -388,7 +397,7 @@ def export_peft(src: LoraSource, out: str | Path, *, overwrite: bool = False) ->
         state[f"base_model.model.{module}.lora_A.weight"] = lora.down[module].contiguous()
         state[f"base_model.model.{module}.lora_B.weight"] = lora.up[module].contiguous()
     out = Path(out)
-    _prepare_out(out, overwrite, is_dir=True)
+    _prepare_out(out, overwrite, is_dir=True, src=src)
     out.mkdir(parents=True)
     (out / PEFT_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     # the config in the header as well, under the keys' prefix: diffusers' ``unet.load_lora_adapter(out,
@@ -451,7 +460,7 @@ def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, 
     pipe = load_base_pipeline(src, base, device=device)
     merge_lora_into(pipe, lora)
     out = Path(out)
-    _prepare_out(out, overwrite, is_dir=True)
+    _prepare_out(out, overwrite, is_dir=True, src=src)
     pipe.save_pretrained(str(out), safe_serialization=True)
     paths = {"diffusers": out}
     if single_file:
