@@ -1,4 +1,4 @@
-"""The model card of a run: ``final/README.md`` (Hugging Face model-card format: YAML header, then Markdown).
+"""The model card of a run (``final/README.md``, Hugging Face model-card format) and ``push`` to the Hub.
 
 It says what the LoRA is (base model, reward, RAFT and its settings), what it did (the held-out metrics of the
 base model and of the final stage, read back from ``metrics.jsonl``), shows the before/after grid when the
@@ -6,10 +6,11 @@ gallery has one, states the licence (``--license``, else "see the base model's c
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from ..core.errors import UserError
-from .export import LORA_WEIGHT_NAME, _metrics_rows, _read_config, _tool_version, final_stage
+from .export import LORA_WEIGHT_NAME, final_stage, metrics_rows, read_run_config, resolve_source, tool_version
 
 CARD_NAME = "README.md"
 GRID = "gallery/grid_before_after.png"  # relative to the run directory
@@ -91,11 +92,11 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
     where the card will live (default: from ``final/``, ``../gallery/grid_before_after.png``); the grid is
     shown only when the file exists."""
     run_dir = Path(run_dir)
-    cfg = _read_config(run_dir)
+    cfg = read_run_config(run_dir)
     base_model = _get(cfg, "model.pretrained") or "unknown"
     reward = _get(cfg, "reward.name") or "unknown"
     reward_kwargs = _get(cfg, "reward.kwargs") or {}
-    rows = _metrics_rows(run_dir)
+    rows = metrics_rows(run_dir)
     stage = final_stage(run_dir)
     table, _, _ = metrics_table(rows, stage)
     licence = license or LICENCE_DEFAULT
@@ -113,12 +114,12 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
         + (f" (`{reward_kwargs}`)" if reward_kwargs else "")
         + " by RAFT (Reward rAnked FineTuning, Dong et al., TMLR 2023): each stage samples K images per prompt, "
         "scores them with the reward, keeps the best and fine-tunes on them with the ordinary denoising loss. "
-        f"Made with {_tool_version()}.", "",
+        f"Made with {tool_version()}.", "",
         "## Method and settings", "", "| setting | value |", "|---|---|",
     ]  # fmt: skip
     stages_run = max((int(r["stage"]) for r in rows if isinstance(r.get("stage"), int)), default=None)
     out += [f"| {k} | {v} |" for k, v in _settings(cfg, stages_run, stage)]
-    out += ["", f"## Held-out evaluation: base model vs final LoRA", "",
+    out += ["", "## Held-out evaluation: base model vs final weights", "",
             "Fixed held-out prompts and seeds, the same for every stage (from `metrics.jsonl`).", "", *table, ""]  # fmt: skip
     if (run_dir / GRID).is_file():
         out += ["## Before / after", "",
@@ -162,3 +163,70 @@ def write_card(run_dir: str | Path, *, license: str | None = None) -> Path:
     tmp.write_text(card_text(run_dir, license=license), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+# --- the Hub -------------------------------------------------------------------------------------------------
+
+
+def push_plan(run_dir: str | Path, *, license: str | None = None) -> tuple[dict[str, Path], str]:
+    """What ``push`` uploads: ``{path in the repo: local file}`` (``final/``'s files at the root, the grid under
+    ``gallery/``) and the card text (README.md, its grid link relative to the repo root)."""
+    src = resolve_source(run_dir)
+    if src.run_dir is None or Path(run_dir).expanduser().resolve() != src.run_dir.resolve():
+        raise UserError(f"{run_dir} is not a run directory (config.yaml, metrics.jsonl, final/): push takes a run directory")
+    files = {p.name: p for p in sorted((src.run_dir / "final").iterdir()) if p.is_file() and p.name != CARD_NAME}
+    if (src.run_dir / GRID).is_file():
+        files[GRID] = src.run_dir / GRID
+    return files, card_text(src.run_dir, license=license, grid_link=GRID)
+
+
+def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why the Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no network connection to {host} ({type(err).__name__})"
+    return None
+
+
+def push(run_dir: str | Path, repo_id: str, *, license: str | None = None, private: bool = False,
+         token: str | None = None) -> str:  # fmt: skip
+    """Upload a run's ``final/`` (LoRA), its card (as README.md) and the before/after grid to the Hub model repo
+    ``repo_id`` (created if needed); return the repo's URL. Offline, or on any Hub error, a one-line UserError
+    names what would have been uploaded."""
+    import tempfile
+
+    files, card = push_plan(run_dir, license=license)
+    what = f"{', '.join(sorted(files))} and README.md from {run_dir} to {repo_id}"
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise UserError(f"cannot push ({reason}): would upload {what}")
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise UserError(f"push needs huggingface_hub (pip install huggingface_hub): would upload {what}") from None
+    api = HfApi(token=token)
+    with tempfile.TemporaryDirectory(prefix="raft-push-") as tmp:
+        stage = Path(tmp)
+        for name, path in files.items():
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, stage / name)
+        (stage / "README.md").write_text(card, encoding="utf-8")
+        try:
+            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+            api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
+                              commit_message="Upload RAFT LoRA (raft-diffusion)")  # fmt: skip
+        except Exception as err:  # noqa: BLE001 - auth, network and repo errors all end the same way
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise UserError(f"push to {repo_id} failed ({type(err).__name__}: {first}; log in with `hf auth login` "
+                            f"or set HF_TOKEN): would upload {what}") from None
+    return f"https://huggingface.co/{repo_id}"

@@ -122,7 +122,7 @@ def _card(args) -> int:
 
 
 def _push(args) -> int:
-    from .export import push
+    from .card import push
 
     print(push(args.run_dir, args.repo_id, license=args.license, private=args.private))
     return 0

@@ -39,10 +39,14 @@ FORMATS = ("kohya", "diffusers", "peft")
 KOHYA_UNET_PREFIX = "lora_unet_"
 
 
-def _tool_version() -> str:
-    from raft_diffusion import __version__
+def tool_version() -> str:
+    """``raft-diffusion <installed version>`` (the package's metadata; imports point down, not to the top)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return f"raft-diffusion {__version__}"
+    try:
+        return f"raft-diffusion {version('raft-diffusion')}"
+    except PackageNotFoundError:
+        return "raft-diffusion"
 
 
 # --- where the LoRA is ---------------------------------------------------------------------------------------
@@ -71,7 +75,7 @@ class LoraSource:
         return (self.config.get("model") or {}).get("family")
 
 
-def _read_config(run_dir: Path) -> dict:
+def read_run_config(run_dir: Path) -> dict:
     import yaml
 
     path = run_dir / "config.yaml"
@@ -92,12 +96,12 @@ def final_stage(run_dir: Path) -> int | None:
             return int(json.loads(stop.read_text(encoding="utf-8"))["final_stage"])
         except (ValueError, KeyError, TypeError):
             pass
-    rows = _metrics_rows(run_dir)
+    rows = metrics_rows(run_dir)
     stages = [int(r["stage"]) for r in rows if isinstance(r.get("stage"), int)]
     return max(stages) if stages else None
 
 
-def _metrics_rows(run_dir: Path) -> list[dict]:
+def metrics_rows(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
@@ -137,17 +141,17 @@ def resolve_source(path: str | Path) -> LoraSource:
         if not weights.is_file():
             raise UserError(f"run directory {path} has no final/{LORA_WEIGHT_NAME} (has a stage finished? a full "
                             "fine-tuning run has no LoRA to export): pass a stage folder or let the run finish")
-        return LoraSource(weights, path, final_stage(path), _read_config(path))
+        return LoraSource(weights, path, final_stage(path), read_run_config(path))
     if (path / "lora" / LORA_WEIGHT_NAME).is_file():  # a stage folder: stages/NNN
         run_dir = path.parent.parent if _is_run_dir(path.parent.parent) else None
         stage = int(path.name) if path.name.isdigit() else None
-        return LoraSource(path / "lora" / LORA_WEIGHT_NAME, run_dir, stage, _read_config(run_dir) if run_dir else {})
+        return LoraSource(path / "lora" / LORA_WEIGHT_NAME, run_dir, stage, read_run_config(run_dir) if run_dir else {})
     if (path / LORA_WEIGHT_NAME).is_file():  # a LoRA folder (final/ or stages/NNN/lora/ or a copy)
         parent = path.parent.parent.parent if path.name == "lora" else path.parent  # <run>/stages/NNN/lora, <run>/final
         run_dir = parent if _is_run_dir(parent) else None
         stage = (int(path.parent.name) if path.name == "lora" and path.parent.name.isdigit()
                  else final_stage(run_dir) if run_dir else None)  # fmt: skip
-        return LoraSource(path / LORA_WEIGHT_NAME, run_dir, stage, _read_config(run_dir) if run_dir else {})
+        return LoraSource(path / LORA_WEIGHT_NAME, run_dir, stage, read_run_config(run_dir) if run_dir else {})
     raise UserError(f"{path} holds no LoRA: expected a run directory (config.yaml, final/), a stage folder "
                     f"(lora/{LORA_WEIGHT_NAME}) or a LoRA folder ({LORA_WEIGHT_NAME})")
 
@@ -297,14 +301,14 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
         "ss_v2": str(version == "sd_v2"),
         "ss_sd_model_name": src.base_model or "unknown",
         "ss_output_name": title or "raft-lora",
-        "ss_training_comment": f"RAFT (reward-ranked fine-tuning) by {_tool_version()}"
+        "ss_training_comment": f"RAFT (reward-ranked fine-tuning) by {tool_version()}"
                                + (f", reward {src.reward}" if src.reward else ""),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ("stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or "raft-lora",
         "modelspec.date": datetime.date.today().isoformat(),
-        "raft_tool": _tool_version(),
+        "raft_tool": tool_version(),
         "raft_method": "RAFT",
         "raft_lora_rank": str(lora.rank),
         "raft_lora_alpha": _fmt(lora.alpha),
@@ -321,7 +325,7 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
         meta["raft_stage"] = str(src.stage)
     if license:
         meta["modelspec.license"] = meta["raft_license"] = license
-    rows = _metrics_rows(src.run_dir) if src.run_dir else []
+    rows = metrics_rows(src.run_dir) if src.run_dir else []
     base = next((r for r in rows if r.get("stage") == 0), None)
     final = next((r for r in rows if r.get("stage") == src.stage), None) if src.stage else None
     for key, row in (("raft_eval_reward_base", base), ("raft_eval_reward_final", final)):
@@ -472,7 +476,7 @@ def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, 
             "modelspec.architecture": "stable-diffusion-v1",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": out.name,
-            "raft_tool": _tool_version(),
+            "raft_tool": tool_version(),
             "raft_merged_from": f"{src.base_model or base} + {src.weights}",
         }
         path = out / f"{out.name}.safetensors"
@@ -603,72 +607,3 @@ def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False
     if fmt == "peft":
         return {"peft": export_peft(src, out, overwrite=overwrite)}
     raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
-
-
-# --- the Hub -------------------------------------------------------------------------------------------------
-
-
-def push_plan(run_dir: str | Path, *, license: str | None = None) -> tuple[dict[str, Path], str]:
-    """What ``push`` uploads: ``{path in the repo: local file}`` (``final/``'s files at the root, the grid under
-    ``gallery/``) and the card text (README.md, its grid link relative to the repo root)."""
-    from .card import CARD_NAME, GRID, card_text
-
-    src = resolve_source(run_dir)
-    if src.run_dir is None or Path(run_dir).expanduser().resolve() != src.run_dir.resolve():
-        raise UserError(f"{run_dir} is not a run directory (config.yaml, metrics.jsonl, final/): push takes a run directory")
-    files = {p.name: p for p in sorted((src.run_dir / "final").iterdir()) if p.is_file() and p.name != CARD_NAME}
-    if (src.run_dir / GRID).is_file():
-        files[GRID] = src.run_dir / GRID
-    return files, card_text(src.run_dir, license=license, grid_link=GRID)
-
-
-def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"no network connection to {host} ({type(err).__name__})"
-    return None
-
-
-def push(run_dir: str | Path, repo_id: str, *, license: str | None = None, private: bool = False,
-         token: str | None = None) -> str:  # fmt: skip
-    """Upload a run's ``final/`` (LoRA), its card (as README.md) and the before/after grid to the Hub model repo
-    ``repo_id`` (created if needed); return the repo's URL. Offline, or on any Hub error, a one-line UserError
-    names what would have been uploaded."""
-    import tempfile
-
-    files, card = push_plan(run_dir, license=license)
-    what = f"{', '.join(sorted(files))} and README.md from {run_dir} to {repo_id}"
-    reason = hub_offline_reason()
-    if reason is not None:
-        raise UserError(f"cannot push ({reason}): would upload {what}")
-    try:
-        from huggingface_hub import HfApi
-    except ImportError:
-        raise UserError(f"push needs huggingface_hub (pip install huggingface_hub): would upload {what}") from None
-    api = HfApi(token=token)
-    with tempfile.TemporaryDirectory(prefix="raft-push-") as tmp:
-        stage = Path(tmp)
-        for name, path in files.items():
-            (stage / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, stage / name)
-        (stage / "README.md").write_text(card, encoding="utf-8")
-        try:
-            api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-            api.upload_folder(repo_id=repo_id, repo_type="model", folder_path=str(stage),
-                              commit_message="Upload RAFT LoRA (raft-diffusion)")  # fmt: skip
-        except Exception as err:  # noqa: BLE001 - auth, network and repo errors all end the same way
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise UserError(f"push to {repo_id} failed ({type(err).__name__}: {first}; log in with `hf auth login` "
-                            f"or set HF_TOKEN): would upload {what}") from None
-    return f"https://huggingface.co/{repo_id}"
