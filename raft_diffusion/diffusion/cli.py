@@ -48,10 +48,13 @@ def _align(args) -> int:
         print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
         if cfg.eval.every:
             print(f"gallery: {write_gallery(run.root)}", flush=True)
-        if run.final_dir.is_dir():
+        if run.final_dir.is_dir():  # the weights are saved: a card that cannot be written is a warning, not a failure
             from .card import write_card
 
-            print(f"model card: {write_card(run.root)}", flush=True)
+            try:
+                print(f"model card: {write_card(run.root)}", flush=True)
+            except (UserError, OSError) as err:
+                print(f"warning: model card not written ({err}); `raft-diffusion card {run.root}` retries", flush=True)
     return 0
 
 
