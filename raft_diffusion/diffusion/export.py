@@ -460,7 +460,8 @@ def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, 
     from safetensors.torch import save_file
 
     lora = read_lora(src.weights)
-    version = sd_version(lora, src.family)
+    if single_file and sd_version(lora, src.family) != "sd_v1":
+        raise UserError("single-file export covers SD 1.x for now: pass --no-single-file for the diffusers folder only")
     pipe = load_base_pipeline(src, base, device=device)
     merge_lora_into(pipe, lora)
     out = Path(out)
@@ -468,16 +469,13 @@ def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, 
     pipe.save_pretrained(str(out), safe_serialization=True)
     paths = {"diffusers": out}
     if single_file:
-        if version != "sd_v1":
-            raise UserError("single-file export covers SD 1.x for now: the diffusers folder is written, "
-                            "pass --no-single-file to skip the checkpoint")
         meta = {
             "modelspec.sai_model_spec": "1.0.0",
             "modelspec.architecture": "stable-diffusion-v1",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": out.name,
             "raft_tool": tool_version(),
-            "raft_merged_from": f"{src.base_model or base} + {src.weights}",
+            "raft_merged_from": f"{base or src.base_model} + {src.weights}",
         }
         path = out / f"{out.name}.safetensors"
         save_file(sd1_checkpoint(pipe), str(path), metadata=meta)
