@@ -88,6 +88,7 @@ def test_kohya_export_loads_in_diffusers_with_the_same_images(run_dir, tiny_pipe
     assert meta["ss_base_model_version"] == "sd_v1" and meta["ss_network_module"] == "networks.lora"
     assert meta["modelspec.architecture"] == "stable-diffusion-v1/lora" and meta["modelspec.license"] == "creativeml-openrail-m"
     assert meta["raft_base_model"] == str(tiny_pipeline_dir) and meta["raft_reward"] == "brightness"
+    assert meta["modelspec.resolution"] == "32x32"  # sampling.height/width null: the tiny model's own size
     assert meta["raft_stage"] == "1" and json.loads(meta["ss_network_args"]) == {"conv_dim": "8", "conv_alpha": "16"}
     assert float(meta["raft_eval_reward_base"]) == rows[0]["eval_reward_mean"]
     assert float(meta["raft_eval_reward_final"]) == rows[1]["eval_reward_mean"]

@@ -286,6 +286,23 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
+def _resolution(config: dict) -> str:
+    """``WxH`` the run sampled at: ``sampling.width``/``height``, else the base model's default (UNet sample size
+    times the VAE's downscale, when the base is a local folder), else SD 1.x's native 512x512."""
+    sampling = config.get("sampling") or {}
+    h, w = sampling.get("height"), sampling.get("width")
+    if h or w:
+        return f"{w or h}x{h or w}"
+    base = Path(str((config.get("model") or {}).get("pretrained") or ""))
+    try:
+        unet = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
+        vae = json.loads((base / "vae" / "config.json").read_text(encoding="utf-8"))
+        side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+        return f"{side}x{side}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "512x512"
+
+
 def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, title: str | None = None) -> dict[str, str]:
     """Header metadata for the kohya file: what kohya's scripts write (``ss_*``), Stability's model spec
     (``modelspec.*``) and ours (``raft_*``); every value a string."""
@@ -307,6 +324,7 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
         "modelspec.architecture": ("stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or "raft-lora",
+        "modelspec.resolution": _resolution(src.config),
         "modelspec.date": datetime.date.today().isoformat(),
         "raft_tool": tool_version(),
         "raft_method": "RAFT",
