@@ -1,4 +1,4 @@
-"""The diffusion commands of ``raft-diffusion``: align, gallery, compare, toyworld, config-help.
+"""The diffusion commands of ``raft-diffusion``: align, gallery, compare, export, card, push, toyworld, config-help.
 
 ``add_commands(subparsers)`` adds them to the main parser (``raft_diffusion.cli``); bad input raises
 ``UserError`` (one line, exit 2).
@@ -52,6 +52,13 @@ def _align(args) -> int:
         print(f"done: LoRA in {run.final_dir}, metrics in {run.metrics_path}", flush=True)
         if cfg.eval.every:
             print(f"gallery: {write_gallery(run.root)}", flush=True)
+        if run.final_dir.is_dir():  # the weights are saved: a card that cannot be written is a warning, not a failure
+            from .card import write_card
+
+            try:
+                print(f"model card: {write_card(run.root)}", flush=True)
+            except (UserError, OSError) as err:
+                print(f"warning: model card not written ({err}); `raft-diffusion card {run.root}` retries", flush=True)
     return 0
 
 
@@ -102,6 +109,32 @@ def _compare(args) -> int:
     return 0
 
 
+def _export(args) -> int:
+    from .export import export
+
+    if not args.merge and args.format is None:
+        raise UserError("export needs --format kohya|diffusers|peft, or --merge for a merged model")
+    paths = export(args.source, args.format, args.output, merge=args.merge, base=args.base, license=args.license,
+                   single_file=not args.no_single_file, overwrite=args.overwrite)  # fmt: skip
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def _card(args) -> int:
+    from .card import write_card
+
+    print(write_card(args.run_dir, license=args.license))
+    return 0
+
+
+def _push(args) -> int:
+    from .card import push
+
+    print(push(args.run_dir, args.repo_id, license=args.license, private=args.private))
+    return 0
+
+
 def _config_help(args) -> int:
     from ..core.config import config_help
     from .config import RaftConfig
@@ -144,6 +177,33 @@ def add_commands(sub) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.set_defaults(func=_compare)
+
+    p = sub.add_parser("export", help="write a run's LoRA as a kohya/A1111 file, a diffusers or peft folder, or merged")
+    p.add_argument("source", type=Path, metavar="RUN_DIR_OR_LORA",
+                   help="run directory (its final/), stage folder, LoRA folder or LoRA .safetensors file")
+    p.add_argument("--format", "-f", choices=("kohya", "diffusers", "peft"),
+                   help="kohya: one .safetensors with lora_unet_* keys; diffusers: the LoRA folder; "
+                        "peft: adapter_config.json + adapter_model.safetensors")
+    p.add_argument("--merge", action="store_true",
+                   help="fuse the LoRA into the base model: a diffusers pipeline folder plus an SD 1.x single-file checkpoint")
+    p.add_argument("--output", "-o", type=Path, required=True, help="output file (kohya) or folder")
+    p.add_argument("--base", help="base pipeline for --merge (default: the run's model.pretrained)")
+    p.add_argument("--license", help="licence recorded in the kohya metadata (e.g. creativeml-openrail-m)")
+    p.add_argument("--no-single-file", action="store_true", help="with --merge: only the diffusers folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("card", help="(re)write RUN_DIR/final/README.md, the run's model card")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by align")
+    p.add_argument("--license", help="the base model's licence, as you give it (default: 'see the base model's card')")
+    p.set_defaults(func=_card)
+
+    p = sub.add_parser("push", help="upload a run's final/ LoRA, model card and before/after grid to the Hugging Face Hub")
+    p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by align")
+    p.add_argument("repo_id", metavar="REPO_ID", help="model repo, e.g. you/sd15-raft-aesthetic (created if missing)")
+    p.add_argument("--license", help="the base model's licence, as you give it (written into the card)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.set_defaults(func=_push)
 
     add_toyworld_parser(sub)
 
