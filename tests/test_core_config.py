@@ -50,6 +50,7 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["train.empty_prompt_ratio=1"], "train.empty_prompt_ratio must be in [0, 1) (got 1"),
         ({}, ["train.timestep_range=[600,500]"], "train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got [600, 500])"),
         ({}, ["train.timestep_range=500"], "train.timestep_range must be [lo, hi]"),
+        ({}, ["train.chunk_size=0"], "train.chunk_size must be an integer >= 1 or null (got 0)"),
         ({}, ["ranking.diversity_weight=-1"], "ranking.diversity_weight must be >= 0 (got -1"),
         ({}, ["ranking.diversity_weight=2", "ranking.mode=global", "eval.clip_model=tiny"], "needs ranking.mode=local (got 'global')"),
         ({}, ["ranking.diversity_weight=2"], "ranking.diversity_weight needs eval.clip_model"),

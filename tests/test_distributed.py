@@ -44,7 +44,7 @@ def lora(out, stage=None):
 def assert_bitwise_equal(a: dict, b: dict):
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} of {len(a)} LoRA tensors differ, e.g. {differ[0]}"
+    assert not differ, f"{len(differ)} of {len(a)} trained tensors differ, e.g. {differ[0]}"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +107,20 @@ def test_demo_preset_training_is_the_same_on_several_processes(tmp_path, procs):
     for chunk in a:
         assert_bitwise_equal(a[chunk], b[chunk])
     assert any(not torch.equal(a[2][k], a[None][k]) for k in a[2])  # another chunk size is another computation
+
+
+@pytest.mark.slow
+def test_full_finetune_is_the_same_on_three_processes(tiny_pipeline_dir, tmp_path):
+    # every UNet weight trains (985k gradients a chunk), 4 chunks of 1 row a step dealt 2 / 1 / 1
+    args = [str(ROOT / "tests" / "dist_preset_train.py"), str(ROOT / "configs" / "tiny.yaml")]
+    settings = ["1", f"model.pretrained={tiny_pipeline_dir}", "train.method=full", "train.learning_rate=1e-4",
+                "train.steps_per_stage=3"]
+    for name, procs in (("one", 1), ("three", 3)):
+        proc = launch([*args, str(tmp_path / f"{name}.pt"), *settings], procs=procs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(tmp_path / "one.pt")[1], torch.load(tmp_path / "three.pt")[1]
+    assert sum(p.numel() for p in a.values()) > 900_000
+    assert_bitwise_equal(a, b)
 
 
 FAILING_REWARD = '''

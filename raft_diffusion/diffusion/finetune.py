@@ -245,8 +245,8 @@ def train_unet(
     the same order, so on the same hardware and thread count the weights after every step are bitwise those of
     one process -- for LoRA and for full fine-tuning alike. ``chunk_rows`` itself changes the bits (other
     shapes, other kernels), so keep it when the process count changes; smaller chunks spread a step over more
-    processes but cost one pass each (on CPU, 1-row chunks made the tiny preset's training 2x slower and the
-    toy world's 5x slower than one chunk of 4 or 8 rows).
+    processes but cost one pass each (one CPU process: 1-row chunks made the tiny preset's training (batch 4) 1.9x
+    slower and the toy world's (batch 8) 4.6x slower than one chunk per micro-batch; 2-row chunks 1.45x and 2.8x).
 
     With ``family`` (a :class:`raft_diffusion.diffusion.families.Family` other than SD 1.x/2.x) the denoiser is
     the family's (a UNet or a transformer), ``prompt_embeds`` is a ``PromptEmbeds`` with one row per latent,
