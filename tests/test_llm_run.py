@@ -167,7 +167,7 @@ def test_empty_external_completion_is_named(tmp_path):
 
 
 def test_missing_model_and_assets_are_clear_errors(tmp_path, monkeypatch):
-    with pytest.raises(UserError, match="cannot load the (tokenizer|causal LM) '.*missing_lm'"):
+    with pytest.raises(UserError, match="(tokenizer|model) folder not found: .*missing_lm; give an existing folder"):
         run(small_cfg(f"model.pretrained={tmp_path / 'missing_lm'}"), tmp_path / "a")
     import raft_diffusion.llm.assets as M
 

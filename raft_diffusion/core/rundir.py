@@ -169,7 +169,7 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _writable_folder(root: Path) -> None:
+def check_output_dir(root: Path) -> None:
     """Fail early, before any model loads, when ``root`` cannot become a run directory."""
     if root.exists() and not root.is_dir():
         raise UserError(f"--output-dir {root} is a file, not a folder; choose another --output-dir")
@@ -228,7 +228,7 @@ class RunDir:
         lacks, so that a key added later, left at its default, does not block the resume.
         Writes nothing: :meth:`begin` does, once the run has really started.
         """
-        _writable_folder(self.root)
+        check_output_dir(self.root)
         self._pending, self._restart = config, None
         if not self.config_path.exists():
             return
