@@ -200,7 +200,7 @@ def test_no_pad_token_uses_eos_or_fails_clearly(tmp_path):
 
 
 def test_missing_or_incomplete_model_is_a_clear_error(tmp_path, tiny):
-    with pytest.raises(UserError, match="cannot load the causal LM '.*nowhere'"):
+    with pytest.raises(UserError, match="model folder not found: .*nowhere; give an existing folder"):
         load_causal_lm(str(tmp_path / "nowhere"), device=CPU, dtype=torch.float32)
     from transformers import GPT2Config, GPT2Model
 
