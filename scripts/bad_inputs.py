@@ -102,7 +102,8 @@ CASES = [
     Case("height_30", "sampling.height=30", ["sampling.height=30"]),
     Case("lora_dropout", "train.lora_dropout=2", ["train.lora_dropout=2"]),
     Case("non_utf8_prompts", "prompts.train=<non-UTF-8 file>", ["prompts.train=DIR/prompts.txt"], _bad_prompts),
-    Case("target_modules_str", "train.target_modules=to_q", ["train.target_modules=to_q"]),
+    # a single name (train.target_modules=to_q) is accepted as a list of one since #17; a list of numbers is not
+    Case("target_modules_numbers", "train.target_modules=[1, 2]", ["train.target_modules=[1, 2]"]),
     Case("huge_k", "sampling.num_per_prompt=1000000", ["sampling.num_per_prompt=1000000"]),
 ]
 

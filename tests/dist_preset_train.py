@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from raft_diffusion.core.config import load_config
+from raft_diffusion.diffusion.config import load_config
 from raft_diffusion.core.dist import init_dist
 from raft_diffusion.core.seeds import stage_seed
 from raft_diffusion.diffusion import finetune as ft

@@ -200,3 +200,8 @@ def test_a_resume_tolerates_keys_added_since_the_snapshot(tmp_path):
     RunDir(tmp_path).start(cfg.to_dict(), defaults=RaftConfig().to_dict())  # no error
     with pytest.raises(UserError, match="train.weighting_scheme: 'logit_normal' there, 'cosmap' now"):
         RunDir(tmp_path).start(config_from_dict({}, ["train.weighting_scheme=cosmap"]).to_dict(), defaults=RaftConfig().to_dict())
+
+
+def test_absurd_image_sizes_fail_at_load():
+    with pytest.raises(ConfigError, match="sampling.height=1048576 is beyond any supported model"):
+        config_from_dict({}, ["sampling.height=1048576"])

@@ -14,7 +14,7 @@ import yaml
 from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import ScoreError, UserError, run_command
 from raft_diffusion.core.loop import as_rewards, run_raft
-from raft_diffusion.core.rundir import (RunDir, atomic_write_text, copy_dir_atomic, read_jsonl, write_json,
+from raft_diffusion.core.rundir import (plain_mode, RunDir, atomic_write_text, copy_dir_atomic, read_jsonl, write_json,
                                         write_jsonl)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,7 +385,13 @@ def test_diffusion_lora_metadata_lists_targets_sorted(tmp_path, load_tiny_pipe):
     with safe_open(str(tmp_path / "lora" / "pytorch_lora_weights.safetensors"), "pt") as f:
         meta = json.loads(f.metadata()["lora_adapter_metadata"])
     assert meta["unet.target_modules"] == sorted(TARGETS)  # a sorted list, not a set's arbitrary order
-    assert meta["unet.target_modules"] == sorted(TARGETS)  # 1 in 3.6 million that a set iterates sorted by chance
+    # the same weights saved again give the same bytes (the writer orders metadata keys anew on every save),
+    # in a folder with the permissions a plain mkdir gives
+    for _ in range(3):
+        ft.save_lora(unet, tmp_path / "again")
+        assert ((tmp_path / "again" / "pytorch_lora_weights.safetensors").read_bytes()
+                == (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes())
+    assert (tmp_path / "again").stat().st_mode & 0o777 == plain_mode(True)
 
 
 # -- defect 10: resume message, YAML positions, missing LLM folder -------------------------------------------

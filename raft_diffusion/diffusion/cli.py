@@ -17,6 +17,9 @@ def _align(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.preflight()  # prompt files and sizes, in a second, before torch, diffusers and the model load
+    from ..core.rundir import check_output_dir
+
+    check_output_dir(args.output_dir)
 
     from ..core.dist import init_dist
     from ..core.loop import run_raft

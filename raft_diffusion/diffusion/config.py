@@ -130,6 +130,15 @@ class RaftConfig(core.BaseConfig):
         """The held-out samples' guidance: ``eval.guidance_scale``, else the pool's ``sampling.guidance_scale``."""
         return self.sampling.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
 
+    def preflight(self):
+        """The shared checks, and a model folder that does not exist (before the reward and CLIPs load)."""
+        name = str(self.model.pretrained)
+        if name.startswith((".", "~", "/")) or name.count("/") > 1:  # a path, not 'tiny' or a hub id
+            folder = Path(name).expanduser()
+            need(folder.is_dir(), f"model folder {name!r} does not exist: pass a diffusers pipeline folder "
+                                  "(one saved with save_pretrained, containing model_index.json) or a hub id like owner/name")
+        return super().preflight()
+
     def load_prompt_sets(self):
         from .prompts import load_prompts
 
@@ -150,6 +159,9 @@ class RaftConfig(core.BaseConfig):
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         for side in ("height", "width"):
             v = getattr(s, side)
+            need(v is None or v <= 8192,
+                 f"sampling.{side}={v} is beyond any supported model (SD 1.x draws at 512, SDXL/SD3/FLUX at 1024; a "
+                 f"latent batch that large cannot be allocated): use at most 8192, usually the model's own size")
             need(v is None or (v >= 8 and v % 8 == 0),
                  f"sampling.{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks) or null for the model's "
                  f"default (got {v}); e.g. sampling.{side}={max(8, round((v or 0) / 8) * 8)}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.gradsum import chunk_slices, summed_grads
 from raft_diffusion.core.seeds import train_chunk_seed
-from raft_diffusion.diffusion.families.lora import sorted_targets
+from raft_diffusion.diffusion.families.lora import save_lora as save_denoiser_lora
 
 logger = logging.getLogger(__name__)
 
@@ -86,37 +86,15 @@ def save_lora(unet, out_dir: str | Path, *, adapter_name: str = "default") -> Pa
     """Save the UNet's LoRA in diffusers format (``pipe.load_lora_weights(out_dir)`` loads it).
 
     The LoRA config (rank, alpha, targets) goes into the safetensors metadata, so alpha != rank
-    reloads with the right scale. The folder is replaced atomically (temp sibling, then rename).
+    reloads with the right scale; the same weights give the same bytes. The folder is replaced atomically.
+    peft key names (lora_A/lora_B) are kept as they are: converting to the legacy "lora.down" names only covers
+    attention projections, and a file mixing both styles loses the attention LoRA on reload.
     """
     from diffusers import StableDiffusionPipeline
-    from peft.utils import get_peft_model_state_dict
 
-    out_dir = Path(out_dir)
     if adapter_name not in getattr(unet, "peft_config", {}):
         raise ValueError(f"the UNet has no LoRA adapter {adapter_name!r} to save (call add_lora first)")
-    # 1. the LoRA tensors, in diffusers key format, plus the adapter config as metadata
-    # peft key names (lora_A/lora_B) as they are: converting to the legacy "lora.down" names only covers
-    # attention projections, and a file mixing both styles loses the attention LoRA on reload.
-    state = get_peft_model_state_dict(unet, adapter_name=adapter_name)
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    kwargs = {"unet_lora_layers": state, "safe_serialization": True}
-    if "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
-        kwargs["unet_lora_adapter_metadata"] = sorted_targets(unet.peft_config[adapter_name].to_dict())
-    # 2. write into a temporary sibling folder, then swap it into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    old = None
-    try:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), **kwargs)
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return save_denoiser_lora(StableDiffusionPipeline, "unet", unet, out_dir, adapter_name=adapter_name)
 
 
 def load_lora_into_unet(unet, lora_dir: str | Path, *, adapter_name: str = "default") -> None:

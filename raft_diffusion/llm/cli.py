@@ -27,6 +27,9 @@ def _align(args) -> int:
 
     cfg = load_config(args.config, args.overrides, cls=LLMConfig)
     cfg.preflight()  # prompt files and sizes, in a second, before torch, transformers and the model load
+    from ..core.rundir import check_output_dir
+
+    check_output_dir(args.output_dir)
 
     from ..core.dist import launched_world_size
 

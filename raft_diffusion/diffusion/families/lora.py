@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shutil
 import tempfile
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 
 from raft_diffusion.core.errors import UserError
+from raft_diffusion.core.rundir import plain_mode
 
 
 def sorted_targets(metadata: dict) -> dict:
@@ -62,6 +64,21 @@ def add_lora(denoiser, *, rank: int, alpha: float, dropout: float, targets, init
     return sum(p.numel() for p in denoiser.parameters() if p.requires_grad)
 
 
+def sort_safetensors_metadata(path: Path) -> None:
+    """Rewrite a .safetensors header with its ``__metadata__`` keys sorted: the writer puts them in a different order
+    on every save, and the same weights should give the same bytes (tensor offsets are relative to the header's
+    end, so the header may be re-encoded; it is padded to 8 bytes as the format asks)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    if "__metadata__" not in header:
+        return
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
 def save_lora(pipeline_class, denoiser_attr: str, denoiser, out_dir, *, adapter_name: str = "default") -> Path:
     """``pipeline_class.save_lora_weights(out_dir, <denoiser_attr>_lora_layers=peft state dict)`` plus the
     adapter config as metadata (so alpha != rank reloads at the right scale); the folder is replaced atomically."""
@@ -78,9 +95,12 @@ def save_lora(pipeline_class, denoiser_attr: str, denoiser, out_dir, *, adapter_
         kwargs[meta_key] = sorted_targets(denoiser.peft_config[adapter_name].to_dict())
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, plain_mode(True))  # mkdtemp makes 0700; the folder should read like one made with mkdir
     old = None
     try:
         pipeline_class.save_lora_weights(str(tmp), **kwargs)
+        for f in tmp.glob("*.safetensors"):
+            sort_safetensors_metadata(f)
         if out_dir.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
             os.replace(out_dir, old / "x")
