@@ -21,6 +21,8 @@ demo: $(BIN)/.installed
 	$(BIN)/raft-diffusion align --config $(DEMO_CONFIG) --output-dir $(DEMO_DIR)
 
 test: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
 
 clean:

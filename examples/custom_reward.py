@@ -38,6 +38,7 @@ Run this file to see both rewards rank a sharp image above a blurred copy:
 
     python examples/custom_reward.py
 """
+
 from __future__ import annotations
 
 import torch
@@ -91,11 +92,13 @@ def _demo() -> None:
     print("sharpness    [sharp, blurred]:", r(images, prompts).tolist())
     r = load_reward(f"{__file__}:edge_density", device="cpu", threshold=0.2)
     print("edge_density [sharp, blurred]:", r(images, prompts).tolist())
-    mix = load_reward_from_config({
-        "mix": [{"name": f"{__file__}:sharpness", "weight": 1.0},
-                {"name": "brightness", "weight": 0.5}],
-        "normalize": "zscore",
-    }, device="cpu")
+    mix = load_reward_from_config(
+        {
+            "mix": [{"name": f"{__file__}:sharpness", "weight": 1.0}, {"name": "brightness", "weight": 0.5}],
+            "normalize": "zscore",
+        },
+        device="cpu",
+    )
     print("mix          [sharp, blurred]:", mix(images, prompts).tolist())
     print("mix components:", {k: v.tolist() for k, v in mix.last_components.items()})
 

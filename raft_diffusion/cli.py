@@ -3,6 +3,7 @@ config-help) and the ``llm`` command group; each kind's CLI lives in its package
 
 Errors in the user's input print as one line (``error: ...``) with exit code 2, never a traceback wall.
 """
+
 from __future__ import annotations
 
 import argparse

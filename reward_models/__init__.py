@@ -11,6 +11,7 @@ the group ``reward_models``, ``"package.module:function"`` or ``"path/to/file.py
 
 Importing this package imports torch only; open_clip and transformers are imported when a reward needs them.
 """
+
 from .aesthetic import AestheticMLP, load_aesthetic_head
 from .backbones import clear_backbone_cache, load_hf_clip, load_open_clip, save_open_clip
 from .checks import check_reward_output, check_text_reward_output
@@ -24,8 +25,8 @@ from .errors import (
     RewardWeightsNotFoundError,
     UnknownRewardError,
 )
-from .preprocess import ImageTransform
 from .loading import load_reward, load_reward_from_config
+from .preprocess import ImageTransform
 from .registry import ENTRY_POINT_GROUP, REGISTRY, LoadedReward, RewardInfo, list_rewards, reward_factory
 
 __all__ = [

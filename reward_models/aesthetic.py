@@ -7,11 +7,13 @@ L2-normalised image embedding of OpenAI CLIP ViT-L/14 (D = 768). The output is o
 All layer sizes are read from the checkpoint, so a toy head with the same key layout on a small CLIP
 (any D) loads the same way; the head's input size must equal the backbone's embedding size.
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,9 +23,7 @@ from .checks import batch_slices, check_images
 from .errors import RewardConfigError, RewardWeightsNotFoundError
 from .weights import resolve_weights
 
-AESTHETIC_WEIGHTS_URL = (
-    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
-)
+AESTHETIC_WEIGHTS_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_WEIGHTS_ENV = "REWARD_MODELS_AESTHETIC_WEIGHTS"
 _LINEAR_KEYS = (0, 2, 4, 6, 7)
 
@@ -38,9 +38,12 @@ class AestheticMLP(nn.Module):
         h1, h2, h3, h4 = (int(h) for h in hidden)
         self.input_dim = int(input_dim)
         self.layers = nn.Sequential(
-            nn.Linear(self.input_dim, h1), nn.Dropout(0.2),
-            nn.Linear(h1, h2), nn.Dropout(0.2),
-            nn.Linear(h2, h3), nn.Dropout(0.1),
+            nn.Linear(self.input_dim, h1),
+            nn.Dropout(0.2),
+            nn.Linear(h1, h2),
+            nn.Dropout(0.2),
+            nn.Linear(h2, h3),
+            nn.Dropout(0.1),
             nn.Linear(h3, h4),
             nn.Linear(h4, 1),
         )
@@ -49,7 +52,7 @@ class AestheticMLP(nn.Module):
         return self.layers(embeddings)
 
     @classmethod
-    def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], source: str = "<state dict>") -> "AestheticMLP":
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], source: str = "<state dict>") -> AestheticMLP:
         """Build a head whose sizes match ``state_dict`` and load it strictly."""
         expected = {f"layers.{i}.{p}" for i in _LINEAR_KEYS for p in ("weight", "bias")}
         keys = set(state_dict)
@@ -60,15 +63,13 @@ class AestheticMLP(nn.Module):
             )
         w = [state_dict[f"layers.{i}.weight"] for i in _LINEAR_KEYS]
         if w[-1].shape[0] != 1 or any(w[k + 1].shape[1] != w[k].shape[0] for k in range(4)):
-            raise RewardWeightsNotFoundError(
-                f"aesthetic head {source}: layer shapes {[list(t.shape) for t in w]} do not chain into a D->...->1 MLP"
-            )
+            raise RewardWeightsNotFoundError(f"aesthetic head {source}: layer shapes {[list(t.shape) for t in w]} do not chain into a D->...->1 MLP")
         head = cls(input_dim=w[0].shape[1], hidden=[t.shape[0] for t in w[:4]])
         head.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
         return head
 
 
-def load_aesthetic_head(path: Union[str, os.PathLike]) -> AestheticMLP:
+def load_aesthetic_head(path: str | os.PathLike) -> AestheticMLP:
     """Load a head from ``.safetensors`` or a torch ``.pth``/``.pt``/``.bin`` state dict (on CPU first)."""
     path = Path(path)
     if path.suffix == ".safetensors":
@@ -79,27 +80,25 @@ def load_aesthetic_head(path: Union[str, os.PathLike]) -> AestheticMLP:
         try:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:
-            raise RewardWeightsNotFoundError(
-                f"aesthetic head {str(path)!r} could not be read as a torch state dict: {type(e).__name__}: {e}"
-            ) from e
+            raise RewardWeightsNotFoundError(f"aesthetic head {str(path)!r} could not be read as a torch state dict: {type(e).__name__}: {e}") from e
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict):
         raise RewardWeightsNotFoundError(f"aesthetic head {str(path)!r} holds {type(sd).__name__}, not a state dict")
-    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    sd = {(k[len("module.") :] if k.startswith("module.") else k): v for k, v in sd.items()}
     return AestheticMLP.from_state_dict(sd, source=repr(str(path)))
 
 
 def aesthetic(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    weights: Optional[str] = None,
-    head: Optional[AestheticMLP] = None,
+    weights: str | None = None,
+    head: AestheticMLP | None = None,
     clip_model: Any = "ViT-L-14-quickgelu",
-    clip_pretrained: Optional[str] = "openai",
+    clip_pretrained: str | None = "openai",
     backend: str = "open_clip",
-    clip_processor: Optional[Any] = None,
+    clip_processor: Any | None = None,
     batch_size: int = 32,
 ):
     """Factory for the LAION aesthetic reward.
@@ -114,8 +113,9 @@ def aesthetic(
     """
     check_batch_size("aesthetic", batch_size)
     if head is None:
-        path = resolve_weights(weights, what="LAION aesthetic MLP weights", env_var=AESTHETIC_WEIGHTS_ENV,
-                               default=AESTHETIC_WEIGHTS_URL, kwarg="weights")
+        path = resolve_weights(
+            weights, what="LAION aesthetic MLP weights", env_var=AESTHETIC_WEIGHTS_ENV, default=AESTHETIC_WEIGHTS_URL, kwarg="weights"
+        )
         head = load_aesthetic_head(path)
     elif not isinstance(head, AestheticMLP):
         raise RewardConfigError(f"reward 'aesthetic': head must be an AestheticMLP, got {type(head).__name__}")

@@ -13,24 +13,25 @@
 
 Weights must be found in every case: ``pretrained=None`` for a model name is an error, never random weights.
 """
+
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any
 
 import torch
 
 from .errors import RewardConfigError, RewardWeightsNotFoundError
-from .preprocess import (ImageTransform, open_clip_preprocess_cfg, transform_from_hf_processor,
-                         transform_from_open_clip)
+from .preprocess import ImageTransform, open_clip_preprocess_cfg, transform_from_hf_processor, transform_from_open_clip
 
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
-_CACHE: Dict[tuple, "ClipBackbone"] = {}
+_CACHE: dict[tuple, ClipBackbone] = {}
 
 
 def clear_backbone_cache() -> None:
@@ -108,8 +109,7 @@ class HFClipBackbone(ClipBackbone):
 
     def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
-        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device),
-                                    attention_mask=tok["attention_mask"].to(self.device))
+        out = self.model.text_model(input_ids=tok["input_ids"].to(self.device), attention_mask=tok["attention_mask"].to(self.device))
         return self.model.text_projection(out.pooler_output).float()
 
     def logit_scale(self) -> float:
@@ -119,8 +119,7 @@ class HFClipBackbone(ClipBackbone):
 # ----------------------------------------------------------------------------------------------- open_clip
 
 
-def save_open_clip(model: torch.nn.Module, model_cfg: dict, directory: Union[str, os.PathLike],
-                   preprocess_cfg: Optional[dict] = None) -> Path:
+def save_open_clip(model: torch.nn.Module, model_cfg: dict, directory: str | os.PathLike, preprocess_cfg: dict | None = None) -> Path:
     """Write an open_clip model as ``directory/open_clip_config.json`` + ``open_clip_model.safetensors``.
 
     ``model_cfg`` is the architecture dict open_clip builds the model from (``open_clip.get_model_config``
@@ -163,12 +162,12 @@ def _looks_like_local_dir(s: str) -> bool:
 
 def load_open_clip(
     clip_model: Any = "ViT-L-14-quickgelu",
-    pretrained: Optional[str] = "openai",
+    pretrained: str | None = "openai",
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    tokenizer: Optional[Callable] = None,
-    preprocess_cfg: Optional[dict] = None,
+    tokenizer: Callable | None = None,
+    preprocess_cfg: dict | None = None,
     cache: bool = True,
     reward: str = "clip",
 ) -> OpenClipBackbone:
@@ -181,7 +180,7 @@ def load_open_clip(
             f"or a model object, got {type(clip_model).__name__}"
         )
     spec = str(clip_model)
-    local_dir = spec[len("local-dir:"):] if spec.startswith("local-dir:") else None
+    local_dir = spec[len("local-dir:") :] if spec.startswith("local-dir:") else None
     if local_dir is None and Path(spec).expanduser().is_dir():
         local_dir = spec
     weights_key = None
@@ -246,16 +245,14 @@ def load_open_clip(
                 f"(tags: {open_clip.list_pretrained_tags_by_model(spec)})"
             )
 
-    key = ("open_clip", spec, pretrained, weights_key, str(torch.device(device)), dtype,
-           json.dumps(preprocess_cfg, sort_keys=True, default=str))
+    key = ("open_clip", spec, pretrained, weights_key, str(torch.device(device)), dtype, json.dumps(preprocess_cfg, sort_keys=True, default=str))
     if cache and tokenizer is None and key in _CACHE:
         return _CACHE[key]  # type: ignore[return-value]
 
     import open_clip
 
     try:
-        model = open_clip.create_model(spec, pretrained=pretrained, device="cpu", precision="fp32",
-                                       require_pretrained=True)
+        model = open_clip.create_model(spec, pretrained=pretrained, device="cpu", precision="fp32", require_pretrained=True)
     except Exception as e:
         where = f"open_clip model {spec!r}" + (f" with pretrained={pretrained!r}" if pretrained else "")
         raise RewardWeightsNotFoundError(
@@ -297,9 +294,9 @@ class _Cfg:
 
 def load_hf_clip(
     clip_model: Any = "openai/clip-vit-large-patch14",
-    processor: Optional[Any] = None,
+    processor: Any | None = None,
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     cache: bool = True,
     reward: str = "clip",
@@ -311,8 +308,7 @@ def load_hf_clip(
     defaults to ``clip_model``. Missing weights for any parameter is an error, never random initialisation.
     """
     if isinstance(processor, (str, os.PathLike)) or processor is None:
-        proc_src = str(processor) if processor is not None else (
-            None if isinstance(clip_model, torch.nn.Module) else str(clip_model))
+        proc_src = str(processor) if processor is not None else (None if isinstance(clip_model, torch.nn.Module) else str(clip_model))
         if proc_src is None:
             raise RewardConfigError(f"reward '{reward}': pass processor=... (a path or Hub id) with a CLIPModel object")
         proc_obj = None
@@ -343,7 +339,7 @@ def load_hf_clip(
     return backbone
 
 
-def _mtime(src: Optional[str]):
+def _mtime(src: str | None):
     if src and Path(src).expanduser().exists():
         return Path(src).expanduser().stat().st_mtime_ns
     return None
@@ -352,8 +348,10 @@ def _mtime(src: Optional[str]):
 def _hf_hint(src: str) -> str:
     if Path(src).expanduser().exists() or _looks_like_local_dir(src):
         return f"check that {src!r} is a directory written by save_pretrained"
-    return (f"Hub id {src!r} needs the network or a local Hugging Face cache (HF_HOME); on an offline machine "
-            f"download it elsewhere (huggingface-cli download {src}) and pass the local directory instead")
+    return (
+        f"Hub id {src!r} needs the network or a local Hugging Face cache (HF_HOME); on an offline machine "
+        f"download it elsewhere (huggingface-cli download {src}) and pass the local directory instead"
+    )
 
 
 def _hf_from_pretrained(class_name: str, src: str, *, reward: str, what: str, **kwargs):
@@ -362,11 +360,9 @@ def _hf_from_pretrained(class_name: str, src: str, *, reward: str, what: str, **
 
     cls = getattr(transformers, class_name)
     if _looks_like_local_dir(src) and not Path(src).expanduser().exists():
-        raise RewardWeightsNotFoundError(f"reward '{reward}': {what} directory {src!r} does not exist; "
-                                         f"pass a save_pretrained directory or a Hub id")
+        raise RewardWeightsNotFoundError(f"reward '{reward}': {what} directory {src!r} does not exist; pass a save_pretrained directory or a Hub id")
     try:
-        model, info = cls.from_pretrained(str(Path(src).expanduser()) if Path(src).expanduser().exists() else src,
-                                          output_loading_info=True, **kwargs)
+        model, info = cls.from_pretrained(str(Path(src).expanduser()) if Path(src).expanduser().exists() else src, output_loading_info=True, **kwargs)
     except Exception as e:
         raise RewardWeightsNotFoundError(
             f"reward '{reward}': could not load {what} from {src!r}: {type(e).__name__}: "
@@ -395,8 +391,8 @@ def _hf_processor(src: str, *, reward: str):
 
 def encode_in_batches(fn: Callable[[Any], torch.Tensor], items, batch_size: int) -> torch.Tensor:
     """Apply ``fn`` to consecutive chunks of ``items`` (a tensor or list) and concatenate the results."""
-    outs: List[torch.Tensor] = []
+    outs: list[torch.Tensor] = []
     n = len(items)
     for i in range(0, n, batch_size):
-        outs.append(fn(items[i:i + batch_size]))
+        outs.append(fn(items[i : i + batch_size]))
     return torch.cat(outs, dim=0)

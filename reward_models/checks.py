@@ -3,11 +3,13 @@
 ``check_reward_output`` is applied by every callable that ``load_reward`` returns, so a bad plug-in fails
 with a message that names it instead of corrupting a ranking later.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from numbers import Real
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -51,8 +53,7 @@ def check_reward_output(name: str, out: Any, batch_size: int, *, allow_all_nan: 
         tensor = tensor[:, 0]
     if tuple(tensor.shape) != (batch_size,):
         raise RewardOutputError(
-            f"reward '{name}' returned shape {list(tensor.shape)} for a batch of {batch_size}; "
-            f"expected [{batch_size}] (one score per image)"
+            f"reward '{name}' returned shape {list(tensor.shape)} for a batch of {batch_size}; expected [{batch_size}] (one score per image)"
         )
     if not (tensor.is_floating_point() or tensor.dtype in (torch.int32, torch.int64, torch.bool, torch.int16, torch.uint8)):
         raise RewardOutputError(f"reward '{name}' returned a tensor of dtype {tensor.dtype}; expected real numbers")
@@ -68,9 +69,7 @@ def check_reward_output(name: str, out: Any, batch_size: int, *, allow_all_nan: 
     return tensor
 
 
-def check_text_reward_output(
-    name: str, out: Any, batch_size: int, *, allow_all_nan: bool = False
-) -> list[float | None]:
+def check_text_reward_output(name: str, out: Any, batch_size: int, *, allow_all_nan: bool = False) -> list[float | None]:
     """Validate a text reward's output (trl convention) and return ``list[float | None]`` of length B.
 
     Accepted: a list/tuple of numbers or ``None``, or a 1-D tensor/array; NaN becomes ``None``.
@@ -83,18 +82,13 @@ def check_text_reward_output(
             tensor = tensor[:, 0]
         if tensor.ndim != 1:
             raise RewardOutputError(
-                f"text reward '{name}' returned shape {list(tensor.shape)} for a batch of {batch_size}; "
-                f"expected {batch_size} scores"
+                f"text reward '{name}' returned shape {list(tensor.shape)} for a batch of {batch_size}; expected {batch_size} scores"
             )
         out = tensor.tolist()
     if not isinstance(out, (list, tuple)):
-        raise RewardOutputError(
-            f"text reward '{name}' returned {type(out).__name__}; expected a list of {batch_size} floats or None"
-        )
+        raise RewardOutputError(f"text reward '{name}' returned {type(out).__name__}; expected a list of {batch_size} floats or None")
     if len(out) != batch_size:
-        raise RewardOutputError(
-            f"text reward '{name}' returned {len(out)} scores for {batch_size} completions; expected one each"
-        )
+        raise RewardOutputError(f"text reward '{name}' returned {len(out)} scores for {batch_size} completions; expected one each")
     result: list[float | None] = []
     for i, v in enumerate(out):
         if v is None:
@@ -103,43 +97,31 @@ def check_text_reward_output(
         if isinstance(v, torch.Tensor) and v.numel() == 1:
             v = v.item()
         if not isinstance(v, Real):
-            raise RewardOutputError(
-                f"text reward '{name}' returned {type(v).__name__} at position {i}; expected a float or None"
-            )
+            raise RewardOutputError(f"text reward '{name}' returned {type(v).__name__} at position {i}; expected a float or None")
         f = float(v)
         result.append(None if math.isnan(f) else f)
     infinite = [v for v in result if v is not None and math.isinf(v)]
     if infinite:
         raise _infinite(name, infinite[0], len(infinite), batch_size, "completions")
     if batch_size > 0 and not allow_all_nan and all(v is None for v in result):
-        raise RewardOutputError(
-            f"text reward '{name}' returned no score (None/NaN) for all {batch_size} completions; "
-            f"nothing could be ranked"
-        )
+        raise RewardOutputError(f"text reward '{name}' returned no score (None/NaN) for all {batch_size} completions; nothing could be ranked")
     return result
 
 
 def _infinite(name: str, value: float, count: int, batch_size: int, what: str) -> RewardOutputError:
     return RewardOutputError(
-        f"reward '{name}' returned {value} for {count} of {batch_size} {what}; scores must be finite "
-        f"(return NaN or None for 'no score')"
+        f"reward '{name}' returned {value} for {count} of {batch_size} {what}; scores must be finite (return NaN or None for 'no score')"
     )
 
 
 def check_images(name: str, images: Any) -> torch.Tensor:
     """Check that ``images`` is a float tensor ``[B, 3, H, W]`` (values expected in ``[0, 1]``)."""
     if not isinstance(images, torch.Tensor):
-        raise RewardInputError(
-            f"reward '{name}' expects images as a float tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}"
-        )
+        raise RewardInputError(f"reward '{name}' expects images as a float tensor [B, 3, H, W] in [0, 1], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[1] != 3:
-        raise RewardInputError(
-            f"reward '{name}' expects images of shape [B, 3, H, W], got {list(images.shape)}"
-        )
+        raise RewardInputError(f"reward '{name}' expects images of shape [B, 3, H, W], got {list(images.shape)}")
     if not images.is_floating_point():
-        raise RewardInputError(
-            f"reward '{name}' expects float images in [0, 1], got dtype {images.dtype} (divide uint8 images by 255)"
-        )
+        raise RewardInputError(f"reward '{name}' expects float images in [0, 1], got dtype {images.dtype} (divide uint8 images by 255)")
     return images
 
 

@@ -1,7 +1,8 @@
 """Image-text similarity rewards: ``clip_score`` (open_clip or transformers CLIP) and ``pickscore``."""
+
 from __future__ import annotations
 
-from typing import Any, Optional, Union
+from typing import Any
 
 import torch
 
@@ -28,12 +29,12 @@ def _cosine_scores(backbone, images: torch.Tensor, prompts, batch_size: int) -> 
 
 def clip_score(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     clip_model: Any = "ViT-L-14-quickgelu",
-    clip_pretrained: Optional[str] = "openai",
+    clip_pretrained: str | None = "openai",
     backend: str = "open_clip",
-    clip_processor: Optional[Any] = None,
+    clip_processor: Any | None = None,
     scale: float = 100.0,
     clip_at_zero: bool = True,
     batch_size: int = 32,
@@ -59,7 +60,7 @@ def clip_score(
 
 def pickscore(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model: Any = PICKSCORE_MODEL,
     processor: Any = PICKSCORE_PROCESSOR,

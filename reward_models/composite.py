@@ -23,14 +23,15 @@ exposes ``last_components`` (``dict[label, Tensor[B]]`` of raw component values,
 ``last_normalized`` (the normalised values); labels are the component names, or ``label`` when given, made
 unique with ``#2``, ``#3``...
 """
+
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional, Sequence, Tuple, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
-from ._common import resolve_device, resolve_dtype
 from .checks import check_images, check_reward_output, check_text_reward_output
 from .errors import RewardConfigError, RewardError
 
@@ -87,7 +88,7 @@ def zscore(x: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
 class CompositeReward:
     """Weighted sum of normalised component rewards; see the module docstring for the exact math."""
 
-    def __init__(self, components: Sequence[Tuple[str, Any, float, str]], eps: float = DEFAULT_EPS):
+    def __init__(self, components: Sequence[tuple[str, Any, float, str]], eps: float = DEFAULT_EPS):
         """components: ``(label, reward_callable, weight, normalize)`` tuples; labels must be unique."""
         if not components:
             raise RewardConfigError("a reward mix needs at least one component")
@@ -96,15 +97,14 @@ class CompositeReward:
             raise RewardConfigError(f"reward mix labels must be unique, got {labels}")
         for label, _, weight, norm in components:
             if norm not in NORMALIZATIONS:
-                raise RewardConfigError(f"reward mix component '{label}': normalize must be one of "
-                                        f"{', '.join(NORMALIZATIONS)}, got {norm!r}")
+                raise RewardConfigError(f"reward mix component '{label}': normalize must be one of {', '.join(NORMALIZATIONS)}, got {norm!r}")
             if not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight):
                 raise RewardConfigError(f"reward mix component '{label}': weight must be a finite number, got {weight!r}")
         self.components = list(components)
         self.eps = float(eps)
-        self.stats: Dict[str, RunningStats] = {c[0]: RunningStats() for c in components if c[3] == "running"}
-        self.last_components: Dict[str, torch.Tensor] = {}
-        self.last_normalized: Dict[str, torch.Tensor] = {}
+        self.stats: dict[str, RunningStats] = {c[0]: RunningStats() for c in components if c[3] == "running"}
+        self.last_components: dict[str, torch.Tensor] = {}
+        self.last_normalized: dict[str, torch.Tensor] = {}
         kinds = {getattr(c[1], "kind", None) for c in components} - {None}
         if len(kinds) > 1:
             raise RewardConfigError(f"a reward mix cannot combine image and text rewards ({', '.join(labels)})")

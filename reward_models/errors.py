@@ -3,6 +3,7 @@
 Every error is a ``ValueError`` subclass whose message is one self-contained line: what went wrong,
 what was looked for, and how to fix it. Callers (the raft-diffusion CLI) print them without a traceback.
 """
+
 from __future__ import annotations
 
 

@@ -7,9 +7,10 @@
 
 Both packages take PIL images, so these two rewards quantise images to 8 bits before their transforms.
 """
+
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 
@@ -25,10 +26,10 @@ HPSV2_ENV = "REWARD_MODELS_HPSV2_WEIGHTS"
 
 def hpsv2(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     version: str = "v2.1",
-    weights: Optional[str] = None,
+    weights: str | None = None,
     batch_size: int = 16,
 ):
     """Factory for HPSv2.
@@ -41,17 +42,16 @@ def hpsv2(
         raise RewardConfigError(f"reward 'hpsv2': version must be one of {sorted(HPSV2_FILES)}, got {version!r}")
     require_package("hpsv2", extra="hpsv2", reward="hpsv2")
     oc = require_package("hpsv2.src.open_clip", extra="hpsv2", reward="hpsv2")
-    path = resolve_weights(weights, what=f"HPSv2 {version} checkpoint", env_var=HPSV2_ENV,
-                           default=f"hf://xswu/HPSv2/{HPSV2_FILES[version]}")
+    path = resolve_weights(weights, what=f"HPSv2 {version} checkpoint", env_var=HPSV2_ENV, default=f"hf://xswu/HPSv2/{HPSV2_FILES[version]}")
     # pretrained=None: no LAION download; every weight comes from the strict checkpoint load below.
     # light_augmentation=True selects HPSv2's inference transform (resize longest side + pad), as hpsv2.score does.
     model, _, preprocess_val = oc.create_model_and_transforms(
-        "ViT-H-14", pretrained=None, precision="fp32", device="cpu", output_dict=True, light_augmentation=True)
+        "ViT-H-14", pretrained=None, precision="fp32", device="cpu", output_dict=True, light_augmentation=True
+    )
     try:
         ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise RewardWeightsNotFoundError(f"reward 'hpsv2': could not read checkpoint {str(path)!r}: "
-                                         f"{type(e).__name__}: {e}") from e
+        raise RewardWeightsNotFoundError(f"reward 'hpsv2': could not read checkpoint {str(path)!r}: {type(e).__name__}: {e}") from e
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise RewardWeightsNotFoundError(f"reward 'hpsv2': checkpoint {str(path)!r} holds no state dict")
@@ -84,11 +84,11 @@ def hpsv2(
 
 def imagereward(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     model: str = "ImageReward-v1.0",
-    download_root: Optional[str] = None,
-    med_config: Optional[str] = None,
+    download_root: str | None = None,
+    med_config: str | None = None,
 ):
     """Factory for ImageReward.
 
@@ -115,7 +115,7 @@ def imagereward(
         check_images("imagereward", images)
         texts = broadcast_prompts("imagereward", prompts, images.shape[0])
         pils = to_pil_images(images)
-        groups: Dict[str, List[int]] = {}
+        groups: dict[str, list[int]] = {}
         for i, p in enumerate(texts):
             groups.setdefault(p, []).append(i)
         out = torch.full((images.shape[0],), float("nan"))

@@ -7,9 +7,11 @@ Config dicts::
     {"mix": [{"name": ..., "weight": 1.0, "kwargs": {...}, "normalize": ..., "label": ...}, ...],
      "normalize": "none" | "zscore" | "running", "eps": 1e-6}               a weighted mix (CompositeReward)
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -20,8 +22,8 @@ from .registry import LoadedReward, load_named_reward
 
 
 def load_reward(
-    name: Union[str, Callable, dict],
-    device: Union[str, torch.device, None] = None,
+    name: str | Callable | dict,
+    device: str | torch.device | None = None,
     dtype: Any = torch.float32,
     **kwargs,
 ) -> LoadedReward:
@@ -43,8 +45,7 @@ _COMPONENT_KEYS = {"name", "kwargs", "weight", "normalize", "label"}
 _MIX_KEYS = {"mix", "normalize", "eps"}
 
 
-def load_reward_from_config(cfg: Union[str, dict], device: Union[str, torch.device, None] = None,
-                            dtype: Any = torch.float32):
+def load_reward_from_config(cfg: str | dict, device: str | torch.device | None = None, dtype: Any = torch.float32):
     """Build a reward from a name or config dict (see the module docstring); returns a ``LoadedReward``."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     if isinstance(cfg, str):
@@ -67,8 +68,7 @@ def load_reward_from_config(cfg: Union[str, dict], device: Union[str, torch.devi
                 raise RewardConfigError(f"reward mix item {i} must be a dict with a 'name', got {item!r}")
             unknown = set(item) - _COMPONENT_KEYS
             if unknown:
-                raise RewardConfigError(
-                    f"reward mix item {i}: unknown keys {sorted(unknown)}; allowed: {sorted(_COMPONENT_KEYS)}")
+                raise RewardConfigError(f"reward mix item {i}: unknown keys {sorted(unknown)}; allowed: {sorted(_COMPONENT_KEYS)}")
             reward = load_named_reward(item["name"], device=device, dtype=dtype, **_kwargs(item, i))
             base = str(item.get("label") or (item["name"] if isinstance(item["name"], str) else reward.name))
             seen[base] = seen.get(base, 0) + 1
@@ -86,7 +86,7 @@ def load_reward_from_config(cfg: Union[str, dict], device: Union[str, torch.devi
     return load_named_reward(cfg["name"], device=device, dtype=dtype, **_kwargs(cfg, None))
 
 
-def _kwargs(item: dict, index: Optional[int]) -> dict:
+def _kwargs(item: dict, index: int | None) -> dict:
     kw = item.get("kwargs") or {}
     if not isinstance(kw, dict):
         where = f"reward mix item {index}" if index is not None else "reward config"

@@ -6,10 +6,11 @@ same on tensors (antialiased bicubic resize, clamp to ``[0, 1]`` as 8-bit PIL wo
 gradients possible and avoids an 8-bit round trip; tests check the result against open_clip's and
 transformers' own transforms on the same image.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,7 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def _pair(size: Union[int, Sequence[int]]) -> Tuple[int, int]:
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
     if isinstance(size, int):
         return size, size
     size = tuple(int(s) for s in size)
@@ -38,10 +39,10 @@ class ImageTransform:
         "floor" (transformers image processors).
     """
 
-    size: Union[int, Tuple[int, int]] = 224
-    mean: Tuple[float, ...] = OPENAI_CLIP_MEAN
-    std: Tuple[float, ...] = OPENAI_CLIP_STD
-    resize_size: Union[int, None] = None
+    size: int | tuple[int, int] = 224
+    mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    std: tuple[float, ...] = OPENAI_CLIP_STD
+    resize_size: int | None = None
     resize_mode: str = "shortest"
     interpolation: str = "bicubic"
     crop_rounding: str = "round"
@@ -55,16 +56,14 @@ class ImageTransform:
         if self.crop_rounding not in ("round", "floor"):
             raise ValueError(f"crop_rounding must be round or floor, got {self.crop_rounding!r}")
 
-    def _resize(self, x: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
+    def _resize(self, x: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
         # Like PIL: a horizontal pass then a vertical pass, each clipped to [0, 1] (PIL stores the 8-bit
         # intermediate image, so bicubic overshoot is clipped between the passes). PIL also rounds to 8 bits;
         # we keep full precision, which differs from PIL by about 1/255 per pass.
         if x.shape[-1] != hw[1]:
-            x = F.interpolate(x, size=(x.shape[-2], hw[1]), mode=self.interpolation, align_corners=False,
-                              antialias=True).clamp_(0.0, 1.0)
+            x = F.interpolate(x, size=(x.shape[-2], hw[1]), mode=self.interpolation, align_corners=False, antialias=True).clamp_(0.0, 1.0)
         if x.shape[-2] != hw[0]:
-            x = F.interpolate(x, size=(hw[0], x.shape[-1]), mode=self.interpolation, align_corners=False,
-                              antialias=True).clamp_(0.0, 1.0)
+            x = F.interpolate(x, size=(hw[0], x.shape[-1]), mode=self.interpolation, align_corners=False, antialias=True).clamp_(0.0, 1.0)
         return x
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
@@ -105,7 +104,7 @@ class ImageTransform:
             top, left = int(round((h - th) / 2.0)), int(round((w - tw) / 2.0))
         else:
             top, left = (h - th) // 2, (w - tw) // 2
-        return x[..., top:top + th, left:left + tw]
+        return x[..., top : top + th, left : left + tw]
 
 
 def open_clip_preprocess_cfg(model) -> dict:

@@ -3,10 +3,11 @@
 Useful for tests, for sanity-checking a pipeline, and as guards in a mix against reward hacking
 (e.g. a small ``jpeg_compressibility`` weight penalises noise that fools a learned reward).
 """
+
 from __future__ import annotations
 
 import io
-from typing import Any, Union
+from typing import Any
 
 import torch
 
@@ -30,7 +31,7 @@ def _check_region(region: Any) -> tuple[float, float, float, float] | None:
     return x0, y0, x1, y1
 
 
-def brightness(*, device: Union[str, torch.device, None] = None, dtype: Any = None, region: Any = None):
+def brightness(*, device: str | torch.device | None = None, dtype: Any = None, region: Any = None):
     """Factory: mean BT.601 luma of each image, in ``[0, 1]`` (0.299 R + 0.587 G + 0.114 B).
 
     ``region=[x0, y0, x1, y1]`` (fractions of width and height) scores only that box, e.g.
@@ -52,7 +53,7 @@ def brightness(*, device: Union[str, torch.device, None] = None, dtype: Any = No
     return score
 
 
-def saturation(*, device: Union[str, torch.device, None] = None, dtype: Any = None):
+def saturation(*, device: str | torch.device | None = None, dtype: Any = None):
     """Factory: mean HSV saturation ``(max - min) / max`` per pixel (0 for black pixels), in ``[0, 1]``."""
 
     def score(images: torch.Tensor, prompts: Any = None, **kwargs) -> torch.Tensor:
@@ -80,7 +81,7 @@ def _check_quality(name: str, quality: Any) -> int:
     return quality
 
 
-def jpeg_compressibility(*, device: Union[str, torch.device, None] = None, dtype: Any = None, quality: int = 95):
+def jpeg_compressibility(*, device: str | torch.device | None = None, dtype: Any = None, quality: int = 95):
     """Factory: minus the JPEG size in kB (1 kB = 1000 bytes) at ``quality``: simpler images score higher."""
     _check_quality("jpeg_compressibility", quality)
 
@@ -91,7 +92,7 @@ def jpeg_compressibility(*, device: Union[str, torch.device, None] = None, dtype
     return score
 
 
-def jpeg_incompressibility(*, device: Union[str, torch.device, None] = None, dtype: Any = None, quality: int = 95):
+def jpeg_incompressibility(*, device: str | torch.device | None = None, dtype: Any = None, quality: int = 95):
     """Factory: the JPEG size in kB at ``quality``: more detailed images score higher."""
     _check_quality("jpeg_incompressibility", quality)
 

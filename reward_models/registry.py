@@ -22,6 +22,7 @@ Every reward is returned wrapped in ``LoadedReward``, which validates each outpu
 image rewards, ``check_text_reward_output`` for text rewards; the kind comes from the registry, from a
 ``reward_kind`` attribute, or from the call: a tensor first argument means image reward).
 """
+
 from __future__ import annotations
 
 import difflib
@@ -32,10 +33,11 @@ import importlib.util
 import inspect
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Union
+from typing import Any
 
 import torch
 
@@ -55,49 +57,63 @@ class RewardInfo:
     summary: str  # one line for listings and docs
     weights: str  # where the weights come from by default
     licence: str  # licence of the default weights / package
-    extra: Optional[str] = None  # pip extra that provides an optional package
+    extra: str | None = None  # pip extra that provides an optional package
 
 
-REGISTRY: Dict[str, RewardInfo] = {
+REGISTRY: dict[str, RewardInfo] = {
     "aesthetic": RewardInfo(
-        "reward_models.aesthetic:aesthetic", "image",
+        "reward_models.aesthetic:aesthetic",
+        "image",
         "LAION improved aesthetic predictor (MLP on normalised CLIP ViT-L/14 image embeddings), AVA 1-10 scale",
         "MLP: sac+logos+ava1-l14-linearMSE.pth from github.com/christophschuhmann/improved-aesthetic-predictor; "
-        "CLIP: open_clip ViT-L-14-quickgelu/openai", "Apache-2.0 (predictor repo); MIT (OpenAI CLIP)"),
+        "CLIP: open_clip ViT-L-14-quickgelu/openai",
+        "Apache-2.0 (predictor repo); MIT (OpenAI CLIP)",
+    ),
     "clip_score": RewardInfo(
-        "reward_models.clip_score:clip_score", "image",
+        "reward_models.clip_score:clip_score",
+        "image",
         "100 x cosine(image, prompt) CLIP embeddings, clipped at 0 (torchmetrics convention)",
-        "open_clip ViT-L-14-quickgelu/openai (any open_clip model/tag/dir)", "MIT (OpenAI CLIP)"),
+        "open_clip ViT-L-14-quickgelu/openai (any open_clip model/tag/dir)",
+        "MIT (OpenAI CLIP)",
+    ),
     "pickscore": RewardInfo(
-        "reward_models.clip_score:pickscore", "image",
+        "reward_models.clip_score:pickscore",
+        "image",
         "PickScore v1: logit_scale x cosine(image, prompt) with a fine-tuned CLIP ViT-H/14",
         "HF yuvalkirstain/PickScore_v1 + processor laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        "MIT (PickScore code; check the model card)"),
+        "MIT (PickScore code; check the model card)",
+    ),
     "hpsv2": RewardInfo(
-        "reward_models.external:hpsv2", "image",
+        "reward_models.external:hpsv2",
+        "image",
         "Human Preference Score v2/v2.1 (cosine(image, prompt) with the HPS-tuned ViT-H/14)",
-        "HF xswu/HPSv2 (HPS_v2.1_compressed.pt), via the hpsv2 package", "Apache-2.0", extra="hpsv2"),
+        "HF xswu/HPSv2 (HPS_v2.1_compressed.pt), via the hpsv2 package",
+        "Apache-2.0",
+        extra="hpsv2",
+    ),
     "imagereward": RewardInfo(
-        "reward_models.external:imagereward", "image",
+        "reward_models.external:imagereward",
+        "image",
         "ImageReward v1.0 (BLIP-based human preference model)",
         "HF THUDM/ImageReward (ImageReward.pt, med_config.json), via the image-reward package",
-        "Apache-2.0", extra="imagereward"),
-    "brightness": RewardInfo(
-        "reward_models.programmatic:brightness", "image", "mean BT.601 luma in [0, 1]", "none", "-"),
-    "saturation": RewardInfo(
-        "reward_models.programmatic:saturation", "image", "mean HSV saturation in [0, 1]", "none", "-"),
-    "jpeg_compressibility": RewardInfo(
-        "reward_models.programmatic:jpeg_compressibility", "image", "minus JPEG size in kB (quality 95)", "none", "-"),
-    "jpeg_incompressibility": RewardInfo(
-        "reward_models.programmatic:jpeg_incompressibility", "image", "JPEG size in kB (quality 95)", "none", "-"),
+        "Apache-2.0",
+        extra="imagereward",
+    ),
+    "brightness": RewardInfo("reward_models.programmatic:brightness", "image", "mean BT.601 luma in [0, 1]", "none", "-"),
+    "saturation": RewardInfo("reward_models.programmatic:saturation", "image", "mean HSV saturation in [0, 1]", "none", "-"),
+    "jpeg_compressibility": RewardInfo("reward_models.programmatic:jpeg_compressibility", "image", "minus JPEG size in kB (quality 95)", "none", "-"),
+    "jpeg_incompressibility": RewardInfo("reward_models.programmatic:jpeg_incompressibility", "image", "JPEG size in kB (quality 95)", "none", "-"),
     "sequence_classifier": RewardInfo(
-        "reward_models.text:sequence_classifier", "text",
+        "reward_models.text:sequence_classifier",
+        "text",
         "text reward: a transformers sequence-classification reward model, score = chosen logit",
-        "any Hub id or local directory (model=..., required)", "that of the chosen model"),
+        "any Hub id or local directory (model=..., required)",
+        "that of the chosen model",
+    ),
 }
 
 
-def reward_factory(fn: Optional[Callable] = None, *, kind: Optional[str] = None):
+def reward_factory(fn: Callable | None = None, *, kind: str | None = None):
     """Mark ``fn`` as a reward factory (called once with device/dtype/kwargs; returns the reward).
 
     Usable as ``@reward_factory`` or ``@reward_factory(kind="image")``.
@@ -121,7 +137,7 @@ class LoadedReward:
     Image rewards return float32 CPU tensors ``[B]``; text rewards return ``list[float | None]``.
     """
 
-    def __init__(self, name: str, fn: Callable, kind: Optional[str] = None):
+    def __init__(self, name: str, fn: Callable, kind: str | None = None):
         self.name = name
         self.__name__ = name  # trl logs reward functions by __name__
         self.fn = fn
@@ -155,7 +171,7 @@ class LoadedReward:
 # ----------------------------------------------------------------------------------------------- lookup
 
 
-def _entry_points() -> Dict[str, Any]:
+def _entry_points() -> dict[str, Any]:
     try:
         eps = metadata.entry_points(group=ENTRY_POINT_GROUP)
     except TypeError:  # pragma: no cover - very old importlib.metadata
@@ -163,7 +179,7 @@ def _entry_points() -> Dict[str, Any]:
     return {ep.name: ep for ep in eps}
 
 
-def list_rewards(kind: Optional[str] = None, include_entry_points: bool = True) -> List[str]:
+def list_rewards(kind: str | None = None, include_entry_points: bool = True) -> list[str]:
     """Sorted names of the built-in rewards (optionally of one ``kind``) plus installed entry points."""
     names = [n for n, info in REGISTRY.items() if kind is None or info.kind == kind]
     if include_entry_points and kind is None:
@@ -176,10 +192,7 @@ def _unknown(name: str) -> UnknownRewardError:
     near = difflib.get_close_matches(name, builtins + plugins, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'? " if near else ""
     listed = ", ".join(builtins) + (f"; entry points: {', '.join(plugins)}" if plugins else "")
-    return UnknownRewardError(
-        f"unknown reward {name!r}; {hint}valid names: {listed}; or use 'package.module:function' "
-        f"or 'path/to/file.py:function'"
-    )
+    return UnknownRewardError(f"unknown reward {name!r}; {hint}valid names: {listed}; or use 'package.module:function' or 'path/to/file.py:function'")
 
 
 def _import_target(target: str, label: str) -> Any:
@@ -212,8 +225,7 @@ def _import_module(module_name: str, label: str):
         missing = e.name or ""
         if not (module_name == missing or module_name.startswith(missing + ".")):
             raise RewardConfigError(
-                f"reward {label!r}: importing {module_name!r} failed because it imports the missing package "
-                f"{missing!r}; install it"
+                f"reward {label!r}: importing {module_name!r} failed because it imports the missing package {missing!r}; install it"
             ) from e
         cwd = os.getcwd()
         if cwd not in sys.path and "" not in sys.path:
@@ -233,9 +245,7 @@ def _import_module(module_name: str, label: str):
     except RewardError:
         raise
     except Exception as e:
-        raise RewardConfigError(
-            f"reward {label!r}: importing module {module_name!r} raised {type(e).__name__}: {e}"
-        ) from e
+        raise RewardConfigError(f"reward {label!r}: importing module {module_name!r} raised {type(e).__name__}: {e}") from e
 
 
 def _import_file(path_str: str, label: str):
@@ -273,20 +283,19 @@ def _call_factory(factory: Callable, label: str, device, dtype, kwargs: dict) ->
         try:
             sig.bind(**call_kwargs)
         except TypeError as e:
-            accepted = [n for n, p in params.items() if n not in ("device", "dtype")
-                        and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            raise RewardConfigError(
-                f"reward {label!r}: bad arguments {sorted(kwargs)} ({e}); accepted: {', '.join(accepted) or 'none'}"
-            ) from e
+            accepted = [
+                n
+                for n, p in params.items()
+                if n not in ("device", "dtype") and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            ]
+            raise RewardConfigError(f"reward {label!r}: bad arguments {sorted(kwargs)} ({e}); accepted: {', '.join(accepted) or 'none'}") from e
     reward = factory(**call_kwargs)
     if not callable(reward):
-        raise RewardConfigError(
-            f"reward {label!r}: the factory returned {type(reward).__name__}, not a callable reward"
-        )
+        raise RewardConfigError(f"reward {label!r}: the factory returned {type(reward).__name__}, not a callable reward")
     return reward
 
 
-def _from_object(obj: Any, label: str, device, dtype, kwargs: dict, kind: Optional[str]) -> LoadedReward:
+def _from_object(obj: Any, label: str, device, dtype, kwargs: dict, kind: str | None) -> LoadedReward:
     if inspect.isclass(obj) or getattr(obj, "is_reward_factory", False):
         reward = _call_factory(obj, label, device, dtype, kwargs)
     elif callable(obj):
@@ -300,8 +309,8 @@ def _from_object(obj: Any, label: str, device, dtype, kwargs: dict, kind: Option
 
 
 def load_named_reward(
-    name: Union[str, Callable],
-    device: Union[str, torch.device, None] = None,
+    name: str | Callable,
+    device: str | torch.device | None = None,
     dtype: Any = torch.float32,
     **kwargs,
 ) -> LoadedReward:
@@ -327,8 +336,7 @@ def load_named_reward(
             obj = eps[name].load()
         except Exception as e:
             raise RewardConfigError(
-                f"reward {name!r}: loading entry point {eps[name].value!r} (group {ENTRY_POINT_GROUP!r}) raised "
-                f"{type(e).__name__}: {e}"
+                f"reward {name!r}: loading entry point {eps[name].value!r} (group {ENTRY_POINT_GROUP!r}) raised {type(e).__name__}: {e}"
             ) from e
         return _from_object(obj, name, device, dtype, kwargs, None)
     if ":" in name:

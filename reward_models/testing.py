@@ -4,6 +4,7 @@ Nothing in ``reward_models`` falls back to these: a test (or a toy-world script)
 it in the real on-disk format, and points a reward at the saved files, exactly as a user would with real
 weights. Requires open_clip (and transformers for the HF helpers).
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,7 +13,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Optional, Tuple, Union
 
 import torch
 
@@ -39,8 +39,7 @@ def register_open_clip_config(name: str, model_cfg: dict) -> str:
     return name
 
 
-def build_tiny_open_clip(seed: int = 0, model_cfg: Optional[dict] = None,
-                         name: str = TINY_OPEN_CLIP_NAME) -> Tuple[torch.nn.Module, dict]:
+def build_tiny_open_clip(seed: int = 0, model_cfg: dict | None = None, name: str = TINY_OPEN_CLIP_NAME) -> tuple[torch.nn.Module, dict]:
     """A randomly initialised open_clip CLIP from a small config; returns ``(model, model_cfg)``.
 
     Random weights are the point here (tests train or save them); save with ``reward_models.save_open_clip``.
@@ -54,12 +53,12 @@ def build_tiny_open_clip(seed: int = 0, model_cfg: Optional[dict] = None,
     return model, cfg
 
 
-def clip_bpe_vocab() -> Tuple[dict, list]:
+def clip_bpe_vocab() -> tuple[dict, list]:
     """CLIP's BPE vocabulary (49408 tokens) and merges, rebuilt from the file open_clip ships."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
     units = list(bytes_to_unicode().values())
     tokens = units + [u + "</w>" for u in units] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     return {t: i for i, t in enumerate(tokens)}, merges
@@ -73,24 +72,29 @@ def build_clip_tokenizer(model_max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
-def save_tiny_hf_clip(directory: Union[str, os.PathLike], seed: int = 0, image_size: int = 32,
-                      projection_dim: int = 16) -> Path:
+def save_tiny_hf_clip(directory: str | os.PathLike, seed: int = 0, image_size: int = 32, projection_dim: int = 16) -> Path:
     """Save a tiny random transformers ``CLIPModel`` + ``CLIPProcessor`` with ``save_pretrained``."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     torch.manual_seed(seed)
     config = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=77, bos_token_id=49406,
-                         eos_token_id=49407, pad_token_id=49407),
-        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37,
-                           num_hidden_layers=2, num_attention_heads=2),
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        ),
+        vision_config=dict(image_size=image_size, patch_size=8, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
         projection_dim=projection_dim,
     )
     model = CLIPModel(config)
     processor = CLIPProcessor(
-        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size},
-                                           crop_size={"height": image_size, "width": image_size}),
+        image_processor=CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}),
         tokenizer=build_clip_tokenizer(),
     )
     directory = Path(directory)

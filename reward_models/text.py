@@ -3,9 +3,11 @@
 ``sequence_classifier`` wraps a transformers sequence-classification reward model. Prompts and completions
 may be strings or, in trl's conversational format, lists of ``{"role", "content"}`` messages.
 """
+
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -16,7 +18,7 @@ from .errors import RewardConfigError, RewardInputError
 _EXAMPLES = "e.g. 'OpenAssistant/reward-model-deberta-v3-large-v2' or a local save_pretrained directory"
 
 
-def _messages(x: Any, role: str) -> List[dict]:
+def _messages(x: Any, role: str) -> list[dict]:
     if isinstance(x, str):
         return [{"role": role, "content": x}]
     if isinstance(x, dict):
@@ -32,10 +34,10 @@ def _flatten(x: Any) -> str:
 
 def sequence_classifier(
     *,
-    device: Union[str, torch.device] = "cpu",
+    device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
-    model: Optional[str] = None,
-    tokenizer: Optional[str] = None,
+    model: str | None = None,
+    tokenizer: str | None = None,
     label: int = 0,
     input_format: str = "auto",
     template: str = "{prompt}{completion}",
@@ -57,12 +59,10 @@ def sequence_classifier(
     if not model:
         raise RewardConfigError(f"reward 'sequence_classifier': pass model=<Hub id or directory> ({_EXAMPLES})")
     if input_format not in ("auto", "chat", "pair", "concat"):
-        raise RewardConfigError(
-            f"reward 'sequence_classifier': input_format must be auto, chat, pair or concat, got {input_format!r}")
+        raise RewardConfigError(f"reward 'sequence_classifier': input_format must be auto, chat, pair or concat, got {input_format!r}")
     from transformers import AutoTokenizer
 
-    net = _hf_from_pretrained("AutoModelForSequenceClassification", str(model), reward="sequence_classifier",
-                              what="sequence-classification model")
+    net = _hf_from_pretrained("AutoModelForSequenceClassification", str(model), reward="sequence_classifier", what="sequence-classification model")
     tok_src = str(tokenizer or model)
     try:
         tok = AutoTokenizer.from_pretrained(tok_src)
@@ -84,8 +84,7 @@ def sequence_classifier(
     if fmt == "auto":
         fmt = "chat" if getattr(tok, "chat_template", None) else "concat"
     if fmt == "chat" and not getattr(tok, "chat_template", None):
-        raise RewardConfigError(f"reward 'sequence_classifier': tokenizer {tok_src!r} has no chat template; "
-                                f"use input_format='pair' or 'concat'")
+        raise RewardConfigError(f"reward 'sequence_classifier': tokenizer {tok_src!r} has no chat template; use input_format='pair' or 'concat'")
     net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
     def encode(prompts: Sequence[Any], completions: Sequence[Any]):
@@ -95,18 +94,18 @@ def sequence_classifier(
         if fmt == "concat":
             texts = [template.format(prompt=_flatten(p), completion=_flatten(c)) for p, c in zip(prompts, completions)]
             return tok(texts, **common)
-        texts = [tok.apply_chat_template(_messages(p, "user") + _messages(c, "assistant"), tokenize=False)
-                 for p, c in zip(prompts, completions)]
+        texts = [tok.apply_chat_template(_messages(p, "user") + _messages(c, "assistant"), tokenize=False) for p, c in zip(prompts, completions)]
         return tok(texts, add_special_tokens=False, **common)
 
-    def score(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> List[Optional[float]]:
+    def score(prompts: Sequence[Any], completions: Sequence[Any], **kwargs) -> list[float | None]:
         if isinstance(prompts, str) or isinstance(completions, str):
             raise RewardInputError("text reward 'sequence_classifier' expects lists of prompts and completions")
         prompts, completions = list(prompts), list(completions)
         if len(prompts) != len(completions):
-            raise RewardInputError(f"text reward 'sequence_classifier' got {len(prompts)} prompts for "
-                                   f"{len(completions)} completions; expected one each")
-        out: List[Optional[float]] = []
+            raise RewardInputError(
+                f"text reward 'sequence_classifier' got {len(prompts)} prompts for {len(completions)} completions; expected one each"
+            )
+        out: list[float | None] = []
         with torch.inference_mode():
             for sl in batch_slices(len(completions), batch_size):
                 enc = encode(prompts[sl], completions[sl])

@@ -10,13 +10,14 @@ A weights *source* is one of:
 
 Nothing here ever returns "no weights": it returns a readable path or raises ``RewardWeightsNotFoundError``.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 from urllib.parse import unquote, urlparse
 
 from .errors import MissingDependencyError, RewardWeightsNotFoundError
@@ -29,11 +30,10 @@ def cache_dir() -> Path:
 
 def offline() -> bool:
     """True when downloads are disabled (``REWARD_MODELS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
-               for v in ("REWARD_MODELS_OFFLINE", "HF_HUB_OFFLINE"))
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("REWARD_MODELS_OFFLINE", "HF_HUB_OFFLINE"))
 
 
-def _how_to(what: str, env_var: Optional[str], kwarg: str) -> str:
+def _how_to(what: str, env_var: str | None, kwarg: str) -> str:
     ways = [f"pass {kwarg}='/path/to/file'"]
     if env_var:
         ways.append(f"set {env_var}=/path/to/file")
@@ -42,11 +42,11 @@ def _how_to(what: str, env_var: Optional[str], kwarg: str) -> str:
 
 
 def resolve_weights(
-    source: Optional[str],
+    source: str | None,
     *,
     what: str,
-    env_var: Optional[str] = None,
-    default: Optional[str] = None,
+    env_var: str | None = None,
+    default: str | None = None,
     kwarg: str = "weights",
 ) -> Path:
     """Return a local path for a weights file.
@@ -65,11 +65,9 @@ def resolve_weights(
     looked_for = f"{origin}{source!r}"
 
     if source.startswith("hf://"):
-        parts = source[len("hf://"):].split("/")
+        parts = source[len("hf://") :].split("/")
         if len(parts) < 3:
-            raise RewardWeightsNotFoundError(
-                f"{what}: hub source {source!r} must look like 'hf://org/repo/filename'"
-            )
+            raise RewardWeightsNotFoundError(f"{what}: hub source {source!r} must look like 'hf://org/repo/filename'")
         repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:])
         try:
             from huggingface_hub import hf_hub_download
@@ -90,8 +88,7 @@ def resolve_weights(
             return target
         if offline():
             raise RewardWeightsNotFoundError(
-                f"{what} not in the cache ({target}) and downloads are off (offline mode); looked for {looked_for}; "
-                f"{_how_to(what, env_var, kwarg)}"
+                f"{what} not in the cache ({target}) and downloads are off (offline mode); looked for {looked_for}; {_how_to(what, env_var, kwarg)}"
             )
         try:
             import torch.hub
@@ -111,15 +108,11 @@ def resolve_weights(
     if path.is_file():
         return path
     if path.is_dir():
-        raise RewardWeightsNotFoundError(
-            f"{what}: {looked_for} is a directory, expected a file; {_how_to(what, env_var, kwarg)}"
-        )
-    raise RewardWeightsNotFoundError(
-        f"{what} not found: no file at {looked_for}; {_how_to(what, env_var, kwarg)}"
-    )
+        raise RewardWeightsNotFoundError(f"{what}: {looked_for} is a directory, expected a file; {_how_to(what, env_var, kwarg)}")
+    raise RewardWeightsNotFoundError(f"{what} not found: no file at {looked_for}; {_how_to(what, env_var, kwarg)}")
 
 
-def require_package(module: str, *, extra: str, reward: str, pip_name: Optional[str] = None) -> Any:
+def require_package(module: str, *, extra: str, reward: str, pip_name: str | None = None) -> Any:
     """Import an optional package or raise ``MissingDependencyError`` naming the extra to install."""
     try:
         return importlib.import_module(module)

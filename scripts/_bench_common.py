@@ -1,4 +1,5 @@
 """Shared set-up of the benchmark scripts: a pipeline folder, a config, a task, timing helpers."""
+
 from __future__ import annotations
 
 import os
@@ -40,11 +41,12 @@ def make_config(args, **over):
     prompts = [f"a {c} {s}" for c in ("red", "blue", "green", "yellow") for s in ("circle", "square", "star", "triangle")]
     prompts = (prompts * (args.prompts // len(prompts) + 1))[: args.prompts]
     data = {
-        "seed": 0, "num_stages": 1, "progress": False,
+        "seed": 0,
+        "num_stages": 1,
+        "progress": False,
         "model": {"pretrained": resolve_pretrained(args.model), "device": args.device},
         "prompts": {"train": prompts, "eval": prompts[:2]},
-        "sampling": {"num_per_prompt": args.k, "batch_size": args.batch_size, "num_inference_steps": args.steps,
-                     "guidance_scale": args.guidance},
+        "sampling": {"num_per_prompt": args.k, "batch_size": args.batch_size, "num_inference_steps": args.steps, "guidance_scale": args.guidance},
         "reward": {"name": args.reward},
         "ranking": {"mode": "local", "top_k": 1},
         "train": {"steps_per_stage": 20, "batch_size": 4},

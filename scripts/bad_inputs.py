@@ -10,6 +10,7 @@ A case is clear when it exits with code 2, prints exactly one line on stderr and
 One row per case (input, exit code, first line of stderr, seconds, untouched), then `bad_inputs_clear: N/M`.
 The tiny model is built once before the table so that no case pays for it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,9 +20,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.yaml"
@@ -92,8 +93,9 @@ CASES = [
     Case("typo_model", "model.pretrained=/typo", ["model.pretrained=/typo"]),
     Case("output_is_file", "--output-dir FILE", setup=_file_at_run),
     Case("output_under_file", "--output-dir FILE/run", setup=_file_at_run),
-    Case("read_only_output", "--output-dir READ_ONLY_DIR", setup=_read_only_run) if not AS_ROOT else
-    Case("read_only_output", f"--output-dir {READ_ONLY_MOUNT} (read-only mount)", ["--output-dir", str(READ_ONLY_MOUNT)]),
+    Case("read_only_output", "--output-dir READ_ONLY_DIR", setup=_read_only_run)
+    if not AS_ROOT
+    else Case("read_only_output", f"--output-dir {READ_ONLY_MOUNT} (read-only mount)", ["--output-dir", str(READ_ONLY_MOUNT)]),
     Case("disk_full", "full disk (simulated: every run-directory write fails with ENOSPC)", python_code=DISK_FULL),
     Case("huge_allocation", "sampling.height=1048576 sampling.width=1048576", ["sampling.height=1048576", "sampling.width=1048576"]),
     Case("inf_reward", "reward.name=inf_reward.py:inf_reward (returns +inf)", ["reward.name=DIR/inf_reward.py:inf_reward"], _inf_reward),
@@ -132,8 +134,7 @@ class Result:
 
     @property
     def clear(self) -> bool:
-        return (self.code == 2 and self.lines == 1 and self.first.startswith("error:")
-                and self.seconds < LIMIT_S and self.untouched)
+        return self.code == 2 and self.lines == 1 and self.first.startswith("error:") and self.seconds < LIMIT_S and self.untouched
 
 
 def run_case(case: Case, python: str, timeout: float) -> Result:
@@ -146,15 +147,24 @@ def run_case(case: Case, python: str, timeout: float) -> Result:
             run = Path(case.args[case.args.index("--output-dir") + 1])
         before = snapshot(run)
         config = str(d / case.config) if case.config else str(TINY)
-        cli = ["align", "--config", config, "--output-dir", str(run), "progress=false",
-               *[a.replace("DIR", str(d)) for a in case.args if a != "--output-dir" and Path(a) != run]]
+        cli = [
+            "align",
+            "--config",
+            config,
+            "--output-dir",
+            str(run),
+            "progress=false",
+            *[a.replace("DIR", str(d)) for a in case.args if a != "--output-dir" and Path(a) != run],
+        ]
         cmd = [python, "-c", case.python_code, *cli] if case.python_code else [python, "-m", "raft_diffusion", *cli]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        }
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT,
-                                  errors="replace")
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, errors="replace")
             code, err = proc.returncode, proc.stderr
         except subprocess.TimeoutExpired as e:
             partial = e.stderr.decode("utf-8", "replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
@@ -171,8 +181,13 @@ def run_case(case: Case, python: str, timeout: float) -> Result:
 def warm_cache(python: str) -> None:
     """Build the tiny model (and its cache folder) once, outside the timed cases."""
     code = "from raft_diffusion.diffusion.tiny import ensure_tiny_pipeline; ensure_tiny_pipeline()"
-    subprocess.run([python, "-c", code], cwd=ROOT, check=True, capture_output=True,
-                   env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))})
+    subprocess.run(
+        [python, "-c", code],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))},
+    )
 
 
 def main(argv=None) -> int:
@@ -180,8 +195,7 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", help="comma-separated case names (default: all; see --list)")
     ap.add_argument("--list", action="store_true", help="print the case names and inputs, then exit")
     ap.add_argument("--python", default=sys.executable, help="interpreter that runs raft-diffusion")
-    ap.add_argument("--timeout", type=float, default=60.0,
-                    help="seconds before a case is stopped (a case that runs on is not clear anyway)")
+    ap.add_argument("--timeout", type=float, default=60.0, help="seconds before a case is stopped (a case that runs on is not clear anyway)")
     ap.add_argument("--no-warm", action="store_true", help="do not build the tiny model before the table")
     args = ap.parse_args(argv)
     if args.list:
@@ -206,8 +220,11 @@ def main(argv=None) -> int:
         results.append(r)
         first = r.first if len(r.first) <= 160 else r.first[:157] + "..."
         lines = "" if r.lines <= 1 else f" [+{r.lines - 1} more lines]"
-        print(f"{case.label:{width}} | {str(r.code):>4} | {r.seconds:7.1f} | {'yes' if r.untouched else 'no':9} | "
-              f"{'yes' if r.clear else 'no':5} | {first}{lines}", flush=True)
+        print(
+            f"{case.label:{width}} | {str(r.code):>4} | {r.seconds:7.1f} | {'yes' if r.untouched else 'no':9} | "
+            f"{'yes' if r.clear else 'no':5} | {first}{lines}",
+            flush=True,
+        )
     print(f"bad_inputs_clear: {sum(r.clear for r in results)}/{len(results)}")
     return 0
 

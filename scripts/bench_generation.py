@@ -6,6 +6,7 @@
 Same pipeline, prompts, K, steps, guidance and reward; repetitions interleaved (a, b, a, b, ...).
 The last line is ``generation_speedup: <(b)/(a) images per second>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,9 +31,16 @@ def main():
     def plain():
         best = []
         for i, prompt in enumerate(prompts):
-            images = pipe(prompt, num_images_per_prompt=args.k, num_inference_steps=args.steps,
-                          guidance_scale=args.guidance, height=size, width=size, output_type="pt",
-                          generator=torch.Generator().manual_seed(i)).images
+            images = pipe(
+                prompt,
+                num_images_per_prompt=args.k,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                height=size,
+                width=size,
+                output_type="pt",
+                generator=torch.Generator().manual_seed(i),
+            ).images
             best.append(int(reward(images, [prompt] * args.k).argmax()))
         return best
 
@@ -47,8 +55,10 @@ def main():
         t_ours.append(timed(ours)[0])
     a, b = n / median(t_plain), n / median(t_ours)
     print(f"machine: {machine()}")
-    print(f"pipeline: {cfg.model.pretrained} ({size}px), P={len(prompts)} K={args.k} steps={args.steps} "
-          f"guidance={args.guidance} reward={args.reward} our batch={args.batch_size}")
+    print(
+        f"pipeline: {cfg.model.pretrained} ({size}px), P={len(prompts)} K={args.k} steps={args.steps} "
+        f"guidance={args.guidance} reward={args.reward} our batch={args.batch_size}"
+    )
     print(f"{'':24}{'images/s':>10}{'median s':>10}")
     print(f"{'(a) plain pipe() loop':24}{a:>10.2f}{median(t_plain):>10.2f}")
     print(f"{'(b) raft-diffusion pool':24}{b:>10.2f}{median(t_ours):>10.2f}")

@@ -12,6 +12,7 @@ is a selected set, as if it were a model's samples: proxy rise in base sd (the p
 The rows bound what RAFT's fine-tuning could reach if it reproduced the kept distribution exactly; comparing
 them with ``bench_toyworld.py``'s stages shows how much of the selection actually reaches the model.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from raft_diffusion.diffusion.config import load_config
+    from raft_diffusion.diffusion.metrics import load_eval_clip
     from raft_diffusion.diffusion.pipeline import load_pipeline
     from raft_diffusion.diffusion.prompts import load_prompts
-    from raft_diffusion.diffusion.metrics import load_eval_clip
     from raft_diffusion.diffusion.toyworld.sd import sample
     from reward_models import load_reward_from_config
 
@@ -60,13 +61,16 @@ def main(argv=None) -> int:
     s = cfg.sampling
     for p, prompt in enumerate(tqdm(prompts, desc="base pools", unit="prompt")):
         seeds = [30_000_000 + p * 100_000 + k for k in range(args.pool)]
-        ims = torch.cat([sample(pipe, [prompt] * len(chunk), chunk, steps=s.num_inference_steps, guidance=s.guidance_scale)
-                         for chunk in (seeds[i:i + 32] for i in range(0, len(seeds), 32))])
+        ims = torch.cat(
+            [
+                sample(pipe, [prompt] * len(chunk), chunk, steps=s.num_inference_steps, guidance=s.guidance_scale)
+                for chunk in (seeds[i : i + 32] for i in range(0, len(seeds), 32))
+            ]
+        )
         with torch.no_grad():
             r = reward(ims, [prompt] * len(ims)).float().numpy()
         m = oracle_metrics(ims, [prompt] * len(ims))
-        pools.append({"r": r, "gold": m["aesthetic"], "match": m["match"].astype(float),
-                      "emb": clip.image_embeddings(ims)})
+        pools.append({"r": r, "gold": m["aesthetic"], "match": m["match"].astype(float), "emb": clip.image_embeddings(ims)})
 
     def measure(picks: list[np.ndarray]) -> tuple[float, float, float, float]:
         r = np.concatenate([pl["r"][i] for pl, i in zip(pools, picks)])
@@ -79,8 +83,9 @@ def main(argv=None) -> int:
     everything = [np.arange(args.pool)] * len(pools)
     r0, g0, f0, d0 = measure(everything)
     sd = float(np.concatenate([pl["r"] for pl in pools]).std())
-    print(f"selection bench: {len(prompts)} held-out prompts x {args.pool} base samples; "
-          f"proxy {r0:.3f} (sd {sd:.3f}), gold {g0:.2f}, fidelity {f0:.3f}")
+    print(
+        f"selection bench: {len(prompts)} held-out prompts x {args.pool} base samples; proxy {r0:.3f} (sd {sd:.3f}), gold {g0:.2f}, fidelity {f0:.3f}"
+    )
     print(f"{'':26s} {'proxy':>7s} {'d/sd':>6s} {'d gold':>7s} {'fidelity':>9s} {'divers.':>8s}")
     for n in args.keep:
         rows = [(f"top {n} by reward", [np.argsort(-pl["r"], kind="stable")[:n] for pl in pools])]

@@ -8,6 +8,7 @@
 The last line is ``stage_overhead_ratio: <full stage / sum of parts>``; the line before it is
 ``finetune_latents_speedup: <re-encode time / latents time>``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ def main():
 
     from raft_diffusion.core.loop import collect_pool, run_raft
     from raft_diffusion.core.rundir import RunDir
-    from raft_diffusion.diffusion.task import DiffusionTask
     from raft_diffusion.diffusion.generate import encode_images
+    from raft_diffusion.diffusion.task import DiffusionTask
 
     cfg = make_config(args, **{"train.steps_per_stage": args.train_steps})
     task = DiffusionTask(cfg)
@@ -41,13 +42,13 @@ def main():
             t, pool = timed(lambda: collect_pool(cfg, task, 1, {"reward_queries": 0}))
             parts["sample+score"].append(t)
             kept = pool.kept()
-            parts["finetune"].append(timed(lambda: task.finetune(1, kept))[0])
-            parts["evaluate"].append(timed(lambda: task.evaluate(1, sdir))[0])
+            parts["finetune"].append(timed(lambda kept=kept: task.finetune(1, kept))[0])
+            parts["evaluate"].append(timed(lambda sdir=sdir: task.evaluate(1, sdir))[0])
         with tempfile.TemporaryDirectory() as tmp:
             run = RunDir(tmp)
             run.start(cfg.to_dict())
             run.put_metrics({"stage": 0, "seconds": 0.0})  # skip the base evaluation: time one stage only
-            whole.append(timed(lambda: run_raft(cfg, task, run))[0])
+            whole.append(timed(lambda run=run: run_raft(cfg, task, run))[0])
     sum_parts = sum(median(v) for v in parts.values())
 
     # -- 2. latents vs re-encoding images ------------------------------------------------------------
@@ -55,8 +56,9 @@ def main():
     images = torch.stack([s.payload["image"] for s in kept])
     t_latents = median([timed(lambda: task.finetune(1, kept))[0] for _ in range(args.repeats)])
     bs = min(cfg.train.batch_size, len(kept))
-    encode_one_batch = median([timed(lambda: encode_images(task.pipe, images[:bs], [s.seed for s in kept[:bs]]))[0]
-                               for _ in range(max(3, args.repeats))])
+    encode_one_batch = median(
+        [timed(lambda: encode_images(task.pipe, images[:bs], [s.seed for s in kept[:bs]]))[0] for _ in range(max(3, args.repeats))]
+    )
     t_reencode = t_latents + args.train_steps * encode_one_batch
 
     print(f"machine: {machine()}")

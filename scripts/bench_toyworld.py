@@ -15,6 +15,7 @@ run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``s
 The last row is best-of-K from the base model (K fresh samples per eval slot, the best by the proxy). The bars
 are checked on the stage the run delivers as ``final/``: the last stage, or the one early stop kept.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,9 +82,14 @@ def main(argv=None) -> int:
         m = oracle_metrics(images, prompts)
         with torch.no_grad():
             emb = embedder.encode_images(images)
-        rec = {"row": "base" if st == 0 else f"stage {st}", "proxy": np.asarray([r["reward"] for r in rows]),
-               "gold": m["aesthetic"], "fidelity": m["match"].astype(float),
-               "diversity": diversity(emb, [r["prompt_index"] for r in rows]), "rows": rows}
+        rec = {
+            "row": "base" if st == 0 else f"stage {st}",
+            "proxy": np.asarray([r["reward"] for r in rows]),
+            "gold": m["aesthetic"],
+            "fidelity": m["match"].astype(float),
+            "diversity": diversity(emb, [r["prompt_index"] for r in rows]),
+            "rows": rows,
+        }
         if base is None:
             base = rec
         table.append(rec)
@@ -101,8 +107,7 @@ def main(argv=None) -> int:
         best_imgs, best_proxy, prompts = [], [], []
         for j, r in enumerate(base["rows"]):
             seeds = [10_000_000 + j * args.best_of_k + k for k in range(args.best_of_k)]
-            ims = sample(pipe, [r["prompt"]] * args.best_of_k, seeds, steps=s["num_inference_steps"],
-                         guidance=guidance)
+            ims = sample(pipe, [r["prompt"]] * args.best_of_k, seeds, steps=s["num_inference_steps"], guidance=guidance)
             sc = reward(ims, [r["prompt"]] * args.best_of_k).float()
             b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
             best_imgs.append(ims[b])
@@ -112,26 +117,41 @@ def main(argv=None) -> int:
         m = oracle_metrics(ims, prompts)
         with torch.no_grad():
             emb = embedder.encode_images(ims)
-        table.append({"row": f"base best-of-{args.best_of_k}", "proxy": np.asarray(best_proxy), "gold": m["aesthetic"],
-                      "fidelity": m["match"].astype(float),
-                      "diversity": diversity(emb, [r["prompt_index"] for r in base["rows"]]), "rows": base["rows"]})
+        table.append(
+            {
+                "row": f"base best-of-{args.best_of_k}",
+                "proxy": np.asarray(best_proxy),
+                "gold": m["aesthetic"],
+                "fidelity": m["match"].astype(float),
+                "diversity": diversity(emb, [r["prompt_index"] for r in base["rows"]]),
+                "rows": base["rows"],
+            }
+        )
 
     sd = float(base["proxy"].std())
     out = []
-    print(f"toy world bench: {run}  ({len(base['rows'])} eval images: "
-          f"{len(set(r['prompt'] for r in base['rows']))} held-out prompts x fixed seeds)")
+    print(f"toy world bench: {run}  ({len(base['rows'])} eval images: {len(set(r['prompt'] for r in base['rows']))} held-out prompts x fixed seeds)")
     print(f"{'':16s} {'proxy':>8s} {'d/sd':>6s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
     for rec in table:
         d = rec["gold"] - base["gold"]
         lo, hi = _bootstrap(d)
         dz = (rec["proxy"].mean() - base["proxy"].mean()) / sd if sd > 0 else float("nan")
         div = rec["diversity"] / base["diversity"] if base["diversity"] > 0 else float("nan")
-        o = {"row": rec["row"], "proxy": float(rec["proxy"].mean()), "proxy_rise_sd": float(dz),
-             "gold": float(rec["gold"].mean()), "gold_rise": float(d.mean()), "gold_rise_ci": [lo, hi],
-             "fidelity": float(rec["fidelity"].mean()), "diversity_ratio": float(div)}
+        o = {
+            "row": rec["row"],
+            "proxy": float(rec["proxy"].mean()),
+            "proxy_rise_sd": float(dz),
+            "gold": float(rec["gold"].mean()),
+            "gold_rise": float(d.mean()),
+            "gold_rise_ci": [lo, hi],
+            "fidelity": float(rec["fidelity"].mean()),
+            "diversity_ratio": float(div),
+        }
         out.append(o)
-        print(f"{rec['row']:16s} {o['proxy']:8.3f} {dz:6.2f} {o['gold']:6.2f} "
-              f"{f'{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {div:8.2f}")
+        print(
+            f"{rec['row']:16s} {o['proxy']:8.3f} {dz:6.2f} {o['gold']:6.2f} "
+            f"{f'{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {div:8.2f}"
+        )
     stage_rows = [o for o in out if o["row"].startswith("stage")]
     if stage_rows:
         from raft_diffusion.core.early_stop import read_stop

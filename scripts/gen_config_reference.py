@@ -5,6 +5,7 @@
 
 tests/test_docs.py keeps the file current.
 """
+
 from __future__ import annotations
 
 import argparse

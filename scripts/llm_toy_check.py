@@ -6,6 +6,7 @@ Prints base vs final (the stage kept as final/) held-out reward, reward std, gol
 length and base perplexity, the runtime, and PASS/FAIL for: reward up by >= 1 base std, gold up,
 distinct-2 >= 80% of the base model's. Exit status 1 when a check fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ def main(argv=None) -> int:
     stop = read_stop(out)
     final_stage = stop["final_stage"] if stop else rows[-1]["stage"]
     base, final = rows[0], next(r for r in rows if r["stage"] == final_stage)
-    keys = ["eval_reward_mean", "eval_reward_std", "eval_gold_mean", "eval_distinct_1", "eval_distinct_2", "eval_length",
-            "eval_base_perplexity", "eval_best_of_k"]
+    keys = [
+        "eval_reward_mean",
+        "eval_reward_std",
+        "eval_gold_mean",
+        "eval_distinct_1",
+        "eval_distinct_2",
+        "eval_length",
+        "eval_base_perplexity",
+        "eval_best_of_k",
+    ]
     print(f"\n{'metric':24s} {'base':>10s} {'stage ' + str(final_stage):>10s}")
     for k in keys:
         print(f"{k:24s} {base.get(k, float('nan')):10.4g} {final.get(k, float('nan')):10.4g}")
@@ -51,7 +60,8 @@ def main(argv=None) -> int:
     checks = {
         f"reward +{gain:.2f} base std (>= 1)": gain >= 1.0,
         f"gold {base['eval_gold_mean']:.3g} -> {final['eval_gold_mean']:.3g} (rises)": final["eval_gold_mean"] > base["eval_gold_mean"],
-        f"distinct-2 {final['eval_distinct_2'] / base['eval_distinct_2']:.0%} of base (>= 80%)": final["eval_distinct_2"] >= 0.8 * base["eval_distinct_2"],
+        f"distinct-2 {final['eval_distinct_2'] / base['eval_distinct_2']:.0%} of base (>= 80%)": final["eval_distinct_2"]
+        >= 0.8 * base["eval_distinct_2"],
     }
     print(f"\nwall time {seconds:.0f} s ({len(rows) - 1} stages)")
     for name, ok in checks.items():

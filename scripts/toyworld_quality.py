@@ -9,6 +9,7 @@
 - if ``sd/`` exists: oracle shape+colour match of base samples for held-out prompts (bar >= 0.60) and the spread
   of their gold aesthetic.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,17 +42,18 @@ def main(argv=None) -> int:
     assets = Path(args.assets)
     clip_dir = str(assets / "clip")
     clip_score = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None, clip_at_zero=False)
-    aesthetic = load_reward("aesthetic", clip_model=clip_dir, clip_pretrained=None,
-                            weights=str(assets / "aesthetic_head.safetensors"))
+    aesthetic = load_reward("aesthetic", clip_model=clip_dir, clip_pretrained=None, weights=str(assets / "aesthetic_head.safetensors"))
     scenes = sample_scenes(args.n, seed=HELD_OUT_SEED)
     images = to_tensor(render_batch(scenes))
     acc = zero_shot_by_reward(clip_score, scenes, images)
     pred = aesthetic(images, [caption(s) for s in scenes]).numpy()
     gold = np.array([gold_aesthetic(s) for s in scenes])
     fig = {"zero_shot_shape": acc["shape"], "zero_shot_colour": acc["colour"], "head_spearman": spearman(pred, gold)}
-    rows = [("CLIP zero-shot shape accuracy", fig["zero_shot_shape"], ">= 0.90"),
-            ("CLIP zero-shot colour accuracy", fig["zero_shot_colour"], ">= 0.90"),
-            ("aesthetic head Spearman vs gold", fig["head_spearman"], ">= 0.80")]
+    rows = [
+        ("CLIP zero-shot shape accuracy", fig["zero_shot_shape"], ">= 0.90"),
+        ("CLIP zero-shot colour accuracy", fig["zero_shot_colour"], ">= 0.90"),
+        ("aesthetic head Spearman vs gold", fig["head_spearman"], ">= 0.80"),
+    ]
     if args.sd_prompts and (assets / "sd" / "model_index.json").is_file():
         from raft_diffusion.diffusion.pipeline import load_pipeline
         from raft_diffusion.diffusion.toyworld.sd import evaluate_pipeline
@@ -59,9 +61,11 @@ def main(argv=None) -> int:
         pipe = load_pipeline(str(assets / "sd"), device="cpu", dtype="fp32")
         ev = evaluate_pipeline(pipe, n_prompts=args.sd_prompts)
         fig.update({f"sd_{k}": v for k, v in ev.items() if k not in ("images", "prompt_list")})
-        rows += [("base T2I oracle match (held-out prompts)", ev["match"], ">= 0.60"),
-                 ("  shape ok / colour ok", f"{ev['shape_ok']:.3f} / {ev['colour_ok']:.3f}", ""),
-                 ("  gold aesthetic mean / std", f"{ev['gold_mean']:.2f} / {ev['gold_std']:.2f}", "std > 0.5")]
+        rows += [
+            ("base T2I oracle match (held-out prompts)", ev["match"], ">= 0.60"),
+            ("  shape ok / colour ok", f"{ev['shape_ok']:.3f} / {ev['colour_ok']:.3f}", ""),
+            ("  gold aesthetic mean / std", f"{ev['gold_mean']:.2f} / {ev['gold_std']:.2f}", "std > 0.5"),
+        ]
     print(f"toy world quality ({assets}, {args.n} held-out renders)")
     for name, value, bar in rows:
         v = f"{value:.3f}" if isinstance(value, float) else value

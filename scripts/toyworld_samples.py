@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Save enlarged grids of a built toy world: renders, their VAE reconstructions, and base-model samples.
 
-    python scripts/toyworld_samples.py [--assets raft_diffusion/diffusion/toyworld/assets] [--out toyworld_samples]
+python scripts/toyworld_samples.py [--assets raft_diffusion/diffusion/toyworld/assets] [--out toyworld_samples]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
         rec = (pipe.vae.decode(pipe.vae.encode(x * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
     print(save_grid(torch.cat([x, rec]), out / "vae_renders_then_reconstructions.png"))
     _, held = split_captions()
-    prompts = held[::max(1, len(held) // 16)][:16]
+    prompts = held[:: max(1, len(held) // 16)][:16]
     ims = sample(pipe, prompts, list(range(len(prompts))), args.steps, args.guidance)
     m = oracle_metrics(ims, prompts)
     for i, p in enumerate(prompts):

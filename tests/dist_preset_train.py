@@ -6,18 +6,19 @@
 CHUNKS is a comma list of train.chunk_size values (null = the preset's own); the main process saves
 {chunk_size: {trained parameter name: tensor}} to OUT.pt.
 """
+
 import sys
 
 import torch
 
-from raft_diffusion.diffusion.config import load_config
 from raft_diffusion.core.dist import init_dist
 from raft_diffusion.core.seeds import stage_seed
 from raft_diffusion.diffusion import finetune as ft
-from raft_diffusion.diffusion.task import resolve_pretrained, train_settings
+from raft_diffusion.diffusion.config import load_config
 from raft_diffusion.diffusion.generate import encode_prompts
 from raft_diffusion.diffusion.pipeline import load_pipeline
 from raft_diffusion.diffusion.prompts import load_prompts
+from raft_diffusion.diffusion.task import resolve_pretrained, train_settings
 
 KEPT = 24  # kept samples per stage
 
@@ -30,8 +31,9 @@ def two_stages(pipe, cfg, dist) -> dict:
     for stage in (1, 2):
         latents = torch.randn((KEPT, *shape), generator=gen)
         prompts = torch.arange(KEPT) % embeds.shape[0]
-        ft.train_unet(pipe, latents, embeds[prompts], **train_settings(cfg.train),
-                      seed=stage_seed(cfg.seed, stage, "train"), progress=False, dist=dist)
+        ft.train_unet(
+            pipe, latents, embeds[prompts], **train_settings(cfg.train), seed=stage_seed(cfg.seed, stage, "train"), progress=False, dist=dist
+        )
     return {n: p.detach().clone() for n, p in pipe.unet.named_parameters() if p.requires_grad}
 
 
@@ -41,8 +43,14 @@ def main(preset: str, out: str, chunks: str, *overrides: str) -> None:
     pipe = load_pipeline(resolve_pretrained(cfg.model.pretrained), device="cpu")
     t = cfg.train
     if t.method == "lora":
-        ft.add_lora(pipe.unet, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                    target_modules=tuple(t.target_modules), init_seed=stage_seed(cfg.seed, 0, "lora-init"))
+        ft.add_lora(
+            pipe.unet,
+            rank=t.lora_rank,
+            alpha=t.lora_alpha,
+            dropout=t.lora_dropout,
+            target_modules=tuple(t.target_modules),
+            init_seed=stage_seed(cfg.seed, 0, "lora-init"),
+        )
     else:
         ft.set_full_finetune(pipe.unet)
     start = [p.detach().clone() for p in ft.trainable_parameters(pipe.unet)]

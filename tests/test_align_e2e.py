@@ -1,4 +1,5 @@
 """`raft-diffusion align` end to end on the tiny pipeline: reward climbs, layout, LoRA reload, resume, errors."""
+
 import json
 import subprocess
 import sys
@@ -16,8 +17,7 @@ TINY = str(ROOT / "configs" / "tiny.yaml")
 
 
 def align(out, model_dir, *overrides):
-    return main(["align", "--config", TINY, "--output-dir", str(out), f"model.pretrained={model_dir}",
-                 "num_stages=2", "progress=false", *overrides])
+    return main(["align", "--config", TINY, "--output-dir", str(out), f"model.pretrained={model_dir}", "num_stages=2", "progress=false", *overrides])
 
 
 def strip_time(rows):
@@ -60,8 +60,9 @@ def test_run_directory_layout(full_run):
         assert set(load_file(str(sdir / "kept_latents.safetensors"))) == {f"p{s['prompt_index']:04d}_s{s['sample_index']:03d}" for s in kept}
         assert (sdir / "lora" / "pytorch_lora_weights.safetensors").is_file()
         assert len(read_jsonl(sdir / "eval.jsonl")) == 12
-    assert (full_run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == \
-        (full_run / "stages" / "002" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (full_run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == (
+        full_run / "stages" / "002" / "lora" / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
 
 
 def test_final_lora_loads_in_diffusers_and_changes_images(full_run, tiny_pipeline_dir):
@@ -175,7 +176,9 @@ def test_bad_input_is_one_clear_line(tiny_pipeline_dir, tmp_path, capsys, overri
 def test_console_script_prints_no_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "raft_diffusion", "align", "--config", TINY, "--output-dir", str(tmp_path / "r"), "topk=3"],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: unknown config key 'topk'; did you mean 'ranking.top_k'?"
@@ -200,32 +203,53 @@ def write_pool(folder, draw) -> Path:
 
 def test_external_pool_replaces_sampling(tiny_pipeline_dir, tmp_path):
     """Images from any generator, listed in a JSONL manifest, are scored, ranked and trained on."""
+
     def draw(img, p, k):  # centre brightness ranks sample 1 first
         img[8:24, 8:24] = [60, 200, 120][k] + 10 * p
 
     manifest = write_pool(tmp_path, draw)
     out = tmp_path / "run"
-    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", "ranking.top_k=1",
-                 "train.steps_per_stage=4", "train.empty_prompt_ratio=0.5", "train.snr_gamma=5",
-                 "train.timestep_range=[500,1000]") == 0
+    assert (
+        align(
+            out,
+            tiny_pipeline_dir,
+            f"sampling.external_pool={manifest}",
+            "num_stages=1",
+            "ranking.top_k=1",
+            "train.steps_per_stage=4",
+            "train.empty_prompt_ratio=0.5",
+            "train.snr_gamma=5",
+            "train.timestep_range=[500,1000]",
+        )
+        == 0
+    )
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     assert [(s["prompt"], s["sample_index"], s["kept"]) for s in samples] == [
-        ("a red circle", 0, False), ("a red circle", 1, True), ("a red circle", 2, False),
-        ("a blue square", 0, False), ("a blue square", 1, True), ("a blue square", 2, False)]
+        ("a red circle", 0, False),
+        ("a red circle", 1, True),
+        ("a red circle", 2, False),
+        ("a blue square", 0, False),
+        ("a blue square", 1, True),
+        ("a blue square", 2, False),
+    ]
     luma = [s["reward"] for s in samples]
     assert luma[1] == pytest.approx(200 / 255, abs=0.02) and luma[0] < luma[2] < luma[1]
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert read_jsonl(out / "metrics.jsonl")[-1]["reward_queries"] == 6
 
 
-@pytest.mark.parametrize("top_k, weight, kept", [
-    # plain top 2 would keep an image and its copy; the spread-out pick keeps the distinct one second
-    (2, "ranking.diversity_weight=100", [0, 1, 0, 1]),
-    # the novelty term: the lone image's mean CLIP distance to the others is twice the copies', so it beats them
-    (1, "ranking.novelty_weight=100", [0, 0]),
-])
+@pytest.mark.parametrize(
+    "top_k, weight, kept",
+    [
+        # plain top 2 would keep an image and its copy; the spread-out pick keeps the distinct one second
+        (2, "ranking.diversity_weight=100", [0, 1, 0, 1]),
+        # the novelty term: the lone image's mean CLIP distance to the others is twice the copies', so it beats them
+        (1, "ranking.novelty_weight=100", [0, 0]),
+    ],
+)
 def test_diversity_terms_keep_the_distinct_image(tiny_pipeline_dir, tmp_path, top_k, weight, kept):
     """Each prompt's pool: a dim striped image and two copies of a bright square, which score higher."""
+
     def draw(img, p, k):
         if k == 0:  # dimmer, and a different picture: stripes
             img[8:24, 8:24:4] = 120
@@ -234,8 +258,19 @@ def test_diversity_terms_keep_the_distinct_image(tiny_pipeline_dir, tmp_path, to
 
     manifest = write_pool(tmp_path, draw)
     out = tmp_path / "run"
-    assert align(out, tiny_pipeline_dir, f"sampling.external_pool={manifest}", "num_stages=1", f"ranking.top_k={top_k}",
-                 weight, "train.steps_per_stage=2", "eval.every=0") == 0
+    assert (
+        align(
+            out,
+            tiny_pipeline_dir,
+            f"sampling.external_pool={manifest}",
+            "num_stages=1",
+            f"ranking.top_k={top_k}",
+            weight,
+            "train.steps_per_stage=2",
+            "eval.every=0",
+        )
+        == 0
+    )
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     r = [s["reward"] for s in samples]
     assert r[1] == r[2] > r[0] and r[4] == r[5] > r[3]  # by reward alone, samples 1 (and 2) are kept
@@ -246,12 +281,11 @@ def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_pat
     """ranking.prompt_match=2: a sample the eval CLIP does not match to its prompt (rank 3 or 4 of the 4
     training prompts) is scored and logged but never kept; the kept set is the top 2 of the rest."""
     from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
-    from raft_diffusion.diffusion.pipeline import load_pipeline
     from raft_diffusion.diffusion.metrics import load_eval_clip, prompt_ranks
+    from raft_diffusion.diffusion.pipeline import load_pipeline
 
     out = tmp_path / "run"
-    assert align(out, tiny_pipeline_dir, "num_stages=1", "ranking.prompt_match=2", "train.steps_per_stage=2",
-                 "eval.every=0") == 0
+    assert align(out, tiny_pipeline_dir, "num_stages=1", "ranking.prompt_match=2", "train.steps_per_stage=2", "eval.every=0") == 0
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     assert all(s["reward"] is not None for s in samples)
     off = [s for s in samples if s.get("discarded")]
@@ -270,8 +304,7 @@ def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_pat
     prompts = ["a red circle", "a blue square", "a green triangle", "a yellow star"]
     mine = [s for s in samples if s["prompt_index"] == 1]
     emb, neg = encode_prompts(pipe, [s["prompt"] for s in mine], None, True)
-    images = generate_batch(pipe, emb, neg, [s["seed"] for s in mine], num_inference_steps=4, guidance_scale=2.0,
-                            height=32, width=32)[1]
+    images = generate_batch(pipe, emb, neg, [s["seed"] for s in mine], num_inference_steps=4, guidance_scale=2.0, height=32, width=32)[1]
     clip = load_eval_clip("tiny", None)
     ranks = prompt_ranks(clip.image_embeddings(images), clip.text_embeddings(prompts), [1] * len(mine))
     assert ranks == [s["prompt_rank"] for s in mine]

@@ -7,6 +7,7 @@
 
 Every import counts, also those inside functions (a lazy import is still an arrow).
 """
+
 from __future__ import annotations
 
 import ast
@@ -93,8 +94,7 @@ def test_every_internal_import_resolves(graph):
     for folder in ("scripts", "tests", "examples"):  # what imports the packages from outside
         for path in sorted((ROOT / folder).glob("*.py")):
             users[f"{folder}/{path.name}"] = _imports(f"{folder}.{path.stem}", path, _modules())
-    broken = [f"{mod} imports {t}" for mod, targets in users.items() for t in targets
-              if t.split(".")[0] in PACKAGES and t not in known]
+    broken = [f"{mod} imports {t}" for mod, targets in users.items() for t in targets if t.split(".")[0] in PACKAGES and t not in known]
     assert not broken, "\n".join(sorted(broken))
 
 

@@ -1,14 +1,15 @@
 """Config loading, overrides, validation messages; seeds; run directory."""
+
 from pathlib import Path
 
 import pytest
 import yaml
 
 from raft_diffusion.core.config import config_help, dump_config, valid_keys
-from raft_diffusion.diffusion.config import RaftConfig, config_from_dict, load_config
 from raft_diffusion.core.errors import ConfigError, UserError
 from raft_diffusion.core.rundir import RunDir
 from raft_diffusion.core.seeds import eval_seed, sample_seed
+from raft_diffusion.diffusion.config import RaftConfig, config_from_dict, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,14 +114,18 @@ def test_rundir_resume_rules(tmp_path):
 
 # --- values refused at load time, before any heavy import (issue: bad values that failed late) -------------
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lr_scheduler=bogus", "train.lr_scheduler must be one of constant, constant_with_warmup"),
-    ("sampling.height=30", "sampling.height must be a multiple of 8 .*e.g. sampling.height=32"),
-    ("sampling.width=4", "sampling.width must be a multiple of 8"),
-    ("train.lora_dropout=2", r"train.lora_dropout must be in \[0, 1\) \(got 2.0\)"),
-    ("train.lr_warmup_steps=-1", "train.lr_warmup_steps must be >= 0"),
-    ("train.target_modules=[]", "train.target_modules must be a module name, a list of them"),
-])
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr_scheduler=bogus", "train.lr_scheduler must be one of constant, constant_with_warmup"),
+        ("sampling.height=30", "sampling.height must be a multiple of 8 .*e.g. sampling.height=32"),
+        ("sampling.width=4", "sampling.width must be a multiple of 8"),
+        ("train.lora_dropout=2", r"train.lora_dropout must be in \[0, 1\) \(got 2.0\)"),
+        ("train.lr_warmup_steps=-1", "train.lr_warmup_steps must be >= 0"),
+        ("train.target_modules=[]", "train.target_modules must be a module name, a list of them"),
+    ],
+)
 def test_bad_values_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict({}, [override])
@@ -166,11 +171,13 @@ def test_loading_a_config_imports_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys; from raft_diffusion.diffusion.config import load_config; "
-            "load_config('configs/toy_aesthetic.yaml').preflight(); "
-            "from raft_diffusion.llm.config import LLMConfig; from raft_diffusion.core.config import load_config as lc; "
-            "lc('configs/llm_toy_sentiment.yaml', cls=LLMConfig).preflight(); import raft_diffusion.cli as c; c.build_parser(); "
-            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    code = (
+        "import sys; from raft_diffusion.diffusion.config import load_config; "
+        "load_config('configs/toy_aesthetic.yaml').preflight(); "
+        "from raft_diffusion.llm.config import LLMConfig; from raft_diffusion.core.config import load_config as lc; "
+        "lc('configs/llm_toy_sentiment.yaml', cls=LLMConfig).preflight(); import raft_diffusion.cli as c; c.build_parser(); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
     assert out.strip() == "[]"
 

@@ -1,14 +1,15 @@
 """The stage loop on a toy task with no model: resume, offline mode, metrics, bad rewards."""
+
 import math
 
 import pytest
 import torch
 
-from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import ScoreError
 from raft_diffusion.core.loop import run_raft
 from raft_diffusion.core.rundir import RunDir, read_jsonl, write_json
 from raft_diffusion.core.seeds import eval_seed
+from raft_diffusion.diffusion.config import config_from_dict
 
 
 class ScalarTask:
@@ -35,7 +36,7 @@ class ScalarTask:
 
     def sample(self, stage, requests):
         for i in range(0, len(requests), 4):
-            batch = list(requests[i:i + 4])
+            batch = list(requests[i : i + 4])
             for s in batch:
                 s.payload = self._draw(s.seed)
             yield batch
@@ -48,6 +49,7 @@ class ScalarTask:
 
     def load_kept(self, stage_dir, kept):
         import json
+
         values = json.loads((stage_dir / "kept.json").read_text())
         for s in kept:
             s.payload = values[f"{s.prompt_index}/{s.sample_index}"]
@@ -63,6 +65,7 @@ class ScalarTask:
 
     def restore(self, stage_dir):
         import json
+
         self.mu = json.loads((stage_dir / "weights" / "mu.json").read_text())["mu"]
 
     def weights_dir(self, stage_dir):
@@ -131,8 +134,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     rows = run_raft(cfg, resumed_task, part)
     assert strip_time(rows) == strip_time(ref)
     assert resumed_task.finetuned_on == [  # only stages 2 and 3 ran again
-        sorted((s["prompt_index"], s["sample_index"]) for s in read_jsonl(part.stage_dir(st) / "samples.jsonl") if s["kept"])
-        for st in (2, 3)
+        sorted((s["prompt_index"], s["sample_index"]) for s in read_jsonl(part.stage_dir(st) / "samples.jsonl") if s["kept"]) for st in (2, 3)
     ]
     assert (part.root / "final" / "mu.json").read_text() == (full.root / "final" / "mu.json").read_text()
 

@@ -1,4 +1,5 @@
 """Ranking and the streaming pool against brute-force references."""
+
 import math
 import random
 from types import SimpleNamespace
@@ -14,10 +15,17 @@ from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key,
 from raft_diffusion.core.types import Sample
 
 
-def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0, diversity_weight=0.0,
-      novelty_weight=0.0):
-    return SimpleNamespace(mode=mode, top_k=top_k, top_ratio=top_ratio, threshold=threshold, max_kept=max_kept,
-                           kl_beta=kl_beta, diversity_weight=diversity_weight, novelty_weight=novelty_weight)
+def R(mode="local", top_k=1, top_ratio=0.25, threshold=0.0, max_kept=None, kl_beta=0.0, diversity_weight=0.0, novelty_weight=0.0):
+    return SimpleNamespace(
+        mode=mode,
+        top_k=top_k,
+        top_ratio=top_ratio,
+        threshold=threshold,
+        max_kept=max_kept,
+        kl_beta=kl_beta,
+        diversity_weight=diversity_weight,
+        novelty_weight=novelty_weight,
+    )
 
 
 def brute_local(rewards, P, K, k):
@@ -32,16 +40,24 @@ def brute_local(rewards, P, K, k):
 
 def make(rewards, P, K, log_ratios=None):
     return [
-        Sample(prompt_index=p, sample_index=j, seed=p * 100 + j, reward=rewards[p * K + j],
-               log_ratio=None if log_ratios is None else log_ratios[p * K + j], payload=("img", p, j))
-        for p in range(P) for j in range(K)
+        Sample(
+            prompt_index=p,
+            sample_index=j,
+            seed=p * 100 + j,
+            reward=rewards[p * K + j],
+            log_ratio=None if log_ratios is None else log_ratios[p * K + j],
+            payload=("img", p, j),
+        )
+        for p in range(P)
+        for j in range(K)
     ]
 
 
 reward_lists = st.integers(1, 5).flatmap(
     lambda P: st.integers(1, 6).flatmap(
         lambda K: st.tuples(
-            st.just(P), st.just(K),
+            st.just(P),
+            st.just(K),
             st.lists(st.one_of(st.floats(-3, 3), st.sampled_from([0.0, 1.0, math.nan])), min_size=P * K, max_size=P * K),
         )
     )
@@ -58,7 +74,7 @@ def test_local_pool_equals_bruteforce_and_holds_at_most_topk(data, k, batch):
     random.Random(P * 31 + K).shuffle(order)  # arrival order must not matter
     pool = StreamingPool(R("local", top_k=k), expected_total=len(samples))
     for i in range(0, len(order), batch):
-        pool.add([samples[j] for j in order[i:i + batch]])
+        pool.add([samples[j] for j in order[i : i + batch]])
         per_prompt = {}
         for s in pool.records:
             if s.payload is not None:
@@ -164,7 +180,7 @@ def test_payload_count_matches_the_records(data, mode, max_kept):
     pool = StreamingPool(R(mode, top_k=1, top_ratio=0.3, threshold=0.0, max_kept=max_kept), expected_total=P * K)
     samples = make(rewards, P, K)
     for i in range(0, len(samples), 3):
-        pool.add(samples[i:i + 3])
+        pool.add(samples[i : i + 3])
         assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)
     pool.kept()
     assert pool.num_payloads_held() == sum(s.payload is not None for s in pool.records)
@@ -198,6 +214,7 @@ def test_novelty_pick_prefers_the_sample_in_the_sparse_part_of_the_pool():
 def brute_diverse(rewards, embs, P, K, k, w, v=0.0):
     """Per prompt: gain = reward + v * mean(1 - cos) to the prompt's other valid samples; best gain first (ties:
     better reward, then lower index); then greedily gain + w * mean(1 - cos) to the picks so far."""
+
     def cos_dist(a, b):
         na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(x * x for x in b))
         return 1.0 - sum(x * y for x, y in zip(a, b)) / (na * nb)
@@ -205,21 +222,28 @@ def brute_diverse(rewards, embs, P, K, k, w, v=0.0):
     out = set()
     for p in range(P):
         items = sorted((j for j in range(K) if not math.isnan(rewards[p * K + j])), key=lambda j: (-rewards[p * K + j], j))
-        gain = {j: rewards[p * K + j] + (v * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in items if i != j)
-                                         / (len(items) - 1) if len(items) > 1 else 0.0) for j in items}
+        gain = {
+            j: rewards[p * K + j]
+            + (v * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in items if i != j) / (len(items) - 1) if len(items) > 1 else 0.0)
+            for j in items
+        }
         picked = [max(items, key=lambda j: (gain[j], -items.index(j)))] if items else []
         while items and len(picked) < min(k, len(items)):
             rest = [j for j in items if j not in picked]
-            score = {j: gain[j] + w * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in picked) / len(picked)
-                     for j in rest}
+            score = {j: gain[j] + w * sum(cos_dist(embs[p * K + j], embs[p * K + i]) for i in picked) / len(picked) for j in rest}
             picked.append(max(rest, key=lambda j: (score[j], -items.index(j))))
         out |= {(p, j) for j in picked}
     return out
 
 
 @settings(max_examples=120, deadline=None)
-@given(reward_lists, st.integers(1, 6), st.integers(1, 4), st.sampled_from([(0.3, 0.0), (1.0, 0.0), (4.0, 0.0), (0.0, 2.0),
-                                                                            (1.0, 3.0)]), st.randoms(use_true_random=False))
+@given(
+    reward_lists,
+    st.integers(1, 6),
+    st.integers(1, 4),
+    st.sampled_from([(0.3, 0.0), (1.0, 0.0), (4.0, 0.0), (0.0, 2.0), (1.0, 3.0)]),
+    st.randoms(use_true_random=False),
+)
 def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, wv, rnd):
     w, v = wv
     P, K, rewards = data
@@ -232,14 +256,22 @@ def test_diverse_pool_equals_bruteforce_greedy(data, k, batch, wv, rnd):
     rnd.shuffle(order)  # arrival order must not matter
     pool = StreamingPool(R("local", top_k=k, diversity_weight=w, novelty_weight=v), expected_total=len(samples))
     for i in range(0, len(order), batch):
-        pool.add([samples[j] for j in order[i:i + batch]])
+        pool.add([samples[j] for j in order[i : i + batch]])
     kept = pool.kept()
     want = brute_diverse(rewards, embs, P, K, k, w, v)
     assert {(s.prompt_index, s.sample_index) for s in kept} == want
     assert [s.reward for s in kept] == sorted((s.reward for s in kept), reverse=True)  # best first, as always
     # the streaming pool and the reference selection agree, and only the kept hold payloads afterwards
-    ref = select([s.reward for s in samples], [s.prompt_index for s in samples], [s.sample_index for s in samples],
-                 mode="local", top_k=k, diversity_weight=w, embeddings=embs, novelty_weight=v)
+    ref = select(
+        [s.reward for s in samples],
+        [s.prompt_index for s in samples],
+        [s.sample_index for s in samples],
+        mode="local",
+        top_k=k,
+        diversity_weight=w,
+        embeddings=embs,
+        novelty_weight=v,
+    )
     assert {(samples[i].prompt_index, samples[i].sample_index) for i in ref} == want
     assert {(s.prompt_index, s.sample_index) for s in pool.records if s.payload is not None} == want
     assert pool.num_payloads_held() == len(want)

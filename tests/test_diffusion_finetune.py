@@ -1,4 +1,5 @@
 """UNet fine-tuning: LoRA changes only the adapter, saves/reloads in diffusers format, trains reproducibly."""
+
 from __future__ import annotations
 
 import pytest
@@ -149,8 +150,7 @@ def test_loss_is_the_denoising_loss_for_the_prediction_type(load_tiny_pipe, data
     pipe = load_tiny_pipe()
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction_type)
     add_lora(pipe.unet)
-    stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False,
-                       snr_gamma=snr_gamma)
+    stats = train_unet(pipe, latents, embeds, steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False, snr_gamma=snr_gamma)
 
     _, idx, noise, t = hand_draws(5)  # the same draws, by hand
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)

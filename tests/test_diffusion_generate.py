@@ -1,4 +1,5 @@
 """Pool generation: seeds fully determine samples; embeddings per prompt; VAE round trips."""
+
 from __future__ import annotations
 
 import pytest

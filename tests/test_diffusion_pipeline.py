@@ -1,4 +1,5 @@
 """Loading pipelines: devices, dtypes, local folders and hub ids, schedulers, attention."""
+
 from __future__ import annotations
 
 import json
@@ -7,8 +8,8 @@ import shutil
 import pytest
 import torch
 
-from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.common import resolve_device
+from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.pipeline import enable_attention, load_pipeline, resolve_dtype
 
 

@@ -1,4 +1,5 @@
 """Prompt sets."""
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -1,4 +1,5 @@
 """The tiny pipeline and the offline CLIP tokenizer."""
+
 from __future__ import annotations
 
 import json

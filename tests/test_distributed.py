@@ -1,4 +1,5 @@
 """Several processes (torchrun, gloo on CPU) select and train exactly what one process does, bit for bit."""
+
 import os
 import shutil
 import subprocess
@@ -18,21 +19,44 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found nex
 
 # configs/tiny.yaml's LoRA and training settings with a smaller pool and fewer steps, in chunks of 2 rows so that two
 # processes split every step (as shipped, one chunk of 4 a step, the second process only samples: see the demo test)
-CHEAP = ["progress=false", "sampling.num_per_prompt=4", "sampling.batch_size=4", "sampling.num_inference_steps=3",
-         "ranking.top_k=1", "train.steps_per_stage=8", "train.chunk_size=2", "eval.num_per_prompt=2", "eval.clip_model=null"]
+CHEAP = [
+    "progress=false",
+    "sampling.num_per_prompt=4",
+    "sampling.batch_size=4",
+    "sampling.num_inference_steps=3",
+    "ranking.top_k=1",
+    "train.steps_per_stage=8",
+    "train.chunk_size=2",
+    "eval.num_per_prompt=2",
+    "eval.clip_model=null",
+]
 
 
 def launch(args, procs=1, timeout=300):
     """``python ARGS`` or ``torchrun --nproc_per_node PROCS ARGS`` from the repository root, one thread each."""
     cmd = [sys.executable, *args] if procs == 1 else [TORCHRUN, "--standalone", f"--nproc_per_node={procs}", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAFT_DIST_TIMEOUT": "60",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}  # this checkout's package
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "RAFT_DIST_TIMEOUT": "60",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }  # this checkout's package
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
 def run(out, model_dir, *overrides, procs=1, timeout=300):
-    cli = ["-m", "raft_diffusion", "align", "--config", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(out),
-           f"model.pretrained={model_dir}", *CHEAP, *overrides]
+    cli = [
+        "-m",
+        "raft_diffusion",
+        "align",
+        "--config",
+        str(ROOT / "configs" / "tiny.yaml"),
+        "--output-dir",
+        str(out),
+        f"model.pretrained={model_dir}",
+        *CHEAP,
+        *overrides,
+    ]
     return launch(cli, procs, timeout)
 
 
@@ -62,8 +86,9 @@ def test_two_processes_match_one(single, tiny_pipeline_dir, tmp_path):
     for stage in (1, 2):
         a = read_jsonl(single / "stages" / f"{stage:03d}" / "samples.jsonl")
         b = read_jsonl(out / "stages" / f"{stage:03d}" / "samples.jsonl")
-        assert [(r["prompt_index"], r["sample_index"], r["seed"], r["kept"], r["reward"]) for r in a] == \
-               [(r["prompt_index"], r["sample_index"], r["seed"], r["kept"], r["reward"]) for r in b]
+        assert [(r["prompt_index"], r["sample_index"], r["seed"], r["kept"], r["reward"]) for r in a] == [
+            (r["prompt_index"], r["sample_index"], r["seed"], r["kept"], r["reward"]) for r in b
+        ]
         assert_bitwise_equal(lora(single, stage), lora(out, stage))
     assert_bitwise_equal(lora(single), lora(out))
     ma, mb = read_jsonl(single / "metrics.jsonl"), read_jsonl(out / "metrics.jsonl")
@@ -78,8 +103,9 @@ def test_two_process_run_resumes_with_one(single, tiny_pipeline_dir, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     second = run(out, tiny_pipeline_dir, "num_stages=2")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert [r["kept"] for r in read_jsonl(out / "stages" / "002" / "samples.jsonl")] == \
-           [r["kept"] for r in read_jsonl(single / "stages" / "002" / "samples.jsonl")]
+    assert [r["kept"] for r in read_jsonl(out / "stages" / "002" / "samples.jsonl")] == [
+        r["kept"] for r in read_jsonl(single / "stages" / "002" / "samples.jsonl")
+    ]
     assert_bitwise_equal(lora(single), lora(out))
 
 
@@ -113,8 +139,7 @@ def test_demo_preset_training_is_the_same_on_several_processes(tmp_path, procs):
 def test_full_finetune_is_the_same_on_three_processes(tiny_pipeline_dir, tmp_path):
     # every UNet weight trains (985k gradients a chunk), 4 chunks of 1 row a step dealt 2 / 1 / 1
     args = [str(ROOT / "tests" / "dist_preset_train.py"), str(ROOT / "configs" / "tiny.yaml")]
-    settings = ["1", f"model.pretrained={tiny_pipeline_dir}", "train.method=full", "train.learning_rate=1e-4",
-                "train.steps_per_stage=3"]
+    settings = ["1", f"model.pretrained={tiny_pipeline_dir}", "train.method=full", "train.learning_rate=1e-4", "train.steps_per_stage=3"]
     for name, procs in (("one", 1), ("three", 3)):
         proc = launch([*args, str(tmp_path / f"{name}.pt"), *settings], procs=procs)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -123,7 +148,7 @@ def test_full_finetune_is_the_same_on_three_processes(tiny_pipeline_dir, tmp_pat
     assert_bitwise_equal(a, b)
 
 
-FAILING_REWARD = '''
+FAILING_REWARD = """
 import os
 import torch
 
@@ -131,7 +156,7 @@ def fails_on_rank_1(images, prompts, **kwargs):
     if os.environ.get("RANK") == "1":
         raise RuntimeError("reward service unreachable from rank 1")
     return images.mean(dim=(1, 2, 3))
-'''
+"""
 
 
 def test_failure_in_one_process_ends_the_run(tiny_pipeline_dir, tmp_path):

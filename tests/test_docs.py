@@ -1,4 +1,5 @@
 """The docs that are generated stay current, and the README stays a front door."""
+
 import importlib.util
 from pathlib import Path
 
@@ -15,7 +16,8 @@ def _generator():
 def test_configuration_reference_is_current():
     gen = _generator()
     assert (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8") == gen.render(), (
-        "docs/configuration.md is out of date: run python scripts/gen_config_reference.py")
+        "docs/configuration.md is out of date: run python scripts/gen_config_reference.py"
+    )
 
 
 def test_configuration_reference_lists_every_key():

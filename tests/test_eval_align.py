@@ -1,5 +1,6 @@
 """`align` with eval CLIP metrics and early stop on the tiny pipeline, its automatic gallery, and `compare`
 reproducing the run's held-out images from the saved LoRA."""
+
 import json
 from pathlib import Path
 
@@ -27,9 +28,23 @@ def tiny_clip_dir(tmp_path_factory):
 def stopped_run(tiny_pipeline_dir, tiny_clip_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "stopped"
     # min_delta is huge, so no stage ever counts as an improvement: patience 1 stops after stage 1
-    code = main(["align", "--config", TINY, "--output-dir", str(out), f"model.pretrained={tiny_pipeline_dir}",
-                 "num_stages=3", "progress=false", "train.steps_per_stage=8", f"eval.clip_model={tiny_clip_dir}",
-                 "early_stop.patience=1", "early_stop.min_delta=1e9", "early_stop.min_diversity_ratio=0.01"])
+    code = main(
+        [
+            "align",
+            "--config",
+            TINY,
+            "--output-dir",
+            str(out),
+            f"model.pretrained={tiny_pipeline_dir}",
+            "num_stages=3",
+            "progress=false",
+            "train.steps_per_stage=8",
+            f"eval.clip_model={tiny_clip_dir}",
+            "early_stop.patience=1",
+            "early_stop.min_delta=1e9",
+            "early_stop.min_diversity_ratio=0.01",
+        ]
+    )
     assert code == 0
     return out
 
@@ -52,10 +67,9 @@ def test_diversity_recomputed_from_the_saved_images(stopped_run, tiny_clip_dir):
 
     clip = load_eval_clip(str(tiny_clip_dir), None)
     evals = read_jsonl(stopped_run / "stages" / "000" / "eval.jsonl")
-    images = torch.stack([
-        torch.from_numpy(np.array(Image.open(stopped_run / "stages" / "000" / e["image"]))).permute(2, 0, 1).float() / 255
-        for e in evals
-    ])
+    images = torch.stack(
+        [torch.from_numpy(np.array(Image.open(stopped_run / "stages" / "000" / e["image"]))).permute(2, 0, 1).float() / 255 for e in evals]
+    )
     value = diversity(clip.image_embeddings(images), [e["prompt_index"] for e in evals])
     assert value == pytest.approx(read_jsonl(stopped_run / "metrics.jsonl")[0]["eval_diversity"], rel=0.01)  # PNG rounding
 
@@ -65,8 +79,9 @@ def test_early_stop_keeps_the_best_stage_and_says_why(stopped_run):
     assert stop["stopped_after_stage"] == 1 and stop["final_stage"] == 1
     assert stop["reason"].startswith("eval_reward_mean has not improved by more than 1e+09 for 1 stages")
     assert not (stopped_run / "stages" / "002").exists()
-    assert (stopped_run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == \
-        (stopped_run / "stages" / "001" / "lora" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (stopped_run / "final" / "pytorch_lora_weights.safetensors").read_bytes() == (
+        stopped_run / "stages" / "001" / "lora" / "pytorch_lora_weights.safetensors"
+    ).read_bytes()
 
 
 def test_align_writes_the_gallery(stopped_run):
@@ -81,15 +96,29 @@ def test_align_writes_the_gallery(stopped_run):
 def test_compare_reproduces_the_runs_held_out_images(stopped_run, tiny_pipeline_dir, tmp_path):
     seeds = [eval_seed(0, 0, k) for k in range(2)]  # held-out prompt 0 of the run is "a red square"
     out = tmp_path / "cmp"
-    code = main(["compare", str(tiny_pipeline_dir), str(stopped_run), "--output-dir", str(out),
-                 "--prompt", "a red square", "--seeds", *map(str, seeds), "--label", "raft"])
+    code = main(
+        [
+            "compare",
+            str(tiny_pipeline_dir),
+            str(stopped_run),
+            "--output-dir",
+            str(out),
+            "--prompt",
+            "a red square",
+            "--seeds",
+            *map(str, seeds),
+            "--label",
+            "raft",
+        ]
+    )
     assert code == 0
     records = read_jsonl(out / "compare.jsonl")
     assert [(r["label"], r["sample_index"]) for r in records] == [("base", 0), ("base", 1), ("raft", 0), ("raft", 1)]
     for r in records:
         stage = "000" if r["label"] == "base" else "001"
-        ref = next(e for e in read_jsonl(stopped_run / "stages" / stage / "eval.jsonl")
-                   if e["prompt_index"] == 0 and e["sample_index"] == r["sample_index"])
+        ref = next(
+            e for e in read_jsonl(stopped_run / "stages" / stage / "eval.jsonl") if e["prompt_index"] == 0 and e["sample_index"] == r["sample_index"]
+        )
         a = np.asarray(Image.open(out / r["image"])).astype(int)
         b = np.asarray(Image.open(stopped_run / "stages" / stage / ref["image"])).astype(int)
         assert np.abs(a - b).max() <= 1, r  # same model, prompt and noise: the same image

@@ -1,13 +1,14 @@
 """Early-stop rules on synthetic metric sequences, and the loop keeping the best stage as final/."""
+
 import json
 
 import pytest
 
-from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.early_stop import STOP_FILE, EarlyStopper, read_stop
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.loop import run_raft
 from raft_diffusion.core.rundir import RunDir, write_json
+from raft_diffusion.diffusion.config import config_from_dict
 
 
 def rows_of(rewards, clip=None, div=None):
@@ -101,14 +102,17 @@ def test_floors_are_skipped_without_a_positive_base_value():
     assert EarlyStopper(floors=[("eval_clip_score", "prompt fidelity", 0.9)])(rows) is None
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["early_stop.patience=0"], "early_stop.patience must be >= 1 or null"),
-    (["early_stop.min_diversity_ratio=0.5"], "early_stop.min_diversity_ratio needs eval.clip_model"),
-    (["eval.clip_model=tiny", "early_stop.min_fidelity_ratio=1.5"], "early_stop.min_fidelity_ratio must be in (0, 1]"),
-    (["early_stop.metric=reward_mean"], "early_stop.metric must be a held-out metric"),
-    (["early_stop.patience=2", "eval.every=0"], "early_stop needs held-out evaluation"),
-    (["early_stop.min_delta=-1"], "early_stop.min_delta must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["early_stop.patience=0"], "early_stop.patience must be >= 1 or null"),
+        (["early_stop.min_diversity_ratio=0.5"], "early_stop.min_diversity_ratio needs eval.clip_model"),
+        (["eval.clip_model=tiny", "early_stop.min_fidelity_ratio=1.5"], "early_stop.min_fidelity_ratio must be in (0, 1]"),
+        (["early_stop.metric=reward_mean"], "early_stop.metric must be a held-out metric"),
+        (["early_stop.patience=2", "eval.every=0"], "early_stop needs held-out evaluation"),
+        (["early_stop.min_delta=-1"], "early_stop.min_delta must be >= 0"),
+    ],
+)
 def test_config_validation(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         config_from_dict({}, overrides)
@@ -202,8 +206,11 @@ def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, caplog):
     assert [r["stage"] for r in rows] == [0, 1, 2, 3, 4]
     assert final_weights(run) == 2
     stop = read_stop(run.root)
-    assert stop == {"reason": "eval_reward_mean has not improved for 2 stages (patience 2; best 0.9 at stage 2, "
-                              "0.6 at stage 4)", "stopped_after_stage": 4, "final_stage": 2}
+    assert stop == {
+        "reason": "eval_reward_mean has not improved for 2 stages (patience 2; best 0.9 at stage 2, 0.6 at stage 4)",
+        "stopped_after_stage": 4,
+        "final_stage": 2,
+    }
     assert "early stop after stage 4" in caplog.text and "final/ = stage 2" in caplog.text
 
     # resuming with the same settings stays stopped; a larger patience is a resumable change and goes on

@@ -1,4 +1,5 @@
 """Held-out metrics on constructed embeddings and rewards: CLIP score, diversity, best-of-K, components."""
+
 import math
 
 import pytest
@@ -11,12 +12,18 @@ E1, E2, E3 = torch.eye(3)
 
 
 def test_diversity_is_mean_pairwise_cosine_distance_per_prompt_then_over_prompts():
-    emb = torch.stack([
-        E1, E2,            # prompt 0: orthogonal -> distance 1
-        E3, 5 * E3,        # prompt 1: same direction (scale does not matter) -> 0
-        E1, -E1, E2,       # prompt 2: pairs (e1,-e1)=2, (e1,e2)=1, (-e1,e2)=1 -> 4/3
-        E2,                # prompt 3: a single sample, no pair: left out
-    ])
+    emb = torch.stack(
+        [
+            E1,
+            E2,  # prompt 0: orthogonal -> distance 1
+            E3,
+            5 * E3,  # prompt 1: same direction (scale does not matter) -> 0
+            E1,
+            -E1,
+            E2,  # prompt 2: pairs (e1,-e1)=2, (e1,e2)=1, (-e1,e2)=1 -> 4/3
+            E2,  # prompt 3: a single sample, no pair: left out
+        ]
+    )
     groups = [0, 0, 1, 1, 2, 2, 2, 3]
     assert diversity(emb, groups) == pytest.approx((1 + 0 + 4 / 3) / 3)
     assert diversity(emb[:2], [0, 0]) == pytest.approx(1.0)
@@ -82,10 +89,9 @@ def test_eval_metrics_keys_and_values():
 
 
 def test_tiny_eval_clip_agrees_with_the_clip_score_reward(tmp_path):
-    from reward_models import load_reward
-
     from raft_diffusion.diffusion.metrics import load_eval_clip
     from raft_diffusion.diffusion.tiny import ensure_tiny_clip
+    from reward_models import load_reward
 
     folder = ensure_tiny_clip(tmp_path)
     assert ensure_tiny_clip(tmp_path) == folder  # built once

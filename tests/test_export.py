@@ -7,6 +7,7 @@ model (weights W + scale * B @ A summed once) against base + LoRA (the two paths
 (measured ~1e-6, float32 rounding of a different summation order); the single file's weights are bitwise the merged
 folder's.
 """
+
 import json
 import re
 import shutil
@@ -145,8 +146,7 @@ def test_kohya_keeps_alpha_when_it_differs_from_rank(alpha8_rank4, tiny_pipeline
 
 def test_diffusers_export_is_the_run_lora_and_its_card(run_dir, tmp_path):
     assert main(["export", str(run_dir / "stages" / "001"), "--format", "diffusers", "-o", str(tmp_path / "d")]) == 0
-    assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").read_bytes() == \
-        (run_dir / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+    assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").read_bytes() == (run_dir / "final" / "pytorch_lora_weights.safetensors").read_bytes()
     assert main(["export", str(run_dir), "--format", "diffusers", "-o", str(tmp_path / "f")]) == 0
     assert (tmp_path / "f" / "README.md").read_text() == (run_dir / "final" / "README.md").read_text()
 
@@ -221,8 +221,13 @@ def test_single_file_names_match_diffusers_reader_at_sd15_size():
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8, layers_per_block=2, sample_size=64)
-        vae = AutoencoderKL(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+        )
     for model, to_ldm, back in ((unet, unet_to_ldm, convert_ldm_unet_checkpoint), (vae, vae_to_ldm, convert_ldm_vae_checkpoint)):
         state = model.state_dict()
         ldm = to_ldm(state, model.config)
@@ -270,7 +275,7 @@ def test_card_of_a_full_finetuning_run(run_dir, tmp_path):
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg["train"]["method"] = "full"
     (full / "config.yaml").write_text(yaml.safe_dump(cfg))
-    card = (full / "final" / "README.md")
+    card = full / "final" / "README.md"
     assert main(["card", str(full), "--license", "openrail"]) == 0
     text = card.read_text()
     assert "# RAFT UNet for" in text and "UNet2DConditionModel.from_pretrained" in text and "load_lora_weights" not in text
@@ -298,8 +303,9 @@ def test_push_offline_is_one_line_naming_the_upload(run_dir, monkeypatch, capsys
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     reason = "HF_HUB_OFFLINE is set" if offline == "env" else "no network connection to huggingface.co"
     assert err.startswith(f"error: cannot push ({reason}")
-    assert err.rstrip().endswith("): would upload gallery/grid_before_after.png, pytorch_lora_weights.safetensors "
-                                 f"and README.md from {run_dir} to someone/raft-tiny")
+    assert err.rstrip().endswith(
+        f"): would upload gallery/grid_before_after.png, pytorch_lora_weights.safetensors and README.md from {run_dir} to someone/raft-tiny"
+    )
 
 
 # --- bad input ------------------------------------------------------------------------------------------------
@@ -323,8 +329,10 @@ def test_bad_input_is_one_clear_line(run_dir, tiny_pipeline_dir, tmp_path, capsy
     cases = [
         (["export", str(tmp_path / "nope"), "--format", "kohya", "-o", str(tmp_path / "o")], "does not exist"),
         (["export", str(unfinished), "--format", "kohya", "-o", str(tmp_path / "o")], "has no final/pytorch_lora_weights.safetensors"),
-        (["export", str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"), "--format", "kohya",
-          "-o", str(tmp_path / "o")], "holds no LoRA tensors"),
+        (
+            ["export", str(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors"), "--format", "kohya", "-o", str(tmp_path / "o")],
+            "holds no LoRA tensors",
+        ),
         (["export", str(run_dir / "config.yaml"), "--format", "peft", "-o", str(tmp_path / "o")], "is not a .safetensors file"),
         (["export", str(tiny_pipeline_dir), "--format", "kohya", "-o", str(tmp_path / "o")], "holds no LoRA"),
         (["export", str(run_dir), "--format", "kohya", "-o", str(tmp_path / "taken")], "already exists"),

@@ -3,6 +3,7 @@
 Every family runs on a tiny pipeline built from configs (diffusion.families.tiny; SD: diffusion.tiny), on CPU
 in fp32, 32 px images and 16 x 16 latents, 2 sampling steps, T5 sequences of 32 tokens.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,9 +71,7 @@ def _reload(name, family_dirs, pipes, **kwargs):
 @pytest.fixture(scope="session")
 def embeds(pipes):
     """PROMPTS encoded once per family (with the empty negative prompt where the family has CFG)."""
-    return {
-        n: get_family(n).encode_prompts(pipes[n], PROMPTS, do_cfg=n != "flux", **_encode_kwargs(n)) for n in FAMILIES
-    }
+    return {n: get_family(n).encode_prompts(pipes[n], PROMPTS, do_cfg=n != "flux", **_encode_kwargs(n)) for n in FAMILIES}
 
 
 # --- detection ---------------------------------------------------------------------------------------------
@@ -246,15 +245,26 @@ def _by_hand_flow_loss(name, pipe, x0, noise, t, emb, weighting):
     n = x0.shape[0]
     with torch.no_grad():
         if name == "sd3":
-            pred = pipe.transformer(hidden_states=xt, timestep=t, encoder_hidden_states=emb.per_prompt["prompt_embeds"],
-                                    pooled_projections=emb.per_prompt["pooled_prompt_embeds"], return_dict=False)[0]
+            pred = pipe.transformer(
+                hidden_states=xt,
+                timestep=t,
+                encoder_hidden_states=emb.per_prompt["prompt_embeds"],
+                pooled_projections=emb.per_prompt["pooled_prompt_embeds"],
+                return_dict=False,
+            )[0]
         else:
             packed = FluxPipeline._pack_latents(xt, n, 4, 16, 16)
             ids = FluxPipeline._prepare_latent_image_ids(n, 8, 8, "cpu", torch.float32)
-            pred = pipe.transformer(hidden_states=packed, timestep=t / 1000, guidance=torch.full((n,), 3.5),
-                                    pooled_projections=emb.per_prompt["pooled_prompt_embeds"],
-                                    encoder_hidden_states=emb.per_prompt["prompt_embeds"],
-                                    txt_ids=emb.shared["text_ids"], img_ids=ids, return_dict=False)[0]
+            pred = pipe.transformer(
+                hidden_states=packed,
+                timestep=t / 1000,
+                guidance=torch.full((n,), 3.5),
+                pooled_projections=emb.per_prompt["pooled_prompt_embeds"],
+                encoder_hidden_states=emb.per_prompt["prompt_embeds"],
+                txt_ids=emb.shared["text_ids"],
+                img_ids=ids,
+                return_dict=False,
+            )[0]
             pred = FluxPipeline._unpack_latents(pred, 32, 32, 2)
     w = compute_loss_weighting_for_sd3(weighting, s).view(-1, 1, 1, 1)
     return (w * (pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3))
@@ -276,8 +286,16 @@ def test_flow_training_loss_equals_by_hand(pipes, embeds, name, weighting):
     torch.testing.assert_close(loss, expected, atol=1e-6, rtol=1e-5)
     if name == "flux":  # the guidance embedding is part of the conditioning
         with torch.no_grad():
-            other = family.training_loss(pipe, pipe.transformer, x0, emb, [0, 1], noise=noise, timesteps=t,
-                                         settings=LossSettings(weighting_scheme=weighting, flux_guidance=1.0))
+            other = family.training_loss(
+                pipe,
+                pipe.transformer,
+                x0,
+                emb,
+                [0, 1],
+                noise=noise,
+                timesteps=t,
+                settings=LossSettings(weighting_scheme=weighting, flux_guidance=1.0),
+            )
         assert (other - loss).abs().max() > 1e-4
 
 

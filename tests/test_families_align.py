@@ -2,6 +2,7 @@
 sampling size, reward, ranking and a few train settings (no LoRA targets, no eval CLIP) runs two stages,
 raises the reward on held-out prompts, and its LoRA reloads in a fresh pipeline of the family with
 ``load_lora_weights``, reproducing the run's own held-out images."""
+
 import json
 
 import numpy as np
@@ -17,10 +18,11 @@ CONFIG = {
     "seed": 0,
     "num_stages": 2,
     "model": {"device": "cpu"},
-    "prompts": {"train": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
-                "eval": ["a red square", "a blue circle", "a green star"]},
-    "sampling": {"num_per_prompt": 8, "batch_size": 16, "num_inference_steps": 4, "guidance_scale": 2.0,
-                 "height": 32, "width": 32},
+    "prompts": {
+        "train": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
+        "eval": ["a red square", "a blue circle", "a green star"],
+    },
+    "sampling": {"num_per_prompt": 8, "batch_size": 16, "num_inference_steps": 4, "guidance_scale": 2.0, "height": 32, "width": 32},
     "reward": {"name": "brightness", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}},
     "ranking": {"mode": "local", "top_k": 2},
     "train": {"lora_rank": 8, "lora_alpha": 16, "steps_per_stage": 30, "batch_size": 4, "learning_rate": 0.1},
@@ -46,8 +48,7 @@ def test_two_stages_raise_the_held_out_reward(family_run):
     name, _, out = family_run
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["stage"] for r in rows] == [0, 1, 2]
-    assert rows[-1]["eval_reward_mean"] > rows[0]["eval_reward_mean"], (name, rows[0]["eval_reward_mean"],
-                                                                         rows[-1]["eval_reward_mean"])
+    assert rows[-1]["eval_reward_mean"] > rows[0]["eval_reward_mean"], (name, rows[0]["eval_reward_mean"], rows[-1]["eval_reward_mean"])
     for r in rows[1:]:
         assert r["kept_reward_mean"] > r["reward_mean"]  # the selection keeps the brighter samples
 
@@ -71,15 +72,32 @@ def test_lora_reloads_in_a_fresh_pipeline_and_reproduces_the_held_out_images(fam
     rows = [json.loads(line) for line in (out / "stages" / "002" / "eval.jsonl").read_text().splitlines()]
     prompts = CONFIG["prompts"]["eval"]
     embeds = family.encode_prompts(pipe, prompts, None, do_cfg=True)
-    latents = family.sample(pipe, embeds, [r["prompt_index"] for r in rows], [r["seed"] for r in rows],
-                            steps=CONFIG["sampling"]["num_inference_steps"], guidance=CONFIG["sampling"]["guidance_scale"],
-                            height=32, width=32)
+    latents = family.sample(
+        pipe,
+        embeds,
+        [r["prompt_index"] for r in rows],
+        [r["seed"] for r in rows],
+        steps=CONFIG["sampling"]["num_inference_steps"],
+        guidance=CONFIG["sampling"]["guidance_scale"],
+        height=32,
+        width=32,
+    )
     images = (family.decode(pipe, latents).clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     saved = np.stack([np.asarray(Image.open(out / "stages" / "002" / r["image"]).convert("RGB")) for r in rows])
     # same weights, same seeds: at most one level of uint8 rounding apart (measured: identical)
     assert np.abs(images.astype(int) - saved.astype(int)).max() <= 1
     base = family.load(str(folder), device="cpu")  # and the LoRA is what made them: the base draws others
-    base_images = family.decode(base, family.sample(base, family.encode_prompts(base, prompts, None, do_cfg=True),
-                                                    [r["prompt_index"] for r in rows], [r["seed"] for r in rows],
-                                                    steps=4, guidance=2.0, height=32, width=32))
+    base_images = family.decode(
+        base,
+        family.sample(
+            base,
+            family.encode_prompts(base, prompts, None, do_cfg=True),
+            [r["prompt_index"] for r in rows],
+            [r["seed"] for r in rows],
+            steps=4,
+            guidance=2.0,
+            height=32,
+            width=32,
+        ),
+    )
     assert (base_images * 255 - torch.from_numpy(saved).permute(0, 3, 1, 2).float()).abs().max() > 2

@@ -4,6 +4,7 @@ FLUX.1-dev denoiser configs, their default LoRA targets and LoRA sizes, and the 
 Slow (a few minutes of CPU for the shape-only forwards): ``pytest -m slow tests/test_families_full.py -s``
 prints the figures.
 """
+
 from __future__ import annotations
 
 import types
@@ -168,12 +169,15 @@ def test_text_encoder_and_vae_sizes_used_above():
         T5EncoderModel,
     )
 
-    clip_l = CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                            projection_dim=768, hidden_act="quick_gelu")  # openai/clip-vit-large-patch14
-    clip_g = CLIPTextConfig(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                            projection_dim=1280, hidden_act="gelu")  # OpenCLIP ViT-bigG/14 (SDXL text_encoder_2)
-    t5_xxl = T5Config(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # google/t5-v1_1-xxl
+    clip_l = CLIPTextConfig(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"
+    )  # openai/clip-vit-large-patch14
+    clip_g = CLIPTextConfig(
+        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu"
+    )  # OpenCLIP ViT-bigG/14 (SDXL text_encoder_2)
+    t5_xxl = T5Config(
+        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False
+    )  # google/t5-v1_1-xxl
     vae = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
                "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "norm_num_groups": 32}  # fmt: skip
     with init_empty_weights():

@@ -5,6 +5,7 @@ A kill in-process is ``SimulatedKill`` raised from the loop's fault points (``co
 the wrapped task.save for a kill half-way through saving the weights. One test
 kills a real process with ``RAFT_FAULT`` (``os._exit``: no cleanup at all). The full table runs with ``-m slow``.
 """
+
 import importlib
 import json
 import os
@@ -21,12 +22,30 @@ from raft_diffusion.core.rundir import plain_mode, read_jsonl
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 LLM = str(ROOT / "configs" / "llm_toy_sentiment.yaml")
-DIFFUSION_CHEAP = ["progress=false", "num_stages=2", "sampling.num_per_prompt=2", "sampling.batch_size=4",
-                   "sampling.num_inference_steps=2", "ranking.top_k=1", "train.steps_per_stage=4", "train.batch_size=2",
-                   "eval.num_per_prompt=1", "eval.clip_model=null"]
-LLM_CHEAP = ["num_stages=2", "prompts.per_stage=6", "sampling.num_per_prompt=4", "sampling.batch_size=12",
-             "sampling.max_new_tokens=10", "ranking.threshold=3.0", "eval.num_per_prompt=2", "eval.best_of_k=2",
-             "early_stop.min_diversity_ratio=null", "eval.report=false"]
+DIFFUSION_CHEAP = [
+    "progress=false",
+    "num_stages=2",
+    "sampling.num_per_prompt=2",
+    "sampling.batch_size=4",
+    "sampling.num_inference_steps=2",
+    "ranking.top_k=1",
+    "train.steps_per_stage=4",
+    "train.batch_size=2",
+    "eval.num_per_prompt=1",
+    "eval.clip_model=null",
+]
+LLM_CHEAP = [
+    "num_stages=2",
+    "prompts.per_stage=6",
+    "sampling.num_per_prompt=4",
+    "sampling.batch_size=12",
+    "sampling.max_new_tokens=10",
+    "ranking.threshold=3.0",
+    "eval.num_per_prompt=2",
+    "eval.best_of_k=2",
+    "early_stop.min_diversity_ratio=null",
+    "eval.report=false",
+]
 
 
 class SimulatedKill(BaseException):
@@ -67,7 +86,7 @@ def weights_bytes(folder: Path) -> dict:
             data = p.read_bytes()
             if p.suffix == ".safetensors":
                 n = int.from_bytes(data[:8], "little")
-                out[p.name] = (json.loads(data[8:8 + n]), data[8 + n:])
+                out[p.name] = (json.loads(data[8 : 8 + n]), data[8 + n :])
             else:
                 out[p.name] = data
     return out

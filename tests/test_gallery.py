@@ -1,5 +1,6 @@
 """Galleries of a synthetic run directory: files, relative links, the before/after grid, the reward curve,
 the CLI, and the page opened in headless Chromium (skipped when Debian's chromium is not installed)."""
+
 import json
 import re
 import shutil
@@ -13,9 +14,9 @@ import pytest
 from PIL import Image
 
 from raft_diffusion.cli import main
-from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.rundir import RunDir, write_json, write_jsonl
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.diffusion.gallery import base_best_of_k, write_gallery
 
 PROMPTS = ["a red square", "a blue circle", "a green star"]
@@ -51,12 +52,10 @@ def make_run(root: Path, stages=2, stopped_at=None, final=None, clip=True) -> Ru
                 arr[:4, :4][(np.indices((4, 4)).sum(0) % 2) == 1] = 255  # a checker: resampling must not blur it
                 name = f"eval/p{p:04d}_s{k:03d}.png"
                 Image.fromarray(arr).save(sdir / name)
-                evals.append({"prompt_index": p, "sample_index": k, "seed": 1000 * p + k, "prompt": prompt,
-                              "reward": reward(s, p, k), "image": name})
+                evals.append({"prompt_index": p, "sample_index": k, "seed": 1000 * p + k, "prompt": prompt, "reward": reward(s, p, k), "image": name})
         write_jsonl(sdir / "eval.jsonl", evals)
         rs = [e["reward"] for e in evals]
-        row = {"stage": s, "eval_reward_mean": float(np.mean(rs)), "eval_reward_std": float(np.std(rs)),
-               "reward_queries": 9 * s, "seconds": 3.0 * s}
+        row = {"stage": s, "eval_reward_mean": float(np.mean(rs)), "eval_reward_std": float(np.std(rs)), "reward_queries": 9 * s, "seconds": 3.0 * s}
         if clip:
             row.update(eval_clip_score=25.0 - s, eval_diversity=0.2 - 0.05 * s)
         if s:
@@ -121,7 +120,7 @@ def test_page_labels_every_image_with_its_reward_and_the_change_against_the_base
     run = make_run(tmp_path / "run")
     page = write_gallery(run.root)
     text = page.read_text()
-    for p, prompt in enumerate(PROMPTS):
+    for prompt in PROMPTS:
         assert f"<h3>{prompt} " in text
     for p in range(len(PROMPTS)):
         for k in range(K):
@@ -223,12 +222,21 @@ window.addEventListener('load', function () {
   document.body.appendChild(out);
 });
 </script>"""
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="headless browser test needs Debian's chromium at /usr/bin/chromium "
-                    "(apt-get install chromium; .ci/run installs it)")
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="headless browser test needs Debian's chromium at /usr/bin/chromium (apt-get install chromium; .ci/run installs it)"
+)
 def test_gallery_page_in_headless_chromium(tmp_path):
     run = make_run(tmp_path / "run")
     page = write_gallery(run.root)

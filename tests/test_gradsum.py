@@ -1,4 +1,5 @@
 """The chunked gradient sum: its bits are one process's whatever the number of processes sharing the chunks."""
+
 import os
 import shutil
 import subprocess
@@ -92,7 +93,7 @@ def test_take_and_put_grads_round_trip():
     params[0].grad = torch.full_like(params[0], 2.0)
     flat = take_grads(params)
     assert flat.numel() == sum(p.numel() for p in params) and all(p.grad is None for p in params)
-    assert flat[:params[0].numel()].eq(2).all() and flat[params[0].numel():].eq(0).all()
+    assert flat[: params[0].numel()].eq(2).all() and flat[params[0].numel() :].eq(0).all()
     put_grads(params, flat)
     assert torch.equal(params[0].grad, torch.full_like(params[0], 2.0)) and params[-1].grad.shape == (3,)
 
@@ -122,7 +123,7 @@ def test_sum_is_the_chunks_added_in_order_for_any_world_size(bucket, monkeypatch
         assert grad[-3:].eq(0).all()  # the parameter without a gradient sums to zero
 
 
-GLOO_SCRIPT = '''
+GLOO_SCRIPT = """
 import os, sys, torch
 sys.path.insert(0, os.environ["TEST_DIR"])
 from raft_diffusion.core import gradsum
@@ -138,18 +139,28 @@ loss = summed_grads(params, n, backward, dist)
 if dist.is_main:
     torch.save({"grad": take_grads(params), "loss": loss}, sys.argv[1])
 torch.distributed.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun not found next to the Python interpreter")
 def test_two_real_processes_sum_like_one(tmp_path):
     script = tmp_path / "gloo_sum.py"
     script.write_text(GLOO_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TEST_DIR": str(ROOT / "tests"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "two.pt")],
-                          capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "TEST_DIR": str(ROOT / "tests"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [TORCHRUN, "--standalone", "--nproc_per_node=2", str(script), str(tmp_path / "two.pt")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(tmp_path / "two.pt")
-    (one, loss, _), = run_as(1)
+    ((one, loss, _),) = run_as(1)
     assert torch.equal(two["grad"], one) and two["loss"] == loss

@@ -1,5 +1,6 @@
 """End-to-end LLM RAFT on the committed toy text world: the reward climbs, adapters reload, runs resume,
 bad input fails with one clear line."""
+
 import json
 import shutil
 from pathlib import Path
@@ -22,7 +23,9 @@ CPU = torch.device("cpu")
 
 def small_cfg(*overrides, **sections):
     base = {
-        "num_stages": 2, "progress": False, "seed": 0,
+        "num_stages": 2,
+        "progress": False,
+        "seed": 0,
         "model": {"pretrained": "toy", "num_threads": 1},
         "prompts": {"per_stage": None},
         "sampling": {"num_per_prompt": 8, "batch_size": 480, "max_new_tokens": 24},
@@ -179,13 +182,29 @@ def test_missing_model_and_assets_are_clear_errors(tmp_path, monkeypatch):
 def test_cli_offline_pool_run_and_errors(tmp_path, capsys):
     from raft_diffusion.llm.cli import main
 
-    pool = write_pool(tmp_path / "pool.jsonl", [
-        {"prompt": "we tried the new bistro downtown and", "completion": c}
-        for c in ["the food was delicious .", "the food was awful .", "the staff was friendly . highly recommended .", "i hated the soup ."]
-    ] + [{"prompt": "i read this book on vacation and", "completion": "the story was gripping ."}])
+    pool = write_pool(
+        tmp_path / "pool.jsonl",
+        [
+            {"prompt": "we tried the new bistro downtown and", "completion": c}
+            for c in ["the food was delicious .", "the food was awful .", "the staff was friendly . highly recommended .", "i hated the soup ."]
+        ]
+        + [{"prompt": "i read this book on vacation and", "completion": "the story was gripping ."}],
+    )
     out = tmp_path / "run"
-    args = ["align", "--config", str(CONFIGS / "llm_toy_sentiment.yaml"), "--output-dir", str(out), "num_stages=2", "mode=offline",
-            f"sampling.external_pool={pool}", "ranking.mode=local", "ranking.kl_beta=0", "train.max_steps=2", "eval.num_per_prompt=1"]
+    args = [
+        "align",
+        "--config",
+        str(CONFIGS / "llm_toy_sentiment.yaml"),
+        "--output-dir",
+        str(out),
+        "num_stages=2",
+        "mode=offline",
+        f"sampling.external_pool={pool}",
+        "ranking.mode=local",
+        "ranking.kl_beta=0",
+        "train.max_steps=2",
+        "eval.num_per_prompt=1",
+    ]
     assert main(args) == 0
     samples = read_jsonl(out / "stages" / "001" / "samples.jsonl")
     assert len(samples) == 5 and [s["sample_index"] for s in samples] == [0, 1, 2, 3, 0]
@@ -212,8 +231,15 @@ def test_cli_refuses_several_processes(tmp_path, capsys, monkeypatch):
 
 
 def test_dedupe_filter_keeps_one_copy_per_stage(tmp_path):
-    cfg = small_cfg("num_stages=1", "eval.every=0", "prompts.per_stage=6", "filters.dedupe=true", "sampling.max_new_tokens=3",
-                    "filters.min_tokens=1", "train.max_steps=1")
+    cfg = small_cfg(
+        "num_stages=1",
+        "eval.every=0",
+        "prompts.per_stage=6",
+        "filters.dedupe=true",
+        "sampling.max_new_tokens=3",
+        "filters.min_tokens=1",
+        "train.max_steps=1",
+    )
     run(cfg, tmp_path)
     samples = read_jsonl(tmp_path / "stages" / "001" / "samples.jsonl")
     live = [" ".join(s["completion"].split()) for s in samples if "discarded" not in s]
@@ -227,8 +253,17 @@ def test_dedupe_filter_keeps_one_copy_per_stage(tmp_path):
 def test_full_finetuning_keeps_a_frozen_base_copy(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    cfg = small_cfg("num_stages=1", "train.method=full", "ranking.kl_beta=0.1", "prompts.per_stage=4", "sampling.num_per_prompt=4",
-                    "train.max_steps=2", "train.learning_rate=1e-4", "eval.num_per_prompt=1", "eval.best_of_k=0")
+    cfg = small_cfg(
+        "num_stages=1",
+        "train.method=full",
+        "ranking.kl_beta=0.1",
+        "prompts.per_stage=4",
+        "sampling.num_per_prompt=4",
+        "train.max_steps=2",
+        "train.learning_rate=1e-4",
+        "eval.num_per_prompt=1",
+        "eval.best_of_k=0",
+    )
     rows, task = run(cfg, tmp_path)
     samples = read_jsonl(tmp_path / "stages" / "001" / "samples.jsonl")
     ratios = [s["log_ratio"] for s in samples if "log_ratio" in s]
@@ -245,8 +280,11 @@ def test_full_finetuning_keeps_a_frozen_base_copy(tmp_path):
 def test_early_stop_guard_on_distinct_2():
     cfg = small_cfg("early_stop.min_diversity_ratio=0.8")
     stop = cfg.stopper()
-    rows = [{"stage": 0, "eval_reward_mean": 3.0, "eval_distinct_2": 0.5}, {"stage": 1, "eval_reward_mean": 3.5, "eval_distinct_2": 0.45},
-            {"stage": 2, "eval_reward_mean": 4.0, "eval_distinct_2": 0.41}]
+    rows = [
+        {"stage": 0, "eval_reward_mean": 3.0, "eval_distinct_2": 0.5},
+        {"stage": 1, "eval_reward_mean": 3.5, "eval_distinct_2": 0.45},
+        {"stage": 2, "eval_reward_mean": 4.0, "eval_distinct_2": 0.41},
+    ]
     assert stop(rows) is None
     rows.append({"stage": 3, "eval_reward_mean": 4.5, "eval_distinct_2": 0.39})
     assert "eval_distinct_2 0.39 at stage 3 fell below 0.8 x the base model's 0.5" in stop(rows)

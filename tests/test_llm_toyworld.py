@@ -1,4 +1,5 @@
 """The toy text world: gold lexicon numbers, deterministic corpus, committed artifacts that load and agree with gold."""
+
 import json
 import random
 from pathlib import Path

@@ -1,4 +1,5 @@
 """LLM module units on a tiny random GPT-2 built from a config: masks, log-probs, sampling, filters, loading."""
+
 import math
 
 import pytest
@@ -42,8 +43,20 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny_lm")
     v = save_word_tokenizer(folder)
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=v, n_positions=48, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=0, pad_token_id=1, initializer_range=0.3,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=v,
+        n_positions=48,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+        initializer_range=0.3,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     GPT2LMHeadModel(cfg).save_pretrained(folder)
     return folder
 
@@ -79,8 +92,18 @@ def test_training_loss_is_the_response_token_nll(tiny):
     model, _ = load(tiny)
     lora = add_lora(model, rank=4, alpha=8, dropout=0.0, target_modules="all-linear", init_seed=0)
     prompt, completion = [3, 4, 5], [6, 7, 0]
-    kw = dict(pad_id=1, epochs=1, batch_size=4, gradient_accumulation_steps=2, lr_scheduler="constant", lr_warmup_steps=0,
-              weight_decay=0.0, max_grad_norm=1.0, max_length=None, seed=0)
+    kw = dict(
+        pad_id=1,
+        epochs=1,
+        batch_size=4,
+        gradient_accumulation_steps=2,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        max_length=None,
+        seed=0,
+    )
     resp_lp, n_resp = sequence_logprobs(lora, [prompt], [completion], 1)[0]
     full_lp, n_full = sequence_logprobs(lora, [prompt[:1]], [prompt[1:] + completion], 1)[0]
     # the first step's loss (before its update) is the mean NLL of the 3 response tokens, not of all 5 predicted tokens
@@ -99,9 +122,22 @@ def test_empty_kept_completions_are_a_clear_error(tiny):
     model, _ = load(tiny)
     lora = add_lora(model, rank=2, alpha=2, dropout=0.0, target_modules="all-linear", init_seed=0)
     with pytest.raises(UserError, match="none of the kept completions has a response token"):
-        train_response_only(lora, [([3, 4], [])], pad_id=1, epochs=1, max_steps=None, batch_size=2, gradient_accumulation_steps=1,
-                            learning_rate=1e-3, lr_scheduler="constant", lr_warmup_steps=0, weight_decay=0.0,
-                            max_grad_norm=1.0, max_length=None, seed=0)
+        train_response_only(
+            lora,
+            [([3, 4], [])],
+            pad_id=1,
+            epochs=1,
+            max_steps=None,
+            batch_size=2,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-3,
+            lr_scheduler="constant",
+            lr_warmup_steps=0,
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            max_length=None,
+            seed=0,
+        )
 
 
 # -- KL key: base log-probs come from the same model with the adapter disabled ------------------
@@ -171,7 +207,7 @@ def test_stop_strings_cut_the_completion(tiny):
     stop = " " + words[3]  # occurs after at least three words
     n = next(n for n in range(1, len(free.ids) + 1) if stop in tok.decode(free.ids[:n], skip_special_tokens=True))
     cut = sample_completions(model, tok, ids, [5], max_new_tokens=16, temperature=0.0, stop_strings=["zzz", stop])[0]
-    assert cut.finish == "stop" and cut.text == free.text[:free.text.index(stop)]
+    assert cut.finish == "stop" and cut.text == free.text[: free.text.index(stop)]
     assert cut.ids == free.ids[:n]  # the tokens through the stop string are kept (training teaches the stop)
     assert len(cut.text.split()) >= 3
 
@@ -276,8 +312,18 @@ def test_add_llm_parser_hooks_into_a_main_parser(capsys):
 def test_gradient_accumulation_equals_one_big_batch(tiny):
     """2 micro-batches of 2 accumulate to the same update as 1 batch of 4 (the loss is per response token)."""
     examples = [([3, 4], [5, 0]), ([6], [7, 8, 9, 0]), ([10, 11, 12], [0]), ([4], [13, 14, 0])]  # unequal lengths
-    kw = dict(pad_id=1, epochs=1, max_steps=3, learning_rate=1e-2, lr_scheduler="constant", lr_warmup_steps=0,
-              weight_decay=0.0, max_grad_norm=0.0, max_length=None, seed=3)
+    kw = dict(
+        pad_id=1,
+        epochs=1,
+        max_steps=3,
+        learning_rate=1e-2,
+        lr_scheduler="constant",
+        lr_warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        max_length=None,
+        seed=3,
+    )
     weights = []
     for bs, acc in ((4, 1), (2, 2), (1, 4)):
         model, _ = load(tiny)

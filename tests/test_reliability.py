@@ -1,5 +1,6 @@
 """Issue #17: failed first attempts, damaged run directories, environment errors, infinite rewards,
 permissions, byte-reproducible LoRA files, resume messages, missing LLM folders."""
+
 import errno
 import json
 import os
@@ -11,11 +12,10 @@ import pytest
 import torch
 import yaml
 
-from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import ScoreError, UserError, run_command
 from raft_diffusion.core.loop import as_rewards, run_raft
-from raft_diffusion.core.rundir import (plain_mode, RunDir, atomic_write_text, copy_dir_atomic, read_jsonl, write_json,
-                                        write_jsonl)
+from raft_diffusion.core.rundir import RunDir, atomic_write_text, copy_dir_atomic, plain_mode, read_jsonl, write_json, write_jsonl
+from raft_diffusion.diffusion.config import config_from_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
@@ -104,8 +104,18 @@ def test_cli_typo_in_the_model_leaves_no_run_directory(tmp_path, capsys):
     from raft_diffusion.cli import main
 
     out = tmp_path / "run"
-    code = main(["align", "--config", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(out),
-                 "model.pretrained=/nonexistent/typo", "progress=false", "eval.clip_model=null"])
+    code = main(
+        [
+            "align",
+            "--config",
+            str(ROOT / "configs" / "tiny.yaml"),
+            "--output-dir",
+            str(out),
+            "model.pretrained=/nonexistent/typo",
+            "progress=false",
+            "eval.clip_model=null",
+        ]
+    )
     assert code == 2 and "/nonexistent/typo" in capsys.readouterr().err
     assert not out.exists()
 
@@ -196,19 +206,28 @@ def test_unfinished_stage_folder_is_cleared_on_resume(tmp_path):
 def _raise(e):
     def func(args):
         raise e
+
     return func
 
 
-@pytest.mark.parametrize("error, words", [
-    (OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl"), ["disk is full", "rerun the same command to resume"]),
-    (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), ["Permission denied (/runs/x)", "--output-dir"]),
-    (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), ["read-only", "writable disk"]),
-    (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/file/x"), ["is a file, not a folder"]),
-    (FileExistsError(errno.EEXIST, "File exists", "/runs/x"), ["a file is in the way"]),
-    (MemoryError(), ["out of memory", "batch_size"]),
-    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
-                  "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"), ["out of memory", "batch_size"]),
-])
+@pytest.mark.parametrize(
+    "error, words",
+    [
+        (OSError(errno.ENOSPC, "No space left on device", "/runs/x/metrics.jsonl"), ["disk is full", "rerun the same command to resume"]),
+        (PermissionError(errno.EACCES, "Permission denied", "/runs/x"), ["Permission denied (/runs/x)", "--output-dir"]),
+        (OSError(errno.EROFS, "Read-only file system", "/mnt/ro/run"), ["read-only", "writable disk"]),
+        (NotADirectoryError(errno.ENOTDIR, "Not a directory", "/runs/file/x"), ["is a file, not a folder"]),
+        (FileExistsError(errno.EEXIST, "File exists", "/runs/x"), ["a file is in the way"]),
+        (MemoryError(), ["out of memory", "batch_size"]),
+        (
+            RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate memory: you tried "
+                "to allocate 1099511627776 bytes. Error code 12 (Cannot allocate memory)"
+            ),
+            ["out of memory", "batch_size"],
+        ),
+    ],
+)
 def test_environment_errors_are_one_line(capsys, error, words):
     assert run_command(SimpleNamespace(func=_raise(error), verbose=False)) == 2
     err = capsys.readouterr().err
@@ -389,8 +408,9 @@ def test_diffusion_lora_metadata_lists_targets_sorted(tmp_path, load_tiny_pipe):
     # in a folder with the permissions a plain mkdir gives
     for _ in range(3):
         ft.save_lora(unet, tmp_path / "again")
-        assert ((tmp_path / "again" / "pytorch_lora_weights.safetensors").read_bytes()
-                == (tmp_path / "lora" / "pytorch_lora_weights.safetensors").read_bytes())
+        assert (tmp_path / "again" / "pytorch_lora_weights.safetensors").read_bytes() == (
+            tmp_path / "lora" / "pytorch_lora_weights.safetensors"
+        ).read_bytes()
     assert (tmp_path / "again").stat().st_mode & 0o777 == plain_mode(True)
 
 
@@ -418,10 +438,12 @@ def test_llm_missing_model_folder_says_so(tmp_path, capsys):
     from raft_diffusion.cli import main
 
     out = tmp_path / "run"
-    code = main(["llm", "align", "--config", str(ROOT / "configs" / "llm_toy_sentiment.yaml"), "--output-dir", str(out),
-                 "model.pretrained=/nonexistent/typo"])
+    code = main(
+        ["llm", "align", "--config", str(ROOT / "configs" / "llm_toy_sentiment.yaml"), "--output-dir", str(out), "model.pretrained=/nonexistent/typo"]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
-    assert err.startswith("error: model folder not found: /nonexistent/typo;") or \
-        err.startswith("error: tokenizer folder not found: /nonexistent/typo;"), err
+    assert err.startswith("error: model folder not found: /nonexistent/typo;") or err.startswith(
+        "error: tokenizer folder not found: /nonexistent/typo;"
+    ), err
     assert "Repo id" not in err and not out.exists()

@@ -1,4 +1,5 @@
 """reward_models without model weights: registry, plug-ins, validation, composites, programmatic rewards."""
+
 from __future__ import annotations
 
 import math
@@ -44,16 +45,27 @@ def test_import_is_light_and_standalone():
         "bad = [m for m in ('open_clip', 'transformers', 'diffusers', 'raft_diffusion') if m in sys.modules]; "
         "print(','.join(bad))"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(REPO)}
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == ""
 
 
 def test_list_rewards_has_all_builtins():
     names = list_rewards()
-    for n in ["aesthetic", "clip_score", "pickscore", "hpsv2", "imagereward", "brightness", "saturation",
-              "jpeg_compressibility", "jpeg_incompressibility", "sequence_classifier"]:
+    for n in [
+        "aesthetic",
+        "clip_score",
+        "pickscore",
+        "hpsv2",
+        "imagereward",
+        "brightness",
+        "saturation",
+        "jpeg_compressibility",
+        "jpeg_incompressibility",
+        "sequence_classifier",
+    ]:
         assert n in names
     assert list_rewards(kind="text") == ["sequence_classifier"]
     assert "sequence_classifier" not in list_rewards(kind="image")
@@ -282,8 +294,7 @@ def test_entry_point_plugin(tmp_path, monkeypatch):
     dist = site / "rm_ep_plugin-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: rm-ep-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text(
-        "[reward_models]\nred_ep = rm_ep_plugin:mean_red\noffset_ep = rm_ep_plugin:offset_factory\n")
+    (dist / "entry_points.txt").write_text("[reward_models]\nred_ep = rm_ep_plugin:mean_red\noffset_ep = rm_ep_plugin:offset_factory\n")
     monkeypatch.syspath_prepend(str(site))
     try:
         assert "red_ep" in list_rewards() and "offset_ep" in list_rewards()
@@ -332,8 +343,7 @@ IMAGES4 = torch.zeros(4, 3, 4, 4)
 def test_zscore_mix_exact_numbers():
     a = _fixed("a", [[1.0, 2.0, 3.0, 4.0]])
     b = _fixed("b", [[10.0, 10.0, 10.0, 50.0]])
-    mix = load_reward_from_config(
-        {"mix": [{"name": a, "weight": 1.0}, {"name": b, "weight": 0.5}], "normalize": "zscore"}, device="cpu")
+    mix = load_reward_from_config({"mix": [{"name": a, "weight": 1.0}, {"name": b, "weight": 0.5}], "normalize": "zscore"}, device="cpu")
     out = mix(IMAGES4, ["p"] * 4)
     za = torch.tensor([-1.5, -0.5, 0.5, 1.5]) / math.sqrt(1.25)
     zb = torch.tensor([-10.0, -10.0, -10.0, 30.0]) / math.sqrt(300.0)
@@ -369,17 +379,22 @@ def test_running_normalisation_exact_and_resumable():
     # statistics of 1..8: mean 4.5, population variance 5.25
     assert torch.allclose(second, (torch.tensor([5.0, 6.0, 7.0, 8.0]) - 4.5) / math.sqrt(5.25), atol=1e-6)
     assert mix.state_dict()["a"]["count"] == 8 and mix.state_dict()["a"]["m2"] == pytest.approx(42.0)
-    resumed = load_reward_from_config({"mix": [{"name": _fixed("a", batches[1:])}], "normalize": "running"},
-                                      device="cpu")
+    resumed = load_reward_from_config({"mix": [{"name": _fixed("a", batches[1:])}], "normalize": "running"}, device="cpu")
     resumed.load_state_dict(state)
     assert torch.allclose(resumed(IMAGES4, ["p"] * 4), second, atol=1e-6)
 
 
 def test_per_component_normalize_and_labels():
-    mix = load_reward_from_config({
-        "mix": [{"name": _fixed("a", [[0.0, 2.0, 0.0, 2.0]]), "normalize": "zscore"},
-                {"name": _fixed("a", [[1.0, 1.0, 1.0, 1.0]]), "weight": 3.0}],
-        "normalize": "none"}, device="cpu")
+    mix = load_reward_from_config(
+        {
+            "mix": [
+                {"name": _fixed("a", [[0.0, 2.0, 0.0, 2.0]]), "normalize": "zscore"},
+                {"name": _fixed("a", [[1.0, 1.0, 1.0, 1.0]]), "weight": 3.0},
+            ],
+            "normalize": "none",
+        },
+        device="cpu",
+    )
     out = mix(IMAGES4, ["p"] * 4)
     assert out.tolist() == [2.0, 4.0, 2.0, 4.0]
     assert list(mix.last_components) == ["a", "a#2"]
@@ -387,8 +402,7 @@ def test_per_component_normalize_and_labels():
 
 def test_builtin_mix_from_config_and_single_name_forms():
     images = torch.cat([solid([1.0, 0.0, 0.0]), solid([0.5, 0.5, 0.5])])
-    mix = load_reward_from_config({"mix": [{"name": "brightness", "weight": 1.0},
-                                           {"name": "saturation", "weight": 2.0, "kwargs": {}}]}, device="cpu")
+    mix = load_reward_from_config({"mix": [{"name": "brightness", "weight": 1.0}, {"name": "saturation", "weight": 2.0, "kwargs": {}}]}, device="cpu")
     out = mix(images, ["a", "b"])
     assert torch.allclose(out, torch.tensor([0.299 + 2.0, 0.5]), atol=1e-6)
     single = load_reward_from_config({"name": "jpeg_compressibility", "kwargs": {"quality": 50}}, device="cpu")
@@ -438,8 +452,7 @@ def test_mix_rejects_image_and_text_components():
 
 
 def test_all_nan_component_is_named_in_mix():
-    mix = load_reward_from_config({"mix": [{"name": "brightness"},
-                                           {"name": _fixed("broken", [[float("nan")] * 4])}]}, device="cpu")
+    mix = load_reward_from_config({"mix": [{"name": "brightness"}, {"name": _fixed("broken", [[float("nan")] * 4])}]}, device="cpu")
     with pytest.raises(RewardOutputError, match="reward 'broken' returned NaN for all 4"):
         mix(IMAGES4, ["p"] * 4)
 
@@ -494,8 +507,7 @@ def test_aesthetic_missing_weights_error(tmp_path, monkeypatch):
         load_reward("aesthetic", device="cpu")  # default URL, offline, empty cache
 
 
-@pytest.mark.parametrize("name, module, extra", [("hpsv2", "hpsv2", "hpsv2"),
-                                                 ("imagereward", "ImageReward", "imagereward")])
+@pytest.mark.parametrize("name, module, extra", [("hpsv2", "hpsv2", "hpsv2"), ("imagereward", "ImageReward", "imagereward")])
 def test_missing_optional_package(monkeypatch, name, module, extra):
     monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
     with pytest.raises(MissingDependencyError) as ei:

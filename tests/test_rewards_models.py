@@ -1,4 +1,5 @@
 """Model-backed rewards on tiny models built from configs and saved in the real on-disk formats (offline)."""
+
 from __future__ import annotations
 
 import sys
@@ -182,8 +183,12 @@ def test_clip_score_ranks_trained_colours(trained_clip_dir):
 def test_model_object_hook_and_backbone_cache(tiny_clip_dir):
     model, _, _ = open_clip.create_model_and_transforms(f"local-dir:{tiny_clip_dir}")
     x = colour_images(noise=0.2)
-    from_obj = load_reward("clip_score", device="cpu", clip_model=model, clip_at_zero=False,
-                           )(x, PROMPTS)
+    from_obj = load_reward(
+        "clip_score",
+        device="cpu",
+        clip_model=model,
+        clip_at_zero=False,
+    )(x, PROMPTS)
     a = load_reward("clip_score", device="cpu", clip_model=str(tiny_clip_dir), clip_at_zero=False)
     b = load_reward("clip_score", device="cpu", clip_model=str(tiny_clip_dir), scale=1.0, clip_at_zero=False)
     assert a.backbone is b.backbone  # loaded once, shared
@@ -228,8 +233,7 @@ def test_open_clip_name_with_local_checkpoint_file(tmp_path, tiny_clip_dir):
     ckpt = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), ckpt)
     x = colour_images(noise=0.2)
-    by_name = load_reward("clip_score", device="cpu", clip_model="reward-models-tiny-clip",
-                          clip_pretrained=str(ckpt), clip_at_zero=False)(x, PROMPTS)
+    by_name = load_reward("clip_score", device="cpu", clip_model="reward-models-tiny-clip", clip_pretrained=str(ckpt), clip_at_zero=False)(x, PROMPTS)
     by_dir = load_reward("clip_score", device="cpu", clip_model=str(tiny_clip_dir), clip_at_zero=False)(x, PROMPTS)
     assert torch.allclose(by_name, by_dir, atol=1e-5)
 
@@ -361,8 +365,7 @@ def fake_hpsv2(monkeypatch):
     """Stand-in for the hpsv2 package API we use: hpsv2.src.open_clip.{create_model_and_transforms, get_tokenizer}."""
     built = {}
 
-    def create_model_and_transforms(name, pretrained=None, precision="fp32", device="cpu", output_dict=None,
-                                    light_augmentation=False):
+    def create_model_and_transforms(name, pretrained=None, precision="fp32", device="cpu", output_dict=None, light_augmentation=False):
         assert name == "ViT-H-14" and pretrained is None and light_augmentation
         model, _ = build_tiny_open_clip(seed=99)  # random init, then overwritten by the strict checkpoint load
         built["model"] = model
@@ -439,8 +442,9 @@ def text_rm_dir(tmp_path_factory):
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=49408, n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=2,
-                        pad_token_id=49407, eos_token_id=49407, bos_token_id=49406)
+    config = GPT2Config(
+        vocab_size=49408, n_positions=64, n_embd=16, n_layer=1, n_head=2, num_labels=2, pad_token_id=49407, eos_token_id=49407, bos_token_id=49406
+    )
     model = GPT2ForSequenceClassification(config)
     directory = tmp_path_factory.mktemp("text_rm")
     model.save_pretrained(directory)
@@ -459,13 +463,11 @@ def test_sequence_classifier_scores_are_the_chosen_logit(text_rm_dir):
     model = AutoModelForSequenceClassification.from_pretrained(text_rm_dir).eval()
     tok = AutoTokenizer.from_pretrained(text_rm_dir)
     with torch.no_grad():
-        expected = [model(**tok([p + c], return_tensors="pt")).logits[0, 1].item()
-                    for p, c in zip(prompts, completions)]
+        expected = [model(**tok([p + c], return_tensors="pt")).logits[0, 1].item() for p, c in zip(prompts, completions)]
     assert out == pytest.approx(expected, abs=1e-4)  # padded batches give the unpadded scores
     label0 = load_reward("sequence_classifier", device="cpu", model=str(text_rm_dir), label=0)(prompts, completions)
     assert label0 != pytest.approx(out, abs=1e-3)
-    conv = r([[{"role": "user", "content": p}] for p in prompts],
-             [[{"role": "assistant", "content": c}] for c in completions])
+    conv = r([[{"role": "user", "content": p}] for p in prompts], [[{"role": "assistant", "content": c}] for c in completions])
     assert conv == pytest.approx(out, abs=1e-4)  # trl conversational format, concat input (no chat template)
 
 
@@ -500,14 +502,12 @@ def offline_hub(monkeypatch, tmp_path):
 
 def test_hub_ids_without_network_fail_clearly(offline_hub):
     with pytest.raises(RewardWeightsNotFoundError) as ei:
-        load_reward("pickscore", device="cpu", model="reward-models-test/no-such-clip",
-                    processor="reward-models-test/no-such-processor")
+        load_reward("pickscore", device="cpu", model="reward-models-test/no-such-clip", processor="reward-models-test/no-such-processor")
     msg = str(ei.value)
     assert "'reward-models-test/no-such-clip'" in msg and "pass the local directory" in msg
     with pytest.raises(RewardWeightsNotFoundError, match="HPS_v2.1_compressed.pt.*REWARD_MODELS_HPSV2_WEIGHTS"):
         from reward_models.weights import resolve_weights
 
-        resolve_weights("hf://xswu/HPSv2/HPS_v2.1_compressed.pt", what="HPSv2 checkpoint",
-                        env_var="REWARD_MODELS_HPSV2_WEIGHTS")
+        resolve_weights("hf://xswu/HPSv2/HPS_v2.1_compressed.pt", what="HPSv2 checkpoint", env_var="REWARD_MODELS_HPSV2_WEIGHTS")
     with pytest.raises(RewardWeightsNotFoundError, match="pretrained='openai'.*clip_model='/path/to/dir'"):
         load_reward("clip_score", device="cpu", clip_model="ViT-B-32-quickgelu", clip_pretrained="openai")

@@ -1,4 +1,5 @@
 """The toy-world presets (the README's demo and its CLIP-score twin) run end to end from the repository root."""
+
 import json
 from pathlib import Path
 
@@ -19,8 +20,20 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_toy_preset_one_short_stage(preset, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the presets name the committed assets relative to the repository root
     out = tmp_path / preset
-    code = main(["align", "--config", f"configs/{preset}.yaml", "--output-dir", str(out), "num_stages=1",
-                 "progress=false", "sampling.num_per_prompt=4", "train.steps_per_stage=4", "eval.num_per_prompt=2"])
+    code = main(
+        [
+            "align",
+            "--config",
+            f"configs/{preset}.yaml",
+            "--output-dir",
+            str(out),
+            "num_stages=1",
+            "progress=false",
+            "sampling.num_per_prompt=4",
+            "train.steps_per_stage=4",
+            "eval.num_per_prompt=2",
+        ]
+    )
     assert code == 0
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["stage"] for r in rows] == [0, 1]
@@ -39,8 +52,12 @@ def test_toy_preset_one_short_stage(preset, tmp_path, monkeypatch):
             assert max(live, key=lambda s: s["reward"])["kept"]
     # the base model draws what its held-out prompts ask for (oracle), so the demo starts from a sound model
     ev = read_jsonl(out / "stages" / "000" / "eval.jsonl")
-    ims = torch.from_numpy(np.stack([np.asarray(Image.open(out / "stages" / "000" / r["image"]).convert("RGB"))
-                                     for r in ev])).permute(0, 3, 1, 2).float() / 255
+    ims = (
+        torch.from_numpy(np.stack([np.asarray(Image.open(out / "stages" / "000" / r["image"]).convert("RGB")) for r in ev]))
+        .permute(0, 3, 1, 2)
+        .float()
+        / 255
+    )
     assert oracle_metrics(ims, [r["prompt"] for r in ev])["match"].mean() >= 0.75
     assert (out / "final").is_dir() and (out / "gallery" / "index.html").is_file()
     assert json.loads((out / "stages" / "001" / "stage.json").read_text())

@@ -1,11 +1,27 @@
 """The toy world: determinism, captions that say what was drawn, and a pixel oracle that reads renders back."""
+
 import numpy as np
 import pytest
 import torch
 
-from raft_diffusion.diffusion.toyworld import (BACKGROUNDS, COLOURS, POSITIONS, SHAPES, SIZES, all_captions, analyse,
-                                     caption, gold_aesthetic, make_scene, oracle_metrics, parse_caption,
-                                     render, render_batch, sample_scenes, to_tensor)
+from raft_diffusion.diffusion.toyworld import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    all_captions,
+    analyse,
+    caption,
+    gold_aesthetic,
+    make_scene,
+    oracle_metrics,
+    parse_caption,
+    render,
+    render_batch,
+    sample_scenes,
+    to_tensor,
+)
 
 
 def _spearman(a, b):
@@ -29,8 +45,7 @@ def test_deterministic_from_seed():
 
 def test_attributes_cover_the_world():
     scenes = sample_scenes(3000, seed=0)
-    for attr, names in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS),
-                        ("background", BACKGROUNDS)):
+    for attr, names in (("shape", SHAPES), ("colour", COLOURS), ("size", SIZES), ("position", POSITIONS), ("background", BACKGROUNDS)):
         counts = {n: sum(getattr(s, attr) == n for s in scenes) for n in names}
         expected = len(scenes) / len(names)
         assert all(0.8 * expected < c < 1.2 * expected for c in counts.values()), (attr, counts)
@@ -41,12 +56,12 @@ def test_captions_round_trip_and_name_the_parameters():
     for s in sample_scenes(300, seed=3):
         text = caption(s)
         got = parse_caption(text)
-        assert got == {"shape": s.shape, "colour": s.colour, "size": s.size, "position": s.position,
-                       "background": s.background, "noisy": s.noisy}, text
+        assert got == {"shape": s.shape, "colour": s.colour, "size": s.size, "position": s.position, "background": s.background, "noisy": s.noisy}, (
+            text
+        )
     s = make_scene("triangle", "red", "small", "top left", "white", noisy=True)
     assert caption(s) == "a small red triangle in the top left on a noisy white background"
-    assert caption(make_scene("cross", "blue", "large", "left", "black")) == \
-        "a large blue cross on the left on a black background"
+    assert caption(make_scene("cross", "blue", "large", "left", "black")) == "a large blue cross on the left on a black background"
     assert parse_caption("A red circle") == {"shape": "circle", "colour": "red"}
     with pytest.raises(ValueError):
         parse_caption("a cat on a mat")
@@ -101,8 +116,7 @@ def test_oracle_reads_tensors_and_rejects_mismatches(held_out):
     prompts = [caption(s) for s in scenes[:40]]
     m = oracle_metrics(to_tensor(images[:40]), prompts)
     assert m["match"].mean() >= 0.95
-    wrong = [caption(make_scene(SHAPES[(SHAPES.index(s.shape) + 1) % 4], s.colour, s.size, s.position,
-                                s.background)) for s in scenes[:40]]
+    wrong = [caption(make_scene(SHAPES[(SHAPES.index(s.shape) + 1) % 4], s.colour, s.size, s.position, s.background)) for s in scenes[:40]]
     assert oracle_metrics(to_tensor(images[:40]), wrong)["match"].mean() <= 0.05
 
 

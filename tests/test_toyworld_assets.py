@@ -1,9 +1,9 @@
 """The committed toy world (raft_diffusion/diffusion/toyworld/assets) loads with the real loaders and meets its bars."""
+
 import json
 
 import numpy as np
 import pytest
-import torch
 
 from raft_diffusion.diffusion.toyworld.build import ASSETS_DIR
 from raft_diffusion.diffusion.toyworld.clip import spearman, zero_shot_by_reward
@@ -17,8 +17,7 @@ def rewards():
     from reward_models import load_reward
 
     clip = load_reward("clip_score", clip_model=str(ASSETS_DIR / "clip"), clip_pretrained=None, clip_at_zero=False)
-    aes = load_reward("aesthetic", clip_model=str(ASSETS_DIR / "clip"), clip_pretrained=None,
-                      weights=str(ASSETS_DIR / "aesthetic_head.safetensors"))
+    aes = load_reward("aesthetic", clip_model=str(ASSETS_DIR / "clip"), clip_pretrained=None, weights=str(ASSETS_DIR / "aesthetic_head.safetensors"))
     return clip, aes
 
 
@@ -27,8 +26,7 @@ def test_assets_are_complete_and_small():
     assert sum(p.stat().st_size for p in files) <= 25 * 2**20
     info = json.loads((ASSETS_DIR / "build_info.json").read_text())
     assert {"rewards", "sd", "settings"} <= set(info)
-    for rel in ("clip/open_clip_config.json", "aesthetic_head.safetensors", "sd/model_index.json",
-                "prompts_train.txt", "prompts_eval.txt"):
+    for rel in ("clip/open_clip_config.json", "aesthetic_head.safetensors", "sd/model_index.json", "prompts_train.txt", "prompts_eval.txt"):
         assert (ASSETS_DIR / rel).is_file(), rel
 
 

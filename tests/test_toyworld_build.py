@@ -1,6 +1,7 @@
 """A miniature toy world built from scratch (every part briefly trained), loaded by the real loaders.
 
 The build takes ~80 s on 2 cores, so the tests that need it are slow (``pytest -m slow``)."""
+
 import json
 
 import numpy as np
@@ -22,9 +23,18 @@ def world(tmp_path_factory):
 @pytest.mark.slow
 def test_build_writes_every_part(world):
     out, info = world
-    for rel in ("clip/open_clip_config.json", "clip/open_clip_model.safetensors", "aesthetic_head.safetensors",
-                "sd/model_index.json", "sd/unet", "sd/vae", "sd/text_encoder", "sd/tokenizer/tokenizer_config.json",
-                "prompts_train.txt", "prompts_eval.txt"):
+    for rel in (
+        "clip/open_clip_config.json",
+        "clip/open_clip_model.safetensors",
+        "aesthetic_head.safetensors",
+        "sd/model_index.json",
+        "sd/unet",
+        "sd/vae",
+        "sd/text_encoder",
+        "sd/tokenizer/tokenizer_config.json",
+        "prompts_train.txt",
+        "prompts_eval.txt",
+    ):
         assert (out / rel).exists(), rel
     saved = json.loads((out / "build_info.json").read_text())
     assert saved["settings"]["clip_steps"] == BuildSettings.miniature().clip_steps
@@ -40,8 +50,7 @@ def test_rewards_load_with_the_real_loaders(world):
 
     out, _ = world
     clip = load_reward("clip_score", clip_model=str(out / "clip"), clip_pretrained=None, clip_at_zero=False)
-    aes = load_reward("aesthetic", clip_model=str(out / "clip"), clip_pretrained=None,
-                      weights=str(out / "aesthetic_head.safetensors"))
+    aes = load_reward("aesthetic", clip_model=str(out / "clip"), clip_pretrained=None, weights=str(out / "aesthetic_head.safetensors"))
     scenes = sample_scenes(16, seed=5)
     images = to_tensor(render_batch(scenes))
     caps = [caption(s) for s in scenes]
@@ -70,16 +79,14 @@ def test_pipeline_loads_and_generates(world):
 @pytest.mark.slow
 def test_text_encoder_is_the_toy_clips_text_tower(world):
     """SD conditions on its CLIP's text tower: the saved encoder reproduces the CLIP's text embeddings."""
-    from reward_models import load_reward
-
     from raft_diffusion.diffusion.pipeline import load_pipeline
+    from reward_models import load_reward
 
     out, _ = world
     clip = load_reward("clip_score", clip_model=str(out / "clip"), clip_pretrained=None).backbone.model.float()
     pipe = load_pipeline(str(out / "sd"), device="cpu", dtype="fp32")
     texts = ["a small red circle in the centre on a noisy gray background", "a blue cross"]
-    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         return_tensors="pt").input_ids
+    ids = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
         ours = pipe.text_encoder(ids).pooler_output @ clip.text_projection
         theirs = clip.encode_text(ids)

@@ -1,4 +1,5 @@
 """Optional TensorBoard logging: every stage's metrics and an eval image grid."""
+
 import builtins
 from pathlib import Path
 
@@ -7,9 +8,9 @@ import pytest
 from PIL import Image
 
 from raft_diffusion.cli import main
-from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.rundir import read_jsonl, write_jsonl
+from raft_diffusion.diffusion.config import config_from_dict
 from raft_diffusion.diffusion.tracking import Trackers, eval_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +48,25 @@ def test_align_logs_each_stage_to_tensorboard(tiny_pipeline_dir, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
-    assert main(["align", "--config", str(ROOT / "configs" / "tiny.yaml"), "--output-dir", str(out),
-                 f"model.pretrained={tiny_pipeline_dir}", "num_stages=1", "progress=false", "eval.tensorboard=true",
-                 "sampling.num_per_prompt=4", "train.steps_per_stage=4", "eval.num_per_prompt=2"]) == 0
+    assert (
+        main(
+            [
+                "align",
+                "--config",
+                str(ROOT / "configs" / "tiny.yaml"),
+                "--output-dir",
+                str(out),
+                f"model.pretrained={tiny_pipeline_dir}",
+                "num_stages=1",
+                "progress=false",
+                "eval.tensorboard=true",
+                "sampling.num_per_prompt=4",
+                "train.steps_per_stage=4",
+                "eval.num_per_prompt=2",
+            ]
+        )
+        == 0
+    )
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"images": 0, "scalars": 0}).Reload()
     metrics = read_jsonl(out / "metrics.jsonl")
     logged = acc.Scalars("eval_reward_mean")

@@ -5,12 +5,24 @@ shared helpers. A kind (``raft_diffusion.diffusion``, ``raft_diffusion.llm``) pl
 Imports nothing from diffusers or transformers, nor from the kinds above it. The names below load on
 first use, so that reading a config (``core.config``) does not import torch.
 """
+
 from importlib import import_module
 
 _EXPORTS = {
-    "BaseConfig": "config", "load_config": "config", "ConfigError": "errors", "ScoreError": "errors",
-    "UserError": "errors", "StreamingPool": "pool", "ranking_key": "ranking", "select": "ranking", "RunDir": "rundir",
-    "eval_seed": "seeds", "sample_seed": "seeds", "Sample": "types", "RaftTask": "task", "run_raft": "loop",
+    "BaseConfig": "config",
+    "load_config": "config",
+    "ConfigError": "errors",
+    "ScoreError": "errors",
+    "UserError": "errors",
+    "StreamingPool": "pool",
+    "ranking_key": "ranking",
+    "select": "ranking",
+    "RunDir": "rundir",
+    "eval_seed": "seeds",
+    "sample_seed": "seeds",
+    "Sample": "types",
+    "RaftTask": "task",
+    "run_raft": "loop",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,6 +2,7 @@
 
 Kept here so that the diffusion and LLM packages never carry a copy each.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,8 +57,9 @@ def summary(values: Iterable[float]) -> dict:
 def read_prompt_file(path: Path, hint: str = "") -> list[str]:
     """One prompt per line (UTF-8); blank lines and lines starting with '#' are skipped."""
     if not path.is_file():
-        raise UserError(f"prompt file {str(path)!r} not found: give an existing text file (one prompt per line), "
-                        f"an inline list, or builtin:NAME{hint}")
+        raise UserError(
+            f"prompt file {str(path)!r} not found: give an existing text file (one prompt per line), an inline list, or builtin:NAME{hint}"
+        )
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as e:

@@ -7,6 +7,7 @@ reads (seed, stages, mode, prompts, ranking, early stop, the sampling/eval sizes
 ``load_config(path, overrides, cls)`` is the only entry point a CLI needs; unknown keys fail with the
 nearest valid key suggested.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -97,23 +98,28 @@ class BaseConfig:
         need(r.mode in MODES, f"ranking.mode must be one of {', '.join(MODES)} (got {r.mode!r})")
         need(r.top_k >= 1, f"ranking.top_k must be >= 1 (got {r.top_k})")
         if r.mode == "local" and s.external_pool is None:
-            need(r.top_k <= s.num_per_prompt,
-                 f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} {self.sample_noun} "
-                 "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt")
+            need(
+                r.top_k <= s.num_per_prompt,
+                f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} {self.sample_noun} "
+                "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt",
+            )
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
-        need(isinstance(es.metric, str) and es.metric.startswith("eval_"),
-             f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})")
+        need(
+            isinstance(es.metric, str) and es.metric.startswith("eval_"),
+            f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})",
+        )
         for key, _, _, ratio in self.floor_settings():
             need(ratio is None or 0 < ratio <= 1, f"early_stop.{key} must be in (0, 1] or null (got {ratio})")
-        need(e.every >= 1 or not self.stopper_settings_active(),
-             "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
-        need(isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
-             f"reward must be a mapping with 'name' (e.g. reward.name={self.example_reward}) or 'mix'")
+        need(e.every >= 1 or not self.stopper_settings_active(), "early_stop needs held-out evaluation: set eval.every >= 1 or turn early_stop off")
+        need(
+            isinstance(self.reward, dict) and ("name" in self.reward or "mix" in self.reward),
+            f"reward must be a mapping with 'name' (e.g. reward.name={self.example_reward}) or 'mix'",
+        )
         self.check()
         return self
 
@@ -132,14 +138,18 @@ class BaseConfig:
         k, limit = self.sampling.num_per_prompt, self.max_stage_samples
         if train is not None:
             per = min(self.prompts.per_stage or len(train), len(train))
-            need(per * k <= limit,
-                 f"one stage would generate {per * k:,} {self.sample_noun} ({per} prompts x sampling.num_per_prompt={k}), "
-                 f"more than the {limit:,} a stage's pool is sized for; lower sampling.num_per_prompt or prompts.per_stage "
-                 f"(RAFT needs K of about 4-64 per prompt)")
+            need(
+                per * k <= limit,
+                f"one stage would generate {per * k:,} {self.sample_noun} ({per} prompts x sampling.num_per_prompt={k}), "
+                f"more than the {limit:,} a stage's pool is sized for; lower sampling.num_per_prompt or prompts.per_stage "
+                f"(RAFT needs K of about 4-64 per prompt)",
+            )
         n_eval = len(held_out) * self.eval.num_per_prompt
-        need(not self.eval.every or n_eval <= limit,
-             f"each evaluation would generate {n_eval:,} {self.sample_noun} ({len(held_out)} held-out prompts x "
-             f"eval.num_per_prompt={self.eval.num_per_prompt}), more than {limit:,}; lower eval.num_per_prompt")
+        need(
+            not self.eval.every or n_eval <= limit,
+            f"each evaluation would generate {n_eval:,} {self.sample_noun} ({len(held_out)} held-out prompts x "
+            f"eval.num_per_prompt={self.eval.num_per_prompt}), more than {limit:,}; lower eval.num_per_prompt",
+        )
         return train, held_out
 
     # -- early stop ----------------------------------------------------------------------------
@@ -334,8 +344,7 @@ def add_align_arguments(parser, example: str) -> None:
 
     parser.add_argument("--config", "-c", type=Path, help=f"YAML preset, e.g. {example}")
     parser.add_argument("--output-dir", "-o", type=Path, required=True, help="run directory (resumed if it exists)")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.num_per_prompt=16")
 
 
 def config_reference(cls, title: str, intro: str = "") -> str:

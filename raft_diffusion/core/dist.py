@@ -4,6 +4,7 @@ The core shards work by whole generation batches, so every sample's seed, batch 
 the same whatever the number of processes; results are gathered so every process selects exactly what a
 single process would. Only the main process writes the run directory.
 """
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,7 @@ class Dist:
         out = []
         for b, start in enumerate(range(0, len(items), batch_size)):
             if b % self.world_size == self.rank:
-                out.extend(items[start:start + batch_size])
+                out.extend(items[start : start + batch_size])
         return out
 
 

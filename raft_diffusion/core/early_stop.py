@@ -11,6 +11,7 @@ When a rule fires the loop stops and keeps the best stage as ``final/``: the tra
 highest monitored metric among those that stay above the floors. Why it stopped is written to
 ``<run>/early_stop.json``.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,10 +59,7 @@ class EarlyStopper:
                 continue
             v = _value(latest, key)
             if v < ratio * base:
-                return (
-                    f"{label} {key} {v:.4g} at stage {latest['stage']} fell below {ratio:g} x the base model's "
-                    f"{base:.4g} (= {ratio * base:.4g})"
-                )
+                return f"{label} {key} {v:.4g} at stage {latest['stage']} fell below {ratio:g} x the base model's {base:.4g} (= {ratio * base:.4g})"
         if self.patience is not None:
             scored = [(r["stage"], _value(r, self.metric)) for r in rows if _value(r, self.metric) is not None]
             if len(scored) >= 2:

@@ -1,4 +1,5 @@
 """Errors that reach the user as one clear line (the CLI prints them without a traceback)."""
+
 from __future__ import annotations
 
 import errno
@@ -57,8 +58,9 @@ def _environment_error(e: BaseException) -> str | None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "MemoryError"
         if "out of memory" in first.lower() and "cuda" in first.lower():
             first = first.split(".")[0]  # torch's CUDA message goes on about allocator settings
-        return (f"out of memory ({first}); lower sampling.batch_size, train.batch_size or the image size, "
-                f"or free memory on this machine; {RESUME_HINT}")
+        return (
+            f"out of memory ({first}); lower sampling.batch_size, train.batch_size or the image size, or free memory on this machine; {RESUME_HINT}"
+        )
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
         where = f" ({e.filename})" if e.filename else ""
         return f"{e.strerror or type(e).__name__}{where}: {_OS_ADVICE[e.errno]}"

@@ -6,6 +6,7 @@ The stage loop calls :func:`fault_point` at its step boundaries (``score``: afte
 but not yet moved into place). The process ends with ``os._exit`` as a SIGKILL would: no ``finally``
 blocks, no flushing. Unset (always, outside tests) it costs one dictionary lookup.
 """
+
 from __future__ import annotations
 
 import os

@@ -13,9 +13,10 @@ Cost: the gradients are copied once per chunk, and processes exchange every chun
 memory is about three times the trainable weights plus ``world_size`` buckets: small for LoRA, and it still
 fits for a full fine-tune.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +37,7 @@ def put_grads(params: list[torch.Tensor], flat: torch.Tensor) -> None:
     """Set the gradients of ``params`` to consecutive slices of ``flat`` (the layout of :func:`take_grads`)."""
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p)
+        p.grad = flat[offset : offset + p.numel()].view_as(p)
         offset += p.numel()
 
 

@@ -6,6 +6,7 @@
 
 A task (the diffusion or LLM adapter) supplies the model-specific steps; see :class:`~.task.RaftTask`.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,18 +14,17 @@ import logging
 import math
 import random
 import time
-from pathlib import Path
-
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from . import faults
 from .common import summary
+from .dist import Dist
 from .early_stop import STOP_FILE, EarlyStopper
 from .errors import ScoreError, UserError
-from .dist import Dist
 from .pool import StreamingPool
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
 from .seeds import sample_seed, stage_seed
@@ -39,8 +39,7 @@ def as_rewards(name: str, out, n: int) -> list[float]:
     if isinstance(out, torch.Tensor):
         if out.ndim != 1 or out.shape[0] != n:
             raise ScoreError(
-                f"reward '{name}' returned a tensor of shape {tuple(out.shape)} for a batch of {n}; "
-                f"it must return shape ({n},): one score per image"
+                f"reward '{name}' returned a tensor of shape {tuple(out.shape)} for a batch of {n}; it must return shape ({n},): one score per image"
             )
         values = [float(x) for x in out.detach().float().cpu().tolist()]
     elif isinstance(out, (list, tuple)):
@@ -55,8 +54,7 @@ def as_rewards(name: str, out, n: int) -> list[float]:
     infinite = [x for x in values if math.isinf(x)]
     if infinite:
         raise ScoreError(
-            f"reward '{name}' returned {infinite[0]} for {len(infinite)} of {n} samples; scores must be finite "
-            f"(return NaN or None for 'no score')"
+            f"reward '{name}' returned {infinite[0]} for {len(infinite)} of {n} samples; scores must be finite (return NaN or None for 'no score')"
         )
     return values
 
@@ -78,7 +76,7 @@ def read_manifest(path: str, field: str, check=None) -> list[dict]:
     """
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"external pool manifest not found: {p} (a JSONL file with one {{\"prompt\", \"{field}\"}} object per line)")
+        raise UserError(f'external pool manifest not found: {p} (a JSONL file with one {{"prompt", "{field}"}} object per line)')
     rows = []
     for n, line in enumerate(p.read_text().splitlines(), 1):
         if not line.strip():
@@ -86,7 +84,7 @@ def read_manifest(path: str, field: str, check=None) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
-            raise UserError(f"{p}:{n} is not valid JSON; each line must be an object like {{\"prompt\": ..., \"{field}\": ...}}") from None
+            raise UserError(f'{p}:{n} is not valid JSON; each line must be an object like {{"prompt": ..., "{field}": ...}}') from None
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get(field), str):
             raise UserError(f"{p}:{n} needs string values for 'prompt' and '{field}'")
         problem = check(row) if check else None
@@ -185,8 +183,7 @@ def _to_cpu(payload):
     return payload
 
 
-def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | None = None, dist: Dist | None = None,
-             on_stage=None) -> list[dict]:
+def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | None = None, dist: Dist | None = None, on_stage=None) -> list[dict]:
     """Run (or resume) every stage; returns the metrics rows.
 
     ``should_stop(rows) -> str | None`` is asked after every stage (and once on resume): a reason ends
@@ -264,9 +261,15 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             )
         s_all, s_kept = summary(rewards), summary([s.reward for s in kept])
         row.update(
-            reward_mean=s_all.get("mean"), reward_std=s_all.get("std"), reward_max=s_all.get("max"),
-            reward_min=s_all.get("min"), kept_reward_mean=s_kept.get("mean"), kept_reward_min=s_kept.get("min"),
-            num_generated=len(rewards), num_kept=len(kept), num_discarded=discarded,
+            reward_mean=s_all.get("mean"),
+            reward_std=s_all.get("std"),
+            reward_max=s_all.get("max"),
+            reward_min=s_all.get("min"),
+            kept_reward_mean=s_kept.get("mean"),
+            kept_reward_min=s_kept.get("min"),
+            num_generated=len(rewards),
+            num_kept=len(kept),
+            num_discarded=discarded,
         )
 
         # Step 4: fine-tune on the kept samples.
@@ -317,14 +320,18 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
 def _from_record(r: dict) -> Sample:
     reward = r.get("reward")
     return Sample(
-        prompt_index=r["prompt_index"], sample_index=r["sample_index"], seed=r["seed"],
-        reward=math.nan if reward is None else reward, log_ratio=r.get("log_ratio"),
+        prompt_index=r["prompt_index"],
+        sample_index=r["sample_index"],
+        seed=r["seed"],
+        reward=math.nan if reward is None else reward,
+        log_ratio=r.get("log_ratio"),
         extras={k: v for k, v in r.items() if k not in ("prompt_index", "sample_index", "seed", "reward", "log_ratio")},
     )
 
 
 def stage_line(row: dict, extra: Sequence[tuple[str, str]] = ()) -> str:
     """One-line stage summary for the console; ``extra``: the task's (metric key, label) pairs to show too."""
+
     def fmt(key, spec=".4g"):
         v = row.get(key)
         return "-" if v is None else format(v, spec)

@@ -6,6 +6,7 @@ whole stage in ``global`` mode). Selections equal :func:`ranking.select` on the 
 With ``ranking.diversity_weight`` > 0 a prompt's pick depends on all of its samples, so every scored
 sample's payload is held until :meth:`StreamingPool.kept`.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -76,9 +77,15 @@ class StreamingPool:
         """Cut each prompt's candidates down to its greedy spread-out ``top_k`` (drops the others' payloads)."""
         for slot, heap in self._heaps.items():
             items = sorted(heap, key=lambda it: it[0], reverse=True)
-            picks = set(diverse_pick([it[0][0] for it in items], [it[1].embedding for it in items],
-                                     self.ranking.top_k, self.ranking.diversity_weight,
-                                     getattr(self.ranking, "novelty_weight", 0.0)))
+            picks = set(
+                diverse_pick(
+                    [it[0][0] for it in items],
+                    [it[1].embedding for it in items],
+                    self.ranking.top_k,
+                    self.ranking.diversity_weight,
+                    getattr(self.ranking, "novelty_weight", 0.0),
+                )
+            )
             for j, (_, s) in enumerate(items):
                 if j not in picks:
                     self._held -= s.payload is not None
@@ -91,7 +98,7 @@ class StreamingPool:
             self._spread_heaps()
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
         if self.ranking.max_kept is not None:
-            for _, dropped in items[self.ranking.max_kept:]:
+            for _, dropped in items[self.ranking.max_kept :]:
                 self._held -= dropped.payload is not None
                 dropped.payload = None
             items = items[: self.ranking.max_kept]

@@ -23,6 +23,7 @@ and the generator supplied the log-ratio. NaN keys, and samples a task marked ``
 filter, a diffusion prompt-match gate), are never selected. Ties break towards the
 lower prompt index, then the lower sample index, so selections are deterministic.
 """
+
 from __future__ import annotations
 
 import math
@@ -119,8 +120,7 @@ def select(
             groups.setdefault(prompt_indices[i], []).append(i)
         chosen = []
         for members in groups.values():
-            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight,
-                                 novelty_weight)
+            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight, novelty_weight)
             chosen += [members[j] for j in picks]
         chosen.sort(key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
     elif mode == "local":
@@ -148,11 +148,14 @@ def uses_embeddings(ranking) -> bool:
 def check_diverse(mode: str, have_embeddings: bool) -> None:
     """Raise a one-line ConfigError when ``ranking.diversity_weight`` or ``novelty_weight`` > 0 cannot work."""
     if mode != "local":
-        raise ConfigError("ranking.diversity_weight and ranking.novelty_weight pick within each prompt, so each needs "
-                          f"ranking.mode=local (got {mode!r})")
+        raise ConfigError(
+            f"ranking.diversity_weight and ranking.novelty_weight pick within each prompt, so each needs ranking.mode=local (got {mode!r})"
+        )
     if not have_embeddings:
-        raise ConfigError("ranking.diversity_weight or ranking.novelty_weight > 0 needs an embedding on every sample, and this "
-                          "generator supplies none; set both to 0")
+        raise ConfigError(
+            "ranking.diversity_weight or ranking.novelty_weight > 0 needs an embedding on every sample, and this "
+            "generator supplies none; set both to 0"
+        )
 
 
 def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
@@ -170,8 +173,7 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         threshold=ranking.threshold,
         max_kept=ranking.max_kept,
         diversity_weight=w,
-        embeddings=([s.embedding for s in samples] if uses_embeddings(ranking) and all(s.embedding is not None for s in samples)
-                    else None),
+        embeddings=([s.embedding for s in samples] if uses_embeddings(ranking) and all(s.embedding is not None for s in samples) else None),
         novelty_weight=nw,
     )
     return [samples[i] for i in idx]

@@ -9,6 +9,7 @@
 file (a truncated LoRA, a half-copied folder) and redoes that stage instead of crashing on it. Files and
 folders get the permissions a plain write would give (the umask's), temporary files included.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,8 +20,9 @@ import os
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 
@@ -181,8 +183,9 @@ def check_output_dir(root: Path) -> None:
     if existing.exists() and not existing.is_dir():
         raise UserError(f"--output-dir {root} cannot be made: {existing} is a file, not a folder; choose another --output-dir")
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output-dir {root} cannot be written: {existing} is read-only for this user; "
-                        f"choose another --output-dir or fix its permissions")
+        raise UserError(
+            f"--output-dir {root} cannot be written: {existing} is read-only for this user; choose another --output-dir or fix its permissions"
+        )
 
 
 class RunDir:
@@ -243,7 +246,8 @@ class RunDir:
             absent = _flatten(_jsonable(defaults or {}))
             old = {**{k: v for k, v in absent.items() if k not in old and k in new}, **old}
             diffs = [
-                k for k in sorted(set(old) | set(new))
+                k
+                for k in sorted(set(old) | set(new))
                 if old.get(k) != new.get(k) and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)
             ]
             if not diffs:
@@ -256,8 +260,7 @@ class RunDir:
         if old is None:
             raise UserError(f"run directory {self.root} has a damaged config.yaml; restore it from a copy, or choose a new --output-dir")
         raise UserError(
-            f"run directory {self.root} was started with a different config ({diff}); "
-            f"resume with the original settings or choose a new --output-dir"
+            f"run directory {self.root} was started with a different config ({diff}); resume with the original settings or choose a new --output-dir"
         )
 
     def begin(self) -> None:
@@ -265,8 +268,10 @@ class RunDir:
         if self._pending is None:
             return
         if self._restart is not None:
-            print(f"run directory {self.root} completed no stage with its earlier config ({self._restart}); "
-                  f"starting it afresh with the new one", flush=True)
+            print(
+                f"run directory {self.root} completed no stage with its earlier config ({self._restart}); starting it afresh with the new one",
+                flush=True,
+            )
             for p in (self.root / "stages", self.final_dir, self.root / "gallery"):
                 shutil.rmtree(p, ignore_errors=True)
             for p in (self.metrics_path, self.root / "early_stop.json"):
@@ -330,8 +335,7 @@ class RunDir:
         rows, bad_line = read_jsonl_prefix(self.metrics_path)
         n_read = len(rows)
         in_metrics = {r["stage"] for r in rows}
-        no_row = (f"{self.metrics_path} line {bad_line} is damaged" if bad_line is not None
-                  else f"its row is missing from {self.metrics_path}")
+        no_row = f"{self.metrics_path} line {bad_line} is damaged" if bad_line is not None else f"its row is missing from {self.metrics_path}"
         damage = None
         if self.stage_done(0) and (why := self.check_stage(0)):
             damage = (0, why)
@@ -344,8 +348,13 @@ class RunDir:
                 break
             done += 1
         if damage is not None:
-            log.warning("stage %d of %s is damaged (%s); redoing it%s", damage[0], self.root, damage[1],
-                        " and the stages after it" if self.stage_done(damage[0] + 1) else "")
+            log.warning(
+                "stage %d of %s is damaged (%s); redoing it%s",
+                damage[0],
+                self.root,
+                damage[1],
+                " and the stages after it" if self.stage_done(damage[0] + 1) else "",
+            )
             shutil.rmtree(self.final_dir, ignore_errors=True)
         elif bad_line is not None:
             log.warning("%s line %d is damaged; dropped it (no completed stage needed it)", self.metrics_path, bad_line)

@@ -3,6 +3,7 @@
 ``sample_seed(run_seed, stage, prompt_index, sample_index)`` is independent of batch size,
 process count and generation order, so any stage can be regenerated exactly.
 """
+
 from __future__ import annotations
 
 import hashlib

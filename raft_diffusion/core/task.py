@@ -3,6 +3,7 @@
 Every hook the loop calls is listed here; the diffusion task (``raft_diffusion.diffusion.task``) and the
 LLM task (``raft_diffusion.llm.task``) implement all of them.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence

@@ -1,4 +1,5 @@
 """The opaque sample that flows through the model-agnostic core."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

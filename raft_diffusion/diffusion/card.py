@@ -4,6 +4,7 @@ It says what the LoRA is (base model, reward, RAFT and its settings), what it di
 base model and of the final stage, read back from ``metrics.jsonl``), shows the before/after grid when the
 gallery has one, states the licence (``--license``, else "see the base model's card") and how to load it.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -227,6 +228,7 @@ def push(run_dir: str | Path, repo_id: str, *, license: str | None = None, priva
                               commit_message="Upload RAFT LoRA (raft-diffusion)")  # fmt: skip
         except Exception as err:  # noqa: BLE001 - auth, network and repo errors all end the same way
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise UserError(f"push to {repo_id} failed ({type(err).__name__}: {first}; log in with `hf auth login` "
-                            f"or set HF_TOKEN): would upload {what}") from None
+            raise UserError(
+                f"push to {repo_id} failed ({type(err).__name__}: {first}; log in with `hf auth login` or set HF_TOKEN): would upload {what}"
+            ) from None
     return f"https://huggingface.co/{repo_id}"

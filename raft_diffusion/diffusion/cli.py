@@ -3,6 +3,7 @@
 ``add_commands(subparsers)`` adds them to the main parser (``raft_diffusion.cli``); bad input raises
 ``UserError`` (one line, exit 2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -46,8 +47,7 @@ def _align(args) -> int:
     task = DiffusionTask(cfg, dist=dist)
     trackers = Trackers(run.root, cfg) if dist.is_main else None
     try:
-        run_raft(cfg, task, run, should_stop=cfg.stopper(), dist=dist,
-                 on_stage=trackers if trackers is not None and trackers.active else None)
+        run_raft(cfg, task, run, should_stop=cfg.stopper(), dist=dist, on_stage=trackers if trackers is not None and trackers.active else None)
     finally:
         if trackers is not None:
             trackers.close()
@@ -92,9 +92,16 @@ def _compare(args) -> int:
             raise UserError(f"--reward-kwargs must be a mapping, e.g. '{{region: [0.25, 0.25, 0.75, 0.75]}}' (got {args.reward_kwargs!r})")
         reward = {"name": args.reward, "kwargs": kwargs}
     overrides = dict(
-        prompts=prompts or None, seeds=args.seeds, num_inference_steps=args.steps, guidance_scale=args.guidance,
-        height=args.height, width=args.width, scheduler=args.scheduler, negative_prompt=args.negative_prompt,
-        reward=reward, batch_size=args.batch_size,
+        prompts=prompts or None,
+        seeds=args.seeds,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
+        scheduler=args.scheduler,
+        negative_prompt=args.negative_prompt,
+        reward=reward,
+        batch_size=args.batch_size,
     )
     if config is not None:
         print(f"compare: settings from {config}", flush=True)
@@ -106,8 +113,7 @@ def _compare(args) -> int:
         settings.reward = None
     for w in args.weights:
         resolve_weights(w)  # a clear error before any model is loaded
-    page = run_compare(args.base, args.weights, args.output_dir, settings, labels=args.label,
-                       device=args.device, dtype=args.dtype)
+    page = run_compare(args.base, args.weights, args.output_dir, settings, labels=args.label, device=args.device, dtype=args.dtype)
     print(page)
     return 0
 
@@ -159,11 +165,20 @@ def add_commands(sub) -> None:
 
     p = sub.add_parser("compare", help="side-by-side images of saved weights against their base model, same prompts and seeds")
     p.add_argument("base", metavar="BASE", help="base pipeline: hub id, local folder, or tiny")
-    p.add_argument("weights", nargs="+", metavar="LORA_DIR",
-                   help="LoRA folder or .safetensors file, full-UNet folder, stage folder, or run directory (its final/)")
+    p.add_argument(
+        "weights",
+        nargs="+",
+        metavar="LORA_DIR",
+        help="LoRA folder or .safetensors file, full-UNet folder, stage folder, or run directory (its final/)",
+    )
     p.add_argument("--output-dir", "-o", type=Path, required=True, help="where images, compare.jsonl, grid.png and index.html go")
-    p.add_argument("--config", "-c", type=Path, help="preset or run config.yaml giving held-out prompts, sampler and reward "
-                   "(default: the first LORA_DIR's config.yaml when it is a run directory)")
+    p.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        help="preset or run config.yaml giving held-out prompts, sampler and reward "
+        "(default: the first LORA_DIR's config.yaml when it is a run directory)",
+    )
     p.add_argument("--prompt", "-p", action="append", help="a prompt (repeat for more; replaces the config's)")
     p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, the same for every prompt (default 0 1 2 3)")
@@ -182,13 +197,18 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_compare)
 
     p = sub.add_parser("export", help="write a run's LoRA as a kohya/A1111 file, a diffusers or peft folder, or merged")
-    p.add_argument("source", type=Path, metavar="RUN_DIR_OR_LORA",
-                   help="run directory (its final/), stage folder, LoRA folder or LoRA .safetensors file")
-    p.add_argument("--format", "-f", choices=("kohya", "diffusers", "peft"),
-                   help="kohya: one .safetensors with lora_unet_* keys; diffusers: the LoRA folder; "
-                        "peft: adapter_config.json + adapter_model.safetensors")
-    p.add_argument("--merge", action="store_true",
-                   help="fuse the LoRA into the base model: a diffusers pipeline folder plus an SD 1.x single-file checkpoint")
+    p.add_argument(
+        "source", type=Path, metavar="RUN_DIR_OR_LORA", help="run directory (its final/), stage folder, LoRA folder or LoRA .safetensors file"
+    )
+    p.add_argument(
+        "--format",
+        "-f",
+        choices=("kohya", "diffusers", "peft"),
+        help="kohya: one .safetensors with lora_unet_* keys; diffusers: the LoRA folder; peft: adapter_config.json + adapter_model.safetensors",
+    )
+    p.add_argument(
+        "--merge", action="store_true", help="fuse the LoRA into the base model: a diffusers pipeline folder plus an SD 1.x single-file checkpoint"
+    )
     p.add_argument("--output", "-o", type=Path, required=True, help="output file (kohya) or folder")
     p.add_argument("--base", help="base pipeline for --merge (default: the run's model.pretrained)")
     p.add_argument("--license", help="licence recorded in the kohya metadata (e.g. creativeml-openrail-m)")

@@ -12,6 +12,7 @@ written to the output folder:
 Sampler settings, prompts and reward default to a config: ``--config`` (a preset or a run's config.yaml), else
 the config.yaml of the first LORA_DIR when it is a run directory; command-line options override them.
 """
+
 from __future__ import annotations
 
 import html
@@ -24,8 +25,8 @@ import torch
 
 from ..core.errors import UserError
 from ..core.rundir import write_jsonl
-from .gallery import Cell, Column, render_grid, render_page
 from .finetune import LORA_WEIGHT_NAME
+from .gallery import Cell, Column, render_grid, render_page
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 
@@ -80,9 +81,14 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
     s = cfg.sampling
     base = CompareSettings(
         prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
-        num_inference_steps=s.num_inference_steps, height=s.height, width=s.width,
+        num_inference_steps=s.num_inference_steps,
+        height=s.height,
+        width=s.width,
         guidance_scale=cfg.eval_guidance_scale,
-        scheduler=s.scheduler, negative_prompt=cfg.prompts.negative, reward=cfg.reward, batch_size=s.batch_size,
+        scheduler=s.scheduler,
+        negative_prompt=cfg.prompts.negative,
+        reward=cfg.reward,
+        batch_size=s.batch_size,
     )
     for key, value in overrides.items():
         if value is not None:
@@ -151,10 +157,10 @@ def run_compare(
     dtype: str = "auto",
 ) -> Path:
     """Sample, score and render the comparison; returns the path of index.html."""
-    from .task import load_reward, resolve_pretrained, sample_name, save_png
-    from .generate import encode_prompts, generate_batch
     from ..core.common import resolve_device
+    from .generate import encode_prompts, generate_batch
     from .pipeline import load_pipeline
+    from .task import load_reward, resolve_pretrained, sample_name, save_png
 
     # 1. Check the inputs before loading anything heavy.
     if not settings.prompts:
@@ -165,7 +171,7 @@ def run_compare(
     labels = list(labels or [])
     if len(labels) > len(weights):
         raise UserError(f"{len(labels)} --label values for {len(weights)} weights folders")
-    labels += [default_label(w) for w in weights[len(labels):]]
+    labels += [default_label(w) for w in weights[len(labels) :]]
     out = Path(out_dir)
     dev = resolve_device(device)
     reward = load_reward(settings.reward, dev, torch.float32) if settings.reward else None
@@ -187,12 +193,17 @@ def run_compare(
         ctx = _Weights(pipe, kind, path) if path is not None else _NoWeights()
         with ctx:
             for start in range(0, len(todo), settings.batch_size):
-                chunk = todo[start:start + settings.batch_size]
+                chunk = todo[start : start + settings.batch_size]
                 idx = torch.tensor([p for p, _, _ in chunk], device=cond.device)
                 _, images = generate_batch(
-                    pipe, cond[idx], None if uncond is None else uncond[idx], [s for _, _, s in chunk],
-                    num_inference_steps=settings.num_inference_steps, guidance_scale=settings.guidance_scale,
-                    height=height, width=width,
+                    pipe,
+                    cond[idx],
+                    None if uncond is None else uncond[idx],
+                    [s for _, _, s in chunk],
+                    num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.guidance_scale,
+                    height=height,
+                    width=width,
                 )
                 texts = [settings.prompts[p] for p, _, _ in chunk]
                 scores = reward(images, texts).float().cpu().tolist() if reward is not None else [None] * len(chunk)
@@ -200,9 +211,19 @@ def run_compare(
                     image = folder / f"{sample_name(p, k)}.png"
                     save_png(images[j], image)
                     col.cells[(p, k)] = Cell(image=image, reward=scores[j], seed=seed)
-                    records.append({"column": i, "label": label, "weights": None if path is None else str(path),
-                                    "prompt_index": p, "sample_index": k, "seed": seed, "prompt": texts[j],
-                                    "reward": scores[j], "image": image.relative_to(out).as_posix()})
+                    records.append(
+                        {
+                            "column": i,
+                            "label": label,
+                            "weights": None if path is None else str(path),
+                            "prompt_index": p,
+                            "sample_index": k,
+                            "seed": seed,
+                            "prompt": texts[j],
+                            "reward": scores[j],
+                            "image": image.relative_to(out).as_posix(),
+                        }
+                    )
         columns.append(col)
 
     # 4. Records, grid and page.
@@ -210,14 +231,16 @@ def run_compare(
     prompts = dict(enumerate(settings.prompts))
     render_grid(out / "grid.png", prompts, columns, max_samples=len(settings.seeds))
     reward_name = "no reward" if settings.reward is None else f"reward {json.dumps(settings.reward)}"
-    weights_list = "".join(f"<li><b>{html.escape(label)}</b>: {html.escape(str(base) if path is None else f'{base} + {path}')}</li>"
-                           for label, _, path in specs)
-    intro = (f"<p>{len(settings.seeds)} seeds ({html.escape(', '.join(map(str, settings.seeds)))}) per prompt, the same "
-             f"initial noise in every column; {settings.num_inference_steps} steps, guidance {settings.guidance_scale}, "
-             f"{width}x{height} px; {html.escape(reward_name)}.</p><ul>{weights_list}</ul>"
-             "<p><a href='grid.png'>grid.png</a>: every column, one row per prompt.</p>")
-    return render_page(out, title="RAFT compare", prompts=prompts, columns=columns, intro_html=intro,
-                       images_heading="Images", prompt_label="prompt")
+    weights_list = "".join(
+        f"<li><b>{html.escape(label)}</b>: {html.escape(str(base) if path is None else f'{base} + {path}')}</li>" for label, _, path in specs
+    )
+    intro = (
+        f"<p>{len(settings.seeds)} seeds ({html.escape(', '.join(map(str, settings.seeds)))}) per prompt, the same "
+        f"initial noise in every column; {settings.num_inference_steps} steps, guidance {settings.guidance_scale}, "
+        f"{width}x{height} px; {html.escape(reward_name)}.</p><ul>{weights_list}</ul>"
+        "<p><a href='grid.png'>grid.png</a>: every column, one row per prompt.</p>"
+    )
+    return render_page(out, title="RAFT compare", prompts=prompts, columns=columns, intro_html=intro, images_heading="Images", prompt_label="prompt")
 
 
 class _NoWeights:

@@ -4,6 +4,7 @@ LoRA/full fine-tuning of the UNet, held-out evaluation with CLIP fidelity and di
 ``load_config(path, overrides)`` loads a YAML preset plus ``key=value`` overrides into a validated
 :class:`RaftConfig`; ``raft-diffusion config-help`` lists every key.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,15 +21,17 @@ from ..core.ranking import check_diverse
 # diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
 # the model families (diffusion.families.registry; tests check these lists against it) and the flow-matching
 # loss weightings of diffusers' SD3/FLUX scripts (diffusion.families.settings)
-FAMILIES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
-            "flux": "FluxPipeline"}
+FAMILIES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
 
 
 @dataclass
 class ModelConfig:
-    pretrained: str = _f("runwayml/stable-diffusion-v1-5", "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model")
+    pretrained: str = _f(
+        "runwayml/stable-diffusion-v1-5",
+        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model",
+    )
     family: str | None = _f(None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5) or flux (FLUX.1); null = read from the folder's model_index.json")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
@@ -60,9 +63,18 @@ class SamplingConfig:
 
 @dataclass
 class RankingConfig(core.RankingConfig):
-    diversity_weight: float = _f(0.0, "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)")
-    novelty_weight: float = _f(0.0, "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)")
-    prompt_match: int | None = _f(None, "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)")
+    diversity_weight: float = _f(
+        0.0,
+        "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)",
+    )
+    novelty_weight: float = _f(
+        0.0,
+        "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)",
+    )
+    prompt_match: int | None = _f(
+        None,
+        "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)",
+    )
 
 
 @dataclass
@@ -71,11 +83,17 @@ class TrainConfig:
     lora_rank: int = _f(4, "LoRA rank r")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
-    target_modules: list | None = _f(None, "denoiser modules that receive LoRA; null = the family's default, as diffusers' LoRA scripts train it (SD/SDXL: to_q, to_k, to_v, to_out.0; SD3: the joint attention's projections; FLUX: those and the feed-forward layers), written into the run's config.yaml")
+    target_modules: list | None = _f(
+        None,
+        "denoiser modules that receive LoRA; null = the family's default, as diffusers' LoRA scripts train it (SD/SDXL: to_q, to_k, to_v, to_out.0; SD3: the joint attention's projections; FLUX: those and the feed-forward layers), written into the run's config.yaml",
+    )
     steps_per_stage: int = _f(80, "optimizer steps per stage")
     batch_size: int = _f(8, "kept samples per micro-batch")
     gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
-    chunk_size: int | None = _f(None, "rows per forward/backward pass: a step's chunks are dealt over the processes and their gradients added in chunk order, so the weights are bitwise the same for any number of processes; null = train.batch_size (one chunk per micro-batch). Several processes need a chunk each: 1 spreads a step over up to batch_size x accumulation processes")
+    chunk_size: int | None = _f(
+        None,
+        "rows per forward/backward pass: a step's chunks are dealt over the processes and their gradients added in chunk order, so the weights are bitwise the same for any number of processes; null = train.batch_size (one chunk per micro-batch). Several processes need a chunk each: 1 spreads a step over up to batch_size x accumulation processes",
+    )
     learning_rate: float = _f(1e-4, "AdamW learning rate")
     lr_scheduler: str = _f("constant", "diffusers schedule name: constant, constant_with_warmup, cosine, linear, ...")
     lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
@@ -83,23 +101,41 @@ class TrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
-    empty_prompt_ratio: float = _f(0.0, "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on")
-    timestep_range: list | None = _f(None, "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep")
-    weighting_scheme: str = _f("logit_normal", "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)")
+    empty_prompt_ratio: float = _f(
+        0.0,
+        "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on",
+    )
+    timestep_range: list | None = _f(
+        None,
+        "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep",
+    )
+    weighting_scheme: str = _f(
+        "logit_normal",
+        "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)",
+    )
     logit_mean: float = _f(0.0, "SD3/FLUX, logit_normal: mean of logit(u) of the drawn timesteps")
     logit_std: float = _f(1.0, "SD3/FLUX, logit_normal: std of logit(u) of the drawn timesteps")
     mode_scale: float = _f(1.29, "SD3/FLUX, mode: how strongly the density favours the middle timesteps")
     flux_guidance: float = _f(3.5, "FLUX: the distilled guidance value fed to the guidance embedding while training (FLUX.1-dev)")
-    snr_gamma: float | None = _f(None, "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE")
+    snr_gamma: float | None = _f(
+        None,
+        "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE",
+    )
 
 
 @dataclass
 class EvalConfig:
     num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
-    guidance_scale: float | None = _f(None, "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage")
+    guidance_scale: float | None = _f(
+        None,
+        "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage",
+    )
     save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
-    clip_model: str | None = _f(None, "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both")
+    clip_model: str | None = _f(
+        None,
+        "open_clip model for eval_clip_score and eval_diversity: a name (e.g. ViT-L-14-quickgelu), a folder written by reward_models.save_open_clip, hf-hub:org/repo, or tiny (random weights, smoke tests only); null skips both",
+    )
     clip_pretrained: str | None = _f("openai", "pretrained tag or checkpoint file of a named eval.clip_model (ignored for folders, hf-hub and tiny)")
     tensorboard: bool = _f(False, "also log every stage's metrics and an eval image grid to <run>/tensorboard (needs the tensorboard package)")
     wandb: bool = _f(False, "also log to Weights & Biases (needs wandb installed and logged in)")
@@ -108,8 +144,12 @@ class EvalConfig:
 
 @dataclass
 class EarlyStopConfig(core.EarlyStopConfig):
-    min_fidelity_ratio: float | None = _f(None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off")
-    min_diversity_ratio: float | None = _f(None, "stop when eval_diversity falls below this fraction of the base model's (needs eval.clip_model); null = off")
+    min_fidelity_ratio: float | None = _f(
+        None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off"
+    )
+    min_diversity_ratio: float | None = _f(
+        None, "stop when eval_diversity falls below this fraction of the base model's (needs eval.clip_model); null = off"
+    )
 
 
 @dataclass
@@ -135,8 +175,11 @@ class RaftConfig(core.BaseConfig):
         name = str(self.model.pretrained)
         if name.startswith((".", "~", "/")) or name.count("/") > 1:  # a path, not 'tiny' or a hub id
             folder = Path(name).expanduser()
-            need(folder.is_dir(), f"model folder {name!r} does not exist: pass a diffusers pipeline folder "
-                                  "(one saved with save_pretrained, containing model_index.json) or a hub id like owner/name")
+            need(
+                folder.is_dir(),
+                f"model folder {name!r} does not exist: pass a diffusers pipeline folder "
+                "(one saved with save_pretrained, containing model_index.json) or a hub id like owner/name",
+            )
         return super().preflight()
 
     def load_prompt_sets(self):
@@ -150,62 +193,87 @@ class RaftConfig(core.BaseConfig):
 
     def floor_settings(self):
         es = self.early_stop
-        return [("min_fidelity_ratio", "eval_clip_score", "prompt fidelity", es.min_fidelity_ratio),
-                ("min_diversity_ratio", "eval_diversity", "diversity", es.min_diversity_ratio)]
+        return [
+            ("min_fidelity_ratio", "eval_clip_score", "prompt fidelity", es.min_fidelity_ratio),
+            ("min_diversity_ratio", "eval_diversity", "diversity", es.min_diversity_ratio),
+        ]
 
     def check(self) -> None:
         """The diffusion rules (the shared ones are in :meth:`BaseConfig.validate`)."""
-        s, r, t, es = self.sampling, self.ranking, self.train, self.early_stop
+        s, r, t = self.sampling, self.ranking, self.train
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         for side in ("height", "width"):
             v = getattr(s, side)
-            need(v is None or v <= 8192,
-                 f"sampling.{side}={v} is beyond any supported model (SD 1.x draws at 512, SDXL/SD3/FLUX at 1024; a "
-                 f"latent batch that large cannot be allocated): use at most 8192, usually the model's own size")
-            need(v is None or (v >= 8 and v % 8 == 0),
-                 f"sampling.{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks) or null for the model's "
-                 f"default (got {v}); e.g. sampling.{side}={max(8, round((v or 0) / 8) * 8)}")
+            need(
+                v is None or v <= 8192,
+                f"sampling.{side}={v} is beyond any supported model (SD 1.x draws at 512, SDXL/SD3/FLUX at 1024; a "
+                f"latent batch that large cannot be allocated): use at most 8192, usually the model's own size",
+            )
+            need(
+                v is None or (v >= 8 and v % 8 == 0),
+                f"sampling.{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks) or null for the model's "
+                f"default (got {v}); e.g. sampling.{side}={max(8, round((v or 0) / 8) * 8)}",
+            )
         need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
         need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
         for name in ("diversity_weight", "novelty_weight"):
             if getattr(r, name):
                 check_diverse(r.mode, True)
-                need(self.eval.clip_model is not None,
-                     f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)")
-        need(r.prompt_match is None or r.prompt_match >= 1,
-             f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
-        need(r.prompt_match is None or self.eval.clip_model is not None,
-             "ranking.prompt_match needs eval.clip_model (the CLIP that matches images to prompts)")
+                need(
+                    self.eval.clip_model is not None,
+                    f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)",
+                )
+        need(r.prompt_match is None or r.prompt_match >= 1, f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
+        need(
+            r.prompt_match is None or self.eval.clip_model is not None,
+            "ranking.prompt_match needs eval.clip_model (the CLIP that matches images to prompts)",
+        )
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
         need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
         need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
-        need(t.target_modules is None or (isinstance(t.target_modules, list) and t.target_modules
-                                          and all(isinstance(m, str) and m for m in t.target_modules)),
-             f"train.target_modules must be a module name, a list of them (e.g. [to_q, to_k, to_v, to_out.0]) or null "
-             f"for the family's default (got {t.target_modules!r})")
+        need(
+            t.target_modules is None
+            or (isinstance(t.target_modules, list) and t.target_modules and all(isinstance(m, str) and m for m in t.target_modules)),
+            f"train.target_modules must be a module name, a list of them (e.g. [to_q, to_k, to_v, to_out.0]) or null "
+            f"for the family's default (got {t.target_modules!r})",
+        )
         m = self.model
-        need(m.family is None or m.family in FAMILIES or m.family in FAMILIES.values(),
-             f"model.family must be one of {', '.join(FAMILIES)} or null to read it from the model (got {m.family!r})")
-        need(t.weighting_scheme in WEIGHTING_SCHEMES,
-             f"train.weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)} (got {t.weighting_scheme!r})")
+        need(
+            m.family is None or m.family in FAMILIES or m.family in FAMILIES.values(),
+            f"model.family must be one of {', '.join(FAMILIES)} or null to read it from the model (got {m.family!r})",
+        )
+        need(
+            t.weighting_scheme in WEIGHTING_SCHEMES,
+            f"train.weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)} (got {t.weighting_scheme!r})",
+        )
         need(t.logit_std > 0, f"train.logit_std must be > 0 (got {t.logit_std}); 1.0 is the usual choice")
         need(t.steps_per_stage >= 0, "train.steps_per_stage must be >= 0")
         need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
-        need(t.chunk_size is None or (isinstance(t.chunk_size, int) and t.chunk_size >= 1),
-             f"train.chunk_size must be an integer >= 1 or null (got {t.chunk_size!r})")
+        need(
+            t.chunk_size is None or (isinstance(t.chunk_size, int) and t.chunk_size >= 1),
+            f"train.chunk_size must be an integer >= 1 or null (got {t.chunk_size!r})",
+        )
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
         need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
-        need(t.timestep_range is None or (isinstance(t.timestep_range, list) and len(t.timestep_range) == 2
-                                          and all(isinstance(v, int) for v in t.timestep_range)
-                                          and 0 <= t.timestep_range[0] < t.timestep_range[1]),
-             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})")
+        need(
+            t.timestep_range is None
+            or (
+                isinstance(t.timestep_range, list)
+                and len(t.timestep_range) == 2
+                and all(isinstance(v, int) for v in t.timestep_range)
+                and 0 <= t.timestep_range[0] < t.timestep_range[1]
+            ),
+            f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})",
+        )
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         for key, _, _, ratio in self.floor_settings():
-            need(ratio is None or self.eval.clip_model is not None,
-                 f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu")
+            need(
+                ratio is None or self.eval.clip_model is not None,
+                f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu",
+            )
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfig:

@@ -18,6 +18,7 @@ Formats:
   one original-layout (LDM) ``.safetensors`` checkpoint that ``StableDiffusionPipeline.from_single_file`` and the
   usual UIs read.
 """
+
 from __future__ import annotations
 
 import json
@@ -139,8 +140,10 @@ def resolve_source(path: str | Path) -> LoraSource:
     if _is_run_dir(path):
         weights = path / "final" / LORA_WEIGHT_NAME
         if not weights.is_file():
-            raise UserError(f"run directory {path} has no final/{LORA_WEIGHT_NAME} (has a stage finished? a full "
-                            "fine-tuning run has no LoRA to export): pass a stage folder or let the run finish")
+            raise UserError(
+                f"run directory {path} has no final/{LORA_WEIGHT_NAME} (has a stage finished? a full "
+                "fine-tuning run has no LoRA to export): pass a stage folder or let the run finish"
+            )
         return LoraSource(weights, path, final_stage(path), read_run_config(path))
     if (path / "lora" / LORA_WEIGHT_NAME).is_file():  # a stage folder: stages/NNN
         run_dir = path.parent.parent if _is_run_dir(path.parent.parent) else None
@@ -152,8 +155,10 @@ def resolve_source(path: str | Path) -> LoraSource:
         stage = (int(path.parent.name) if path.name == "lora" and path.parent.name.isdigit()
                  else final_stage(run_dir) if run_dir else None)  # fmt: skip
         return LoraSource(path / LORA_WEIGHT_NAME, run_dir, stage, read_run_config(run_dir) if run_dir else {})
-    raise UserError(f"{path} holds no LoRA: expected a run directory (config.yaml, final/), a stage folder "
-                    f"(lora/{LORA_WEIGHT_NAME}) or a LoRA folder ({LORA_WEIGHT_NAME})")
+    raise UserError(
+        f"{path} holds no LoRA: expected a run directory (config.yaml, final/), a stage folder "
+        f"(lora/{LORA_WEIGHT_NAME}) or a LoRA folder ({LORA_WEIGHT_NAME})"
+    )
 
 
 # --- the LoRA itself -----------------------------------------------------------------------------------------
@@ -216,14 +221,12 @@ def read_lora(weights: str | Path) -> Lora:
         raise UserError(f"{weights} is not a readable .safetensors file ({str(err).splitlines()[0][:120]})") from None
     lora_keys = [k for k in state if re.search(r"\.(lora_[AB]|lora\.(down|up)|lora_(down|up))\.weight$", k)]
     if not lora_keys:
-        raise UserError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys): is it a full checkpoint? "
-                        "pass a LoRA written by raft-diffusion")
+        raise UserError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys): is it a full checkpoint? pass a LoRA written by raft-diffusion")
     if any(k.startswith(KOHYA_UNET_PREFIX) for k in lora_keys):
         raise UserError(f"{weights} is already a kohya-format LoRA: pass the run directory or its diffusers LoRA")
     other = sorted({k.split(".")[0] for k in lora_keys if not k.startswith("unet.")})
     if other:
-        raise UserError(f"{weights} has LoRA weights for {', '.join(other)}: export covers UNet LoRAs "
-                        "(Stable Diffusion 1.x) for now")
+        raise UserError(f"{weights} has LoRA weights for {', '.join(other)}: export covers UNet LoRAs (Stable Diffusion 1.x) for now")
     config = {}
     if METADATA_KEY in metadata:
         raw = json.loads(metadata[METADATA_KEY])
@@ -318,8 +321,7 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
         "ss_v2": str(version == "sd_v2"),
         "ss_sd_model_name": src.base_model or "unknown",
         "ss_output_name": title or "raft-lora",
-        "ss_training_comment": f"RAFT (reward-ranked fine-tuning) by {tool_version()}"
-                               + (f", reward {src.reward}" if src.reward else ""),
+        "ss_training_comment": f"RAFT (reward-ranked fine-tuning) by {tool_version()}" + (f", reward {src.reward}" if src.reward else ""),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": ("stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1") + "/lora",
         "modelspec.implementation": "diffusers",
@@ -446,8 +448,10 @@ def load_base_pipeline(src: LoraSource, base: str | None = None, *, device: str 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the base pipeline {name!r} ({str(err).strip().splitlines()[0][:160]}): "
-                        "pass --base with a local StableDiffusionPipeline folder or a cached hub id") from None
+        raise UserError(
+            f"cannot load the base pipeline {name!r} ({str(err).strip().splitlines()[0][:160]}): "
+            "pass --base with a local StableDiffusionPipeline folder or a cached hub id"
+        ) from None
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -457,15 +461,17 @@ def merge_lora_into(pipe, lora: Lora) -> int:
     modules = dict(pipe.unet.named_modules())
     missing = [m for m in lora.modules if m not in modules or not hasattr(modules[m], "weight")]
     if missing:
-        raise UserError(f"the LoRA targets {missing[0]!r}, which the base UNet lacks ({len(missing)} such): "
-                        "pass the --base model the LoRA was trained on")
+        raise UserError(
+            f"the LoRA targets {missing[0]!r}, which the base UNet lacks ({len(missing)} such): pass the --base model the LoRA was trained on"
+        )
     with torch.no_grad():
         for m in lora.modules:
             w = modules[m].weight
             d = lora.delta(m)
             if d.shape != w.shape:
-                raise UserError(f"LoRA of {m!r} has shape {tuple(d.shape)} but the base weight is {tuple(w.shape)}: "
-                                "pass the --base model the LoRA was trained on")
+                raise UserError(
+                    f"LoRA of {m!r} has shape {tuple(d.shape)} but the base weight is {tuple(w.shape)}: pass the --base model the LoRA was trained on"
+                )
             w.add_(d.to(w.device, w.dtype))
     return len(lora.modules)
 
@@ -537,11 +543,11 @@ def _unet_prefixes(cfg) -> list[tuple[str, str]]:
 def _rename(key: str, pairs: list[tuple[str, str]], inner: dict[str, str], inner_on: str) -> str | None:
     for old, new in pairs:
         if key.startswith(old):
-            rest = key[len(old):]
+            rest = key[len(old) :]
             if inner_on in old:
                 for a, b in inner.items():
                     if rest.startswith(a + "."):
-                        rest = b + rest[len(a):]
+                        rest = b + rest[len(a) :]
                         break
             return new + rest
     return None
@@ -587,7 +593,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
             rest = new.split("mid.attn_1.", 1)[1]
             for a, b in _VAE_ATTN.items():
                 if rest.startswith(a + "."):
-                    new = new.split("mid.attn_1.", 1)[0] + "mid.attn_1." + b + rest[len(a):]
+                    new = new.split("mid.attn_1.", 1)[0] + "mid.attn_1." + b + rest[len(a) :]
                     if b != "norm" and value.dim() == 2:
                         value = value[:, :, None, None]
                     break

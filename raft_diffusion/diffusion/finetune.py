@@ -1,12 +1,9 @@
 """Fine-tune the UNet on kept samples: LoRA via peft (or all weights) with the ordinary denoising loss."""
+
 from __future__ import annotations
 
-import inspect
 import logging
 import math
-import os
-import shutil
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -69,8 +66,7 @@ def add_lora(
         except ValueError as err:
             if "target modules" in str(err).lower() or "not found" in str(err).lower():
                 raise UserError(
-                    f"LoRA target modules {list(target_modules)} match no UNet layer: "
-                    f"use names of Linear layers such as {', '.join(LORA_TARGETS)}"
+                    f"LoRA target modules {list(target_modules)} match no UNet layer: use names of Linear layers such as {', '.join(LORA_TARGETS)}"
                 ) from None
             raise
     return sum(p.numel() for p in trainable_parameters(unet))
@@ -247,8 +243,7 @@ def train_unet(
     ddpm = family is None or family.name in ("sd", "sdxl")  # a denoising (not a rectified-flow) loss
     if steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1:
         raise UserError(
-            f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 "
-            f"(got {steps}, {batch_size}, {gradient_accumulation_steps})"
+            f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 (got {steps}, {batch_size}, {gradient_accumulation_steps})"
         )
     if chunk_rows is not None and chunk_rows < 1:
         raise UserError(f"chunk_rows must be >= 1 or None (got {chunk_rows})")
@@ -257,15 +252,18 @@ def train_unet(
     if empty_prompt_ratio > 0 and empty_embeds is None:
         raise ValueError("empty_prompt_ratio > 0 needs empty_embeds (the empty prompt's text embedding)")
     if snr_gamma is not None and not ddpm:
-        raise UserError(f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
-                        "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null")
+        raise UserError(
+            f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
+            "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null"
+        )
     if snr_gamma is not None and not snr_gamma > 0:
         raise UserError(f"snr_gamma must be > 0 or null (got {snr_gamma}); 5 is the usual choice")
     if timestep_range is not None:
         lo, hi = (int(v) for v in timestep_range)
         if not 0 <= lo < hi <= pipe.scheduler.config.num_train_timesteps:
-            raise UserError(f"timestep_range must be [lo, hi] with 0 <= lo < hi <= "
-                            f"{pipe.scheduler.config.num_train_timesteps} (got {list(timestep_range)})")
+            raise UserError(
+                f"timestep_range must be [lo, hi] with 0 <= lo < hi <= {pipe.scheduler.config.num_train_timesteps} (got {list(timestep_range)})"
+            )
     if mixed_precision not in _MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision {mixed_precision!r}: choose one of {', '.join(_MIXED_PRECISION)}")
     params = trainable_parameters(unet)
@@ -285,9 +283,7 @@ def train_unet(
     # 2. noise schedule, optimizer, learning-rate schedule, loss scaler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config) if ddpm else None
     t_lo, t_hi = timestep_range if timestep_range is not None else (0, pipe.scheduler.config.num_train_timesteps)
-    optimizer = torch.optim.AdamW(
-        params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay
-    )
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay)
     schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps, num_training_steps=steps)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else nullcontext
@@ -326,8 +322,9 @@ def train_unet(
         if family is not None:
             x0 = latents[rows["idx"].to(latents.device)]
             with autocast():
-                per_sample = family.training_loss(pipe, unet, x0, prompt_embeds, rows["idx"], noise=rows["noise"],
-                                                  timesteps=rows["t"], settings=loss_settings)
+                per_sample = family.training_loss(
+                    pipe, unet, x0, prompt_embeds, rows["idx"], noise=rows["noise"], timesteps=rows["t"], settings=loss_settings
+                )
             if snr_gamma is not None:
                 per_sample = per_sample * min_snr_weights(noise_scheduler, rows["t"].to(device), snr_gamma)
             return per_sample.sum()
@@ -358,7 +355,7 @@ def train_unet(
             for step in range(steps):
                 draws = draw_step()
 
-                def backward(i: int) -> float:  # chunk i of this step: forward, backward, its share of the mean loss
+                def backward(i: int, step=step, draws=draws) -> float:  # chunk i: forward, backward, its share of the mean loss
                     torch.manual_seed(train_chunk_seed(seed, step, i))  # LoRA dropout masks: a function of the chunk
                     rows = {k: None if v is None else v[chunks[i]] for k, v in draws.items()}
                     loss = chunk_loss(rows) / step_rows
@@ -378,9 +375,7 @@ def train_unet(
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if not math.isfinite(step_loss):
-                    raise UserError(
-                        f"training loss became {step_loss} at step {len(losses) + 1}: lower the learning rate"
-                    )
+                    raise UserError(f"training loss became {step_loss} at step {len(losses) + 1}: lower the learning rate")
                 losses.append(step_loss)
                 bar.update()
                 bar.set_postfix(loss=f"{step_loss:.4f}")

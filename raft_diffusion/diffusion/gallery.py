@@ -13,6 +13,7 @@ The page references the stages' PNGs by relative paths (``../stages/001/eval/p00
 no network, no external assets. Small images are enlarged by whole factors with nearest-neighbour
 (``image-rendering: pixelated`` on the page, ``Image.NEAREST`` in the grid).
 """
+
 from __future__ import annotations
 
 import html
@@ -213,8 +214,12 @@ def render_grid(path: Path, prompts: dict[int, str], columns: list[Column], *, m
                 colour = NEUTRAL if col is ref else _delta_colour(reward, None if base is None else base.reward)
                 draw.text((cx + cw / 2, y + ch + 3), fmt(reward), fill=colour, font=small, anchor="ma")
     if len(columns) > 1:
-        draw.text((margin, height - margin - 14), f"Reward under each image; green / red: higher / lower than the "
-                  f"{ref.title} image of the same seed.", fill=NEUTRAL, font=small)
+        draw.text(
+            (margin, height - margin - 14),
+            f"Reward under each image; green / red: higher / lower than the {ref.title} image of the same seed.",
+            fill=NEUTRAL,
+            font=small,
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     canvas.save(tmp, format="PNG")
@@ -246,9 +251,11 @@ def render_reward_curve(
 
     floors = floors or {}
     panels = [("eval_reward_mean", "held-out reward")]
-    panels += [(key, label) for key, label in (("eval_clip_score", "prompt fidelity (CLIP score)"),
-                                                ("eval_diversity", "diversity (1 - cos, same prompt)"))
-               if any(_finite(r.get(key)) for r in rows)]
+    panels += [
+        (key, label)
+        for key, label in (("eval_clip_score", "prompt fidelity (CLIP score)"), ("eval_diversity", "diversity (1 - cos, same prompt)"))
+        if any(_finite(r.get(key)) for r in rows)
+    ]
     fig = Figure(figsize=(4.8 * len(panels), 3.6), dpi=110)
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
@@ -258,18 +265,17 @@ def render_reward_curve(
         ax.plot(xs, ys, marker="o", color="tab:blue", label="mean ± std" if key == "eval_reward_mean" else label)
         if key == "eval_reward_mean":
             if all(_finite(p[2]) for p in pts) and pts:
-                ax.fill_between(xs, [y - p[2] for y, p in zip(ys, pts)], [y + p[2] for y, p in zip(ys, pts)],
-                                color="tab:blue", alpha=0.18, linewidth=0)
+                ax.fill_between(
+                    xs, [y - p[2] for y, p in zip(ys, pts)], [y + p[2] for y, p in zip(ys, pts)], color="tab:blue", alpha=0.18, linewidth=0
+                )
             if _finite(best_of_k_value):
                 ax.axhline(best_of_k_value, color="tab:orange", linestyle="--", label=f"base best-of-{k}")
             pool = [(r["stage"], r["reward_mean"]) for r in rows if _finite(r.get("reward_mean"))]
             if pool:
-                ax.plot([p[0] for p in pool], [p[1] for p in pool], color="0.6", linestyle=":", marker=".",
-                        label=pool_label)
+                ax.plot([p[0] for p in pool], [p[1] for p in pool], color="0.6", linestyle=":", marker=".", label=pool_label)
         base = next((r.get(key) for r in rows if r["stage"] == 0 and _finite(r.get(key))), None)
         if key in floors and base is not None:
-            ax.axhline(floors[key] * base, color="tab:red", linestyle="--", linewidth=1,
-                       label=f"early-stop floor ({floors[key]:g} x base)")
+            ax.axhline(floors[key] * base, color="tab:red", linestyle="--", linewidth=1, label=f"early-stop floor ({floors[key]:g} x base)")
         if final is not None and final in xs:
             ax.axvline(final, color="tab:green", linestyle=":", linewidth=1.2, label=f"final (stage {final})")
         ax.set_title(label, fontsize=10)
@@ -346,8 +352,10 @@ def _image_cell(col: Column, cell: Cell | None, ref: Cell | None, page_dir: Path
         w, h, nearest = display_size(*size, PAGE_TARGET_PX, PAGE_MAX_PX)
         src = _src(cell.image, page_dir)
         alt = f"{col.title}, sample seed {cell.seed}, reward {fmt(cell.reward)}"
-        img = (f"<a href='{src}'><img src='{src}' width='{w}' height='{h}' alt='{_esc(alt)}' "
-               f"title='seed {_esc(cell.seed)}'{' class=px' if nearest else ''}></a>")
+        img = (
+            f"<a href='{src}'><img src='{src}' width='{w}' height='{h}' alt='{_esc(alt)}' "
+            f"title='seed {_esc(cell.seed)}'{' class=px' if nearest else ''}></a>"
+        )
     label = fmt(cell.reward)
     if not is_ref and ref is not None and _finite(cell.reward) and _finite(ref.reward):
         d = cell.reward - ref.reward
@@ -377,24 +385,29 @@ def render_page(
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>",
-        f"<h1>{_esc(title)}</h1>", intro_html, sections_html,
+        f"<h1>{_esc(title)}</h1>",
+        intro_html,
+        sections_html,
         f"<h2 id='images'>{_esc(images_heading)}</h2>",
         "<p class='muted'>Same prompt and seed in every column; each image is labelled with its reward and, in "
         f"parentheses, the change against the {_esc(ref.title)} image of the same seed. Click an image for the file.</p>",
         "<div class='controls'>Show: "
         + "".join(f"<label><input type='checkbox' value='{c.key}' checked> {_esc(c.title)}</label>" for c in columns)
         + f"<button type='button' data-show='{ends}'>{_esc(columns[0].title)} vs {_esc(columns[-1].title)}</button>"
-        + f"<button type='button' data-show='all'>all</button></div>",
+        + "<button type='button' data-show='all'>all</button></div>",
     ]
     samples = sorted({k for col in columns for (_, k) in col.cells})
     for p, prompt in sorted(prompts.items()):
-        parts.append(f"<h3>{_esc(prompt)} <span class='muted'>{_esc(prompt_label)} {p}</span></h3><div class='scroll'>"
-                     "<table class='imgs'><tr><th></th>")
+        parts.append(
+            f"<h3>{_esc(prompt)} <span class='muted'>{_esc(prompt_label)} {p}</span></h3><div class='scroll'><table class='imgs'><tr><th></th>"
+        )
         for col in columns:
             mine = [c.reward for (pp, _), c in col.cells.items() if pp == p and _finite(c.reward)]
             mean = sum(mine) / len(mine) if mine else None
-            parts.append(f"<th class='{col.key}'>{_esc(col.title)}<br><span class='muted'>mean {fmt(mean)}"
-                         f"{(' &middot; ' + _esc(col.note)) if col.note else ''}</span></th>")
+            parts.append(
+                f"<th class='{col.key}'>{_esc(col.title)}<br><span class='muted'>mean {fmt(mean)}"
+                f"{(' &middot; ' + _esc(col.note)) if col.note else ''}</span></th>"
+            )
         parts.append("</tr>")
         for k in samples:
             seed = next((col.cells[(p, k)].seed for col in columns if (p, k) in col.cells), None)
@@ -412,9 +425,16 @@ def render_page(
 # ---------------------------------------------------------------------------------------------- run gallery
 
 METRIC_COLUMNS = [
-    ("eval_reward_mean", "held-out reward"), ("eval_best_of_k", "best-of-K"), ("eval_clip_score", "CLIP score"),
-    ("eval_diversity", "diversity"), ("reward_mean", "pool reward"), ("kept_reward_mean", "kept reward"),
-    ("loss_mean", "loss"), ("num_kept", "kept"), ("reward_queries", "reward queries"), ("seconds", "seconds"),
+    ("eval_reward_mean", "held-out reward"),
+    ("eval_best_of_k", "best-of-K"),
+    ("eval_clip_score", "CLIP score"),
+    ("eval_diversity", "diversity"),
+    ("reward_mean", "pool reward"),
+    ("kept_reward_mean", "kept reward"),
+    ("loss_mean", "loss"),
+    ("num_kept", "kept"),
+    ("reward_queries", "reward queries"),
+    ("seconds", "seconds"),
 ]
 
 
@@ -464,20 +484,30 @@ def _config_summary(cfg: dict) -> str:
 
     size = f"{get('sampling.height')}x{get('sampling.width')}" if get("sampling.height") or get("sampling.width") else "the model's size"
     items = [
-        ("model", get("model.pretrained")), ("reward", json.dumps(get("reward"))), ("seed", get("seed")),
-        ("stages", get("num_stages")), ("mode", get("mode")),
-        ("sampling", f"K={get('sampling.num_per_prompt')}, {get('sampling.num_inference_steps')} steps, guidance "
-                     f"{get('sampling.guidance_scale')}, {get('sampling.scheduler') or 'the model scheduler'}, {size}"),
-        ("ranking", f"{get('ranking.mode')}, top_k={get('ranking.top_k')}, top_ratio={get('ranking.top_ratio')}, "
-                    f"max_kept={json.dumps(get('ranking.max_kept'))}, kl_beta={get('ranking.kl_beta')}, "
-                    f"diversity_weight={get('ranking.diversity_weight')}, novelty_weight={get('ranking.novelty_weight')}, "
-                    f"prompt_match={json.dumps(get('ranking.prompt_match'))}"),
-        ("train", f"{get('train.method')} rank {get('train.lora_rank')} alpha {get('train.lora_alpha')}, lr "
-                  f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
-                  f"batch {get('train.batch_size')} per stage"),
-        ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, guidance "
-                 f"{_guidances(cfg)[1]}, "
-                 f"CLIP {get('eval.clip_model')}"),
+        ("model", get("model.pretrained")),
+        ("reward", json.dumps(get("reward"))),
+        ("seed", get("seed")),
+        ("stages", get("num_stages")),
+        ("mode", get("mode")),
+        (
+            "sampling",
+            f"K={get('sampling.num_per_prompt')}, {get('sampling.num_inference_steps')} steps, guidance "
+            f"{get('sampling.guidance_scale')}, {get('sampling.scheduler') or 'the model scheduler'}, {size}",
+        ),
+        (
+            "ranking",
+            f"{get('ranking.mode')}, top_k={get('ranking.top_k')}, top_ratio={get('ranking.top_ratio')}, "
+            f"max_kept={json.dumps(get('ranking.max_kept'))}, kl_beta={get('ranking.kl_beta')}, "
+            f"diversity_weight={get('ranking.diversity_weight')}, novelty_weight={get('ranking.novelty_weight')}, "
+            f"prompt_match={json.dumps(get('ranking.prompt_match'))}",
+        ),
+        (
+            "train",
+            f"{get('train.method')} rank {get('train.lora_rank')} alpha {get('train.lora_alpha')}, lr "
+            f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
+            f"batch {get('train.batch_size')} per stage",
+        ),
+        ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, guidance {_guidances(cfg)[1]}, CLIP {get('eval.clip_model')}"),
         ("early stop", json.dumps(get("early_stop"))),
         ("prompts", f"train {json.dumps(get('prompts.train'))}; held-out {json.dumps(get('prompts.eval'))}"),
     ]
@@ -491,8 +521,7 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     run = RunDir(run_dir)
     stages = eval_stages(run)
     if not stages:
-        raise UserError(f"{run.root} has no held-out evaluation (stages/*/eval.jsonl): is it a raft-diffusion run "
-                        "directory with eval.every >= 1?")
+        raise UserError(f"{run.root} has no held-out evaluation (stages/*/eval.jsonl): is it a raft-diffusion run directory with eval.every >= 1?")
     out = run.root / GALLERY_DIR
     out.mkdir(parents=True, exist_ok=True)
     rows = run.metrics()
@@ -513,8 +542,9 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     # 2. the reward curve
     bok, k = base_best_of_k(run)
     es = (cfg or {}).get("early_stop") or {}
-    floors = {key: es[f] for key, f in (("eval_clip_score", "min_fidelity_ratio"), ("eval_diversity", "min_diversity_ratio"))
-              if es.get(f) is not None}
+    floors = {
+        key: es[f] for key, f in (("eval_clip_score", "min_fidelity_ratio"), ("eval_diversity", "min_diversity_ratio")) if es.get(f) is not None
+    }
     title = f"{run.root.name}: reward {(cfg or {}).get('reward', {}).get('name', 'mix')}"
     if stop:
         title += f" (stopped early after stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
@@ -522,30 +552,33 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     pool_label = "training pool mean"
     if g_pool is not None and g_eval != g_pool:
         pool_label += f" (guidance {g_pool:g}; held-out {g_eval:g})"
-    render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title,
-                        pool_label=pool_label)
+    render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title, pool_label=pool_label)
 
     # 3. base vs final grid
     ends = [c for c in columns if c.key in ("s000", f"s{final or 0:03d}")]
-    render_grid(out / "grid_before_after.png", prompts, ends if len(ends) == 2 else columns[-2:] or columns,
-                max_samples=max_grid_samples)
+    render_grid(out / "grid_before_after.png", prompts, ends if len(ends) == 2 else columns[-2:] or columns, max_samples=max_grid_samples)
 
     # 4. the page
     intro = [f"<p class='muted'>{_esc(run.root.resolve())}</p><p>"]
     if final is not None:
         intro.append(f"final/ holds the weights of <b>stage {final}</b>. ")
     if _finite(bok):
-        intro.append(f"Base model best-of-{k} on the held-out prompts: <b>{fmt(bok)}</b> (mean over prompts of the best "
-                     f"of the {k} samples): what a single round of selection reaches.")
+        intro.append(
+            f"Base model best-of-{k} on the held-out prompts: <b>{fmt(bok)}</b> (mean over prompts of the best "
+            f"of the {k} samples): what a single round of selection reaches."
+        )
     intro.append("</p>")
     if stop:
-        intro.append(f"<p class='stop'>Stopped early after stage {_esc(stop.get('stopped_after_stage'))}: "
-                     f"{_esc(stop.get('reason'))}; final/ = stage {_esc(stop.get('final_stage'))}.</p>")
+        intro.append(
+            f"<p class='stop'>Stopped early after stage {_esc(stop.get('stopped_after_stage'))}: "
+            f"{_esc(stop.get('reason'))}; final/ = stage {_esc(stop.get('final_stage'))}.</p>"
+        )
     sections = (
         "<h2>Reward curve</h2><img src='reward_curve.png' alt='held-out reward per stage' style='max-width:100%'>"
         "<p><a href='grid_before_after.png'>grid_before_after.png</a>: base vs final, one row per prompt.</p>"
         f"<h2>Metrics per stage</h2><div class='scroll'>{_metrics_table(rows, final)}</div>"
         f"<h2>Config</h2>{_config_summary(cfg or {})}"
     )
-    return render_page(out, title=f"RAFT gallery: {run.root.name}", prompts=prompts, columns=columns,
-                       intro_html="".join(intro), sections_html=sections)
+    return render_page(
+        out, title=f"RAFT gallery: {run.root.name}", prompts=prompts, columns=columns, intro_html="".join(intro), sections_html=sections
+    )

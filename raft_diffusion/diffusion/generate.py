@@ -4,6 +4,7 @@ Every sample's randomness comes from its own ``torch.Generator`` seeded by its s
 moved), so a sample depends only on (model, prompt, seed, sampler settings), never on which other
 samples share its batch or on the device's RNG.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@
   L2-normalised CLIP image embeddings of its samples (0 = identical, 1 = orthogonal, at most 2),
   averaged over the prompts with at least two samples.
 """
+
 from __future__ import annotations
 
 import logging
@@ -21,6 +22,7 @@ import torch
 from ..core.common import best_of_k, mean_std
 
 log = logging.getLogger("raft")
+
 
 def l2_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)

@@ -1,8 +1,8 @@
 """Load a Stable Diffusion pipeline (hub id or local folder) ready for RAFT sampling and fine-tuning."""
+
 from __future__ import annotations
 
 import contextlib
-
 import importlib.util
 import logging
 import os
@@ -172,9 +172,7 @@ def load_pipeline(
         ) from None
     except ValueError as err:
         if variant and "variant" in str(err):
-            raise UserError(
-                f"{name!r} has no {variant!r} weights variant: set variant to null or pick one it ships"
-            ) from None
+            raise UserError(f"{name!r} has no {variant!r} weights variant: set variant to null or pick one it ships") from None
         raise
     if safety_checker and getattr(pipe, "safety_checker", None) is None:
         raise UserError(f"{name!r} ships no safety checker: set safety_checker to false or use a model that has one")

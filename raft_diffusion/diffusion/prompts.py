@@ -1,8 +1,9 @@
 """Prompt sets: inline lists, text files (one prompt per line) and built-in sets."""
+
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from ..core.common import load_prompt_spec
 

@@ -1,4 +1,5 @@
 """Stable Diffusion as a RAFT task: the generator, fine-tuner and evaluator the core loop drives."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,10 +18,10 @@ from ..core.ranking import uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
-from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from . import finetune as ft
-from .generate import encode_images, encode_prompts, generate_batch
 from .families import detect_family
+from .generate import encode_images, encode_prompts, generate_batch
+from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
 from .prompts import load_prompts
 
@@ -97,17 +98,26 @@ class DiffusionTask:
         self.reward_name = reward_label(cfg.reward)
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
         # (also the embedding space of ranking.diversity_weight and the judge of ranking.prompt_match)
-        self.eval_clip = (load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
-                          if cfg.eval.every or uses_embeddings(cfg.ranking) or cfg.ranking.prompt_match else None)
+        self.eval_clip = (
+            load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
+            if cfg.eval.every or uses_embeddings(cfg.ranking) or cfg.ranking.prompt_match
+            else None
+        )
         self._prompt_text = None
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.family = detect_family(cfg.model.pretrained, cfg.model.family)
         self.legacy = self.family.name == "sd"  # SD 1.x/2.x: the original generate/finetune path
         _check_family_settings(cfg, self.family)
         self.pipe = load_pipeline(
-            cfg.model.pretrained, revision=cfg.model.revision, variant=cfg.model.variant, device=device,
-            dtype=cfg.model.dtype, safety_checker=cfg.model.safety_checker, attention=cfg.model.attention,
-            scheduler=s.scheduler, family=self.family,
+            cfg.model.pretrained,
+            revision=cfg.model.revision,
+            variant=cfg.model.variant,
+            device=device,
+            dtype=cfg.model.dtype,
+            safety_checker=cfg.model.safety_checker,
+            attention=cfg.model.attention,
+            scheduler=s.scheduler,
+            family=self.family,
         )
         self.denoiser = self.family.denoiser(self.pipe)
         self.device = self.denoiser.device
@@ -120,21 +130,26 @@ class DiffusionTask:
         self.train_embeds = self._encode(self.train_prompts, s.guidance_scale > 1.0)
         self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
         # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
-        self.empty_embeds = (encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
-                             if cfg.train.empty_prompt_ratio > 0 else None)
+        self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0] if cfg.train.empty_prompt_ratio > 0 else None
         # 4. What fine-tuning trains.
         t = cfg.train
         init_seed = stage_seed(cfg.seed, 0, "lora-init")
         if t.method == "full":
             ft.set_full_finetune(self.denoiser)
         elif self.legacy:
-            ft.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                        target_modules=tuple(t.target_modules or self.family.lora_targets), init_seed=init_seed)
+            ft.add_lora(
+                self.denoiser,
+                rank=t.lora_rank,
+                alpha=t.lora_alpha,
+                dropout=t.lora_dropout,
+                target_modules=tuple(t.target_modules or self.family.lora_targets),
+                init_seed=init_seed,
+            )
         else:
-            targets = (self.family.default_lora_targets(self.denoiser) if t.target_modules in (None, list(self.family.lora_targets))
-                       else t.target_modules)  # the family's defaults less those this model lacks
-            self.family.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                                 targets=targets, init_seed=init_seed)
+            targets = (
+                self.family.default_lora_targets(self.denoiser) if t.target_modules in (None, list(self.family.lora_targets)) else t.target_modules
+            )  # the family's defaults less those this model lacks
+            self.family.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets, init_seed=init_seed)
         if self.dist.is_main:
             print(f"training: {_training_layout(t, self.dist.world_size)}", flush=True)
 
@@ -148,15 +163,29 @@ class DiffusionTask:
         """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""
         s = self.cfg.sampling
         if not self.legacy:
-            latents = self.family.sample(self.pipe, embeds, list(prompt_indices), list(seeds), steps=s.num_inference_steps,
-                                         guidance=guidance_scale, height=self.height, width=self.width)
+            latents = self.family.sample(
+                self.pipe,
+                embeds,
+                list(prompt_indices),
+                list(seeds),
+                steps=s.num_inference_steps,
+                guidance=guidance_scale,
+                height=self.height,
+                width=self.width,
+            )
             return latents, self.family.decode(self.pipe, latents)
         cond, uncond = embeds
         idx = torch.tensor(prompt_indices, device=cond.device)
         return generate_batch(
-            self.pipe, cond[idx], None if uncond is None else uncond[idx], list(seeds),
-            num_inference_steps=s.num_inference_steps, guidance_scale=guidance_scale,
-            height=self.height, width=self.width, eta=s.eta,
+            self.pipe,
+            cond[idx],
+            None if uncond is None else uncond[idx],
+            list(seeds),
+            num_inference_steps=s.num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=self.height,
+            width=self.width,
+            eta=s.eta,
         )
 
     def plan(self, stage: int) -> list[Sample] | None:
@@ -168,15 +197,15 @@ class DiffusionTask:
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
         for i in range(0, len(requests), bs):
-            batch = list(requests[i:i + bs])
+            batch = list(requests[i : i + bs])
             if self.external is not None:
                 images = torch.stack([self._load_external(s.extras["source"]) for s in batch]).to(self.device)
                 seeds = [s.seed for s in batch]
-                latents = (encode_images(self.pipe, images, seeds) if self.legacy
-                           else self.family.encode_images(self.pipe, images, seeds))
+                latents = encode_images(self.pipe, images, seeds) if self.legacy else self.family.encode_images(self.pipe, images, seeds)
             else:
-                latents, images = self._generate(self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch],
-                                                 self.cfg.sampling.guidance_scale)
+                latents, images = self._generate(
+                    self.train_embeds, [s.prompt_index for s in batch], [s.seed for s in batch], self.cfg.sampling.guidance_scale
+                )
             for j, s in enumerate(batch):  # clone: a dropped sample must free its memory, not pin the batch
                 s.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
             yield batch
@@ -249,8 +278,15 @@ class DiffusionTask:
         else:  # one row of conditioning per kept sample, and the family's loss
             embeds, family = self.train_embeds[rows], {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
         return ft.train_unet(
-            self.pipe, latents, embeds, **train_settings(self.cfg.train), seed=stage_seed(self.cfg.seed, stage, "train"),
-            empty_embeds=self.empty_embeds, progress=self.cfg.progress, desc=f"stage {stage} train", dist=self.dist,
+            self.pipe,
+            latents,
+            embeds,
+            **train_settings(self.cfg.train),
+            seed=stage_seed(self.cfg.seed, stage, "train"),
+            empty_embeds=self.empty_embeds,
+            progress=self.cfg.progress,
+            desc=f"stage {stage} train",
+            dist=self.dist,
             **family,
         )
 
@@ -294,9 +330,8 @@ class DiffusionTask:
         mine = self.dist.shard(todo, bs)
         rows, images_u8, embeddings = [], [], []
         for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
-            chunk = mine[i:i + bs]
-            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk],
-                                       self.eval_guidance)
+            chunk = mine[i : i + bs]
+            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance)
             r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):
@@ -333,11 +368,20 @@ class DiffusionTask:
 def train_settings(t) -> dict:
     """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)."""
     return dict(
-        steps=t.steps_per_stage, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-        chunk_rows=t.chunk_size, learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler,
-        lr_warmup_steps=t.lr_warmup_steps, max_grad_norm=t.max_grad_norm, weight_decay=t.weight_decay,
-        mixed_precision=t.mixed_precision, gradient_checkpointing=t.gradient_checkpointing, snr_gamma=t.snr_gamma,
-        empty_prompt_ratio=t.empty_prompt_ratio, timestep_range=t.timestep_range,
+        steps=t.steps_per_stage,
+        batch_size=t.batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        chunk_rows=t.chunk_size,
+        learning_rate=t.learning_rate,
+        lr_scheduler=t.lr_scheduler,
+        lr_warmup_steps=t.lr_warmup_steps,
+        max_grad_norm=t.max_grad_norm,
+        weight_decay=t.weight_decay,
+        mixed_precision=t.mixed_precision,
+        gradient_checkpointing=t.gradient_checkpointing,
+        snr_gamma=t.snr_gamma,
+        empty_prompt_ratio=t.empty_prompt_ratio,
+        timestep_range=t.timestep_range,
     )
 
 
@@ -345,9 +389,14 @@ def loss_settings(t):
     """The family loss settings of a ``train`` config section (timestep range and the flow-matching options)."""
     from .families import LossSettings
 
-    return LossSettings(weighting_scheme=t.weighting_scheme, logit_mean=t.logit_mean, logit_std=t.logit_std,
-                        mode_scale=t.mode_scale, flux_guidance=t.flux_guidance,
-                        timestep_range=None if t.timestep_range is None else tuple(t.timestep_range))
+    return LossSettings(
+        weighting_scheme=t.weighting_scheme,
+        logit_mean=t.logit_mean,
+        logit_std=t.logit_std,
+        mode_scale=t.mode_scale,
+        flux_guidance=t.flux_guidance,
+        timestep_range=None if t.timestep_range is None else tuple(t.timestep_range),
+    )
 
 
 def _check_family_settings(cfg, family) -> None:
@@ -358,8 +407,10 @@ def _check_family_settings(cfg, family) -> None:
     if t.empty_prompt_ratio > 0:
         raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family.name}: set it to 0")
     if t.snr_gamma is not None and family.name != "sdxl":
-        raise UserError(f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
-                        "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null")
+        raise UserError(
+            f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
+            "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null"
+        )
     if s.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
 
@@ -368,8 +419,10 @@ def _training_layout(t, world_size: int) -> str:
     """One line on how a step's rows are computed: effective batch, chunks, processes (and idle ones)."""
     rows, chunk = t.batch_size * t.gradient_accumulation_steps, t.chunk_size or t.batch_size
     chunks = -(-rows // chunk)
-    line = (f"effective batch {rows} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) in {chunks} "
-            f"chunk{'s' * (chunks > 1)} of {chunk} row{'s' * (chunk > 1)}")
+    line = (
+        f"effective batch {rows} ({t.batch_size} x {t.gradient_accumulation_steps} accumulation) in {chunks} "
+        f"chunk{'s' * (chunks > 1)} of {chunk} row{'s' * (chunk > 1)}"
+    )
     if world_size == 1:
         return line + " on 1 process"
     line += f" dealt over {world_size} processes"

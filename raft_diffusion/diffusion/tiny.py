@@ -4,6 +4,7 @@ Every component has the real SD 1.x structure (UNet2DConditionModel, Autoencoder
 and the real CLIP BPE tokenizer) at toy width, with a fixed init seed, so the loading, sampling,
 LoRA and saving code paths are the real ones. Its images are noise-like: it is not a generator.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -155,8 +156,10 @@ def build_tiny_pipeline(seed: int = 0, image_size: int = 32, **kwargs):
 def ensure_tiny_pipeline(cache_dir: Path | str | None = None) -> Path:
     """Build the tiny pipeline once and save it under ``<cache_dir>/tiny-sd-v1``; return that folder."""
     return build_once(
-        TINY_PIPELINE_NAME, "model_index.json",
-        lambda tmp: build_tiny_pipeline().save_pretrained(str(tmp), safe_serialization=True), cache_dir,
+        TINY_PIPELINE_NAME,
+        "model_index.json",
+        lambda tmp: build_tiny_pipeline().save_pretrained(str(tmp), safe_serialization=True),
+        cache_dir,
     )
 
 

@@ -3,6 +3,7 @@
 Off by default (``eval.tensorboard``, ``eval.wandb``). Each stage logs every numeric metric of its
 ``metrics.jsonl`` row and a grid of its held-out images (rows = prompts, columns = seeds).
 """
+
 from __future__ import annotations
 
 import math
@@ -24,21 +25,22 @@ def eval_grid(stage_dir: Path, max_samples: int = 4) -> np.ndarray | None:
     for r in rows:
         if r["sample_index"] < max_samples:
             by_prompt.setdefault(r["prompt_index"], []).append(r)
-    tiles = [[np.asarray(Image.open(Path(stage_dir) / r["image"]).convert("RGB")) for r in sorted(v, key=lambda r: r["sample_index"])]
-             for _, v in sorted(by_prompt.items())]
+    tiles = [
+        [np.asarray(Image.open(Path(stage_dir) / r["image"]).convert("RGB")) for r in sorted(v, key=lambda r: r["sample_index"])]
+        for _, v in sorted(by_prompt.items())
+    ]
     h, w = tiles[0][0].shape[:2]
     cols = max(len(t) for t in tiles)
     grid = np.zeros((len(tiles) * h, cols * w, 3), dtype=np.uint8)
     for i, line in enumerate(tiles):
         for j, tile in enumerate(line):
-            grid[i * h:(i + 1) * h, j * w:(j + 1) * w] = tile
+            grid[i * h : (i + 1) * h, j * w : (j + 1) * w] = tile
     scale = max(1, 256 // max(h, w))  # small images enlarged (nearest neighbour) so a person can see them
     return grid.repeat(scale, 0).repeat(scale, 1)
 
 
 def _scalars(row: dict) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items()
-            if k != "stage" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    return {k: float(v) for k, v in row.items() if k != "stage" and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
 
 
 class Trackers:
@@ -59,8 +61,14 @@ class Trackers:
             except ImportError:
                 raise UserError("eval.wandb=true needs wandb: pip install 'raft-diffusion[wandb]' (then wandb login)") from None
             self.wandb = wandb
-            self.wandb_run = wandb.init(project=cfg.eval.wandb_project, name=Path(run_root).name, config=cfg.to_dict(),
-                                        dir=str(run_root), resume="allow", id=Path(run_root).resolve().name)
+            self.wandb_run = wandb.init(
+                project=cfg.eval.wandb_project,
+                name=Path(run_root).name,
+                config=cfg.to_dict(),
+                dir=str(run_root),
+                resume="allow",
+                id=Path(run_root).resolve().name,
+            )
             self.writers.append(self._wandb)
 
     @property

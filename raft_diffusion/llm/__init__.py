@@ -4,6 +4,7 @@ response-only LoRA (or full) fine-tuning, held-out evaluation and an HTML report
 Entry points: ``LLMConfig`` (config), ``LLMTask`` (the RaftTask), ``add_llm_parser`` (CLI).
 Heavy imports (transformers, peft) happen when a task is built.
 """
+
 from .config import LLMConfig
 
 __all__ = ["LLMConfig", "LLMTask", "add_llm_parser"]

@@ -2,6 +2,7 @@
 
 Kept apart from ``model`` so that reading a prompt list imports neither torch nor transformers.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

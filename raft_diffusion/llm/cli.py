@@ -9,6 +9,7 @@
 ``add_llm_parser(subparsers)`` adds the ``llm`` command to the main parser; ``python -m
 raft_diffusion.llm.cli ...`` runs it standalone. Bad input raises ``UserError`` (one line, exit 2).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,10 @@ def _align(args) -> int:
     from ..core.dist import launched_world_size
 
     if launched_world_size() > 1:  # N copies of one run would write the same run directory
-        raise UserError(f"llm align runs on one process (the launcher started {launched_world_size()}): start it with "
-                        "'raft-diffusion llm align ...' or 'python -m raft_diffusion llm align ...', not torchrun or accelerate launch")
+        raise UserError(
+            f"llm align runs on one process (the launcher started {launched_world_size()}): start it with "
+            "'raft-diffusion llm align ...' or 'python -m raft_diffusion llm align ...', not torchrun or accelerate launch"
+        )
     from ..core.early_stop import read_stop
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
@@ -56,9 +59,12 @@ def _align(args) -> int:
     final_stage = stop["final_stage"] if stop else (rows[-1]["stage"] if rows else 0)
     first, last = rows[0] if rows else {}, next((r for r in rows if r["stage"] == final_stage), {})
     if "eval_reward_mean" in first and "eval_reward_mean" in last:
-        print(f"held-out reward {first['eval_reward_mean']:.4g} -> {last['eval_reward_mean']:.4g} (stage {final_stage})"
-              f" (base std {first.get('eval_reward_std', float('nan')):.3g}), distinct-2 "
-              f"{first.get('eval_distinct_2', float('nan')):.3g} -> {last.get('eval_distinct_2', float('nan')):.3g}", flush=True)
+        print(
+            f"held-out reward {first['eval_reward_mean']:.4g} -> {last['eval_reward_mean']:.4g} (stage {final_stage})"
+            f" (base std {first.get('eval_reward_std', float('nan')):.3g}), distinct-2 "
+            f"{first.get('eval_distinct_2', float('nan')):.3g} -> {last.get('eval_distinct_2', float('nan')):.3g}",
+            flush=True,
+        )
     print(f"done: adapter in {run.final_dir}, metrics in {run.metrics_path}" + (f", report {report}" if report else ""), flush=True)
     return 0
 
@@ -89,9 +95,19 @@ def _sample(args) -> int:
     model, tok = load_run_model(run, cfg, stage=args.stage)
     ids = encode_prompts(tok, [args.prompt], chat=_chat(tok, cfg))
     s = cfg.sampling
-    for k, c in enumerate(sample_completions(model, tok, ids * args.n, [args.seed + k for k in range(args.n)],
-                                             max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-                                             top_k=s.top_k, top_p=s.top_p, stop_strings=list(s.stop_strings))):
+    for k, c in enumerate(
+        sample_completions(
+            model,
+            tok,
+            ids * args.n,
+            [args.seed + k for k in range(args.n)],
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_strings=list(s.stop_strings),
+        )
+    ):
         print(f"[{k}] {args.prompt} | {c.text}")
     return 0
 

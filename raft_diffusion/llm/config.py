@@ -5,6 +5,7 @@ Loaded with the core's loader (YAML preset + ``key=value`` overrides):
 diffusion: seed, num_stages, mode, progress, prompts.per_stage, sampling.num_per_prompt,
 sampling.external_pool, ranking.*, eval.every.
 """
+
 from __future__ import annotations
 
 import re
@@ -16,9 +17,20 @@ from ..core.config import option as _f
 from ..core.errors import ConfigError
 
 # transformers.SchedulerType's names (tests/test_llm_units.py checks the list against transformers)
-LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial",
-                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
-                 "warmup_stable_decay", "greedy")
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "inverse_sqrt",
+    "reduce_lr_on_plateau",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+    "greedy",
+)
 
 
 @dataclass
@@ -98,14 +110,18 @@ class LLMTrainConfig:
 class LLMEvalConfig:
     num_per_prompt: int = _f(4, "held-out completions per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
-    best_of_k: int | None = _f(None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off")
+    best_of_k: int | None = _f(
+        None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off"
+    )
     gold_reward: dict | None = _f(None, "optional second reward reported as eval_gold_* (e.g. {name: toy_gold}); never used for ranking")
     report: bool = _f(True, "write report.html (before/after completions per held-out prompt) when the run ends")
 
 
 @dataclass
 class LLMEarlyStopConfig(core.EarlyStopConfig):
-    min_diversity_ratio: float | None = _f(None, "stop when eval_distinct_2 falls below this fraction of the base model's (final/ = the best stage above it); null = off")
+    min_diversity_ratio: float | None = _f(
+        None, "stop when eval_distinct_2 falls below this fraction of the base model's (final/ = the best stage above it); null = off"
+    )
 
 
 @dataclass
@@ -115,7 +131,9 @@ class LLMConfig(core.BaseConfig):
     prompts: LLMPromptsConfig = _f(None, "prompt sets")
     sampling: LLMSamplingConfig = _f(None, "completion generation")
     filters: FilterConfig = _f(None, "discard rules applied before ranking (a discarded completion gets no reward)")
-    reward: dict = _f({"name": "toy_sentiment"}, "text reward: {name: NAME, kwargs: {...}}; NAME = a built-in, sequence_classification, or package.module:function")
+    reward: dict = _f(
+        {"name": "toy_sentiment"}, "text reward: {name: NAME, kwargs: {...}}; NAME = a built-in, sequence_classification, or package.module:function"
+    )
     ranking: LLMRankingConfig = _f(None, "what is kept (kl_beta > 0 ranks by r - beta*log(p/p_base), base = adapter disabled)")
     train: LLMTrainConfig = _f(None, "fine-tuning on the kept completions (loss on response tokens only)")
     eval: LLMEvalConfig = _f(None, "held-out evaluation")
@@ -145,8 +163,10 @@ class LLMConfig(core.BaseConfig):
         need(s.temperature >= 0, f"sampling.temperature must be >= 0 (0 = greedy; got {s.temperature})")
         need(0 < s.top_p <= 1, f"sampling.top_p must be in (0, 1] (got {s.top_p})")
         need(s.top_k >= 0, f"sampling.top_k must be >= 0 (0 = off; got {s.top_k})")
-        need(isinstance(s.stop_strings, list) and all(isinstance(x, str) and x for x in s.stop_strings),
-             "sampling.stop_strings must be a list of non-empty strings")
+        need(
+            isinstance(s.stop_strings, list) and all(isinstance(x, str) and x for x in s.stop_strings),
+            "sampling.stop_strings must be a list of non-empty strings",
+        )
         need(s.chat_template in ("auto", "always", "never"), f"sampling.chat_template must be auto, always or never (got {s.chat_template!r})")
         need(fl.min_tokens >= 0, "filters.min_tokens must be >= 0")
         need(fl.max_tokens is None or fl.max_tokens >= max(1, fl.min_tokens), "filters.max_tokens must be >= filters.min_tokens (or null)")
@@ -157,19 +177,30 @@ class LLMConfig(core.BaseConfig):
             except (re.error, TypeError) as err:
                 raise ConfigError(f"filters.discard_regex entry {pat!r} is not a valid regex ({err})") from None
         need(fl.repeated_ngram_size >= 0 and fl.max_ngram_repeats >= 1, "filters.repeated_ngram_size must be >= 0 and filters.max_ngram_repeats >= 1")
-        need(r.diversity_weight == 0, "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
-             "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0")
-        need(r.novelty_weight == 0, "ranking.novelty_weight is for diffusion runs (it favours images in sparse parts of the "
-             "pool in CLIP space); the LLM generator supplies no embeddings, so set ranking.novelty_weight=0")
-        need(r.prompt_match is None, "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
-             "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null")
+        need(
+            r.diversity_weight == 0,
+            "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
+            "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0",
+        )
+        need(
+            r.novelty_weight == 0,
+            "ranking.novelty_weight is for diffusion runs (it favours images in sparse parts of the "
+            "pool in CLIP space); the LLM generator supplies no embeddings, so set ranking.novelty_weight=0",
+        )
+        need(
+            r.prompt_match is None,
+            "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
+            "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null",
+        )
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
         need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
         need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
         need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
-        need(t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
-             "train.target_modules must be 'all-linear' or a non-empty list of module names")
+        need(
+            t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
+            "train.target_modules must be 'all-linear' or a non-empty list of module names",
+        )
         need(t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs must be > 0 (or set train.max_steps)")
         need(t.max_steps is None or t.max_steps >= 0, "train.max_steps must be >= 0 or null")
         need(t.batch_size >= 1 and t.gradient_accumulation_steps >= 1, "train.batch_size and train.gradient_accumulation_steps must be >= 1")
@@ -177,8 +208,10 @@ class LLMConfig(core.BaseConfig):
         need(t.max_length is None or t.max_length >= 2, "train.max_length must be >= 2 or null")
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(e.best_of_k is None or e.best_of_k >= 0, "eval.best_of_k must be >= 0 or null")
-        need(e.gold_reward is None or (isinstance(e.gold_reward, dict) and "name" in e.gold_reward),
-             "eval.gold_reward must be null or a mapping with 'name' (e.g. {name: toy_gold})")
+        need(
+            e.gold_reward is None or (isinstance(e.gold_reward, dict) and "name" in e.gold_reward),
+            "eval.gold_reward must be null or a mapping with 'name' (e.g. {name: toy_gold})",
+        )
 
     @property
     def best_of_k(self) -> int:

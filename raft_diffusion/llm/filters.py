@@ -3,6 +3,7 @@
 The reference implementation needed one after its model learned to win the reward with runs of
 '#' characters; ``discard_regex: ['#{3,}']`` is that rule, ``repeated_ngram_size`` catches loops.
 """
+
 from __future__ import annotations
 
 import re
@@ -39,7 +40,7 @@ class Filters:
 
 def most_repeated_ngram(words: list[str], n: int) -> tuple[tuple[str, ...], int]:
     """The most frequent word n-gram and its count ((), 0 when the text has fewer than n words)."""
-    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     if not counts:
         return (), 0
     return max(counts.items(), key=lambda kv: kv[1])  # ties: the first to occur

@@ -8,6 +8,7 @@ inverse CDF of the filtered distribution at that number. A completion is therefo
 generation order -- up to the floating-point noise of batched matmuls, which would have to land
 within ~1e-6 of a CDF boundary to change a token (tests check batch-invariance exactly).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -94,8 +95,8 @@ def left_pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, 
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
-            ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
-            mask[i, L - len(r):] = 1
+            ids[i, L - len(r) :] = torch.tensor(r, dtype=torch.long)
+            mask[i, L - len(r) :] = 1
     return ids.to(device), mask.to(device)
 
 

@@ -1,4 +1,5 @@
 """Text metrics of the held-out evaluation: distinct-n and base perplexity."""
+
 from __future__ import annotations
 
 import math
@@ -10,7 +11,7 @@ def distinct_n(texts: Sequence[str], n: int) -> float:
     total, seen = 0, set()
     for t in texts:
         w = t.split()
-        grams = [tuple(w[i:i + n]) for i in range(len(w) - n + 1)]
+        grams = [tuple(w[i : i + n]) for i in range(len(w) - n + 1)]
         total += len(grams)
         seen.update(grams)
     return len(seen) / total if total else 0.0

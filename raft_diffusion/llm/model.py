@@ -3,6 +3,7 @@
 Weights are never silently random: a missing folder, an unreachable hub id, or a checkpoint that
 leaves weights uninitialised is a ``UserError`` naming what was looked for and how to provide it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,14 @@ from .assets import toy_path
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 
 
 def quiet_transformers() -> None:
@@ -56,8 +63,7 @@ def check_model_source(kind: str, name: str) -> None:
     """A folder-like name that does not exist is a missing folder, not a malformed hub id."""
     if looks_like_path(name) and not Path(name).expanduser().exists():
         raise UserError(
-            f"{kind} folder not found: {name}; give an existing folder holding config.json and weights, "
-            f"or a hub id such as gpt2 or org/name"
+            f"{kind} folder not found: {name}; give an existing folder holding config.json and weights, or a hub id such as gpt2 or org/name"
         )
 
 
@@ -90,8 +96,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, pad_token: str | N
     elif tok.pad_token is None:
         if tok.eos_token is None:
             raise UserError(
-                f"tokenizer '{name}' has no pad token and no eos token, so batches cannot be padded; "
-                "set model.pad_token to a token of its vocabulary"
+                f"tokenizer '{name}' has no pad token and no eos token, so batches cannot be padded; set model.pad_token to a token of its vocabulary"
             )
         log.info("tokenizer '%s' has no pad token; padding with its eos token %r", name, tok.eos_token)
         tok.pad_token = tok.eos_token
@@ -149,7 +154,11 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, 
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
-        r=int(rank), lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules, task_type="CAUSAL_LM",
+        r=int(rank),
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=target_modules,
+        task_type="CAUSAL_LM",
         fan_in_fan_out=_has_conv1d(model),  # GPT-2 style Conv1D layers store weights transposed
     )
     model.requires_grad_(False)

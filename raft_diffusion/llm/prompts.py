@@ -1,6 +1,7 @@
 """Prompt lists: an inline list, a text file (one prompt per line), or a built-in set
 (``builtin:toy_train``, ``builtin:toy_eval``: the toy world's openers; ``builtin:movie_openers``: 24
 hand-written movie-review openers for hub models such as gpt2)."""
+
 from __future__ import annotations
 
 from ..core.common import load_prompt_spec

@@ -4,6 +4,7 @@ A metrics table per stage, then every held-out prompt with the base model's comp
 next to those of the stage kept as final/ (the last evaluated one, or the best one after an early
 stop), each with its reward (and gold score), same seeds side by side.
 """
+
 from __future__ import annotations
 
 import html
@@ -15,10 +16,20 @@ from ..core.errors import UserError
 from ..core.rundir import RunDir, atomic_write_text, read_jsonl
 
 COLUMNS = [
-    ("stage", "stage"), ("eval_reward_mean", "reward"), ("eval_reward_std", "reward std"), ("eval_gold_mean", "gold"),
-    ("eval_distinct_1", "distinct-1"), ("eval_distinct_2", "distinct-2"), ("eval_length", "length"),
-    ("eval_base_perplexity", "base ppl"), ("eval_best_of_k", "best-of-K"), ("reward_mean", "pool reward"), ("kept_reward_mean", "kept reward"),
-    ("loss_mean", "loss"), ("num_discarded", "discarded"), ("seconds", "seconds"),
+    ("stage", "stage"),
+    ("eval_reward_mean", "reward"),
+    ("eval_reward_std", "reward std"),
+    ("eval_gold_mean", "gold"),
+    ("eval_distinct_1", "distinct-1"),
+    ("eval_distinct_2", "distinct-2"),
+    ("eval_length", "length"),
+    ("eval_base_perplexity", "base ppl"),
+    ("eval_best_of_k", "best-of-K"),
+    ("reward_mean", "pool reward"),
+    ("kept_reward_mean", "kept reward"),
+    ("loss_mean", "loss"),
+    ("num_discarded", "discarded"),
+    ("seconds", "seconds"),
 ]
 CSS = """body{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f4f4f4}
@@ -56,8 +67,10 @@ def write_report(run_dir: str | Path) -> Path:
     after = read_jsonl(run.stage_dir(last) / "eval.jsonl")
     metrics = run.metrics()
     cols = [(k, label) for k, label in COLUMNS if any(k in m for m in metrics)]
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>RAFT report: {html.escape(str(run.root))}</title>",
-           f"<style>{CSS}</style></head><body><h1>RAFT report</h1><p>{html.escape(str(run.root))}</p>"]
+    out = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>RAFT report: {html.escape(str(run.root))}</title>",
+        f"<style>{CSS}</style></head><body><h1>RAFT report</h1><p>{html.escape(str(run.root))}</p>",
+    ]
     out.append("<h2>Held-out metrics per stage</h2><table><tr>" + "".join(f"<th>{c}</th>" for _, c in cols) + "</tr>")
     for m in metrics:
         out.append("<tr>" + "".join(f"<td>{_fmt(m.get(k))}</td>" for k, _ in cols) + "</tr>")

@@ -4,6 +4,7 @@
 Every name ``reward_models`` knows works (built-ins such as ``sequence_classifier``, entry points,
 ``package.module:function``, ``{mix: [...]}``); this module adds the toy world's short names.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ One collate function serves both: a row is ``prompt_ids + completion_ids``; ``la
 completion tokens and -100 everywhere else (prompt and padding), so the loss -- and every
 log-probability this module sums -- covers response tokens only.
 """
+
 from __future__ import annotations
 
 import math
@@ -28,8 +29,8 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     for p, c in zip(prompts, completions):
         p, c = list(p), list(c)
         if max_length is not None and len(p) + len(c) > max_length:
-            c = c[:max_length - 1]  # keep at least one prompt token to predict the first response token from
-            p = p[len(p) - (max_length - len(c)):]
+            c = c[: max_length - 1]  # keep at least one prompt token to predict the first response token from
+            p = p[len(p) - (max_length - len(c)) :]
         rows.append(p + c)
         labs.append([IGNORE] * len(p) + c)
     L = max(len(r) for r in rows)
@@ -37,9 +38,9 @@ def collate(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     mask = torch.zeros((len(rows), L), dtype=torch.long)
     labels = torch.full((len(rows), L), IGNORE, dtype=torch.long)
     for i, (r, lab) in enumerate(zip(rows, labs)):
-        ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, :len(r)] = 1
-        labels[i, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = 1
+        labels[i, : len(lab)] = torch.tensor(lab, dtype=torch.long)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "labels": labels}
     return {k: v.to(device) for k, v in batch.items()} if device is not None else batch
@@ -64,7 +65,7 @@ def sequence_logprobs(model, prompts, completions, pad_id: int, *, batch_size: i
     model.eval()
     out = []
     for i in range(0, len(prompts), batch_size):
-        batch = collate(prompts[i:i + batch_size], completions[i:i + batch_size], pad_id, max_length=max_length, device=device)
+        batch = collate(prompts[i : i + batch_size], completions[i : i + batch_size], pad_id, max_length=max_length, device=device)
         lp, mask = token_logprobs(model, batch)
         out += [(float(s), int(n)) for s, n in zip(lp.sum(-1).tolist(), mask.sum(-1).tolist())]
     model.train(was_training)
@@ -135,8 +136,10 @@ def train_response_only(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
-            micro = [collate([examples[j][0] for j in idx], [examples[j][1] for j in idx], pad_id, max_length=max_length, device=device)
-                     for idx in (next_micro() for _ in range(gradient_accumulation_steps))]
+            micro = [
+                collate([examples[j][0] for j in idx], [examples[j][1] for j in idx], pad_id, max_length=max_length, device=device)
+                for idx in (next_micro() for _ in range(gradient_accumulation_steps))
+            ]
             n_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
             step_loss = 0.0
             for b in micro:

@@ -1,15 +1,16 @@
 """A causal LM as a RAFT task: the generator, fine-tuner and evaluator the core loop drives.
 
-    sample     K completions per prompt, one seeded generator per completion (see generate.py);
-               discard rules mark completions that must not be ranked; with ranking.kl_beta > 0 each
-               completion gets log_ratio = log p_theta(y|x) - log p_base(y|x), the base being the same
-               model with its LoRA adapter disabled (no second copy is loaded)
-    score      the text reward on (prompt, completion) pairs; discarded completions get None
-    finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
-    save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
-               stages/NNN/model/ for full fine-tuning
-    evaluate   held-out prompts x fixed seeds: reward, gold reward, distinct-1/2, length, base perplexity
+sample     K completions per prompt, one seeded generator per completion (see generate.py);
+           discard rules mark completions that must not be ranked; with ranking.kl_beta > 0 each
+           completion gets log_ratio = log p_theta(y|x) - log p_base(y|x), the base being the same
+           model with its LoRA adapter disabled (no second copy is loaded)
+score      the text reward on (prompt, completion) pairs; discarded completions get None
+finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
+save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
+           stages/NNN/model/ for full fine-tuning
+evaluate   held-out prompts x fixed seeds: reward, gold reward, distinct-1/2, length, base perplexity
 """
+
 from __future__ import annotations
 
 import copy
@@ -28,10 +29,9 @@ from ..core.rundir import read_jsonl, replace_dir, write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
-from .generate import eos_ids, encode_prompts, sample_completions, uses_chat_template
+from .generate import encode_prompts, eos_ids, sample_completions, uses_chat_template
 from .metrics import distinct_n, perplexity
-from .model import (add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions,
-                    resolve_dtype, resolve_model_path, save_adapter)
+from .model import add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions, resolve_dtype, resolve_model_path, save_adapter
 from .prompts import load_prompts
 from .rewards import load_text_reward, wrap_callable
 from .sft import sequence_logprobs, train_response_only
@@ -45,7 +45,6 @@ class LLMTask:
     ``reward`` / ``gold_reward``: optional callables ``(prompts, completions, **kw) -> list[float | None]``
     that replace ``cfg.reward`` / ``cfg.eval.gold_reward`` (tests, notebooks).
     """
-
 
     console_metrics = ()  # the console line of a stage shows the shared columns only
 
@@ -89,8 +88,14 @@ class LLMTask:
         self.gold = wrap_callable(gold_reward) if gold_reward is not None else (load_text_reward(gold_spec, self.device) if gold_spec else None)
         # 4. What fine-tuning trains; where base log-probs come from.
         if t.method == "lora":
-            self.model = add_lora(model, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout,
-                                  target_modules=t.target_modules, init_seed=stage_seed(cfg.seed, 0, "lora-init"))
+            self.model = add_lora(
+                model,
+                rank=t.lora_rank,
+                alpha=t.lora_alpha,
+                dropout=t.lora_dropout,
+                target_modules=t.target_modules,
+                init_seed=stage_seed(cfg.seed, 0, "lora-init"),
+            )
             self.base = None
         else:
             model.requires_grad_(True)
@@ -119,8 +124,16 @@ class LLMTask:
     def _generate(self, prompt_ids, seeds):
         s = self.cfg.sampling
         return sample_completions(
-            self.model, self.tokenizer, prompt_ids, seeds, max_new_tokens=s.max_new_tokens, temperature=s.temperature,
-            top_k=s.top_k, top_p=s.top_p, stop_strings=list(s.stop_strings), eos=self.eos,
+            self.model,
+            self.tokenizer,
+            prompt_ids,
+            seeds,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            stop_strings=list(s.stop_strings),
+            eos=self.eos,
         )
 
     def _logprobs(self, model, prompt_ids, completion_ids):
@@ -144,7 +157,7 @@ class LLMTask:
         bs = self.cfg.sampling.batch_size
         self._seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
         for i in range(0, len(requests), bs):
-            batch = list(requests[i:i + bs])
+            batch = list(requests[i : i + bs])
             prompt_ids = [self.train_ids[r.prompt_index] for r in batch]
             if self.external is not None:
                 for r, p in zip(batch, prompt_ids):
@@ -187,9 +200,7 @@ class LLMTask:
 
     # -- kept samples --------------------------------------------------------------------------
     def save_kept(self, stage_dir: Path, kept: list[Sample]) -> None:
-        write_jsonl(Path(stage_dir) / "kept.jsonl", [
-            {"prompt_index": s.prompt_index, "sample_index": s.sample_index, **s.payload} for s in kept
-        ])
+        write_jsonl(Path(stage_dir) / "kept.jsonl", [{"prompt_index": s.prompt_index, "sample_index": s.sample_index, **s.payload} for s in kept])
 
     def load_kept(self, stage_dir: Path, kept: list[Sample]) -> list[Sample]:
         rows = {(r["prompt_index"], r["sample_index"]): r for r in read_jsonl(Path(stage_dir) / "kept.jsonl")}
@@ -202,12 +213,23 @@ class LLMTask:
     def finetune(self, stage: int, kept: list[Sample]) -> dict:
         t = self.cfg.train
         return train_response_only(
-            self.model, [(s.payload["prompt_ids"], s.payload["completion_ids"]) for s in kept], pad_id=self.pad_id,
-            epochs=t.epochs, max_steps=t.max_steps, batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
-            learning_rate=t.learning_rate, lr_scheduler=t.lr_scheduler, lr_warmup_steps=t.lr_warmup_steps,
-            weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, max_length=self.max_length,
-            seed=stage_seed(self.cfg.seed, stage, "train"), mixed_precision=t.mixed_precision,
-            progress=self.cfg.progress, desc=f"stage {stage} train",
+            self.model,
+            [(s.payload["prompt_ids"], s.payload["completion_ids"]) for s in kept],
+            pad_id=self.pad_id,
+            epochs=t.epochs,
+            max_steps=t.max_steps,
+            batch_size=t.batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            learning_rate=t.learning_rate,
+            lr_scheduler=t.lr_scheduler,
+            lr_warmup_steps=t.lr_warmup_steps,
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            max_length=self.max_length,
+            seed=stage_seed(self.cfg.seed, stage, "train"),
+            mixed_precision=t.mixed_precision,
+            progress=self.cfg.progress,
+            desc=f"stage {stage} train",
         )
 
     def weights_dir(self, stage_dir: Path) -> Path:
@@ -245,7 +267,7 @@ class LLMTask:
         out = []
         bs = max(1, self.cfg.sampling.batch_size)
         for i in range(0, len(prompts), bs):
-            out += [float("nan") if v is None else float(v) for v in reward(prompts[i:i + bs], completions[i:i + bs])]
+            out += [float("nan") if v is None else float(v) for v in reward(prompts[i : i + bs], completions[i : i + bs])]
         return out
 
     def eval_completions(self, n: int):
@@ -254,7 +276,7 @@ class LLMTask:
         bs = self.cfg.sampling.batch_size
         rows = []
         for i in tqdm(range(0, len(todo), bs), desc="eval", disable=not self.cfg.progress, leave=False):
-            chunk = todo[i:i + bs]
+            chunk = todo[i : i + bs]
             comps = self._generate([self.eval_ids[p] for p, _, _ in chunk], [sd for _, _, sd in chunk])
             rows += [(p, k, sd, c) for (p, k, sd), c in zip(chunk, comps)]
         return rows
@@ -274,15 +296,25 @@ class LLMTask:
         out_rows = []
         for j, i in enumerate(main):
             p, k, sd, c = rows[i]
-            row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "completion": c.text,
-                   "reward": rewards[i], "n_tokens": c.n_tokens, "finish": c.finish, "base_logprob": base_lp[j][0]}
+            row = {
+                "prompt_index": p,
+                "sample_index": k,
+                "seed": sd,
+                "prompt": self.eval_prompts[p],
+                "completion": c.text,
+                "reward": rewards[i],
+                "n_tokens": c.n_tokens,
+                "finish": c.finish,
+                "base_logprob": base_lp[j][0],
+            }
             if golds is not None:
                 row["gold"] = golds[i]
             out_rows.append(row)
         write_jsonl(Path(stage_dir) / "eval.jsonl", out_rows)
         r_mean, r_std = mean_std([rewards[i] for i in main])
         metrics = {
-            "eval_reward_mean": r_mean, "eval_reward_std": r_std,
+            "eval_reward_mean": r_mean,
+            "eval_reward_std": r_std,
             "eval_distinct_1": distinct_n([texts[i] for i in main], 1),
             "eval_distinct_2": distinct_n([texts[i] for i in main], 2),
             "eval_length": sum(rows[i][3].n_tokens for i in main) / len(main),
@@ -307,6 +339,7 @@ class LLMTask:
 
 def read_manifest(path: str) -> list[dict]:
     """An external pool of {"prompt": ..., "completion": ...[, "seed": int]} written by any generator."""
+
     def empty(row):
         if not row["completion"].strip():
             return "has an empty completion; there is nothing to fine-tune on, remove the line"

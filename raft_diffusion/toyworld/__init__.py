@@ -4,6 +4,7 @@ Kept so that configs written before the move still work: reward paths such as
 ``raft_diffusion.toyworld.rewards:gold_aesthetic`` import the moved modules (the very same module
 objects), and ``raft_diffusion/toyworld/assets/...`` is a link to the moved assets.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -24,7 +25,7 @@ class _Alias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return importlib.util.spec_from_loader(name, self) if name.startswith(_OLD) else None
 
     def create_module(self, spec):
-        return importlib.import_module(_NEW + spec.name[len(_OLD):])
+        return importlib.import_module(_NEW + spec.name[len(_OLD) :])
 
     def exec_module(self, module):
         pass

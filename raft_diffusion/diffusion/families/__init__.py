@@ -1,4 +1,5 @@
 """Model families behind one interface (:class:`Family`): SD 1.x/2.x, SDXL, SD3/3.5, FLUX.1."""
+
 from raft_diffusion.diffusion.families.base import Family, seed_generators
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
 from raft_diffusion.diffusion.families.registry import (

@@ -5,6 +5,7 @@ encode the prompts once, sample with per-sample seeds keeping the final latents,
 the family's training loss on kept latents, LoRA targets, and saving the LoRA so that the family's
 own ``pipe.load_lora_weights`` reads it back.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

@@ -1,4 +1,5 @@
 """Text conditioning encoded once per run, indexable per prompt so that a batch can mix prompts."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

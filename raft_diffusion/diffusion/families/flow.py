@@ -6,6 +6,7 @@ scheduler's ``sigmas[index]`` (shifted for SD3, plain for FLUX) and ``timesteps[
 go with it. Noisy input ``x_t = (1 - sigma) x_0 + sigma * noise``; target ``noise - x_0``; per-sample
 loss ``mean(w(sigma) * (pred - target)^2)`` with ``w = compute_loss_weighting_for_sd3``.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,7 @@ def allowed_indices(scheduler, timestep_range: tuple[int, int] | None) -> tuple[
     inside = ((scaled >= lo) & (scaled < hi)).nonzero().flatten()
     if inside.numel() == 0:
         raise UserError(
-            f"timestep_range {list(timestep_range)} contains none of the scheduler's sigmas*1000 "
-            f"({scaled.min():.1f}..{scaled.max():.1f}): widen it"
+            f"timestep_range {list(timestep_range)} contains none of the scheduler's sigmas*1000 ({scaled.min():.1f}..{scaled.max():.1f}): widen it"
         )
     return int(inside[0]), int(inside[-1]) + 1
 
@@ -72,9 +72,7 @@ def noisy_input(x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> 
     return (1.0 - s) * x0 + s * noise
 
 
-def flow_matching_loss(
-    pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str
-) -> torch.Tensor:
+def flow_matching_loss(pred: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor, weighting_scheme: str) -> torch.Tensor:
     """Per-sample ``mean(w(sigma) * (pred - (noise - x_0))^2)`` in float32 (shape ``[B]``)."""
     from diffusers.training_utils import compute_loss_weighting_for_sd3
 

@@ -1,5 +1,6 @@
 """FLUX.1: CLIP (pooled) + T5 (sequence) text encoders, a guidance-distilled MMDiT on packed 2x2 latent patches,
 trained with the rectified-flow loss."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """LoRA on a family's denoiser through peft, saved with the family pipeline's own LoRA saver."""
+
 from __future__ import annotations
 
 import inspect
@@ -70,13 +71,13 @@ def sort_safetensors_metadata(path: Path) -> None:
     end, so the header may be re-encoded; it is padded to 8 bytes as the format asks)."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    header = json.loads(data[8 : 8 + n])
     if "__metadata__" not in header:
         return
     header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
-    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n :])
 
 
 def save_lora(pipeline_class, denoiser_attr: str, denoiser, out_dir, *, adapter_name: str = "default") -> Path:
@@ -129,7 +130,7 @@ def load_lora(denoiser_attr: str, denoiser, lora_dir, *, adapter_name: str = "de
     if adapter_name not in getattr(denoiser, "peft_config", {}):
         raise ValueError(f"the denoiser has no LoRA adapter {adapter_name!r} (add one with the saved settings first)")
     prefix = denoiser_attr + "."
-    state = {k[len(prefix):]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in load_file(str(path)).items() if k.startswith(prefix)}
     expected = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     wrong = [k for k in expected if k in state and expected[k].shape != state[k].shape]

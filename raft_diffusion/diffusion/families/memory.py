@@ -15,6 +15,7 @@
 This leaves out allocator overhead/fragmentation, temporary buffers that autograd does not keep (attention
 workspaces), CUDA context (~0.5 GB) and the sampling/VAE-decode peak.
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

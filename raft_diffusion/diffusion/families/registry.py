@@ -1,4 +1,5 @@
 """Which family a model belongs to: by its pipeline class (model_index.json's ``_class_name``) or by name."""
+
 from __future__ import annotations
 
 import json
@@ -12,8 +13,7 @@ from raft_diffusion.diffusion.families.sd3 import StableDiffusion3Family
 from raft_diffusion.diffusion.families.sdxl import StableDiffusionXLFamily
 
 FAMILIES: dict[str, Family] = {
-    f.pipeline_class_name: f
-    for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily())
+    f.pipeline_class_name: f for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily())
 }  # pipeline class name -> family
 
 
@@ -37,9 +37,7 @@ def _class_name_of(source) -> str:
     if (folder / "model_index.json").is_file():
         return json.loads((folder / "model_index.json").read_text(encoding="utf-8")).get("_class_name", "?")
     if folder.exists():
-        raise UserError(
-            f"{str(source)!r} has no model_index.json: pass a diffusers pipeline folder or set model.family"
-        )
+        raise UserError(f"{str(source)!r} has no model_index.json: pass a diffusers pipeline folder or set model.family")
     try:  # a hub id: its model_index.json, from the local cache or the hub
         from diffusers import DiffusionPipeline
 

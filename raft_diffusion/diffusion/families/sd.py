@@ -1,4 +1,5 @@
 """Stable Diffusion 1.x/2.x: one CLIP text encoder, a UNet trained with the DDPM denoising loss."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Stable Diffusion 3 / 3.5: two CLIP encoders (pooled) and T5 (optional: zeros when absent), an MMDiT trained
 with the rectified-flow loss."""
+
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Stable Diffusion XL: two CLIP text encoders (penultimate states concatenated, pooled from the second) and a
 UNet conditioned on ``added_cond_kwargs = {text_embeds: pooled, time_ids: original size + crop + target size}``."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Settings of a family's training loss (the flow-matching ones follow diffusers' SD3/FLUX LoRA scripts)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,15 +22,11 @@ class LossSettings:
 
     def __post_init__(self):
         if self.weighting_scheme not in WEIGHTING_SCHEMES:
-            raise UserError(
-                f"unknown weighting_scheme {self.weighting_scheme!r}: choose one of {', '.join(WEIGHTING_SCHEMES)}"
-            )
+            raise UserError(f"unknown weighting_scheme {self.weighting_scheme!r}: choose one of {', '.join(WEIGHTING_SCHEMES)}")
         if not self.logit_std > 0:
             raise UserError(f"logit_std must be > 0 (got {self.logit_std}); 1.0 is the usual choice")
         if self.timestep_range is not None:
             lo, hi = self.timestep_range
             if not 0 <= lo < hi <= 1000:
-                raise UserError(
-                    f"timestep_range must be [lo, hi] with 0 <= lo < hi <= 1000 (got {list(self.timestep_range)})"
-                )
+                raise UserError(f"timestep_range must be [lo, hi] with 0 <= lo < hi <= 1000 (got {list(self.timestep_range)})")
             object.__setattr__(self, "timestep_range", (int(lo), int(hi)))

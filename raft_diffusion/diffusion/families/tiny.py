@@ -5,6 +5,7 @@ real diffusers code paths: CLIP's real BPE tokenizer (built offline, see ``diffu
 Unigram T5 tokenizer trained on the fly, T5EncoderModel / CLIP / AutoencoderKL / the denoiser from configs.
 Their images are noise-like: they are not generators. Images are 32 px, latents 16 x 16 (VAE factor 2).
 """
+
 from __future__ import annotations
 
 import functools
@@ -161,8 +162,13 @@ def tiny_flux_components(seed: int = 0) -> dict:
                                                               shift_factor=0.1159, scaling_factor=0.3611),
                       "text_encoder": _clip(seed, False), "text_encoder_2": _t5(seed, len(t5_tokenizer))}  # fmt: skip
     scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
     )  # FLUX.1-dev's scheduler config
     return {**components, "tokenizer": _clip_tokenizer(), "tokenizer_2": t5_tokenizer, "scheduler": scheduler,
             "image_encoder": None, "feature_extractor": None}  # fmt: skip

@@ -1,16 +1,51 @@
 """A toy text-to-image world: procedural scenes with captions, a hidden gold aesthetic, a pixel oracle,
 and (built by ``raft-diffusion toyworld build``) miniature CLIP, aesthetic head and text-to-image models."""
+
 from importlib import import_module
 
-_FROM = {"oracle": ("Analysis", "analyse", "analyse_batch", "oracle_metrics"),
-         "world": ("BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES", "SIZES", "Scene", "all_captions", "caption",
-                   "caption_variant", "gold_aesthetic", "make_scene", "parse_caption", "render", "render_batch",
-                   "sample_scenes", "to_tensor")}
+_FROM = {
+    "oracle": ("Analysis", "analyse", "analyse_batch", "oracle_metrics"),
+    "world": (
+        "BACKGROUNDS",
+        "COLOURS",
+        "POSITIONS",
+        "SHAPES",
+        "SIZES",
+        "Scene",
+        "all_captions",
+        "caption",
+        "caption_variant",
+        "gold_aesthetic",
+        "make_scene",
+        "parse_caption",
+        "render",
+        "render_batch",
+        "sample_scenes",
+        "to_tensor",
+    ),
+}
 
 __all__ = [
-    "Analysis", "analyse", "analyse_batch", "oracle_metrics", "BACKGROUNDS", "COLOURS", "POSITIONS", "SHAPES",
-    "SIZES", "Scene", "all_captions", "caption", "caption_variant", "gold_aesthetic", "make_scene", "parse_caption", "render",
-    "render_batch", "sample_scenes", "to_tensor",
+    "Analysis",
+    "analyse",
+    "analyse_batch",
+    "oracle_metrics",
+    "BACKGROUNDS",
+    "COLOURS",
+    "POSITIONS",
+    "SHAPES",
+    "SIZES",
+    "Scene",
+    "all_captions",
+    "caption",
+    "caption_variant",
+    "gold_aesthetic",
+    "make_scene",
+    "parse_caption",
+    "render",
+    "render_batch",
+    "sample_scenes",
+    "to_tensor",
 ]
 
 

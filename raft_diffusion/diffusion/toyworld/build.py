@@ -7,14 +7,15 @@ Layout of a built world (the committed one is ``raft_diffusion/diffusion/toyworl
     sd/                        StableDiffusionPipeline folder (VAE, UNet, CLIP text encoder, CLIP tokenizer)
     build_info.json            settings, seeds, timings and measured quality of every part
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -37,11 +38,21 @@ class BuildSettings:
     sd_eval_prompts: int = 100  # held-out prompts sampled to measure the text-to-image model
 
     @classmethod
-    def miniature(cls) -> "BuildSettings":
+    def miniature(cls) -> BuildSettings:
         """A few-minute build for tests: every part trained briefly, same code paths."""
-        return cls(clip_steps=60, clip_batch=64, head_train=2000, head_steps=300, eval_scenes=200,
-                   sd_vae_steps=40, sd_vae_batch=16, sd_unet_steps=60, sd_batch=16,
-                   sd_pool=512, sd_eval_prompts=16)
+        return cls(
+            clip_steps=60,
+            clip_batch=64,
+            head_train=2000,
+            head_steps=300,
+            eval_scenes=200,
+            sd_vae_steps=40,
+            sd_vae_batch=16,
+            sd_unet_steps=60,
+            sd_batch=16,
+            sd_pool=512,
+            sd_eval_prompts=16,
+        )
 
 
 def _write_json(path: Path, obj) -> None:
@@ -50,8 +61,13 @@ def _write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
-def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = print,
-                  on_clip_saved: Callable[[], None] | None = None, clip_poll: Callable[[int], None] | None = None) -> dict:
+def build_rewards(
+    out: Path,
+    s: BuildSettings,
+    log: Callable[[str], None] = print,
+    on_clip_saved: Callable[[], None] | None = None,
+    clip_poll: Callable[[int], None] | None = None,
+) -> dict:
     """Train and save the small CLIP and the aesthetic head; return their quality figures.
 
     ``on_clip_saved`` is called as soon as ``out/clip`` is written (the text-to-image model conditions on it);
@@ -61,8 +77,7 @@ def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = prin
     from .world import gold_aesthetic, render_batch, sample_scenes, to_tensor
 
     t0 = time.time()
-    model, cfg, tokenizer = train_clip(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed, log=log,
-                                       poll=clip_poll)
+    model, cfg, tokenizer = train_clip(steps=s.clip_steps, batch_size=s.clip_batch, seed=s.seed, log=log, poll=clip_poll)
     save_clip(model, cfg, out / "clip")
     if on_clip_saved is not None:
         on_clip_saved()
@@ -73,8 +88,12 @@ def build_rewards(out: Path, s: BuildSettings, log: Callable[[str], None] = prin
     acc = zero_shot_accuracy(model, tokenizer, scenes, image_embeddings=emb)
     with torch.no_grad():
         pred = head(emb).squeeze(-1).numpy()
-    quality = {"zero_shot_shape": acc["shape"], "zero_shot_colour": acc["colour"],
-               "head_spearman": spearman(pred, [gold_aesthetic(x) for x in scenes]), "seconds": time.time() - t0}
+    quality = {
+        "zero_shot_shape": acc["shape"],
+        "zero_shot_colour": acc["colour"],
+        "head_spearman": spearman(pred, [gold_aesthetic(x) for x in scenes]),
+        "seconds": time.time() - t0,
+    }
     log(f"rewards: {quality}")
     return quality
 
@@ -119,8 +138,13 @@ def _sd_worker(out: Path, s: BuildSettings, events) -> dict:
     return build_sd(out, s, partial(_prefixed_print, "[sd] "), text_encoder=text_encoder, poll=poll)
 
 
-def build(out: Path | str = ASSETS_DIR, settings: BuildSettings | None = None, parts: tuple = ("rewards", "sd"),
-          log: Callable[[str], None] = print, jobs: int = 1) -> dict:
+def build(
+    out: Path | str = ASSETS_DIR,
+    settings: BuildSettings | None = None,
+    parts: tuple = ("rewards", "sd"),
+    log: Callable[[str], None] = print,
+    jobs: int = 1,
+) -> dict:
     """Train the requested parts into ``out`` and write ``build_info.json``; return the info dict.
 
     The text-to-image model conditions on the text tower of the toy CLIP, so ``sd`` alone needs ``out/clip``.

@@ -1,4 +1,5 @@
 """``raft-diffusion toyworld build``: train the toy world's models from scratch (seeded) into a folder."""
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,12 @@ def add_toyworld_parser(subparsers) -> argparse.ArgumentParser:
     b.add_argument("--parts", default="rewards,sd", help="comma-separated parts to (re)build: rewards, sd")
     b.add_argument("--miniature", action="store_true", help="a few-minute build with briefly trained parts (tests)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; jobs=1 only)")
-    b.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
-                   help="train the CLIP/head and the text-to-image model in parallel processes (1 thread each)")
+    b.add_argument(
+        "--jobs",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="train the CLIP/head and the text-to-image model in parallel processes (1 thread each)",
+    )
     b.set_defaults(func=_build)
     return p
 

@@ -9,12 +9,13 @@ Both are saved in the formats the real rewards read: ``save_open_clip`` folders 
 ``load_reward("clip_score", clip_model=dir, clip_pretrained=None)`` and the head with
 ``load_reward("aesthetic", clip_model=dir, clip_pretrained=None, weights=".../aesthetic_head.safetensors")``.
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +69,15 @@ def _caption_parts(rng: np.random.Generator, p_full: float = 0.5) -> dict:
     return {"size": bool(keep[0]), "position": bool(keep[1]), "background": bool(keep[2])}
 
 
-def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed: int = 0,
-               log: Callable[[str], None] = print, log_every: int = 100, poll: Callable[[int], None] | None = None):
+def train_clip(
+    steps: int = 1500,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+    log_every: int = 100,
+    poll: Callable[[int], None] | None = None,
+):
     """Train the toy CLIP contrastively on fresh scenes (full and shortened captions); returns ``(model, model_cfg, tokenizer)`` in eval mode.
 
     ``poll(step)`` is called before every step (a parallel build uses it to take a second thread).
@@ -79,8 +87,7 @@ def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.98))
     warmup = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng([seed, 0xC119])
     t0 = time.time()
@@ -97,16 +104,17 @@ def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed:
         logits = model.logit_scale.exp().clamp(max=100) * img @ txt.t()
         # positives: every (image, text) pair where the text describes the image (short texts fit many images)
         fits = torch.tensor([[caption(s, **p) == c for c, p in zip(caps, parts)] for s in scenes], dtype=torch.float32)
-        loss = 0.5 * (torch.sum(-(fits / fits.sum(1, keepdim=True)) * logits.log_softmax(1), 1).mean()
-                      + torch.sum(-(fits.t() / fits.t().sum(1, keepdim=True)) * logits.t().log_softmax(1), 1).mean())
+        loss = 0.5 * (
+            torch.sum(-(fits / fits.sum(1, keepdim=True)) * logits.log_softmax(1), 1).mean()
+            + torch.sum(-(fits.t() / fits.t().sum(1, keepdim=True)) * logits.t().log_softmax(1), 1).mean()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         if log and (step % log_every == 0 or step == steps - 1):
-            log(f"clip step {step:5d}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} "
-                f"({time.time() - t0:.0f}s)")
+            log(f"clip step {step:5d}/{steps} loss {loss.item():.3f} scale {model.logit_scale.exp().item():.1f} ({time.time() - t0:.0f}s)")
     return model.eval(), cfg, tokenizer
 
 
@@ -114,16 +122,14 @@ def train_clip(steps: int = 1500, batch_size: int = 128, lr: float = 1e-3, seed:
 def embed_images(model, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """L2-normalised image embeddings of float ``[B, 3, 32, 32]`` images in [0, 1]."""
     transform = _transform(model)
-    out = [F.normalize(model.encode_image(transform(images[i:i + batch_size])).float(), dim=-1)
-           for i in range(0, images.shape[0], batch_size)]
+    out = [F.normalize(model.encode_image(transform(images[i : i + batch_size])).float(), dim=-1) for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out)
 
 
 @torch.no_grad()
 def embed_texts(model, tokenizer, texts: Sequence[str], batch_size: int = 512) -> torch.Tensor:
     texts = list(texts)
-    out = [F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size])).float(), dim=-1)
-           for i in range(0, len(texts), batch_size)]
+    out = [F.normalize(model.encode_text(tokenizer(texts[i : i + batch_size])).float(), dim=-1) for i in range(0, len(texts), batch_size)]
     return torch.cat(out)
 
 
@@ -134,8 +140,9 @@ def _swap(scene: Scene, **attr) -> str:
 
 
 @torch.no_grad()
-def zero_shot_accuracy(model, tokenizer, scenes: Sequence[Scene], images: torch.Tensor | None = None,
-                       image_embeddings: torch.Tensor | None = None) -> dict:
+def zero_shot_accuracy(
+    model, tokenizer, scenes: Sequence[Scene], images: torch.Tensor | None = None, image_embeddings: torch.Tensor | None = None
+) -> dict:
     """Shape and colour accuracy: each image against its caption with the shape (colour) word swapped."""
     if image_embeddings is None:
         image_embeddings = embed_images(model, images)
@@ -165,8 +172,7 @@ def zero_shot_by_reward(clip_score, scenes: Sequence[Scene], images: torch.Tenso
 # ----------------------------------------------------------------------------------------------- aesthetic head
 
 
-def train_aesthetic_head(model, n_train: int = 20000, steps: int = 3000, seed: int = 0,
-                         log: Callable[[str], None] = print):
+def train_aesthetic_head(model, n_train: int = 20000, steps: int = 3000, seed: int = 0, log: Callable[[str], None] = print):
     """Fit an ``AestheticMLP`` (LAION layout) on normalised embeddings of fresh renders to their gold scores."""
     from reward_models.aesthetic import AestheticMLP
 

@@ -6,17 +6,18 @@ colour) and contrast, the background pixels give noise, and the subject's croppe
 against drawn templates of each shape. The four measured quantities go through the same formula as the gold
 score (:func:`raft_diffusion.diffusion.toyworld.world.aesthetic_from_features`).
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from .world import (COLOURS, IMAGE_SIZE, SHAPES, SIZES, aesthetic_from_features, luminance, parse_caption,
-                    shape_mask)
+from .world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, aesthetic_from_features, luminance, parse_caption, shape_mask
 
 TEMPLATE_SIZE = 12
 MIN_SUBJECT_DISTANCE = 0.15  # a subject must differ from the background by this much (RGB distance, [0,1] units)
@@ -38,8 +39,7 @@ class Analysis:
     def matches(self, prompt: str) -> bool:
         """The subject has the prompt's shape and (if it names one) colour."""
         want = parse_caption(prompt)
-        return bool(self.found and self.shape == want["shape"]
-                    and (want.get("colour") is None or self.colour == want["colour"]))
+        return bool(self.found and self.shape == want["shape"] and (want.get("colour") is None or self.colour == want["colour"]))
 
 
 def _as_hwc(image: Any) -> np.ndarray:
@@ -63,7 +63,7 @@ def _as_hwc(image: Any) -> np.ndarray:
 def _box_blur(x: np.ndarray) -> np.ndarray:
     p = np.pad(x, 1, mode="edge")
     h, w = x.shape
-    return sum(p[i:i + h, j:j + w] for i in range(3) for j in range(3)) / 9.0
+    return sum(p[i : i + h, j : j + w] for i in range(3) for j in range(3)) / 9.0
 
 
 def _dilate(m: np.ndarray) -> np.ndarray:
@@ -72,7 +72,7 @@ def _dilate(m: np.ndarray) -> np.ndarray:
     out = np.zeros_like(m)
     for i in range(3):
         for j in range(3):
-            out |= p[i:i + h, j:j + w]
+            out |= p[i : i + h, j : j + w]
     return out
 
 
@@ -84,7 +84,7 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     labels = np.where(mask, np.arange(1, h * w + 1).reshape(h, w), 0)
     while True:
         p = np.pad(labels, 1)
-        nb = np.max(np.stack([p[i:i + h, j:j + w] for i in range(3) for j in range(3)]), axis=0)
+        nb = np.max(np.stack([p[i : i + h, j : j + w] for i in range(3) for j in range(3)]), axis=0)
         new = np.where(mask, nb, 0)
         if np.array_equal(new, labels):
             break
@@ -98,9 +98,8 @@ def _crop_template(coverage: np.ndarray) -> np.ndarray:
     ys, xs = np.nonzero(coverage > 0.25)
     if len(ys) == 0:
         return np.zeros(TEMPLATE_SIZE * TEMPLATE_SIZE)
-    crop = coverage[ys.min():ys.max() + 1, xs.min():xs.max() + 1].astype(np.float32)
-    t = np.asarray(Image.fromarray(crop, mode="F").resize((TEMPLATE_SIZE, TEMPLATE_SIZE), Image.Resampling.BILINEAR),
-                   dtype=np.float64).ravel()
+    crop = coverage[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1].astype(np.float32)
+    t = np.asarray(Image.fromarray(crop, mode="F").resize((TEMPLATE_SIZE, TEMPLATE_SIZE), Image.Resampling.BILINEAR), dtype=np.float64).ravel()
     t = t - t.mean()
     n = np.linalg.norm(t)
     return t / n if n > 0 else t
@@ -130,8 +129,7 @@ def analyse(image: Any) -> Analysis:
     bg_luma = float(luminance(bg))
     if peak < MIN_SUBJECT_DISTANCE:
         noise = float(1.4826 * np.median(np.abs(luminance(img) - bg_luma)))
-        return Analysis(False, None, None, 0.0, IMAGE_SIZE / 2.0, 0.0, noise,
-                        aesthetic_from_features(0.0, IMAGE_SIZE / 2.0, 0.0, noise))
+        return Analysis(False, None, None, 0.0, IMAGE_SIZE / 2.0, 0.0, noise, aesthetic_from_features(0.0, IMAGE_SIZE / 2.0, 0.0, noise))
     comp = _largest_component(sdist > max(MIN_SUBJECT_DISTANCE * 0.75, 0.5 * peak))
     core = comp & (dist >= 0.6 * float(dist[comp].max()))
     fg = np.median(img[core], axis=0)
@@ -152,8 +150,7 @@ def analyse(image: Any) -> Analysis:
     colour = _PALETTE_NAMES[int(np.argmin(np.linalg.norm(_PALETTE - fg, axis=-1)))]
     mat, idx = _templates()
     shape = SHAPES[int(idx[int(np.argmax(mat @ _crop_template(coverage)))])]
-    return Analysis(True, shape, colour, float(extent), offset, contrast, noise,
-                    aesthetic_from_features(float(extent), offset, contrast, noise))
+    return Analysis(True, shape, colour, float(extent), offset, contrast, noise, aesthetic_from_features(float(extent), offset, contrast, noise))
 
 
 def analyse_batch(images: Any) -> list[Analysis]:
@@ -169,5 +166,4 @@ def oracle_metrics(images: Any, prompts: Sequence[str]) -> dict[str, np.ndarray]
     wants = [parse_caption(p) for p in prompts]
     shape_ok = np.asarray([r.found and r.shape == w["shape"] for r, w in zip(res, wants)])
     colour_ok = np.asarray([r.found and (w.get("colour") is None or r.colour == w["colour"]) for r, w in zip(res, wants)])
-    return {"aesthetic": np.asarray([r.aesthetic for r in res]), "shape_ok": shape_ok, "colour_ok": colour_ok,
-            "match": shape_ok & colour_ok}
+    return {"aesthetic": np.asarray([r.aesthetic for r in res]), "shape_ok": shape_ok, "colour_ok": colour_ok, "match": shape_ok & colour_ok}

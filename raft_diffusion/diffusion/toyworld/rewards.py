@@ -5,6 +5,7 @@ the gold aesthetic; ``...:fidelity`` gives 1.0 when the subject has the prompt's
 They are for evaluation (what a person would judge); the trained proxies are ``aesthetic`` and ``clip_score``
 with the toy CLIP (see ``toyworld.assets``).
 """
+
 from __future__ import annotations
 
 import torch
@@ -20,8 +21,7 @@ def gold_aesthetic(**_):
 
     def score(images: torch.Tensor, prompts=None, **kwargs) -> torch.Tensor:
         n = images.shape[0]
-        m = oracle_metrics(images, list(prompts) if prompts is not None and not isinstance(prompts, str)
-                           else ["a circle"] * n)
+        m = oracle_metrics(images, list(prompts) if prompts is not None and not isinstance(prompts, str) else ["a circle"] * n)
         return torch.as_tensor(m["aesthetic"], dtype=torch.float32)
 
     return score

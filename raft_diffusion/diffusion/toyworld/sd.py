@@ -14,14 +14,15 @@ as a ``StableDiffusionPipeline`` folder with a DDIM scheduler.
 
 Held-out prompts: a fixed 10% of the world's captions never appear in training (``split_captions``).
 """
+
 from __future__ import annotations
 
 import copy
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,9 +56,16 @@ def build_vae(seed: int = 0):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=16,
-            block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, sample_size=32, mid_block_add_attention=False,
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=1,
+            norm_num_groups=16,
+            block_out_channels=(32, 64),
+            down_block_types=("DownEncoderBlock2D",) * 2,
+            up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=32,
+            mid_block_add_attention=False,
         )
 
 
@@ -73,24 +81,39 @@ def build_components(vae, text_encoder, seed: int = 0) -> dict:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         unet = UNet2DConditionModel(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=UNET_CHANNELS,
-            down_block_types=UNET_DOWN, up_block_types=tuple(d.replace("Down", "Up") for d in reversed(UNET_DOWN)),
-            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8, norm_num_groups=16,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=UNET_CHANNELS,
+            down_block_types=UNET_DOWN,
+            up_block_types=tuple(d.replace("Down", "Up") for d in reversed(UNET_DOWN)),
+            cross_attention_dim=text_encoder.config.hidden_size,
+            attention_head_dim=8,
+            norm_num_groups=16,
         )
     tokenizer = build_clip_tokenizer()
     tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon")
-    return {"vae": vae, "unet": unet, "text_encoder": text_encoder.requires_grad_(False).eval(),
-            "tokenizer": tokenizer, "scheduler": scheduler}
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    return {"vae": vae, "unet": unet, "text_encoder": text_encoder.requires_grad_(False).eval(), "tokenizer": tokenizer, "scheduler": scheduler}
 
 
 def require_clip(clip_dir: Path) -> Path:
     from raft_diffusion.core.errors import UserError
 
     if not (Path(clip_dir) / "open_clip_config.json").is_file():
-        raise UserError(f"no toy CLIP in {clip_dir}: the text-to-image model conditions on its text tower; "
-                        "build it first (raft-diffusion toyworld build --parts rewards)")
+        raise UserError(
+            f"no toy CLIP in {clip_dir}: the text-to-image model conditions on its text tower; "
+            "build it first (raft-diffusion toyworld build --parts rewards)"
+        )
     return Path(clip_dir)
 
 
@@ -113,24 +136,35 @@ def text_encoder_from_open_clip(model):
     sd = {k: v.detach().float() for k, v in model.state_dict().items() if not k.startswith("visual.")}
     width = sd["token_embedding.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
-    heads = int(getattr(model.transformer.resblocks[0].attn, "num_heads"))
+    heads = int(model.transformer.resblocks[0].attn.num_heads)
     mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     act = "quick_gelu" if "QuickGELU" in type(model.transformer.resblocks[0].mlp.gelu).__name__ else "gelu"
-    cfg = CLIPTextConfig(vocab_size=sd["token_embedding.weight"].shape[0], hidden_size=width, intermediate_size=mlp,
-                         num_hidden_layers=layers, num_attention_heads=heads,
-                         max_position_embeddings=sd["positional_embedding"].shape[0], hidden_act=act,
-                         layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    out = {"embeddings.token_embedding.weight": sd["token_embedding.weight"],
-           "embeddings.position_embedding.weight": sd["positional_embedding"],
-           "final_layer_norm.weight": sd["ln_final.weight"], "final_layer_norm.bias": sd["ln_final.bias"]}
+    cfg = CLIPTextConfig(
+        vocab_size=sd["token_embedding.weight"].shape[0],
+        hidden_size=width,
+        intermediate_size=mlp,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=sd["positional_embedding"].shape[0],
+        hidden_act=act,
+        layer_norm_eps=1e-5,
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=49407,
+    )
+    out = {
+        "embeddings.token_embedding.weight": sd["token_embedding.weight"],
+        "embeddings.position_embedding.weight": sd["positional_embedding"],
+        "final_layer_norm.weight": sd["ln_final.weight"],
+        "final_layer_norm.bias": sd["ln_final.bias"],
+    }
     for i in range(layers):
         src, dst = f"transformer.resblocks.{i}.", f"encoder.layers.{i}."
         for name, part in zip(("q", "k", "v"), sd[src + "attn.in_proj_weight"].chunk(3)):
             out[dst + f"self_attn.{name}_proj.weight"] = part
         for name, part in zip(("q", "k", "v"), sd[src + "attn.in_proj_bias"].chunk(3)):
             out[dst + f"self_attn.{name}_proj.bias"] = part
-        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",
-                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+        pairs = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
         for a, b in pairs.items():
             out[dst + b + ".weight"] = sd[src + a + ".weight"]
             out[dst + b + ".bias"] = sd[src + a + ".bias"]
@@ -138,21 +172,21 @@ def text_encoder_from_open_clip(model):
     missing, unexpected = te.load_state_dict(out, strict=False)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
-        raise ValueError(f"open_clip text tower does not map onto CLIPTextModel: missing {missing}, "
-                         f"unexpected {unexpected}")
+        raise ValueError(f"open_clip text tower does not map onto CLIPTextModel: missing {missing}, unexpected {unexpected}")
     return te.eval()
 
 
 def _cosine(opt, steps: int):
     warm = max(1, steps // 20)
     return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    )
 
 
 def train_vae(vae, steps: int, batch: int, seed: int, log: Callable[[str], None]) -> dict:
     """Reconstruction (L1 + MSE) plus KL * 1e-6; returns figures and sets ``scaling_factor``."""
     with torch.no_grad():  # start with a narrow posterior (std ~0.02): early training is not drowned in noise
-        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     sched = _cosine(opt, steps)
@@ -180,26 +214,35 @@ def train_vae(vae, steps: int, batch: int, seed: int, log: Callable[[str], None]
 
 
 def _tokenize(tokenizer, texts) -> torch.Tensor:
-    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
+    return tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
 
 
 def encode_pool(vae, pool_size: int, seed: int) -> dict:
     """Render ``pool_size`` training-split scenes once and keep their latent posteriors (mean, std) and captions."""
-    scenes = [s for s in sample_scenes(int(pool_size / (1 - EVAL_FRACTION)) + 64, seed=seed * 1_000_003 + 700_000)
-              if not is_held_out(caption(s))][:pool_size]
+    scenes = [s for s in sample_scenes(int(pool_size / (1 - EVAL_FRACTION)) + 64, seed=seed * 1_000_003 + 700_000) if not is_held_out(caption(s))][
+        :pool_size
+    ]
     means, stds = [], []
     with torch.no_grad():
         for i in range(0, len(scenes), 256):
-            d = vae.encode(to_tensor(render_batch(scenes[i:i + 256])) * 2 - 1).latent_dist
+            d = vae.encode(to_tensor(render_batch(scenes[i : i + 256])) * 2 - 1).latent_dist
             means.append(d.mean)
             stds.append(d.std)
     return {"scenes": scenes, "means": torch.cat(means), "stds": torch.cat(stds)}
 
 
-def pretrain_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: Callable[[str], None],
-               lr: float = 2e-3, ema_decay: float = 0.995, min_snr_gamma: float = 5.0,
-               poll: Callable[[int], None] | None = None) -> dict:
+def pretrain_unet(
+    c: dict,
+    pool: dict,
+    steps: int,
+    batch: int,
+    seed: int,
+    log: Callable[[str], None],
+    lr: float = 2e-3,
+    ema_decay: float = 0.995,
+    min_snr_gamma: float = 5.0,
+    poll: Callable[[int], None] | None = None,
+) -> dict:
     """Train the UNet (text encoder frozen) on an encoded pool (:func:`encode_pool`); replace it by its EMA.
 
     Half of the captions are full, half shortened (``caption_variant``), so short prompts work too. The loss
@@ -254,10 +297,17 @@ def pretrain_unet(c: dict, pool: dict, steps: int, batch: int, seed: int, log: C
 def make_pipeline(c: dict):
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=c["vae"].eval(), text_encoder=c["text_encoder"].eval(),
-                                   tokenizer=c["tokenizer"], unet=c["unet"].eval(), scheduler=c["scheduler"],
-                                   safety_checker=None, feature_extractor=None, image_encoder=None,
-                                   requires_safety_checker=False)
+    pipe = StableDiffusionPipeline(
+        vae=c["vae"].eval(),
+        text_encoder=c["text_encoder"].eval(),
+        tokenizer=c["tokenizer"],
+        unet=c["unet"].eval(),
+        scheduler=c["scheduler"],
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -275,8 +325,7 @@ def save_pipeline(pipe, directory: Path, half: bool = True) -> Path:
 def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
     """float ``[B, 3, 32, 32]`` in [0, 1], one fixed-seed sample per prompt."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt",
-               height=32, width=32)
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt", height=32, width=32)
     return out.images.float().clamp(0, 1)
 
 
@@ -287,16 +336,23 @@ def evaluate_pipeline(pipe, n_prompts: int = 100, seed: int = 0, steps: int = 20
     _, held = split_captions()
     rng = np.random.default_rng(seed)
     prompts = [held[i] for i in rng.choice(len(held), size=min(n_prompts, len(held)), replace=False)]
-    images = torch.cat([sample(pipe, prompts[i:i + 50], list(range(i, min(i + 50, len(prompts)))), steps, guidance)
-                        for i in range(0, len(prompts), 50)])
+    images = torch.cat(
+        [sample(pipe, prompts[i : i + 50], list(range(i, min(i + 50, len(prompts)))), steps, guidance) for i in range(0, len(prompts), 50)]
+    )
     m = oracle_metrics(images, prompts)
-    return {"prompts": len(prompts), "match": float(m["match"].mean()), "shape_ok": float(m["shape_ok"].mean()),
-            "colour_ok": float(m["colour_ok"].mean()), "gold_mean": float(m["aesthetic"].mean()),
-            "gold_std": float(m["aesthetic"].std()), "images": images, "prompt_list": prompts}
+    return {
+        "prompts": len(prompts),
+        "match": float(m["match"].mean()),
+        "shape_ok": float(m["shape_ok"].mean()),
+        "colour_ok": float(m["colour_ok"].mean()),
+        "gold_mean": float(m["aesthetic"].mean()),
+        "gold_std": float(m["aesthetic"].std()),
+        "images": images,
+        "prompt_list": prompts,
+    }
 
 
-def build_sd(out: Path, s, log: Callable[[str], None] = print, text_encoder=None,
-             poll: Callable[[int], None] | None = None) -> dict:
+def build_sd(out: Path, s, log: Callable[[str], None] = print, text_encoder=None, poll: Callable[[int], None] | None = None) -> dict:
     """Train the autoencoder and the UNet (settings ``s``: a ``BuildSettings``) and save the pipeline to ``out/sd``.
 
     ``text_encoder``: a ``CLIPTextModel``, or a callable returning one (called once the autoencoder is trained,

@@ -1,4 +1,5 @@
 """Grids of small images, enlarged with nearest-neighbour so a person can see every pixel."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,7 +18,7 @@ def grid(images, ncol: int = 8, scale: int = 4, pad: int = 1) -> Image.Image:
     canvas = np.full((nrow * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
     for i in range(b):
         r, c = divmod(i, ncol)
-        canvas[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = a[i]
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = a[i]
     img = Image.fromarray(canvas)
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 

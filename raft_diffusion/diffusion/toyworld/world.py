@@ -8,6 +8,7 @@ make a small picture better: a large subject, centred, contrasting with its back
 background. :mod:`raft_diffusion.diffusion.toyworld.oracle` measures the same four properties from pixels, so the gold
 score of *any* image (a generated one included) can be estimated; on renders the two agree closely.
 """
+
 from __future__ import annotations
 
 import re
@@ -68,11 +69,25 @@ def _offset(half: float) -> float:
     return min(MAX_OFFSET, IMAGE_SIZE / 2 - half - 1.5)
 
 
-def make_scene(shape: str, colour: str, size: str, position: str, background: str, noisy: bool = False,
-               *, jitter: np.random.Generator | None = None, noise_seed: int = 0) -> Scene:
+def make_scene(
+    shape: str,
+    colour: str,
+    size: str,
+    position: str,
+    background: str,
+    noisy: bool = False,
+    *,
+    jitter: np.random.Generator | None = None,
+    noise_seed: int = 0,
+) -> Scene:
     """A scene from its named attributes; ``jitter`` perturbs size (+-0.5 px) and centre (+-1 px)."""
-    for value, names, what in ((shape, SHAPES, "shape"), (colour, COLOURS, "colour"), (size, SIZES, "size"),
-                               (position, POSITIONS, "position"), (background, BACKGROUNDS, "background")):
+    for value, names, what in (
+        (shape, SHAPES, "shape"),
+        (colour, COLOURS, "colour"),
+        (size, SIZES, "size"),
+        (position, POSITIONS, "position"),
+        (background, BACKGROUNDS, "background"),
+    ):
         if value not in names:
             raise ValueError(f"unknown {what} {value!r}; one of {list(names)}")
     half = SIZES[size]
@@ -82,8 +97,9 @@ def make_scene(shape: str, colour: str, size: str, position: str, background: st
         jx, jy = (float(v) for v in jitter.uniform(-1.0, 1.0, size=2))
     dx, dy = POSITIONS[position]
     off = _offset(half)
-    return Scene(shape, colour, size, position, background, bool(noisy), half,
-                 IMAGE_SIZE / 2 + dx * off + jx, IMAGE_SIZE / 2 + dy * off + jy, int(noise_seed))
+    return Scene(
+        shape, colour, size, position, background, bool(noisy), half, IMAGE_SIZE / 2 + dx * off + jx, IMAGE_SIZE / 2 + dy * off + jy, int(noise_seed)
+    )
 
 
 def sample_scenes(n: int, seed: int = 0) -> list[Scene]:
@@ -91,15 +107,18 @@ def sample_scenes(n: int, seed: int = 0) -> list[Scene]:
     rng = np.random.default_rng([seed, 0x7079])
     out = []
     for _ in range(n):
-        out.append(make_scene(
-            SHAPES[rng.integers(len(SHAPES))],
-            list(COLOURS)[rng.integers(len(COLOURS))],
-            list(SIZES)[rng.integers(len(SIZES))],
-            list(POSITIONS)[rng.integers(len(POSITIONS))],
-            list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
-            bool(rng.random() < 1 / 3),
-            jitter=rng, noise_seed=int(rng.integers(2**31)),
-        ))
+        out.append(
+            make_scene(
+                SHAPES[rng.integers(len(SHAPES))],
+                list(COLOURS)[rng.integers(len(COLOURS))],
+                list(SIZES)[rng.integers(len(SIZES))],
+                list(POSITIONS)[rng.integers(len(POSITIONS))],
+                list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+                bool(rng.random() < 1 / 3),
+                jitter=rng,
+                noise_seed=int(rng.integers(2**31)),
+            )
+        )
     return out
 
 
@@ -192,10 +211,15 @@ def parse_caption(text: str) -> dict:
     ``{"shape": ..., "colour": ... or None}`` (other keys absent).
     """
     m = _CAPTION_RE.match(text.strip().lower())
-    if m and m["size"] in SIZES and m["colour"] in COLOURS and m["shape"] in SHAPES and m["position"] in POSITIONS \
-            and m["background"] in BACKGROUNDS:
-        return {"shape": m["shape"], "colour": m["colour"], "size": m["size"], "position": m["position"],
-                "background": m["background"], "noisy": bool(m["noisy"])}
+    if m and m["size"] in SIZES and m["colour"] in COLOURS and m["shape"] in SHAPES and m["position"] in POSITIONS and m["background"] in BACKGROUNDS:
+        return {
+            "shape": m["shape"],
+            "colour": m["colour"],
+            "size": m["size"],
+            "position": m["position"],
+            "background": m["background"],
+            "noisy": bool(m["noisy"]),
+        }
     words = re.findall(r"[a-z]+", text.lower())
     shapes = [w for w in words if w in SHAPES]
     colours = [w for w in words if w in COLOURS]
@@ -228,8 +252,7 @@ def gold_aesthetic(scene: Scene) -> float:
     fg = np.asarray(COLOURS[scene.colour]) / 255.0
     bg = np.asarray(BACKGROUNDS[scene.background]) / 255.0
     offset = float(np.hypot(scene.cx - IMAGE_SIZE / 2, scene.cy - IMAGE_SIZE / 2))
-    return aesthetic_from_features(2 * scene.half / IMAGE_SIZE, offset, abs(float(luminance(fg) - luminance(bg))),
-                                   NOISE_STD if scene.noisy else 0.0)
+    return aesthetic_from_features(2 * scene.half / IMAGE_SIZE, offset, abs(float(luminance(fg) - luminance(bg))), NOISE_STD if scene.noisy else 0.0)
 
 
 def all_captions(*, noisy: bool | None = None) -> list[str]:
@@ -240,6 +263,6 @@ def all_captions(*, noisy: bool | None = None) -> list[str]:
             for size in SIZES:
                 for position in POSITIONS:
                     for bg in BACKGROUNDS:
-                        for nz in ((False, True) if noisy is None else (noisy,)):
+                        for nz in (False, True) if noisy is None else (noisy,):
                             out.append(caption(make_scene(shape, colour, size, position, bg, nz)))
     return out

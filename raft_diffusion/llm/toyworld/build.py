@@ -13,6 +13,7 @@ Steps:
 
 Everything is seeded; the same command on the same library versions rebuilds the same files.
 """
+
 from __future__ import annotations
 
 import json
@@ -43,7 +44,12 @@ def build_tokenizer(vocab_words: list[str]):
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with single spaces
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=UNK, pad_token=PAD, model_max_length=64,
+        tokenizer_object=tok,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=UNK,
+        pad_token=PAD,
+        model_max_length=64,
     )
 
 
@@ -52,13 +58,13 @@ def _batches(rows: list[list[int]], batch_size: int, pad_id: int, rng: random.Ra
     while True:
         rng.shuffle(order)
         for i in range(0, len(order) - batch_size + 1, batch_size):
-            chunk = [rows[j] for j in order[i:i + batch_size]]
+            chunk = [rows[j] for j in order[i : i + batch_size]]
             L = max(len(r) for r in chunk)
             ids = torch.full((len(chunk), L), pad_id)
             mask = torch.zeros((len(chunk), L), dtype=torch.long)
             for k, r in enumerate(chunk):
-                ids[k, :len(r)] = torch.tensor(r)
-                mask[k, :len(r)] = 1
+                ids[k, : len(r)] = torch.tensor(r)
+                mask[k, : len(r)] = 1
             yield ids, mask, [order[i + k] for k in range(len(chunk))]
 
 
@@ -99,9 +105,18 @@ def train_lm(tokenizer, *, steps: int, seed: int, log=print):
     rows = [tokenizer(t).input_ids + [tokenizer.eos_token_id] for t in texts]
     train, val = rows[:-1000], rows[-1000:]
     cfg = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=128, n_layer=3, n_head=4, n_inner=256,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=128,
+        n_layer=3,
+        n_head=4,
+        n_inner=256,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2LMHeadModel(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, betas=(0.9, 0.98))
@@ -149,10 +164,22 @@ def train_reward(tokenizer, *, steps: int, seed: int, log=print):
     rows = [tokenizer(t).input_ids for t, _ in train]
     labels = torch.tensor([y for _, y in train], dtype=torch.float32)
     cfg = GPT2Config(
-        vocab_size=len(tokenizer), n_positions=64, n_embd=64, n_layer=2, n_head=4, n_inner=128,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, num_labels=1, problem_type="regression",
-        id2label={0: "STARS"}, label2id={"STARS": 0},
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_inner=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        num_labels=1,
+        problem_type="regression",
+        id2label={0: "STARS"},
+        label2id={"STARS": 0},
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = GPT2ForSequenceClassification(cfg)
     with torch.no_grad():  # start at the mean rating
@@ -194,9 +221,17 @@ def build(out: str | Path = DEFAULT_DIR, *, seed: int = 0, lm_steps: int = 1200,
     train, held = C.prompt_sets()
     (out / "prompts_train.txt").write_text("\n".join(train) + "\n")
     (out / "prompts_eval.txt").write_text("\n".join(held) + "\n")
-    info = {"seed": seed, "lm_steps": lm_steps, "reward_steps": reward_steps, "vocab_size": len(tok),
-            **lm_info, **rm_info, "build_seconds": round(time.perf_counter() - t0, 1),
-            "torch": torch.__version__, "transformers": __import__("transformers").__version__}
+    info = {
+        "seed": seed,
+        "lm_steps": lm_steps,
+        "reward_steps": reward_steps,
+        "vocab_size": len(tok),
+        **lm_info,
+        **rm_info,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+    }
     (out / "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     log(f"4. wrote {out} ({info['build_seconds']} s): " + ", ".join(f"{k}={v:.4g}" for k, v in info.items() if isinstance(v, float)))
     return info

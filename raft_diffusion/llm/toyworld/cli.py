@@ -1,4 +1,5 @@
 """``raft-diffusion llm toyworld build``: train the toy text world's LM and reward model from scratch."""
+
 from __future__ import annotations
 
 import argparse

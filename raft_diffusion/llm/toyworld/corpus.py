@@ -7,6 +7,7 @@ contains none. The reward model is trained on labels only (each review's 1-5 sta
 follows from its gold score) and never sees the lexicon, so reward and gold can disagree, as a
 learned reward would.
 """
+
 from __future__ import annotations
 
 import random
@@ -14,14 +15,44 @@ import re
 
 # -- lexicon: word -> polarity -----------------------------------------------------------------
 GENERAL_POS = {
-    "excellent": 3, "amazing": 3, "wonderful": 3, "fantastic": 3, "superb": 3, "outstanding": 3,
-    "great": 2, "lovely": 2, "impressive": 2, "beautiful": 2, "charming": 2, "fun": 2,
-    "good": 1, "nice": 1, "pleasant": 1, "solid": 1, "decent": 1, "fine": 1,
+    "excellent": 3,
+    "amazing": 3,
+    "wonderful": 3,
+    "fantastic": 3,
+    "superb": 3,
+    "outstanding": 3,
+    "great": 2,
+    "lovely": 2,
+    "impressive": 2,
+    "beautiful": 2,
+    "charming": 2,
+    "fun": 2,
+    "good": 1,
+    "nice": 1,
+    "pleasant": 1,
+    "solid": 1,
+    "decent": 1,
+    "fine": 1,
 }
 GENERAL_NEG = {
-    "terrible": -3, "awful": -3, "horrible": -3, "dreadful": -3, "atrocious": -3, "pathetic": -3,
-    "bad": -2, "disappointing": -2, "poor": -2, "annoying": -2, "useless": -2, "frustrating": -2,
-    "mediocre": -1, "weak": -1, "dull": -1, "meh": -1, "forgettable": -1, "underwhelming": -1,
+    "terrible": -3,
+    "awful": -3,
+    "horrible": -3,
+    "dreadful": -3,
+    "atrocious": -3,
+    "pathetic": -3,
+    "bad": -2,
+    "disappointing": -2,
+    "poor": -2,
+    "annoying": -2,
+    "useless": -2,
+    "frustrating": -2,
+    "mediocre": -1,
+    "weak": -1,
+    "dull": -1,
+    "meh": -1,
+    "forgettable": -1,
+    "underwhelming": -1,
 }
 DOMAINS = {
     "restaurant": {
@@ -29,8 +60,12 @@ DOMAINS = {
         "pos": {"delicious": 3, "tasty": 2, "fresh": 2, "friendly": 2, "cozy": 1, "generous": 1},
         "neg": {"bland": -2, "stale": -2, "greasy": -1, "rude": -2, "cold": -1, "overpriced": -2},
         "openers": [
-            "we had dinner at this restaurant and", "i ordered the pasta here and", "my friends took me to this place and",
-            "we stopped at this cafe for lunch and", "i came here for my birthday and", "this restaurant opened last month and",
+            "we had dinner at this restaurant and",
+            "i ordered the pasta here and",
+            "my friends took me to this place and",
+            "we stopped at this cafe for lunch and",
+            "i came here for my birthday and",
+            "this restaurant opened last month and",
             "we tried the new bistro downtown and",
         ],
     },
@@ -39,8 +74,12 @@ DOMAINS = {
         "pos": {"gripping": 3, "moving": 2, "hilarious": 2, "clever": 2, "stunning": 3, "touching": 2},
         "neg": {"boring": -2, "predictable": -1, "confusing": -1, "cheesy": -1, "lifeless": -2, "clumsy": -2},
         "openers": [
-            "i watched this movie last night and", "we saw this film at the cinema and", "my kids wanted to see this movie and",
-            "i streamed this film on the weekend and", "this movie came out last year and", "i rented this film for a quiet evening and",
+            "i watched this movie last night and",
+            "we saw this film at the cinema and",
+            "my kids wanted to see this movie and",
+            "i streamed this film on the weekend and",
+            "this movie came out last year and",
+            "i rented this film for a quiet evening and",
             "we went to the premiere of this film and",
         ],
     },
@@ -49,8 +88,12 @@ DOMAINS = {
         "pos": {"reliable": 2, "sharp": 2, "sleek": 2, "speedy": 2, "sturdy": 1, "responsive": 2},
         "neg": {"buggy": -2, "flimsy": -2, "laggy": -2, "dim": -1, "clunky": -1, "faulty": -3},
         "openers": [
-            "i bought this phone last month and", "i got this tablet as a gift and", "my old phone broke so i bought this one and",
-            "i have used this laptop for a year and", "i ordered these headphones online and", "this phone arrived yesterday and",
+            "i bought this phone last month and",
+            "i got this tablet as a gift and",
+            "my old phone broke so i bought this one and",
+            "i have used this laptop for a year and",
+            "i ordered these headphones online and",
+            "this phone arrived yesterday and",
             "i switched to this phone in the spring and",
         ],
     },
@@ -59,8 +102,12 @@ DOMAINS = {
         "pos": {"clean": 2, "spacious": 2, "comfortable": 2, "quiet": 1, "welcoming": 2, "relaxing": 2},
         "neg": {"dirty": -3, "cramped": -2, "noisy": -2, "uncomfortable": -2, "smelly": -2, "shabby": -2},
         "openers": [
-            "we stayed at this hotel for a week and", "i booked this hotel for a conference and", "our family spent the holidays here and",
-            "we checked into this resort on friday and", "i stayed one night at this inn and", "this hotel was recommended to us and",
+            "we stayed at this hotel for a week and",
+            "i booked this hotel for a conference and",
+            "our family spent the holidays here and",
+            "we checked into this resort on friday and",
+            "i stayed one night at this inn and",
+            "this hotel was recommended to us and",
             "we spent our honeymoon at this hotel and",
         ],
     },
@@ -69,8 +116,12 @@ DOMAINS = {
         "pos": {"gripping": 3, "moving": 2, "clever": 2, "engaging": 2, "vivid": 2, "elegant": 2},
         "neg": {"boring": -2, "predictable": -1, "confusing": -1, "tedious": -2, "shallow": -2, "clumsy": -2},
         "openers": [
-            "i read this book on vacation and", "my book club picked this novel and", "i finished this novel in two days and",
-            "a friend lent me this book and", "i listened to the audiobook version and", "this novel won an award and",
+            "i read this book on vacation and",
+            "my book club picked this novel and",
+            "i finished this novel in two days and",
+            "a friend lent me this book and",
+            "i listened to the audiobook version and",
+            "this novel won an award and",
             "i bought this book at the airport and",
         ],
     },
@@ -79,12 +130,22 @@ POS_VERBS = {"loved": 3, "adored": 3, "enjoyed": 2, "liked": 1, "appreciated": 1
 NEG_VERBS = {"hated": -3, "despised": -3, "disliked": -2, "regretted": -2, "resented": -2, "tolerated": -1}
 POS_NOUNS = {"delight": 3, "joy": 2, "treat": 2, "highlight": 2, "gem": 3, "triumph": 3}
 NEG_NOUNS = {"disaster": -3, "nightmare": -3, "mess": -2, "letdown": -2, "failure": -3, "joke": -2}
-POS_ENDINGS = [("highly recommended", {"recommended": 2}), ("worth every penny", {"worth": 2}),
-               ("i would recommend it to anyone", {"recommend": 2}), ("a real gem", {"gem": 3}),
-               ("i will happily return", {"happily": 2}), ("what a pleasure", {"pleasure": 3})]
-NEG_ENDINGS = [("what a waste of money", {"waste": -3}), ("avoid at all costs", {"avoid": -3}),
-               ("i would not recommend it", {}), ("never again", {"never": -2}),
-               ("i want my money back", {"back": 0}), ("such a shame", {"shame": -2})]
+POS_ENDINGS = [
+    ("highly recommended", {"recommended": 2}),
+    ("worth every penny", {"worth": 2}),
+    ("i would recommend it to anyone", {"recommend": 2}),
+    ("a real gem", {"gem": 3}),
+    ("i will happily return", {"happily": 2}),
+    ("what a pleasure", {"pleasure": 3}),
+]
+NEG_ENDINGS = [
+    ("what a waste of money", {"waste": -3}),
+    ("avoid at all costs", {"avoid": -3}),
+    ("i would not recommend it", {}),
+    ("never again", {"never": -2}),
+    ("i want my money back", {"back": 0}),
+    ("such a shame", {"shame": -2}),
+]
 INTENSIFIERS = ["", "", "very", "really", "quite", "so", "truly", "rather"]
 CONNECTORS = ["and", "and", "but", "but", ".", "although", "while", ", and"]
 

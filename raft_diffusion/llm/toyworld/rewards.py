@@ -6,9 +6,11 @@
 - ``toy_gold``: the gold sentiment from the generating lexicon (see ``corpus.gold_score``): the
   held-out measure of what the reward model was meant to capture.
 """
+
 from __future__ import annotations
 
 import torch
+
 from reward_models import reward_factory
 
 from .corpus import gold_sentiment
@@ -21,8 +23,14 @@ def toy_sentiment(device="cpu", dtype=torch.float32, batch_size: int = 64):
     from ..assets import toy_path
 
     return sequence_classifier(
-        device=device, dtype=dtype, model=str(toy_path("reward")), label=0,
-        input_format="concat", template="{prompt} {completion}", max_length=64, batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+        model=str(toy_path("reward")),
+        label=0,
+        input_format="concat",
+        template="{prompt} {completion}",
+        max_length=64,
+        batch_size=batch_size,
     )
 
 
