@@ -25,12 +25,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reward_errors() -> tuple[type[BaseException], ...]:
+    """The reward package's errors, which are the user's to fix (imported only when an error is being reported)."""
+    from reward_models.errors import RewardError
+
+    return (RewardError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from reward_models.errors import RewardError
-
-    return run_command(args, user_errors=(RewardError,))
+    return run_command(args, user_errors=_reward_errors)
 
 
 if __name__ == "__main__":

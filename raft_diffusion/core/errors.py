@@ -75,9 +75,12 @@ def _is_alloc_failure(text: str) -> bool:
     return "can't allocate memory" in t or "out of memory" in t or "cannot allocate memory" in t
 
 
-def run_command(args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
+def run_command(args, user_errors=()) -> int:
     """Run a CLI handler ``args.func(args)``: user errors (ours and ``user_errors``, e.g. the reward package's)
-    and environment errors print as one line (exit 2), Ctrl-C as a resume hint. ``--verbose`` keeps the traceback."""
+    and environment errors print as one line (exit 2), Ctrl-C as a resume hint. ``--verbose`` keeps the traceback.
+
+    ``user_errors`` is a tuple of exception types, or a function returning one, called only when an error
+    happens (so that naming a package's errors does not import the package on every start)."""
     import sys
 
     verbose = getattr(args, "verbose", False)
@@ -89,7 +92,7 @@ def run_command(args, user_errors: tuple[type[BaseException], ...] = ()) -> int:
     except Exception as e:
         if verbose:
             raise
-        if is_user_facing(e, user_errors):
+        if isinstance(e, UserError) or is_user_facing(e, user_errors() if callable(user_errors) else user_errors):
             message = str(e)
         else:
             message = environment_error(e)

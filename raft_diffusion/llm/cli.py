@@ -183,6 +183,13 @@ def _add_commands(llm: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_config_help)
 
 
+def _reward_errors() -> tuple[type[BaseException], ...]:
+    """The reward package's errors, which are the user's to fix (imported only when an error is being reported)."""
+    from reward_models.errors import RewardError
+
+    return (RewardError,)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Standalone ``python -m raft_diffusion.llm.cli align ...`` (same as ``raft-diffusion llm align ...``)."""
     parser = argparse.ArgumentParser(prog="python -m raft_diffusion.llm.cli", description="RAFT for causal language models.")
@@ -190,9 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     _add_commands(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from reward_models.errors import RewardError
-
-    return run_command(args, user_errors=(RewardError,))
+    return run_command(args, user_errors=_reward_errors)
 
 
 if __name__ == "__main__":
