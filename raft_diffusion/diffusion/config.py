@@ -21,7 +21,13 @@ from ..core.ranking import check_diverse
 # diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
 # the model families (diffusion.families.registry; tests check these lists against it) and the flow-matching
 # loss weightings of diffusers' SD3/FLUX scripts (diffusion.families.settings)
-FAMILIES = {"sd": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline", "flux": "FluxPipeline"}
+FAMILIES = {
+    "sd": "StableDiffusionPipeline",
+    "sdxl": "StableDiffusionXLPipeline",
+    "sd3": "StableDiffusion3Pipeline",
+    "flux": "FluxPipeline",
+    "flux2-klein": "Flux2KleinPipeline",
+}
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
 
@@ -32,7 +38,7 @@ class ModelConfig:
         "runwayml/stable-diffusion-v1-5",
         "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model",
     )
-    family: str | None = _f(None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5) or flux (FLUX.1); null = read from the folder's model_index.json")
+    family: str | None = _f(None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1) or flux2-klein (FLUX.2 [klein]); null = read from the folder's model_index.json")
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")

@@ -33,7 +33,7 @@ def resolve_pretrained(name: str) -> str:
         from .tiny import ensure_tiny_pipeline
 
         return str(ensure_tiny_pipeline())
-    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux"):
+    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein"):
         from .families.tiny import tiny_pipeline
 
         return str(tiny_pipeline(name.removeprefix("tiny-")))

@@ -8,12 +8,13 @@ from pathlib import Path
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import Family
 from raft_diffusion.diffusion.families.flux import FluxFamily
+from raft_diffusion.diffusion.families.flux2_klein import Flux2KleinFamily
 from raft_diffusion.diffusion.families.sd import StableDiffusionFamily
 from raft_diffusion.diffusion.families.sd3 import StableDiffusion3Family
 from raft_diffusion.diffusion.families.sdxl import StableDiffusionXLFamily
 
 FAMILIES: dict[str, Family] = {
-    f.pipeline_class_name: f for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily())
+    f.pipeline_class_name: f for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily(), Flux2KleinFamily())
 }  # pipeline class name -> family
 
 

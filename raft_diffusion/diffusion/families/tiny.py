@@ -174,6 +174,73 @@ def tiny_flux_components(seed: int = 0) -> dict:
             "image_encoder": None, "feature_extractor": None}  # fmt: skip
 
 
+_QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
+# Qwen3's chat template cut down to what Flux2KleinPipeline asks of it (one user turn, the generation prompt and,
+# with enable_thinking=False, the empty thinking block)
+_QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def build_qwen_tokenizer(vocab_size: int = 600, model_max_length: int = 512):
+    """A Qwen2-style byte-level BPE tokenizer trained on the fly with ``tokenizers`` (Qwen2's split regex, the
+    ``<|endoftext|>`` pad and the chat markers as special tokens) wrapped as ``Qwen2Tokenizer`` with a chat template."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
+    from transformers import Qwen2Tokenizer
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])  # fmt: skip
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_QWEN_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(_corpus() + ["user assistant system"], trainer)
+    state = json.loads(tok.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in state["merges"]]
+    return Qwen2Tokenizer(vocab=state["vocab"], merges=merges, model_max_length=model_max_length,
+                          additional_special_tokens=_QWEN_SPECIALS[1:], chat_template=_QWEN_CHAT_TEMPLATE)  # fmt: skip
+
+
+def tiny_flux2_klein_components(seed: int = 0) -> dict:
+    """Flux2KleinPipeline parts shaped like FLUX.2 [klein] base (undistilled, so with CFG): a 36-layer Qwen3 as in klein (the
+    pipeline reads its hidden states 9, 18 and 27), the FLUX.2 VAE with batch-norm latent statistics, double and
+    single stream blocks without a guidance embedding."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=36,
+            num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
+            tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        )).eval()  # fmt: skip
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()  # fmt: skip
+        # latent statistics as a trained VAE has them (not 0 and 1): the patches are un-normalised with std 2..3
+        vae.bn.running_mean.copy_(0.2 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_((2 + torch.rand_like(vae.bn.running_var)) ** 2)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
+        ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler, "is_distilled": False}  # fmt: skip
+
+
 def tiny_sd_components(seed: int = 0) -> dict:
     """StableDiffusionPipeline parts: those of ``diffusion.tiny`` (the SD path's tiny model)."""
     from raft_diffusion.diffusion.tiny import build_tiny_components
@@ -183,6 +250,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
 
 _BUILDERS = {
     "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
+    "flux2-klein": tiny_flux2_klein_components,
 }  # fmt: skip
 
 
