@@ -38,7 +38,9 @@ class ModelConfig:
         "runwayml/stable-diffusion-v1-5",
         "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model",
     )
-    family: str | None = _f(None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1) or flux2-klein (FLUX.2 [klein]); null = read from the folder's model_index.json")
+    family: str | None = _f(
+        None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1) or flux2-klein (FLUX.2 [klein]); null = read from the folder's model_index.json"
+    )
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
     device: str = _f("auto", "'auto' (CUDA when present), 'cpu', 'cuda', 'cuda:1', ...")
