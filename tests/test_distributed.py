@@ -118,7 +118,9 @@ def test_three_processes_match_one(single, tiny_pipeline_dir, tmp_path):
     assert "dealt over 3 processes (only 2 of them busy while training" in proc.stdout
 
 
-@pytest.mark.parametrize("procs", [2, pytest.param(3, marks=pytest.mark.slow)])
+# slow (42 s): the default run keeps the tiny preset's 1-vs-2-process and resume tests
+@pytest.mark.slow
+@pytest.mark.parametrize("procs", [2, 3])
 def test_demo_preset_training_is_the_same_on_several_processes(tmp_path, procs):
     # configs/toy_aesthetic.yaml's LoRA (rank 8, attention targets) and training settings (batch 8, timesteps
     # 800-999, lr 3e-4), 6 steps a stage; as shipped (one chunk per step) and in chunks of 2 (4 chunks a step)

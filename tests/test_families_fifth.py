@@ -213,6 +213,7 @@ CONFIG = {
 # random VAE barely moves brightness (pool reward std 0.005): this checks the code path end to end, not the algorithm.
 
 
+@pytest.mark.slow  # 25 s; the default run aligns SDXL, SD3 and FLUX.1 end to end (test_families_align.py)
 def test_align_two_stages_raise_the_held_out_reward_and_the_lora_reloads(tmp_path, folder):
     from PIL import Image
 

@@ -16,7 +16,7 @@ from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("preset", ["toy_aesthetic", "toy_clipscore"])
+@pytest.mark.parametrize("preset", ["toy_aesthetic", pytest.param("toy_clipscore", marks=pytest.mark.slow)])
 def test_toy_preset_one_short_stage(preset, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the presets name the committed assets relative to the repository root
     out = tmp_path / preset
