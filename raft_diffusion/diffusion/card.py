@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..core.errors import UserError
 from .export import LORA_WEIGHT_NAME, final_stage, metrics_rows, read_run_config, resolve_source, tool_version
+from .gallery import config_value as _config_value
 
 CARD_NAME = "README.md"
 GRID = "gallery/grid_before_after.png"  # relative to the run directory
@@ -32,35 +33,26 @@ def fmt(x: float) -> str:
     return f"{float(x):.4f}"
 
 
-def _get(cfg: dict, dotted: str, default=None):
-    node = cfg
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return default
-        node = node[part]
-    return node
-
-
 def _settings(cfg: dict, stages_run: int | None, final: int | None) -> list[tuple[str, str]]:
     """(setting, value) rows of the method table, from the run's config.yaml."""
-    mode = _get(cfg, "ranking.mode", "local")
-    keep = {"local": f"best {_get(cfg, 'ranking.top_k')} per prompt",
-            "global": f"best {_get(cfg, 'ranking.top_ratio')} of the stage",
-            "threshold": f"reward >= {_get(cfg, 'ranking.threshold')}"}.get(mode, mode)  # fmt: skip
-    targets = _get(cfg, "train.target_modules") or []
+    mode = _config_value(cfg, "ranking.mode", "local")
+    keep = {"local": f"best {_config_value(cfg, 'ranking.top_k')} per prompt",
+            "global": f"best {_config_value(cfg, 'ranking.top_ratio')} of the stage",
+            "threshold": f"reward >= {_config_value(cfg, 'ranking.threshold')}"}.get(mode, mode)  # fmt: skip
+    targets = _config_value(cfg, "train.target_modules") or []
     rows = [
-        ("stages", (f"{stages_run} run of {_get(cfg, 'num_stages')} planned" if stages_run is not None
-                    else str(_get(cfg, "num_stages"))) + (f"; final/ holds stage {final}" if final != stages_run else "")),
-        ("samples per prompt (K)", str(_get(cfg, "sampling.num_per_prompt"))),
+        ("stages", (f"{stages_run} run of {_config_value(cfg, 'num_stages')} planned" if stages_run is not None
+                    else str(_config_value(cfg, "num_stages"))) + (f"; final/ holds stage {final}" if final != stages_run else "")),
+        ("samples per prompt (K)", str(_config_value(cfg, "sampling.num_per_prompt"))),
         ("kept", f"{keep} ({mode} ranking)"),
-        ("sampler", f"{_get(cfg, 'sampling.num_inference_steps')} steps, guidance {_get(cfg, 'sampling.guidance_scale')}"),
-        ("fine-tuning", f"{_get(cfg, 'train.method', 'lora')}, {_get(cfg, 'train.steps_per_stage')} steps per stage, "
-                        f"batch {_get(cfg, 'train.batch_size')}, learning rate {_get(cfg, 'train.learning_rate')}"),
-        ("LoRA", f"rank {_get(cfg, 'train.lora_rank')}, alpha {_get(cfg, 'train.lora_alpha')}, "
+        ("sampler", f"{_config_value(cfg, 'sampling.num_inference_steps')} steps, guidance {_config_value(cfg, 'sampling.guidance_scale')}"),
+        ("fine-tuning", f"{_config_value(cfg, 'train.method', 'lora')}, {_config_value(cfg, 'train.steps_per_stage')} steps per stage, "
+                        f"batch {_config_value(cfg, 'train.batch_size')}, learning rate {_config_value(cfg, 'train.learning_rate')}"),
+        ("LoRA", f"rank {_config_value(cfg, 'train.lora_rank')}, alpha {_config_value(cfg, 'train.lora_alpha')}, "
                  f"targets {', '.join(map(str, targets)) or 'default'}"),
-        ("training prompts", _prompts(_get(cfg, "prompts.train"))),
-        ("held-out prompts", _prompts(_get(cfg, "prompts.eval"))),
-        ("seed", str(_get(cfg, "seed"))),
+        ("training prompts", _prompts(_config_value(cfg, "prompts.train"))),
+        ("held-out prompts", _prompts(_config_value(cfg, "prompts.eval"))),
+        ("seed", str(_config_value(cfg, "seed"))),
     ]  # fmt: skip
     return rows
 
@@ -94,14 +86,14 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
     shown only when the file exists."""
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
-    base_model = _get(cfg, "model.pretrained") or "unknown"
-    reward = _get(cfg, "reward.name") or "unknown"
-    reward_kwargs = _get(cfg, "reward.kwargs") or {}
+    base_model = _config_value(cfg, "model.pretrained") or "unknown"
+    reward = _config_value(cfg, "reward.name") or "unknown"
+    reward_kwargs = _config_value(cfg, "reward.kwargs") or {}
     rows = metrics_rows(run_dir)
     stage = final_stage(run_dir)
     table, _, _ = metrics_table(rows, stage)
     licence = license or LICENCE_DEFAULT
-    lora = _get(cfg, "train.method", "lora") == "lora"
+    lora = _config_value(cfg, "train.method", "lora") == "lora"
     grid_link = grid_link or f"../{GRID}"
 
     header = ["---", f"base_model: {base_model}" if "/" in base_model and not Path(base_model).exists() else None,

@@ -15,6 +15,7 @@ from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.gradsum import chunk_slices, summed_grads
 from raft_diffusion.core.seeds import train_chunk_seed
 from raft_diffusion.diffusion.families.lora import save_lora as save_denoiser_lora
+from raft_diffusion.diffusion.families.sd import denoising_target
 
 logger = logging.getLogger(__name__)
 
@@ -140,15 +141,19 @@ def load_lora_into_unet(unet, lora_dir: str | Path, *, adapter_name: str = "defa
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
 
 
-def _training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
-    kind = noise_scheduler.config.prediction_type
-    if kind == "epsilon":
-        return noise
-    if kind == "v_prediction":
-        return noise_scheduler.get_velocity(latents, noise, timesteps)
-    if kind == "sample":
-        return latents
-    raise UserError(f"unsupported prediction_type {kind!r} in the scheduler config: expected epsilon or v_prediction")
+DDPM_FAMILIES = ("sd", "sdxl")  # trained with the denoising loss (the others with the rectified-flow loss)
+
+
+def check_loss_options(family: str, *, empty_prompt_ratio: float, snr_gamma: float | None) -> None:
+    """Options of the SD loss that only some families have, refused in one line (by the task before the model
+    loads, and by :func:`train_unet` for direct callers)."""
+    if family != "sd" and empty_prompt_ratio > 0:
+        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family}: set it to 0")
+    if snr_gamma is not None and family not in DDPM_FAMILIES:
+        raise UserError(
+            f"train.snr_gamma weights the DDPM denoising loss; {family} trains with the rectified-flow "
+            "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null"
+        )
 
 
 def min_snr_weights(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -238,9 +243,8 @@ def train_unet(
     n = latents.shape[0]
     if n == 0 or len(prompt_embeds) != n:
         raise ValueError(f"need matching non-empty latents and prompt_embeds, got {n} and {len(prompt_embeds)}")
-    if family is not None and empty_prompt_ratio > 0:
-        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family.name}: set it to 0")
-    ddpm = family is None or family.name in ("sd", "sdxl")  # a denoising (not a rectified-flow) loss
+    check_loss_options("sd" if family is None else family.name, empty_prompt_ratio=empty_prompt_ratio, snr_gamma=snr_gamma)
+    ddpm = family is None or family.name in DDPM_FAMILIES
     if steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1:
         raise UserError(
             f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 (got {steps}, {batch_size}, {gradient_accumulation_steps})"
@@ -251,11 +255,6 @@ def train_unet(
         raise UserError(f"empty_prompt_ratio must be in [0, 1) (got {empty_prompt_ratio}); 0.1 is a usual choice")
     if empty_prompt_ratio > 0 and empty_embeds is None:
         raise ValueError("empty_prompt_ratio > 0 needs empty_embeds (the empty prompt's text embedding)")
-    if snr_gamma is not None and not ddpm:
-        raise UserError(
-            f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
-            "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null"
-        )
     if snr_gamma is not None and not snr_gamma > 0:
         raise UserError(f"snr_gamma must be > 0 or null (got {snr_gamma}); 5 is the usual choice")
     if timestep_range is not None:
@@ -334,7 +333,7 @@ def train_unet(
         if drop is not None and drop.any():
             cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
         noisy = noise_scheduler.add_noise(x0, noise, t)
-        target = _training_target(noise_scheduler, x0, noise, t)
+        target = denoising_target(noise_scheduler, x0, noise, t)
         with autocast():
             pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)

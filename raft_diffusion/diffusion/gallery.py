@@ -470,17 +470,22 @@ def _guidances(cfg: dict) -> tuple:
     return g_pool, g_pool if g_eval is None else g_eval
 
 
+def config_value(cfg: dict, dotted: str, default=None):
+    """``cfg["a"]["b"]`` for ``"a.b"`` in a run's config.yaml mapping; ``default`` when a part is missing."""
+    node = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
 def _config_summary(cfg: dict) -> str:
     if not cfg:
         return "<p class='muted'>no config.yaml</p>"
 
     def get(dotted):
-        node = cfg
-        for part in dotted.split("."):
-            if not isinstance(node, dict) or part not in node:
-                return None
-            node = node[part]
-        return node
+        return config_value(cfg, dotted)
 
     size = f"{get('sampling.height')}x{get('sampling.width')}" if get("sampling.height") or get("sampling.width") else "the model's size"
     items = [

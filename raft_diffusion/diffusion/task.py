@@ -401,17 +401,8 @@ def loss_settings(t):
 
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
-    if family.name == "sd":
-        return
-    t, s = cfg.train, cfg.sampling
-    if t.empty_prompt_ratio > 0:
-        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family.name}: set it to 0")
-    if t.snr_gamma is not None and family.name != "sdxl":
-        raise UserError(
-            f"train.snr_gamma weights the DDPM denoising loss; {family.name} trains with the rectified-flow "
-            "loss, whose weighting is train.weighting_scheme: set train.snr_gamma to null"
-        )
-    if s.eta:
+    ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
+    if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
 
 

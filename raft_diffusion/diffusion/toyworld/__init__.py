@@ -25,28 +25,7 @@ _FROM = {
     ),
 }
 
-__all__ = [
-    "Analysis",
-    "analyse",
-    "analyse_batch",
-    "oracle_metrics",
-    "BACKGROUNDS",
-    "COLOURS",
-    "POSITIONS",
-    "SHAPES",
-    "SIZES",
-    "Scene",
-    "all_captions",
-    "caption",
-    "caption_variant",
-    "gold_aesthetic",
-    "make_scene",
-    "parse_caption",
-    "render",
-    "render_batch",
-    "sample_scenes",
-    "to_tensor",
-]
+__all__ = [name for names in _FROM.values() for name in names]
 
 
 def __getattr__(name):
