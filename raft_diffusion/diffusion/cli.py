@@ -204,13 +204,15 @@ def add_commands(sub) -> None:
         "--format",
         "-f",
         choices=("kohya", "diffusers", "peft"),
-        help="kohya: one .safetensors with lora_unet_* keys; diffusers: the LoRA folder; peft: adapter_config.json + adapter_model.safetensors",
+        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX); diffusers: the LoRA folder; peft: adapter_config.json + weights",
     )
     p.add_argument(
-        "--merge", action="store_true", help="fuse the LoRA into the base model: a diffusers pipeline folder plus an SD 1.x single-file checkpoint"
+        "--merge",
+        action="store_true",
+        help="fuse the LoRA into the base model: a diffusers pipeline folder (every family) plus, for SD 1.x and SDXL, a single-file checkpoint",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output file (kohya) or folder")
-    p.add_argument("--base", help="base pipeline for --merge (default: the run's model.pretrained)")
+    p.add_argument("--base", help="base pipeline for --merge, and the model family and layout for kohya files (default: the run's model.pretrained)")
     p.add_argument("--license", help="licence recorded in the kohya metadata (e.g. creativeml-openrail-m)")
     p.add_argument("--no-single-file", action="store_true", help="with --merge: only the diffusers folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")
