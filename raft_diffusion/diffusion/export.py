@@ -380,14 +380,15 @@ def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _resolution(config: dict, default: int = 512) -> str:
+def _resolution(config: dict, default: int = 512, base: str | None = None) -> str:
     """``WxH`` the run sampled at: ``sampling.width``/``height``, else the base model's default (UNet sample size
     times the VAE's downscale, when the base is a local folder), else ``default`` (the family's native size)."""
     sampling = config.get("sampling") or {}
     h, w = sampling.get("height"), sampling.get("width")
     if h or w:
         return f"{w or h}x{h or w}"
-    base = Path(str((config.get("model") or {}).get("pretrained") or ""))
+    name = base or (config.get("model") or {}).get("pretrained")
+    base = Path(resolve_base(name) if name else "")
     try:
         unet = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((base / "vae" / "config.json").read_text(encoding="utf-8"))
@@ -430,7 +431,7 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
         "modelspec.architecture": arch + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or "raft-lora",
-        "modelspec.resolution": _resolution(src.config, native),
+        "modelspec.resolution": _resolution(src.config, native, base),
         "raft_family": family,
         "modelspec.date": datetime.date.today().isoformat(),
         "raft_tool": tool_version(),
