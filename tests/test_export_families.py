@@ -101,7 +101,8 @@ def test_sdxl_kohya_file_uses_sgm_names_keeps_alpha_and_reloads(sdxl_dir, sdxl_l
     own = load_file(str(folder / "pytorch_lora_weights.safetensors"))
     assert len(state) == 3 * len(own) // 2 and all(re.fullmatch(r"lora_unet_[a-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)", k) for k in state)
     assert not any("down_blocks" in k or "up_blocks" in k or "mid_block" in k for k in state)  # the original layout only
-    # down block 1 (its only layer) is input block 3 (2 is block 0's downsampler); up block 0, layer 1 is output block 1; the resnet's conv1 is in_layers.2
+    # down block 1 (one layer) is input block 3 (2 is block 0's downsampler); up block 0, layer 1 is output block 1;
+    # a resnet's conv1 is in_layers.2
     pairs = {
         "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k": "down_blocks.1.attentions.0.transformer_blocks.1.attn2.to_k",
         "lora_unet_output_blocks_1_1_proj_in": "up_blocks.0.attentions.1.proj_in",
