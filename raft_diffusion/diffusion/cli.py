@@ -127,6 +127,8 @@ def _export(args) -> int:
                    single_file=not args.no_single_file, overwrite=args.overwrite)  # fmt: skip
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if args.merge and not args.no_single_file and "single_file" not in paths:
+        print("single_file: none (a single-file checkpoint is written for SD 1.x and SDXL): the diffusers folder is the merged model")
     return 0
 
 

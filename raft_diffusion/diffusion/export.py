@@ -1,22 +1,23 @@
 """Export a run's LoRA for other tools: a kohya / A1111 file, a diffusers or peft folder, or a merged checkpoint.
 
-SD 1.x (and other UNet pipelines of the Stable Diffusion family) only, for now. The run's LoRA
-(``final/pytorch_lora_weights.safetensors``: peft-style keys ``unet.<module>.lora_A.weight`` /
-``lora_B.weight`` with the peft ``LoraConfig`` in the metadata key ``lora_adapter_metadata``) is read once
-into a :class:`Lora` (per module: A, B and the effective scale), and every format is written from that.
+Every model family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]). The run's LoRA
+(``final/pytorch_lora_weights.safetensors``: peft-style keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight``,
+``transformer.`` for the transformer families, with the peft ``LoraConfig`` in the metadata key
+``lora_adapter_metadata``) is read once into a :class:`Lora` (per module: A, B and the effective scale), and every
+format is written from that.
 
 Formats:
 
-- ``kohya``: one ``.safetensors`` with ``lora_unet_<module path, dots as underscores>.lora_down.weight``
-  (= A), ``.lora_up.weight`` (= B) and ``.alpha``; kohya-style tools compute the scale as ``alpha / rank``, so
+- ``kohya``: one ``.safetensors`` with ``lora_unet_<module name>.lora_down.weight`` (= A), ``.lora_up.weight``
+  (= B) and ``.alpha``, the module names kohya's scripts use for the family (``kohya.py``: SD 1.x the diffusers
+  path, SDXL the original SGM path, FLUX.1 the original names with fused qkv; SD3 and FLUX.2 refused); kohya-style tools compute the scale as ``alpha / rank``, so
   ``alpha`` is written as ``scale * rank`` -- the run's ``lora_alpha`` when the plain LoRA rule applies
   (``use_rslora`` and ``alpha_pattern`` come out right too). Metadata: ``ss_*`` keys that kohya's scripts write
   and UIs show, ``modelspec.*`` (Stability's model spec), and ``raft_*`` keys.
 - ``diffusers``: a copy of the LoRA folder (``pipe.load_lora_weights(folder)``).
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained(unet, folder)``).
-- ``merge``: the LoRA fused into the base model's weights, saved as a diffusers pipeline folder plus, for SD 1.x,
-  one original-layout (LDM) ``.safetensors`` checkpoint that ``StableDiffusionPipeline.from_single_file`` and the
-  usual UIs read.
+- ``merge``: the LoRA fused into the base model's weights, saved as a diffusers pipeline folder plus, for SD 1.x
+  and SDXL, one original-layout ``.safetensors`` checkpoint that ``from_single_file`` and the usual UIs read.
 """
 
 from __future__ import annotations
