@@ -182,7 +182,7 @@ def add_commands(sub) -> None:
         "(default: the first LORA_DIR's config.yaml when it is a run directory)",
     )
     p.add_argument("--prompt", "-p", action="append", help="a prompt (repeat for more; replaces the config's)")
-    p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME")
+    p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME, e.g. builtin:parti?category=animals&n=16&seed=0")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, the same for every prompt (default 0 1 2 3)")
     p.add_argument("--steps", type=int, help="denoising steps (default: config, else 50)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: config, else 7.5)")

@@ -10,7 +10,8 @@ Formats:
 
 - ``kohya``: one ``.safetensors`` with ``lora_unet_<module name>.lora_down.weight`` (= A), ``.lora_up.weight``
   (= B) and ``.alpha``, the module names kohya's scripts use for the family (``kohya.py``: SD 1.x the diffusers
-  path, SDXL the original SGM path, FLUX.1 the original names with fused qkv; SD3 and FLUX.2 refused); kohya-style tools compute the scale as ``alpha / rank``, so
+  path, SDXL the original SGM path, FLUX.1 the original names with fused qkv; SD3 and FLUX.2 refused);
+  kohya-style tools compute the scale as ``alpha / rank``, so
   ``alpha`` is written as ``scale * rank`` -- the run's ``lora_alpha`` when the plain LoRA rule applies
   (``use_rslora`` and ``alpha_pattern`` come out right too). Metadata: ``ss_*`` keys that kohya's scripts write
   and UIs show, ``modelspec.*`` (Stability's model spec), and ``raft_*`` keys.
