@@ -36,7 +36,7 @@ def test_text_file(tmp_path):
     [
         ([], "no prompts"),
         (["  ", ""], "no prompts"),
-        ("builtin:nope", "unknown built-in prompt set 'nope': choose one of cifar10, simple_animals"),
+        ("builtin:nope", "unknown built-in prompt set 'nope': choose one of cifar10, geneval, parti, simple_animals, t2i-compbench"),
         ("missing_prompts.txt", "prompt file 'missing_prompts.txt' not found"),
         ([1, 2], "prompts must be strings"),
     ],

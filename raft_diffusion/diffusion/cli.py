@@ -127,6 +127,8 @@ def _export(args) -> int:
                    single_file=not args.no_single_file, overwrite=args.overwrite)  # fmt: skip
     for kind, path in paths.items():
         print(f"{kind}: {path}")
+    if args.merge and not args.no_single_file and "single_file" not in paths:
+        print("single_file: none (a single-file checkpoint is written for SD 1.x and SDXL): the diffusers folder is the merged model")
     return 0
 
 
@@ -180,7 +182,7 @@ def add_commands(sub) -> None:
         "(default: the first LORA_DIR's config.yaml when it is a run directory)",
     )
     p.add_argument("--prompt", "-p", action="append", help="a prompt (repeat for more; replaces the config's)")
-    p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME")
+    p.add_argument("--prompts", help="prompt file (one per line) or builtin:NAME, e.g. builtin:parti?category=animals&n=16&seed=0")
     p.add_argument("--seeds", type=int, nargs="+", help="seeds, the same for every prompt (default 0 1 2 3)")
     p.add_argument("--steps", type=int, help="denoising steps (default: config, else 50)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: config, else 7.5)")
@@ -204,13 +206,15 @@ def add_commands(sub) -> None:
         "--format",
         "-f",
         choices=("kohya", "diffusers", "peft"),
-        help="kohya: one .safetensors with lora_unet_* keys; diffusers: the LoRA folder; peft: adapter_config.json + adapter_model.safetensors",
+        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX); diffusers: the LoRA folder; peft: adapter_config.json + weights",
     )
     p.add_argument(
-        "--merge", action="store_true", help="fuse the LoRA into the base model: a diffusers pipeline folder plus an SD 1.x single-file checkpoint"
+        "--merge",
+        action="store_true",
+        help="fuse the LoRA into the base model: a diffusers pipeline folder (every family) plus, for SD 1.x and SDXL, a single-file checkpoint",
     )
     p.add_argument("--output", "-o", type=Path, required=True, help="output file (kohya) or folder")
-    p.add_argument("--base", help="base pipeline for --merge (default: the run's model.pretrained)")
+    p.add_argument("--base", help="base pipeline for --merge, and the model family and layout for kohya files (default: the run's model.pretrained)")
     p.add_argument("--license", help="licence recorded in the kohya metadata (e.g. creativeml-openrail-m)")
     p.add_argument("--no-single-file", action="store_true", help="with --merge: only the diffusers folder")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output")

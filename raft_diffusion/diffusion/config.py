@@ -51,8 +51,14 @@ class ModelConfig:
 
 @dataclass
 class PromptsConfig(core.PromptsConfig):
-    train: Any = _f("builtin:cifar10", "training prompts: a list, a text file (one per line) or builtin:cifar10 / builtin:simple_animals")
-    eval: Any = _f(None, "held-out prompts (same forms); null = the training prompts")
+    train: Any = _f(
+        "builtin:cifar10",
+        "training prompts: a list, a text file (one per line) or builtin:NAME (cifar10, simple_animals, parti, geneval, t2i-compbench; filters and a seeded subset as builtin:parti?category=animals&n=64&seed=0, see docs/prompt-sets.md)",
+    )
+    eval: Any = _f(
+        None,
+        "held-out prompts (same forms; the standard sets builtin:parti, builtin:geneval, builtin:t2i-compbench with ?category=...&n=...&seed=...); null = the training prompts",
+    )
     negative: str | None = _f(None, "negative prompt used for classifier-free guidance")
 
 

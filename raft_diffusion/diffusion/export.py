@@ -1,22 +1,24 @@
 """Export a run's LoRA for other tools: a kohya / A1111 file, a diffusers or peft folder, or a merged checkpoint.
 
-SD 1.x (and other UNet pipelines of the Stable Diffusion family) only, for now. The run's LoRA
-(``final/pytorch_lora_weights.safetensors``: peft-style keys ``unet.<module>.lora_A.weight`` /
-``lora_B.weight`` with the peft ``LoraConfig`` in the metadata key ``lora_adapter_metadata``) is read once
-into a :class:`Lora` (per module: A, B and the effective scale), and every format is written from that.
+Every model family (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein]). The run's LoRA
+(``final/pytorch_lora_weights.safetensors``: peft-style keys ``unet.<module>.lora_A.weight`` / ``lora_B.weight``,
+``transformer.`` for the transformer families, with the peft ``LoraConfig`` in the metadata key
+``lora_adapter_metadata``) is read once into a :class:`Lora` (per module: A, B and the effective scale), and every
+format is written from that.
 
 Formats:
 
-- ``kohya``: one ``.safetensors`` with ``lora_unet_<module path, dots as underscores>.lora_down.weight``
-  (= A), ``.lora_up.weight`` (= B) and ``.alpha``; kohya-style tools compute the scale as ``alpha / rank``, so
+- ``kohya``: one ``.safetensors`` with ``lora_unet_<module name>.lora_down.weight`` (= A), ``.lora_up.weight``
+  (= B) and ``.alpha``, the module names kohya's scripts use for the family (``kohya.py``: SD 1.x the diffusers
+  path, SDXL the original SGM path, FLUX.1 the original names with fused qkv; SD3 and FLUX.2 refused);
+  kohya-style tools compute the scale as ``alpha / rank``, so
   ``alpha`` is written as ``scale * rank`` -- the run's ``lora_alpha`` when the plain LoRA rule applies
   (``use_rslora`` and ``alpha_pattern`` come out right too). Metadata: ``ss_*`` keys that kohya's scripts write
   and UIs show, ``modelspec.*`` (Stability's model spec), and ``raft_*`` keys.
 - ``diffusers``: a copy of the LoRA folder (``pipe.load_lora_weights(folder)``).
 - ``peft``: ``adapter_config.json`` + ``adapter_model.safetensors`` (``PeftModel.from_pretrained(unet, folder)``).
-- ``merge``: the LoRA fused into the base model's weights, saved as a diffusers pipeline folder plus, for SD 1.x,
-  one original-layout (LDM) ``.safetensors`` checkpoint that ``StableDiffusionPipeline.from_single_file`` and the
-  usual UIs read.
+- ``merge``: the LoRA fused into the base model's weights, saved as a diffusers pipeline folder plus, for SD 1.x
+  and SDXL, one original-layout ``.safetensors`` checkpoint that ``from_single_file`` and the usual UIs read.
 """
 
 from __future__ import annotations
@@ -166,13 +168,14 @@ def resolve_source(path: str | Path) -> LoraSource:
 
 @dataclass
 class Lora:
-    """A UNet LoRA: per module (its path in the UNet) the down (A) and up (B) matrices and the scale
-    ``B @ A`` is multiplied by; plus the peft config it was saved with (``{}`` when the file had none)."""
+    """A denoiser LoRA: per module (its path in the UNet or transformer) the down (A) and up (B) matrices and the
+    scale ``B @ A`` is multiplied by; plus the peft config it was saved with (``{}`` when the file had none)."""
 
     down: dict[str, torch.Tensor]
     up: dict[str, torch.Tensor]
     scale: dict[str, float]
     config: dict
+    prefix: str = "unet"  # the denoiser the LoRA is on: "unet" (SD, SDXL) or "transformer" (SD3, FLUX)
 
     @property
     def modules(self) -> list[str]:
@@ -205,10 +208,10 @@ def _pattern_value(pattern: dict, module: str, default):
 
 
 def read_lora(weights: str | Path) -> Lora:
-    """Read a diffusers-format LoRA file (peft keys, or the older ``lora.down`` / ``lora.up`` keys) of a UNet.
+    """Read a diffusers-format LoRA file (peft keys, or the older ``lora.down`` / ``lora.up`` keys) of a UNet or a
+    transformer (``unet.`` / ``transformer.`` keys, as every family's ``save_lora_weights`` writes them).
 
-    A file that is not a LoRA, or a LoRA of something other than a UNet (text encoder, transformer), is a
-    one-line UserError.
+    A file that is not a LoRA, a kohya file, or a LoRA on text encoders is a one-line UserError.
     """
     from safetensors import SafetensorError, safe_open
 
@@ -224,25 +227,27 @@ def read_lora(weights: str | Path) -> Lora:
         raise UserError(f"{weights} holds no LoRA tensors (no lora_A / lora_B keys): is it a full checkpoint? pass a LoRA written by raft-diffusion")
     if any(k.startswith(KOHYA_UNET_PREFIX) for k in lora_keys):
         raise UserError(f"{weights} is already a kohya-format LoRA: pass the run directory or its diffusers LoRA")
-    other = sorted({k.split(".")[0] for k in lora_keys if not k.startswith("unet.")})
-    if other:
-        raise UserError(f"{weights} has LoRA weights for {', '.join(other)}: export covers UNet LoRAs (Stable Diffusion 1.x) for now")
+    prefixes = sorted({k.split(".")[0] for k in lora_keys})
+    other = [p for p in prefixes if p not in ("unet", "transformer")]
+    if other or len(prefixes) != 1:
+        raise UserError(f"{weights} has LoRA weights for {', '.join(other or prefixes)}: export covers one denoiser's LoRA (unet or transformer)")
+    prefix = prefixes[0]
     config = {}
     if METADATA_KEY in metadata:
         raw = json.loads(metadata[METADATA_KEY])
-        config = {k.removeprefix("unet."): v for k, v in raw.items() if k.startswith("unet.")}
+        config = {k.removeprefix(prefix + "."): v for k, v in raw.items() if k.startswith(prefix + ".")}
     if config.get("use_dora"):
         raise UserError(f"{weights} is a DoRA adapter: kohya and merged exports of DoRA are not supported")
-    unet = {k.removeprefix("unet."): state[k] for k in lora_keys}
-    if not all(re.search(r"\.lora_[AB]\.weight$", k) for k in unet):  # older diffusers key styles
+    tensors = {k.removeprefix(prefix + "."): state[k] for k in lora_keys}
+    if not all(re.search(r"\.lora_[AB]\.weight$", k) for k in tensors):  # older diffusers key styles
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        unet = convert_unet_state_dict_to_peft(unet)
+        tensors = convert_unet_state_dict_to_peft(tensors)
     down, up = {}, {}
-    for key, value in unet.items():
+    for key, value in tensors.items():
         match = re.fullmatch(r"(.+)\.lora_([AB])\.weight", key)
         if match is None:
-            raise UserError(f"{weights} has a LoRA key this export cannot place: unet.{key}")
+            raise UserError(f"{weights} has a LoRA key this export cannot place: {prefix}.{key}")
         (down if match.group(2) == "A" else up)[match.group(1)] = value
     if set(down) != set(up):
         raise UserError(f"{weights} has unpaired LoRA tensors (e.g. {sorted(set(down) ^ set(up))[:1]}): the file is damaged")
@@ -251,17 +256,51 @@ def read_lora(weights: str | Path) -> Lora:
         r = a.shape[0]
         alpha = float(_pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha") or r))
         scale[module] = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return Lora(down, up, scale, config)
+    return Lora(down, up, scale, config, prefix)
 
 
-def sd_version(lora: Lora, family: str | None = None) -> str:
-    """``sd_v1`` or ``sd_v2`` from the cross-attention width the LoRA's ``attn2.to_k`` reads (1024 is SD 2.x,
-    2048 SDXL, which is refused here; the tiny test model's 32 counts as SD 1.x)."""
-    if family not in (None, "sd", "StableDiffusionPipeline"):
-        raise UserError(f"the run's model family is {family!r}: export covers Stable Diffusion 1.x for now")
+# --- which family -------------------------------------------------------------------------------------------
+
+
+def resolve_base(name: str) -> str:
+    """``tiny`` / ``tiny-<family>`` (the tiny test pipelines) to their cached folder; anything else unchanged."""
+    from .task import resolve_pretrained
+
+    return resolve_pretrained(str(name))
+
+
+def export_family(src: LoraSource, lora: Lora, base: str | None = None) -> str:
+    """The LoRA's model family (short name): the run's ``model.family``, else the base model's pipeline class
+    (``base`` or the run's ``model.pretrained``), else what the LoRA's module names say."""
+    from .families.registry import FAMILIES, detect_family, get_family
+
+    if src.family:
+        return get_family(src.family).name
+    name = base or src.base_model
+    if name:
+        try:
+            return detect_family(resolve_base(name)).name
+        except UserError:
+            if base:  # the user named it: say what is wrong with it
+                raise
+    modules = lora.modules
+    if lora.prefix == "unet":
+        widths = {lora.down[m].shape[1] for m in modules if m.endswith("attn2.to_k")}
+        return "sdxl" if 2048 in widths or any(m.startswith("add_embedding") for m in modules) else "sd"
+    if any("to_qkv_mlp_proj" in m for m in modules):
+        return "flux2-klein"
+    if any(m.startswith("single_transformer_blocks.") for m in modules):
+        return "flux"
+    raise UserError(
+        f"cannot tell which transformer family {src.weights} is for (SD3 or FLUX: {len(modules)} modules, none in single "
+        f"blocks): pass --base with the base model ({', '.join(f.name for f in FAMILIES.values())})"
+    )
+
+
+def sd_version(lora: Lora) -> str:
+    """``sd_v1`` or ``sd_v2`` of an SD-family LoRA, from the cross-attention width its ``attn2.to_k`` reads (1024 is
+    SD 2.x; the tiny test model's 32 counts as SD 1.x)."""
     widths = {t.shape[1] for m, t in lora.down.items() if m.endswith("attn2.to_k")}
-    if 2048 in widths or any(m.startswith("add_embedding") for m in lora.down):
-        raise UserError("this LoRA is for SDXL: export covers Stable Diffusion 1.x for now")
     return "sd_v2" if 1024 in widths else "sd_v1"
 
 
@@ -269,64 +308,133 @@ def sd_version(lora: Lora, family: str | None = None) -> str:
 
 
 def kohya_name(module: str) -> str:
-    """kohya's name of a UNet module: ``lora_unet_`` + its diffusers path with dots as underscores (kohya's
-    scripts train SD 1.x/2.x on a UNet with diffusers' module names)."""
+    """kohya's name of an SD 1.x/2.x UNet module: ``lora_unet_`` + its diffusers path with dots as underscores
+    (kohya's scripts train SD 1.x/2.x on a UNet with diffusers' module names; SDXL and FLUX: see ``kohya.py``)."""
     return KOHYA_UNET_PREFIX + module.replace(".", "_")
 
 
-def kohya_state_dict(lora: Lora) -> dict[str, torch.Tensor]:
-    """``lora_down`` = A, ``lora_up`` = B, ``alpha`` = scale * rank (kohya-style loaders multiply by alpha / rank)."""
-    out = {}
-    for module in lora.modules:
-        name, a = kohya_name(module), lora.down[module]
-        out[f"{name}.lora_down.weight"] = a.contiguous()
-        out[f"{name}.lora_up.weight"] = lora.up[module].contiguous()
-        out[f"{name}.alpha"] = torch.tensor(lora.scale[module] * a.shape[0], dtype=torch.float32)
-    return out
+def denoiser_config(family: str, base: str | None) -> dict | None:
+    """The base model's denoiser config (``unet/config.json`` or ``transformer/config.json``; a cached hub id works
+    too), or None when there is no base model to read it from."""
+    if not base:
+        return None
+    from .families.registry import get_family
+
+    attr = get_family(family).denoiser_attr
+    folder = Path(resolve_base(base)).expanduser()
+    path = folder / attr / "config.json"
+    try:
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        from diffusers import ConfigMixin
+
+        class _Reader(ConfigMixin):
+            config_name = "config.json"
+
+        return dict(_Reader.load_config(str(base), subfolder=attr))
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot read the {attr} config of the base model {base!r} ({str(err).splitlines()[0][:120]}): pass --base with a local pipeline folder"
+        ) from None
+
+
+def _linear_shapes(family: str, config: dict):
+    """``module -> (out, in)`` of the denoiser's Linear layers, from a weightless (meta-device) copy built from
+    ``config``."""
+    import diffusers
+
+    cls = getattr(diffusers, config.get("_class_name") or ("FluxTransformer2DModel" if family == "flux" else "UNet2DConditionModel"))
+    with torch.device("meta"):
+        model = cls.from_config(config)
+    shapes = {n: tuple(m.weight.shape) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def shape(module: str) -> tuple[int, int]:
+        if module not in shapes:
+            raise UserError(f"the base {family} transformer has no layer {module!r}: pass the --base model the LoRA was trained on")
+        return shapes[module]
+
+    return shape
+
+
+def kohya_state_dict(lora: Lora, family: str = "sd", base: str | None = None) -> dict[str, torch.Tensor]:
+    """The kohya tensors: ``lora_down`` = A, ``lora_up`` = B, ``alpha`` = scale * rank (kohya-style loaders multiply
+    by alpha / rank), under the family's names (``kohya.py``; SDXL and FLUX read the base model's config)."""
+    from . import kohya
+
+    kohya.kohya_names(family)
+    if family == "sd":
+        out = {}
+        for module in lora.modules:
+            name, a = kohya_name(module), lora.down[module]
+            out[f"{name}.lora_down.weight"] = a.contiguous()
+            out[f"{name}.lora_up.weight"] = lora.up[module].contiguous()
+            out[f"{name}.alpha"] = torch.tensor(lora.scale[module] * a.shape[0], dtype=torch.float32)
+        return out
+    config = denoiser_config(family, base)
+    if config is None:
+        raise UserError(f"a kohya {family} file needs the base model's layout and no base model is known for this LoRA: pass --base MODEL")
+    if family == "sdxl":
+        return kohya.kohya_state_dict(lora, family, unet_config=config)
+    return kohya.kohya_state_dict(lora, family, module_shape=_linear_shapes(family, config))
 
 
 def _fmt(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def _resolution(config: dict) -> str:
+def _resolution(config: dict, default: int = 512, base: str | None = None) -> str:
     """``WxH`` the run sampled at: ``sampling.width``/``height``, else the base model's default (UNet sample size
-    times the VAE's downscale, when the base is a local folder), else SD 1.x's native 512x512."""
+    times the VAE's downscale, when the base is a local folder), else ``default`` (the family's native size)."""
     sampling = config.get("sampling") or {}
     h, w = sampling.get("height"), sampling.get("width")
     if h or w:
         return f"{w or h}x{h or w}"
-    base = Path(str((config.get("model") or {}).get("pretrained") or ""))
+    name = base or (config.get("model") or {}).get("pretrained")
+    base = Path(resolve_base(name) if name else "")
     try:
         unet = json.loads((base / "unet" / "config.json").read_text(encoding="utf-8"))
         vae = json.loads((base / "vae" / "config.json").read_text(encoding="utf-8"))
         side = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
         return f"{side}x{side}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "512x512"
+        return f"{default}x{default}"
 
 
-def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, title: str | None = None) -> dict[str, str]:
+def _kohya_kind(family: str, lora: Lora, base: str | None) -> tuple[str, str, str, int]:
+    """(``ss_base_model_version``, ``modelspec.architecture``, ``ss_network_module``, native size) as kohya's
+    scripts write them for the family."""
+    if family == "sdxl":
+        return "sdxl_base_v1-0", "stable-diffusion-xl-v1-base", "networks.lora", 1024
+    if family == "flux":
+        schnell = "schnell" in str(base or "").lower()
+        return "flux1", "flux-1-schnell" if schnell else "flux-1-dev", "networks.lora_flux", 1024
+    version = sd_version(lora)
+    return version, "stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1", "networks.lora", 512
+
+
+def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, title: str | None = None,
+                   family: str = "sd", base: str | None = None) -> dict[str, str]:  # fmt: skip
     """Header metadata for the kohya file: what kohya's scripts write (``ss_*``), Stability's model spec
     (``modelspec.*``) and ours (``raft_*``); every value a string."""
     import datetime
 
-    version = sd_version(lora, src.family)
+    version, arch, network, native = _kohya_kind(family, lora, base or src.base_model)
     conv = [m for m in lora.modules if lora.down[m].dim() == 4]
     meta = {
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network,
         "ss_network_dim": str(lora.rank),
         "ss_network_alpha": _fmt(lora.alpha),
         "ss_base_model_version": version,
         "ss_v2": str(version == "sd_v2"),
-        "ss_sd_model_name": src.base_model or "unknown",
+        "ss_sd_model_name": base or src.base_model or "unknown",
         "ss_output_name": title or "raft-lora",
         "ss_training_comment": f"RAFT (reward-ranked fine-tuning) by {tool_version()}" + (f", reward {src.reward}" if src.reward else ""),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": ("stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1") + "/lora",
+        "modelspec.architecture": arch + "/lora",
         "modelspec.implementation": "diffusers",
         "modelspec.title": title or "raft-lora",
-        "modelspec.resolution": _resolution(src.config),
+        "modelspec.resolution": _resolution(src.config, native, base),
+        "raft_family": family,
         "modelspec.date": datetime.date.today().isoformat(),
         "raft_tool": tool_version(),
         "raft_method": "RAFT",
@@ -337,8 +445,8 @@ def kohya_metadata(src: LoraSource, lora: Lora, *, license: str | None = None, t
     if conv:  # kohya's LoCon convention for LoRA on convolutions
         conv_rank = max(lora.down[m].shape[0] for m in conv)
         meta["ss_network_args"] = json.dumps({"conv_dim": str(conv_rank), "conv_alpha": _fmt(lora.alpha)})
-    if src.base_model:
-        meta["raft_base_model"] = src.base_model
+    if base or src.base_model:
+        meta["raft_base_model"] = base or src.base_model
     if src.reward:
         meta["raft_reward"] = src.reward
     if src.stage is not None:
@@ -373,8 +481,10 @@ def _prepare_out(out: Path, overwrite: bool, *, is_dir: bool, src: LoraSource | 
     out.parent.mkdir(parents=True, exist_ok=True)
 
 
-def export_kohya(src: LoraSource, out: str | Path, *, license: str | None = None, overwrite: bool = False) -> Path:
-    """Write the LoRA as one kohya / A1111 ``.safetensors`` file (``out`` gets the suffix if it has none)."""
+def export_kohya(src: LoraSource, out: str | Path, *, license: str | None = None, overwrite: bool = False,
+                 base: str | None = None) -> Path:  # fmt: skip
+    """Write the LoRA as one kohya / A1111 / ComfyUI ``.safetensors`` file (``out`` gets the suffix if it has none)
+    under its family's kohya names (``kohya.py``); SD3 and FLUX.2 are refused in one line."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -383,10 +493,12 @@ def export_kohya(src: LoraSource, out: str | Path, *, license: str | None = None
     elif out.suffix != ".safetensors":
         out = out.with_name(out.name + ".safetensors")
     lora = read_lora(src.weights)
-    meta = kohya_metadata(src, lora, license=license, title=out.stem)
+    family = export_family(src, lora, base)
+    state = kohya_state_dict(lora, family, base or src.base_model)
+    meta = kohya_metadata(src, lora, license=license, title=out.stem, family=family, base=base)
     _prepare_out(out, overwrite, is_dir=False, src=src)
     tmp = out.with_name(f".{out.name}.tmp")
-    save_file(kohya_state_dict(lora), str(tmp), metadata=meta)
+    save_file(state, str(tmp), metadata=meta)
     tmp.replace(out)
     return out
 
@@ -434,35 +546,30 @@ def export_peft(src: LoraSource, out: str | Path, *, overwrite: bool = False) ->
 # --- merged checkpoint ---------------------------------------------------------------------------------------
 
 
-def load_base_pipeline(src: LoraSource, base: str | None = None, *, device: str = "cpu"):
-    """The base pipeline the LoRA was trained on (``base`` wins over the run's ``model.pretrained``), fp32."""
-    from diffusers import StableDiffusionPipeline
+def load_base_pipeline(src: LoraSource, base: str | None = None, *, family: str = "sd", device: str = "cpu"):
+    """The base pipeline the LoRA was trained on (``base`` wins over the run's ``model.pretrained``), fp32, loaded
+    with the family's own loader."""
+    from .families.registry import get_family
 
     name = base or src.base_model
     if not name:
         raise UserError(f"no base model known for {src.weights} (not inside a run directory): pass --base MODEL")
-    if name == "tiny":
-        from .tiny import ensure_tiny_pipeline
-
-        name = str(ensure_tiny_pipeline())
-    try:
-        pipe = StableDiffusionPipeline.from_pretrained(name, safety_checker=None, requires_safety_checker=False)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load the base pipeline {name!r} ({str(err).strip().splitlines()[0][:160]}): "
-            "pass --base with a local StableDiffusionPipeline folder or a cached hub id"
-        ) from None
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return get_family(family).load(resolve_base(name), dtype="fp32", device=device)
 
 
 def merge_lora_into(pipe, lora: Lora) -> int:
-    """Add ``scale * B @ A`` to each targeted UNet weight in place; return how many weights changed."""
-    modules = dict(pipe.unet.named_modules())
+    """Add ``scale * B @ A`` to each targeted weight of the denoiser (``pipe.unet`` or ``pipe.transformer``) in
+    place; return how many weights changed."""
+    denoiser = getattr(pipe, lora.prefix, None)
+    if denoiser is None:
+        raise UserError(
+            f"the base pipeline {type(pipe).__name__} has no {lora.prefix}, which the LoRA is for: pass the --base model the LoRA was trained on"
+        )
+    modules = dict(denoiser.named_modules())
     missing = [m for m in lora.modules if m not in modules or not hasattr(modules[m], "weight")]
     if missing:
         raise UserError(
-            f"the LoRA targets {missing[0]!r}, which the base UNet lacks ({len(missing)} such): pass the --base model the LoRA was trained on"
+            f"the LoRA targets {missing[0]!r}, which the base {lora.prefix} lacks ({len(missing)} such): pass the --base model it was trained on"
         )
     with torch.no_grad():
         for m in lora.modules:
@@ -476,17 +583,23 @@ def merge_lora_into(pipe, lora: Lora) -> int:
     return len(lora.modules)
 
 
+SINGLE_FILE_FAMILIES = ("sd", "sdxl")  # families with a one-file original-layout checkpoint here
+
+
 def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, single_file: bool = True,
                   overwrite: bool = False, device: str = "cpu") -> dict[str, Path]:  # fmt: skip
-    """Fuse the LoRA into the base model and save it: ``out/`` as a diffusers pipeline folder and, for SD 1.x,
-    ``out/<out name>.safetensors`` as one original-layout checkpoint (``from_single_file(file, config=out)``
-    reads it offline, the folder giving the component configs). Returns ``{"diffusers": ..., "single_file": ...}``."""
+    """Fuse the LoRA into the base model and save it: ``out/`` as a diffusers pipeline folder (every family) and,
+    for SD 1.x and SDXL, ``out/<out name>.safetensors`` as one original-layout checkpoint
+    (``from_single_file(file, config=out)`` reads it offline, the folder giving the component configs).
+    Returns ``{"diffusers": ..., "single_file": ...}`` (no single file for SD 2.x, SD3, FLUX, FLUX.2)."""
     from safetensors.torch import save_file
 
     lora = read_lora(src.weights)
-    if single_file and sd_version(lora, src.family) != "sd_v1":
-        raise UserError("single-file export covers SD 1.x for now: pass --no-single-file for the diffusers folder only")
-    pipe = load_base_pipeline(src, base, device=device)
+    family = export_family(src, lora, base)
+    if family == "sd" and sd_version(lora) != "sd_v1":
+        single_file = False  # SD 2.x's OpenCLIP text encoder layout is not written here
+    single_file = single_file and family in SINGLE_FILE_FAMILIES
+    pipe = load_base_pipeline(src, base, family=family, device=device)
     merge_lora_into(pipe, lora)
     out = Path(out)
     _prepare_out(out, overwrite, is_dir=True, src=src)
@@ -495,74 +608,41 @@ def export_merged(src: LoraSource, out: str | Path, *, base: str | None = None, 
     if single_file:
         meta = {
             "modelspec.sai_model_spec": "1.0.0",
-            "modelspec.architecture": "stable-diffusion-v1",
+            "modelspec.architecture": "stable-diffusion-xl-v1-base" if family == "sdxl" else "stable-diffusion-v1",
             "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
             "modelspec.title": out.name,
             "raft_tool": tool_version(),
             "raft_merged_from": f"{base or src.base_model} + {src.weights}",
         }
         path = out / f"{out.name}.safetensors"
-        save_file(sd1_checkpoint(pipe), str(path), metadata=meta)
+        save_file(sdxl_checkpoint(pipe) if family == "sdxl" else sd1_checkpoint(pipe), str(path), metadata=meta)
         paths["single_file"] = path
     return paths
 
 
-# diffusers ResnetBlock2D -> LDM ResBlock names (UNet); the VAE's resnets keep their names but for the shortcut
-_UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
-                "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}  # fmt: skip
 _VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _unet_prefixes(cfg) -> list[tuple[str, str]]:
-    """(diffusers prefix, LDM prefix) pairs for an SD 1.x-shaped UNet2DConditionModel config."""
-    lpb = cfg["layers_per_block"]
-    if not isinstance(lpb, int):
-        raise UserError(f"single-file export needs one layers_per_block for all blocks (got {lpb})")
-    n = len(cfg["down_block_types"])
-    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."),
-             ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2."),
-             ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.attentions.0.", "middle_block.1."),
-             ("mid_block.resnets.1.", "middle_block.2.")]  # fmt: skip
-    for i in range(n):
-        for j in range(lpb):  # down block i, layer j: input block 1 + i * (lpb + 1) + j
-            k = 1 + i * (lpb + 1) + j
-            pairs += [(f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{k}.0."),
-                      (f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{k}.1.")]  # fmt: skip
-        if i < n - 1:
-            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(i + 1) * (lpb + 1)}.0.op."))
-        for j in range(lpb + 1):  # up block i, layer j: output block i * (lpb + 1) + j
-            k = i * (lpb + 1) + j
-            pairs += [(f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{k}.0."),
-                      (f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{k}.1.")]  # fmt: skip
-        if i < n - 1:  # the upsampler follows the block's last resnet (and its attention, if any)
-            slot = 2 if "CrossAttn" in cfg["up_block_types"][i] else 1
-            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{i * (lpb + 1) + lpb}.{slot}."))
-    return pairs
-
-
-def _rename(key: str, pairs: list[tuple[str, str]], inner: dict[str, str], inner_on: str) -> str | None:
-    for old, new in pairs:
-        if key.startswith(old):
-            rest = key[len(old) :]
-            if inner_on in old:
-                for a, b in inner.items():
-                    if rest.startswith(a + "."):
-                        rest = b + rest[len(a) :]
-                        break
-            return new + rest
-    return None
-
-
 def unet_to_ldm(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """A diffusers SD 1.x UNet state dict under the original (LDM) names, ``model.diffusion_model.`` prefixed."""
-    pairs = _unet_prefixes(cfg)
+    """A diffusers SD 1.x / SDXL UNet state dict under the original (LDM / SGM) names, ``model.diffusion_model.``
+    prefixed (the names ``kohya.sgm_unet_pairs`` gives)."""
+    from .kohya import sgm_unet_pairs, to_sgm
+
+    pairs = sgm_unet_pairs(cfg)
     out = {}
     for key, value in state.items():
-        new = _rename(key, pairs, _UNET_RESNET, "resnets")
+        new = to_sgm(key, pairs)
         if new is None:
-            raise UserError(f"single-file export: no original name for the UNet weight {key!r} (not an SD 1.x UNet?)")
+            raise UserError(f"single-file export: no original name for the UNet weight {key!r} (not an SD 1.x / SDXL UNet?)")
         out["model.diffusion_model." + new] = value
     return out
+
+
+def _rename(key: str, pairs: list[tuple[str, str]]) -> str | None:
+    for old, new in pairs:
+        if key.startswith(old):
+            return new + key[len(old) :]
+    return None
 
 
 def _vae_prefixes(cfg) -> list[tuple[str, str]]:
@@ -586,7 +666,7 @@ def vae_to_ldm(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     pairs = _vae_prefixes(cfg)
     out = {}
     for key, value in state.items():
-        new = _rename(key, pairs, {}, "")
+        new = _rename(key, pairs)
         if new is None:
             new = key  # conv_in, conv_out, quant_conv, post_quant_conv keep their names
         if ".resnets." not in key and "mid.attn_1." in new:
@@ -613,6 +693,48 @@ def sd1_checkpoint(pipe) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
+def open_clip_text(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers ``CLIPTextModelWithProjection`` state dict in OpenCLIP's layout (SDXL's second text encoder in
+    the original checkpoint): q/k/v fused into ``in_proj``, ``text_projection`` transposed."""
+    rename = (("text_model.encoder.layers.", "transformer.resblocks."), (".self_attn.", ".attn."), (".layer_norm1.", ".ln_1."),
+              (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."))  # fmt: skip
+    out = {
+        prefix + "positional_embedding": state["text_model.embeddings.position_embedding.weight"],
+        prefix + "token_embedding.weight": state["text_model.embeddings.token_embedding.weight"],
+        prefix + "ln_final.weight": state["text_model.final_layer_norm.weight"],
+        prefix + "ln_final.bias": state["text_model.final_layer_norm.bias"],
+        prefix + "text_projection": state["text_projection.weight"].T.contiguous(),
+    }
+    layers = sorted({int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        p = f"text_model.encoder.layers.{i}.self_attn."
+        for kind in ("weight", "bias"):
+            fused = torch.cat([state[f"{p}{x}_proj.{kind}"] for x in "qkv"])
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = fused
+    for key, value in state.items():
+        if not key.startswith("text_model.encoder.layers.") or re.search(r"\.self_attn\.[qkv]_proj\.", key):
+            continue
+        for a, b in rename:
+            key = key.replace(a, b)
+        out[prefix + key] = value
+    return out
+
+
+def sdxl_checkpoint(pipe) -> dict[str, torch.Tensor]:
+    """One SDXL single-file state dict in the original (SGM) layout: ``model.diffusion_model.*``,
+    ``first_stage_model.*``, ``conditioner.embedders.0.transformer.text_model.*`` (CLIP ViT-L, transformers
+    layout) and ``conditioner.embedders.1.model.*`` (OpenCLIP bigG layout), contiguous on CPU."""
+    state = unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config)
+    state.update(vae_to_ldm(pipe.vae.state_dict(), pipe.vae.config))
+    for key, value in pipe.text_encoder.state_dict().items():
+        if not key.endswith("position_ids"):
+            key = key if key.startswith("text_model.") else "text_model." + key
+            state["conditioner.embedders.0.transformer." + key] = value
+    text2 = {k: v for k, v in pipe.text_encoder_2.state_dict().items() if not k.endswith("position_ids")}
+    state.update(open_clip_text(text2, "conditioner.embedders.1.model."))
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
 # --- the command ---------------------------------------------------------------------------------------------
 
 
@@ -623,7 +745,7 @@ def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False
     if merge:
         return export_merged(src, out, base=base, single_file=single_file, overwrite=overwrite)
     if fmt == "kohya":
-        return {"kohya": export_kohya(src, out, license=license, overwrite=overwrite)}
+        return {"kohya": export_kohya(src, out, license=license, overwrite=overwrite, base=base)}
     if fmt == "diffusers":
         return {"diffusers": export_diffusers(src, out, overwrite=overwrite)}
     if fmt == "peft":
