@@ -84,19 +84,25 @@ def main(argv=None) -> int:
     trainable = family.add_lora(denoiser, rank=args.rank, init_seed=0)
     expected = lora_parameter_count(denoiser, targets, args.rank)
     assert trainable == expected, (trainable, expected)
-    params = [p for p in denoiser.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in denoiser.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     before = [p.detach().clone() for p in params]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     denoiser.train()
     loss = family.training_loss(pipe, denoiser, latents, embeds, [0, 1], generator=torch.Generator().manual_seed(0)).mean()
     loss.backward()
-    grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params))
+    grad_norm = math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in params if p.grad is not None))
+    # B starts at zero, so only the B matrices get a gradient on the first step; a B whose layer's output the loss
+    # does not use gets none (SD3.5: the last block's context query, whose context output is dropped)
+    unused = [n for n, p in named if "lora_B" in n and (p.grad is None or not p.grad.any())]
     optimizer.step()
-    changed = sum(int(not torch.equal(a, p.detach())) for a, p in zip(before, params))
+    stuck = [n for (n, p), a in zip(named, before) if "lora_B" in n and n not in unused and torch.equal(a, p.detach())]
     assert math.isfinite(loss.item()) and math.isfinite(grad_norm) and grad_norm > 0, (loss.item(), grad_norm)
-    assert changed == len(params), f"{changed} of {len(params)} LoRA tensors changed"
+    assert not stuck, f"{len(stuck)} LoRA B tensors with a gradient did not change, e.g. {stuck[0]}"
+    n_b = sum("lora_B" in n for n, _ in named)
     print(f"LoRA on {len(matching_modules(denoiser, targets))} layers ({', '.join(targets)}): {trainable:,} trainable "
-          f"parameters; loss {loss.item():.4f}, grad norm {grad_norm:.3g}, {changed}/{len(params)} LoRA tensors updated "
+          f"parameters; loss {loss.item():.4f}, grad norm {grad_norm:.3g}; {n_b - len(unused)}/{n_b} LoRA B tensors got a "
+          f"gradient and were updated (without one: {', '.join(unused) or 'none'}) "
           f"in {time.perf_counter() - t0:.0f} s ({cpu_seconds() - c0:.0f} CPU s)", flush=True)  # fmt: skip
     print(f"total {cpu_seconds():.0f} CPU s")
     print(f"peak_rss_gib: {peak_rss_gib():.2f}")
