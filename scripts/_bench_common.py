@@ -13,7 +13,12 @@ sys.path.insert(0, str(ROOT))
 
 
 def add_common_args(parser):
-    parser.add_argument("--model", default="tiny", help="pipeline folder or hub id; 'tiny' = the tiny test pipeline")
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="pipeline folder or hub id of any supported family; 'tiny' = the tiny SD test pipeline, 'tiny-sdxl', "
+        "'tiny-sd3', 'tiny-flux', 'tiny-flux2-klein' the other families' tiny pipelines",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--prompts", type=int, default=8, help="number of prompts P")

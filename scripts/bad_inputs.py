@@ -8,7 +8,8 @@ Each case is one subprocess `python -m raft_diffusion align --config configs/tin
 A case is clear when it exits with code 2, prints exactly one line on stderr and that line starts with
 `error:`, fails within 5 seconds, and leaves its run directory untouched (absent, or exactly as it was).
 One row per case (input, exit code, first line of stderr, seconds, untouched), then `bad_inputs_clear: N/M`.
-The tiny model is built once before the table so that no case pays for it.
+The tiny model is built once before the table so that no case pays for it. The cases run on the tiny SD 1.x
+pipeline (configs/tiny.yaml): they check input handling, which no family changes.
 """
 
 from __future__ import annotations

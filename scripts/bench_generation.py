@@ -3,7 +3,8 @@
 (a) plain: for each prompt, ``pipe(prompt, num_images_per_prompt=K)`` then score the batch and take the best;
 (b) ours: the production path (``core.loop.collect_pool`` on a ``DiffusionTask``): batches mixed across prompts,
     prompt embeddings once, per-sample seeds, scoring per batch, streaming selection.
-Same pipeline, prompts, K, steps, guidance and reward; repetitions interleaved (a, b, a, b, ...).
+Same pipeline, prompts, K, steps, guidance and reward; repetitions interleaved (a, b, a, b, ...). Any family
+(``--model``: a pipeline folder, hub id or ``tiny-<family>``).
 The last line is ``generation_speedup: <(b)/(a) images per second>``.
 """
 

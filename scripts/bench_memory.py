@@ -1,7 +1,8 @@
 """Peak resident memory of one stage at K=8 and K=64 with the same number kept (best 1 per prompt).
 
 Each K runs in a fresh child process; a sampler thread records the process's RSS during the stage.
-The streaming pool holds only each prompt's current best, so memory should not grow with K.
+The streaming pool holds only each prompt's current best, so memory should not grow with K. Any family
+(``--model``: a pipeline folder, hub id or ``tiny-<family>``).
 The last line is ``peak_rss_ratio: <peak RSS at K=64 / peak RSS at K=8>``.
 """
 

@@ -11,6 +11,8 @@ is a selected set, as if it were a model's samples: proxy rise in base sd (the p
 (pixel oracle), fidelity, and diversity as a ratio to the whole pool's, the same measures as ``bench_toyworld.py``.
 The rows bound what RAFT's fine-tuning could reach if it reproduced the kept distribution exactly; comparing
 them with ``bench_toyworld.py``'s stages shows how much of the selection actually reaches the model.
+
+SD 1.x pipelines only: the toy world's model is a StableDiffusionPipeline at 32 px, and the oracle reads its images.
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@
    fine-tuning (``task.finetune``), evaluation (``task.evaluate``).
 2. Fine-tuning from the kept latents (what we do) against what a trainer that stores only images must do:
    encode every training batch through the VAE, then the same denoising step.
-The last line is ``stage_overhead_ratio: <full stage / sum of parts>``; the line before it is
+Any family (``--model``: a pipeline folder, hub id or ``tiny-<family>``). The last line is
+``stage_overhead_ratio: <full stage / sum of parts>``; the line before it is
 ``finetune_latents_speedup: <re-encode time / latents time>``.
 """
 
@@ -26,7 +27,7 @@ def main():
 
     from raft_diffusion.core.loop import collect_pool, run_raft
     from raft_diffusion.core.rundir import RunDir
-    from raft_diffusion.diffusion.generate import encode_images
+    from raft_diffusion.diffusion.generate import encode_images as sd_encode_images
     from raft_diffusion.diffusion.task import DiffusionTask
 
     cfg = make_config(args, **{"train.steps_per_stage": args.train_steps})
@@ -56,6 +57,7 @@ def main():
     images = torch.stack([s.payload["image"] for s in kept])
     t_latents = median([timed(lambda: task.finetune(1, kept))[0] for _ in range(args.repeats)])
     bs = min(cfg.train.batch_size, len(kept))
+    encode_images = sd_encode_images if task.legacy else task.family.encode_images  # the family's VAE encoding
     encode_one_batch = median(
         [timed(lambda: encode_images(task.pipe, images[:bs], [s.seed for s in kept[:bs]]))[0] for _ in range(max(3, args.repeats))]
     )

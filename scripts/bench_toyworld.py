@@ -14,6 +14,8 @@ run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``s
   to the base model's.
 The last row is best-of-K from the base model (K fresh samples per eval slot, the best by the proxy). The bars
 are checked on the stage the run delivers as ``final/``: the last stage, or the one early stop kept.
+
+Toy-world configs only (an SD 1.x pipeline at 32 px): the oracle and the best-of-K row read that model's images.
 """
 
 from __future__ import annotations

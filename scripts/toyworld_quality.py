@@ -8,6 +8,8 @@
 - Spearman of the ``aesthetic`` reward (toy head on the toy CLIP) against gold on held-out renders; bar >= 0.80
 - if ``sd/`` exists: oracle shape+colour match of base samples for held-out prompts (bar >= 0.60) and the spread
   of their gold aesthetic.
+
+The toy world's own assets only (its model is an SD 1.x StableDiffusionPipeline).
 """
 
 from __future__ import annotations

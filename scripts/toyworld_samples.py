@@ -2,6 +2,8 @@
 """Save enlarged grids of a built toy world: renders, their VAE reconstructions, and base-model samples.
 
 python scripts/toyworld_samples.py [--assets raft_diffusion/diffusion/toyworld/assets] [--out toyworld_samples]
+
+The toy world's own assets only (its model is an SD 1.x StableDiffusionPipeline).
 """
 
 from __future__ import annotations

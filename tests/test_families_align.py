@@ -101,3 +101,31 @@ def test_lora_reloads_in_a_fresh_pipeline_and_reproduces_the_held_out_images(fam
         ),
     )
     assert (base_images * 255 - torch.from_numpy(saved).permute(0, 3, 1, 2).float()).abs().max() > 2
+
+
+@pytest.mark.parametrize("family_run", ["sd3"], indirect=True)  # one flow family (5 CPU s each; SDXL, FLUX: the same)
+def test_compare_reproduces_the_runs_held_out_images(family_run, tmp_path):
+    """``raft-diffusion compare BASE RUN_DIR`` samples as align did: the base column is stage 0's held-out images,
+    the run's column (its final/ LoRA, loaded with the family pipeline's load_lora_weights) stage 2's."""
+    from raft_diffusion.core.seeds import eval_seed
+
+    name, folder, out = family_run
+    prompt = 1  # "a blue circle"; compare numbers its prompts from 0, with the seeds the run gave this prompt
+    seeds = [eval_seed(CONFIG["seed"], prompt, k) for k in range(2)]
+    cmp = tmp_path / "cmp"
+    argv = ["compare", str(folder), str(out), "-o", str(cmp), "--prompt", CONFIG["prompts"]["eval"][prompt], "--seeds", *map(str, seeds)]
+    assert main([*argv, "--label", "raft"]) == 0  # steps, guidance, size and reward from the run's config.yaml
+    records = read_jsonl(cmp / "compare.jsonl")
+    assert [(r["label"], r["seed"]) for r in records] == [("base", seeds[0]), ("base", seeds[1]), ("raft", seeds[0]), ("raft", seeds[1])]
+    for r in records:
+        stage = "000" if r["label"] == "base" else "002"
+        ref = next(e for e in read_jsonl(out / "stages" / stage / "eval.jsonl") if (e["prompt_index"], e["seed"]) == (prompt, r["seed"]))
+        a = np.asarray(Image.open(cmp / r["image"])).astype(int)
+        b = np.asarray(Image.open(out / "stages" / stage / ref["image"])).astype(int)
+        assert np.abs(a - b).max() <= 1, (name, r)  # same weights, prompt and noise: the same image (measured: identical)
+        assert r["reward"] == pytest.approx(ref["reward"], abs=1e-3)
+    base0, raft0 = (np.asarray(Image.open(cmp / r["image"])).astype(int) for r in (records[0], records[2]))
+    assert np.abs(base0 - raft0).max() > 2  # the LoRA changes the image
+    from raft_diffusion.diffusion.families import get_family
+
+    assert get_family(name).pipeline_class_name in (cmp / "index.html").read_text()

@@ -1,8 +1,10 @@
-"""Full-size family checks on the meta device (no weights, no hub): the published SDXL, SD3.5-medium and
-FLUX.1-dev denoiser configs, their default LoRA targets and LoRA sizes, and the memory of a LoRA training step.
+"""Full-size family checks (no weights from the hub): the published SDXL, SD3.5-medium and FLUX.1-dev denoiser
+configs (families.fullsize) on the meta device, their default LoRA targets and LoRA sizes against what diffusers'
+LoRA training scripts train, the memory of a LoRA training step; and, with random weights on CPU, one sampling +
+LoRA training step of the whole SDXL and SD3.5-medium pipelines at 64 px (scripts/fullsize_step.py).
 
-Slow (a few minutes of CPU for the shape-only forwards): ``pytest -m slow tests/test_families_full.py -s``
-prints the figures.
+Slow (a few minutes of CPU for the shape-only forwards; the CPU steps need ~15 GB of free memory and ~2-3 minutes of
+CPU each): ``pytest -m slow tests/test_families_full.py -s`` prints the figures.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pytest
 import torch
 
 from raft_diffusion.diffusion.families import PromptEmbeds, get_family
+from raft_diffusion.diffusion.families.fullsize import CLIP_G, CLIP_L, T5_XXL, VAE_BLOCKS, build_denoiser
 from raft_diffusion.diffusion.families.lora import matching_modules
 from raft_diffusion.diffusion.families.memory import (
     LORA_STATE_BYTES,
@@ -25,44 +28,10 @@ from raft_diffusion.diffusion.families.memory import (
 
 pytestmark = pytest.mark.slow
 
-# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json
-SDXL_UNET = {
-    "sample_size": 128, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
-    "block_out_channels": (320, 640, 1280), "attention_head_dim": (5, 10, 20),
-    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-    "transformer_layers_per_block": (1, 2, 10), "cross_attention_dim": 2048, "use_linear_projection": True,
-    "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-    "projection_class_embeddings_input_dim": 2816, "norm_num_groups": 32, "norm_eps": 1e-5,
-}  # fmt: skip
-# stabilityai/stable-diffusion-3.5-medium, transformer/config.json (MMDiT-X: dual attention in blocks 0-12)
-SD35_MEDIUM = {
-    "sample_size": 128, "patch_size": 2, "in_channels": 16, "out_channels": 16, "num_layers": 24,
-    "attention_head_dim": 64, "num_attention_heads": 24, "joint_attention_dim": 4096,
-    "caption_projection_dim": 1536, "pooled_projection_dim": 2048, "pos_embed_max_size": 384,
-    "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
-}  # fmt: skip
-# black-forest-labs/FLUX.1-dev, transformer/config.json
-FLUX_DEV = {
-    "patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128,
-    "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
-    "axes_dims_rope": (16, 56, 56),
-}  # fmt: skip
-
 
 def _denoiser(name: str, dtype=torch.bfloat16):
-    from accelerate import init_empty_weights
-    from diffusers import (
-        FluxTransformer2DModel,
-        SD3Transformer2DModel,
-        UNet2DConditionModel,
-    )
-
-    cls, config = {"sdxl": (UNet2DConditionModel, SDXL_UNET), "sd3": (SD3Transformer2DModel, SD35_MEDIUM),
-                   "flux": (FluxTransformer2DModel, FLUX_DEV)}[name]  # fmt: skip
-    with init_empty_weights(include_buffers=True):  # SD3's position-embedding table is a buffer
-        model = cls(**config)
-    return model.to(dtype).requires_grad_(False)
+    """The published denoiser config (families.fullsize) on the meta device."""
+    return build_denoiser(name, dtype=dtype, meta=True)
 
 
 # published denoiser sizes: SDXL's UNet 2.6B, SD3.5-medium's MMDiT-X 2.5B (counting its 384 x 384 x 1536
@@ -169,17 +138,10 @@ def test_text_encoder_and_vae_sizes_used_above():
         T5EncoderModel,
     )
 
-    clip_l = CLIPTextConfig(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"
-    )  # openai/clip-vit-large-patch14
-    clip_g = CLIPTextConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20, projection_dim=1280, hidden_act="gelu"
-    )  # OpenCLIP ViT-bigG/14 (SDXL text_encoder_2)
-    t5_xxl = T5Config(
-        vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu", tie_word_embeddings=False
-    )  # google/t5-v1_1-xxl
-    vae = {"block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
-               "up_block_types": ("UpDecoderBlock2D",) * 4, "layers_per_block": 2, "norm_num_groups": 32}  # fmt: skip
+    clip_l = CLIPTextConfig(**CLIP_L)  # openai/clip-vit-large-patch14
+    clip_g = CLIPTextConfig(**CLIP_G)  # OpenCLIP ViT-bigG/14 (SDXL text_encoder_2)
+    t5_xxl = T5Config(**T5_XXL)  # google/t5-v1_1-xxl
+    vae = VAE_BLOCKS
     with init_empty_weights():
         sizes = {
             "clip_l": count_parameters(CLIPTextModel(clip_l)),
@@ -195,3 +157,54 @@ def test_text_encoder_and_vae_sizes_used_above():
     assert TEXT_AND_VAE["sdxl"] == sizes["clip_l"] + sizes["clip_g_proj"] + sizes["vae_sdxl"]
     assert TEXT_AND_VAE["sd3"] == sizes["clip_l_proj"] + sizes["clip_g_proj"] + sizes["t5_xxl"] + sizes["vae_16ch"]
     assert TEXT_AND_VAE["flux"] == sizes["clip_l"] + sizes["t5_xxl"] + sizes["vae_16ch"]
+
+
+# The transformer/UNet LoRA of diffusers' DreamBooth LoRA scripts (examples/dreambooth/, read at diffusers commit
+# 58eb52c0): LoraConfig(r=rank, lora_alpha=rank (FLUX: --lora_alpha), init_lora_weights="gaussian",
+# target_modules=...) added with add_adapter; every parameter it makes trainable is trained.
+DIFFUSERS_SCRIPT_TARGETS = {
+    "sdxl": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_sdxl.py, unet_target_modules
+    "sd3": ["attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
+            "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v"],  # train_dreambooth_lora_sd3.py, no --lora_layers
+    "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+             "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+             "ff_context.net.2"],  # train_dreambooth_lora_flux.py, no --lora_layers
+}  # fmt: skip
+# measured with the test below (the same for both ways of adding the LoRA)
+TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624}
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_trainable_counts_equal_what_the_diffusers_lora_scripts_train(name):
+    from peft import LoraConfig
+
+    ours = _denoiser(name)
+    count = get_family(name).add_lora(ours, rank=16)
+    theirs = _denoiser(name)
+    theirs.requires_grad_(False)
+    theirs.add_adapter(LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=DIFFUSERS_SCRIPT_TARGETS[name]))
+    script = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
+    trained = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trained == {n for n, p in theirs.named_parameters() if p.requires_grad}  # the same layers, not just the same sum
+    print(f"\n{name}: LoRA r16 trains {count:,} parameters (diffusers' script: {script:,})")
+    assert count == script == TRAINABLE_R16[name]
+
+
+@pytest.mark.parametrize("name, trainable", [("sdxl", TRAINABLE_R16["sdxl"]), ("sd3", TRAINABLE_R16["sd3"])])
+def test_one_sampling_and_training_step_at_64_px_on_cpu(name, trainable):
+    """scripts/fullsize_step.py in a fresh process: the whole pipeline with published architectures and random weights
+    (SD3.5 without T5-XXL), two 64 px samples with CFG, the family's default LoRA, one training step."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(root / "scripts" / "fullsize_step.py"), "--family", name], capture_output=True, text=True, env=env,
+                          timeout=3600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    print("\n" + proc.stdout)
+    assert f": {trainable:,} trainable parameters" in proc.stdout
+    assert "LoRA B tensors got a gradient and were updated" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith("peak_rss_gib: ")

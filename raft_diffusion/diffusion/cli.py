@@ -102,6 +102,7 @@ def _compare(args) -> int:
         negative_prompt=args.negative_prompt,
         reward=reward,
         batch_size=args.batch_size,
+        family=args.family,
     )
     if config is not None:
         print(f"compare: settings from {config}", flush=True)
@@ -166,7 +167,9 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_gallery)
 
     p = sub.add_parser("compare", help="side-by-side images of saved weights against their base model, same prompts and seeds")
-    p.add_argument("base", metavar="BASE", help="base pipeline: hub id, local folder, or tiny")
+    p.add_argument(
+        "base", metavar="BASE", help="base pipeline of any supported family (SD, SDXL, SD3, FLUX.1, FLUX.2 klein): hub id, local folder, or tiny"
+    )
     p.add_argument(
         "weights",
         nargs="+",
@@ -194,6 +197,7 @@ def add_commands(sub) -> None:
     p.add_argument("--reward-kwargs", help="YAML mapping of reward kwargs, e.g. '{region: [0.25, 0.25, 0.75, 0.75]}'")
     p.add_argument("--label", action="append", help="column title for each LORA_DIR, in order")
     p.add_argument("--batch-size", type=int, help="images per generation batch")
+    p.add_argument("--family", help="model family of BASE when its model_index.json cannot be read (sd, sdxl, sd3, flux, flux2-klein)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")
     p.set_defaults(func=_compare)

@@ -2,7 +2,9 @@
 
 Every (prompt, seed) is sampled from the base model and from the base model with each set of weights, from
 the same initial noise (the given seeds, the same for every prompt), optionally scored with a reward, and
-written to the output folder:
+written to the output folder. The base may be a pipeline of any supported family (SD 1.x/2.x, SDXL, SD3, FLUX.1,
+FLUX.2 [klein]); it samples exactly as ``align`` does for that family (SD 1.x/2.x through ``generate``, the others
+through their :class:`~.families.Family`), so a run's LoRA reproduces the run's held-out images:
 
     images/<NN>_<name>/pNNNN_sSSS.png   the images, one folder per column (00 = the base model)
     compare.jsonl                       column, weights, prompt_index, sample_index, seed, prompt, reward, image
@@ -45,27 +47,32 @@ class CompareSettings:
     negative_prompt: str | None = None
     reward: dict | None = None  # a reward config ({name, kwargs} or {mix: ...}); None = no reward
     batch_size: int = 8
+    family: str | None = None  # model.family: the base's family when its model_index.json cannot be read
+
+
+DENOISER_FOLDERS = ("unet", "transformer")  # what a full fine-tune saves in a stage folder, by family
 
 
 def resolve_weights(path: str | Path) -> tuple[str, Path]:
-    """``("lora" | "unet", path)`` for a LoRA folder or file, a full-UNet folder, a stage folder or a run directory."""
+    """``("lora" | "full", path)`` for a LoRA folder or file, a full denoiser folder (a UNet's or a transformer's),
+    a stage folder or a run directory."""
     p = Path(path).expanduser()
-    if p.is_dir():
+    if p.is_dir() and not (p / LORA_WEIGHT_NAME).is_file():
         if (p / "final").is_dir():  # a run directory: its final weights
             p = p / "final"
-        elif (p / "lora").is_dir() and not (p / LORA_WEIGHT_NAME).is_file():  # a stage folder
+        elif (p / "lora").is_dir():  # a stage folder
             p = p / "lora"
-        elif (p / "unet").is_dir() and not (p / LORA_WEIGHT_NAME).is_file():
-            p = p / "unet"
+        else:
+            p = next((p / d for d in DENOISER_FOLDERS if (p / d).is_dir()), p)
     if p.is_file() and p.suffix == ".safetensors":
         return "lora", p
     if (p / LORA_WEIGHT_NAME).is_file():
         return "lora", p
     if (p / "config.json").is_file() and any(p.glob("diffusion_pytorch_model*")):
-        return "unet", p
+        return "full", p
     raise UserError(
         f"no weights found in {str(path)!r}: give a LoRA folder (with {LORA_WEIGHT_NAME}), a .safetensors LoRA file, "
-        "a full-UNet folder (config.json + diffusion_pytorch_model.safetensors), a stage folder or a run directory"
+        "a full UNet or transformer folder (config.json + diffusion_pytorch_model.safetensors), a stage folder or a run directory"
     )
 
 
@@ -90,6 +97,7 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
         reward=cfg.reward,
         batch_size=s.batch_size,
     )
+    base.family = cfg.model.family
     for key, value in overrides.items():
         if value is not None:
             setattr(base, key, value)
@@ -112,10 +120,11 @@ def default_label(path: str | Path) -> str:
 
 
 class _Weights:
-    """Apply one column's weights to the pipeline and take them off again."""
+    """Apply one column's weights to the pipeline (a LoRA through the pipeline's ``load_lora_weights``, full weights
+    into its denoiser) and take them off again."""
 
-    def __init__(self, pipe, kind: str, path: Path):
-        self.pipe, self.kind, self.path, self._saved = pipe, kind, path, None
+    def __init__(self, pipe, kind: str, path: Path, denoiser):
+        self.pipe, self.kind, self.path, self.denoiser, self._saved = pipe, kind, path, denoiser, None
 
     def __enter__(self):
         if self.kind == "lora":
@@ -131,19 +140,45 @@ class _Weights:
             finally:
                 dlog.set_verbosity(verbosity)
         else:
-            from diffusers import UNet2DConditionModel
-
-            unet = self.pipe.unet
-            self._saved = {k: v.detach().clone() for k, v in unet.state_dict().items()}
-            unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(self.path)).state_dict())
+            self._saved = {k: v.detach().clone() for k, v in self.denoiser.state_dict().items()}
+            self.denoiser.load_state_dict(type(self.denoiser).from_pretrained(str(self.path)).state_dict())
         return self
 
     def __exit__(self, *exc):
         if self.kind == "lora":
             self.pipe.unload_lora_weights()
         else:
-            self.pipe.unet.load_state_dict(self._saved)
+            self.denoiser.load_state_dict(self._saved)
         return False
+
+
+class _Sampler:
+    """Prompts encoded once and batches sampled the way ``align`` samples the base's family."""
+
+    def __init__(self, pipe, family, settings: CompareSettings, height: int, width: int):
+        from .generate import encode_prompts
+
+        self.pipe, self.family, self.s, self.height, self.width = pipe, family, settings, height, width
+        do_cfg = settings.guidance_scale > 1.0
+        if family.name == "sd":
+            self.embeds = encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
+        else:
+            self.embeds = family.encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
+
+    def images(self, prompt_indices: list[int], seeds: list[int]) -> torch.Tensor:
+        """Images ``[B, 3, H, W]`` in ``[0, 1]``: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""
+        from .generate import generate_batch
+
+        s = self.s
+        kwargs = {"height": self.height, "width": self.width}
+        if self.family.name != "sd":
+            latents = self.family.sample(self.pipe, self.embeds, prompt_indices, seeds, steps=s.num_inference_steps,
+                                         guidance=s.guidance_scale, **kwargs)  # fmt: skip
+            return self.family.decode(self.pipe, latents)
+        cond, uncond = self.embeds
+        idx = torch.tensor(prompt_indices, device=cond.device)
+        return generate_batch(self.pipe, cond[idx], None if uncond is None else uncond[idx], seeds,
+                              num_inference_steps=s.num_inference_steps, guidance_scale=s.guidance_scale, **kwargs)[1]  # fmt: skip
 
 
 def run_compare(
@@ -158,7 +193,7 @@ def run_compare(
 ) -> Path:
     """Sample, score and render the comparison; returns the path of index.html."""
     from ..core.common import resolve_device
-    from .generate import encode_prompts, generate_batch
+    from .families import detect_family
     from .pipeline import load_pipeline
     from .task import load_reward, resolve_pretrained, sample_name, save_png
 
@@ -174,14 +209,16 @@ def run_compare(
     labels += [default_label(w) for w in weights[len(labels) :]]
     out = Path(out_dir)
     dev = resolve_device(device)
+    base_model = resolve_pretrained(base)
+    family = detect_family(base_model, settings.family)
     reward = load_reward(settings.reward, dev, torch.float32) if settings.reward else None
 
-    # 2. The base pipeline and the prompt embeddings.
-    pipe = load_pipeline(resolve_pretrained(base), device=dev, dtype=dtype, scheduler=settings.scheduler)
-    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = settings.height or default, settings.width or default
-    do_cfg = settings.guidance_scale > 1.0
-    cond, uncond = encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
+    # 2. The base pipeline (of its family) and the prompt embeddings.
+    pipe = load_pipeline(base_model, device=dev, dtype=dtype, scheduler=settings.scheduler, family=family)
+    denoiser = family.denoiser(pipe)
+    size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", 128)
+    height, width = settings.height or size * pipe.vae_scale_factor, settings.width or size * pipe.vae_scale_factor
+    sampler = _Sampler(pipe, family, settings, height, width)
 
     # 3. Every column: the same prompts x seeds, with its weights applied.
     todo = [(p, k, seed) for p in range(len(settings.prompts)) for k, seed in enumerate(settings.seeds)]
@@ -190,21 +227,11 @@ def run_compare(
     for i, (label, kind, path) in enumerate(specs):
         col = Column(key=f"c{i:02d}", title=label)
         folder = out / "images" / f"{i:02d}_{_slug(label)}"
-        ctx = _Weights(pipe, kind, path) if path is not None else _NoWeights()
+        ctx = _Weights(pipe, kind, path, denoiser) if path is not None else _NoWeights()
         with ctx:
             for start in range(0, len(todo), settings.batch_size):
                 chunk = todo[start : start + settings.batch_size]
-                idx = torch.tensor([p for p, _, _ in chunk], device=cond.device)
-                _, images = generate_batch(
-                    pipe,
-                    cond[idx],
-                    None if uncond is None else uncond[idx],
-                    [s for _, _, s in chunk],
-                    num_inference_steps=settings.num_inference_steps,
-                    guidance_scale=settings.guidance_scale,
-                    height=height,
-                    width=width,
-                )
+                images = sampler.images([p for p, _, _ in chunk], [s for _, _, s in chunk])
                 texts = [settings.prompts[p] for p, _, _ in chunk]
                 scores = reward(images, texts).float().cpu().tolist() if reward is not None else [None] * len(chunk)
                 for j, (p, k, seed) in enumerate(chunk):
@@ -236,7 +263,8 @@ def run_compare(
     )
     intro = (
         f"<p>{len(settings.seeds)} seeds ({html.escape(', '.join(map(str, settings.seeds)))}) per prompt, the same "
-        f"initial noise in every column; {settings.num_inference_steps} steps, guidance {settings.guidance_scale}, "
+        f"initial noise in every column; {html.escape(family.pipeline_class_name)}, {settings.num_inference_steps} steps, "
+        f"guidance {settings.guidance_scale}, "
         f"{width}x{height} px; {html.escape(reward_name)}.</p><ul>{weights_list}</ul>"
         "<p><a href='grid.png'>grid.png</a>: every column, one row per prompt.</p>"
     )
