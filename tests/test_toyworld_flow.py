@@ -74,9 +74,10 @@ def test_flow_preset_two_stages(tmp_path, monkeypatch):
             str(out),
             "num_stages=2",
             "progress=false",
+            "prompts.per_stage=4",
             "sampling.num_per_prompt=3",
-            "sampling.num_inference_steps=6",
-            "train.steps_per_stage=3",
+            "sampling.num_inference_steps=4",
+            "train.steps_per_stage=2",
             "eval.num_per_prompt=1",
             "early_stop.patience=null",
         ]

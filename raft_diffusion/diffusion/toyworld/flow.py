@@ -225,7 +225,7 @@ def pretrain_flow(
         with torch.no_grad():
             for pe, pl in zip(ema.parameters(), model.parameters()):
                 pe.lerp_(pl, 1 - d)
-        if step % 250 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"flow step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
     model.set_attn_processor(default_processors)
     pipe.transformer = ema
@@ -249,6 +249,14 @@ def _same_safetensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
+def _same_files(a: Path, b: Path) -> bool:
+    """Whether folders ``a`` and ``b`` hold the same file names with the same bytes."""
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    names = sorted(f.name for f in a.iterdir())
+    return names == sorted(f.name for f in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+
+
 def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Path:
     """``save_pretrained`` in fp16 safetensors, then link what is duplicated: ``text_encoder_2`` -> ``text_encoder``,
     ``tokenizer_2`` -> ``tokenizer``, and, given the UNet miniature's folder ``sd_dir``, the tokenizer and the VAE
@@ -264,7 +272,7 @@ def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Pat
         index.setdefault(name, [None, None])  # from_pretrained then needs no keyword to leave them out
     (directory / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
     _link(directory / "text_encoder", directory / "text_encoder_2")
-    if sd_dir is not None and (Path(sd_dir) / "tokenizer").is_dir():
+    if sd_dir is not None and _same_files(directory / "tokenizer", Path(sd_dir) / "tokenizer"):
         _link(Path(sd_dir) / "tokenizer", directory / "tokenizer")
     _link(directory / "tokenizer", directory / "tokenizer_2")
     weights = "diffusion_pytorch_model.safetensors"
