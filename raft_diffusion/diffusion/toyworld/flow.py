@@ -249,12 +249,19 @@ def _same_safetensors(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def _same_files(a: Path, b: Path) -> bool:
-    """Whether folders ``a`` and ``b`` hold the same file names with the same bytes."""
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether tokenizer folders ``a`` and ``b`` hold the same files, up to the padding and truncation state that
+    ``tokenizer.json`` keeps from the last call (every call of a transformers tokenizer sets it anew)."""
+
+    def content(path: Path):
+        if path.name != "tokenizer.json":
+            return path.read_bytes()
+        return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("padding", "truncation")}
+
     if not (a.is_dir() and b.is_dir()):
         return False
     names = sorted(f.name for f in a.iterdir())
-    return names == sorted(f.name for f in b.iterdir()) and all((a / n).read_bytes() == (b / n).read_bytes() for n in names)
+    return names == sorted(f.name for f in b.iterdir()) and all(content(a / n) == content(b / n) for n in names)
 
 
 def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Path:
@@ -268,11 +275,11 @@ def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Pat
     p.to(torch.float16)
     p.save_pretrained(str(directory), safe_serialization=True)
     index = json.loads((directory / "model_index.json").read_text())
-    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):  # absent parts, said so:
-        index.setdefault(name, [None, None])  # from_pretrained then needs no keyword to leave them out
+    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):  # absent parts, said so
+        index.setdefault(name, [None, None])  # (raft-diffusion's loaders then pass them as None)
     (directory / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
     _link(directory / "text_encoder", directory / "text_encoder_2")
-    if sd_dir is not None and _same_files(directory / "tokenizer", Path(sd_dir) / "tokenizer"):
+    if sd_dir is not None and _same_tokenizer(directory / "tokenizer", Path(sd_dir) / "tokenizer"):
         _link(Path(sd_dir) / "tokenizer", directory / "tokenizer")
     _link(directory / "tokenizer", directory / "tokenizer_2")
     weights = "diffusion_pytorch_model.safetensors"
