@@ -35,7 +35,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .sd import _cosine, caption, caption_variant, encode_pool, evaluate_pipeline, require_clip
+from .sd import _cosine, encode_pool, evaluate_pipeline, require_clip
+from .world import caption, caption_variant
 
 FLOW_LAYERS = 4  # MMDiT blocks
 FLOW_HEADS = 3  # attention heads of width FLOW_HEAD_DIM
