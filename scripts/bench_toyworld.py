@@ -97,10 +97,12 @@ def main(argv=None) -> int:
         table.append(rec)
 
     if args.best_of_k:
+        from raft_diffusion.diffusion.families import detect_family
         from raft_diffusion.diffusion.pipeline import load_pipeline
         from raft_diffusion.diffusion.toyworld.sd import sample
 
-        pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32")
+        family = detect_family(cfg["model"]["pretrained"], cfg["model"].get("family"))  # sd/ or the flow miniature's sd3/
+        pipe = load_pipeline(cfg["model"]["pretrained"], device="cpu", dtype="fp32", family=family)
         reward = load_reward_from_config(cfg["reward"], device="cpu")
         from raft_diffusion.diffusion.config import load_config
 

@@ -8,8 +8,9 @@
 - Spearman of the ``aesthetic`` reward (toy head on the toy CLIP) against gold on held-out renders; bar >= 0.80
 - if ``sd/`` exists: oracle shape+colour match of base samples for held-out prompts (bar >= 0.60) and the spread
   of their gold aesthetic.
+- if ``sd3/`` exists (the flow-matching miniature): the same figures for it (bar >= 0.90), at its guidance.
 
-The toy world's own assets only (its model is an SD 1.x StableDiffusionPipeline).
+The toy world's own assets only (its models: an SD 1.x StableDiffusionPipeline and an SD3-structured flow pipeline).
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def main(argv=None) -> int:
         fig.update({f"sd_{k}": v for k, v in ev.items() if k not in ("images", "prompt_list")})
         rows += [
             ("base T2I oracle match (held-out prompts)", ev["match"], ">= 0.60"),
+            ("  shape ok / colour ok", f"{ev['shape_ok']:.3f} / {ev['colour_ok']:.3f}", ""),
+            ("  gold aesthetic mean / std", f"{ev['gold_mean']:.2f} / {ev['gold_std']:.2f}", "std > 0.5"),
+        ]
+    if args.sd_prompts and (assets / "sd3" / "model_index.json").is_file():
+        from raft_diffusion.diffusion.families import detect_family
+        from raft_diffusion.diffusion.pipeline import load_pipeline
+        from raft_diffusion.diffusion.toyworld.flow import EVAL_GUIDANCE
+        from raft_diffusion.diffusion.toyworld.sd import evaluate_pipeline
+
+        pipe = load_pipeline(str(assets / "sd3"), device="cpu", dtype="fp32", family=detect_family(str(assets / "sd3")))
+        ev = evaluate_pipeline(pipe, n_prompts=args.sd_prompts, guidance=EVAL_GUIDANCE)
+        fig.update({f"sd3_{k}": v for k, v in ev.items() if k not in ("images", "prompt_list")})
+        rows += [
+            (f"flow T2I oracle match (held-out, cfg {EVAL_GUIDANCE:g})", ev["match"], ">= 0.90"),
             ("  shape ok / colour ok", f"{ev['shape_ok']:.3f} / {ev['colour_ok']:.3f}", ""),
             ("  gold aesthetic mean / std", f"{ev['gold_mean']:.2f} / {ev['gold_std']:.2f}", "std > 0.5"),
         ]

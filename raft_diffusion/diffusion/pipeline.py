@@ -109,6 +109,17 @@ def _quiet_loading():
             tlog.enable_progress_bar()
 
 
+def absent_components(folder) -> dict:
+    """``{name: None}`` for the parts a local pipeline folder's model_index.json lists as ``[null, null]`` (saved
+    without them, e.g. an SD3 folder without T5): ``from_pretrained`` must be told, or it refuses the folder."""
+    import json
+
+    index = Path(folder).expanduser() / "model_index.json"
+    if not index.is_file():
+        return {}
+    return {k: None for k, v in json.loads(index.read_text()).items() if isinstance(v, list) and len(v) == 2 and v[0] is None and v[1] is None}
+
+
 def load_pipeline(
     pretrained: str,
     *,
@@ -155,7 +166,7 @@ def load_pipeline(
         source = name
 
     # 2. load
-    kwargs = {"revision": revision, "variant": variant, _dtype_kwarg(): torch_dtype}
+    kwargs = {**(absent_components(source) if local else {}), "revision": revision, "variant": variant, _dtype_kwarg(): torch_dtype}
     if safety_checker and not sd:
         raise UserError(f"model.safety_checker is for SD 1.x/2.x pipelines; {pipeline_class.__name__} has none: set it to false")
     if not safety_checker and sd:

@@ -62,7 +62,7 @@ class Family(ABC):
                 f"model folder {name!r} has no model_index.json: pass a diffusers {self.pipeline_class_name} "
                 "folder (saved with save_pretrained) or a hub id like owner/name"
             )
-        kwargs = {"revision": revision, "variant": variant,
+        kwargs = {**(sd_pipeline.absent_components(name) if local else {}), "revision": revision, "variant": variant,
                   sd_pipeline._dtype_kwarg(): sd_pipeline.resolve_dtype(dtype, dev), **components}  # fmt: skip
         try:
             with sd_pipeline._quiet_loading():

@@ -5,6 +5,8 @@ Layout of a built world (the committed one is ``raft_diffusion/diffusion/toyworl
     clip/                      small CLIP, open_clip format (reward_models.save_open_clip)
     aesthetic_head.safetensors LAION-layout aesthetic head on clip/'s image embeddings
     sd/                        StableDiffusionPipeline folder (VAE, UNet, CLIP text encoder, CLIP tokenizer)
+    sd3/                       StableDiffusion3Pipeline folder (MMDiT, the CLIP text tower twice, no T5; the VAE
+                               weights and the tokenizer are links into sd/)
     build_info.json            settings, seeds, timings and measured quality of every part
 """
 
@@ -36,6 +38,9 @@ class BuildSettings:
     sd_batch: int = 32  # latents per denoiser batch
     sd_pool: int = 20000  # training renders encoded once for the denoiser
     sd_eval_prompts: int = 100  # held-out prompts sampled to measure the text-to-image model
+    flow_steps: int = 1600  # flow-matching transformer steps (VAE shared with sd/, text tower the CLIP's, frozen)
+    flow_batch: int = 32  # latents per flow-matching batch
+    flow_pool: int = 4000  # training renders encoded once for the flow-matching model
 
     @classmethod
     def miniature(cls) -> BuildSettings:
@@ -52,6 +57,9 @@ class BuildSettings:
             sd_batch=16,
             sd_pool=512,
             sd_eval_prompts=16,
+            flow_steps=40,
+            flow_batch=8,
+            flow_pool=256,
         )
 
 
@@ -141,13 +149,15 @@ def _sd_worker(out: Path, s: BuildSettings, events) -> dict:
 def build(
     out: Path | str = ASSETS_DIR,
     settings: BuildSettings | None = None,
-    parts: tuple = ("rewards", "sd"),
+    parts: tuple = ("rewards", "sd", "flow"),
     log: Callable[[str], None] = print,
     jobs: int = 1,
 ) -> dict:
     """Train the requested parts into ``out`` and write ``build_info.json``; return the info dict.
 
-    The text-to-image model conditions on the text tower of the toy CLIP, so ``sd`` alone needs ``out/clip``.
+    The text-to-image model conditions on the text tower of the toy CLIP, so ``sd`` alone needs ``out/clip``;
+    ``flow`` (the flow-matching miniature, :mod:`.flow`) needs ``out/clip`` and ``out/sd`` (it shares the VAE)
+    and is trained after them, with all the threads.
     ``jobs=2`` trains the two parts at once in two single-threaded processes: the autoencoder while the CLIP
     trains (the CLIP takes the second thread once the autoencoder is done), then the UNet while the aesthetic
     head trains (the UNet takes the second thread when that is done).
@@ -162,6 +172,7 @@ def build(
     info["settings"] = asdict(s)
     order = [p for p in ("rewards", "sd") if p in parts]
     parallel = jobs > 1 and len(order) > 1
+    flow = "flow" in parts
     info["jobs"] = 2 if parallel else 1
     info["torch_threads"] = 1 if parallel else torch.get_num_threads()
     t0 = time.time()
@@ -205,8 +216,19 @@ def build(
 
                 info[part] = build_sd(out, s, log)
             _write_json(info_path, info)
+    if flow:
+        from .flow import build_flow
+
+        if parallel:
+            _write_json(info_path, info)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(threads, jobs))
+        try:
+            info["flow"] = build_flow(out, s, log)
+        finally:
+            torch.set_num_threads(threads)
     info["seconds_this_call"] = time.time() - t0
-    info["seconds"] = sum(info[p]["seconds"] for p in ("rewards", "sd") if p in info)  # all parts, even if built apart
+    info["seconds"] = sum(info[p]["seconds"] for p in ("rewards", "sd", "flow") if p in info)  # all parts, even if built apart
     if order == ["rewards", "sd"]:
         info["wall_seconds"] = info["seconds_this_call"]
     _write_json(info_path, info)

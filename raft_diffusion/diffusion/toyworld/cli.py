@@ -19,12 +19,14 @@ def _build(args) -> int:
     settings = BuildSettings.miniature() if args.miniature else BuildSettings()
     settings = dataclasses.replace(settings, seed=args.seed)
     out = Path(args.out) if args.out else ASSETS_DIR
-    parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
-    unknown = set(parts) - {"rewards", "sd"}
-    if unknown:
-        from raft_diffusion.core.errors import UserError
+    from raft_diffusion.core.errors import UserError
 
-        raise UserError(f"unknown --parts {sorted(unknown)}: choose from rewards, sd")
+    if args.only and args.parts:
+        raise UserError("give --parts or --only, not both (--only flow = --parts flow)")
+    parts = tuple(p.strip() for p in (args.only or args.parts or "rewards,sd,flow").split(",") if p.strip())
+    unknown = set(parts) - {"rewards", "sd", "flow"}
+    if unknown:
+        raise UserError(f"unknown --parts {sorted(unknown)}: choose from rewards, sd, flow")
     info = build(out, settings, parts=parts, log=lambda m: print(m, flush=True), jobs=max(1, args.jobs))
     print(f"toy world built in {out} ({info['seconds_this_call']:.0f}s wall)", flush=True)
     return 0
@@ -34,10 +36,15 @@ def add_toyworld_parser(subparsers) -> argparse.ArgumentParser:
     """Register ``toyworld build`` under an ``argparse`` subparsers object; returns the ``toyworld`` parser."""
     p = subparsers.add_parser("toyworld", help="the toy text-to-image world (procedural shapes, small models)")
     sub = p.add_subparsers(dest="toyworld_command", required=True)
-    b = sub.add_parser("build", help="train the toy CLIP, aesthetic head and text-to-image pipeline from scratch")
+    b = sub.add_parser("build", help="train the toy CLIP, aesthetic head and text-to-image pipelines (UNet and flow-matching) from scratch")
     b.add_argument("--out", default=None, help="output folder (default: the packaged raft_diffusion/diffusion/toyworld/assets)")
     b.add_argument("--seed", type=int, default=0, help="build seed")
-    b.add_argument("--parts", default="rewards,sd", help="comma-separated parts to (re)build: rewards, sd")
+    b.add_argument("--parts", default=None, help="comma-separated parts to (re)build: rewards, sd, flow (default: all three)")
+    b.add_argument(
+        "--only",
+        default=None,
+        help="the same as --parts: `--only flow` trains only the flow-matching model on the folder's existing CLIP and VAE",
+    )
     b.add_argument("--miniature", action="store_true", help="a few-minute build with briefly trained parts (tests)")
     b.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default; jobs=1 only)")
     b.add_argument(

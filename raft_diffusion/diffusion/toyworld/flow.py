@@ -1,0 +1,344 @@
+"""The toy world's flow-matching model: a miniature Stable Diffusion 3 trained on the world.
+
+Real SD3 structure at toy width, saved as a ``StableDiffusion3Pipeline`` folder (``assets/sd3``):
+
+- an ``SD3Transformer2DModel`` (MMDiT: joint attention over image patches and text tokens, patch size 2 on the
+  16x16x4 latents) with a ``FlowMatchEulerDiscreteScheduler``;
+- the toy VAE of the UNet miniature (``sd/vae``), shared: same weights, with ``shift_factor`` 0 in its config
+  (the SD3 pipeline adds it when decoding);
+- both CLIP text encoders (``text_encoder``, ``text_encoder_2``) are the toy CLIP's text tower, frozen, as a
+  ``CLIPTextModelWithProjection`` (its pooled, projected output is the CLIP text embedding the rewards use);
+  the OpenAI CLIP BPE tokenizer; no T5 (``text_encoder_3=None``: the pipeline feeds zeros in its place).
+
+1. Encode a pool of training renders with the shared VAE (posterior mean and std, fresh draw each step).
+2. Encode every training caption once with the pipeline's own ``encode_prompt`` (penultimate CLIP layer for the
+   tokens, projected pooled output; the frozen encoders make this exact).
+3. Train the transformer with the rectified-flow loss (``x_t = (1 - sigma) x_0 + sigma * noise``, target
+   ``noise - x_0``, sigma logit-normal), dropping 10% of the captions (classifier-free guidance); keep an
+   exponential moving average and save that.
+
+In the saved folder the parts that are byte-for-byte the UNet miniature's (the VAE weights, the tokenizer) and the
+second text encoder (the first one again) are relative symbolic links, so the committed model adds only the
+transformer and one text encoder.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .sd import _cosine, encode_pool, evaluate_pipeline, require_clip
+from .world import caption, caption_variant
+
+FLOW_LAYERS = 4  # MMDiT blocks
+FLOW_HEADS = 3  # attention heads of width FLOW_HEAD_DIM
+FLOW_HEAD_DIM = 32
+FLOW_SHIFT = 1.0  # scheduler shift: SD3 uses 3.0 on 128x128 latents; these are 16x16
+T5_TOKENS = 256  # the zero "T5" tokens the pipeline appends (its default max_sequence_length)
+EVAL_GUIDANCE = 4.0  # guidance the quality figures are measured at
+
+
+def text_encoder_with_projection(model):
+    """The text tower of an open_clip CLIP as ``CLIPTextModelWithProjection``: ``text_embeds`` = open_clip's
+    ``encode_text`` (before normalisation), the tokens' hidden states as in :func:`sd.text_encoder_from_open_clip`."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from .sd import text_encoder_from_open_clip
+
+    base = text_encoder_from_open_clip(model)
+    proj = model.text_projection.detach().float()  # [width, embed_dim]: x @ proj
+    cfg = CLIPTextConfig(**{**base.config.to_dict(), "projection_dim": proj.shape[1]})
+    te = CLIPTextModelWithProjection(cfg)
+    state = {f"text_model.{k}": v for k, v in base.state_dict().items()}
+    state["text_projection.weight"] = proj.t().contiguous()
+    missing, unexpected = te.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ValueError(f"open_clip text tower does not map onto CLIPTextModelWithProjection: missing {missing}, unexpected {unexpected}")
+    return te.eval().requires_grad_(False)
+
+
+def load_text_encoder_with_projection(clip_dir: Path):
+    from reward_models import load_reward
+
+    backbone = load_reward("clip_score", clip_model=str(require_clip(clip_dir)), clip_pretrained=None).backbone
+    return text_encoder_with_projection(backbone.model.float())
+
+
+def build_transformer(text_dim: int, pooled_dim: int, seed: int = 0):
+    """An untrained MMDiT for 16x16x4 latents (fixed init seed); context width = the two CLIPs' hidden sizes."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 3)
+        return SD3Transformer2DModel(
+            sample_size=16,
+            patch_size=2,
+            in_channels=4,
+            out_channels=4,
+            num_layers=FLOW_LAYERS,
+            attention_head_dim=FLOW_HEAD_DIM,
+            num_attention_heads=FLOW_HEADS,
+            joint_attention_dim=text_dim,
+            caption_projection_dim=FLOW_HEADS * FLOW_HEAD_DIM,
+            pooled_projection_dim=pooled_dim,
+            pos_embed_max_size=8,
+        )
+
+
+def build_flow_pipeline(vae, text_encoder, tokenizer, seed: int = 0):
+    """A ``StableDiffusion3Pipeline`` around the shared VAE and a frozen toy CLIP text tower (used twice), with
+    an untrained transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    vae = copy.deepcopy(vae).eval()
+    vae.register_to_config(shift_factor=0.0)  # the SD3 pipeline decodes latents / scaling + shift
+    h = text_encoder.config.hidden_size
+    transformer = build_transformer(2 * h, 2 * text_encoder.config.projection_dim, seed)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder,
+        tokenizer_2=tokenizer,
+        text_encoder_3=None,
+        tokenizer_3=None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def encode_texts(pipe, texts: list[str], batch: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(clip token embeddings [N, L, 2h], pooled [N, 2p])`` through the pipeline's ``encode_prompt`` (without
+    the zero T5 tokens: :func:`with_t5_zeros` appends them)."""
+    toks, pooled = [], []
+    for i in range(0, len(texts), batch):
+        pe, _, pp, _ = pipe.encode_prompt(
+            prompt=texts[i : i + batch], prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=1
+        )
+        toks.append(pe[:, :-1].float())
+        pooled.append(pp.float())
+    return torch.cat(toks), torch.cat(pooled)
+
+
+def with_t5_zeros(tokens: torch.Tensor, n: int = T5_TOKENS) -> torch.Tensor:
+    return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], n, tokens.shape[2])], dim=1)
+
+
+class SinkJointAttention:
+    """Joint attention (as diffusers' ``JointAttnProcessor2_0``) where the last context token stands for ``n``
+    identical copies of itself: its attention logit gets ``+ log n``.
+
+    Without T5 the SD3 pipeline appends ``T5_TOKENS`` zero rows to the CLIP tokens. Identical inputs stay identical
+    through every block, and ``n`` identical keys with equal values weigh exactly as one key with ``log n`` added
+    to its logit, so training on one such token with this processor trains the model the pipeline runs with all
+    of them, at a quarter of the cost. Training only: the saved model uses diffusers' own processor.
+    """
+
+    def __init__(self, n: int):
+        self.log_n = float(np.log(n))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x, norm=None):
+            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        q = heads(attn.to_q(hidden_states), attn.norm_q)
+        k = heads(attn.to_k(hidden_states), attn.norm_k)
+        v = heads(attn.to_v(hidden_states))
+        q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+        k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+        v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        bias[..., -1] = self.log_n
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]).to(q.dtype)
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](img)), ctx
+
+
+def pretrain_flow(
+    pipe,
+    pool: dict,
+    steps: int,
+    batch: int,
+    seed: int,
+    log: Callable[[str], None],
+    lr: float = 1e-3,
+    ema_decay: float = 0.995,
+    drop: float = 0.1,
+) -> dict:
+    """Train ``pipe.transformer`` on an encoded pool with the rectified-flow loss; replace it by its EMA."""
+    t0 = time.time()
+    model = pipe.transformer
+    scenes, means, stds = pool["scenes"], pool["means"], pool["stds"]
+    rng = np.random.default_rng([seed, 0xF1])
+    full = [caption(s) for s in scenes]
+    short = [caption_variant(s, rng, p_full=0.0) for s in scenes]
+    texts = sorted(set(full) | set(short) | {""})
+    pos = {t: i for i, t in enumerate(texts)}
+    tok_emb, pooled_emb = encode_texts(pipe, texts)
+    idx_full = torch.tensor([pos[t] for t in full])
+    idx_short = torch.tensor([pos[t] for t in short])
+    empty = pos[""]
+    log(f"flow: {len(texts)} distinct captions encoded ({time.time() - t0:.0f}s)")
+    sf = float(pipe.vae.config.scaling_factor)
+    model.train().requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
+    sched = _cosine(opt, steps)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)  # diffusers' processors: deepcopied before the swap
+    gen = torch.Generator().manual_seed(seed)
+    zeros = torch.zeros(batch, 1, tok_emb.shape[2])  # one zero "T5" token standing for T5_TOKENS of them
+    default_processors = model.attn_processors
+    model.set_attn_processor(SinkJointAttention(T5_TOKENS))
+    for step in range(steps):
+        i = torch.randint(0, len(scenes), (batch,), generator=gen)
+        x0 = (means[i] + stds[i] * torch.randn(means[i].shape, generator=gen)) * sf
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
+        xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        t = torch.where(torch.rand(batch, generator=gen) < 0.5, idx_full[i], idx_short[i])
+        t[torch.rand(batch, generator=gen) < drop] = empty
+        enc = torch.cat([tok_emb[t], zeros], dim=1)
+        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=enc, pooled_projections=pooled_emb[t], return_dict=False)[0]
+        loss = (pred - (noise - x0)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        d = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pl in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pl, 1 - d)
+        if step % 100 == 0 or step == steps - 1:
+            log(f"flow step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+    model.set_attn_processor(default_processors)
+    pipe.transformer = ema
+    pipe.register_modules(transformer=ema)
+    return {"final_loss": float(loss.item()), "seconds": time.time() - t0, "parameters": sum(p.numel() for p in ema.parameters())}
+
+
+def _link(target: Path, link: Path) -> None:
+    """Replace ``link`` (file or folder) by a relative symbolic link to ``target``."""
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)
+    elif link.exists() or link.is_symlink():
+        link.unlink()
+    os.symlink(os.path.relpath(target, link.parent), link)
+
+
+def _same_safetensors(a: Path, b: Path) -> bool:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a)), load_file(str(b))
+    return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def _same_tokenizer(a: Path, b: Path) -> bool:
+    """Whether tokenizer folders ``a`` and ``b`` hold the same files, up to the padding and truncation state that
+    ``tokenizer.json`` keeps from the last call (every call of a transformers tokenizer sets it anew)."""
+
+    def content(path: Path):
+        if path.name != "tokenizer.json":
+            return path.read_bytes()
+        return {k: v for k, v in json.loads(path.read_text()).items() if k not in ("padding", "truncation")}
+
+    if not (a.is_dir() and b.is_dir()):
+        return False
+    names = sorted(f.name for f in a.iterdir())
+    return names == sorted(f.name for f in b.iterdir()) and all(content(a / n) == content(b / n) for n in names)
+
+
+def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Path:
+    """``save_pretrained`` in fp16 safetensors, then link what is duplicated: ``text_encoder_2`` -> ``text_encoder``,
+    ``tokenizer_2`` -> ``tokenizer``, and, given the UNet miniature's folder ``sd_dir``, the tokenizer and the VAE
+    weights to it when they are identical there."""
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    p = copy.deepcopy(pipe)
+    p.to(torch.float16)
+    p.save_pretrained(str(directory), safe_serialization=True)
+    index = json.loads((directory / "model_index.json").read_text())
+    for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):  # absent parts, said so
+        index.setdefault(name, [None, None])  # (raft-diffusion's loaders then pass them as None)
+    (directory / "model_index.json").write_text(json.dumps(dict(sorted(index.items())), indent=2) + "\n")
+    _link(directory / "text_encoder", directory / "text_encoder_2")
+    if sd_dir is not None and _same_tokenizer(directory / "tokenizer", Path(sd_dir) / "tokenizer"):
+        _link(Path(sd_dir) / "tokenizer", directory / "tokenizer")
+    _link(directory / "tokenizer", directory / "tokenizer_2")
+    weights = "diffusion_pytorch_model.safetensors"
+    if sd_dir is not None and _same_safetensors(directory / "vae" / weights, Path(sd_dir) / "vae" / weights):
+        _link(Path(sd_dir) / "vae" / weights, directory / "vae" / weights)
+    return directory
+
+
+def load_flow_pipeline(directory: Path):
+    """``StableDiffusion3Pipeline.from_pretrained`` in fp32 on CPU (no T5), progress bars off."""
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(directory), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def folder_bytes(directory: Path) -> int:
+    """Bytes of the regular files under ``directory``; symbolic links (to files or folders) add no data."""
+    total = 0
+    for root, _, files in os.walk(directory):  # os.walk does not descend into linked folders
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files if not os.path.islink(os.path.join(root, f)))
+    return total
+
+
+def build_flow(out: Path, s, log: Callable[[str], None] = print) -> dict:
+    """Train the flow-matching miniature (settings ``s``: a ``BuildSettings``) on the built ``out/sd`` VAE and
+    ``out/clip`` text tower, save it to ``out/sd3`` and measure it on held-out prompts."""
+    from diffusers import AutoencoderKL
+
+    from raft_diffusion.core.errors import UserError
+
+    out = Path(out)
+    sd_dir = out / "sd"
+    if not (sd_dir / "vae" / "config.json").is_file():
+        raise UserError(f"no toy VAE in {sd_dir}/vae: the flow model shares it; build it first (raft-diffusion toyworld build --parts sd)")
+    require_clip(out / "clip")
+    t0 = time.time()
+    torch.manual_seed(s.seed)
+    vae = AutoencoderKL.from_pretrained(str(sd_dir / "vae"), torch_dtype=torch.float32).eval()
+    from raft_diffusion.diffusion.tiny import build_clip_tokenizer
+
+    te = load_text_encoder_with_projection(out / "clip")
+    tok = build_clip_tokenizer()
+    tok.model_max_length = te.config.max_position_embeddings
+    pipe = build_flow_pipeline(vae, te, tok, s.seed)
+    pool = encode_pool(vae, s.flow_pool, s.seed + 17)
+    log(f"flow: pool of {len(pool['scenes'])} latents encoded ({time.time() - t0:.0f}s)")
+    info = {"train": pretrain_flow(pipe, pool, s.flow_steps, s.flow_batch, s.seed, log)}
+    save_flow_pipeline(pipe, out / "sd3", sd_dir)
+    pipe = load_flow_pipeline(out / "sd3")  # measure what was saved (fp16 weights, upcast)
+    ev = evaluate_pipeline(pipe, n_prompts=s.sd_eval_prompts, seed=s.seed, guidance=EVAL_GUIDANCE)
+    info["eval"] = {k: v for k, v in ev.items() if k not in ("images", "prompt_list")}
+    info["eval"]["guidance"] = EVAL_GUIDANCE
+    info["bytes"] = folder_bytes(out / "sd3")
+    info["seconds"] = time.time() - t0
+    log(f"sd3: {info['eval']} ({info['seconds']:.0f}s)")
+    return info
+
+
+__all__ = ["build_flow", "build_flow_pipeline", "load_flow_pipeline", "pretrain_flow", "save_flow_pipeline"]
