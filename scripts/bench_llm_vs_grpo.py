@@ -219,6 +219,12 @@ def main() -> None:
     p.add_argument("--grpo-batch", type=int, default=64, help="completions per GRPO step (64 = 8 prompts x 8 generations)")
     p.add_argument("--grpo-eval-every", type=int, default=5, help="GRPO steps between held-out evaluations")
     p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
+    p.add_argument(
+        "--grpo-cache",
+        type=Path,
+        default=None,
+        help="folder for GRPO results (grpo_<lr>_<beta>.json): a setting measured there before is read back instead of rerun",
+    )
     p.add_argument("--worker", choices=["raft", "grpo"], help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
@@ -239,8 +245,16 @@ def main() -> None:
     grpo = {}
     if not args.skip_grpo:
         for s in args.grpo_settings:
+            cached = args.grpo_cache / f"grpo_{s.replace(':', '_')}.json" if args.grpo_cache else None
+            if cached is not None and cached.is_file():
+                grpo[s] = json.loads(cached.read_text())
+                print(f"GRPO {s}: read back from {cached}", flush=True)
+                continue
             extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
             grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(grpo[s]))
     report(args, raft, grpo)
 
 
