@@ -93,10 +93,14 @@ def raft_worker(args) -> None:
             out.append({"stage": row["stage"], "cpu": cpu_seconds() - t0 - spent_eval[0], **eval_summary(row)})
             print(f"raft stage {row['stage']}: {json.dumps(out[-1])}", file=sys.stderr, flush=True)
 
-        def reached(rows):
-            return "target" if args.stop_at_target and rows[-1].get("eval_reward_mean", 0) >= args.target else None
+        class Reached:  # the loop's should_stop: end the run at the target; final/ = the last stage
+            def __call__(self, rows):
+                return "target" if args.stop_at_target and rows[-1].get("eval_reward_mean", 0) >= args.target else None
 
-        run_raft(cfg, task, run, should_stop=reached, on_stage=on_stage)
+            def best_stage(self, rows):
+                return rows[-1]["stage"]
+
+        run_raft(cfg, task, run, should_stop=Reached(), on_stage=on_stage)
     Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0]}))
 
 
@@ -241,6 +245,7 @@ def main() -> None:
                 f"bench_llm_vs_grpo: trl is not importable by {args.grpo_python}; pip install 'raft-diffusion[grpo]' "
                 "(or pip install trl) there, or pass --grpo-python PATH (a python that has trl), or --skip-grpo"
             )
+    load_before = os.getloadavg()
     raft = worker("raft", sys.executable, args, ["--max-stages", str(args.max_stages), "--raft", *args.raft])
     grpo = {}
     if not args.skip_grpo:
@@ -255,6 +260,7 @@ def main() -> None:
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(grpo[s]))
+    print(f"machine load (1-min average, {os.cpu_count()} CPUs): {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
     report(args, raft, grpo)
 
 
