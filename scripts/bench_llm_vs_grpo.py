@@ -95,7 +95,8 @@ def raft_worker(args) -> None:
 
         class Reached:  # the loop's should_stop: end the run at the target; final/ = the last stage
             def __call__(self, rows):
-                return "target" if args.stop_at_target and rows[-1].get("eval_reward_mean", 0) >= args.target else None
+                last = rows[-1]
+                return "target" if args.stop_at_target and last["stage"] > 0 and last.get("eval_reward_mean", 0) >= args.target else None
 
             def best_stage(self, rows):
                 return rows[-1]["stage"]
@@ -180,7 +181,7 @@ def grpo_worker(args) -> None:
                 spent_eval[0] += cpu_seconds() - c
                 out.append({"step": state.global_step, "cpu": cpu_seconds() - t0 - spent_eval[0], **eval_summary(m)})
                 print(f"grpo {args.setting} step {state.global_step}: {json.dumps(out[-1])}", file=sys.stderr, flush=True)
-                if args.stop_at_target and m["eval_reward_mean"] >= args.target:
+                if args.stop_at_target and state.global_step > 0 and m["eval_reward_mean"] >= args.target:
                     control.should_training_stop = True
 
         trainer.add_callback(Eval())
@@ -202,7 +203,8 @@ def worker(kind: str, python: str, args, extra: list[str]) -> dict:
 
 
 def first_reaching(rows, target):
-    return next((r for r in rows if (r.get("eval_reward_mean") or 0) >= target), None)
+    """The first trained row (not the base model's) at or above ``target``."""
+    return next((r for r in rows if r.get("stage", r.get("step")) and (r.get("eval_reward_mean") or 0) >= target), None)
 
 
 def at_cpu(rows, cpu):
@@ -287,7 +289,7 @@ def report(args, raft, grpo) -> None:
     )
     print("|---|---|---|---|---|---|---|")
     print(line("base", base, cpu=False))
-    hit = first_reaching(rows[1:], args.target)
+    hit = first_reaching(rows, args.target)
     print(line(f"RAFT reaching {args.target}" + (f" (stage {hit['stage']})" if hit else ""), hit))
     print(line(f"RAFT last (stage {rows[-1]['stage']})", rows[-1]))
     grpo_hits = []
@@ -307,6 +309,9 @@ def report(args, raft, grpo) -> None:
         + "; ".join(f"GRPO {s} {g['eval_cpu']:.1f}" for s, g in grpo.items())
     )
     if grpo:
+        if hit and not grpo_hits:  # GRPO never got there: its CPU s when it stopped bound the ratio from above
+            spent = max(g["rows"][-1]["cpu"] for g in grpo.values())
+            print(f"no GRPO setting reached {args.target}; RAFT's CPU s over the most GRPO spent without reaching it: < {hit['cpu'] / spent:.3f}")
         ratio = (hit["cpu"] / min(grpo_hits)) if (hit and grpo_hits) else float("nan")
         print(f"raft_vs_grpo_cpu: {ratio:.3f}")
 
