@@ -278,7 +278,7 @@ def test_full_finetuning_keeps_a_frozen_base_copy(tmp_path):
 
 
 def test_early_stop_guard_on_distinct_2():
-    cfg = small_cfg("early_stop.min_diversity_ratio=0.8")
+    cfg = small_cfg("early_stop.min_diversity_ratio=0.8", "early_stop.diversity_metric=eval_distinct_2")  # the pooled figure
     stop = cfg.stopper()
     rows = [
         {"stage": 0, "eval_reward_mean": 3.0, "eval_distinct_2": 0.5},

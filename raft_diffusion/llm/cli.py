@@ -61,8 +61,10 @@ def _align(args) -> int:
     if "eval_reward_mean" in first and "eval_reward_mean" in last:
         print(
             f"held-out reward {first['eval_reward_mean']:.4g} -> {last['eval_reward_mean']:.4g} (stage {final_stage})"
-            f" (base std {first.get('eval_reward_std', float('nan')):.3g}), distinct-2 "
-            f"{first.get('eval_distinct_2', float('nan')):.3g} -> {last.get('eval_distinct_2', float('nan')):.3g}",
+            f" (base std {first.get('eval_reward_std', float('nan')):.3g}), distinct-2 per prompt "
+            f"{first.get('eval_distinct_2_per_prompt', float('nan')):.3g} -> {last.get('eval_distinct_2_per_prompt', float('nan')):.3g}"
+            f" (pooled {first.get('eval_distinct_2', float('nan')):.3g} -> {last.get('eval_distinct_2', float('nan')):.3g}), length "
+            f"{first.get('eval_length', float('nan')):.3g} -> {last.get('eval_length', float('nan')):.3g} tokens",
             flush=True,
         )
     print(f"done: adapter in {run.final_dir}, metrics in {run.metrics_path}" + (f", report {report}" if report else ""), flush=True)

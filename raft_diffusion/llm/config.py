@@ -103,6 +103,11 @@ class LLMTrainConfig:
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     max_length: int | None = _f(None, "truncate prompt+completion to this many tokens (prompt cut from the left); null = the model's limit")
     mixed_precision: str = _f("no", "no, fp16 or bf16 (autocast; CUDA only)")
+    clip_epsilon: float | None = _f(
+        None,
+        "RAFT++: token loss -min(r, clip(r, 1-eps, 1+eps)), r = p/p_old against the model as the stage's training began, "
+        "so several epochs reuse one pool (a token made (1+eps)x likelier stops pulling); null = plain NLL",
+    )
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
 
 
@@ -117,10 +122,18 @@ class LLMEvalConfig:
     report: bool = _f(True, "write report.html (before/after completions per held-out prompt) when the run ends")
 
 
+DIVERSITY_METRICS = ("eval_distinct_2_per_prompt", "eval_distinct_1_per_prompt", "eval_distinct_2", "eval_distinct_1")
+
+
 @dataclass
 class LLMEarlyStopConfig(core.EarlyStopConfig):
     min_diversity_ratio: float | None = _f(
-        None, "stop when eval_distinct_2 falls below this fraction of the base model's (final/ = the best stage above it); null = off"
+        None, "stop when early_stop.diversity_metric falls below this fraction of the base model's (final/ = the best stage above it); null = off"
+    )
+    diversity_metric: str = _f(
+        "eval_distinct_2_per_prompt",
+        "what min_diversity_ratio reads: eval_distinct_2_per_prompt (per prompt over its completions, does not depend on "
+        "eval.num_per_prompt), eval_distinct_1_per_prompt, or the pooled eval_distinct_2 / eval_distinct_1 (fall as more completions are drawn)",
     )
 
 
@@ -152,7 +165,7 @@ class LLMConfig(core.BaseConfig):
         return train, load_prompts(self.prompts.eval, "prompts.eval")
 
     def floor_settings(self):
-        return [("min_diversity_ratio", "eval_distinct_2", "diversity", self.early_stop.min_diversity_ratio)]
+        return [("min_diversity_ratio", self.early_stop.diversity_metric, "diversity", self.early_stop.min_diversity_ratio)]
 
     def check(self) -> None:
         """The LLM rules (the shared ones are in :meth:`BaseConfig.validate`)."""
@@ -207,7 +220,15 @@ class LLMConfig(core.BaseConfig):
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(t.max_length is None or t.max_length >= 2, "train.max_length must be >= 2 or null")
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
+        need(
+            t.clip_epsilon is None or 0 < t.clip_epsilon < 1,
+            f"train.clip_epsilon must be in (0, 1) (0.2 is PPO's usual value) or null for the plain NLL (got {t.clip_epsilon})",
+        )
         need(e.best_of_k is None or e.best_of_k >= 0, "eval.best_of_k must be >= 0 or null")
+        need(
+            self.early_stop.diversity_metric in DIVERSITY_METRICS,
+            f"early_stop.diversity_metric must be one of {', '.join(DIVERSITY_METRICS)} (got {self.early_stop.diversity_metric!r})",
+        )
         need(
             e.gold_reward is None or (isinstance(e.gold_reward, dict) and "name" in e.gold_reward),
             "eval.gold_reward must be null or a mapping with 'name' (e.g. {name: toy_gold})",

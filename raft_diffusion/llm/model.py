@@ -177,22 +177,43 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, 
     return peft_model
 
 
-def save_adapter(model, folder: Path) -> None:
+def portable_model_name(name: str, cwd: str | Path | None = None) -> str:
+    """The base model's name for a saved adapter, as the user gave it: a hub id or a folder path unchanged,
+    and 'toy' as the committed toy LM's folder relative to ``cwd`` (default: where the run was started).
+
+    The loaded model only knows its resolved folder, which for 'toy' is an absolute install path that
+    names this machine and breaks when the run directory moves.
+    """
+    if name != "toy":
+        return name
+    import os
+
+    return Path(os.path.relpath(toy_path("lm"), Path.cwd() if cwd is None else cwd)).as_posix()
+
+
+def save_adapter(model, folder: Path, base_name: str | None = None) -> None:
     """``model.save_pretrained(folder)`` with ``target_modules`` sorted in adapter_config.json.
 
     peft keeps the targets as a set and writes them in set order, which changes with the process's string
-    hash seed: the same run would give different bytes each time.
+    hash seed: the same run would give different bytes each time. ``base_name`` (see :func:`portable_model_name`)
+    replaces the loaded model's own path as ``base_model_name_or_path`` in adapter_config.json and README.md.
     """
     configs = getattr(model, "peft_config", {})
-    saved = {name: c.target_modules for name, c in configs.items()}
+    saved = {name: (c.target_modules, c.base_model_name_or_path) for name, c in configs.items()}
+    loaded_from = getattr(getattr(model, "config", None), "name_or_path", None)
     try:
         for c in configs.values():
             if isinstance(c.target_modules, (set, frozenset)):
                 c.target_modules = sorted(c.target_modules)
+            if base_name is not None:
+                c.base_model_name_or_path = base_name
         model.save_pretrained(folder)
     finally:
-        for name, targets in saved.items():
-            configs[name].target_modules = targets
+        for name, (targets, base) in saved.items():
+            configs[name].target_modules, configs[name].base_model_name_or_path = targets, base
+    card = Path(folder) / "README.md"
+    if base_name is not None and loaded_from and loaded_from != base_name and card.is_file():
+        card.write_text(card.read_text(encoding="utf-8").replace(loaded_from, base_name), encoding="utf-8")
 
 
 def adapter_state(model) -> dict:

@@ -89,16 +89,23 @@ def train_response_only(
     max_length: int | None,
     seed: int,
     mixed_precision: str = "no",
+    clip_epsilon: float | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> dict:
     """Fine-tune on (prompt_ids, completion_ids) pairs with the next-token loss on completion tokens only.
 
     1. Order: a seeded shuffle per epoch; micro-batches of ``batch_size``; ``gradient_accumulation_steps``
-       micro-batches per optimizer step. The step's loss is the summed token NLL divided by the number of
+       micro-batches per optimizer step. The step's loss is the summed token loss divided by the number of
        response tokens in all its micro-batches (each token weighs the same, whatever its row's length).
     2. Steps: ``max_steps`` or ceil(epochs * n / (batch_size * accumulation)).
     3. A fresh AdamW + transformers schedule per call, dropout seeded, so a resumed stage repeats exactly.
+
+    Token loss: the NLL ``-log p(y_t)``; with ``clip_epsilon`` (RAFT++) the clipped importance-weighted
+    objective ``-min(r_t, clip(r_t, 1 - eps, 1 + eps))`` with ``r_t = p(y_t) / p_old(y_t)``, ``p_old`` being
+    the model when this call starts (eval mode) and the advantage of a kept completion 1. Its gradient at
+    r_t = 1 is the NLL's; once a token's probability has risen past (1 + eps) p_old it stops pulling, so
+    several epochs over one pool do not keep sharpening what the model already learned.
     """
     from transformers import get_scheduler
 
@@ -113,6 +120,7 @@ def train_response_only(
     if steps == 0:
         return {"loss_mean": None, "train_steps": 0, "train_tokens": 0}
     device = params[0].device
+    old = None if clip_epsilon is None else old_token_logprobs(model, examples, pad_id, batch_size=batch_size, max_length=max_length)
     opt = torch.optim.AdamW(params, lr=learning_rate, weight_decay=weight_decay)
     sched = get_scheduler(lr_scheduler, opt, num_warmup_steps=lr_warmup_steps, num_training_steps=steps)
     rng = random.Random(seed)
@@ -136,16 +144,21 @@ def train_response_only(
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         for _ in tqdm(range(steps), desc=desc, disable=not progress, leave=False):
+            chunks = [next_micro() for _ in range(gradient_accumulation_steps)]
             micro = [
-                collate([examples[j][0] for j in idx], [examples[j][1] for j in idx], pad_id, max_length=max_length, device=device)
-                for idx in (next_micro() for _ in range(gradient_accumulation_steps))
+                collate([examples[j][0] for j in idx], [examples[j][1] for j in idx], pad_id, max_length=max_length, device=device) for idx in chunks
             ]
             n_tok = sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in micro)
             step_loss = 0.0
-            for b in micro:
+            for idx, b in zip(chunks, micro):
                 with autocast():
-                    lp, _ = token_logprobs(model, b)
-                    loss = -lp.sum() / max(n_tok, 1)
+                    lp, mask = token_logprobs(model, b)
+                    if old is None:
+                        loss = -lp.sum() / max(n_tok, 1)
+                    else:
+                        ref = torch.zeros_like(lp)
+                        ref[mask] = torch.cat([old[j] for j in idx]).to(lp.device, lp.dtype)
+                        loss = -(clipped_objective(lp, ref, clip_epsilon) * mask).sum() / max(n_tok, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(loss.detach())
             if scaler:
@@ -163,3 +176,25 @@ def train_response_only(
             tokens += n_tok
     model.eval()
     return {"loss_mean": sum(losses) / len(losses), "loss_last": losses[-1], "train_steps": steps, "train_tokens": tokens}
+
+
+def clipped_objective(logp: torch.Tensor, old_logp: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-token PPO-clip objective with advantage 1: ``min(r, clip(r, 1 - eps, 1 + eps))``, r = exp(logp - old_logp)."""
+    ratio = torch.exp(logp - old_logp)
+    return torch.minimum(ratio, ratio.clamp(1.0 - eps, 1.0 + eps))
+
+
+@torch.no_grad()
+def old_token_logprobs(model, examples, pad_id: int, *, batch_size: int, max_length: int | None) -> list[torch.Tensor]:
+    """Per example, the log-probs of its response tokens (after ``collate``'s truncation) under ``model`` now, in eval mode."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out: list[torch.Tensor] = []
+    for i in range(0, len(examples), batch_size):
+        part = examples[i : i + batch_size]
+        b = collate([p for p, _ in part], [c for _, c in part], pad_id, max_length=max_length, device=device)
+        lp, mask = token_logprobs(model, b)
+        out += [row[m].float().cpu() for row, m in zip(lp, mask)]
+    model.train(was_training)
+    return out

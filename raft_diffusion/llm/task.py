@@ -8,7 +8,8 @@ score      the text reward on (prompt, completion) pairs; discarded completions 
 finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
 save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
            stages/NNN/model/ for full fine-tuning
-evaluate   held-out prompts x fixed seeds: reward, gold reward, distinct-1/2, length, base perplexity
+evaluate   held-out prompts x fixed seeds: reward, gold reward, distinct-1/2 (pooled and per prompt), repeated
+           bigram rate, length, base perplexity
 """
 
 from __future__ import annotations
@@ -30,8 +31,18 @@ from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import encode_prompts, eos_ids, sample_completions, uses_chat_template
-from .metrics import distinct_n, perplexity
-from .model import add_lora, load_adapter_weights, load_causal_lm, load_tokenizer, max_positions, resolve_dtype, resolve_model_path, save_adapter
+from .metrics import distinct_n, distinct_n_per_prompt, perplexity, repeated_ngram_rate
+from .model import (
+    add_lora,
+    load_adapter_weights,
+    load_causal_lm,
+    load_tokenizer,
+    max_positions,
+    portable_model_name,
+    resolve_dtype,
+    resolve_model_path,
+    save_adapter,
+)
 from .prompts import load_prompts
 from .rewards import load_text_reward, wrap_callable
 from .sft import sequence_logprobs, train_response_only
@@ -57,6 +68,7 @@ class LLMTask:
         self.device = resolve_device(m.device)
         self.dtype = resolve_dtype(m.dtype, self.device)
         path = resolve_model_path(m.pretrained)
+        self.base_name = portable_model_name(m.pretrained)  # written into adapter_config.json (not an install path)
         self.tokenizer = load_tokenizer(m.tokenizer or path, revision=m.revision if not m.tokenizer else None, pad_token=m.pad_token)
         model = load_causal_lm(path, revision=m.revision, device=self.device, dtype=self.dtype)
         self.pad_id = self.tokenizer.pad_token_id
@@ -228,6 +240,7 @@ class LLMTask:
             max_length=self.max_length,
             seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision,
+            clip_epsilon=t.clip_epsilon,
             progress=self.cfg.progress,
             desc=f"stage {stage} train",
         )
@@ -244,7 +257,7 @@ class LLMTask:
 
             shutil.rmtree(tmp)
         if self.cfg.train.method == "lora":
-            save_adapter(self.model, tmp)
+            save_adapter(self.model, tmp, base_name=self.base_name)
         else:
             self.model.save_pretrained(tmp)
         if self.cfg.train.method == "full":
@@ -312,11 +325,20 @@ class LLMTask:
             out_rows.append(row)
         write_jsonl(Path(stage_dir) / "eval.jsonl", out_rows)
         r_mean, r_std = mean_std([rewards[i] for i in main])
+        held_out = [texts[i] for i in main]
+        groups: dict[int, list[str]] = {}
+        for i in main:
+            groups.setdefault(rows[i][0], []).append(texts[i])
         metrics = {
             "eval_reward_mean": r_mean,
             "eval_reward_std": r_std,
-            "eval_distinct_1": distinct_n([texts[i] for i in main], 1),
-            "eval_distinct_2": distinct_n([texts[i] for i in main], 2),
+            # pooled over all held-out completions (falls as eval.num_per_prompt grows) ...
+            "eval_distinct_1": distinct_n(held_out, 1),
+            "eval_distinct_2": distinct_n(held_out, 2),
+            # ... and per prompt over its eval.num_per_prompt completions, averaged over prompts
+            "eval_distinct_1_per_prompt": distinct_n_per_prompt(list(groups.values()), 1),
+            "eval_distinct_2_per_prompt": distinct_n_per_prompt(list(groups.values()), 2),
+            "eval_repeated_2gram_rate": repeated_ngram_rate(held_out, 2),
             "eval_length": sum(rows[i][3].n_tokens for i in main) / len(main),
             "eval_base_perplexity": perplexity([lp for lp, _ in base_lp], [nt for _, nt in base_lp]),
         }

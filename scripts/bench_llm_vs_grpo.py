@@ -1,0 +1,320 @@
+"""RAFT against trl's GRPOTrainer on the toy text world: held-out reward, diversity and process CPU seconds.
+
+Both sides get the same tiny GPT-2 (the committed toy LM), the same star-rating reward (toy_sentiment), the same
+60 training and 10 held-out prompts, LoRA r 8 (alpha 16, all linear layers), one torch thread, 32 new tokens at
+temperature 1. Each runs in its own process; its cost is process CPU time (getrusage RUSAGE_SELF + RUSAGE_CHILDREN,
+user + system) spent training -- sampling, scoring, updates -- from the end of model loading; the held-out
+evaluations are measured apart and left out, so the evaluation schedule does not change the figures.
+
+Held-out evaluation is the same code for both (the LLM task's): 8 completions per held-out prompt with the run's
+fixed eval seeds; reward, distinct-2 (per prompt, averaged, and pooled over the 80 completions), length, repeated
+bigram rate. Diversity is reported as a share of the base model's.
+
+    python scripts/bench_llm_vs_grpo.py                       # the preset against GRPO (two settings)
+    python scripts/bench_llm_vs_grpo.py --raft train.clip_epsilon=0.2 train.epochs=2   # RAFT with overrides
+
+trl is optional (not a dependency of raft-diffusion): ``pip install 'raft-diffusion[grpo]'`` or ``pip install trl``
+(it brings ``datasets``); ``--grpo-python`` runs the GRPO side with another interpreter (a venv that has trl).
+Last line: ``raft_vs_grpo_cpu: <RAFT's CPU s to --target stars> / <GRPO's, the faster setting>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESET = ROOT / "configs" / "llm_toy_sentiment.yaml"
+GRPO_SETTINGS = ["5e-4:0", "1e-3:0.04"]  # learning rate : beta (the issue's two settings)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+def one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+    torch.set_num_interop_threads(1) if hasattr(torch, "set_num_interop_threads") else None
+
+
+def load_cfg(config: str, overrides: list[str]):
+    from raft_diffusion.core.config import load_config
+    from raft_diffusion.llm.config import LLMConfig
+
+    base = ["progress=false", "model.num_threads=1", "early_stop.min_diversity_ratio=null", "eval.every=1", "eval.report=false"]
+    return load_config(config, base + list(overrides), cls=LLMConfig)
+
+
+def eval_summary(m: dict) -> dict:
+    keys = ("eval_reward_mean", "eval_distinct_2", "eval_distinct_2_per_prompt", "eval_length", "eval_repeated_2gram_rate", "eval_gold_mean")
+    return {k: m.get(k) for k in keys}
+
+
+# -- RAFT worker -----------------------------------------------------------------------------------
+def raft_worker(args) -> None:
+    from raft_diffusion.core.loop import run_raft
+    from raft_diffusion.core.rundir import RunDir
+    from raft_diffusion.llm.model import quiet_transformers
+    from raft_diffusion.llm.task import LLMTask
+
+    one_thread()
+    quiet_transformers()
+    cfg = load_cfg(args.config, args.raft)
+    cfg.num_stages = args.max_stages or cfg.num_stages
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDir(Path(tmp) / "run")
+        run.start(cfg.to_dict())
+        task = LLMTask(cfg)
+        t0, spent_eval = cpu_seconds(), [0.0]
+        evaluate = task.evaluate
+
+        def timed_eval(stage, stage_dir):
+            c = cpu_seconds()
+            m = evaluate(stage, stage_dir)
+            spent_eval[0] += cpu_seconds() - c
+            return m
+
+        task.evaluate = timed_eval
+
+        def on_stage(row, _):
+            out.append({"stage": row["stage"], "cpu": cpu_seconds() - t0 - spent_eval[0], **eval_summary(row)})
+            print(f"raft stage {row['stage']}: {json.dumps(out[-1])}", file=sys.stderr, flush=True)
+
+        class Reached:  # the loop's should_stop: end the run at the target; final/ = the last stage
+            def __call__(self, rows):
+                last = rows[-1]
+                return "target" if args.stop_at_target and last["stage"] > 0 and last.get("eval_reward_mean", 0) >= args.target else None
+
+            def best_stage(self, rows):
+                return rows[-1]["stage"]
+
+        run_raft(cfg, task, run, should_stop=Reached(), on_stage=on_stage)
+    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0]}))
+
+
+# -- GRPO worker -----------------------------------------------------------------------------------
+def grpo_worker(args) -> None:
+    try:
+        from datasets import Dataset
+        from trl import GRPOConfig, GRPOTrainer
+    except ImportError:
+        sys.exit("GRPO side needs trl: pip install 'raft-diffusion[grpo]' (or pip install trl), or pass --grpo-python a venv that has it")
+    import torch
+    from peft import LoraConfig
+    from transformers import TrainerCallback
+
+    from raft_diffusion.llm.model import load_causal_lm, quiet_transformers, resolve_model_path
+    from raft_diffusion.llm.task import LLMTask
+
+    one_thread()
+    quiet_transformers()
+    lr, beta = (float(x) for x in args.setting.split(":"))
+    cfg = load_cfg(args.config, [])
+    # The LLM task loads the same model, tokenizer, prompts, reward and evaluation as RAFT's; GRPO trains a
+    # LoRA of its own on the task's base model (the task's adapter is never used).
+    task = LLMTask(cfg)
+    base = load_causal_lm(resolve_model_path(cfg.model.pretrained), device=task.device, dtype=task.dtype)
+    t = cfg.train
+    lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules, task_type="CAUSAL_LM")
+    reward = task.reward
+
+    def toy_sentiment(prompts, completions, **kw):
+        return [float("nan") if v is None else float(v) for v in reward(list(prompts), list(completions))]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = GRPOConfig(
+            output_dir=tmp,
+            learning_rate=lr,
+            beta=beta,
+            num_generations=cfg.sampling.num_per_prompt,
+            per_device_train_batch_size=args.grpo_batch,
+            max_completion_length=cfg.sampling.max_new_tokens,
+            temperature=cfg.sampling.temperature,
+            max_steps=args.grpo_max_steps,
+            logging_steps=10**6,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            bf16=False,  # trl turns bf16 on by default; on a CPU that is slow and not what RAFT trains in
+            fp16=False,
+            seed=cfg.seed,
+            disable_tqdm=True,
+            dataloader_num_workers=0,
+        )
+        trainer = GRPOTrainer(
+            model=base,
+            reward_funcs=toy_sentiment,
+            args=conf,
+            train_dataset=Dataset.from_dict({"prompt": task.train_prompts}),
+            processing_class=task.tokenizer,
+            peft_config=lora,
+        )
+        out, spent_eval = [], [0.0]
+        t0 = cpu_seconds()
+
+        class Eval(TrainerCallback):
+            def on_train_begin(self, a, state, control, **kw):
+                self.on_step_end(a, state, control)  # step 0: the base model (GRPO's LoRA starts at zero)
+
+            def on_step_end(self, a, state, control, **kw):
+                if state.global_step % args.grpo_eval_every and state.global_step != args.grpo_max_steps:
+                    return
+                c = cpu_seconds()
+                task.model = trainer.model  # evaluate GRPO's model with the task's own held-out evaluation
+                was = trainer.model.training
+                with torch.no_grad(), tempfile.TemporaryDirectory() as d:
+                    m = task.evaluate(1, Path(d))
+                trainer.model.train(was)
+                spent_eval[0] += cpu_seconds() - c
+                out.append({"step": state.global_step, "cpu": cpu_seconds() - t0 - spent_eval[0], **eval_summary(m)})
+                print(f"grpo {args.setting} step {state.global_step}: {json.dumps(out[-1])}", file=sys.stderr, flush=True)
+                if args.stop_at_target and state.global_step > 0 and m["eval_reward_mean"] >= args.target:
+                    control.should_training_stop = True
+
+        trainer.add_callback(Eval())
+        trainer.train()
+    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "setting": args.setting}))
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def worker(kind: str, python: str, args, extra: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        path = f.name
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [python, __file__, "--worker", kind, "--json", path, "--config", args.config, "--target", str(args.target)]
+    cmd += ["--stop-at-target"] if args.stop_at_target else []
+    subprocess.run(cmd + extra, check=True, env=env)
+    data = json.loads(Path(path).read_text())
+    os.unlink(path)
+    return data
+
+
+def first_reaching(rows, target):
+    """The first trained row (not the base model's) at or above ``target``."""
+    return next((r for r in rows if r.get("stage", r.get("step")) and (r.get("eval_reward_mean") or 0) >= target), None)
+
+
+def at_cpu(rows, cpu):
+    """The last evaluated row whose CPU seconds do not exceed ``cpu``."""
+    return max((r for r in rows if r["cpu"] <= cpu + 1e-9), key=lambda r: r["cpu"], default=None)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(PRESET), help="RAFT config (the toy preset)")
+    p.add_argument("--raft", nargs="*", default=[], help="RAFT config overrides key=value")
+    p.add_argument("--max-stages", type=int, default=20, help="RAFT stages at most")
+    p.add_argument("--target", type=float, default=4.85, help="held-out reward (stars) both must reach")
+    p.add_argument("--stop-at-target", action=argparse.BooleanOptionalAction, default=True, help="stop each run at the target")
+    p.add_argument("--grpo-python", default=sys.executable, help="python that has trl (default: this one)")
+    p.add_argument("--grpo-settings", nargs="*", default=GRPO_SETTINGS, help="GRPO lr:beta pairs")
+    p.add_argument("--grpo-max-steps", type=int, default=300)
+    p.add_argument("--grpo-batch", type=int, default=64, help="completions per GRPO step (64 = 8 prompts x 8 generations)")
+    p.add_argument("--grpo-eval-every", type=int, default=5, help="GRPO steps between held-out evaluations")
+    p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
+    p.add_argument(
+        "--grpo-cache",
+        type=Path,
+        default=None,
+        help="folder for GRPO results (grpo_<lr>_<beta>.json): a setting measured there before is read back instead of rerun",
+    )
+    p.add_argument("--worker", choices=["raft", "grpo"], help=argparse.SUPPRESS)
+    p.add_argument("--json", help=argparse.SUPPRESS)
+    p.add_argument("--setting", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker == "raft":
+        return raft_worker(args)
+    if args.worker == "grpo":
+        return grpo_worker(args)
+
+    if not args.skip_grpo:
+        probe = subprocess.run([args.grpo_python, "-c", "import trl, datasets"], capture_output=True)
+        if probe.returncode:
+            sys.exit(
+                f"bench_llm_vs_grpo: trl is not importable by {args.grpo_python}; pip install 'raft-diffusion[grpo]' "
+                "(or pip install trl) there, or pass --grpo-python PATH (a python that has trl), or --skip-grpo"
+            )
+    load_before = os.getloadavg()
+    raft = worker("raft", sys.executable, args, ["--max-stages", str(args.max_stages), "--raft", *args.raft])
+    grpo = {}
+    if not args.skip_grpo:
+        for s in args.grpo_settings:
+            cached = args.grpo_cache / f"grpo_{s.replace(':', '_')}.json" if args.grpo_cache else None
+            if cached is not None and cached.is_file():
+                grpo[s] = json.loads(cached.read_text())
+                print(f"GRPO {s}: read back from {cached}", flush=True)
+                continue
+            extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
+            grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                cached.write_text(json.dumps(grpo[s]))
+    print(f"machine load (1-min average, {os.cpu_count()} CPUs): {load_before[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end")
+    report(args, raft, grpo)
+
+
+def report(args, raft, grpo) -> None:
+    rows = raft["rows"]
+    base = rows[0]
+
+    def share(r, key):
+        return f"{r[key] / base[key]:.0%}" if r and r.get(key) is not None and base.get(key) else "-"
+
+    def line(name, r, cpu=True):
+        if r is None:
+            return f"| {name} | not reached | - | - | - | - | - |"
+        return (
+            f"| {name} | {r['eval_reward_mean']:.2f} | {share(r, 'eval_distinct_2_per_prompt')} | {share(r, 'eval_distinct_2')} | "
+            f"{r['eval_length']:.1f} | {r['eval_repeated_2gram_rate']:.3f} | {r['cpu']:.1f} |"
+            if cpu
+            else f"| {name} | {r['eval_reward_mean']:.2f} | 100% | 100% | {r['eval_length']:.1f} | {r['eval_repeated_2gram_rate']:.3f} | - |"
+        )
+
+    print(f"RAFT overrides: {' '.join(args.raft) or '(preset)'}; target {args.target} held-out stars; CPU s = training only, one thread")
+    print(
+        "| | held-out reward (stars) | distinct-2 per prompt vs base | distinct-2 pooled (80) vs base | length (tokens) | repeated bigrams | CPU s |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    print(line("base", base, cpu=False))
+    hit = first_reaching(rows, args.target)
+    print(line(f"RAFT reaching {args.target}" + (f" (stage {hit['stage']})" if hit else ""), hit))
+    print(line(f"RAFT last (stage {rows[-1]['stage']})", rows[-1]))
+    grpo_hits = []
+    for s, g in grpo.items():
+        gb = g["rows"][0] if g["rows"] else None
+        if gb and abs(gb["eval_reward_mean"] - base["eval_reward_mean"]) > 1e-3 and gb.get("step", 1) == 0:
+            print(f"warning: GRPO base eval {gb['eval_reward_mean']:.4f} differs from RAFT's {base['eval_reward_mean']:.4f}")
+        if hit:
+            print(line(f"GRPO {s} at RAFT's CPU s", at_cpu(g["rows"], hit["cpu"])))
+        gh = first_reaching(g["rows"], args.target)
+        print(line(f"GRPO {s} reaching {args.target}" + (f" (step {gh['step']})" if gh else ""), gh))
+        print(line(f"GRPO {s} last (step {g['rows'][-1]['step']})", g["rows"][-1]))
+        if gh:
+            grpo_hits.append(gh["cpu"])
+    print(
+        f"held-out evaluation CPU s (left out above): RAFT {raft['eval_cpu']:.1f}; "
+        + "; ".join(f"GRPO {s} {g['eval_cpu']:.1f}" for s, g in grpo.items())
+    )
+    if grpo:
+        if hit and not grpo_hits:  # GRPO never got there: its CPU s when it stopped bound the ratio from above
+            spent = max(g["rows"][-1]["cpu"] for g in grpo.values())
+            print(f"no GRPO setting reached {args.target}; RAFT's CPU s over the most GRPO spent without reaching it: < {hit['cpu'] / spent:.3f}")
+        ratio = (hit["cpu"] / min(grpo_hits)) if (hit and grpo_hits) else float("nan")
+        print(f"raft_vs_grpo_cpu: {ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
