@@ -273,7 +273,11 @@ def _run_measure(kind, folder, size, phase, big) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size)] + (["--folder", str(folder)] if folder else [])
     if big and LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # a fixed mmap threshold: glibc then serves every allocation of 64 KiB or more (any real tensor) by mmap and returns it
+    # on free, so the resident set follows the live tensors (its default raises the threshold after each free and
+    # keeps freed blocks in the heap, which hides a warmed-up phase's allocations)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}

@@ -163,22 +163,30 @@ def test_grad_scaler_skips_inf_steps_and_lowers_the_scale():
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=2)
-    # inf gradient: no step, scale halved
-    w.grad = torch.tensor([1.0, float("inf"), 1.0])
+
+    def backward(x):  # d/dw sum(w * x) = x, scaled by the scaler
+        opt.zero_grad(set_to_none=True)
+        scaler.scale((w * x).sum()).backward()
+
+    # an inf gradient: no step, the scale halved
+    backward(torch.tensor([1.0, float("inf"), 1.0]))
     assert optimizer_step(opt, [w], scaler, max_grad_norm=1.0) is False
     assert torch.equal(w.detach(), torch.ones(3)) and scaler.get_scale() == 512.0
-    # finite (scaled) gradient: a step of lr * grad / scale, the scale kept, then grown after growth_interval steps
-    w.grad = torch.full((3,), 512.0)  # = 1.0 once unscaled
+    # finite gradients: a step of lr * the unscaled gradient, the scale kept, then doubled after growth_interval=2 steps
+    backward(torch.ones(3))
     assert optimizer_step(opt, [w], scaler) is True
     assert torch.allclose(w.detach(), torch.full((3,), 0.9)) and scaler.get_scale() == 512.0
-    w.grad = torch.full((3,), 512.0)
+    backward(torch.ones(3))
     assert optimizer_step(opt, [w], scaler) is True and scaler.get_scale() == 1024.0
-    # NaN gradient: skipped as well
-    w.grad = torch.tensor([float("nan"), 0.0, 0.0])
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))
+    # a NaN gradient: skipped as well
+    backward(torch.tensor([float("nan"), 0.0, 0.0]))
     assert optimizer_step(opt, [w], scaler) is False and scaler.get_scale() == 512.0
+    assert torch.allclose(w.detach(), torch.full((3,), 0.8))
     # without a scaler every step happens
-    w.grad = torch.ones(3)
-    assert optimizer_step(opt, [w]) is True
+    opt.zero_grad()
+    (w * torch.ones(3)).sum().backward()
+    assert optimizer_step(opt, [w]) is True and torch.allclose(w.detach(), torch.full((3,), 0.7))
 
 
 def test_adamw8bit_is_optional_and_says_how_to_install():

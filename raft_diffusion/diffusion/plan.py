@@ -299,6 +299,16 @@ def _aesthetic_head():
     return _empty(AestheticMLP, torch.float32)
 
 
+def _same_clip(reward_cfg, clip_model, clip_pretrained) -> bool:
+    """Whether a single reward's open_clip backbone is the eval CLIP (same model and pretrained tag)."""
+    if not isinstance(reward_cfg, dict) or reward_cfg.get("name") not in ("aesthetic", "clip_score"):
+        return False
+    kwargs = dict(reward_cfg.get("kwargs") or {})
+    if kwargs.get("backend", "open_clip") != "open_clip":
+        return False
+    return (kwargs.get("clip_model", "ViT-L-14-quickgelu"), kwargs.get("clip_pretrained", "openai")) == (clip_model, clip_pretrained)
+
+
 def reward_model(reward_cfg) -> list[RewardModel]:
     """The models of a reward config (a mix: each component's)."""
     if isinstance(reward_cfg, str):
@@ -400,6 +410,9 @@ class MemoryPlanner:
             cfg.eval.every or cfg.ranking.diversity_weight or cfg.ranking.novelty_weight or cfg.ranking.prompt_match
         )
         self.eval_clip = open_clip_model(cfg.eval.clip_model, "eval.clip_model") if uses_clip else None
+        if self.eval_clip is not None and _same_clip(cfg.reward, cfg.eval.clip_model, cfg.eval.clip_pretrained):
+            # reward_models caches backbones: the reward's CLIP serves as the eval CLIP, its weights count once
+            self.eval_clip.modules, self.eval_clip.note = [], "eval.clip_model is the reward's CLIP (loaded once, counted once)"
         # what trains
         t = cfg.train
         if t.method == "full":
