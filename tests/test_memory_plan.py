@@ -122,6 +122,7 @@ def _align(out, model_dir, *overrides):
     return (stage / "lora/pytorch_lora_weights.safetensors").read_bytes(), rewards
 
 
+@pytest.mark.slow  # two tiny align runs: ~15 CPU s, over the default run's budget
 def test_phase_placement_is_bit_identical(tiny_pipeline_dir, tmp_path):
     lora, rewards = _align(tmp_path / "plain", tiny_pipeline_dir, "model.offload=none")
     assert load_file(str(tmp_path / "plain/stages/001/lora/pytorch_lora_weights.safetensors"))  # a real LoRA
