@@ -37,6 +37,9 @@ def _align(args) -> int:
     family = detect_family(cfg.model.pretrained, cfg.model.family)  # model_index.json's pipeline class, or model.family
     if cfg.train.target_modules is None:  # the family's LoRA targets, written into the snapshot
         cfg.train.target_modules = list(family.lora_targets)
+    from .plan import choose_offload, run_device
+
+    offload = choose_offload(cfg, run_device(cfg, dist))  # refuses, before any weight loads, what cannot fit
     run = RunDir(args.output_dir)
     if dist.is_main:
         run.start(cfg.to_dict(), defaults=type(cfg)().to_dict())
@@ -44,7 +47,7 @@ def _align(args) -> int:
     else:
         cfg.progress = False  # one set of progress bars
     dist.barrier()  # a refused resume ends every process here, not in a later collective
-    task = DiffusionTask(cfg, dist=dist)
+    task = DiffusionTask(cfg, dist=dist, offload=offload)
     trackers = Trackers(run.root, cfg) if dist.is_main else None
     try:
         run_raft(cfg, task, run, should_stop=cfg.stopper(), dist=dist, on_stage=trackers if trackers is not None and trackers.active else None)
@@ -62,6 +65,17 @@ def _align(args) -> int:
                 print(f"model card: {write_card(run.root)}", flush=True)
             except (UserError, OSError) as err:
                 print(f"warning: model card not written ({err}); `raft-diffusion card {run.root}` retries", flush=True)
+    return 0
+
+
+def _plan(args) -> int:
+    from .config import load_config, parse_size
+
+    cfg = load_config(args.config, args.overrides)
+    budget = parse_size(args.gpu_memory) if args.gpu_memory else (parse_size(cfg.model.max_memory) if cfg.model.max_memory else None)
+    from .plan import plan_report
+
+    print(plan_report(cfg, budget), flush=True)
     return 0
 
 
@@ -160,6 +174,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("align", help="run RAFT on a Stable Diffusion pipeline")
     add_align_arguments(p, example="configs/tiny.yaml")
     p.set_defaults(func=_align)
+
+    p = sub.add_parser("plan", help="estimate the GPU memory of each phase of a config (no weights loaded) and how to fit a budget")
+    p.add_argument("--config", "-c", type=Path, help="YAML preset, e.g. configs/sdxl_aesthetic_1024.yaml")
+    p.add_argument("--gpu-memory", help="the budget to fit, e.g. 24GB (10^9 bytes) or 22GiB; default model.max_memory")
+    p.add_argument("overrides", nargs="*", help="key=value overrides with dotted keys, e.g. sampling.batch_size=2")
+    p.set_defaults(func=_plan)
 
     p = sub.add_parser("gallery", help="write RUN_DIR/gallery/: index.html, grid_before_after.png, reward_curve.png")
     p.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory written by align")

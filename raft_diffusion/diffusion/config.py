@@ -7,6 +7,7 @@ LoRA/full fine-tuning of the UNet, held-out evaluation with CLIP fidelity and di
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from ..core.config import config_from_dict as _config_from_dict
 from ..core.config import load_config as _load_config
 from ..core.config import need
 from ..core.config import option as _f
+from ..core.errors import ConfigError
 from ..core.ranking import check_diverse
 
 # diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
@@ -29,6 +31,8 @@ FAMILIES = {
     "flux2-klein": "Flux2KleinPipeline",
 }
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
+OPTIMIZERS = ("adamw", "adamw8bit")
+OFFLOAD_MODES = ("auto", "none", "phases", "sequential")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
 
 
@@ -47,6 +51,19 @@ class ModelConfig:
     dtype: str = _f("auto", "weights dtype for sampling: auto (fp16 on CUDA, fp32 on CPU), float32, float16, bfloat16")
     attention: str = _f("auto", "attention kernels: auto (xformers on CUDA when installed, else SDPA), sdpa, xformers")
     safety_checker: bool = _f(False, "run the pipeline's safety checker on samples")
+    offload: str = _f(
+        "auto",
+        "what stays on the GPU between phases: none (everything), phases (the text encoders leave once the prompts are encoded, the reward and eval CLIP come only to score), sequential (as phases, and the denoiser leaves while the reward scores); auto = none on CPU, on CUDA the first that the memory planner says fits. Results are bitwise those of none",
+    )
+    vae_slicing: bool = _f(
+        False,
+        "decode one image at a time (less decode memory; the images can differ from batched decoding in the last float bits)",
+    )
+    max_memory: str | None = _f(
+        None,
+        "memory budget of the device, e.g. 24GB (10^9 bytes) or 22GiB: align refuses, before loading weights, a config the planner (raft-diffusion plan) says does not fit; null = the CUDA device's total memory (no check on CPU)",
+    )
+    allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere and later); no effect on CPU")
 
 
 @dataclass
@@ -113,7 +130,14 @@ class TrainConfig:
     lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
-    mixed_precision: str = _f("no", "no, fp16 or bf16 (CUDA only)")
+    mixed_precision: str = _f(
+        "no",
+        "no, fp16 or bf16: autocast for the training forward with fp32 LoRA (master) weights; fp16 adds loss scaling (GradScaler) and is CUDA only, bf16 also runs on CPU",
+    )
+    optimizer: str = _f(
+        "adamw",
+        "adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: 2 instead of 8 bytes of state per trained weight, for train.method=full; pip install 'raft-diffusion[bnb]', CUDA)",
+    )
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     empty_prompt_ratio: float = _f(
         0.0,
@@ -283,11 +307,39 @@ class RaftConfig(core.BaseConfig):
             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})",
         )
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
+        need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})")
+        if t.optimizer == "adamw8bit":
+            import importlib.util
+
+            need(
+                importlib.util.find_spec("bitsandbytes") is not None,
+                "train.optimizer=adamw8bit needs bitsandbytes: pip install 'raft-diffusion[bnb]' (CUDA), or set train.optimizer=adamw",
+            )
+        need(m.offload in OFFLOAD_MODES, f"model.offload must be one of {', '.join(OFFLOAD_MODES)} (got {m.offload!r})")
+        if m.max_memory is not None:
+            parse_size(m.max_memory)
         for key, _, _, ratio in self.floor_settings():
             need(
                 ratio is None or self.eval.clip_model is not None,
                 f"early_stop.{key} needs eval.clip_model (the CLIP that measures fidelity and diversity), e.g. eval.clip_model=ViT-L-14-quickgelu",
             )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B?|B)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text) -> int:
+    """``"24GB"`` (10^9 bytes, as accelerate's ``max_memory``), ``"24GiB"`` (2^30), ``"512MB"``, or bytes."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+        return int(text)
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ConfigError(f"memory size {text!r} (model.max_memory, --gpu-memory) not understood: write it like 24GB, 22.5GiB or 512MB")
+    unit = (m.group(2) or "").upper()
+    unit = unit if unit.endswith("B") or not unit else unit + "B"
+    return int(float(m.group(1)) * _UNITS[unit])
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfig:

@@ -141,6 +141,48 @@ def load_lora_into_unet(unet, lora_dir: str | Path, *, adapter_name: str = "defa
     set_peft_model_state_dict(unet, state, adapter_name=adapter_name)
 
 
+def amp_dtype_for(mixed_precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.mixed_precision`` on ``device``: bf16 on CUDA and CPU (torch autocasts on both),
+    fp16 on CUDA only (CPU fp16 is slow and lacks kernels); None = fp32 training."""
+    dtype = _MIXED_PRECISION[mixed_precision]
+    if dtype == torch.float16 and device.type != "cuda":
+        return None
+    return dtype
+
+
+def make_optimizer(name: str, params, **kwargs) -> torch.optim.Optimizer:
+    """``adamw`` (torch) or ``adamw8bit`` (bitsandbytes, imported only when asked for)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kwargs)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise UserError(
+                "train.optimizer=adamw8bit needs bitsandbytes: pip install 'raft-diffusion[bnb]' (CUDA), or set train.optimizer=adamw"
+            ) from None
+        return bnb.optim.AdamW8bit(params, **kwargs)
+    raise UserError(f"unknown optimizer {name!r}: use adamw or adamw8bit")
+
+
+def optimizer_step(optimizer, params, scaler=None, max_grad_norm: float | None = None) -> bool:
+    """One optimizer step on the accumulated gradients: unscale (fp16 loss scaling), clip, step. Returns whether the
+    weights were updated: with a ``GradScaler``, gradients holding inf/NaN skip the step and lower the scale (the
+    scaler's ``update``); finite ones step (and the scale grows after ``growth_interval`` such steps)."""
+    if scaler is None:
+        if max_grad_norm is not None and max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        optimizer.step()
+        return True
+    scaler.unscale_(optimizer)
+    if max_grad_norm is not None and max_grad_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    scale = scaler.get_scale()
+    scaler.step(optimizer)  # skipped when unscale_ found inf/NaN
+    scaler.update()
+    return scaler.get_scale() >= scale
+
+
 DDPM_FAMILIES = ("sd", "sdxl")  # trained with the denoising loss (the others with the rectified-flow loss)
 
 
@@ -194,6 +236,7 @@ def train_unet(
     empty_embeds: torch.Tensor | None = None,
     timestep_range: tuple[int, int] | None = None,
     chunk_rows: int | None = None,
+    optimizer_name: str = "adamw",
     progress: bool = True,
     desc: str = "train",
     dist=None,
@@ -213,7 +256,9 @@ def train_unet(
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
     batch order, timesteps and noise (LoRA dropout is seeded per chunk), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
-    Mixed precision (autocast; loss scaling for fp16) applies on CUDA only and is ignored on CPU;
+    Mixed precision autocasts the forward with fp32 master weights: bf16 on CUDA and CPU, fp16 (with a
+    ``GradScaler``: overflowing steps are skipped, see :func:`optimizer_step`) on CUDA only, ignored on CPU;
+    ``optimizer_name`` is ``adamw`` or ``adamw8bit`` (bitsandbytes);
     gradient checkpointing applies whenever asked for (it only saves memory) and is switched off again.
     Trainable fp16/bf16 weights are upcast to fp32 first. The UNet is left in eval mode.
 
@@ -273,7 +318,7 @@ def train_unet(
     for p in params:  # AdamW and grad scaling want fp32 master weights
         if p.dtype != torch.float32:
             p.data = p.data.float()
-    amp_dtype = _MIXED_PRECISION[mixed_precision] if device.type == "cuda" else None
+    amp_dtype = amp_dtype_for(mixed_precision, device)
     if mixed_precision != "no" and amp_dtype is None:
         logger.info("mixed_precision=%s ignored on %s: training in fp32", mixed_precision, device.type)
     if amp_dtype is None and unet.dtype in (torch.float16, torch.bfloat16):
@@ -282,10 +327,10 @@ def train_unet(
     # 2. noise schedule, optimizer, learning-rate schedule, loss scaler
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config) if ddpm else None
     t_lo, t_hi = timestep_range if timestep_range is not None else (0, pipe.scheduler.config.num_train_timesteps)
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay)
+    optimizer = make_optimizer(optimizer_name, params, lr=learning_rate, betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay)
     schedule = get_scheduler(lr_scheduler, optimizer, num_warmup_steps=lr_warmup_steps, num_training_steps=steps)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    autocast = (lambda: torch.autocast("cuda", dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
     model_dtype = torch.float32 if amp_dtype is not None else unet.dtype
 
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
@@ -346,6 +391,7 @@ def train_unet(
     if gradient_checkpointing and not checkpointing_was_on:
         unet.enable_gradient_checkpointing()
     losses: list[float] = []
+    skipped = 0
     start = time.perf_counter()
     unet.train()
     try:
@@ -362,15 +408,8 @@ def train_unet(
                     return loss.item()
 
                 step_loss = summed_grads(params, len(chunks), backward, dist)
-                if scaler:
-                    scaler.unscale_(optimizer)
-                if max_grad_norm is not None and max_grad_norm > 0:
-                    torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                if scaler:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
+                if not optimizer_step(optimizer, params, scaler, max_grad_norm):
+                    skipped += 1  # fp16: inf/NaN gradients, the scaler lowered its scale and skipped the step
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 if not math.isfinite(step_loss):
@@ -389,4 +428,5 @@ def train_unet(
         "steps": len(losses),
         "lr_last": schedule.get_last_lr()[0],
         "seconds": time.perf_counter() - start,
+        **({"steps_skipped": skipped} if scaler is not None else {}),
     }

@@ -23,6 +23,7 @@ from .families import detect_family
 from .generate import encode_images, encode_prompts, generate_batch
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
+from .placement import Placement
 from .prompts import load_prompts
 
 
@@ -79,7 +80,7 @@ class DiffusionTask:
 
     console_metrics = (("eval_clip_score", "clip"), ("eval_diversity", "diversity"))
 
-    def __init__(self, cfg, reward=None, dist: Dist | None = None):
+    def __init__(self, cfg, reward=None, dist: Dist | None = None, offload: str = "none"):
         self.cfg = cfg
         self.dist = dist or Dist()
         s = cfg.sampling
@@ -94,12 +95,14 @@ class DiffusionTask:
             device = torch.device(self.dist.device)  # this process's GPU under accelerate / torchrun
         else:
             device = resolve_device(cfg.model.device)
-        self.reward = reward if reward is not None else load_reward(cfg.reward, device, torch.float32)
+        # model.offload phases / sequential: the reward and eval CLIP wait on the CPU and come to the device to score
+        score_device = torch.device("cpu") if offload in ("phases", "sequential") else device
+        self.reward = reward if reward is not None else load_reward(cfg.reward, score_device, torch.float32)
         self.reward_name = reward_label(cfg.reward)
         # the CLIP for eval prompt fidelity and diversity (None when eval.clip_model is null)
         # (also the embedding space of ranking.diversity_weight and the judge of ranking.prompt_match)
         self.eval_clip = (
-            load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, device)
+            load_eval_clip(cfg.eval.clip_model, cfg.eval.clip_pretrained, score_device)
             if cfg.eval.every or uses_embeddings(cfg.ranking) or cfg.ranking.prompt_match
             else None
         )
@@ -131,6 +134,13 @@ class DiffusionTask:
         self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
         # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
         self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0] if cfg.train.empty_prompt_ratio > 0 else None
+        # model.offload (resolved by the planner): from here on the text encoders are not needed on the device
+        self.placement = Placement(
+            offload, self.device, self.pipe, self.family, scorers=(self.reward, self.eval_clip), vae_slicing=cfg.model.vae_slicing
+        )
+        self.placement.after_encoding()
+        if self.device.type == "cuda" and cfg.model.allow_tf32:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         # 4. What fine-tuning trains.
         t = cfg.train
         init_seed = stage_seed(cfg.seed, 0, "lora-init")
@@ -225,8 +235,10 @@ class DiffusionTask:
         if not n:
             return
         if self._prompt_text is None:  # every training prompt, embedded once
-            self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
-        ranks = prompt_ranks(self._image_embeddings(batch), self._prompt_text, [s.prompt_index for s in batch])
+            with self.placement.scoring():
+                self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
+        with self.placement.scoring():
+            ranks = prompt_ranks(self._image_embeddings(batch), self._prompt_text, [s.prompt_index for s in batch])
         for s, k in zip(batch, ranks):
             s.extras["prompt_rank"] = k
             if k > n:
@@ -234,11 +246,12 @@ class DiffusionTask:
 
     def score(self, batch: list[Sample]):
         images = torch.stack([s.payload["image"] for s in batch])
-        out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
-        _attach_components(self.reward, batch)
-        if uses_embeddings(self.cfg.ranking):  # the spread-out / novelty pick works in CLIP image space
-            for s, e in zip(batch, self._image_embeddings(batch)):
-                s.embedding = e
+        with self.placement.scoring():  # model.offload: the reward is on the device only now
+            out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
+            _attach_components(self.reward, batch)
+            if uses_embeddings(self.cfg.ranking):  # the spread-out / novelty pick works in CLIP image space
+                for s, e in zip(batch, self._image_embeddings(batch)):
+                    s.embedding = e
         return out
 
     def _image_embeddings(self, batch: list[Sample]) -> torch.Tensor:
@@ -332,7 +345,9 @@ class DiffusionTask:
         for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
             chunk = mine[i : i + bs]
             _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance)
-            r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
+            with self.placement.scoring():
+                r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
+                emb = self.eval_clip.image_embeddings(images).cpu() if self.eval_clip is not None else None
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):
                 row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
@@ -342,8 +357,8 @@ class DiffusionTask:
                 rows.append(row)
             if self.cfg.eval.save_images:
                 images_u8.append(to_uint8(images))
-            if self.eval_clip is not None:
-                embeddings.append(self.eval_clip.image_embeddings(images).cpu())
+            if emb is not None:
+                embeddings.append(emb)
         if self.dist.enabled:  # everyone gets everything, in the single-process order
             parts = self.dist.gather((rows, images_u8, embeddings))
             order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
@@ -361,7 +376,8 @@ class DiffusionTask:
             write_jsonl(stage_dir / "eval.jsonl", rows)
         comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
         image_emb = torch.cat(embeddings) if embeddings else None
-        text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
+        with self.placement.scoring():
+            text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
         return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
 
 
@@ -378,6 +394,7 @@ def train_settings(t) -> dict:
         max_grad_norm=t.max_grad_norm,
         weight_decay=t.weight_decay,
         mixed_precision=t.mixed_precision,
+        optimizer_name=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
         snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio,

@@ -126,15 +126,24 @@ def _record_saved(report: ActivationReport, blocks: dict[str, torch.nn.Module], 
     for name, block in blocks.items():
         handles.append(block.register_forward_pre_hook(enter(name), with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
+    try:
+        with fused_attention(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def fused_attention():
+    """``torch.nn.functional.scaled_dot_product_attention`` replaced by the shape-only fused kernel while active
+    (what a meta-device forward should count for attention)."""
     sdpa = torch.nn.functional.scaled_dot_product_attention
     torch.nn.functional.scaled_dot_product_attention = _fused_sdpa
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            yield
+        yield
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
-        for h in handles:
-            h.remove()
 
 
 def saved_activation_bytes(denoiser: torch.nn.Module, forward, block_names) -> ActivationReport:

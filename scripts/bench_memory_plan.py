@@ -1,0 +1,363 @@
+"""The memory planner's estimate against memory measured on CPU, phase by phase; then the planner's figures for the
+shipped GPU presets.
+
+For each architecture and phase a fresh subprocess builds only the components the phase needs (from the same
+configs the planner reads, zero-filled weights), records its resident set, runs the phase once through the
+project's own code (``family.encode_prompts``, ``family.sample`` for 2 steps, ``family.decode`` + the reward,
+``train_unet`` for one step with LoRA and AdamW) and reads the peak resident set (``VmHWM``, reset before the
+phase through ``/proc/self/clear_refs``). Measured = peak - resident before the phase: the phase's activations
+(and, for train, gradients and AdamW state). The planner's figure for the same settings, on the CPU, is its
+activations (+ optimizer state for train). Architectures: the tiny test pipeline, the toy world's SD, and the
+SD 1.5 / SDXL / SD3.5-medium architectures (published configs, random weights) at 64-128 px; the big ones in
+bf16, each under ``flock /work/notes/bigmem.lock`` when that file exists, and skipped when their weights do not
+fit in the memory the machine has free.
+
+    python scripts/bench_memory_plan.py [--models tiny toy sd15 sdxl sd35m] [--size 128]
+
+Last line: ``plan_error_max: <max |estimate / measured - 1| over the phases measured>``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LOCK = Path("/work/notes/bigmem.lock")
+PHASES = ("encode prompts", "sample", "decode + score", "train")
+RESOLUTION = 2**20  # phases needing less than this are reported, not scored
+
+# published component configs (hub: runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0,
+# stabilityai/stable-diffusion-3.5-medium); the T5-XXL encoder of SD3.5 (19 GB in fp32) is left out
+CLIP_L = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+CLIP_G = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)  # fmt: skip
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)  # fmt: skip
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, cross_attention_dim=768, attention_head_dim=8)  # fmt: skip
+
+
+def _sdxl_unet():
+    from tests.test_families_full import SDXL_UNET
+
+    return dict(SDXL_UNET, down_block_types=list(SDXL_UNET["down_block_types"]), up_block_types=list(SDXL_UNET["up_block_types"]))
+
+
+def _sd35_transformer():
+    from tests.test_families_full import SD35_MEDIUM
+
+    return dict(SD35_MEDIUM)
+
+
+def write_config_folder(kind: str, root: Path) -> Path:
+    """A pipeline folder of configs only (model_index.json, component configs, tokenizer lengths), as the planner
+    reads it; no weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, PNDMScheduler
+    from transformers import CLIPTextConfig
+
+    folder = root / kind
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def model(name, cls, cfg):
+        (folder / name).mkdir(exist_ok=True)
+        cfg = {**cfg, "_class_name": cls}
+        cfg = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+        (folder / name / "config.json").write_text(json.dumps(cfg))
+        return ["diffusers", cls]
+
+    def text(name, cls, cfg):
+        CLIPTextConfig(**cfg).save_pretrained(folder / name)
+        return ["transformers", cls]
+
+    def tok(name, length=77, cls="CLIPTokenizer"):
+        (folder / name).mkdir(exist_ok=True)
+        (folder / name / "tokenizer_config.json").write_text(json.dumps({"model_max_length": length}))
+        return ["transformers", cls]
+
+    def t5(name):
+        from transformers import T5Config
+
+        T5Config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
+                 feed_forward_proj="gated-gelu", is_encoder_decoder=False).save_pretrained(folder / name)  # fmt: skip
+        return ["transformers", "T5EncoderModel"]
+
+    def sched(s):
+        s.save_config(folder / "scheduler")
+        return ["diffusers", type(s).__name__]
+
+    if kind == "sd15":
+        index = {"_class_name": "StableDiffusionPipeline", "unet": model("unet", "UNet2DConditionModel", SD15_UNET),
+                 "vae": model("vae", "AutoencoderKL", {**SD_VAE, "scaling_factor": 0.18215}),
+                 "text_encoder": text("text_encoder", "CLIPTextModel", CLIP_L), "tokenizer": tok("tokenizer"),
+                 "scheduler": sched(PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True)),
+                 "safety_checker": [None, None], "feature_extractor": [None, None]}  # fmt: skip
+    elif kind == "sdxl":
+        index = {"_class_name": "StableDiffusionXLPipeline", "unet": model("unet", "UNet2DConditionModel", _sdxl_unet()),
+                 "vae": model("vae", "AutoencoderKL", {**SD_VAE, "scaling_factor": 0.13025, "sample_size": 1024}),
+                 "text_encoder": text("text_encoder", "CLIPTextModel", CLIP_L),
+                 "text_encoder_2": text("text_encoder_2", "CLIPTextModelWithProjection", CLIP_G),
+                 "tokenizer": tok("tokenizer"), "tokenizer_2": tok("tokenizer_2"),
+                 "scheduler": sched(EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                           steps_offset=1, timestep_spacing="leading"))}  # fmt: skip
+    elif kind in ("sd35m", "sd35m-t5"):
+        vae = {**SD_VAE, "latent_channels": 16, "scaling_factor": 1.5305, "shift_factor": 0.0609, "use_quant_conv": False,
+               "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
+        index = {"_class_name": "StableDiffusion3Pipeline", "transformer": model("transformer", "SD3Transformer2DModel", _sd35_transformer()),
+                 "vae": model("vae", "AutoencoderKL", vae),
+                 "text_encoder": text("text_encoder", "CLIPTextModelWithProjection", CLIP_L),
+                 "text_encoder_2": text("text_encoder_2", "CLIPTextModelWithProjection", CLIP_G),
+                 "text_encoder_3": [None, None], "tokenizer": tok("tokenizer"), "tokenizer_2": tok("tokenizer_2"),
+                 "tokenizer_3": [None, None], "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0))}  # fmt: skip
+        if kind == "sd35m-t5":  # planning only: the T5-XXL encoder (4.76 B)
+            index["text_encoder_3"], index["tokenizer_3"] = t5("text_encoder_3"), tok("tokenizer_3", 256, "T5TokenizerFast")
+    elif kind == "flux":
+        from tests.test_families_full import FLUX_DEV
+
+        vae = {**SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+               "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
+        index = {"_class_name": "FluxPipeline", "transformer": model("transformer", "FluxTransformer2DModel", dict(FLUX_DEV)),
+                 "vae": model("vae", "AutoencoderKL", vae), "text_encoder": text("text_encoder", "CLIPTextModel", CLIP_L),
+                 "text_encoder_2": t5("text_encoder_2"), "tokenizer": tok("tokenizer"),
+                 "tokenizer_2": tok("tokenizer_2", 512, "T5TokenizerFast"),
+                 "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                                    base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
+    else:
+        raise SystemExit(f"unknown architecture {kind}")
+    del AutoencoderKL
+    (folder / "model_index.json").write_text(json.dumps(index))
+    return folder
+
+
+def settings(kind: str, size: int) -> dict:
+    """Config overrides per architecture: CPU, the size, batches small enough for a 2-core machine."""
+    base = {"model.device": "cpu", "sampling.num_per_prompt": 2, "ranking.top_k": 1, "prompts.train": ["a cat", "a dog"],
+            "eval.clip_model": None, "eval.every": 0, "reward": {"name": "brightness"}}  # fmt: skip
+    if kind == "toy":
+        assets = ROOT / "raft_diffusion/diffusion/toyworld/assets"
+        reward = {"clip_model": str(assets / "clip"), "clip_pretrained": None, "weights": str(assets / "aesthetic_head.safetensors")}
+        return {**base, "model.pretrained": str(assets / "sd"), "sampling.batch_size": 16, "sampling.height": 32, "sampling.width": 32,
+                "train.batch_size": 8, "reward": {"name": "aesthetic", "kwargs": reward}}  # fmt: skip
+    if kind == "tiny":
+        return {**base, "model.pretrained": "tiny", "sampling.batch_size": 16, "train.batch_size": 4}
+    dtype = "bfloat16"
+    return {**base, "model.dtype": dtype, "sampling.batch_size": 2, "sampling.height": size, "sampling.width": size,
+            "train.batch_size": 1, "train.lora_rank": 16, "train.lora_alpha": 16}  # fmt: skip
+
+
+def make_cfg(kind, folder, size):
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    over = settings(kind, size)
+    if folder is not None:
+        over["model.pretrained"] = str(folder)
+    data = {}
+    for key, value in over.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return config_from_dict(data)
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool = True) -> dict:
+    """In this (fresh) process: build what ``phase`` needs with zero weights, run it once, return the RSS growth."""
+    import torch
+
+    from raft_diffusion.diffusion import finetune as ft
+    from raft_diffusion.diffusion.plan import meta_pipeline, pipeline_folder, reward_model
+    from raft_diffusion.diffusion.task import loss_settings
+
+    torch.set_num_threads(1)
+    cfg = make_cfg(kind, folder, size)
+    from raft_diffusion.diffusion.families import detect_family
+    from raft_diffusion.diffusion.pipeline import resolve_dtype
+
+    root = pipeline_folder(cfg.model.pretrained)
+    family = detect_family(str(root), cfg.model.family)
+    dtype = resolve_dtype(cfg.model.dtype, "cpu")
+    pipe = meta_pipeline(root, family, dtype)
+    for m in pipe.components.values():  # every component (the pipeline's device is its modules')
+        if isinstance(m, torch.nn.Module):
+            m.to_empty(device="cpu")
+            with torch.no_grad():
+                for t in [*m.parameters(), *m.buffers()]:
+                    t.zero_()
+    den = family.denoiser(pipe)
+    reward = None
+    if phase == "decode + score" and reward_model(cfg.reward)[0].forward is not None:
+        from raft_diffusion.diffusion.task import load_reward
+
+        reward = load_reward(cfg.reward, "cpu", torch.float32)
+    if phase == "train":
+        targets = cfg.train.target_modules or (list(family.lora_targets) if family.name == "sd" else family.default_lora_targets(den))
+        family.add_lora(den, rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, targets=targets)
+        for p in den.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    s = cfg.sampling
+    size_px = s.height or (den.config.sample_size * pipe.vae_scale_factor)
+    c, h, w = family.latent_shape(pipe, size_px, size_px)
+    prompts = ["a photo of a cat"] * len(cfg.load_prompt_sets()[0])
+    cfg_on = s.guidance_scale > 1
+    embeds = None
+    if phase != "encode prompts":  # conditioning of the right shapes, made before the measurement
+        with torch.no_grad():
+            embeds = family.encode_prompts(pipe, prompts[:1], None, cfg_on)
+    latents = torch.zeros(s.batch_size, c, h, w)
+
+    def run():
+        if phase == "encode prompts":
+            with torch.no_grad():
+                return family.encode_prompts(pipe, prompts, None, cfg_on)
+        if phase == "sample":
+            return family.sample(pipe, embeds, [0] * s.batch_size, list(range(s.batch_size)), steps=2, guidance=s.guidance_scale,
+                                 height=size_px, width=size_px)  # fmt: skip
+        if phase == "decode + score":
+            images = family.decode(pipe, latents)
+            return reward(images, ["a cat"] * len(images)) if reward is not None else images
+        rows = cfg.train.batch_size
+        family_kw = {} if family.name == "sd" else {"family": family, "loss_settings": loss_settings(cfg.train)}
+        emb = embeds.per_prompt["prompt_embeds"][[0] * rows] if family.name == "sd" else embeds[[0] * rows]
+        return ft.train_unet(pipe, latents[:rows].expand(rows, c, h, w).clone(), emb, steps=1, batch_size=rows, learning_rate=1e-4,
+                             progress=False, **family_kw)  # fmt: skip
+
+    import gc
+
+    if warmup:  # first calls allocate once-per-process buffers (kernel caches, lazy imports): not the phase's
+        run()
+    gc.collect()
+    before = _status("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+    out = run()
+    peak = _status("VmHWM")
+    del out
+    return {"measured": peak - before, "rss_before": before}
+
+
+def planned(kind: str, folder, size: int) -> dict:
+    import torch
+
+    from raft_diffusion.diffusion.plan import MemoryPlanner
+
+    cfg = make_cfg(kind, folder, size)
+    planner = MemoryPlanner(cfg, torch.device("cpu"))
+    st = planner.base_settings()
+    pool = planner.pool_bytes()
+    ph = {p.name: p for p in planner.phases(st)}
+    return {
+        "encode prompts": ph["encode prompts"].activations,
+        "sample": ph["sample"].activations - pool,
+        "decode + score": ph["decode + score"].activations - pool,
+        "train": ph["train"].activations - pool + ph["train"].optimizer,
+        "_weights": {n: b for n, b in planner.components.items()},
+    }
+
+
+def _run_measure(kind, folder, size, phase, big) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size)] + (["--folder", str(folder)] if folder else [])
+    if big and LOCK.exists():
+        cmd = ["flock", str(LOCK), *cmd]
+    # a fixed mmap threshold: glibc then serves every allocation of 64 KiB or more (any real tensor) by mmap and returns it
+    # on free, so the resident set follows the live tensors (its default raises the threshold after each free and
+    # keeps freed blocks in the heap, which hides a warmed-up phase's allocations)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _mem_available() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def presets(tmp: Path) -> None:
+    """The planner's figures for the shipped GPU presets, on CUDA, each model's published configs written as a
+    config-only folder (the hub is not reachable here)."""
+    from raft_diffusion.diffusion.config import load_config
+    from raft_diffusion.diffusion.plan import plan_report
+
+    print("\n== the shipped GPU presets (planned for CUDA) ==")
+    for name, kind in (("sd15_aesthetic_512", "sd15"), ("sdxl_aesthetic_1024", "sdxl"), ("sd35m_pickscore_512", "sd35m-t5"),
+                       ("flux1_dev_hpsv2_512", "flux")):  # fmt: skip
+        folder = write_config_folder(kind, tmp)
+        cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"model.pretrained={folder}", "model.device=cuda"])
+        print(f"\n-- configs/{name}.yaml\n" + plan_report(cfg, None), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "sd15", "sdxl", "sd35m"])
+    ap.add_argument("--size", type=int, default=128, help="image size of the SD 1.5 / SDXL / SD3.5 architectures")
+    ap.add_argument("--measure", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
+    ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--no-presets", action="store_true", help="skip the presets' figures")
+    ap.add_argument("--presets-only", action="store_true", help="only the presets' figures")
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1])))
+        return
+    import resource
+
+    errors = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-memory-plan-"))
+    if args.presets_only:
+        presets(tmp)
+        return
+    print(f"{'model':<7}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>8}   (CPU, RSS growth of a fresh process)")
+    for kind in args.models:
+        big = kind in ("sd15", "sdxl", "sd35m")
+        folder = write_config_folder(kind, tmp) if big else None
+        plan = planned(kind, folder, args.size)
+        weights = plan.pop("_weights")
+        need = sum(weights.values())
+        if big and need * 1.5 > _mem_available():
+            print(
+                f"{kind:<7}skipped: its weights ({need / 2**30:.1f} GiB in bf16) do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)",
+                flush=True,
+            )
+            continue
+        for phase in PHASES:
+            m = _run_measure(kind, folder, args.size, phase, big)
+            if "error" in m:
+                print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
+                continue
+            ratio = plan[phase] / max(m["measured"], 1)
+            if max(plan[phase], m["measured"]) < RESOLUTION:  # allocations under the mmap threshold stay in the heap
+                print(
+                    f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{'-':>8}   under 1 MiB: below what RSS resolves"
+                )
+                continue
+            errors.append(abs(ratio - 1))
+            print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>8.2f}", flush=True)
+    if not args.no_presets:
+        presets(tmp)
+    usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = sum(u.ru_utime + u.ru_stime for u in usage)
+    print(f"\nCPU seconds (this process and its children): {cpu:.0f}; peak RSS of a child: {usage[1].ru_maxrss / 2**20:.2f} GiB")
+    print(f"plan_error_max: {max(errors, default=float('nan')):.3f}")
+
+
+if __name__ == "__main__":
+    main()
