@@ -33,6 +33,9 @@ def _reward_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .core.malloc import keep_freed_memory
+
+    keep_freed_memory()  # no page-fault churn from batch to batch (see core/malloc.py)
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     return run_command(args, user_errors=_reward_errors)

@@ -36,8 +36,12 @@ from raft_diffusion.diffusion.metrics import diversity  # noqa: E402
 from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics  # noqa: E402
 
 
+def _load_rows(stage_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (stage_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+
+
 def _load_images(stage_dir: Path) -> tuple[list[dict], torch.Tensor]:
-    rows = [json.loads(line) for line in (stage_dir / "eval.jsonl").read_text().splitlines() if line.strip()]
+    rows = _load_rows(stage_dir)
     ims = [np.asarray(Image.open(stage_dir / r["image"]).convert("RGB")) for r in rows]
     return rows, torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 255.0
 
@@ -48,33 +52,20 @@ def _bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, f
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
-    ap.add_argument("--run-dir", default=None, help="default: runs/<config name>")
-    ap.add_argument("--best-of-k", type=int, default=8, help="K of the base best-of-K row (0 skips it)")
-    ap.add_argument("--json", default=None, help="also write the table as JSON")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(1)
-    run = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
-    if not (run / "final").is_dir():
-        from raft_diffusion.cli import main as cli_main
-
-        rc = cli_main(["align", "--config", args.config, "--output-dir", str(run), *args.overrides])
-        if rc:
-            return rc
+def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
+    """The table of a finished run: base, each evaluated stage and (``best_of_k`` > 0) base best-of-K; one dict a
+    row with the figures above (``proxy_rise_sd``, ``gold_rise`` and ``gold_rise_ci``, ``fidelity``, ``diversity_ratio``)."""
     import yaml
 
     from reward_models import load_reward, load_reward_from_config
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
-    embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
+    if embedder is None:
+        clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
+        embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
     stages = sorted(int(p.name) for p in (run / "stages").iterdir() if (p / "eval.jsonl").is_file())
     if not stages or stages[0] != 0:
-        print(f"error: {run} has no stage-0 (base) evaluation", file=sys.stderr)
-        return 2
+        raise SystemExit(f"error: {run} has no stage-0 (base) evaluation")
 
     table = []
     base = None
@@ -96,7 +87,7 @@ def main(argv=None) -> int:
             base = rec
         table.append(rec)
 
-    if args.best_of_k:
+    if best_of_k:
         from raft_diffusion.diffusion.families import detect_family
         from raft_diffusion.diffusion.pipeline import load_pipeline
         from raft_diffusion.diffusion.toyworld.sd import sample
@@ -106,13 +97,13 @@ def main(argv=None) -> int:
         reward = load_reward_from_config(cfg["reward"], device="cpu")
         from raft_diffusion.diffusion.config import load_config
 
-        s = cfg["sampling"]
-        guidance = load_config(run / "config.yaml").eval_guidance_scale  # best-of-K at the held-out samples' setting
+        run_cfg = load_config(run / "config.yaml")  # best-of-K at the held-out samples' setting
+        guidance, steps = run_cfg.eval_guidance_scale, run_cfg.eval_num_inference_steps
         best_imgs, best_proxy, prompts = [], [], []
         for j, r in enumerate(base["rows"]):
-            seeds = [10_000_000 + j * args.best_of_k + k for k in range(args.best_of_k)]
-            ims = sample(pipe, [r["prompt"]] * args.best_of_k, seeds, steps=s["num_inference_steps"], guidance=guidance)
-            sc = reward(ims, [r["prompt"]] * args.best_of_k).float()
+            seeds = [10_000_000 + j * best_of_k + k for k in range(best_of_k)]
+            ims = sample(pipe, [r["prompt"]] * best_of_k, seeds, steps=steps, guidance=guidance)
+            sc = reward(ims, [r["prompt"]] * best_of_k).float()
             b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
             best_imgs.append(ims[b])
             best_proxy.append(float(sc[b]))
@@ -123,7 +114,7 @@ def main(argv=None) -> int:
             emb = embedder.encode_images(ims)
         table.append(
             {
-                "row": f"base best-of-{args.best_of_k}",
+                "row": f"base best-of-{best_of_k}",
                 "proxy": np.asarray(best_proxy),
                 "gold": m["aesthetic"],
                 "fidelity": m["match"].astype(float),
@@ -134,43 +125,83 @@ def main(argv=None) -> int:
 
     sd = float(base["proxy"].std())
     out = []
-    print(f"toy world bench: {run}  ({len(base['rows'])} eval images: {len(set(r['prompt'] for r in base['rows']))} held-out prompts x fixed seeds)")
-    print(f"{'':16s} {'proxy':>8s} {'d/sd':>6s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
     for rec in table:
         d = rec["gold"] - base["gold"]
         lo, hi = _bootstrap(d)
         dz = (rec["proxy"].mean() - base["proxy"].mean()) / sd if sd > 0 else float("nan")
         div = rec["diversity"] / base["diversity"] if base["diversity"] > 0 else float("nan")
-        o = {
-            "row": rec["row"],
-            "proxy": float(rec["proxy"].mean()),
-            "proxy_rise_sd": float(dz),
-            "gold": float(rec["gold"].mean()),
-            "gold_rise": float(d.mean()),
-            "gold_rise_ci": [lo, hi],
-            "fidelity": float(rec["fidelity"].mean()),
-            "diversity_ratio": float(div),
-        }
-        out.append(o)
-        print(
-            f"{rec['row']:16s} {o['proxy']:8.3f} {dz:6.2f} {o['gold']:6.2f} "
-            f"{f'{d.mean():+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {div:8.2f}"
+        out.append(
+            {
+                "row": rec["row"],
+                "images": len(rec["rows"]),
+                "proxy": float(rec["proxy"].mean()),
+                "proxy_rise_sd": float(dz),
+                "gold": float(rec["gold"].mean()),
+                "gold_rise": float(d.mean()),
+                "gold_rise_ci": [lo, hi],
+                "fidelity": float(rec["fidelity"].mean()),
+                "diversity_ratio": float(div),
+            }
         )
+    return out
+
+
+def bars(row: dict, base: dict) -> dict[str, bool]:
+    """The four bars a delivered stage must meet (``row`` and ``base`` are rows of :func:`measure`)."""
+    return {
+        "proxy rises >= 1 base sd": row["proxy_rise_sd"] >= 1.0,
+        "gold rises (95% CI above 0)": row["gold_rise_ci"][0] > 0,
+        "fidelity falls <= 3 points": row["fidelity"] >= base["fidelity"] - 0.03,
+        "diversity >= 70% of base": row["diversity_ratio"] >= 0.7,
+    }
+
+
+def delivered(run: Path, out: list[dict]) -> dict | None:
+    """The row of the stage the run delivers as final/: the one early stop kept, else the last evaluated stage."""
+    from raft_diffusion.core.early_stop import read_stop
+
     stage_rows = [o for o in out if o["row"].startswith("stage")]
-    if stage_rows:
+    if not stage_rows:
+        return None
+    stop = read_stop(run)
+    return next((o for o in stage_rows if stop and o["row"] == f"stage {stop['final_stage']}"), stage_rows[-1])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--run-dir", default=None, help="default: runs/<config name>")
+    ap.add_argument("--best-of-k", type=int, default=8, help="K of the base best-of-K row (0 skips it)")
+    ap.add_argument("--json", default=None, help="also write the table as JSON")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    run = Path(args.run_dir or ROOT / "runs" / Path(args.config).stem)
+    if not (run / "final").is_dir():
+        from raft_diffusion.cli import main as cli_main
+
+        rc = cli_main(["align", "--config", args.config, "--output-dir", str(run), *args.overrides])
+        if rc:
+            return rc
+    out = measure(run, args.best_of_k)
+    base = out[0]
+    n_prompts = len({r["prompt"] for r in _load_rows(run / "stages" / "000")})
+    print(f"toy world bench: {run}  ({base['images']} eval images: {n_prompts} held-out prompts x fixed seeds)")
+    print(f"{'':16s} {'proxy':>8s} {'d/sd':>6s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
+    for o in out:
+        (lo, hi), d = o["gold_rise_ci"], o["gold_rise"]
+        print(
+            f"{o['row']:16s} {o['proxy']:8.3f} {o['proxy_rise_sd']:6.2f} {o['gold']:6.2f} "
+            f"{f'{d:+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {o['diversity_ratio']:8.2f}"
+        )
+    last = delivered(run, out)
+    if last is not None:
         from raft_diffusion.core.early_stop import read_stop
 
         stop = read_stop(run)
-        last = next((o for o in stage_rows if stop and o["row"] == f"stage {stop['final_stage']}"), stage_rows[-1])
-        checks = {
-            "proxy rises >= 1 base sd": last["proxy_rise_sd"] >= 1.0,
-            "gold rises (95% CI above 0)": last["gold_rise_ci"][0] > 0,
-            "fidelity falls <= 3 points": last["fidelity"] >= out[0]["fidelity"] - 0.03,
-            "diversity >= 70% of base": last["diversity_ratio"] >= 0.7,
-        }
         if stop:
             print(f"early stop after stage {stop['stopped_after_stage']}: {stop['reason']}")
-        print(f"final ({last['row']}): " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in checks.items()))
+        print(f"final ({last['row']}): " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in bars(last, base).items()))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0

@@ -21,7 +21,9 @@ def align(out, model_dir, *overrides):
 
 
 def strip_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "lr_last")} for r in rows]
+    return [
+        {k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "cpu_seconds", "eval_seconds", "lr_last")} for r in rows
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +42,10 @@ def test_two_stage_run_raises_held_out_reward(full_run):
         assert r["kept_reward_mean"] > r["reward_mean"]  # selection keeps the better samples
         assert r["num_generated"] == 32 and r["num_kept"] == 8
     assert [r["reward_queries"] for r in rows] == [0, 32, 64]
-    assert rows[1]["seconds"] < rows[2]["seconds"]
+    assert [r["eval_reward_queries"] for r in rows] == [12, 24, 36]  # 3 held-out prompts x 4 images, each evaluation
+    for key in ("seconds", "cpu_seconds", "eval_seconds"):
+        assert 0 < rows[0][key] < rows[1][key] < rows[2][key], key
+    assert rows[2]["eval_seconds"] == pytest.approx(sum(r["time_eval"] for r in rows))
 
 
 def test_run_directory_layout(full_run):
@@ -91,13 +96,14 @@ def test_final_lora_loads_in_diffusers_and_changes_images(full_run, tiny_pipelin
 
 
 def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tmp_path):
-    """eval.guidance_scale changes the held-out samples only: the pool is the default run's, bit for bit."""
+    """eval.guidance_scale and eval.num_inference_steps change the held-out samples only: the pool is the
+    default run's, bit for bit."""
     from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
     from raft_diffusion.diffusion.pipeline import load_pipeline
     from reward_models import load_reward
 
     out = tmp_path / "evalg"
-    assert align(out, tiny_pipeline_dir, "num_stages=1", "eval.guidance_scale=1.0") == 0
+    assert align(out, tiny_pipeline_dir, "num_stages=1", "eval.guidance_scale=1.0", "eval.num_inference_steps=2") == 0
     pool = [r["reward"] for r in read_jsonl(out / "stages" / "001" / "samples.jsonl")]
     assert pool == [r["reward"] for r in read_jsonl(full_run / "stages" / "001" / "samples.jsonl")]
     rows = read_jsonl(out / "stages" / "000" / "eval.jsonl")
@@ -109,12 +115,12 @@ def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tm
     reward = load_reward("brightness", device="cpu", region=[0.25, 0.25, 0.75, 0.75])
     row = rows[gaps.index(max(gaps))]
     got = {}
-    for g in (1.0, 2.0):
+    for g, steps in ((1.0, 2), (2.0, 4), (1.0, 4)):
         emb, neg = encode_prompts(pipe, [row["prompt"]], None, g > 1)
-        img = generate_batch(pipe, emb, neg, [row["seed"]], num_inference_steps=4, guidance_scale=g, height=32, width=32)[1]
-        got[g] = float(reward(img, [row["prompt"]])[0])
-    assert got[1.0] == pytest.approx(row["reward"], abs=1e-6)
-    assert abs(got[2.0] - row["reward"]) > 1e-4
+        img = generate_batch(pipe, emb, neg, [row["seed"]], num_inference_steps=steps, guidance_scale=g, height=32, width=32)[1]
+        got[g, steps] = float(reward(img, [row["prompt"]])[0])
+    assert got[1.0, 2] == pytest.approx(row["reward"], abs=1e-6)
+    assert abs(got[2.0, 4] - row["reward"]) > 1e-4 and abs(got[1.0, 4] - row["reward"]) > 1e-6
 
 
 def test_killed_run_resumes_to_the_same_result(full_run, tiny_pipeline_dir, tmp_path, monkeypatch):

@@ -73,7 +73,7 @@ class ScalarTask:
 
     def evaluate(self, stage, stage_dir):
         xs = [self.mu + torch.randn((), generator=torch.Generator().manual_seed(eval_seed(self.cfg.seed, 0, k))).item() for k in range(8)]
-        return {"eval_reward_mean": sum(xs) / len(xs)}
+        return {"eval_reward_mean": sum(xs) / len(xs), "eval_reward_queries": len(xs)}
 
 
 def _cfg(**over):
@@ -82,7 +82,7 @@ def _cfg(**over):
 
 
 def strip_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "cpu_seconds", "eval_seconds")} for r in rows]
 
 
 def test_loop_metrics_and_layout(tmp_path):
@@ -104,6 +104,59 @@ def test_loop_metrics_and_layout(tmp_path):
         mine = sorted((s for s in samples if s["prompt_index"] == p), key=lambda s: -s["reward"])
         assert [s["kept"] for s in mine] == [True, True, False, False, False, False]
     assert (tmp_path / "final" / "mu.json").read_text() == (tmp_path / "stages" / "003" / "weights" / "mu.json").read_text()
+
+
+def test_cost_columns_are_cumulative_from_process_start(tmp_path):
+    from raft_diffusion.core.clock import process_cpu_seconds, process_seconds
+
+    cfg = _cfg()
+    run = RunDir(tmp_path)
+    run.start(cfg.to_dict())
+    wall0, cpu0 = process_seconds(), process_cpu_seconds()
+    rows = run_raft(cfg, ScalarTask(cfg), run)
+    wall1, cpu1 = process_seconds(), process_cpu_seconds()
+    assert rows == run.metrics()
+    assert [r["eval_reward_queries"] for r in rows] == [8, 16, 24, 32]  # 8 held-out samples per evaluation
+    assert [r["reward_queries"] for r in rows] == [0, 18, 36, 54]  # training samples only
+    # counted from this process's start (pytest's start-up included), not from the loop's
+    assert wall0 <= rows[0]["seconds"] <= wall1 and cpu0 <= rows[0]["cpu_seconds"] <= cpu1
+    for key in ("seconds", "cpu_seconds", "eval_seconds"):
+        values = [r[key] for r in rows]
+        assert values == sorted(values), key
+    assert rows[-1]["eval_seconds"] == pytest.approx(sum(r["time_eval"] for r in rows))
+    assert rows[-1]["eval_seconds"] < rows[-1]["seconds"] - wall0
+
+
+def test_reward_queries_leave_out_samples_the_reward_never_saw(tmp_path):
+    class Filtering(ScalarTask):
+        skips_discarded = True
+        asked = 0
+
+        def discard(self, batch):
+            for s in batch:
+                if s.sample_index % 3 == 0:
+                    s.extras["discarded"] = "filtered"
+
+        def score(self, batch):
+            live = [s for s in batch if "discarded" not in s.extras]
+            self.asked += len(live)
+            scores = iter(self.reward_fn([s.payload for s in live]).tolist())
+            return [None if "discarded" in s.extras else next(scores) for s in batch]
+
+    cfg = _cfg()
+    run = RunDir(tmp_path / "skips")
+    run.start(cfg.to_dict())
+    task = Filtering(cfg)
+    rows = run_raft(cfg, task, run)
+    assert task.asked == 3 * 12 and [r["reward_queries"] for r in rows] == [0, 12, 24, 36]  # 2 of 6 per prompt filtered
+    assert [r["num_discarded"] for r in rows[1:]] == [6, 6, 6]
+
+    class ScoresAll(Filtering):  # discarded, but still scored (the diffusion task's prompt_match)
+        skips_discarded = False
+
+    run = RunDir(tmp_path / "scores")
+    run.start(cfg.to_dict())
+    assert [r["reward_queries"] for r in run_raft(cfg, ScoresAll(cfg), run)] == [0, 18, 36, 54]
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
@@ -132,7 +185,10 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert part.last_completed() == 1
     resumed_task = ScalarTask(cfg)
     rows = run_raft(cfg, resumed_task, part)
-    assert strip_time(rows) == strip_time(ref)
+    assert strip_time(rows) == strip_time(ref)  # eval_reward_queries and reward_queries carry on
+    for key in ("seconds", "cpu_seconds", "eval_seconds"):  # on top of the killed process's, from the last row
+        assert rows[2][key] >= rows[1][key], key
+    assert rows[2]["eval_seconds"] - rows[1]["eval_seconds"] == pytest.approx(rows[2]["time_eval"])
     assert resumed_task.finetuned_on == [  # only stages 2 and 3 ran again
         sorted((s["prompt_index"], s["sample_index"]) for s in read_jsonl(part.stage_dir(st) / "samples.jsonl") if s["kept"]) for st in (2, 3)
     ]

@@ -95,6 +95,11 @@ def test_two_processes_match_one(single, tiny_pipeline_dir, tmp_path):
     assert [r["eval_reward_mean"] for r in ma] == [r["eval_reward_mean"] for r in mb]
     assert [r.get("loss_mean") for r in ma] == [r.get("loss_mean") for r in mb]
     assert "effective batch 4 (4 x 1 accumulation) in 2 chunks of 2 rows dealt over 2 processes" in proc.stdout
+    assert [r["reward_queries"] for r in mb] == [r["reward_queries"] for r in ma]  # both processes' samples, once
+    assert [r["eval_reward_queries"] for r in mb] == [r["eval_reward_queries"] for r in ma] == [6, 12, 18]
+    # cpu_seconds sums the processes: each loads the model and does half the work, so the sum is at least one
+    # process's whole run (the main process alone would count less than that)
+    assert mb[-1]["cpu_seconds"] > 0.95 * ma[-1]["cpu_seconds"], (mb[-1]["cpu_seconds"], ma[-1]["cpu_seconds"])
 
 
 def test_two_process_run_resumes_with_one(single, tiny_pipeline_dir, tmp_path):

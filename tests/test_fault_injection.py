@@ -70,7 +70,7 @@ def gallery_module():
 
 
 def strip(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "cpu_seconds", "eval_seconds")} for r in rows]
 
 
 def weights_bytes(folder: Path) -> dict:

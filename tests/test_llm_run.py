@@ -71,6 +71,15 @@ def test_two_stages_raise_the_reward_and_the_gold(toy_run):
     assert rows[1]["num_kept"] == 60 and rows[1]["num_generated"] == 480 and rows[1]["train_steps"] == 12
 
 
+def test_reward_queries_count_what_the_reward_scored(toy_run):
+    _, _, rows, task = toy_run
+    held_out = len(task.eval_prompts) * 8  # eval.num_per_prompt = best_of_k = 8: the reference reuses them
+    assert [r["eval_reward_queries"] for r in rows] == [held_out, 2 * held_out, 3 * held_out]
+    scored = [r["num_generated"] - r["num_discarded"] for r in rows[1:]]  # a discarded completion is never scored
+    assert [r["reward_queries"] for r in rows] == [0, scored[0], scored[0] + scored[1]]
+    assert all(0 < rows[0][k] <= rows[1][k] <= rows[2][k] for k in ("seconds", "cpu_seconds", "eval_seconds"))
+
+
 def test_run_directory_layout(toy_run):
     cfg, root, rows, _ = toy_run
     samples = read_jsonl(root / "stages" / "001" / "samples.jsonl")
@@ -114,7 +123,7 @@ def test_killed_run_resumes_to_the_same_stage(toy_run, tmp_path):
     (part / "stages" / "002" / "stage.json").unlink()  # killed before stage 2 was marked done
     shutil.rmtree(part / "final")
     again, _ = run(cfg, part)
-    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"}  # noqa: E731
+    strip = lambda r: {k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "cpu_seconds", "eval_seconds")}  # noqa: E731
     assert [strip(r) for r in again] == [strip(r) for r in rows]
     assert (part / "final" / "adapter_model.safetensors").read_bytes() == (root / "final" / "adapter_model.safetensors").read_bytes()
 

@@ -86,7 +86,7 @@ def full_run(root, cfg=None, task=None):
 
 
 def strip_time(rows):
-    return [{k: v for k, v in r.items() if not k.startswith("time_") and k != "seconds"} for r in rows]
+    return [{k: v for k, v in r.items() if not k.startswith("time_") and k not in ("seconds", "cpu_seconds", "eval_seconds")} for r in rows]
 
 
 # -- defect 2: a failed first attempt does not block its folder -------------------------------------------

@@ -50,6 +50,14 @@ class Dist:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
+    def sum(self, value: float) -> float:
+        """``value`` summed over every process (an all-reduce), on every process."""
+        if not self.enabled:
+            return float(value)
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._collective_device())
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
     def all_gather_tensor(self, t: torch.Tensor) -> list[torch.Tensor]:
         """Every process's ``t`` (same shape and dtype everywhere), in rank order, on ``t``'s device."""
         if not self.enabled:

@@ -21,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from .clock import process_cpu_seconds, process_seconds
 from .common import summary
 from .dist import Dist
 from .early_stop import STOP_FILE, EarlyStopper
@@ -112,6 +113,41 @@ def external_requests(rows: list[dict], prompts: list[str], run_seed: int, stage
     return out
 
 
+class Tally:
+    """The cumulative cost columns of ``metrics.jsonl``, carried on from the last row when a run resumes.
+
+    ``seconds`` and ``cpu_seconds`` count from this process's start (start-up included) on top of what
+    earlier processes of the run had recorded; ``cpu_seconds`` is summed over all processes of the run.
+    ``reward_queries`` counts training samples the reward scored, ``eval_reward_queries`` held-out ones.
+    """
+
+    def __init__(self, last: dict, dist: Dist):
+        self.dist = dist
+        self.prior_seconds = last.get("seconds", 0.0)
+        self.prior_cpu = last.get("cpu_seconds", 0.0)
+        self.stats = {k: last.get(k, 0) for k in ("reward_queries", "eval_reward_queries", "eval_seconds")}
+
+    def evaluate(self, task: RaftTask, stage: int, stage_dir: Path) -> dict:
+        """``task.evaluate``'s metrics, timed (``time_eval``) and counted; the task reports how many held-out
+        samples its reward scored as ``eval_reward_queries``."""
+        t = time.perf_counter()
+        metrics = dict(task.evaluate(stage, stage_dir))
+        took = time.perf_counter() - t
+        self.stats["eval_reward_queries"] += int(metrics.pop("eval_reward_queries", 0))
+        self.stats["eval_seconds"] += took
+        return {**metrics, "time_eval": took}
+
+    def row(self) -> dict:
+        """The cumulative columns now (a collective: every process calls it at the same point)."""
+        return {
+            "reward_queries": self.stats["reward_queries"],
+            "eval_reward_queries": self.stats["eval_reward_queries"],
+            "eval_seconds": self.stats["eval_seconds"],
+            "seconds": self.prior_seconds + process_seconds(),
+            "cpu_seconds": self.prior_cpu + self.dist.sum(process_cpu_seconds()),
+        }
+
+
 def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None = None) -> StreamingPool:
     """Steps 1-3 of a stage: sample, score, stream into the selection pool.
 
@@ -131,12 +167,14 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     pool = StreamingPool(cfg.ranking, expected_total=len(requests))
     mine = dist.shard(requests, cfg.sampling.batch_size)
     bar = tqdm(total=len(mine), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
-    score_time = 0.0
+    score_time, scored = 0.0, 0
+    skips = getattr(task, "skips_discarded", False)  # the task does not ask the reward about discarded samples
     for batch in task.sample(stage, mine):
         t = time.perf_counter()
         task.discard(batch)  # the one place discard rules run: marked samples are logged, never kept
         rewards = as_rewards(task.reward_name, task.score(batch), len(batch))
         score_time += time.perf_counter() - t
+        scored += sum(1 for s in batch if not (skips and s.extras.get("discarded")))
         for s, r in zip(batch, rewards):
             s.reward = r
         pool.add(batch)
@@ -146,7 +184,8 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     stats["time_score"] = score_time
     if dist.enabled:
         pool = _merge_pools(cfg, pool, len(requests), dist)
-    stats["reward_queries"] += len(pool.records)
+        scored = int(dist.sum(scored))
+    stats["reward_queries"] += scored
     if pool.records and all(s.extras.get("discarded") for s in pool.records):
         raise UserError(
             f"the discard rules discarded all {len(pool.records)} {cfg.sample_noun} of stage {stage} (e.g. "
@@ -201,16 +240,13 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
     # completed, intact stages; damaged ones are reported and redone, unfinished ones cleared
     done = dist.broadcast(run.recover() if main else None)
     rows = dist.broadcast(run.metrics() if main else None)
-    prior_seconds = rows[-1]["seconds"] if rows else 0.0
-    stats = {"reward_queries": rows[-1].get("reward_queries", 0) if rows else 0}
-    t0 = time.perf_counter()
+    tally = Tally(rows[-1] if rows else {}, dist)
     offline = cfg.mode == "offline" or cfg.sampling.external_pool is not None
 
     # Step 0: the base model's evaluation (stage 0) before any training.
     if done == 0 and not any(r["stage"] == 0 for r in rows) and cfg.eval.every:
-        t = time.perf_counter()
-        row = {"stage": 0, **task.evaluate(0, run.stage_dir(0)), "time_eval": time.perf_counter() - t}
-        row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
+        row = {"stage": 0, **tally.evaluate(task, 0, run.stage_dir(0))}
+        row.update(tally.row())
         if main:
             run.put_metrics(row)
             run.mark_done(0, {"stage": 0})
@@ -243,7 +279,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             rewards = [s.reward if s.reward is not None else math.nan for s in map(_from_record, records)]
             discarded = sum(1 for r in records if r.get("discarded"))
         else:
-            pool = collect_pool(cfg, task, stage, stats, dist)
+            pool = collect_pool(cfg, task, stage, tally.stats, dist)
             kept = pool.kept()
             if main:
                 task.save_kept(sdir, kept)
@@ -253,7 +289,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             discarded = sum(1 for s in pool.records if s.extras.get("discarded"))
             del pool
         row["time_sample"] = time.perf_counter() - t
-        row["time_score"] = stats.pop("time_score", 0.0)
+        row["time_score"] = tally.stats.pop("time_score", 0.0)
         if not kept:
             raise ScoreError(
                 f"stage {stage} kept no samples (every sample was discarded ({discarded}), or its reward NaN or below "
@@ -284,12 +320,10 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
 
         # Step 5: evaluate on held-out prompts with fixed seeds.
         if cfg.eval.every and (stage % cfg.eval.every == 0 or stage == cfg.num_stages):
-            t = time.perf_counter()
-            row.update(task.evaluate(stage, sdir))
-            row["time_eval"] = time.perf_counter() - t
+            row.update(tally.evaluate(task, stage, sdir))
 
         # Step 6: checkpoint: metrics, then the stage marker (the marker is what resume trusts).
-        row.update(reward_queries=stats["reward_queries"], seconds=prior_seconds + time.perf_counter() - t0)
+        row.update(tally.row())
         if main:
             run.put_metrics(row)
             run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})

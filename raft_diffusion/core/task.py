@@ -21,6 +21,9 @@ class RaftTask(Protocol):
     reward_name: str  # for error messages
     train_prompts: list[str]
     console_metrics: Sequence[tuple[str, str]]  # (metrics key, label) shown on each stage's console line
+    # optional: True when :meth:`score` does not ask the reward about discarded samples (they get None), so
+    # ``reward_queries`` leaves them out; absent or False = every sample of a batch is scored
+    skips_discarded: bool
 
     def plan(self, stage: int) -> list[Sample] | None:
         """The stage's sample requests when the task has its own (an external pool's rows); None = the
@@ -53,7 +56,8 @@ class RaftTask(Protocol):
         """Load the weights a completed stage saved (resume)."""
 
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
-        """Held-out metrics of the current model (stage 0 = the base model)."""
+        """Held-out metrics of the current model (stage 0 = the base model), with ``eval_reward_queries``:
+        how many held-out samples (over all processes) the reward scored; the loop makes it cumulative."""
 
     def weights_dir(self, stage_dir: Path) -> Path:
         """The folder inside ``stage_dir`` that ``final/`` should mirror."""

@@ -88,7 +88,7 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
     s = cfg.sampling
     base = CompareSettings(
         prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
-        num_inference_steps=s.num_inference_steps,
+        num_inference_steps=cfg.eval_num_inference_steps,
         height=s.height,
         width=s.width,
         guidance_scale=cfg.eval_guidance_scale,

@@ -169,6 +169,9 @@ class EvalConfig:
         None,
         "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage",
     )
+    num_inference_steps: int | None = _f(
+        None, "denoising steps of the held-out samples; null = sampling.num_inference_steps (a pool may use fewer steps than the model is judged at)"
+    )
     save_images: bool = _f(True, "write eval images into stages/<NNN>/eval/")
     clip_model: str | None = _f(
         None,
@@ -208,6 +211,12 @@ class RaftConfig(core.BaseConfig):
         """The held-out samples' guidance: ``eval.guidance_scale``, else the pool's ``sampling.guidance_scale``."""
         return self.sampling.guidance_scale if self.eval.guidance_scale is None else self.eval.guidance_scale
 
+    @property
+    def eval_num_inference_steps(self) -> int:
+        """The held-out samples' denoising steps: ``eval.num_inference_steps``, else the pool's."""
+        e = self.eval.num_inference_steps
+        return self.sampling.num_inference_steps if e is None else e
+
     def preflight(self):
         """The shared checks, and a model folder that does not exist (before the reward and CLIPs load)."""
         name = str(self.model.pretrained)
@@ -240,6 +249,7 @@ class RaftConfig(core.BaseConfig):
         """The diffusion rules (the shared ones are in :meth:`BaseConfig.validate`)."""
         s, r, t = self.sampling, self.ranking, self.train
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        need(self.eval_num_inference_steps >= 1, "eval.num_inference_steps must be >= 1 (or null: the pool's)")
         for side in ("height", "width"):
             v = getattr(s, side)
             need(

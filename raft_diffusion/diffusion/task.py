@@ -169,16 +169,18 @@ class DiffusionTask:
             return encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
         return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
 
-    def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float):
-        """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""
+    def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float, steps: int | None = None):
+        """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``
+        (``steps`` denoising steps, default the pool's)."""
         s = self.cfg.sampling
+        steps = steps or s.num_inference_steps
         if not self.legacy:
             latents = self.family.sample(
                 self.pipe,
                 embeds,
                 list(prompt_indices),
                 list(seeds),
-                steps=s.num_inference_steps,
+                steps=steps,
                 guidance=guidance_scale,
                 height=self.height,
                 width=self.width,
@@ -191,7 +193,7 @@ class DiffusionTask:
             cond[idx],
             None if uncond is None else uncond[idx],
             list(seeds),
-            num_inference_steps=s.num_inference_steps,
+            num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=self.height,
             width=self.width,
@@ -344,10 +346,17 @@ class DiffusionTask:
         rows, images_u8, embeddings = [], [], []
         for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
             chunk = mine[i : i + bs]
+<<<<<<< HEAD
             _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance)
             with self.placement.scoring():
                 r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
                 emb = self.eval_clip.image_embeddings(images).cpu() if self.eval_clip is not None else None
+=======
+            _, images = self._generate(
+                self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance, self.cfg.eval_num_inference_steps
+            )
+            r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
+>>>>>>> wt19
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):
                 row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
@@ -376,9 +385,15 @@ class DiffusionTask:
             write_jsonl(stage_dir / "eval.jsonl", rows)
         comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
         image_emb = torch.cat(embeddings) if embeddings else None
+<<<<<<< HEAD
         with self.placement.scoring():
             text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
         return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
+=======
+        text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
+        metrics = eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
+        return {**metrics, "eval_reward_queries": len(rows)}
+>>>>>>> wt19
 
 
 def train_settings(t) -> dict:

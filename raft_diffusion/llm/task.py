@@ -58,6 +58,7 @@ class LLMTask:
     """
 
     console_metrics = ()  # the console line of a stage shows the shared columns only
+    skips_discarded = True  # a completion the filters discard is never shown to the reward
 
     def __init__(self, cfg, reward=None, gold_reward=None):
         self.cfg = cfg
@@ -356,6 +357,7 @@ class LLMTask:
             if golds is not None:  # gold of the completion the reward picked, per prompt
                 picked = [max(idx, key=lambda i: (rewards[i] == rewards[i], rewards[i])) for idx in by_prompt.values()]
                 metrics["eval_base_best_of_k_gold"] = sum(golds[i] for i in picked) / len(picked)
+        metrics["eval_reward_queries"] = len(rows)  # the best-of-K reference's completions too
         return metrics
 
 

@@ -1,0 +1,96 @@
+#!/usr/bin/env python
+"""Time to aligned: the CPU seconds a demo run takes to deliver a final/ that meets the toy world's four bars.
+
+    python scripts/bench_time_to_aligned.py [--config configs/toy_aesthetic.yaml] [--run-dir DIR] [key=value ...]
+
+Runs ``raft-diffusion align`` in a child process with one thread (OMP/MKL_NUM_THREADS=1) and prints per stage,
+from ``metrics.jsonl``: process CPU seconds since the run's process started (start-up included), images sampled
+(pool and held-out, cumulative), reward queries (pool; held-out under "eval q"), and for the evaluated stages the figures of
+``scripts/bench_toyworld.py`` (held-out proxy rise in base sd, gold rise, fidelity, diversity) and how many of its
+four bars they meet. The last line is ``cpu_seconds_to_bars: N``: the CPU seconds of the whole run (measured on
+the child, from its start to its exit) when the ``final/`` it delivers meets the four bars, else ``inf``. With
+``--run-dir`` naming a finished run it measures that run instead, taking N from its last metrics row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_toyworld import bars, delivered, measure  # noqa: E402
+
+
+def children_usage() -> tuple[float, int]:
+    """CPU seconds and minor page faults of the waited-for child processes so far."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime, r.ru_minflt
+
+
+def run_align(config: str, run: Path, overrides: list[str]) -> tuple[int, float, int]:
+    """``raft-diffusion align`` in a child process with one thread: (exit code, CPU seconds, minor page faults)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "raft_diffusion", "align", "--config", config, "--output-dir", str(run), "progress=false", *overrides]
+    cpu0, faults0 = children_usage()
+    rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    cpu1, faults1 = children_usage()
+    return rc, cpu1 - cpu0, faults1 - faults0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--run-dir", default=None, help="default: a fresh runs/time_to_aligned (a finished run there is measured as it is)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    run = Path(args.run_dir or ROOT / "runs" / "time_to_aligned")
+    measured_cpu = faults = None
+    if not (run / "final").is_dir():
+        rc, measured_cpu, faults = run_align(args.config, run, args.overrides)
+        if rc:
+            print(f"error: align exited with {rc}", file=sys.stderr)
+            return rc
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    table = {o["row"]: o for o in measure(run)}
+    base = table["base"]
+    print(f"time to aligned: {run} (one thread; figures of the evaluated stages as in scripts/bench_toyworld.py)")
+    head = f"{'stage':>5s} {'cpu s':>7s} {'images':>7s} {'queries':>7s} {'eval q':>6s} "
+    print(head + f"{'d/sd':>6s} {'d gold':>7s} {'fidelity':>8s} {'divers.':>7s} {'bars':>4s}")
+    pool_images = 0
+    for r in rows:
+        pool_images += r.get("num_generated", 0)
+        eval_q = r.get("eval_reward_queries", 0)  # every held-out image is scored once
+        o = table.get("base" if r["stage"] == 0 else f"stage {r['stage']}")  # None: a stage not evaluated
+        if o is None:
+            figures = f"{'-':>6s} {'-':>7s} {'-':>8s} {'-':>7s} {'-':>4s}"
+        else:
+            met = f"{sum(bars(o, base).values())}/4" if r["stage"] else "-"
+            figures = f"{o['proxy_rise_sd']:6.2f} {o['gold_rise']:+7.2f} {o['fidelity']:8.3f} {o['diversity_ratio']:7.2f} {met:>4s}"
+        counts = f"{r['stage']:>5d} {r.get('cpu_seconds', math.nan):7.1f} {pool_images + eval_q:>7d} {r.get('reward_queries', 0):>7d} {eval_q:>6d}"
+        print(f"{counts} {figures}")
+    final = delivered(run, list(table.values()))
+    met = final is not None and all(bars(final, base).values())
+    cpu = measured_cpu if measured_cpu is not None else rows[-1].get("cpu_seconds", float("nan"))
+    if final is not None:
+        print(f"final/ = {final['row']}: " + "; ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in bars(final, base).items()))
+    how = "measured on the align process, start to exit" if measured_cpu is not None else "from the last metrics row"
+    extra = f", {faults / 1e6:.2f} M minor page faults" if faults is not None else ""
+    print(f"run: {cpu:.1f} CPU s ({how}){extra}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"cpu_seconds_to_bars: {f'{cpu:.1f}' if met and math.isfinite(cpu) else 'inf'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,40 @@
+"""scripts/bench_time_to_aligned.py end to end on the demo preset cut down to seconds: its output format."""
+
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+REDUCED = [
+    "num_stages=1",
+    "sampling.num_per_prompt=2",
+    "sampling.num_inference_steps=2",
+    "eval.num_per_prompt=2",
+    "eval.num_inference_steps=2",
+    "ranking.top_k=1",
+    "ranking.prompt_match=null",
+    "train.steps_per_stage=2",
+]
+
+
+def test_bench_prints_each_stage_and_ends_with_the_metric(tmp_path, capsys):
+    from bench_time_to_aligned import main
+
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), *REDUCED]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split() for line in lines if re.match(r"\s*\d+ ", line)]
+    assert [r[0] for r in rows] == ["0", "1"]
+    # stage, cpu s, images, queries, eval q, d/sd, d gold, fidelity, diversity, bars
+    assert rows[0][2:5] == ["16", "0", "16"]  # 8 held-out prompts x 2 images, the base's evaluation
+    assert rows[1][2:5] == ["56", "24", "32"]  # + 12 training prompts x 2 pool images + 16 held-out again
+    assert 0 < float(rows[0][1]) < float(rows[1][1]) and re.fullmatch(r"[0-4]/4", rows[1][9])
+    assert lines[-3].startswith("final/ = stage 1: proxy rises >= 1 base sd: ")
+    assert re.fullmatch(r"run: [\d.]+ CPU s \(measured on the align process, start to exit\), [\d.]+ M minor page faults; .*", lines[-2])
+    assert re.fullmatch(r"cpu_seconds_to_bars: (inf|\d+\.\d)", lines[-1])
+    # a finished run is measured as it is, N from its last metrics row
+    assert main(["--run-dir", str(run)]) == 0
+    again = capsys.readouterr().out.strip().splitlines()
+    assert "(from the last metrics row)" in again[-2] and again[-1].split(":")[0] == "cpu_seconds_to_bars"
