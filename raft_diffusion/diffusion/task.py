@@ -346,17 +346,12 @@ class DiffusionTask:
         rows, images_u8, embeddings = [], [], []
         for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
             chunk = mine[i : i + bs]
-<<<<<<< HEAD
-            _, images = self._generate(self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance)
-            with self.placement.scoring():
-                r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
-                emb = self.eval_clip.image_embeddings(images).cpu() if self.eval_clip is not None else None
-=======
             _, images = self._generate(
                 self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance, self.cfg.eval_num_inference_steps
             )
-            r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
->>>>>>> wt19
+            with self.placement.scoring():
+                r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
+                emb = self.eval_clip.image_embeddings(images).cpu() if self.eval_clip is not None else None
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):
                 row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
@@ -385,15 +380,10 @@ class DiffusionTask:
             write_jsonl(stage_dir / "eval.jsonl", rows)
         comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
         image_emb = torch.cat(embeddings) if embeddings else None
-<<<<<<< HEAD
         with self.placement.scoring():
             text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
-        return eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
-=======
-        text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
         metrics = eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
         return {**metrics, "eval_reward_queries": len(rows)}
->>>>>>> wt19
 
 
 def train_settings(t) -> dict:
