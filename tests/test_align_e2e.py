@@ -95,6 +95,7 @@ def test_final_lora_loads_in_diffusers_and_changes_images(full_run, tiny_pipelin
     assert float(r[0]) == pytest.approx(row["reward"], abs=1e-4)
 
 
+@pytest.mark.slow  # 15 s, to keep the default run under 10 minutes
 def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tmp_path):
     """eval.guidance_scale and eval.num_inference_steps change the held-out samples only: the pool is the
     default run's, bit for bit."""

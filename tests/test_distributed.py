@@ -102,6 +102,7 @@ def test_two_processes_match_one(single, tiny_pipeline_dir, tmp_path):
     assert mb[-1]["cpu_seconds"] > 0.95 * ma[-1]["cpu_seconds"], (mb[-1]["cpu_seconds"], ma[-1]["cpu_seconds"])
 
 
+@pytest.mark.slow  # 54 s; the default run keeps the two-process match for SD and SD3 and the single-process resume tests
 def test_two_process_run_resumes_with_one(single, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "resumed"
     first = run(out, tiny_pipeline_dir, "num_stages=1", procs=2)

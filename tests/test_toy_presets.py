@@ -16,7 +16,8 @@ from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("preset", ["toy_aesthetic", pytest.param("toy_clipscore", marks=pytest.mark.slow)])
+# both slow (25 s each): the default run drives the demo preset end to end through tests/test_bench_time_to_aligned.py
+@pytest.mark.parametrize("preset", [pytest.param("toy_aesthetic", marks=pytest.mark.slow), pytest.param("toy_clipscore", marks=pytest.mark.slow)])
 def test_toy_preset_one_short_stage(preset, tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)  # the presets name the committed assets relative to the repository root
     out = tmp_path / preset
