@@ -124,6 +124,7 @@ def test_eval_guidance_is_separate_from_the_pool(full_run, tiny_pipeline_dir, tm
     assert abs(got[2.0, 4] - row["reward"]) > 1e-4 and abs(got[1.0, 4] - row["reward"]) > 1e-6
 
 
+@pytest.mark.slow  # 38 s; the default run kills and resumes runs in tests/test_fault_injection.py (bit for bit)
 def test_killed_run_resumes_to_the_same_result(full_run, tiny_pipeline_dir, tmp_path, monkeypatch):
     from raft_diffusion.diffusion.task import DiffusionTask
 
