@@ -633,20 +633,14 @@ class MemoryPlanner:
             tried.append(step_name)
             if fits():
                 return st, tried
-        while st.sample_batch > 1:
-            st.sample_batch = max(1, st.sample_batch // 2)
-            if fits():
-                tried.append("smaller sampling batch")
-                return st, tried
-        if base.sample_batch > 1:
-            tried.append("smaller sampling batch")
-        while st.train_rows > 1:
-            st.train_rows = max(1, st.train_rows // 2)
-            if fits():
-                tried.append("smaller training chunks")
-                return st, tried
-        if base.train_rows > 1:
-            tried.append("smaller training chunks")
+        for attr, step_name in (("sample_batch", "smaller sampling batch"), ("train_rows", "smaller training chunks")):
+            while getattr(st, attr) > 1:  # halve it until it fits or reaches 1
+                setattr(st, attr, max(1, getattr(st, attr) // 2))
+                if fits():
+                    tried.append(step_name)
+                    return st, tried
+            if getattr(base, attr) > 1:
+                tried.append(step_name)
         if st.offload != "sequential":
             st.offload = "sequential"
             tried.append("sequential offload")

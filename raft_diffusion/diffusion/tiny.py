@@ -64,6 +64,21 @@ def build_clip_tokenizer(save_dir: Path | None = None):
     return tokenizer
 
 
+def sd_ddim_scheduler(prediction_type: str = "epsilon"):
+    """Stable Diffusion 1.x's DDIM schedule (scaled-linear betas 0.00085-0.012), as the tiny and toy pipelines use it."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+
+
 def build_tiny_components(
     seed: int = 0,
     image_size: int = 32,
@@ -76,7 +91,7 @@ def build_tiny_components(
     The VAE downsamples by 2, so images are ``image_size`` px and latents ``image_size // 2``.
     The global torch RNG state is restored afterwards.
     """
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     if image_size % 4:
@@ -122,15 +137,7 @@ def build_tiny_components(
                 layer_norm_eps=1e-5,
             )
         )
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = sd_ddim_scheduler(prediction_type)
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),

@@ -74,9 +74,9 @@ def build_components(vae, text_encoder, seed: int = 0) -> dict:
 
     The UNet's cross-attention width and the tokenizer's length follow the text encoder's config.
     """
-    from diffusers import DDIMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
-    from raft_diffusion.diffusion.tiny import build_clip_tokenizer
+    from raft_diffusion.diffusion.tiny import build_clip_tokenizer, sd_ddim_scheduler
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
@@ -94,15 +94,7 @@ def build_components(vae, text_encoder, seed: int = 0) -> dict:
         )
     tokenizer = build_clip_tokenizer()
     tokenizer.model_max_length = text_encoder.config.max_position_embeddings
-    scheduler = DDIMScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=1,
-        prediction_type="epsilon",
-    )
+    scheduler = sd_ddim_scheduler()
     return {"vae": vae, "unet": unet, "text_encoder": text_encoder.requires_grad_(False).eval(), "tokenizer": tokenizer, "scheduler": scheduler}
 
 
