@@ -16,6 +16,7 @@ class ScalarTask:
     """The 'model' is one number mu; a sample is mu + N(0,1) drawn from its seed; reward = sample."""
 
     reward_name = "identity"
+    skips_discarded = False
     console_metrics = ()
 
     def __init__(self, cfg, n_prompts=3, reward_fn=None):

@@ -137,6 +137,7 @@ class ScriptedTask:
     """A task whose held-out reward per stage is scripted; its 'weights' are the stage number."""
 
     reward_name = "scripted"
+    skips_discarded = False
     console_metrics = ()
 
     def __init__(self, script):

@@ -223,6 +223,7 @@ from raft_diffusion.core.rundir import RunDir, write_json
 class Task:
     reward_name, train_prompts = "draw", ["a", "b"]
     mu = 0.0
+    skips_discarded = False
     console_metrics = ()
     def plan(self, stage): return None
     def discard(self, batch): pass

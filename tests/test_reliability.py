@@ -25,6 +25,7 @@ class CountTask:
     """No model: a sample is its seed's uniform draw plus the 'model' offset mu; fine-tuning moves mu."""
 
     reward_name = "draw"
+    skips_discarded = False
 
     def __init__(self, reward=None):
         self.mu = 0.0

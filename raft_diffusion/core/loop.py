@@ -168,7 +168,7 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
     mine = dist.shard(requests, cfg.sampling.batch_size)
     bar = tqdm(total=len(mine), desc=f"stage {stage} sample", unit="img", disable=not cfg.progress, leave=False)
     score_time, scored = 0.0, 0
-    skips = getattr(task, "skips_discarded", False)  # the task does not ask the reward about discarded samples
+    skips = task.skips_discarded  # the task does not ask the reward about discarded samples
     for batch in task.sample(stage, mine):
         t = time.perf_counter()
         task.discard(batch)  # the one place discard rules run: marked samples are logged, never kept

@@ -21,8 +21,8 @@ class RaftTask(Protocol):
     reward_name: str  # for error messages
     train_prompts: list[str]
     console_metrics: Sequence[tuple[str, str]]  # (metrics key, label) shown on each stage's console line
-    # optional: True when :meth:`score` does not ask the reward about discarded samples (they get None), so
-    # ``reward_queries`` leaves them out; absent or False = every sample of a batch is scored
+    # True when :meth:`score` does not ask the reward about discarded samples (they get None), so
+    # ``reward_queries`` leaves them out; False = every sample of a batch is scored
     skips_discarded: bool
 
     def plan(self, stage: int) -> list[Sample] | None:

@@ -78,6 +78,8 @@ class DiffusionTask:
     sample, decode, the family's loss, LoRA targets and saving).
     """
 
+    skips_discarded = False  # every image is scored, prompt_match's discarded ones too (logged with their reward)
+
     console_metrics = (("eval_clip_score", "clip"), ("eval_diversity", "diversity"))
 
     def __init__(self, cfg, reward=None, dist: Dist | None = None, offload: str = "none"):
