@@ -216,8 +216,7 @@ def run_compare(
     # 2. The base pipeline (of its family) and the prompt embeddings.
     pipe = load_pipeline(base_model, device=dev, dtype=dtype, scheduler=settings.scheduler, family=family)
     denoiser = family.denoiser(pipe)
-    size = getattr(denoiser.config, "sample_size", None) or getattr(pipe, "default_sample_size", 128)
-    height, width = settings.height or size * pipe.vae_scale_factor, settings.width or size * pipe.vae_scale_factor
+    height, width = family.image_size(pipe, settings.height, settings.width)
     sampler = _Sampler(pipe, family, settings, height, width)
 
     # 3. Every column: the same prompts x seeds, with its weights applied.

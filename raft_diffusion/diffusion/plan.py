@@ -399,9 +399,7 @@ class MemoryPlanner:
         self.pipe = meta_pipeline(folder, self.family, self.dtype)
         self.denoiser = self.family.denoiser(self.pipe)
         s = cfg.sampling
-        size = getattr(self.denoiser.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 128)
-        default = size * self.pipe.vae_scale_factor
-        self.height, self.width = s.height or default, s.width or default
+        self.height, self.width = self.family.image_size(self.pipe, s.height, s.width)
         # component bytes (weights dtype); text encoders by name
         self.components = {name: _module_bytes(m) for name, m in self.pipe.components.items() if isinstance(m, torch.nn.Module)}
         self.text_encoders = [n for n in self.components if n.startswith("text_encoder")]
@@ -604,7 +602,7 @@ class MemoryPlanner:
             train_rows=min(t.chunk_size or t.batch_size, t.batch_size),
             gradient_checkpointing=t.gradient_checkpointing,
             vae_slicing=self.cfg.model.vae_slicing,
-            optimizer=getattr(t, "optimizer", "adamw"),
+            optimizer=t.optimizer,
         )
 
     def peak(self, st: Settings) -> int:

@@ -126,9 +126,7 @@ class DiffusionTask:
         )
         self.denoiser = self.family.denoiser(self.pipe)
         self.device = self.denoiser.device
-        size = getattr(self.denoiser.config, "sample_size", None) or getattr(self.pipe, "default_sample_size", 128)
-        default = size * self.pipe.vae_scale_factor
-        self.height, self.width = s.height or default, s.width or default
+        self.height, self.width = self.family.image_size(self.pipe, s.height, s.width)
         # 3. Prompt embeddings, once per prompt (the text encoders are frozen).
         # the pool's guidance and the held-out samples' (eval.guidance_scale, default the same)
         self.eval_guidance = cfg.eval_guidance_scale

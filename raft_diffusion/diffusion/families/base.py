@@ -90,6 +90,13 @@ class Family(ABC):
     def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64) -> PromptEmbeds:
         """Every prompt's conditioning once, through the pipeline's own ``encode_prompt``."""
 
+    def image_size(self, pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """``(height, width)`` in pixels: the given ones, or the denoiser's native size (its ``sample_size``, else the
+        pipeline's ``default_sample_size``, else 128 latent pixels) times the VAE's scale factor."""
+        size = getattr(self.denoiser(pipe).config, "sample_size", None) or getattr(pipe, "default_sample_size", 128)
+        default = size * pipe.vae_scale_factor
+        return height or default, width or default
+
     @abstractmethod
     def latent_shape(self, pipe, height: int, width: int) -> tuple[int, int, int]:
         """``(C, h, w)`` of one sample's (unpacked) latents at this image size."""
