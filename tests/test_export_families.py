@@ -1,5 +1,5 @@
 """`raft-diffusion export` beyond SD 1.x: SDXL (kohya file in the original SGM layout, merged folder, single file),
-FLUX.1 (kohya file with fused qkv), SD3 / FLUX.2 (kohya refused in one line; peft and merged folders work).
+FLUX.1 and FLUX.2 (kohya files with fused qkv), SD3 (kohya refused in one line; peft and merged folders work).
 
 Each LoRA here is built directly (rank 4, alpha 8 != rank, random non-zero lora_B) and saved with the family's own
 ``save_lora``, so the tests cost no training run. Tolerances as in tests/test_export.py: an exported LoRA loaded by
@@ -269,7 +269,71 @@ def test_flux_single_block_linear1_splits_back_at_flux1_size():
     assert back["transformer.single_transformer_blocks.5.proj_mlp.lora_B.weight"].abs().max() == 0
 
 
-# --- SD3 and FLUX.2: no kohya file, the other formats ------------------------------------------------------------
+# --- FLUX.2 [klein] --------------------------------------------------------------------------------------------
+
+
+def flux2_images(pipe) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(3)
+    return pipe(prompt=["a red square", "a blue circle"], num_inference_steps=2, guidance_scale=4.0, height=32, width=32,
+                generator=gen, output_type="pt", max_sequence_length=32).images  # fmt: skip
+
+
+@pytest.mark.slow  # ~12 s of CPU: the FLUX.1 test above covers the fused-qkv path in the default run
+def test_flux2_kohya_file_reloads_in_diffusers_with_its_alpha(tmp_path, capsys):
+    """The family's default LoRA layers (double-block image q/k/v fused into img_attn_qkv, to_out.0, every single
+    block's fused to_qkv_mlp_proj = linear1 and to_out = linear2) plus the text stream, the MLPs and the embedders/final
+    layer, rank 4 alpha 8: diffusers' kohya FLUX.2 reader gives the LoRA's own images. A modulation layer has no kohya
+    name that reader maps: refused in one line."""
+    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
+
+    folder, family = tiny_pipeline("flux2-klein"), get_family("flux2-klein")
+    pipe = family.load(folder, device="cpu")
+    base = flux2_images(pipe)
+    extra = ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj",
+             "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.linear_in", "transformer_blocks.0.ff_context.linear_out",
+             "x_embedder", "context_embedder", "proj_out"]  # fmt: skip
+    names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
+    targets = [n for n in names if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "to_qkv_mlp_proj") or n.endswith(("to_out.0", "attn.to_out"))]
+    family.add_lora(pipe.transformer, rank=4, alpha=8, targets=targets + extra, init_seed=1)
+    randomise_lora_b(pipe.transformer, size=0.3)
+    tuned = flux2_images(pipe)
+    lora = family.save_lora(pipe, pipe.transformer, tmp_path / "lora")
+    own = load_file(str(lora / "pytorch_lora_weights.safetensors"))
+
+    out = tmp_path / "flux2.safetensors"
+    assert main(["export", str(lora), "--format", "kohya", "-o", str(out), "--base", str(folder)]) == 0
+    state, meta = load_file(str(out)), metadata(out)
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv"
+    assert state[f"{qkv}.lora_down.weight"].shape == (12, 32) and float(state[f"{qkv}.alpha"]) == 24.0  # 3 x rank 4, same scale 2
+    assert torch.equal(state[f"{qkv}.lora_up.weight"][32:64, 4:8], own["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"])
+    assert torch.equal(state["lora_unet_single_blocks_1_linear1.lora_down.weight"],
+                       own["transformer.single_transformer_blocks.1.attn.to_qkv_mlp_proj.lora_A.weight"])  # fmt: skip
+    for name in ("txt_attn_qkv", "txt_attn_proj", "img_mlp_0", "txt_mlp_2"):
+        assert float(state[f"lora_unet_double_blocks_0_{name}.alpha"]) == (24.0 if name.endswith("qkv") else 8.0)
+    assert {
+        "lora_unet_img_in.alpha",
+        "lora_unet_txt_in.alpha",
+        "lora_unet_final_layer_linear.alpha",
+        "lora_unet_single_blocks_0_linear2.alpha",
+    } <= set(state)
+    assert meta["ss_network_module"] == "networks.lora_flux_2" and meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
+    assert meta["raft_family"] == "flux2-klein" and meta["ss_network_alpha"] == "8"
+
+    fresh = family.load(folder, device="cpu")
+    fresh.load_lora_weights(str(out))  # diffusers' _convert_kohya_flux2_lora_to_diffusers
+    got = flux2_images(fresh)
+    assert (tuned - base).abs().max() > 1e-2 and (got - tuned).abs().max() <= IMAGE_TOL
+
+    other = family.load(folder, device="cpu")
+    family.add_lora(other.transformer, rank=4, alpha=8, targets=["double_stream_modulation_img.linear"], init_seed=2)
+    mod = family.save_lora(other, other.transformer, tmp_path / "mod")
+    capsys.readouterr()
+    assert main(["export", str(mod), "--format", "kohya", "-o", str(tmp_path / "m.safetensors"), "--base", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "double_stream_modulation_img.linear" in err and "use --format diffusers" in err
+
+
+# --- SD3: no kohya file, the other formats ------------------------------------------------------------
 
 
 @pytest.mark.slow  # 4 s of CPU: kept out of the default run's budget (the FLUX test covers a flow family there)
@@ -296,10 +360,6 @@ def test_sd3_kohya_is_refused_in_one_line_peft_and_merge_work(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "no kohya export for SD3" in err and "use --format diffusers" in err
     assert main(["export", str(lora), "--format", "kohya", "-o", str(tmp_path / "k")]) == 2  # no base: family unknown
     assert "cannot tell which transformer family" in capsys.readouterr().err
-    from raft_diffusion.diffusion.kohya import KohyaUnsupported, kohya_names
-
-    with pytest.raises(KohyaUnsupported, match=r"no kohya export for FLUX.2 \[klein\] yet: .*use --format diffusers"):
-        kohya_names("flux2-klein")
 
     assert main(["export", str(lora), "--format", "peft", "-o", str(tmp_path / "peft")]) == 0
     from diffusers import SD3Transformer2DModel

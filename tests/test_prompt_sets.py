@@ -66,6 +66,7 @@ def test_python_entry_point():
     "spec, match",
     [
         ("builtin:partii", r"unknown built-in prompt set 'partii': choose one of cifar10, geneval, parti, simple_animals, t2i-compbench"),
+        ("builtin:hpdv2", r"the HPDv2 benchmark prompts are not shipped .* zhwang/HPDv2\): save them one per line and pass the file.s path$"),
         ("builtin:parti?category=dogs", r"builtin:parti has no category 'dogs': choose from abstract, animals"),
         ("builtin:geneval?challenge=basic", r"builtin:geneval has no option 'challenge': use category, n, seed"),
         ("builtin:parti?n=5000", r"asks for n=5000 prompts but the selection has 1632"),

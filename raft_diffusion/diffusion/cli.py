@@ -230,7 +230,7 @@ def add_commands(sub) -> None:
         "--format",
         "-f",
         choices=("kohya", "diffusers", "peft"),
-        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX); diffusers: the LoRA folder; peft: adapter_config.json + weights",
+        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX.1, FLUX.2); diffusers: the LoRA folder; peft: a PeftModel folder",
     )
     p.add_argument(
         "--merge",

@@ -10,7 +10,7 @@ Formats:
 
 - ``kohya``: one ``.safetensors`` with ``lora_unet_<module name>.lora_down.weight`` (= A), ``.lora_up.weight``
   (= B) and ``.alpha``, the module names kohya's scripts use for the family (``kohya.py``: SD 1.x the diffusers
-  path, SDXL the original SGM path, FLUX.1 the original names with fused qkv; SD3 and FLUX.2 refused);
+  path, SDXL the original SGM path, FLUX.1 and FLUX.2 the original names with fused qkv; SD3 refused);
   kohya-style tools compute the scale as ``alpha / rank``, so
   ``alpha`` is written as ``scale * rank`` -- the run's ``lora_alpha`` when the plain LoRA rule applies
   (``use_rslora`` and ``alpha_pattern`` come out right too). Metadata: ``ss_*`` keys that kohya's scripts write
@@ -408,6 +408,9 @@ def _kohya_kind(family: str, lora: Lora, base: str | None) -> tuple[str, str, st
     if family == "flux":
         schnell = "schnell" in str(base or "").lower()
         return "flux1", "flux-1-schnell" if schnell else "flux-1-dev", "networks.lora_flux", 1024
+    if family == "flux2-klein":  # musubi-tuner's names (kohya's FLUX.2 trainer): networks.lora_flux_2, Flux.2-klein-4b / -9b
+        size = "9b" if "9b" in str(base or "").lower() else "4b"
+        return "flux2_klein", f"Flux.2-klein-{size}", "networks.lora_flux_2", 1024
     version = sd_version(lora)
     return version, "stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1", "networks.lora", 512
 
@@ -484,7 +487,7 @@ def _prepare_out(out: Path, overwrite: bool, *, is_dir: bool, src: LoraSource | 
 def export_kohya(src: LoraSource, out: str | Path, *, license: str | None = None, overwrite: bool = False,
                  base: str | None = None) -> Path:  # fmt: skip
     """Write the LoRA as one kohya / A1111 / ComfyUI ``.safetensors`` file (``out`` gets the suffix if it has none)
-    under its family's kohya names (``kohya.py``); SD3 and FLUX.2 are refused in one line."""
+    under its family's kohya names (``kohya.py``); SD3 is refused in one line."""
     from safetensors.torch import save_file
 
     out = Path(out)

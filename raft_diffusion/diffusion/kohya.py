@@ -17,7 +17,12 @@ kohya's own training scripts give that module:
   members' down matrices stacked (rank = the sum of theirs) and a block-diagonal up matrix, so ``up @ down`` is
   the members' updates stacked; a member the LoRA does not cover gets zero blocks. diffusers'
   ``_convert_kohya_flux_lora_to_diffusers`` recognises this block structure and splits it back exactly.
-- **SD3 and FLUX.2** are refused (:class:`KohyaUnsupported`): see :func:`kohya_names`.
+- **FLUX.2** (``flux2-klein``): the same double-block names (``img_attn_qkv`` fuses ``to_q``/``to_k``/``to_v`` the
+  same way; the MLPs are ``ff.linear_in``/``linear_out``); diffusers keeps a single block's input fused already
+  (``attn.to_qkv_mlp_proj`` is ``single_blocks_N_linear1``, ``attn.to_out`` is ``linear2``); the embedders and the
+  final layer have the names ``_convert_kohya_flux2_lora_to_diffusers`` maps (``img_in``, ``txt_in``, ``time_in_*``,
+  ``final_layer_linear``). The modulation layers have no name that reader maps: refused.
+- **SD3** is refused (:class:`KohyaUnsupported`): see :func:`kohya_names`.
 """
 
 from __future__ import annotations
@@ -106,21 +111,48 @@ _FLUX_SINGLE = {  # single_transformer_blocks.N.<member> -> single_blocks_N_<nam
 }
 
 
-def flux_groups(modules: list[str]) -> dict[str, tuple[str, ...]]:
-    """kohya name -> the diffusers modules it fuses (in order), for every block a LoRA module belongs to. A module
-    outside the double/single blocks (embedders, final layer) is a KohyaUnsupported error."""
+_FLUX2_DOUBLE = {  # FLUX.2: the same double-block names over its own diffusers modules (SwiGLU ff.linear_in/out)
+    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    "img_attn_proj": ("attn.to_out.0",),
+    "txt_attn_proj": ("attn.to_add_out",),
+    "img_mlp_0": ("ff.linear_in",),
+    "img_mlp_2": ("ff.linear_out",),
+    "txt_mlp_0": ("ff_context.linear_in",),
+    "txt_mlp_2": ("ff_context.linear_out",),
+}
+_FLUX2_SINGLE = {  # diffusers keeps FLUX.2's single-block input fused (to_qkv_mlp_proj): one layer each way
+    "linear1": ("attn.to_qkv_mlp_proj",),
+    "linear2": ("attn.to_out",),
+}
+_FLUX2_OUTSIDE = {  # layers outside the blocks that diffusers' kohya FLUX.2 reader maps
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in_in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in_out_layer",
+    "proj_out": "final_layer_linear",
+}
+_TABLES = {"flux": (_FLUX_DOUBLE, _FLUX_SINGLE, {}), "flux2-klein": (_FLUX2_DOUBLE, _FLUX2_SINGLE, _FLUX2_OUTSIDE)}
+
+
+def flux_groups(modules: list[str], family: str = "flux") -> dict[str, tuple[str, ...]]:
+    """kohya name -> the diffusers modules it fuses (in order), for every block a LoRA module belongs to (``family``
+    ``flux`` or ``flux2-klein``). A module without a name diffusers' kohya reader maps back is a KohyaUnsupported error."""
+    double, single, outside = _TABLES[family]
     groups: dict[str, tuple[str, ...]] = {}
     for module in modules:
+        if module in outside:
+            groups[PREFIX + outside[module]] = (module,)
+            continue
         parts = module.split(".")
-        table, kind = {"transformer_blocks": (_FLUX_DOUBLE, "double"), "single_transformer_blocks": (_FLUX_SINGLE, "single")}.get(
-            parts[0], (None, None)
-        )
+        table, kind = {"transformer_blocks": (double, "double"), "single_transformer_blocks": (single, "single")}.get(parts[0], (None, None))
         member = ".".join(parts[2:])
         hit = [name for name, members in (table or {}).items() if member in members]
         if not hit:
             raise KohyaUnsupported(
-                f"the LoRA covers {module!r}, which has no kohya FLUX block name diffusers reads with its alpha (kohya "
-                "FLUX files name double_blocks / single_blocks layers): use --format diffusers, which ComfyUI and diffusers load"
+                f"the LoRA covers {module!r}, which has no kohya {'FLUX.2' if family == 'flux2-klein' else 'FLUX'} name diffusers "
+                "reads with its alpha (kohya FLUX files name double_blocks / single_blocks layers): use --format diffusers, "
+                "which ComfyUI and diffusers load"
             )
         block = parts[1]
         name = f"{PREFIX}{kind}_blocks_{block}_{hit[0]}"
@@ -166,12 +198,7 @@ def kohya_names(family: str) -> None:
             "diffusers has no reader for them to check a file against; ComfyUI and diffusers load SD3 LoRAs in "
             "diffusers format directly: use --format diffusers (or peft)"
         )
-    if family == "flux2-klein":
-        raise KohyaUnsupported(
-            "no kohya export for FLUX.2 [klein] yet: its original-layout names were not checked against a reader "
-            "here; ComfyUI and diffusers load its LoRA in diffusers format: use --format diffusers (or peft)"
-        )
-    if family not in ("sd", "sdxl", "flux"):
+    if family not in ("sd", "sdxl", "flux", "flux2-klein"):
         raise KohyaUnsupported(f"no kohya naming for model family {family!r}: use --format diffusers")
 
 
@@ -183,10 +210,10 @@ def kohya_state_dict(lora, family: str, *, unet_config=None, module_shape=None) 
     """
     kohya_names(family)
     out: dict[str, torch.Tensor] = {}
-    if family == "flux":
+    if family in ("flux", "flux2-klein"):
         if module_shape is None:
             raise ValueError("FLUX kohya export needs module_shape for the fused layers")
-        for name, members in sorted(flux_groups(lora.modules).items()):
+        for name, members in sorted(flux_groups(lora.modules, family).items()):
             if len(members) == 1:
                 m = members[0]
                 out.update(_plain(name, lora.down[m], lora.up[m], lora.scale[m]))

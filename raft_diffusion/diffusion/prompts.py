@@ -114,6 +114,11 @@ def builtin_set(spec: str, key: str = "prompts") -> list[str]:
         rows = list(load())
     elif name in BUILTIN_PROMPTS:
         fields, rows = (), [(p, {}) for p in BUILTIN_PROMPTS[name]]
+    elif name.replace("-", "").lower() in ("hpdv2", "hps", "hpsv2"):
+        raise UserError(
+            f"{key}: the HPDv2 benchmark prompts are not shipped (they are not in the HPSv2 repository; hpsv2.benchmark_prompts() "
+            "downloads them from the Hugging Face dataset zhwang/HPDv2): save them one per line and pass the file's path"
+        )
     else:
         raise UserError(f"{key}: unknown built-in prompt set {name!r}: choose one of {', '.join(builtin_names())}")
     unknown = sorted(set(options) - set(fields) - {"n", "seed"})
