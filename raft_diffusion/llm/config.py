@@ -78,6 +78,12 @@ class FilterConfig:
 
 @dataclass
 class LLMRankingConfig(core.RankingConfig):
+    threshold_quantile: float | None = _f(
+        None,
+        "threshold mode, a threshold rising with the pool: a stage keeps keys >= this quantile of its own keys (0.75: about "
+        "the best quarter), never below ranking.threshold nor above ranking.threshold_max; null = the fixed ranking.threshold",
+    )
+    threshold_max: float | None = _f(None, "the most a rising threshold (ranking.threshold_quantile) asks for; null = no cap")
     # Diffusion-only keys, accepted so that LLM configs and run snapshots written before they left the shared
     # ranking section still load; each must stay off.
     diversity_weight: float = _f(0.0, "diffusion only (picks spread out in CLIP space); must be 0 for LLM runs")
@@ -204,6 +210,13 @@ class LLMConfig(core.BaseConfig):
             r.prompt_match is None,
             "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
             "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null",
+        )
+        if r.threshold_quantile is not None:
+            need(0 < r.threshold_quantile < 1, f"ranking.threshold_quantile must be in (0, 1) or null (got {r.threshold_quantile})")
+            need(r.mode == "threshold", f"ranking.threshold_quantile raises the threshold of ranking.mode=threshold; set that mode (got {r.mode!r})")
+        need(
+            r.threshold_max is None or r.threshold_max >= r.threshold,
+            f"ranking.threshold_max={r.threshold_max} is below ranking.threshold={r.threshold}; raise it or set it to null",
         )
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
