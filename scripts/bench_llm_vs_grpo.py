@@ -75,7 +75,7 @@ def raft_worker(args) -> None:
     cfg.num_stages = args.max_stages or cfg.num_stages
     out = []
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunDir(Path(tmp) / "run")
+        run = RunDir(Path(args.keep_run) if args.keep_run else Path(tmp) / "run")
         run.start(cfg.to_dict())
         task = LLMTask(cfg)
         t0, spent_eval = cpu_seconds(), [0.0]
@@ -228,6 +228,7 @@ def main() -> None:
     )
     p.add_argument("--grpo-eval-every", type=int, default=10, help="GRPO steps between held-out evaluations")
     p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
+    p.add_argument("--keep-run", help="write RAFT's run directory here (a new folder) instead of a temporary one")
     p.add_argument(
         "--grpo-cache",
         type=Path,
@@ -251,7 +252,8 @@ def main() -> None:
                 "(or pip install trl) there, or pass --grpo-python PATH (a python that has trl), or --skip-grpo"
             )
     load_before = os.getloadavg()
-    raft = worker("raft", sys.executable, args, ["--max-stages", str(args.max_stages), "--raft", *args.raft])
+    keep = ["--keep-run", args.keep_run] if args.keep_run else []
+    raft = worker("raft", sys.executable, args, ["--max-stages", str(args.max_stages), *keep, "--raft", *args.raft])
     grpo = {}
     if not args.skip_grpo:
         for s in args.grpo_settings:

@@ -174,6 +174,31 @@ def test_each_completion_depends_only_on_its_seed(tiny):
     assert all(c.n_tokens == len(c.ids) - (c.finish == "eos") for c in full)
 
 
+def test_ended_rows_leave_the_batch_and_logprob_is_the_teacher_forced_one(tiny, monkeypatch):
+    """Rows that end drop out of the batch (and the KV cache) mid-generation; each completion is still the one it
+    gets alone, and its logprob is the teacher-forced log p(ids | prompt) of the unfiltered model."""
+    from transformers.cache_utils import DynamicCache
+
+    calls = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: (calls.append(len(idx)), select(self, idx))[1])
+    model, tok = load(tiny)
+    ids = encode_prompts(tok, ["the food was", "i loved it and the service was very", "but"], chat=False)
+    prompts, seeds = [ids[i % 3] for i in range(16)], list(range(100, 116))
+    ends = {tok.eos_token_id, tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("and")}  # rows end at different steps
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=12, eos=ends)
+    batch = sample_completions(model, tok, prompts, seeds, **kw)
+    assert calls and calls[0] < 16  # some rows ended early and left the batch
+    assert len({len(c.ids) for c in batch}) >= 4
+    calls.clear()
+    solo = [sample_completions(model, tok, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert [c.ids for c in batch] == [c.ids for c in solo]
+    assert not calls  # one row never shrinks
+    forced = sequence_logprobs(model, prompts, [c.ids for c in batch], tok.pad_token_id)
+    assert [c.logprob for c in batch] == pytest.approx([lp for lp, _ in forced], abs=1e-4)
+    assert [c.logprob for c in batch] == pytest.approx([c.logprob for c in solo], abs=1e-5)
+
+
 def test_left_padding_gives_the_unpadded_logits(tiny):
     model, tok = load(tiny)
     short, long_ = [3, 4], [5, 6, 7, 8, 9]

@@ -3,7 +3,8 @@
 sample     K completions per prompt, one seeded generator per completion (see generate.py);
            discard rules mark completions that must not be ranked; with ranking.kl_beta > 0 each
            completion gets log_ratio = log p_theta(y|x) - log p_base(y|x), the base being the same
-           model with its LoRA adapter disabled (no second copy is loaded)
+           model with its LoRA adapter disabled (no second copy is loaded); log p_theta is the one the
+           sampler recorded (``sample_logprob`` in samples.jsonl), so only the base needs a forward pass
 score      the text reward on (prompt, completion) pairs; discarded completions get None
 finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
 save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
@@ -182,7 +183,7 @@ class LLMTask:
             else:
                 for r, p, c in zip(batch, prompt_ids, self._generate(prompt_ids, [r.seed for r in batch])):
                     r.payload = {"prompt_ids": p, "completion_ids": c.ids}
-                    r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish)
+                    r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish, sample_logprob=c.logprob)
             yield batch
 
     def discard(self, batch: list[Sample]) -> None:
@@ -201,7 +202,13 @@ class LLMTask:
         to the base when the ranking key needs it (``ranking.kl_beta``)."""
         live = [j for j, s in enumerate(batch) if "discarded" not in s.extras]
         if self.cfg.ranking.kl_beta > 0 and live:
-            pairs = self.log_ratios([batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live])
+            prompt_ids, completion_ids = [batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live]
+            sampled = [batch[j].extras.get("sample_logprob") for j in live]
+            if None in sampled:  # an external pool's completions: both log-probs teacher-forced
+                pairs = self.log_ratios(prompt_ids, completion_ids)
+            else:  # log p_theta came with the sampling (the model that sampled is the current one): one pass, the base's
+                with self.base_model() as base:
+                    pairs = [(cur, ref) for cur, (ref, _) in zip(sampled, self._logprobs(base, prompt_ids, completion_ids))]
             for j, (cur, ref) in zip(live, pairs):
                 batch[j].log_ratio = cur - ref
         out: list[float | None] = [None] * len(batch)
