@@ -32,7 +32,8 @@ from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import encode_prompts, eos_ids, sample_completions, uses_chat_template
-from .metrics import distinct_n, distinct_n_per_prompt, perplexity, repeated_ngram_rate
+from ..core.ranking import uses_embeddings
+from .metrics import distinct_n, distinct_n_per_prompt, ngram_embedding, perplexity, repeated_ngram_rate
 from .model import (
     add_lora,
     load_adapter_weights,
@@ -151,7 +152,9 @@ class LLMTask:
         )
 
     def _logprobs(self, model, prompt_ids, completion_ids):
-        return sequence_logprobs(model, prompt_ids, completion_ids, self.pad_id, batch_size=self.cfg.train.batch_size, max_length=self.max_length)
+        """No-grad teacher-forced log-probs, in batches as large as sampling's or training's (fewer, fuller passes)."""
+        bs = max(self.cfg.train.batch_size, self.cfg.sampling.batch_size)
+        return sequence_logprobs(model, prompt_ids, completion_ids, self.pad_id, batch_size=bs, max_length=self.max_length)
 
     def log_ratios(self, prompt_ids, completion_ids) -> list[tuple[float, float]]:
         """(log p_theta(y|x), log p_base(y|x)) summed over completion tokens, per row."""
@@ -170,6 +173,7 @@ class LLMTask:
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
         self._seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
+        spread = uses_embeddings(self.cfg.ranking)
         for i in range(0, len(requests), bs):
             batch = list(requests[i : i + bs])
             prompt_ids = [self.train_ids[r.prompt_index] for r in batch]
@@ -184,6 +188,9 @@ class LLMTask:
                 for r, p, c in zip(batch, prompt_ids, self._generate(prompt_ids, [r.seed for r in batch])):
                     r.payload = {"prompt_ids": p, "completion_ids": c.ids}
                     r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish, sample_logprob=c.logprob)
+            if spread:  # ranking.diversity_weight / novelty_weight: word n-gram vectors to spread the picks in
+                for r in batch:
+                    r.embedding = ngram_embedding(r.extras["completion"])
             yield batch
 
     def discard(self, batch: list[Sample]) -> None:
