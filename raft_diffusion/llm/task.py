@@ -27,12 +27,12 @@ from ..core.common import best_of_k, mean_std, resolve_device, reward_label
 from ..core.errors import UserError
 from ..core.loop import external_requests
 from ..core.loop import read_manifest as core_read_manifest
+from ..core.ranking import uses_embeddings
 from ..core.rundir import read_jsonl, replace_dir, write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import encode_prompts, eos_ids, sample_completions, uses_chat_template
-from ..core.ranking import uses_embeddings
 from .metrics import distinct_n, distinct_n_per_prompt, ngram_embedding, perplexity, repeated_ngram_rate
 from .model import (
     add_lora,
