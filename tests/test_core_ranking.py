@@ -343,7 +343,7 @@ def test_stage_threshold_by_hand():
     assert stage_threshold([math.nan], 0.7, 0.5) == 0.7
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(reward_lists, st.floats(-2, 2), st.floats(0.05, 0.95), st.one_of(st.none(), st.floats(-1, 3)), st.one_of(st.none(), st.integers(1, 5)))
 def test_rising_threshold_pool_equals_reference(data, thr, q, cap, max_kept):
     """The streaming pool (which learns the cut only at the end) keeps what the reference keeps, payloads included."""
