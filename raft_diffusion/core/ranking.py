@@ -9,8 +9,9 @@ optionally followed by ``max_kept`` (the best N of what the mode selected).
 A threshold can rise with the pool (``threshold_quantile`` q, read when a ranking config has it): the stage's
 cut is then the q-quantile of the stage's valid keys, never below ``threshold`` and never above
 ``threshold_max``. Early stages keep what reaches ``threshold``; as the model improves the cut follows its
-pool up; at ``threshold_max`` it stops rising, so the kept set becomes "the model's own samples above a fixed
-bar" -- a fixed point that is the base distribution conditioned on the bar rather than its single best mode.
+pool up; at ``threshold_max`` it stops rising, so the kept set is again "the model's own samples above a fixed
+bar", whose exact fit would be the model conditioned on the bar, not its single best mode (finite fine-tuning
+does not get that close: docs/llm.md measures it on the toy text world).
 
 With ``diversity_weight`` w > 0 (``local`` mode only) each prompt's ``top_k`` are picked greedily instead:
 first its best sample, then each time the one that maximises ``key + w * mean cosine distance`` between
