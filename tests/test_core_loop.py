@@ -221,3 +221,26 @@ def test_all_nan_reward_is_an_error(tmp_path):
     task = ScalarTask(cfg, reward_fn=lambda xs: torch.full((len(xs),), math.nan))
     with pytest.raises(ScoreError, match="returned NaN .* for all 18 samples"):
         run_raft(cfg, task, RunDir(tmp_path))
+
+
+def test_rising_threshold_cut_and_row(tmp_path):
+    """ranking.threshold_quantile (an LLM ranking key): each stage keeps what reaches the quantile of its own
+    rewards, never less than ranking.threshold; the cut is the row's ranking_threshold."""
+    from raft_diffusion.core.config import config_from_dict as core_config_from_dict
+    from raft_diffusion.llm.config import LLMConfig
+
+    base = {"num_stages": 2, "progress": False, "sampling": {"num_per_prompt": 6}, "eval": {"every": 1, "report": False}}
+    over = ["ranking.mode=threshold", "ranking.threshold=-0.5", "ranking.threshold_quantile=0.75", "ranking.threshold_max=0.9"]
+    cfg = core_config_from_dict(base, over, cls=LLMConfig)
+    run = RunDir(tmp_path)
+    run.start(cfg.to_dict())
+    rows = run_raft(cfg, ScalarTask(cfg), run)
+    for stage in (1, 2):
+        samples = read_jsonl(tmp_path / "stages" / f"{stage:03d}" / "samples.jsonl")
+        r = sorted(s["reward"] for s in samples)  # 18 rewards: the 0.75-quantile sits at position 12.75
+        cut = min(0.9, max(-0.5, r[12] + 0.75 * (r[13] - r[12])))
+        assert rows[stage]["ranking_threshold"] == pytest.approx(cut)
+        assert {(s["prompt_index"], s["sample_index"]) for s in samples if s["kept"]} == {
+            (s["prompt_index"], s["sample_index"]) for s in samples if s["reward"] >= cut
+        }
+    assert rows[1]["num_kept"] == 5 and rows[2]["ranking_threshold"] == 0.9  # the model climbed: the cap binds at stage 2

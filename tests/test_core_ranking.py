@@ -328,3 +328,84 @@ def test_merged_pools_of_two_processes_select_what_one_does(w, v):
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
     if w or v:  # the spread-out or novelty pick differs from the plain top k here, so the test covers what it is about
         assert set(want) != set(brute_local(rewards, P, K, k))
+
+
+def test_stage_threshold_by_hand():
+    """The q-quantile interpolates between order statistics (numpy's default), clamped to [threshold, cap]."""
+    from raft_diffusion.core.ranking import stage_threshold
+
+    keys = [4.0, 1.0, math.nan, 3.0, 2.0]  # valid, sorted: 1 2 3 4; q=0.75 -> position 2.25 -> 3 + 0.25 * (4 - 3)
+    assert stage_threshold(keys, 0.0, 0.75) == pytest.approx(3.25)
+    assert stage_threshold(keys, 0.0, 0.5) == pytest.approx(2.5)
+    assert stage_threshold(keys, 3.5, 0.5) == 3.5  # never below ranking.threshold
+    assert stage_threshold(keys, 0.0, 0.75, cap=3.1) == 3.1  # never above threshold_max
+    assert stage_threshold(keys, 0.7, None) == 0.7  # no quantile: the fixed threshold
+    assert stage_threshold([math.nan], 0.7, 0.5) == 0.7
+
+
+@settings(max_examples=60, deadline=None)
+@given(reward_lists, st.floats(-2, 2), st.floats(0.05, 0.95), st.one_of(st.none(), st.floats(-1, 3)), st.one_of(st.none(), st.integers(1, 5)))
+def test_rising_threshold_pool_equals_reference(data, thr, q, cap, max_kept):
+    """The streaming pool (which learns the cut only at the end) keeps what the reference keeps, payloads included."""
+    P, K, rewards = data
+    cap = None if cap is None else max(cap, thr)
+    r = SimpleNamespace(**vars(R("threshold", threshold=thr, max_kept=max_kept)), threshold_quantile=q, threshold_max=cap)
+    pool = StreamingPool(r, expected_total=P * K)
+    pool.add(make(rewards, P, K))
+    kept = pool.kept()
+    valid = sorted(x for x in rewards if not math.isnan(x))
+    cut = thr
+    if valid:
+        pos = q * (len(valid) - 1)
+        lo = int(pos)
+        cut = max(thr, valid[lo] + (valid[min(lo + 1, len(valid) - 1)] - valid[lo]) * (pos - lo))
+        cut = cut if cap is None else min(cut, cap)
+    assert pool.cut == pytest.approx(cut)
+    ref = select(
+        rewards,
+        [i // K for i in range(P * K)],
+        [i % K for i in range(P * K)],
+        mode="threshold",
+        threshold=thr,
+        max_kept=max_kept,
+        threshold_quantile=q,
+        threshold_max=cap,
+    )
+    assert [(s.prompt_index, s.sample_index) for s in kept] == [(i // K, i % K) for i in ref]
+    assert all(x >= pool.cut for x in (s.reward for s in kept))
+    assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
+    assert pool.num_payloads_held() == len(kept)
+
+
+def test_rising_threshold_over_two_processes_selects_what_one_does():
+    """The cut is the quantile of every process's keys, not of each process's own."""
+    from raft_diffusion.core.loop import _merge_pools
+
+    P, K = 2, 4
+    rewards = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]  # process 0 gets samples 0-1 of each prompt, process 1 samples 2-3
+    ranking = SimpleNamespace(**vars(R("threshold", threshold=0.0)), threshold_quantile=0.5, threshold_max=None)
+    one = StreamingPool(ranking, P * K)
+    one.add(make(rewards, P, K))
+    want = [(s.prompt_index, s.sample_index) for s in one.kept()]
+    assert one.cut == pytest.approx(0.5) and len(want) == 4
+    halves = []
+    for rank in range(2):
+        pool = StreamingPool(ranking, P * K)
+        pool.add([s for s in make(rewards, P, K) if s.sample_index // 2 == rank])
+        halves.append(pool)
+
+    class Gather:
+        enabled = True
+
+        def __init__(self, parts):
+            self.parts = parts
+
+        def gather(self, records):
+            return self.parts
+
+    cfg = SimpleNamespace(ranking=ranking)
+    _merge_pools(cfg, halves[1], P * K, Gather([]))
+    merged = _merge_pools(cfg, halves[0], P * K, Gather([h.records for h in halves]))
+    kept = merged.kept()
+    assert [(s.prompt_index, s.sample_index) for s in kept] == want
+    assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)

@@ -174,6 +174,31 @@ def test_each_completion_depends_only_on_its_seed(tiny):
     assert all(c.n_tokens == len(c.ids) - (c.finish == "eos") for c in full)
 
 
+def test_ended_rows_leave_the_batch_and_logprob_is_the_teacher_forced_one(tiny, monkeypatch):
+    """Rows that end drop out of the batch (and the KV cache) mid-generation; each completion is still the one it
+    gets alone, and its logprob is the teacher-forced log p(ids | prompt) of the unfiltered model."""
+    from transformers.cache_utils import DynamicCache
+
+    calls = []
+    select = DynamicCache.batch_select_indices
+    monkeypatch.setattr(DynamicCache, "batch_select_indices", lambda self, idx: (calls.append(len(idx)), select(self, idx))[1])
+    model, tok = load(tiny)
+    ids = encode_prompts(tok, ["the food was", "i loved it and the service was very", "but"], chat=False)
+    prompts, seeds = [ids[i % 3] for i in range(16)], list(range(100, 116))
+    ends = {tok.eos_token_id, tok.convert_tokens_to_ids("."), tok.convert_tokens_to_ids("and")}  # rows end at different steps
+    kw = dict(max_new_tokens=20, temperature=1.0, top_k=12, eos=ends)
+    batch = sample_completions(model, tok, prompts, seeds, **kw)
+    assert calls and calls[0] < 16  # some rows ended early and left the batch
+    assert len({len(c.ids) for c in batch}) >= 4
+    calls.clear()
+    solo = [sample_completions(model, tok, [p], [s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert [c.ids for c in batch] == [c.ids for c in solo]
+    assert not calls  # one row never shrinks
+    forced = sequence_logprobs(model, prompts, [c.ids for c in batch], tok.pad_token_id)
+    assert [c.logprob for c in batch] == pytest.approx([lp for lp, _ in forced], abs=1e-4)
+    assert [c.logprob for c in batch] == pytest.approx([c.logprob for c in solo], abs=1e-5)
+
+
 def test_left_padding_gives_the_unpadded_logits(tiny):
     model, tok = load(tiny)
     short, long_ = [3, 4], [5, 6, 7, 8, 9]
@@ -284,12 +309,42 @@ def test_config_rules():
         config_from_dict({}, ["sampling.max_new_token=3"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="sampling.top_p"):
         config_from_dict({}, ["sampling.top_p=0"], cls=LLMConfig)
-    with pytest.raises(ConfigError, match="the LLM generator supplies no embeddings"):
-        config_from_dict({}, ["ranking.diversity_weight=1"], cls=LLMConfig)
-    with pytest.raises(ConfigError, match="ranking.novelty_weight is for diffusion runs"):
-        config_from_dict({}, ["ranking.novelty_weight=1"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="each needs ranking.mode=local"):
+        config_from_dict({}, ["ranking.mode=threshold", "ranking.diversity_weight=1"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="must be >= 0"):
+        config_from_dict({}, ["ranking.novelty_weight=-1"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="ranking.threshold_quantile raises the threshold of ranking.mode=threshold"):
+        config_from_dict({}, ["ranking.threshold_quantile=0.5"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="ranking.threshold_max=1.0 is below ranking.threshold=2.0"):
+        config_from_dict({}, ["ranking.mode=threshold", "ranking.threshold=2", "ranking.threshold_max=1"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="use the filters.. discard rules and set ranking.prompt_match=null"):
         config_from_dict({}, ["ranking.prompt_match=1"], cls=LLMConfig)
+
+
+def test_ngram_embedding_distance_by_hand():
+    """Cosine distance of hashed uni+bigram counts: shared n-grams / (norm * norm), by hand."""
+    import torch
+
+    from raft_diffusion.llm.metrics import ngram_embedding
+
+    a, b, c = (torch.tensor(ngram_embedding(t, dim=4096)) for t in ("a delight .", "a delight . a gem", "what a pleasure"))
+    # "a delight ." : a, delight, . + (a delight), (delight .)                        -> 5 grams, |a|^2 = 5
+    # "a delight . a gem": a x2, delight, ., gem + (a delight), (delight .), (. a), (a gem) -> |b|^2 = 4 + 3 + 4 = 11
+    # shared with a: a (1*2) + delight + . + (a delight) + (delight .) -> a.b = 6
+    assert float(a @ a) == 5 and float(b @ b) == 11 and float(a @ b) == 6
+    assert float(a @ c) == 1  # "a" only
+    assert ngram_embedding("", dim=8) == [0.0] * 8
+
+
+def test_diverse_pick_over_ngrams_skips_the_repeat():
+    """With the n-gram vectors, a prompt's second pick is the different completion, not the copy of the first."""
+    from raft_diffusion.core.ranking import diverse_pick
+    from raft_diffusion.llm.metrics import ngram_embedding
+
+    texts = ["a triumph .", "a triumph .", "the prose was lovely"]  # best first: 4.9, 4.9, 4.5
+    emb = [ngram_embedding(t) for t in texts]
+    assert diverse_pick([4.9, 4.9, 4.5], emb, 2, weight=0.0) == [0, 1]
+    assert diverse_pick([4.9, 4.9, 4.5], emb, 2, weight=0.5) == [0, 2]  # 4.5 + 0.5 * 1 > 4.9 + 0.5 * 0
 
 
 def test_add_llm_parser_hooks_into_a_main_parser(capsys):

@@ -203,7 +203,7 @@ def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> Streaming
     excluded from the global selection too, so the merged selection equals one process's. A spread-out or novelty
     pick (``ranking.diversity_weight``, ``novelty_weight``) has no such local cut: every local sample stays a candidate.
     """
-    if not local.spread:
+    if not (local.spread or local.deferred):  # a spread pick or a rising threshold needs every process's samples
         local.kept()
     for s in local.records:
         s.payload, s.embedding = _to_cpu(s.payload), _to_cpu(s.embedding)
@@ -281,6 +281,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         else:
             pool = collect_pool(cfg, task, stage, tally.stats, dist)
             kept = pool.kept()
+            if pool.deferred:
+                row["ranking_threshold"] = pool.cut  # the stage's threshold (ranking.threshold_quantile)
             if main:
                 task.save_kept(sdir, kept)
                 write_jsonl(sdir / "samples.jsonl", [{**s.record(), "prompt": task.train_prompts[s.prompt_index]} for s in pool.records])

@@ -4,7 +4,9 @@ Samples arrive in batches; each is recorded (prompt index, seed, reward, ...), a
 held only while it is among the best seen so far for its slot (its prompt in ``local`` mode, the
 whole stage in ``global`` mode). Selections equal :func:`ranking.select` on the same samples.
 With ``ranking.diversity_weight`` > 0 a prompt's pick depends on all of its samples, so every scored
-sample's payload is held until :meth:`StreamingPool.kept`.
+sample's payload is held until :meth:`StreamingPool.kept`. A threshold that rises with the pool
+(``ranking.threshold_quantile``) is known only once the stage is complete: the pool holds what reaches
+``ranking.threshold`` and cuts at the stage's quantile in :meth:`StreamingPool.kept`.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Iterable
 
-from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, uses_embeddings
+from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, stage_threshold, uses_embeddings
 from .types import Sample
 
 
@@ -30,6 +32,9 @@ class StreamingPool:
         self._heaps: dict[object, list] = {}
         # greedy spread-out / novelty pick per prompt: needs every candidate of the prompt
         self.spread = uses_embeddings(ranking)
+        # threshold rising with the pool: the cut needs every key of the stage (see kept())
+        self.deferred = ranking.mode == "threshold" and getattr(ranking, "threshold_quantile", None) is not None
+        self.cut: float | None = None  # the threshold kept() applied (threshold mode)
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
@@ -97,6 +102,14 @@ class StreamingPool:
         if self.spread:
             self._spread_heaps()
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
+        if self.ranking.mode == "threshold":
+            r = self.ranking
+            keys = [sample_key(s, r.kl_beta) for s in self.records]
+            self.cut = stage_threshold(keys, r.threshold, getattr(r, "threshold_quantile", None), getattr(r, "threshold_max", None))
+            for _, low in (it for it in items if it[0][0] < self.cut):
+                self._held -= low.payload is not None
+                low.payload = None
+            items = [it for it in items if it[0][0] >= self.cut]  # max_kept's heap held the best of what reaches threshold
         if self.ranking.max_kept is not None:
             for _, dropped in items[self.ranking.max_kept :]:
                 self._held -= dropped.payload is not None

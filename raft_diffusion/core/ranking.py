@@ -6,6 +6,13 @@ Three modes over one total order:
 - ``threshold``: every sample whose key is at least ``threshold``,
 optionally followed by ``max_kept`` (the best N of what the mode selected).
 
+A threshold can rise with the pool (``threshold_quantile`` q, read when a ranking config has it): the stage's
+cut is then the q-quantile of the stage's valid keys, never below ``threshold`` and never above
+``threshold_max``. Early stages keep what reaches ``threshold``; as the model improves the cut follows its
+pool up; at ``threshold_max`` it stops rising, so the kept set is again "the model's own samples above a fixed
+bar", whose exact fit would be the model conditioned on the bar, not its single best mode (finite fine-tuning
+does not get that close: docs/llm.md measures it on the toy text world).
+
 With ``diversity_weight`` w > 0 (``local`` mode only) each prompt's ``top_k`` are picked greedily instead:
 first its best sample, then each time the one that maximises ``key + w * mean cosine distance`` between
 its embedding and those already picked for the prompt. Pure best-of-K keeps near-copies of one mode (one
@@ -61,6 +68,21 @@ def global_count(total: int, top_ratio: float) -> int:
     return max(1, math.ceil(top_ratio * total - 1e-9)) if total else 0
 
 
+def stage_threshold(keys: Sequence[float], threshold: float, quantile: float | None = None, cap: float | None = None) -> float:
+    """``threshold`` mode's cut for one stage: ``threshold``, or with ``quantile`` q the q-quantile of the valid
+    (non-NaN) ``keys`` -- linear between order statistics, as numpy's default -- clamped to [threshold, cap]."""
+    if quantile is None:
+        return threshold
+    vals = sorted(k for k in keys if not is_nan(k))
+    if not vals:
+        return threshold
+    pos = quantile * (len(vals) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    cut = max(threshold, vals[lo] + (vals[hi] - vals[lo]) * (pos - lo))
+    return cut if cap is None else min(cut, cap)
+
+
 def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0) -> list[int]:
     """Greedy spread-out top ``k`` of one group whose items come best first: positions into ``keys``.
 
@@ -107,6 +129,8 @@ def select(
     diversity_weight: float = 0.0,
     embeddings: Sequence | None = None,
     novelty_weight: float = 0.0,
+    threshold_quantile: float | None = None,
+    threshold_max: float | None = None,
 ) -> list[int]:
     """Reference (non-streaming) selection: indices of kept items, best first."""
     if mode not in MODES:
@@ -134,7 +158,8 @@ def select(
     elif mode == "global":
         chosen = best_first[: global_count(len(keys), top_ratio)]
     else:
-        chosen = [i for i in best_first if keys[i] >= threshold]
+        cut = stage_threshold(keys, threshold, threshold_quantile, threshold_max)
+        chosen = [i for i in best_first if keys[i] >= cut]
     if max_kept is not None:
         chosen = chosen[:max_kept]
     return chosen
@@ -175,5 +200,7 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         diversity_weight=w,
         embeddings=([s.embedding for s in samples] if uses_embeddings(ranking) and all(s.embedding is not None for s in samples) else None),
         novelty_weight=nw,
+        threshold_quantile=getattr(ranking, "threshold_quantile", None),
+        threshold_max=getattr(ranking, "threshold_max", None),
     )
     return [samples[i] for i in idx]

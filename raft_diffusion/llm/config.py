@@ -54,7 +54,7 @@ class LLMPromptsConfig(core.PromptsConfig):
 @dataclass
 class LLMSamplingConfig:
     num_per_prompt: int = _f(8, "K: completions generated per prompt per stage")
-    batch_size: int = _f(64, "sequences per generation batch (batches mix prompts; left padding)")
+    batch_size: int = _f(64, "sequences per generation batch (batches mix prompts; left padding) and per no-grad log-prob pass (KL key, eval)")
     max_new_tokens: int = _f(32, "completion length limit in tokens")
     temperature: float = _f(1.0, "sampling temperature (0 = greedy); the paper found > 1.0 produced garbage")
     top_p: float = _f(1.0, "nucleus sampling: keep the smallest token set with this probability mass (1 = off)")
@@ -78,10 +78,22 @@ class FilterConfig:
 
 @dataclass
 class LLMRankingConfig(core.RankingConfig):
+    threshold_quantile: float | None = _f(
+        None,
+        "threshold mode, a threshold rising with the pool: a stage keeps keys >= this quantile of its own keys (0.75: about "
+        "the best quarter), never below ranking.threshold nor above ranking.threshold_max; null = the fixed ranking.threshold",
+    )
+    threshold_max: float | None = _f(None, "the most a rising threshold (ranking.threshold_quantile) asks for; null = no cap")
     # Diffusion-only keys, accepted so that LLM configs and run snapshots written before they left the shared
     # ranking section still load; each must stay off.
-    diversity_weight: float = _f(0.0, "diffusion only (picks spread out in CLIP space); must be 0 for LLM runs")
-    novelty_weight: float = _f(0.0, "diffusion only (favours images in sparse parts of the pool); must be 0 for LLM runs")
+    diversity_weight: float = _f(
+        0.0,
+        "local mode: pick each prompt's top_k greedily by key + w * mean cosine distance (hashed word uni+bigram counts) "
+        "to the completions picked for it so far (w in reward units); 0 = plain top_k",
+    )
+    novelty_weight: float = _f(
+        0.0, "local mode: raise each completion's key by v * its mean n-gram cosine distance to its prompt's other completions; 0 = off"
+    )
     prompt_match: int | None = _f(None, "diffusion only (a CLIP matches images to prompts); must be null for LLM runs")
 
 
@@ -190,20 +202,22 @@ class LLMConfig(core.BaseConfig):
             except (re.error, TypeError) as err:
                 raise ConfigError(f"filters.discard_regex entry {pat!r} is not a valid regex ({err})") from None
         need(fl.repeated_ngram_size >= 0 and fl.max_ngram_repeats >= 1, "filters.repeated_ngram_size must be >= 0 and filters.max_ngram_repeats >= 1")
+        need(r.diversity_weight >= 0 and r.novelty_weight >= 0, "ranking.diversity_weight and ranking.novelty_weight must be >= 0")
         need(
-            r.diversity_weight == 0,
-            "ranking.diversity_weight is for diffusion runs (it spreads kept images in CLIP space); "
-            "the LLM generator supplies no embeddings, so set ranking.diversity_weight=0",
-        )
-        need(
-            r.novelty_weight == 0,
-            "ranking.novelty_weight is for diffusion runs (it favours images in sparse parts of the "
-            "pool in CLIP space); the LLM generator supplies no embeddings, so set ranking.novelty_weight=0",
+            r.mode == "local" or (r.diversity_weight == 0 and r.novelty_weight == 0),
+            f"ranking.diversity_weight and ranking.novelty_weight pick within each prompt, so each needs ranking.mode=local (got {r.mode!r})",
         )
         need(
             r.prompt_match is None,
             "ranking.prompt_match is for diffusion runs (a CLIP matches images to prompts); "
             "for LLM completions use the filters.* discard rules and set ranking.prompt_match=null",
+        )
+        if r.threshold_quantile is not None:
+            need(0 < r.threshold_quantile < 1, f"ranking.threshold_quantile must be in (0, 1) or null (got {r.threshold_quantile})")
+            need(r.mode == "threshold", f"ranking.threshold_quantile raises the threshold of ranking.mode=threshold; set that mode (got {r.mode!r})")
+        need(
+            r.threshold_max is None or r.threshold_max >= r.threshold,
+            f"ranking.threshold_max={r.threshold_max} is below ranking.threshold={r.threshold}; raise it or set it to null",
         )
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")

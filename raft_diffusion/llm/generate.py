@@ -28,6 +28,7 @@ class Completion:
     text: str  # decoded completion, special tokens skipped, cut before a stop string
     finish: str  # "eos", "stop" or "length"
     n_tokens: int  # content tokens (ids without a final eos)
+    logprob: float = 0.0  # log p(ids | prompt) under the model's own distribution (temperature 1, no top-k/top-p), summed over ids
 
 
 # -- prompts -------------------------------------------------------------------------------------
@@ -143,7 +144,13 @@ def sample_completions(
 
     Steps: 1. left-pad the prompts (position ids count real tokens only); 2. prefill the KV cache;
     3. per step, filter the last logits and draw one token per row from that row's own generator;
-    4. a row ends at an eos token, at a stop string, or after ``max_new_tokens``.
+    4. a row ends at an eos token, at a stop string, or after ``max_new_tokens``; once a quarter of the
+    rows still in the batch have ended, they leave it (the KV cache keeps the others' rows), so a batch
+    costs what its live rows cost, not what its longest row costs.
+
+    Each completion also carries ``logprob``: log p(ids | prompt) under the model's own distribution (the raw
+    logits at temperature 1), which is what a teacher-forced pass would give (up to float noise) without the
+    second pass.
     """
     if len(prompt_ids) != len(seeds):
         raise ValueError("one seed per prompt row is needed")
@@ -163,46 +170,56 @@ def sample_completions(
     logits, cache = forward(model, ids, mask, pos, last_only=True)
     out: list[list[int]] = [[] for _ in range(B)]
     finish = ["length"] * B
-    done = torch.zeros(B, dtype=torch.bool)
+    logprob = [0.0] * B
+    live = list(range(B))  # the original row of each row still in the batch
+    done = torch.zeros(B, dtype=torch.bool)  # per batch row
     next_pos = pos[:, -1:] + 1
 
     for step in range(max_new_tokens):
-        # 3. One uniform per row from its own generator, drawn whether or not the row is done,
-        #    so every row consumes its stream identically.
-        u = torch.stack([torch.rand((), generator=g, dtype=torch.float64) for g in gens]).float()
+        # 3. One uniform per live row from its own generator: a row draws exactly one number per token it
+        #    generates, whatever its batch-mates do.
+        u = torch.stack([torch.rand((), generator=gens[i], dtype=torch.float64) for i in live]).float()
         if temperature == 0:
             tokens = logits.float().argmax(-1)
         else:
             tokens = draw(filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p), u)
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1).cpu()
         tokens = tokens.cpu()
-        for i in range(B):
-            if done[i]:
+        for b, i in enumerate(live):
+            if done[b]:
                 continue
-            t = int(tokens[i])
+            t = int(tokens[b])
             out[i].append(t)
+            logprob[i] += float(lp[b])
             if t in eos:
-                done[i], finish[i] = True, "eos"
+                done[b], finish[i] = True, "eos"
             elif stop_strings and _hits_stop(tokenizer.decode(out[i], skip_special_tokens=True), stop_strings):
-                done[i], finish[i] = True, "stop"
+                done[b], finish[i] = True, "stop"
         if bool(done.all()) or step == max_new_tokens - 1:
             break
-        # 4. Feed the drawn tokens (finished rows feed pad, masked out; their later tokens are ignored).
+        if int(done.sum()) * 4 >= len(live) and hasattr(cache, "batch_select_indices"):  # drop the ended rows from the batch and the cache
+            keep = (~done).nonzero().squeeze(-1)
+            live = [live[b] for b in keep.tolist()]
+            cache.batch_select_indices(keep.to(device))
+            mask, next_pos, tokens = mask[keep.to(mask.device)], next_pos[keep.to(next_pos.device)], tokens[keep]
+            done = torch.zeros(len(live), dtype=torch.bool)
+        # 4. Feed the drawn tokens (ended rows not yet dropped feed pad, masked out; their later tokens are ignored).
         feed = torch.where(done, torch.full_like(tokens, pad_id), tokens).to(device)
         mask = torch.cat([mask, (~done).long().to(device).unsqueeze(-1)], dim=-1)
         logits, cache = forward(model, feed.unsqueeze(-1), mask, next_pos, cache=cache)
         next_pos = next_pos + 1
 
-    return [_finish(tokenizer, out[i], finish[i], eos, stop_strings) for i in range(B)]
+    return [_finish(tokenizer, out[i], finish[i], eos, stop_strings, logprob[i]) for i in range(B)]
 
 
 def _hits_stop(text: str, stops) -> bool:
     return any(s in text for s in stops)
 
 
-def _finish(tokenizer, ids: list[int], finish: str, eos: set[int], stops) -> Completion:
+def _finish(tokenizer, ids: list[int], finish: str, eos: set[int], stops, logprob: float = 0.0) -> Completion:
     content = ids[:-1] if (ids and finish == "eos") else ids
     text = tokenizer.decode(content, skip_special_tokens=True)
     if finish == "stop":
         cut = min(text.find(s) for s in stops if s in text)
         text = text[:cut]
-    return Completion(ids=list(ids), text=text, finish=finish, n_tokens=len(content))
+    return Completion(ids=list(ids), text=text, finish=finish, n_tokens=len(content), logprob=logprob)

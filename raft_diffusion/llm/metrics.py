@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import Sequence
 
 
@@ -53,3 +54,15 @@ def perplexity(logprob_sums: Sequence[float], token_counts: Sequence[int]) -> fl
     """exp(-(sum of log-probs) / (number of tokens)) over all sequences; NaN when there are no tokens."""
     n = sum(token_counts)
     return math.exp(-sum(logprob_sums) / n) if n else float("nan")
+
+
+def ngram_embedding(text: str, dim: int = 512) -> list[float]:
+    """Word unigram and bigram counts hashed (crc32) into ``dim`` buckets: the vector whose cosine distance
+    ``ranking.diversity_weight`` / ``novelty_weight`` spread an LLM's kept completions in. Two texts with no
+    word n-gram in common are at distance 1 (but for hash collisions); a text with no words is the zero vector
+    (distance 1 to every text)."""
+    vec = [0.0] * dim
+    for n in (1, 2):
+        for gram in _ngrams(text, n):
+            vec[zlib.crc32(" ".join(gram).encode()) % dim] += 1.0
+    return vec

@@ -3,7 +3,8 @@
 sample     K completions per prompt, one seeded generator per completion (see generate.py);
            discard rules mark completions that must not be ranked; with ranking.kl_beta > 0 each
            completion gets log_ratio = log p_theta(y|x) - log p_base(y|x), the base being the same
-           model with its LoRA adapter disabled (no second copy is loaded)
+           model with its LoRA adapter disabled (no second copy is loaded); log p_theta is the one the
+           sampler recorded (``sample_logprob`` in samples.jsonl), so only the base needs a forward pass
 score      the text reward on (prompt, completion) pairs; discarded completions get None
 finetune   next-token loss on the kept completions' tokens only (prompt tokens get no loss)
 save       stages/NNN/lora/ (a peft adapter: PeftModel.from_pretrained(base, that folder)), or
@@ -26,12 +27,13 @@ from ..core.common import best_of_k, mean_std, resolve_device, reward_label
 from ..core.errors import UserError
 from ..core.loop import external_requests
 from ..core.loop import read_manifest as core_read_manifest
+from ..core.ranking import uses_embeddings
 from ..core.rundir import read_jsonl, replace_dir, write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from .filters import Filters
 from .generate import encode_prompts, eos_ids, sample_completions, uses_chat_template
-from .metrics import distinct_n, distinct_n_per_prompt, perplexity, repeated_ngram_rate
+from .metrics import distinct_n, distinct_n_per_prompt, ngram_embedding, perplexity, repeated_ngram_rate
 from .model import (
     add_lora,
     load_adapter_weights,
@@ -150,7 +152,9 @@ class LLMTask:
         )
 
     def _logprobs(self, model, prompt_ids, completion_ids):
-        return sequence_logprobs(model, prompt_ids, completion_ids, self.pad_id, batch_size=self.cfg.train.batch_size, max_length=self.max_length)
+        """No-grad teacher-forced log-probs, in batches as large as sampling's or training's (fewer, fuller passes)."""
+        bs = max(self.cfg.train.batch_size, self.cfg.sampling.batch_size)
+        return sequence_logprobs(model, prompt_ids, completion_ids, self.pad_id, batch_size=bs, max_length=self.max_length)
 
     def log_ratios(self, prompt_ids, completion_ids) -> list[tuple[float, float]]:
         """(log p_theta(y|x), log p_base(y|x)) summed over completion tokens, per row."""
@@ -169,6 +173,7 @@ class LLMTask:
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
         self._seen: set[str] = set()  # filters.dedupe: texts already generated this stage (requests come in plan order)
+        spread = uses_embeddings(self.cfg.ranking)
         for i in range(0, len(requests), bs):
             batch = list(requests[i : i + bs])
             prompt_ids = [self.train_ids[r.prompt_index] for r in batch]
@@ -182,7 +187,10 @@ class LLMTask:
             else:
                 for r, p, c in zip(batch, prompt_ids, self._generate(prompt_ids, [r.seed for r in batch])):
                     r.payload = {"prompt_ids": p, "completion_ids": c.ids}
-                    r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish)
+                    r.extras.update(completion=c.text, n_tokens=c.n_tokens, finish=c.finish, sample_logprob=c.logprob)
+            if spread:  # ranking.diversity_weight / novelty_weight: word n-gram vectors to spread the picks in
+                for r in batch:
+                    r.embedding = ngram_embedding(r.extras["completion"])
             yield batch
 
     def discard(self, batch: list[Sample]) -> None:
@@ -201,7 +209,13 @@ class LLMTask:
         to the base when the ranking key needs it (``ranking.kl_beta``)."""
         live = [j for j, s in enumerate(batch) if "discarded" not in s.extras]
         if self.cfg.ranking.kl_beta > 0 and live:
-            pairs = self.log_ratios([batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live])
+            prompt_ids, completion_ids = [batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live]
+            sampled = [batch[j].extras.get("sample_logprob") for j in live]
+            if None in sampled:  # an external pool's completions: both log-probs teacher-forced
+                pairs = self.log_ratios(prompt_ids, completion_ids)
+            else:  # log p_theta came with the sampling (the model that sampled is the current one): one pass, the base's
+                with self.base_model() as base:
+                    pairs = [(cur, ref) for cur, (ref, _) in zip(sampled, self._logprobs(base, prompt_ids, completion_ids))]
             for j, (cur, ref) in zip(live, pairs):
                 batch[j].log_ratio = cur - ref
         out: list[float | None] = [None] * len(batch)
