@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LOCK = Path("/work/notes/bigmem.lock")
 PHASES = ("encode prompts", "sample", "decode + score", "train")
-RESOLUTION = 2**20  # phases needing less than this are reported, not scored
+RESOLUTION = 2**20  # phases needing less than this are reported, not scored (a few small buffers dominate them)
 
 # published component configs (hub: runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0,
 # stabilityai/stable-diffusion-3.5-medium); the T5-XXL encoder of SD3.5 (19 GB in fp32) is left out
@@ -98,7 +98,8 @@ def write_config_folder(kind: str, root: Path) -> Path:
         index = {"_class_name": "StableDiffusionPipeline", "unet": model("unet", "UNet2DConditionModel", SD15_UNET),
                  "vae": model("vae", "AutoencoderKL", {**SD_VAE, "scaling_factor": 0.18215}),
                  "text_encoder": text("text_encoder", "CLIPTextModel", CLIP_L), "tokenizer": tok("tokenizer"),
-                 "scheduler": sched(PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True)),
+                 "scheduler": sched(PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                  skip_prk_steps=True, steps_offset=1)),
                  "safety_checker": [None, None], "feature_extractor": [None, None]}  # fmt: skip
     elif kind == "sdxl":
         index = {"_class_name": "StableDiffusionXLPipeline", "unet": model("unet", "UNet2DConditionModel", _sdxl_unet()),
@@ -176,8 +177,11 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool = True) -> dict:
-    """In this (fresh) process: build what ``phase`` needs with zero weights, run it once, return the RSS growth."""
+def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True) -> dict:
+    """In this (fresh) process: build what ``phase`` needs with zero weights, run it once under the profiler's memory
+    tracking (the peak of the bytes the phase's tensors hold: the quantity the planner estimates) and, with
+    ``with_rss``, once more measuring the resident set's growth (a cross-check that also sees memory outside torch's
+    allocator: oneDNN scratch buffers, glibc's own blocks)."""
     import torch
 
     from raft_diffusion.diffusion import finetune as ft
@@ -239,16 +243,44 @@ def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool =
                              progress=False, **family_kw)  # fmt: skip
 
     import gc
+    import resource
 
-    if warmup:  # first calls allocate once-per-process buffers (kernel caches, lazy imports): not the phase's
-        run()
     gc.collect()
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    out = run()
-    peak = _status("VmHWM")
-    del out
-    return {"measured": peak - before, "rss_before": before}
+    allocated = allocator_peak(run)  # the first call: what the planner's single pass sees
+    rss = None
+    if with_rss:  # second call (the first was the warm-up): the resident set's growth
+        gc.collect()
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        out = run()
+        rss = _status("VmHWM") - before
+        del out
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"measured": allocated, "rss": rss, "cpu_s": u.ru_utime + u.ru_stime, "maxrss": u.ru_maxrss * 1024}
+
+
+def allocator_peak(fn) -> int:
+    """Peak bytes held by the tensors ``fn()`` allocates, from the allocation and free events that torch's CPU
+    allocator reports to the profiler (``profile_memory=True``): at each event, the bytes allocated so far in the
+    call minus those freed. Blocks that existed before (weights) are not counted, as in the planner; this sees every
+    allocation, also the buffers that kernels make internally (which a dispatch mode cannot see)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.allocation_id, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    live = peak = 0
+    for _, _, n in sorted(events):
+        live += n
+        peak = max(peak, live)
+    return peak
 
 
 def planned(kind: str, folder, size: int) -> dict:
@@ -270,8 +302,9 @@ def planned(kind: str, folder, size: int) -> dict:
     }
 
 
-def _run_measure(kind, folder, size, phase, big) -> dict:
+def _run_measure(kind, folder, size, phase, big, rss=True) -> dict:
     cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size)] + (["--folder", str(folder)] if folder else [])
+    cmd += [] if rss else ["--no-rss"]
     if big and LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
     # a fixed mmap threshold: glibc then serves every allocation of 64 KiB or more (any real tensor) by mmap and returns it
@@ -314,18 +347,23 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--no-presets", action="store_true", help="skip the presets' figures")
     ap.add_argument("--presets-only", action="store_true", help="only the presets' figures")
+    ap.add_argument("--rss", action="store_true", help="also measure the resident set's growth (a second run of each phase)")
+    ap.add_argument("--no-rss", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measurements", type=Path, help="a JSON file that keeps the measurements (reused when present: the "
+                    "planner's side can then be rerun in seconds)")  # fmt: skip
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1])))
+        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss)))
         return
     import resource
 
     errors = []
+    saved = json.loads(args.measurements.read_text()) if args.measurements is not None and args.measurements.is_file() else {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-plan-"))
     if args.presets_only:
         presets(tmp)
         return
-    print(f"{'model':<7}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>8}   (CPU, RSS growth of a fresh process)")
+    print(f"{'model':<7}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>8}{'RSS MiB':>10}{'CPU s':>8}")
     for kind in args.models:
         big = kind in ("sd15", "sdxl", "sd35m")
         folder = write_config_folder(kind, tmp) if big else None
@@ -339,18 +377,27 @@ def main() -> None:
             )
             continue
         for phase in PHASES:
-            m = _run_measure(kind, folder, args.size, phase, big)
+            key = f"{kind}/{args.size}/{phase}"
+            m = saved.get(key)
+            if m is None or (args.rss and m.get("rss") is None):
+                m = _run_measure(kind, folder, args.size, phase, big, rss=args.rss)
+                if args.measurements is not None and "error" not in m:
+                    saved[key] = m
+                    args.measurements.write_text(json.dumps(saved, indent=1))
             if "error" in m:
                 print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
                 continue
             ratio = plan[phase] / max(m["measured"], 1)
-            if max(plan[phase], m["measured"]) < RESOLUTION:  # allocations under the mmap threshold stay in the heap
-                print(
-                    f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{'-':>8}   under 1 MiB: below what RSS resolves"
-                )
-                continue
-            errors.append(abs(ratio - 1))
-            print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>8.2f}", flush=True)
+            rss = "-" if m["rss"] is None else f"{m['rss'] / 2**20:.1f}"
+            note = ""
+            if max(plan[phase], m["measured"]) < RESOLUTION:
+                note = "   under 1 MiB: not scored"
+            else:
+                errors.append(abs(ratio - 1))
+            print(
+                f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>8.2f}{rss:>10}{m['cpu_s']:>8.0f}{note}",
+                flush=True,
+            )
     if not args.no_presets:
         presets(tmp)
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

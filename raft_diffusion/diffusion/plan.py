@@ -70,7 +70,8 @@ class LiveBytes(TorchDispatchMode):
     """Follows every tensor storage that operators create while active: ``live`` bytes now, ``peak`` so far.
 
     A storage counts from the operator that creates it until it is freed (the last tensor and autograd's saved
-    copy of it gone), views count once. Tensors that existed before (weights) are not counted.
+    copy of it gone), views count once. Tensors that existed before (weights) are not counted, nor are views of them
+    (``linear`` runs as ``t(weight)`` + ``addmm``: the transposed weight is the weight's storage, not new memory).
     """
 
     def __init__(self):
@@ -97,9 +98,13 @@ class LiveBytes(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, freed)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # an output on an input's storage (a view such as ``aten.t`` of a Linear's weight, an in-place op) is no new
+        # memory: it is either tracked already or existed before (a weight), and must not count
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
                 self._track(t)
         return out
 
