@@ -1,20 +1,31 @@
 """The memory planner's estimate against memory measured on CPU, phase by phase; then the planner's figures for the
 shipped GPU presets.
 
-For each architecture and phase a fresh subprocess builds only the components the phase needs (from the same
-configs the planner reads, zero-filled weights), records its resident set, runs the phase once through the
-project's own code (``family.encode_prompts``, ``family.sample`` for 2 steps, ``family.decode`` + the reward,
-``train_unet`` for one step with LoRA and AdamW) and reads the peak resident set (``VmHWM``, reset before the
-phase through ``/proc/self/clear_refs``). Measured = peak - resident before the phase: the phase's activations
-(and, for train, gradients and AdamW state). The planner's figure for the same settings, on the CPU, is its
-activations (+ optimizer state for train). Architectures: the tiny test pipeline, the toy world's SD, and the
-SD 1.5 / SDXL / SD3.5-medium architectures (published configs, random weights) at 64-128 px; the big ones in
-bf16, each under ``flock /work/notes/bigmem.lock`` when that file exists, and skipped when their weights do not
-fit in the memory the machine has free.
+The quantity compared is the one the planner estimates: the peak of the bytes held by the tensors a phase creates
+(weights that exist before it are not counted), as an allocator without fragmentation would hold them.
 
-    python scripts/bench_memory_plan.py [--models tiny toy sd15 sdxl sd35m] [--size 128]
+For each architecture and phase a fresh subprocess builds the pipeline from the same configs the planner reads
+(zero-filled weights), makes the phase's inputs, and runs the phase once through the project's own code
+(``family.encode_prompts``; ``family.sample`` for 2 steps; ``family.decode`` + the reward; ``train_unet`` for one
+step with LoRA and AdamW) under torch's profiler with ``profile_memory=True``. Every allocation and free of torch's
+CPU allocator is an event; the running sum of the bytes allocated minus freed during the call, at its highest, is
+the measured peak. Blocks that a kernel allocates and frees before it returns (oneDNN's reordered weights and
+inputs, im2col columns: the CPU's analogue of cuDNN workspaces, which the planner does not count on either device)
+are shown apart (``+scratch``: the peak with them). ``--rss`` adds a second run that reads the growth of the resident
+set (``VmHWM`` reset through ``/proc/self/clear_refs``): it also sees memory outside torch's allocator, but glibc
+reuses freed heap blocks, so it reads low for phases made of many small tensors.
 
-Last line: ``plan_error_max: <max |estimate / measured - 1| over the phases measured>``.
+The planner's figure for the same settings, on the CPU: its activations (+ the AdamW state for train), without the
+stage's pool of kept samples. Architectures: the tiny test pipeline, the toy world's SD, and the SD 1.5 / SDXL /
+SD3.5-medium architectures (published configs, random weights; SD3.5 without its T5-XXL) at 64-128 px in bf16; each
+process holding one of those runs under ``flock /work/notes/bigmem.lock`` when that file exists, and they are
+skipped when their weights do not fit in the memory the machine has free.
+
+    python scripts/bench_memory_plan.py [--models tiny toy sd15 sdxl:64 sd35m:64] [--size 128] [--rss]
+                                        [--measurements measured.json] [--no-presets | --presets-only]
+
+Phases under 1 MiB (encoding a few prompts with a tiny text encoder) are shown, not scored. Last line:
+``plan_error_max: <max |planned / measured - 1| over the phases scored>``.
 """
 
 from __future__ import annotations
@@ -47,13 +58,13 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 
 
 def _sdxl_unet():
-    from tests.test_families_full import SDXL_UNET
+    from raft_diffusion.diffusion.families.fullsize import SDXL_UNET
 
     return dict(SDXL_UNET, down_block_types=list(SDXL_UNET["down_block_types"]), up_block_types=list(SDXL_UNET["up_block_types"]))
 
 
 def _sd35_transformer():
-    from tests.test_families_full import SD35_MEDIUM
+    from raft_diffusion.diffusion.families.fullsize import SD35_MEDIUM
 
     return dict(SD35_MEDIUM)
 
@@ -121,7 +132,7 @@ def write_config_folder(kind: str, root: Path) -> Path:
         if kind == "sd35m-t5":  # planning only: the T5-XXL encoder (4.76 B)
             index["text_encoder_3"], index["tokenizer_3"] = t5("text_encoder_3"), tok("tokenizer_3", 256, "T5TokenizerFast")
     elif kind == "flux":
-        from tests.test_families_full import FLUX_DEV
+        from raft_diffusion.diffusion.families.fullsize import FLUX_DEV
 
         vae = {**SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
                "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
@@ -246,7 +257,7 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
     import resource
 
     gc.collect()
-    allocated = allocator_peak(run)  # the first call: what the planner's single pass sees
+    allocated, total = allocator_peak(run, split=True)  # the first call: what the planner's single pass sees
     rss = None
     if with_rss:  # second call (the first was the warm-up): the resident set's growth
         gc.collect()
@@ -256,31 +267,56 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
         rss = _status("VmHWM") - before
         del out
     u = resource.getrusage(resource.RUSAGE_SELF)
-    return {"measured": allocated, "rss": rss, "cpu_s": u.ru_utime + u.ru_stime, "maxrss": u.ru_maxrss * 1024}
+    return {"measured": allocated, "with_scratch": total, "rss": rss, "cpu_s": u.ru_utime + u.ru_stime, "maxrss": u.ru_maxrss * 1024}
 
 
-def allocator_peak(fn) -> int:
+def allocator_peak(fn, *, split: bool = False):
     """Peak bytes held by the tensors ``fn()`` allocates, from the allocation and free events that torch's CPU
     allocator reports to the profiler (``profile_memory=True``): at each event, the bytes allocated so far in the
     call minus those freed. Blocks that existed before (weights) are not counted, as in the planner; this sees every
-    allocation, also the buffers that kernels make internally (which a dispatch mode cannot see)."""
+    allocation, also the buffers that kernels make and free internally (which a dispatch mode cannot see).
+
+    With ``split``: ``(tensors, total)``: ``total`` is that peak, ``tensors`` the peak without the blocks that are freed
+    before the top-level operator that made them returns (a kernel's scratch: oneDNN's reordered inputs and weights,
+    im2col columns), i.e. of the tensors that operators hand back, the quantity the planner follows."""
     from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
         del out
-    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    events = []  # (time, bytes, ptr, end of the top-level operator around it)
+    stack = [(node, node) for node in prof.profiler.kineto_results.experimental_event_tree()]
     while stack:
-        node = stack.pop()
+        node, top = stack.pop()
         if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
-            events.append((node.start_time_ns, node.extra_fields.allocation_id, node.extra_fields.alloc_size))
-        stack.extend(node.children)
-    live = peak = 0
-    for _, _, n in sorted(events):
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr, top.end_time_ns))
+        stack.extend((child, top) for child in node.children)
+    events.sort(key=lambda e: e[0])
+    made = {}  # ptr -> (bytes, end of its operator)
+    scratch_ptrs = set()
+    for t, n, ptr, end in events:
+        if n > 0:
+            made[ptr] = (n, end)
+        elif ptr in made:
+            if t <= made[ptr][1] and made[ptr][1] > 0:
+                scratch_ptrs.add((ptr, made[ptr][1]))
+            made.pop(ptr)
+    live = peak = kept = kept_peak = 0
+    open_ = {}
+    for _, n, ptr, end in events:
+        if n > 0:
+            open_[ptr] = end
+        elif ptr in open_:
+            end = open_.pop(ptr)
+        else:
+            continue  # a block from before the call
         live += n
         peak = max(peak, live)
-    return peak
+        if (ptr, end) not in scratch_ptrs:
+            kept += n
+            kept_peak = max(kept_peak, kept)
+    return (kept_peak, peak) if split else peak
 
 
 def planned(kind: str, folder, size: int) -> dict:
@@ -341,7 +377,8 @@ def presets(tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "sd15", "sdxl", "sd35m"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "sd15", "sdxl:64", "sd35m:64"],
+                    help="architectures, each optionally with its image size (sdxl:64); default size --size")  # fmt: skip
     ap.add_argument("--size", type=int, default=128, help="image size of the SD 1.5 / SDXL / SD3.5 architectures")
     ap.add_argument("--measure", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
@@ -363,29 +400,34 @@ def main() -> None:
     if args.presets_only:
         presets(tmp)
         return
-    print(f"{'model':<7}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>8}{'RSS MiB':>10}{'CPU s':>8}")
-    for kind in args.models:
+    print("planned: the planner's activations (+ AdamW state for train) on the CPU; measured: peak of the tensors the phase")
+    print("allocates (torch's CPU allocator); +scratch: with the blocks kernels free before returning; RSS: resident set growth")
+    print(f"{'model':<10}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>7}{'+scratch':>10}{'RSS MiB':>9}{'CPU s':>7}")
+    for spec in args.models:
+        kind, _, size = spec.partition(":")
+        size = int(size or args.size)
+        label = kind if kind in ("tiny", "toy") else f"{kind} {size}"
         big = kind in ("sd15", "sdxl", "sd35m")
         folder = write_config_folder(kind, tmp) if big else None
-        plan = planned(kind, folder, args.size)
+        plan = planned(kind, folder, size)
         weights = plan.pop("_weights")
         need = sum(weights.values())
         if big and need * 1.5 > _mem_available():
             print(
-                f"{kind:<7}skipped: its weights ({need / 2**30:.1f} GiB in bf16) do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)",
+                f"{label:<10}skipped: its weights ({need / 2**30:.1f} GiB in bf16) do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)",
                 flush=True,
             )
             continue
         for phase in PHASES:
-            key = f"{kind}/{args.size}/{phase}"
+            key = f"{kind}/{size}/{phase}"
             m = saved.get(key)
             if m is None or (args.rss and m.get("rss") is None):
-                m = _run_measure(kind, folder, args.size, phase, big, rss=args.rss)
+                m = _run_measure(kind, folder, size, phase, big, rss=args.rss)
                 if args.measurements is not None and "error" not in m:
                     saved[key] = m
                     args.measurements.write_text(json.dumps(saved, indent=1))
             if "error" in m:
-                print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
+                print(f"{label:<10}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
                 continue
             ratio = plan[phase] / max(m["measured"], 1)
             rss = "-" if m["rss"] is None else f"{m['rss'] / 2**20:.1f}"
@@ -395,7 +437,8 @@ def main() -> None:
             else:
                 errors.append(abs(ratio - 1))
             print(
-                f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>8.2f}{rss:>10}{m['cpu_s']:>8.0f}{note}",
+                f"{label:<10}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>7.2f}"
+                f"{m['with_scratch'] / 2**20:>10.1f}{rss:>9}{m['cpu_s']:>7.0f}{note}",
                 flush=True,
             )
     if not args.no_presets:
