@@ -149,7 +149,7 @@ def write_config_folder(kind: str, root: Path) -> Path:
     return folder
 
 
-def settings(kind: str, size: int) -> dict:
+def settings(kind: str, size: int, dtype: str = "float32") -> dict:
     """Config overrides per architecture: CPU, the size, batches small enough for a 2-core machine."""
     base = {"model.device": "cpu", "sampling.num_per_prompt": 2, "ranking.top_k": 1, "prompts.train": ["a cat", "a dog"],
             "eval.clip_model": None, "eval.every": 0, "reward": {"name": "brightness"}}  # fmt: skip
@@ -160,15 +160,14 @@ def settings(kind: str, size: int) -> dict:
                 "train.batch_size": 8, "reward": {"name": "aesthetic", "kwargs": reward}}  # fmt: skip
     if kind == "tiny":
         return {**base, "model.pretrained": "tiny", "sampling.batch_size": 16, "train.batch_size": 4}
-    dtype = "bfloat16"
     return {**base, "model.dtype": dtype, "sampling.batch_size": 2, "sampling.height": size, "sampling.width": size,
             "train.batch_size": 1, "train.lora_rank": 16, "train.lora_alpha": 16}  # fmt: skip
 
 
-def make_cfg(kind, folder, size):
+def make_cfg(kind, folder, size, dtype="float32"):
     from raft_diffusion.diffusion.config import config_from_dict
 
-    over = settings(kind, size)
+    over = settings(kind, size, dtype)
     if folder is not None:
         over["model.pretrained"] = str(folder)
     data = {}
@@ -188,7 +187,7 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True) -> dict:
+def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True, dtype: str = "float32") -> dict:
     """In this (fresh) process: build what ``phase`` needs with zero weights, run it once under the profiler's memory
     tracking (the peak of the bytes the phase's tensors hold: the quantity the planner estimates) and, with
     ``with_rss``, once more measuring the resident set's growth (a cross-check that also sees memory outside torch's
@@ -200,7 +199,7 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
     from raft_diffusion.diffusion.task import loss_settings
 
     torch.set_num_threads(1)
-    cfg = make_cfg(kind, folder, size)
+    cfg = make_cfg(kind, folder, size, dtype)
     from raft_diffusion.diffusion.families import detect_family
     from raft_diffusion.diffusion.pipeline import resolve_dtype
 
@@ -293,38 +292,38 @@ def allocator_peak(fn, *, split: bool = False):
             events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr, top.end_time_ns))
         stack.extend((child, top) for child in node.children)
     events.sort(key=lambda e: e[0])
-    made = {}  # ptr -> (bytes, end of its operator)
-    scratch_ptrs = set()
-    for t, n, ptr, end in events:
+    # pair each free with its allocation (by address: a freed address is soon reused, so a block is its allocation
+    # event's index, not its address); a block freed before its top-level operator ended is scratch
+    block_of, freed_inside, pairs = {}, set(), []
+    for i, (t, n, ptr, _) in enumerate(events):
         if n > 0:
-            made[ptr] = (n, end)
-        elif ptr in made:
-            if t <= made[ptr][1] and made[ptr][1] > 0:
-                scratch_ptrs.add((ptr, made[ptr][1]))
-            made.pop(ptr)
-    live = peak = kept = kept_peak = 0
-    open_ = {}
-    for _, n, ptr, end in events:
-        if n > 0:
-            open_[ptr] = end
-        elif ptr in open_:
-            end = open_.pop(ptr)
+            block_of[ptr] = i
+            pairs.append(i)
+        elif ptr in block_of:
+            j = block_of.pop(ptr)
+            if t <= events[j][3]:
+                freed_inside.add(j)
+            pairs.append(j)
         else:
-            continue  # a block from before the call
+            pairs.append(None)  # a block from before the call
+    live = peak = kept = kept_peak = 0
+    for (_, n, _, _), j in zip(events, pairs):
+        if j is None:
+            continue
         live += n
         peak = max(peak, live)
-        if (ptr, end) not in scratch_ptrs:
+        if j not in freed_inside:
             kept += n
             kept_peak = max(kept_peak, kept)
     return (kept_peak, peak) if split else peak
 
 
-def planned(kind: str, folder, size: int) -> dict:
+def planned(kind: str, folder, size: int, dtype: str = "float32") -> dict:
     import torch
 
     from raft_diffusion.diffusion.plan import MemoryPlanner
 
-    cfg = make_cfg(kind, folder, size)
+    cfg = make_cfg(kind, folder, size, dtype)
     planner = MemoryPlanner(cfg, torch.device("cpu"))
     st = planner.base_settings()
     pool = planner.pool_bytes()
@@ -338,8 +337,9 @@ def planned(kind: str, folder, size: int) -> dict:
     }
 
 
-def _run_measure(kind, folder, size, phase, big, rss=True) -> dict:
-    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size)] + (["--folder", str(folder)] if folder else [])
+def _run_measure(kind, folder, size, phase, big, rss=True, dtype="float32") -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size), "--dtype", dtype]
+    cmd += ["--folder", str(folder)] if folder else []
     cmd += [] if rss else ["--no-rss"]
     if big and LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
@@ -384,13 +384,19 @@ def main() -> None:
     ap.add_argument("--folder", help=argparse.SUPPRESS)
     ap.add_argument("--no-presets", action="store_true", help="skip the presets' figures")
     ap.add_argument("--presets-only", action="store_true", help="only the presets' figures")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights of the SD 1.5 / SDXL / SD3.5 architectures (bf16 convolutions are ~30x slower on CPUs without AVX-512)",
+    )
     ap.add_argument("--rss", action="store_true", help="also measure the resident set's growth (a second run of each phase)")
     ap.add_argument("--no-rss", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--measurements", type=Path, help="a JSON file that keeps the measurements (reused when present: the "
                     "planner's side can then be rerun in seconds)")  # fmt: skip
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss)))
+        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss, dtype=args.dtype)))
         return
     import resource
 
@@ -409,20 +415,21 @@ def main() -> None:
         label = kind if kind in ("tiny", "toy") else f"{kind} {size}"
         big = kind in ("sd15", "sdxl", "sd35m")
         folder = write_config_folder(kind, tmp) if big else None
-        plan = planned(kind, folder, size)
+        plan = planned(kind, folder, size, args.dtype)
         weights = plan.pop("_weights")
         need = sum(weights.values())
-        if big and need * 1.5 > _mem_available():
+        if big and need + 3 * 2**30 > _mem_available():
             print(
-                f"{label:<10}skipped: its weights ({need / 2**30:.1f} GiB in bf16) do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)",
+                f"{label:<10}skipped: its weights ({need / 2**30:.1f} GiB in {args.dtype}) and 3 GiB do not fit the free memory "
+                f"({_mem_available() / 2**30:.1f} GiB)",
                 flush=True,
             )
             continue
         for phase in PHASES:
-            key = f"{kind}/{size}/{phase}"
+            key = f"{kind}/{size}/{phase}" if (args.dtype == "float32" or not big) else f"{kind}/{size}/{args.dtype}/{phase}"
             m = saved.get(key)
             if m is None or (args.rss and m.get("rss") is None):
-                m = _run_measure(kind, folder, size, phase, big, rss=args.rss)
+                m = _run_measure(kind, folder, size, phase, big, rss=args.rss, dtype=args.dtype)
                 if args.measurements is not None and "error" not in m:
                     saved[key] = m
                     args.measurements.write_text(json.dumps(saved, indent=1))
