@@ -6,8 +6,9 @@ The quantity compared is the one the planner estimates: the peak of the bytes he
 
 For each architecture and phase a fresh subprocess builds the pipeline from the same configs the planner reads
 (zero-filled weights), makes the phase's inputs, and runs the phase once through the project's own code
-(``family.encode_prompts``; ``family.sample`` for 2 steps; ``family.decode`` + the reward; ``train_unet`` for one
-step with LoRA and AdamW) under torch's profiler with ``profile_memory=True``. Every allocation and free of torch's
+(``family.encode_prompts``; ``family.sample`` for 2 steps; ``family.decode`` + the reward; ``train_unet`` for two
+steps with LoRA and AdamW: the second holds the AdamW state the first made, as every later step of a stage does)
+under torch's profiler with ``profile_memory=True``. Every allocation and free of torch's
 CPU allocator is an event; the running sum of the bytes allocated minus freed during the call, at its highest, is
 the measured peak. Blocks that a kernel allocates and frees before it returns (oneDNN's reordered weights and
 inputs, im2col columns: the CPU's analogue of cuDNN workspaces, which the planner does not count on either device)
@@ -249,7 +250,7 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
         rows = cfg.train.batch_size
         family_kw = {} if family.name == "sd" else {"family": family, "loss_settings": loss_settings(cfg.train)}
         emb = embeds.per_prompt["prompt_embeds"][[0] * rows] if family.name == "sd" else embeds[[0] * rows]
-        return ft.train_unet(pipe, latents[:rows].expand(rows, c, h, w).clone(), emb, steps=1, batch_size=rows, learning_rate=1e-4,
+        return ft.train_unet(pipe, latents[:rows].expand(rows, c, h, w).clone(), emb, steps=2, batch_size=rows, learning_rate=1e-4,
                              progress=False, **family_kw)  # fmt: skip
 
     import gc
