@@ -220,7 +220,7 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
         from raft_diffusion.diffusion.task import load_reward
 
         reward = load_reward(cfg.reward, "cpu", torch.float32)
-    if phase == "train":
+    if phase in ("sample", "train"):  # a run adds the LoRA before its first sampling: every denoiser pass goes through it
         targets = cfg.train.target_modules or (list(family.lora_targets) if family.name == "sd" else family.default_lora_targets(den))
         family.add_lora(den, rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, targets=targets)
         for p in den.parameters():

@@ -5,7 +5,8 @@ RAFT's phases are separate, and each needs only some of the pipeline:
     encode prompts   the text encoders (once per run)
     sample           the denoiser (no gradients, classifier-free guidance doubles the batch)
     decode + score   the VAE, the reward model (and the eval CLIP when ranking uses its embeddings)
-    train            the denoiser with LoRA (or all weights): fp32 trainable weights, gradients, AdamW moments
+    train            the denoiser with LoRA (or all weights): fp32 trainable weights, gradients (and their flat copy,
+                     ``core.gradsum``), AdamW moments
     evaluate         sample + decode + score of the held-out batches
 
 How the estimate is made (no weights, no data):
@@ -540,6 +541,16 @@ class MemoryPlanner:
 
         return self._measure(("train", rows, checkpointing), run)
 
+    def train_step_bytes(self, st: Settings) -> int:
+        """A training step's peak besides the optimizer state: a pass's activations and gradients, or the moment
+        ``core.gradsum`` flattens the gradients (``take_grads`` copies them into one vector while they are still
+        set), whichever is larger; with several passes per step, their running sum (one more gradient-sized vector)
+        stays for the whole step."""
+        grads = 4 * self.trainable  # fp32 gradients of the trained weights
+        passes = -(-max(1, self.cfg.train.batch_size) // max(1, st.train_rows))
+        running = grads if passes > 1 else 0
+        return max(self.train_activations(st.train_rows, st.gradient_checkpointing) + running, 2 * grads + running)
+
     # -- the phases -------------------------------------------------------------------------------
     def pool_bytes(self) -> int:
         """Kept samples' latents and images held during a stage (every sample when the pick needs the whole pool)."""
@@ -561,7 +572,7 @@ class MemoryPlanner:
         samp = self.sample_activations(st.sample_batch)
         dec = self.decode_activations(decode_batch)
         score = self.score_activations(st.sample_batch)
-        train = self.train_activations(st.train_rows, st.gradient_checkpointing)
+        train = self.train_step_bytes(st)
         ds = max(dec, score)  # decode, then score: one after the other
         if st.offload == "none":
             w = te + vae + den + reward
