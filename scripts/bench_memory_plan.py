@@ -188,7 +188,7 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True, dtype: str = "float32") -> dict:
+def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True, dtype: str = "float32", need: int = 0) -> dict:
     """In this (fresh) process: build what ``phase`` needs with zero weights, run it once under the profiler's memory
     tracking (the peak of the bytes the phase's tensors hold: the quantity the planner estimates) and, with
     ``with_rss``, once more measuring the resident set's growth (a cross-check that also sees memory outside torch's
@@ -200,6 +200,8 @@ def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool
     from raft_diffusion.diffusion.task import loss_settings
 
     torch.set_num_threads(1)
+    if need and need + 3 * 2**30 > _mem_available():  # checked once this process holds the lock: the memory is ours
+        raise SystemExit(f"its weights ({need / 2**30:.1f} GiB in {dtype}) and 3 GiB do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)")
     cfg = make_cfg(kind, folder, size, dtype)
     from raft_diffusion.diffusion.families import detect_family
     from raft_diffusion.diffusion.pipeline import resolve_dtype
@@ -338,8 +340,8 @@ def planned(kind: str, folder, size: int, dtype: str = "float32") -> dict:
     }
 
 
-def _run_measure(kind, folder, size, phase, big, rss=True, dtype="float32") -> dict:
-    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size), "--dtype", dtype]
+def _run_measure(kind, folder, size, phase, big, rss=True, dtype="float32", need=0) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size), "--dtype", dtype, "--need", str(need)]
     cmd += ["--folder", str(folder)] if folder else []
     cmd += [] if rss else ["--no-rss"]
     if big and LOCK.exists():
@@ -383,6 +385,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=128, help="image size of the SD 1.5 / SDXL / SD3.5 architectures")
     ap.add_argument("--measure", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--need", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-presets", action="store_true", help="skip the presets' figures")
     ap.add_argument("--presets-only", action="store_true", help="only the presets' figures")
     ap.add_argument(
@@ -397,7 +400,9 @@ def main() -> None:
                     "planner's side can then be rerun in seconds)")  # fmt: skip
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss, dtype=args.dtype)))
+        print(
+            json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss, dtype=args.dtype, need=args.need))
+        )
         return
     import resource
 
@@ -419,7 +424,7 @@ def main() -> None:
         plan = planned(kind, folder, size, args.dtype)
         weights = plan.pop("_weights")
         need = sum(weights.values())
-        if big and need + 3 * 2**30 > _mem_available():
+        if big and need + 3 * 2**30 > _mem_available() and not LOCK.exists():  # under the lock the child checks
             print(
                 f"{label:<10}skipped: its weights ({need / 2**30:.1f} GiB in {args.dtype}) and 3 GiB do not fit the free memory "
                 f"({_mem_available() / 2**30:.1f} GiB)",
@@ -430,7 +435,7 @@ def main() -> None:
             key = f"{kind}/{size}/{phase}" if (args.dtype == "float32" or not big) else f"{kind}/{size}/{args.dtype}/{phase}"
             m = saved.get(key)
             if m is None or (args.rss and m.get("rss") is None):
-                m = _run_measure(kind, folder, size, phase, big, rss=args.rss, dtype=args.dtype)
+                m = _run_measure(kind, folder, size, phase, big, rss=args.rss, dtype=args.dtype, need=need if big else 0)
                 if args.measurements is not None and "error" not in m:
                     saved[key] = m
                     args.measurements.write_text(json.dumps(saved, indent=1))
