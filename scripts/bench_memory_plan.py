@@ -1,20 +1,32 @@
 """The memory planner's estimate against memory measured on CPU, phase by phase; then the planner's figures for the
 shipped GPU presets.
 
-For each architecture and phase a fresh subprocess builds only the components the phase needs (from the same
-configs the planner reads, zero-filled weights), records its resident set, runs the phase once through the
-project's own code (``family.encode_prompts``, ``family.sample`` for 2 steps, ``family.decode`` + the reward,
-``train_unet`` for one step with LoRA and AdamW) and reads the peak resident set (``VmHWM``, reset before the
-phase through ``/proc/self/clear_refs``). Measured = peak - resident before the phase: the phase's activations
-(and, for train, gradients and AdamW state). The planner's figure for the same settings, on the CPU, is its
-activations (+ optimizer state for train). Architectures: the tiny test pipeline, the toy world's SD, and the
-SD 1.5 / SDXL / SD3.5-medium architectures (published configs, random weights) at 64-128 px; the big ones in
-bf16, each under ``flock /work/notes/bigmem.lock`` when that file exists, and skipped when their weights do not
-fit in the memory the machine has free.
+The quantity compared is the one the planner estimates: the peak of the bytes held by the tensors a phase creates
+(weights that exist before it are not counted), as an allocator without fragmentation would hold them.
 
-    python scripts/bench_memory_plan.py [--models tiny toy sd15 sdxl sd35m] [--size 128]
+For each architecture and phase a fresh subprocess builds the pipeline from the same configs the planner reads
+(zero-filled weights), makes the phase's inputs, and runs the phase once through the project's own code
+(``family.encode_prompts``; ``family.sample`` for 2 steps; ``family.decode`` + the reward; ``train_unet`` for two
+steps with LoRA and AdamW: the second holds the AdamW state the first made, as every later step of a stage does)
+under torch's profiler with ``profile_memory=True``. Every allocation and free of torch's
+CPU allocator is an event; the running sum of the bytes allocated minus freed during the call, at its highest, is
+the measured peak. Blocks that a kernel allocates and frees before it returns (oneDNN's reordered weights and
+inputs, im2col columns: the CPU's analogue of cuDNN workspaces, which the planner does not count on either device)
+are shown apart (``+scratch``: the peak with them). ``--rss`` adds a second run that reads the growth of the resident
+set (``VmHWM`` reset through ``/proc/self/clear_refs``): it also sees memory outside torch's allocator, but glibc
+reuses freed heap blocks, so it reads low for phases made of many small tensors.
 
-Last line: ``plan_error_max: <max |estimate / measured - 1| over the phases measured>``.
+The planner's figure for the same settings, on the CPU: its activations (+ the AdamW state for train), without the
+stage's pool of kept samples. Architectures: the tiny test pipeline, the toy world's SD, and the SD 1.5 / SDXL /
+SD3.5-medium architectures (published configs, random weights; SD3.5 without its T5-XXL) at 64-128 px in bf16; each
+process holding one of those runs under ``flock /work/notes/bigmem.lock`` when that file exists, and they are
+skipped when their weights do not fit in the memory the machine has free.
+
+    python scripts/bench_memory_plan.py [--models tiny toy sd15 sdxl:64 sd35m:64] [--size 128] [--rss]
+                                        [--measurements measured.json] [--no-presets | --presets-only]
+
+Phases under 1 MiB (encoding a few prompts with a tiny text encoder) are shown, not scored. Last line:
+``plan_error_max: <max |planned / measured - 1| over the phases scored>``.
 """
 
 from __future__ import annotations
@@ -31,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 LOCK = Path("/work/notes/bigmem.lock")
 PHASES = ("encode prompts", "sample", "decode + score", "train")
-RESOLUTION = 2**20  # phases needing less than this are reported, not scored
+RESOLUTION = 2**20  # phases needing less than this are reported, not scored (a few small buffers dominate them)
 
 # published component configs (hub: runwayml/stable-diffusion-v1-5, stabilityai/stable-diffusion-xl-base-1.0,
 # stabilityai/stable-diffusion-3.5-medium); the T5-XXL encoder of SD3.5 (19 GB in fp32) is left out
@@ -47,13 +59,13 @@ SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block
 
 
 def _sdxl_unet():
-    from tests.test_families_full import SDXL_UNET
+    from raft_diffusion.diffusion.families.fullsize import SDXL_UNET
 
     return dict(SDXL_UNET, down_block_types=list(SDXL_UNET["down_block_types"]), up_block_types=list(SDXL_UNET["up_block_types"]))
 
 
 def _sd35_transformer():
-    from tests.test_families_full import SD35_MEDIUM
+    from raft_diffusion.diffusion.families.fullsize import SD35_MEDIUM
 
     return dict(SD35_MEDIUM)
 
@@ -98,7 +110,8 @@ def write_config_folder(kind: str, root: Path) -> Path:
         index = {"_class_name": "StableDiffusionPipeline", "unet": model("unet", "UNet2DConditionModel", SD15_UNET),
                  "vae": model("vae", "AutoencoderKL", {**SD_VAE, "scaling_factor": 0.18215}),
                  "text_encoder": text("text_encoder", "CLIPTextModel", CLIP_L), "tokenizer": tok("tokenizer"),
-                 "scheduler": sched(PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True)),
+                 "scheduler": sched(PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                                  skip_prk_steps=True, steps_offset=1)),
                  "safety_checker": [None, None], "feature_extractor": [None, None]}  # fmt: skip
     elif kind == "sdxl":
         index = {"_class_name": "StableDiffusionXLPipeline", "unet": model("unet", "UNet2DConditionModel", _sdxl_unet()),
@@ -120,7 +133,7 @@ def write_config_folder(kind: str, root: Path) -> Path:
         if kind == "sd35m-t5":  # planning only: the T5-XXL encoder (4.76 B)
             index["text_encoder_3"], index["tokenizer_3"] = t5("text_encoder_3"), tok("tokenizer_3", 256, "T5TokenizerFast")
     elif kind == "flux":
-        from tests.test_families_full import FLUX_DEV
+        from raft_diffusion.diffusion.families.fullsize import FLUX_DEV
 
         vae = {**SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
                "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
@@ -137,7 +150,7 @@ def write_config_folder(kind: str, root: Path) -> Path:
     return folder
 
 
-def settings(kind: str, size: int) -> dict:
+def settings(kind: str, size: int, dtype: str = "float32") -> dict:
     """Config overrides per architecture: CPU, the size, batches small enough for a 2-core machine."""
     base = {"model.device": "cpu", "sampling.num_per_prompt": 2, "ranking.top_k": 1, "prompts.train": ["a cat", "a dog"],
             "eval.clip_model": None, "eval.every": 0, "reward": {"name": "brightness"}}  # fmt: skip
@@ -148,15 +161,14 @@ def settings(kind: str, size: int) -> dict:
                 "train.batch_size": 8, "reward": {"name": "aesthetic", "kwargs": reward}}  # fmt: skip
     if kind == "tiny":
         return {**base, "model.pretrained": "tiny", "sampling.batch_size": 16, "train.batch_size": 4}
-    dtype = "bfloat16"
     return {**base, "model.dtype": dtype, "sampling.batch_size": 2, "sampling.height": size, "sampling.width": size,
             "train.batch_size": 1, "train.lora_rank": 16, "train.lora_alpha": 16}  # fmt: skip
 
 
-def make_cfg(kind, folder, size):
+def make_cfg(kind, folder, size, dtype="float32"):
     from raft_diffusion.diffusion.config import config_from_dict
 
-    over = settings(kind, size)
+    over = settings(kind, size, dtype)
     if folder is not None:
         over["model.pretrained"] = str(folder)
     data = {}
@@ -176,8 +188,11 @@ def _status(field: str) -> int:
     raise RuntimeError(field)
 
 
-def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool = True) -> dict:
-    """In this (fresh) process: build what ``phase`` needs with zero weights, run it once, return the RSS growth."""
+def measure(kind: str, folder: str | None, size: int, phase: str, with_rss: bool = True, dtype: str = "float32", need: int = 0) -> dict:
+    """In this (fresh) process: build what ``phase`` needs with zero weights, run it once under the profiler's memory
+    tracking (the peak of the bytes the phase's tensors hold: the quantity the planner estimates) and, with
+    ``with_rss``, once more measuring the resident set's growth (a cross-check that also sees memory outside torch's
+    allocator: oneDNN scratch buffers, glibc's own blocks)."""
     import torch
 
     from raft_diffusion.diffusion import finetune as ft
@@ -185,7 +200,9 @@ def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool =
     from raft_diffusion.diffusion.task import loss_settings
 
     torch.set_num_threads(1)
-    cfg = make_cfg(kind, folder, size)
+    if need and need + 3 * 2**30 > _mem_available():  # checked once this process holds the lock: the memory is ours
+        raise SystemExit(f"its weights ({need / 2**30:.1f} GiB in {dtype}) and 3 GiB do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)")
+    cfg = make_cfg(kind, folder, size, dtype)
     from raft_diffusion.diffusion.families import detect_family
     from raft_diffusion.diffusion.pipeline import resolve_dtype
 
@@ -205,7 +222,7 @@ def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool =
         from raft_diffusion.diffusion.task import load_reward
 
         reward = load_reward(cfg.reward, "cpu", torch.float32)
-    if phase == "train":
+    if phase in ("sample", "train"):  # a run adds the LoRA before its first sampling: every denoiser pass goes through it
         targets = cfg.train.target_modules or (list(family.lora_targets) if family.name == "sd" else family.default_lora_targets(den))
         family.add_lora(den, rank=cfg.train.lora_rank, alpha=cfg.train.lora_alpha, targets=targets)
         for p in den.parameters():
@@ -235,28 +252,81 @@ def measure(kind: str, folder: str | None, size: int, phase: str, warmup: bool =
         rows = cfg.train.batch_size
         family_kw = {} if family.name == "sd" else {"family": family, "loss_settings": loss_settings(cfg.train)}
         emb = embeds.per_prompt["prompt_embeds"][[0] * rows] if family.name == "sd" else embeds[[0] * rows]
-        return ft.train_unet(pipe, latents[:rows].expand(rows, c, h, w).clone(), emb, steps=1, batch_size=rows, learning_rate=1e-4,
+        return ft.train_unet(pipe, latents[:rows].expand(rows, c, h, w).clone(), emb, steps=2, batch_size=rows, learning_rate=1e-4,
                              progress=False, **family_kw)  # fmt: skip
 
     import gc
+    import resource
 
-    if warmup:  # first calls allocate once-per-process buffers (kernel caches, lazy imports): not the phase's
-        run()
     gc.collect()
-    before = _status("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
-    out = run()
-    peak = _status("VmHWM")
-    del out
-    return {"measured": peak - before, "rss_before": before}
+    allocated, total = allocator_peak(run, split=True)  # the first call: what the planner's single pass sees
+    rss = None
+    if with_rss:  # second call (the first was the warm-up): the resident set's growth
+        gc.collect()
+        before = _status("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
+        out = run()
+        rss = _status("VmHWM") - before
+        del out
+    u = resource.getrusage(resource.RUSAGE_SELF)
+    return {"measured": allocated, "with_scratch": total, "rss": rss, "cpu_s": u.ru_utime + u.ru_stime, "maxrss": u.ru_maxrss * 1024}
 
 
-def planned(kind: str, folder, size: int) -> dict:
+def allocator_peak(fn, *, split: bool = False):
+    """Peak bytes held by the tensors ``fn()`` allocates, from the allocation and free events that torch's CPU
+    allocator reports to the profiler (``profile_memory=True``): at each event, the bytes allocated so far in the
+    call minus those freed. Blocks that existed before (weights) are not counted, as in the planner; this sees every
+    allocation, also the buffers that kernels make and free internally (which a dispatch mode cannot see).
+
+    With ``split``: ``(tensors, total)``: ``total`` is that peak, ``tensors`` the peak without the blocks that are freed
+    before the top-level operator that made them returns (a kernel's scratch: oneDNN's reordered inputs and weights,
+    im2col columns), i.e. of the tensors that operators hand back, the quantity the planner follows."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+        del out
+    events = []  # (time, bytes, ptr, end of the top-level operator around it)
+    stack = [(node, node) for node in prof.profiler.kineto_results.experimental_event_tree()]
+    while stack:
+        node, top = stack.pop()
+        if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+            events.append((node.start_time_ns, node.extra_fields.alloc_size, node.extra_fields.ptr, top.end_time_ns))
+        stack.extend((child, top) for child in node.children)
+    events.sort(key=lambda e: e[0])
+    # pair each free with its allocation (by address: a freed address is soon reused, so a block is its allocation
+    # event's index, not its address); a block freed before its top-level operator ended is scratch
+    block_of, freed_inside, pairs = {}, set(), []
+    for i, (t, n, ptr, _) in enumerate(events):
+        if n > 0:
+            block_of[ptr] = i
+            pairs.append(i)
+        elif ptr in block_of:
+            j = block_of.pop(ptr)
+            if t <= events[j][3]:
+                freed_inside.add(j)
+            pairs.append(j)
+        else:
+            pairs.append(None)  # a block from before the call
+    live = peak = kept = kept_peak = 0
+    for (_, n, _, _), j in zip(events, pairs):
+        if j is None:
+            continue
+        live += n
+        peak = max(peak, live)
+        if j not in freed_inside:
+            kept += n
+            kept_peak = max(kept_peak, kept)
+    return (kept_peak, peak) if split else peak
+
+
+def planned(kind: str, folder, size: int, dtype: str = "float32") -> dict:
     import torch
 
     from raft_diffusion.diffusion.plan import MemoryPlanner
 
-    cfg = make_cfg(kind, folder, size)
+    cfg = make_cfg(kind, folder, size, dtype)
     planner = MemoryPlanner(cfg, torch.device("cpu"))
     st = planner.base_settings()
     pool = planner.pool_bytes()
@@ -270,8 +340,10 @@ def planned(kind: str, folder, size: int) -> dict:
     }
 
 
-def _run_measure(kind, folder, size, phase, big) -> dict:
-    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size)] + (["--folder", str(folder)] if folder else [])
+def _run_measure(kind, folder, size, phase, big, rss=True, dtype="float32", need=0) -> dict:
+    cmd = [sys.executable, __file__, "--measure", kind, phase, "--size", str(size), "--dtype", dtype, "--need", str(need)]
+    cmd += ["--folder", str(folder)] if folder else []
+    cmd += [] if rss else ["--no-rss"]
     if big and LOCK.exists():
         cmd = ["flock", str(LOCK), *cmd]
     # a fixed mmap threshold: glibc then serves every allocation of 64 KiB or more (any real tensor) by mmap and returns it
@@ -308,49 +380,80 @@ def presets(tmp: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "sd15", "sdxl", "sd35m"])
+    ap.add_argument("--models", nargs="+", default=["tiny", "toy", "sd15", "sdxl:64", "sd35m:64"],
+                    help="architectures, each optionally with its image size (sdxl:64); default size --size")  # fmt: skip
     ap.add_argument("--size", type=int, default=128, help="image size of the SD 1.5 / SDXL / SD3.5 architectures")
     ap.add_argument("--measure", nargs=2, metavar=("KIND", "PHASE"), help=argparse.SUPPRESS)
     ap.add_argument("--folder", help=argparse.SUPPRESS)
+    ap.add_argument("--need", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--no-presets", action="store_true", help="skip the presets' figures")
     ap.add_argument("--presets-only", action="store_true", help="only the presets' figures")
+    ap.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights of the SD 1.5 / SDXL / SD3.5 architectures (bf16 convolutions are ~30x slower on CPUs without AVX-512)",
+    )
+    ap.add_argument("--rss", action="store_true", help="also measure the resident set's growth (a second run of each phase)")
+    ap.add_argument("--no-rss", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--measurements", type=Path, help="a JSON file that keeps the measurements (reused when present: the "
+                    "planner's side can then be rerun in seconds)")  # fmt: skip
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1])))
+        print(
+            json.dumps(measure(args.measure[0], args.folder, args.size, args.measure[1], with_rss=not args.no_rss, dtype=args.dtype, need=args.need))
+        )
         return
     import resource
 
     errors = []
+    saved = json.loads(args.measurements.read_text()) if args.measurements is not None and args.measurements.is_file() else {}
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-plan-"))
     if args.presets_only:
         presets(tmp)
         return
-    print(f"{'model':<7}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>8}   (CPU, RSS growth of a fresh process)")
-    for kind in args.models:
+    print("planned: the planner's activations (+ AdamW state for train) on the CPU; measured: peak of the tensors the phase")
+    print("allocates (torch's CPU allocator); +scratch: with the blocks kernels free before returning; RSS: resident set growth")
+    print(f"{'model':<10}{'phase':<16}{'planned MiB':>12}{'measured MiB':>14}{'ratio':>7}{'+scratch':>10}{'RSS MiB':>9}{'CPU s':>7}")
+    for spec in args.models:
+        kind, _, size = spec.partition(":")
+        size = int(size or args.size)
+        label = kind if kind in ("tiny", "toy") else f"{kind} {size}"
         big = kind in ("sd15", "sdxl", "sd35m")
         folder = write_config_folder(kind, tmp) if big else None
-        plan = planned(kind, folder, args.size)
+        plan = planned(kind, folder, size, args.dtype)
         weights = plan.pop("_weights")
         need = sum(weights.values())
-        if big and need * 1.5 > _mem_available():
+        if big and need + 3 * 2**30 > _mem_available() and not LOCK.exists():  # under the lock the child checks
             print(
-                f"{kind:<7}skipped: its weights ({need / 2**30:.1f} GiB in bf16) do not fit the free memory ({_mem_available() / 2**30:.1f} GiB)",
+                f"{label:<10}skipped: its weights ({need / 2**30:.1f} GiB in {args.dtype}) and 3 GiB do not fit the free memory "
+                f"({_mem_available() / 2**30:.1f} GiB)",
                 flush=True,
             )
             continue
         for phase in PHASES:
-            m = _run_measure(kind, folder, args.size, phase, big)
+            key = f"{kind}/{size}/{phase}" if (args.dtype == "float32" or not big) else f"{kind}/{size}/{args.dtype}/{phase}"
+            m = saved.get(key)
+            if m is None or (args.rss and m.get("rss") is None):
+                m = _run_measure(kind, folder, size, phase, big, rss=args.rss, dtype=args.dtype, need=need if big else 0)
+                if args.measurements is not None and "error" not in m:
+                    saved[key] = m
+                    args.measurements.write_text(json.dumps(saved, indent=1))
             if "error" in m:
-                print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
+                print(f"{label:<10}{phase:<16}{plan[phase] / 2**20:>12.1f}{'failed':>14}   {m['error'][:100]}", flush=True)
                 continue
             ratio = plan[phase] / max(m["measured"], 1)
-            if max(plan[phase], m["measured"]) < RESOLUTION:  # allocations under the mmap threshold stay in the heap
-                print(
-                    f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{'-':>8}   under 1 MiB: below what RSS resolves"
-                )
-                continue
-            errors.append(abs(ratio - 1))
-            print(f"{kind:<7}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>8.2f}", flush=True)
+            rss = "-" if m["rss"] is None else f"{m['rss'] / 2**20:.1f}"
+            note = ""
+            if max(plan[phase], m["measured"]) < RESOLUTION:
+                note = "   under 1 MiB: not scored"
+            else:
+                errors.append(abs(ratio - 1))
+            print(
+                f"{label:<10}{phase:<16}{plan[phase] / 2**20:>12.1f}{m['measured'] / 2**20:>14.1f}{ratio:>7.2f}"
+                f"{m['with_scratch'] / 2**20:>10.1f}{rss:>9}{m['cpu_s']:>7.0f}{note}",
+                flush=True,
+            )
     if not args.no_presets:
         presets(tmp)
     usage = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)

@@ -5,7 +5,8 @@ RAFT's phases are separate, and each needs only some of the pipeline:
     encode prompts   the text encoders (once per run)
     sample           the denoiser (no gradients, classifier-free guidance doubles the batch)
     decode + score   the VAE, the reward model (and the eval CLIP when ranking uses its embeddings)
-    train            the denoiser with LoRA (or all weights): fp32 trainable weights, gradients, AdamW moments
+    train            the denoiser with LoRA (or all weights): fp32 trainable weights, gradients (and their flat copy,
+                     ``core.gradsum``), AdamW moments
     evaluate         sample + decode + score of the held-out batches
 
 How the estimate is made (no weights, no data):
@@ -70,7 +71,8 @@ class LiveBytes(TorchDispatchMode):
     """Follows every tensor storage that operators create while active: ``live`` bytes now, ``peak`` so far.
 
     A storage counts from the operator that creates it until it is freed (the last tensor and autograd's saved
-    copy of it gone), views count once. Tensors that existed before (weights) are not counted.
+    copy of it gone), views count once. Tensors that existed before (weights) are not counted, nor are views of them
+    (``linear`` runs as ``t(weight)`` + ``addmm``: the transposed weight is the weight's storage, not new memory).
     """
 
     def __init__(self):
@@ -97,9 +99,13 @@ class LiveBytes(TorchDispatchMode):
         self._refs[key] = weakref.ref(storage, freed)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        # an output on an input's storage (a view such as ``aten.t`` of a Linear's weight, an in-place op) is no new
+        # memory: it is either tracked already or existed before (a weight), and must not count
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
         for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
                 self._track(t)
         return out
 
@@ -535,6 +541,16 @@ class MemoryPlanner:
 
         return self._measure(("train", rows, checkpointing), run)
 
+    def train_step_bytes(self, st: Settings) -> int:
+        """A training step's peak besides the optimizer state: a pass's activations and gradients, or the moment
+        ``core.gradsum`` flattens the gradients (``take_grads`` copies them into one vector while they are still
+        set), whichever is larger; with several passes per step, their running sum (one more gradient-sized vector)
+        stays for the whole step."""
+        grads = 4 * self.trainable  # fp32 gradients of the trained weights
+        passes = -(-max(1, self.cfg.train.batch_size) // max(1, st.train_rows))
+        running = grads if passes > 1 else 0
+        return max(self.train_activations(st.train_rows, st.gradient_checkpointing) + running, 2 * grads + running)
+
     # -- the phases -------------------------------------------------------------------------------
     def pool_bytes(self) -> int:
         """Kept samples' latents and images held during a stage (every sample when the pick needs the whole pool)."""
@@ -556,7 +572,7 @@ class MemoryPlanner:
         samp = self.sample_activations(st.sample_batch)
         dec = self.decode_activations(decode_batch)
         score = self.score_activations(st.sample_batch)
-        train = self.train_activations(st.train_rows, st.gradient_checkpointing)
+        train = self.train_step_bytes(st)
         ds = max(dec, score)  # decode, then score: one after the other
         if st.offload == "none":
             w = te + vae + den + reward
