@@ -99,10 +99,12 @@ def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
 
         run_cfg = load_config(run / "config.yaml")  # best-of-K at the held-out samples' setting
         guidance, steps = run_cfg.eval_guidance_scale, run_cfg.eval_num_inference_steps
+        n_seq = run_cfg.model.max_sequence_length  # the flow miniature's zero "T5" rows, as the run sampled
+        extra = {} if n_seq is None else {"max_sequence_length": n_seq}
         best_imgs, best_proxy, prompts = [], [], []
         for j, r in enumerate(base["rows"]):
             seeds = [10_000_000 + j * best_of_k + k for k in range(best_of_k)]
-            ims = sample(pipe, [r["prompt"]] * best_of_k, seeds, steps=steps, guidance=guidance)
+            ims = sample(pipe, [r["prompt"]] * best_of_k, seeds, steps=steps, guidance=guidance, **extra)
             sc = reward(ims, [r["prompt"]] * best_of_k).float()
             b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
             best_imgs.append(ims[b])

@@ -72,11 +72,11 @@ def main(argv=None) -> int:
     if args.sd_prompts and (assets / "sd3" / "model_index.json").is_file():
         from raft_diffusion.diffusion.families import detect_family
         from raft_diffusion.diffusion.pipeline import load_pipeline
-        from raft_diffusion.diffusion.toyworld.flow import EVAL_GUIDANCE
+        from raft_diffusion.diffusion.toyworld.flow import EVAL_GUIDANCE, T5_TOKENS
         from raft_diffusion.diffusion.toyworld.sd import evaluate_pipeline
 
         pipe = load_pipeline(str(assets / "sd3"), device="cpu", dtype="fp32", family=detect_family(str(assets / "sd3")))
-        ev = evaluate_pipeline(pipe, n_prompts=args.sd_prompts, guidance=EVAL_GUIDANCE)
+        ev = evaluate_pipeline(pipe, n_prompts=args.sd_prompts, guidance=EVAL_GUIDANCE, max_sequence_length=T5_TOKENS)
         fig.update({f"sd3_{k}": v for k, v in ev.items() if k not in ("images", "prompt_list")})
         rows += [
             (f"flow T2I oracle match (held-out, cfg {EVAL_GUIDANCE:g})", ev["match"], ">= 0.90"),

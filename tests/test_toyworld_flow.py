@@ -19,30 +19,30 @@ SD3 = ASSETS_DIR / "sd3"
 needs_sd3 = pytest.mark.skipif(not (SD3 / "model_index.json").is_file(), reason="assets/sd3 not built: raft-diffusion toyworld build --only flow")
 
 
-def test_sink_attention_equals_the_pipelines_zero_t5_tokens():
-    """Training on one zero "T5" token with the log-n sink is the model the pipeline runs with n of them."""
+def test_training_conditioning_is_what_the_pipeline_feeds(untrained_flow):
+    """The flow training's text conditioning (captions encoded once plus T5_TOKENS zero rows) is, to the bit, what
+    the pipeline's own encode_prompt gives at max_sequence_length=T5_TOKENS (the preset's model.max_sequence_length)."""
+    import yaml
+
     from raft_diffusion.diffusion.toyworld import flow
 
-    model = flow.build_transformer(128, 128, seed=0).eval()
-    gen = torch.Generator().manual_seed(0)
+    pipe, _ = untrained_flow
+    texts = ["a red circle", "a large green cross in the top left on a noisy black background", ""]
+    tokens, pooled = flow.encode_texts(pipe, texts)
     with torch.no_grad():
-        for p in model.parameters():  # move off the init (zero-initialised gates would hide the context path)
-            p.add_(0.05 * torch.randn(p.shape, generator=gen))
-        x, ctx, pooled = torch.randn(2, 4, 16, 16, generator=gen), torch.randn(2, 24, 128, generator=gen), torch.randn(2, 128, generator=gen)
-        t = torch.tensor([300.0, 800.0])
-        full = model(hidden_states=x, timestep=t, encoder_hidden_states=flow.with_t5_zeros(ctx), pooled_projections=pooled)[0]
-        model.set_attn_processor(flow.SinkJointAttention(flow.T5_TOKENS))
-        one = model(hidden_states=x, timestep=t, encoder_hidden_states=flow.with_t5_zeros(ctx, 1), pooled_projections=pooled)[0]
-        wrong = model(hidden_states=x, timestep=t, encoder_hidden_states=flow.with_t5_zeros(ctx), pooled_projections=pooled)[0]
-    assert torch.allclose(full, one, atol=1e-5)
-    assert (full - wrong).abs().max() > 1e-2  # the sink's weight matters: the check can fail
+        pe, _, pp, _ = pipe.encode_prompt(
+            prompt=texts, prompt_2=None, prompt_3=None, do_classifier_free_guidance=False, max_sequence_length=flow.T5_TOKENS
+        )
+    assert torch.equal(flow.with_t5_zeros(tokens), pe) and torch.equal(pooled, pp)
+    assert pe.shape == (3, 24 + flow.T5_TOKENS, 128) and not pe[:, :24].eq(0).all()
+    assert yaml.safe_load((ROOT / "configs" / "toy_flow_aesthetic.yaml").read_text())["model"]["max_sequence_length"] == flow.T5_TOKENS
 
 
 @needs_sd3
 def test_flow_miniature_loads_with_its_pipeline_class_and_draws_held_out_prompts():
     from diffusers import StableDiffusion3Pipeline
 
-    from raft_diffusion.diffusion.toyworld.flow import EVAL_GUIDANCE
+    from raft_diffusion.diffusion.toyworld.flow import EVAL_GUIDANCE, T5_TOKENS
     from raft_diffusion.diffusion.toyworld.sd import sample, split_captions
 
     pipe = StableDiffusion3Pipeline.from_pretrained(str(SD3), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32)
@@ -51,7 +51,7 @@ def test_flow_miniature_loads_with_its_pipeline_class_and_draws_held_out_prompts
     assert torch.equal(pipe.text_encoder.text_projection.weight, pipe.text_encoder_2.text_projection.weight)
     _, held = split_captions()
     prompts = [held[i] for i in np.random.default_rng(5).choice(len(held), size=8, replace=False)]
-    images = sample(pipe, prompts, list(range(8)), steps=20, guidance=EVAL_GUIDANCE)
+    images = sample(pipe, prompts, list(range(8)), steps=20, guidance=EVAL_GUIDANCE, max_sequence_length=T5_TOKENS)
     assert images.shape == (8, 3, 32, 32)
     assert float(oracle_metrics(images, prompts)["match"].mean()) >= 7 / 8  # >= 90% on 100 prompts (docs/toyworld.md)
 
@@ -167,3 +167,25 @@ def test_flow_build_miniature_only_flow(tmp_path):
     pipe = load_flow_pipeline(tmp_path / "sd3")
     assert pipe.transformer.config.num_layers >= 1
     assert folder_bytes(tmp_path / "sd3") < 10_000_000
+
+
+def test_model_max_sequence_length_reaches_the_sd3_family_and_is_refused_elsewhere(untrained_flow):
+    """model.max_sequence_length: the preset's 1 zero row is what the SD3 family encodes (positive and negative);
+    a family without a T5/Qwen3 encoder refuses it in one line, from the config or before the model loads."""
+    from raft_diffusion.core.errors import ConfigError, UserError
+    from raft_diffusion.diffusion.config import load_config
+    from raft_diffusion.diffusion.families import get_family
+    from raft_diffusion.diffusion.task import _check_family_settings
+    from raft_diffusion.diffusion.toyworld.flow import T5_TOKENS
+
+    pipe, _ = untrained_flow
+    cfg = load_config(ROOT / "configs" / "toy_flow_aesthetic.yaml")
+    assert cfg.model.max_sequence_length == T5_TOKENS
+    emb = get_family("sd3").encode_prompts(pipe, ["a red circle", "a blue cross"], None, True, max_sequence_length=cfg.model.max_sequence_length)
+    assert emb.per_prompt["prompt_embeds"].shape == (2, 24 + T5_TOKENS, 128)
+    assert emb.shared["negative_prompt_embeds"].shape == (1, 24 + T5_TOKENS, 128)
+    assert get_family("sd3").encode_prompts(pipe, ["a red circle"], None, False).per_prompt["prompt_embeds"].shape[1] == 24 + 256
+    with pytest.raises(ConfigError, match="max_sequence_length"):
+        load_config(ROOT / "configs" / "toy_flow_aesthetic.yaml", ["model.family=sd"])
+    with pytest.raises(UserError, match="max_sequence_length"):
+        _check_family_settings(cfg, get_family("sd"))

@@ -48,6 +48,7 @@ class CompareSettings:
     reward: dict | None = None  # a reward config ({name, kwargs} or {mix: ...}); None = no reward
     batch_size: int = 8
     family: str | None = None  # model.family: the base's family when its model_index.json cannot be read
+    max_sequence_length: int | None = None  # model.max_sequence_length: T5/Qwen3 tokens (sd3, flux, flux2-klein)
 
 
 DENOISER_FOLDERS = ("unet", "transformer")  # what a full fine-tune saves in a stage folder, by family
@@ -98,6 +99,7 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
         batch_size=s.batch_size,
     )
     base.family = cfg.model.family
+    base.max_sequence_length = cfg.model.max_sequence_length
     for key, value in overrides.items():
         if value is not None:
             setattr(base, key, value)
@@ -163,7 +165,8 @@ class _Sampler:
         if family.name == "sd":
             self.embeds = encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
         else:
-            self.embeds = family.encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
+            extra = {} if settings.max_sequence_length is None else {"max_sequence_length": settings.max_sequence_length}
+            self.embeds = family.encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg, **extra)
 
     def images(self, prompt_indices: list[int], seeds: list[int]) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]``: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""

@@ -64,6 +64,10 @@ class ModelConfig:
         "memory budget of the device, e.g. 24GB (10^9 bytes) or 22GiB: align refuses, before loading weights, a config the planner (raft-diffusion plan) says does not fit; null = the CUDA device's total memory (no check on CPU)",
     )
     allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere and later); no effect on CPU")
+    max_sequence_length: int | None = _f(
+        None,
+        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux and flux2-klein); not for sd and sdxl",
+    )
 
 
 @dataclass
@@ -248,6 +252,12 @@ class RaftConfig(core.BaseConfig):
     def check(self) -> None:
         """The diffusion rules (the shared ones are in :meth:`BaseConfig.validate`)."""
         s, r, t = self.sampling, self.ranking, self.train
+        n = self.model.max_sequence_length
+        need(n is None or (isinstance(n, int) and 1 <= n <= 512), f"model.max_sequence_length must be an integer in 1..512 or null (got {n!r})")
+        need(
+            n is None or self.model.family not in ("sd", "sdxl"),
+            f"model.max_sequence_length applies to sd3, flux and flux2-klein (their T5/Qwen3 tokens); {self.model.family} has none: set it to null",
+        )
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         need(self.eval_num_inference_steps >= 1, "eval.num_inference_steps must be >= 1 (or null: the pool's)")
         for side in ("height", "width"):

@@ -167,7 +167,10 @@ class DiffusionTask:
     def _encode(self, prompts: list[str], do_cfg: bool):
         if self.legacy:
             return encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
-        return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
+        n = self.cfg.model.max_sequence_length
+        if n is None:
+            return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
+        return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg, max_sequence_length=n)
 
     def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float, steps: int | None = None):
         """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``
@@ -426,6 +429,8 @@ def _check_family_settings(cfg, family) -> None:
     ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
+    if cfg.model.max_sequence_length is not None and getattr(family, "max_sequence_length", None) is None:
+        raise UserError(f"model.max_sequence_length sets T5/Qwen3 tokens; {family.name} has no such encoder: set it to null")
 
 
 def _training_layout(t, world_size: int) -> str:

@@ -38,9 +38,9 @@ class BuildSettings:
     sd_batch: int = 32  # latents per denoiser batch
     sd_pool: int = 20000  # training renders encoded once for the denoiser
     sd_eval_prompts: int = 100  # held-out prompts sampled to measure the text-to-image model
-    flow_steps: int = 1600  # flow-matching transformer steps (VAE shared with sd/, text tower the CLIP's, frozen)
+    flow_steps: int = 3000  # flow-matching transformer steps (VAE shared with sd/, text tower the CLIP's, frozen)
     flow_batch: int = 32  # latents per flow-matching batch
-    flow_pool: int = 4000  # training renders encoded once for the flow-matching model
+    flow_pool: int = 10000  # training renders encoded once for the flow-matching model
 
     @classmethod
     def miniature(cls) -> BuildSettings:

@@ -3,19 +3,22 @@
 Real SD3 structure at toy width, saved as a ``StableDiffusion3Pipeline`` folder (``assets/sd3``):
 
 - an ``SD3Transformer2DModel`` (MMDiT: joint attention over image patches and text tokens, patch size 2 on the
-  16x16x4 latents) with a ``FlowMatchEulerDiscreteScheduler``;
+  16x16x4 latents, RMS-normalised queries and keys as in SD3.5) with a ``FlowMatchEulerDiscreteScheduler``;
 - the toy VAE of the UNet miniature (``sd/vae``), shared: same weights, with ``shift_factor`` 0 in its config
   (the SD3 pipeline adds it when decoding);
 - both CLIP text encoders (``text_encoder``, ``text_encoder_2``) are the toy CLIP's text tower, frozen, as a
   ``CLIPTextModelWithProjection`` (its pooled, projected output is the CLIP text embedding the rewards use);
-  the OpenAI CLIP BPE tokenizer; no T5 (``text_encoder_3=None``: the pipeline feeds zeros in its place).
+  the OpenAI CLIP BPE tokenizer; no T5 (``text_encoder_3=None``: the pipeline appends ``max_sequence_length``
+  zero rows in its place). The model is trained and sampled with ``max_sequence_length=1`` (``T5_TOKENS``; the
+  preset's ``model.max_sequence_length``): the pipeline's default, 256 identical zero rows, would take three
+  quarters of every step's compute and, as one heavy attention sink, most of an untrained model's attention.
 
 1. Encode a pool of training renders with the shared VAE (posterior mean and std, fresh draw each step).
 2. Encode every training caption once with the pipeline's own ``encode_prompt`` (penultimate CLIP layer for the
    tokens, projected pooled output; the frozen encoders make this exact).
 3. Train the transformer with the rectified-flow loss (``x_t = (1 - sigma) x_0 + sigma * noise``, target
-   ``noise - x_0``, sigma logit-normal), dropping 10% of the captions (classifier-free guidance); keep an
-   exponential moving average and save that.
+   ``noise - x_0``, sigma logit-normal), dropping 10% of the captions (classifier-free guidance), AdamW at lr 3e-3
+   (cosine); keep an exponential moving average and save that.
 
 In the saved folder the parts that are byte-for-byte the UNet miniature's (the VAE weights, the tokenizer) and the
 second text encoder (the first one again) are relative symbolic links, so the committed model adds only the
@@ -42,7 +45,7 @@ FLOW_LAYERS = 4  # MMDiT blocks
 FLOW_HEADS = 3  # attention heads of width FLOW_HEAD_DIM
 FLOW_HEAD_DIM = 32
 FLOW_SHIFT = 1.0  # scheduler shift: SD3 uses 3.0 on 128x128 latents; these are 16x16
-T5_TOKENS = 256  # the zero "T5" tokens the pipeline appends (its default max_sequence_length)
+T5_TOKENS = 1  # max_sequence_length the model is trained and sampled with: the pipeline appends this many zero "T5" rows
 EVAL_GUIDANCE = 4.0  # guidance the quality figures are measured at
 
 
@@ -91,6 +94,7 @@ def build_transformer(text_dim: int, pooled_dim: int, seed: int = 0):
             caption_projection_dim=FLOW_HEADS * FLOW_HEAD_DIM,
             pooled_projection_dim=pooled_dim,
             pos_embed_max_size=8,
+            qk_norm="rms_norm",  # as SD3.5: RMS-normalised queries and keys (lets it train at a 3x higher learning rate)
         )
 
 
@@ -136,42 +140,6 @@ def with_t5_zeros(tokens: torch.Tensor, n: int = T5_TOKENS) -> torch.Tensor:
     return torch.cat([tokens, tokens.new_zeros(tokens.shape[0], n, tokens.shape[2])], dim=1)
 
 
-class SinkJointAttention:
-    """Joint attention (as diffusers' ``JointAttnProcessor2_0``) where the last context token stands for ``n``
-    identical copies of itself: its attention logit gets ``+ log n``.
-
-    Without T5 the SD3 pipeline appends ``T5_TOKENS`` zero rows to the CLIP tokens. Identical inputs stay identical
-    through every block, and ``n`` identical keys with equal values weigh exactly as one key with ``log n`` added
-    to its logit, so training on one such token with this processor trains the model the pipeline runs with all
-    of them, at a quarter of the cost. Training only: the saved model uses diffusers' own processor.
-    """
-
-    def __init__(self, n: int):
-        self.log_n = float(np.log(n))
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        b, n_img = hidden_states.shape[:2]
-
-        def heads(x, norm=None):
-            x = x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-            return norm(x) if norm is not None else x
-
-        q = heads(attn.to_q(hidden_states), attn.norm_q)
-        k = heads(attn.to_k(hidden_states), attn.norm_k)
-        v = heads(attn.to_v(hidden_states))
-        q = torch.cat([q, heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
-        k = torch.cat([k, heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
-        v = torch.cat([v, heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
-        bias = torch.zeros(1, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
-        bias[..., -1] = self.log_n
-        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        out = out.transpose(1, 2).reshape(b, -1, q.shape[1] * q.shape[3]).to(q.dtype)
-        img, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        return attn.to_out[1](attn.to_out[0](img)), ctx
-
-
 def pretrain_flow(
     pipe,
     pool: dict,
@@ -179,7 +147,7 @@ def pretrain_flow(
     batch: int,
     seed: int,
     log: Callable[[str], None],
-    lr: float = 1e-3,
+    lr: float = 3e-3,
     ema_decay: float = 0.995,
     drop: float = 0.1,
 ) -> dict:
@@ -203,9 +171,7 @@ def pretrain_flow(
     sched = _cosine(opt, steps)
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # diffusers' processors: deepcopied before the swap
     gen = torch.Generator().manual_seed(seed)
-    zeros = torch.zeros(batch, 1, tok_emb.shape[2])  # one zero "T5" token standing for T5_TOKENS of them
-    default_processors = model.attn_processors
-    model.set_attn_processor(SinkJointAttention(T5_TOKENS))
+    zeros = torch.zeros(batch, T5_TOKENS, tok_emb.shape[2])  # the zero "T5" rows the pipeline appends
     for step in range(steps):
         i = torch.randint(0, len(scenes), (batch,), generator=gen)
         x0 = (means[i] + stds[i] * torch.randn(means[i].shape, generator=gen)) * sf
@@ -228,7 +194,6 @@ def pretrain_flow(
                 pe.lerp_(pl, 1 - d)
         if step % 100 == 0 or step == steps - 1:
             log(f"flow step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    model.set_attn_processor(default_processors)
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
     return {"final_loss": float(loss.item()), "seconds": time.time() - t0, "parameters": sum(p.numel() for p in ema.parameters())}
@@ -332,9 +297,10 @@ def build_flow(out: Path, s, log: Callable[[str], None] = print) -> dict:
     info = {"train": pretrain_flow(pipe, pool, s.flow_steps, s.flow_batch, s.seed, log)}
     save_flow_pipeline(pipe, out / "sd3", sd_dir)
     pipe = load_flow_pipeline(out / "sd3")  # measure what was saved (fp16 weights, upcast)
-    ev = evaluate_pipeline(pipe, n_prompts=s.sd_eval_prompts, seed=s.seed, guidance=EVAL_GUIDANCE)
+    ev = evaluate_pipeline(pipe, n_prompts=s.sd_eval_prompts, seed=s.seed, guidance=EVAL_GUIDANCE, max_sequence_length=T5_TOKENS)
     info["eval"] = {k: v for k, v in ev.items() if k not in ("images", "prompt_list")}
     info["eval"]["guidance"] = EVAL_GUIDANCE
+    info["eval"]["max_sequence_length"] = T5_TOKENS
     info["bytes"] = folder_bytes(out / "sd3")
     info["seconds"] = time.time() - t0
     log(f"sd3: {info['eval']} ({info['seconds']:.0f}s)")

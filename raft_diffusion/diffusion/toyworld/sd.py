@@ -314,22 +314,27 @@ def save_pipeline(pipe, directory: Path, half: bool = True) -> Path:
 
 
 @torch.no_grad()
-def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0) -> torch.Tensor:
-    """float ``[B, 3, 32, 32]`` in [0, 1], one fixed-seed sample per prompt."""
+def sample(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 4.0, **call_kwargs) -> torch.Tensor:
+    """float ``[B, 3, 32, 32]`` in [0, 1], one fixed-seed sample per prompt (``call_kwargs`` go to the pipeline call:
+    the flow miniature's ``max_sequence_length``)."""
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt", height=32, width=32)
+    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gens, output_type="pt", height=32, width=32, **call_kwargs)
     return out.images.float().clamp(0, 1)
 
 
-def evaluate_pipeline(pipe, n_prompts: int = 100, seed: int = 0, steps: int = 20, guidance: float = 4.0) -> dict:
-    """Oracle fidelity (shape+colour match) and gold aesthetic of samples for held-out prompts."""
+def evaluate_pipeline(pipe, n_prompts: int = 100, seed: int = 0, steps: int = 20, guidance: float = 4.0, **call_kwargs) -> dict:
+    """Oracle fidelity (shape+colour match) and gold aesthetic of samples for held-out prompts (``call_kwargs``: as
+    :func:`sample`)."""
     from .oracle import oracle_metrics
 
     _, held = split_captions()
     rng = np.random.default_rng(seed)
     prompts = [held[i] for i in rng.choice(len(held), size=min(n_prompts, len(held)), replace=False)]
     images = torch.cat(
-        [sample(pipe, prompts[i : i + 50], list(range(i, min(i + 50, len(prompts)))), steps, guidance) for i in range(0, len(prompts), 50)]
+        [
+            sample(pipe, prompts[i : i + 50], list(range(i, min(i + 50, len(prompts)))), steps, guidance, **call_kwargs)
+            for i in range(0, len(prompts), 50)
+        ]
     )
     m = oracle_metrics(images, prompts)
     return {
