@@ -318,6 +318,7 @@ def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_pat
     assert ranks == [s["prompt_rank"] for s in mine]
 
 
+@pytest.mark.slow  # ~35 CPU s; the default run checks sparse evaluation in the loop (tests/test_eval_early_stop.py)
 def test_sparse_evaluation_leaves_training_bit_for_bit(full_run, tiny_pipeline_dir, tmp_path):
     """eval.every=2 skips stage 1's held-out evaluation only: every stage's pool, LoRA bytes and the evaluated
     stages' held-out images are those of the run that evaluates each stage."""

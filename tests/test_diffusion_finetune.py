@@ -265,7 +265,8 @@ def test_lora_merged_samples_the_same_model_and_restores_the_weights(load_tiny_p
     from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
 
     pipe = load_tiny_pipe()
-    add_lora(pipe.unet, rank=4, alpha=8, init_seed=0)
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj")  # convolutions too
+    add_lora(pipe.unet, rank=4, alpha=8, init_seed=0, target_modules=targets)
     g = torch.Generator().manual_seed(1)
     for name, p in pipe.unet.named_parameters():
         if "lora_B" in name:
@@ -278,10 +279,10 @@ def test_lora_merged_samples_the_same_model_and_restores_the_weights(load_tiny_p
 
     plain = sample()
     layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
-    m = layers[0]
+    m = next(m for m in layers if isinstance(m.get_base_layer(), torch.nn.Linear))
     w0 = m.get_base_layer().weight.detach().clone()
     with lora_merged(pipe.unet):
-        assert layers and all(m.merged for m in layers)
+        assert all(m.merged for m in layers) and any(isinstance(m.get_base_layer(), torch.nn.Conv2d) for m in layers)
         merged = sample()
         # the merged base weight is W + scale * B @ A
         delta = m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
