@@ -2,6 +2,7 @@
 """Time to aligned: the CPU seconds a demo run takes to deliver a final/ that meets the toy world's four bars.
 
     python scripts/bench_time_to_aligned.py [--config configs/toy_aesthetic.yaml] [--run-dir DIR] [key=value ...]
+    python scripts/bench_time_to_aligned.py --baseline configs/toy_aesthetic_v1.yaml [seed=1]   # side by side
 
 Runs ``raft-diffusion align`` in a child process with one thread (OMP/MKL_NUM_THREADS=1) and prints per stage,
 from ``metrics.jsonl``: process CPU seconds since the run's process started (start-up included), images sampled
@@ -9,7 +10,10 @@ from ``metrics.jsonl``: process CPU seconds since the run's process started (sta
 ``scripts/bench_toyworld.py`` (held-out proxy rise in base sd, gold rise, fidelity, diversity) and how many of its
 four bars they meet. The last line is ``cpu_seconds_to_bars: N``: the CPU seconds of the whole run (measured on
 the child, from its start to its exit) when the ``final/`` it delivers meets the four bars, else ``inf``. With
-``--run-dir`` naming a finished run it measures that run instead, taking N from its last metrics row.
+``--run-dir`` naming a finished run it measures that run instead, taking N from its last metrics row. With
+``--baseline CONFIG`` it first runs (or measures, ``--baseline-run-dir``) that preset with the same overrides, prints
+its table too, and before the last line the ratio of the two Ns (this preset / baseline), both taken in the same
+load window.
 """
 
 from __future__ import annotations
@@ -46,22 +50,15 @@ def run_align(config: str, run: Path, overrides: list[str]) -> tuple[int, float,
     return rc, cpu1 - cpu0, faults1 - faults0
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
-    ap.add_argument("--run-dir", default=None, help="default: a fresh runs/time_to_aligned (a finished run there is measured as it is)")
-    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
-    args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(1)
-    run = Path(args.run_dir or ROOT / "runs" / "time_to_aligned")
+def report(config: str, run: Path, overrides: list[str]) -> float | None:
+    """Run (unless finished) and print one run's table and figures; its N (``inf`` if its final/ misses a bar),
+    or None when align failed."""
     measured_cpu = faults = None
     if not (run / "final").is_dir():
-        rc, measured_cpu, faults = run_align(args.config, run, args.overrides)
+        rc, measured_cpu, faults = run_align(config, run, overrides)
         if rc:
             print(f"error: align exited with {rc}", file=sys.stderr)
-            return rc
+            return None
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     table = {o["row"]: o for o in measure(run)}
     base = table["base"]
@@ -88,7 +85,39 @@ def main(argv=None) -> int:
     how = "measured on the align process, start to exit" if measured_cpu is not None else "from the last metrics row"
     extra = f", {faults / 1e6:.2f} M minor page faults" if faults is not None else ""
     print(f"run: {cpu:.1f} CPU s ({how}){extra}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    print(f"cpu_seconds_to_bars: {f'{cpu:.1f}' if met and math.isfinite(cpu) else 'inf'}")
+    return cpu if met and math.isfinite(cpu) else math.inf
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--run-dir", default=None, help="default: a fresh runs/time_to_aligned (a finished run there is measured as it is)")
+    ap.add_argument(
+        "--baseline",
+        default=None,
+        help="a second preset to run first, side by side (same overrides), e.g. configs/toy_aesthetic_v1.yaml; prints the ratio of the two Ns",
+    )
+    ap.add_argument("--baseline-run-dir", default=None, help="the baseline's run directory (default: <run dir>_baseline)")
+    ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
+    args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(1)
+    run = Path(args.run_dir or ROOT / "runs" / "time_to_aligned")
+    old = None
+    if args.baseline:
+        old_run = Path(args.baseline_run_dir or f"{run}_baseline")
+        old = report(args.baseline, old_run, args.overrides)
+        if old is None:
+            return 1
+        print()
+    n = report(args.config, run, args.overrides)
+    if n is None:
+        return 1
+    if old is not None:
+        ratio = n / old if math.isfinite(old) and math.isfinite(n) else math.nan
+        print(f"baseline {Path(args.baseline).name}: cpu_seconds_to_bars {old:.1f}; this preset / baseline = {ratio:.3f}")
+    print(f"cpu_seconds_to_bars: {f'{n:.1f}' if math.isfinite(n) else 'inf'}")
     return 0
 
 

@@ -316,3 +316,23 @@ def test_prompt_match_never_keeps_an_off_prompt_image(tiny_pipeline_dir, tmp_pat
     clip = load_eval_clip("tiny", None)
     ranks = prompt_ranks(clip.image_embeddings(images), clip.text_embeddings(prompts), [1] * len(mine))
     assert ranks == [s["prompt_rank"] for s in mine]
+
+
+@pytest.mark.slow  # ~35 CPU s; the default run checks sparse evaluation in the loop (tests/test_eval_early_stop.py)
+def test_sparse_evaluation_leaves_training_bit_for_bit(full_run, tiny_pipeline_dir, tmp_path):
+    """eval.every=2 skips stage 1's held-out evaluation only: every stage's pool, LoRA bytes and the evaluated
+    stages' held-out images are those of the run that evaluates each stage."""
+    out = tmp_path / "sparse"
+    assert align(out, tiny_pipeline_dir, "eval.every=2") == 0
+    rows, every = read_jsonl(out / "metrics.jsonl"), read_jsonl(full_run / "metrics.jsonl")
+    assert [r["stage"] for r in rows] == [0, 1, 2] and "eval_reward_mean" not in rows[1]
+    assert not (out / "stages" / "001" / "eval.jsonl").exists()
+    assert [r["eval_reward_queries"] for r in rows] == [12, 12, 24]  # two evaluations of 12, not three
+    for stage in (1, 2):
+        sdir, fdir = out / "stages" / f"{stage:03d}", full_run / "stages" / f"{stage:03d}"
+        assert read_jsonl(sdir / "samples.jsonl") == read_jsonl(fdir / "samples.jsonl")
+        lora = "lora/pytorch_lora_weights.safetensors"
+        assert (sdir / lora).read_bytes() == (fdir / lora).read_bytes()
+    assert read_jsonl(out / "stages" / "002" / "eval.jsonl") == read_jsonl(full_run / "stages" / "002" / "eval.jsonl")
+    assert rows[2]["eval_reward_mean"] == every[2]["eval_reward_mean"]
+    assert (out / "final" / "pytorch_lora_weights.safetensors").read_bytes() == (full_run / "final" / "pytorch_lora_weights.safetensors").read_bytes()

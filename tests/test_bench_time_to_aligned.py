@@ -38,3 +38,11 @@ def test_bench_prints_each_stage_and_ends_with_the_metric(tmp_path, capsys):
     assert main(["--run-dir", str(run)]) == 0
     again = capsys.readouterr().out.strip().splitlines()
     assert "(from the last metrics row)" in again[-2] and again[-1].split(":")[0] == "cpu_seconds_to_bars"
+    # side by side with a baseline preset (here the same finished run twice): both tables, then the ratio
+    assert main(["--run-dir", str(run), "--baseline", "configs/toy_aesthetic_v1.yaml", "--baseline-run-dir", str(run)]) == 0
+    both = capsys.readouterr().out.strip().splitlines()
+    assert sum(line.startswith("time to aligned: ") for line in both) == 2
+    n = again[-1].split(": ")[1]
+    ratio = "nan" if n == "inf" else "1.000"
+    assert both[-2] == f"baseline toy_aesthetic_v1.yaml: cpu_seconds_to_bars {float(n):.1f}; this preset / baseline = {ratio}"
+    assert both[-1] == again[-1]

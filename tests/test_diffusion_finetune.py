@@ -253,3 +253,45 @@ def test_bad_training_setups(load_tiny_pipe, data):
     # bf16 autocast also runs on CPU (tests/test_memory_plan.py checks that it changes the LoRA)
     if not torch.cuda.is_available():
         assert train_unet(pipe, latents, embeds, **{**TRAIN, "steps": 1}, mixed_precision="bf16")["steps"] == 1
+
+
+def test_lora_merged_samples_the_same_model_and_restores_the_weights(load_tiny_pipe):
+    """sampling.merge_lora: inside ``lora_merged`` the adapted layers run once, with the LoRA added into their
+    weights; the images equal the unmerged ones up to float rounding, and afterwards every weight has its
+    bytes back (merge then unmerge alone would not restore them)."""
+    from peft.tuners.lora import LoraLayer
+
+    from raft_diffusion.diffusion.finetune import add_lora, lora_merged
+    from raft_diffusion.diffusion.generate import encode_prompts, generate_batch
+
+    pipe = load_tiny_pipe()
+    targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2", "conv1", "conv2", "time_emb_proj")  # convolutions too
+    add_lora(pipe.unet, rank=4, alpha=8, init_seed=0, target_modules=targets)
+    g = torch.Generator().manual_seed(1)
+    for name, p in pipe.unet.named_parameters():
+        if "lora_B" in name:
+            p.data = torch.randn(p.shape, generator=g) * 0.3  # a trained-looking adapter (B starts at zero)
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    emb, neg = encode_prompts(pipe, ["a red circle", "a blue square"], None, True)
+
+    def sample():
+        return generate_batch(pipe, emb, neg, [3, 4], num_inference_steps=3, guidance_scale=2.0, height=32, width=32)[0]
+
+    plain = sample()
+    layers = [m for m in pipe.unet.modules() if isinstance(m, LoraLayer)]
+    m = next(m for m in layers if isinstance(m.get_base_layer(), torch.nn.Linear))
+    w0 = m.get_base_layer().weight.detach().clone()
+    with lora_merged(pipe.unet):
+        assert all(m.merged for m in layers) and any(isinstance(m.get_base_layer(), torch.nn.Conv2d) for m in layers)
+        merged = sample()
+        # the merged base weight is W + scale * B @ A
+        delta = m.lora_B["default"].weight @ m.lora_A["default"].weight * m.scaling["default"]
+        assert torch.allclose(m.get_base_layer().weight, w0 + delta, atol=1e-6) and delta.abs().max() > 0.01
+    assert not any(m.merged for m in layers)
+    after = pipe.unet.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in before)  # bit for bit
+    # float rounding only (the adapter is large: its output moves the latents by far more than this)
+    assert (plain - merged).abs().max() < 1e-3 * plain.abs().max()
+    assert torch.equal(sample(), plain)  # unmerged again
+    with lora_merged(pipe.unet, enabled=False):
+        assert not any(m.merged for m in layers)

@@ -235,3 +235,35 @@ def test_a_stop_at_the_last_stage_still_keeps_the_best(tmp_path):
     run, task, _ = _run(tmp_path, *cfg_over)
     assert task.stages_run == [1, 2, 3, 4]
     assert final_weights(run) == 2 and read_stop(run.root)["stopped_after_stage"] == 4
+
+
+def test_sparse_evaluation_stops_and_keeps_the_best_evaluated_stage(tmp_path):
+    # eval.every=2 (SCRIPT at stages 0, 2, 4): stage 4 is 2 stages past the best (stage 2): stop there, keep 2
+    run, task, rows = _run(tmp_path / "every2", "eval.every=2", "early_stop.patience=2")
+    assert task.stages_run == [1, 2, 3, 4]
+    assert [r["stage"] for r in rows if "eval_reward_mean" in r] == [0, 2, 4]
+    assert final_weights(run) == 2 and read_stop(run.root)["stopped_after_stage"] == 4
+    # eval.every=4 (stages 0, 4 and the last, 6): stage 3's 0.7 is never seen; 0.99 at 6 is the best
+    run, task, rows = _run(tmp_path / "every4", "eval.every=4", "early_stop.patience=2")
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and [r["stage"] for r in rows if "eval_reward_mean" in r] == [0, 4, 6]
+    assert final_weights(run) == 6 and read_stop(run.root) is None
+
+
+def test_sparse_evaluation_floor_keeps_an_evaluated_stage(tmp_path):
+    """A floor that fires at an evaluated stage keeps the best evaluated stage above it, never an unevaluated one."""
+
+    class Floored(ScriptedTask):
+        def evaluate(self, stage, stage_dir):
+            return {"eval_reward_mean": self.script[stage], "eval_diversity": [1.0, 0.9, 0.8, 0.75, 0.72, 0.4, 0.3][stage]}
+
+    cfg = config_from_dict(
+        {"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}},
+        ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7"],
+    )
+    run = RunDir(tmp_path)
+    run.start(cfg.to_dict())
+    task = Floored(SCRIPT)
+    run_raft(cfg, task, run, should_stop=cfg.stopper())
+    # stages 0, 3, 6 evaluated; stage 6 (0.3 < 0.7 x 1.0) falls under the floor: final/ = stage 3
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and final_weights(run) == 3
+    assert read_stop(run.root)["reason"].startswith("diversity eval_diversity 0.3 at stage 6 fell below 0.7 x")

