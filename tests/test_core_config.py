@@ -51,6 +51,8 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["train.empty_prompt_ratio=1"], "train.empty_prompt_ratio must be in [0, 1) (got 1"),
         ({}, ["train.timestep_range=[600,500]"], "train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got [600, 500])"),
         ({}, ["train.timestep_range=500"], "train.timestep_range must be [lo, hi]"),
+        ({}, ["train.timestep_ranges=[[800,1000],[900,10]]"], "train.timestep_ranges must be a non-empty list of [lo, hi] with integers"),
+        ({}, ["train.timestep_ranges=[[0,1000]]", "train.timestep_range=[0,500]"], "with train.timestep_range null (got [[0, 1000]])"),
         ({}, ["train.chunk_size=0"], "train.chunk_size must be an integer >= 1 or null (got 0)"),
         ({}, ["ranking.diversity_weight=-1"], "ranking.diversity_weight must be >= 0 (got -1"),
         ({}, ["ranking.diversity_weight=2", "ranking.mode=global", "eval.clip_model=tiny"], "needs ranking.mode=local (got 'global')"),

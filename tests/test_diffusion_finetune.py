@@ -217,6 +217,36 @@ def test_timestep_range_trains_only_those_timesteps(load_tiny_pipe, data):
         train_unet(pipe, latents, embeds, **kw, timestep_range=(500, 1200))
 
 
+def test_timestep_ranges_cycle_over_the_steps(load_tiny_pipe, data):
+    from diffusers import DDPMScheduler
+
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    kw = dict(steps=3, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+    stats = train_unet(pipe, latents, embeds, **kw, timestep_ranges=[(900, 1000), (0, 100)])
+    # by hand: step s draws batch order, noise and t ~ U[ranges[s % 2]] from the one generator (lr 0: same UNet)
+    gen = torch.Generator().manual_seed(5)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    losses = []
+    for lo, hi in [(900, 1000), (0, 100), (900, 1000)]:
+        idx = torch.randperm(6, generator=gen)
+        noise = torch.randn((6, 4, 16, 16), generator=gen)
+        t = torch.randint(lo, hi, (6,), generator=gen)
+        with torch.no_grad():
+            pred = pipe.unet(ddpm.add_noise(latents[idx], noise, t), t, encoder_hidden_states=embeds[idx]).sample
+        losses.append(F.mse_loss(pred, noise).item())
+    assert stats["loss_last"] == pytest.approx(losses[2], rel=1e-5)
+    assert stats["loss_mean"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    # one range is timestep_range, bit for bit
+    one = train_unet(pipe, latents, embeds, **kw, timestep_ranges=[(900, 1000)])
+    assert one["loss_mean"] == train_unet(pipe, latents, embeds, **kw, timestep_range=(900, 1000))["loss_mean"]
+    with pytest.raises(UserError, match="replaces timestep_range"):
+        train_unet(pipe, latents, embeds, **kw, timestep_range=(0, 1000), timestep_ranges=[(0, 100)])
+    with pytest.raises(UserError, match=r"timestep_ranges must be a non-empty list"):
+        train_unet(pipe, latents, embeds, **kw, timestep_ranges=[(500, 1200)])
+
+
 def test_full_finetune_and_gradient_checkpointing(load_tiny_pipe, data):
     latents, embeds, probe = data
     results = []

@@ -155,6 +155,10 @@ class TrainConfig:
         None,
         "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep",
     )
+    timestep_ranges: list | None = _f(
+        None,
+        "SD 1.x/2.x, instead of timestep_range: a list of [lo, hi] cycled over the optimizer steps (step s draws from entry s mod n), e.g. [[800, 1000], [800, 1000], [0, 800]]: a third of the steps on the low-noise timesteps that decide fine detail; null = off",
+    )
     weighting_scheme: str = _f(
         "logit_normal",
         "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)",
@@ -329,6 +333,16 @@ class RaftConfig(core.BaseConfig):
                 and 0 <= t.timestep_range[0] < t.timestep_range[1]
             ),
             f"train.timestep_range must be [lo, hi] with integers 0 <= lo < hi, or null (got {t.timestep_range})",
+        )
+        need(
+            t.timestep_ranges is None
+            or (
+                t.timestep_range is None
+                and isinstance(t.timestep_ranges, list)
+                and len(t.timestep_ranges) > 0
+                and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1] for r in t.timestep_ranges)
+            ),
+            f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null (got {t.timestep_ranges})",
         )
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})")

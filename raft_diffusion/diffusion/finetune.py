@@ -259,6 +259,7 @@ def train_unet(
     empty_prompt_ratio: float = 0.0,
     empty_embeds: torch.Tensor | None = None,
     timestep_range: tuple[int, int] | None = None,
+    timestep_ranges: list | None = None,
     chunk_rows: int | None = None,
     optimizer_name: str = "adamw",
     progress: bool = True,
@@ -276,7 +277,10 @@ def train_unet(
     (the embedding of the empty prompt, ``[1, L, D]``) instead of its prompt's, as SD's own training drops
     captions: what is learnt then also moves the unconditional prediction, i.e. applies to every prompt.
     ``timestep_range`` ``(lo, hi)`` draws ``t ~ U[lo, hi)`` instead: high timesteps (much noise) set the layout
-    and colours, low ones the fine detail. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
+    and colours, low ones the fine detail. ``timestep_ranges`` (SD 1.x/2.x only; not with ``timestep_range``) is a list
+    of such ranges cycled over the optimizer steps: step ``s`` draws its timesteps from ``timestep_ranges[s % len]``,
+    e.g. ``[(800, 1000), (800, 1000), (0, 800)]`` gives every third step to the low-noise timesteps where fine detail
+    is decided. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
     batch order, timesteps and noise (LoRA dropout is seeded per chunk), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
@@ -332,6 +336,12 @@ def train_unet(
             raise UserError(
                 f"timestep_range must be [lo, hi] with 0 <= lo < hi <= {pipe.scheduler.config.num_train_timesteps} (got {list(timestep_range)})"
             )
+    if timestep_ranges is not None:
+        if timestep_range is not None or family is not None:
+            raise UserError("timestep_ranges is for SD 1.x/2.x and replaces timestep_range: set one of them, the other to null")
+        total = pipe.scheduler.config.num_train_timesteps
+        if not timestep_ranges or not all(len(r) == 2 and 0 <= int(r[0]) < int(r[1]) <= total for r in timestep_ranges):
+            raise UserError(f"timestep_ranges must be a non-empty list of [lo, hi] with 0 <= lo < hi <= {total} (got {timestep_ranges})")
     if mixed_precision not in _MIXED_PRECISION:
         raise UserError(f"unknown mixed_precision {mixed_precision!r}: choose one of {', '.join(_MIXED_PRECISION)}")
     params = trainable_parameters(unet)
@@ -370,14 +380,15 @@ def train_unet(
         idx, order = order[:micro], order[micro:]
         return idx
 
-    def draw_step() -> dict:
+    def draw_step(step: int) -> dict:
         """The step's rows (its micro-batches one after another): sample index, noise, timestep, caption drop."""
         draws = []
         for _ in range(gradient_accumulation_steps):
             idx = next_batch()
             noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
             if family is None:
-                t = torch.randint(int(t_lo), int(t_hi), (micro,), generator=gen)
+                lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
+                t = torch.randint(int(lo), int(hi), (micro,), generator=gen)
             else:  # SDXL: the same uniform draw; SD3/FLUX: the logit-normal (or other) density of the flow loss
                 t, _ = family.draw_timesteps(pipe, micro, loss_settings, gen)
             # drawn only when used, so runs without caption dropout keep their exact draws
@@ -422,7 +433,7 @@ def train_unet(
         bar = tqdm(total=steps, desc=desc, disable=not progress)
         with torch.random.fork_rng(devices=_rng_devices(unet)), bar:
             for step in range(steps):
-                draws = draw_step()
+                draws = draw_step(step)
 
                 def backward(i: int, step=step, draws=draws) -> float:  # chunk i: forward, backward, its share of the mean loss
                     torch.manual_seed(train_chunk_seed(seed, step, i))  # LoRA dropout masks: a function of the chunk

@@ -411,6 +411,7 @@ def train_settings(t) -> dict:
         snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio,
         timestep_range=t.timestep_range,
+        timestep_ranges=t.timestep_ranges,
     )
 
 
@@ -431,6 +432,8 @@ def loss_settings(t):
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
     ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
+    if family.name != "sd" and cfg.train.timestep_ranges is not None:
+        raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
     if cfg.model.max_sequence_length is not None and getattr(family, "max_sequence_length", None) is None:
