@@ -285,11 +285,28 @@ def test_diverse_selection_needs_local_mode_and_embeddings():
         pool.add(make([1.0, 2.0], 1, 2))
 
 
+class _Gather:  # what dist.gather hands back on the main process
+    enabled = True
+
+    def __init__(self, parts):
+        self.parts = parts
+
+    def gather(self, records):
+        return self.parts
+
+
+def merge_two_processes(ranking, halves, size):
+    """The loop's merge of two processes' pools as process 0 sees it (process 1 first takes its local step)."""
+    from raft_diffusion.core.loop import _merge_pools
+
+    cfg = SimpleNamespace(ranking=ranking)
+    _merge_pools(cfg, halves[1], size, _Gather([]))
+    return _merge_pools(cfg, halves[0], size, _Gather([h.records for h in halves]))
+
+
 @pytest.mark.parametrize("w, v", [(0.0, 0.0), (3.0, 0.0), (0.0, 4.0)])
 def test_merged_pools_of_two_processes_select_what_one_does(w, v):
     """Each process streams half of every prompt's samples; the merged pick equals one pool's, payloads included."""
-    from raft_diffusion.core.loop import _merge_pools
-
     rnd = random.Random(7)
     P, K, k = 3, 8, 3
     rewards = [rnd.uniform(0, 1) for _ in range(P * K)]
@@ -311,18 +328,7 @@ def test_merged_pools_of_two_processes_select_what_one_does(w, v):
         pool.add([s for s in fresh() if s.sample_index // 4 == rank])
         halves.append(pool)
 
-    class Gather:  # what dist.gather hands back on the main process
-        enabled = True
-
-        def __init__(self, parts):
-            self.parts = parts
-
-        def gather(self, records):
-            return self.parts
-
-    cfg = SimpleNamespace(ranking=ranking)
-    _merge_pools(cfg, halves[1], P * K, Gather([]))  # process 1's side: its local step before the gather
-    merged = _merge_pools(cfg, halves[0], P * K, Gather([h.records for h in halves]))
+    merged = merge_two_processes(ranking, halves, P * K)
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
@@ -379,8 +385,6 @@ def test_rising_threshold_pool_equals_reference(data, thr, q, cap, max_kept):
 
 def test_rising_threshold_over_two_processes_selects_what_one_does():
     """The cut is the quantile of every process's keys, not of each process's own."""
-    from raft_diffusion.core.loop import _merge_pools
-
     P, K = 2, 4
     rewards = [0.1, 0.9, 0.2, 0.8, 0.3, 0.7, 0.4, 0.6]  # process 0 gets samples 0-1 of each prompt, process 1 samples 2-3
     ranking = SimpleNamespace(**vars(R("threshold", threshold=0.0)), threshold_quantile=0.5, threshold_max=None)
@@ -394,18 +398,7 @@ def test_rising_threshold_over_two_processes_selects_what_one_does():
         pool.add([s for s in make(rewards, P, K) if s.sample_index // 2 == rank])
         halves.append(pool)
 
-    class Gather:
-        enabled = True
-
-        def __init__(self, parts):
-            self.parts = parts
-
-        def gather(self, records):
-            return self.parts
-
-    cfg = SimpleNamespace(ranking=ranking)
-    _merge_pools(cfg, halves[1], P * K, Gather([]))
-    merged = _merge_pools(cfg, halves[0], P * K, Gather([h.records for h in halves]))
+    merged = merge_two_processes(ranking, halves, P * K)
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
