@@ -92,11 +92,14 @@ def to_sgm(key: str, pairs: list[tuple[str, str]]) -> str | None:
 
 # --- FLUX.1: diffusers FluxTransformer2DModel paths -> Black Forest Labs' names ---------------------------------
 
-_FLUX_DOUBLE = {  # transformer_blocks.N.<member> -> double_blocks_N_<name>; members in fused order
+_FLUX_ATTN = {  # the double blocks' attention: the same diffusers names in FLUX.1 and FLUX.2; members in fused order
     "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
     "img_attn_proj": ("attn.to_out.0",),
     "txt_attn_proj": ("attn.to_add_out",),
+}
+_FLUX_DOUBLE = {  # transformer_blocks.N.<member> -> double_blocks_N_<name>
+    **_FLUX_ATTN,
     "img_mlp_0": ("ff.net.0.proj",),
     "img_mlp_2": ("ff.net.2",),
     "txt_mlp_0": ("ff_context.net.0.proj",),
@@ -111,11 +114,8 @@ _FLUX_SINGLE = {  # single_transformer_blocks.N.<member> -> single_blocks_N_<nam
 }
 
 
-_FLUX2_DOUBLE = {  # FLUX.2: the same double-block names over its own diffusers modules (SwiGLU ff.linear_in/out)
-    "img_attn_qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
-    "txt_attn_qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    "img_attn_proj": ("attn.to_out.0",),
-    "txt_attn_proj": ("attn.to_add_out",),
+_FLUX2_DOUBLE = {  # FLUX.2: the same names; its MLPs are SwiGLU ff.linear_in / linear_out
+    **_FLUX_ATTN,
     "img_mlp_0": ("ff.linear_in",),
     "img_mlp_2": ("ff.linear_out",),
     "txt_mlp_0": ("ff_context.linear_in",),
