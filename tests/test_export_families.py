@@ -205,26 +205,39 @@ def flux_images(pipe) -> torch.Tensor:
                 generator=gen, output_type="pt", max_sequence_length=32).images  # fmt: skip
 
 
+def kohya_round_trip(name, targets, images, tmp_path):
+    """A rank-4, alpha-8 LoRA with random non-zero B on ``targets`` of the tiny ``name`` pipeline, saved with the
+    family's ``save_lora``, exported with ``export --format kohya --base`` and loaded by diffusers' ``load_lora_weights``
+    into a fresh pipeline. Returns everything a test checks: base / tuned / reloaded images, the LoRA's own tensors,
+    the kohya tensors and metadata."""
+    from types import SimpleNamespace
+
+    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
+
+    folder, family = tiny_pipeline(name), get_family(name)
+    pipe = family.load(folder, device="cpu")
+    base = images(pipe)
+    family.add_lora(pipe.transformer, rank=4, alpha=8, targets=targets, init_seed=1)
+    randomise_lora_b(pipe.transformer, size=0.3)
+    tuned = images(pipe)
+    lora = family.save_lora(pipe, pipe.transformer, tmp_path / "lora")
+    out = tmp_path / f"{name}.safetensors"
+    assert main(["export", str(lora), "--format", "kohya", "-o", str(out), "--base", str(folder)]) == 0
+    fresh = family.load(folder, device="cpu")
+    fresh.load_lora_weights(str(out))  # diffusers' kohya reader of the family
+    return SimpleNamespace(folder=folder, family=family, lora=lora, base=base, tuned=tuned, got=images(fresh),
+                           own=load_file(str(lora / "pytorch_lora_weights.safetensors")), state=load_file(str(out)),
+                           meta=metadata(out))  # fmt: skip
+
+
 def test_flux_kohya_fused_qkv_reloads_in_diffusers_and_merge_matches(tmp_path):
     """Double block 0: image and text q/k/v (two fused qkv layers), their outputs, MLPs and the modulation. The tiny
     model has one single block, which stays without LoRA: diffusers' kohya FLUX reader splits a single block's
     linear1 by FLUX.1-dev's widths (3072/12288), which the tiny model does not have (see the next test)."""
-    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
-
-    folder, family = tiny_pipeline("flux"), get_family("flux")
-    pipe = family.load(folder, device="cpu")
-    base = flux_images(pipe)
     members = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
                "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.2", "norm1.linear")  # fmt: skip
-    family.add_lora(pipe.transformer, rank=4, alpha=8, targets=[f"transformer_blocks.0.{m}" for m in members], init_seed=1)
-    randomise_lora_b(pipe.transformer, size=0.3)
-    tuned = flux_images(pipe)
-    lora = family.save_lora(pipe, pipe.transformer, tmp_path / "lora")
-    own = load_file(str(lora / "pytorch_lora_weights.safetensors"))
-
-    out = tmp_path / "flux.safetensors"
-    assert main(["export", str(lora), "--format", "kohya", "-o", str(out), "--base", str(folder)]) == 0
-    state, meta = load_file(str(out)), metadata(out)
+    r = kohya_round_trip("flux", [f"transformer_blocks.0.{m}" for m in members], flux_images, tmp_path)
+    folder, family, lora, own, state, meta = r.folder, r.family, r.lora, r.own, r.state, r.meta
     qkv = "lora_unet_double_blocks_0_img_attn_qkv"
     assert state[f"{qkv}.lora_down.weight"].shape == (12, 32) and state[f"{qkv}.lora_up.weight"].shape == (96, 12)
     assert float(state[f"{qkv}.alpha"]) == 24.0  # rank 12 = 3 x 4, so alpha 3 x 8: the same scale 2
@@ -236,15 +249,12 @@ def test_flux_kohya_fused_qkv_reloads_in_diffusers_and_merge_matches(tmp_path):
     assert meta["ss_base_model_version"] == "flux1" and meta["ss_network_module"] == "networks.lora_flux"
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["raft_family"] == "flux"
 
-    fresh = family.load(folder, device="cpu")
-    fresh.load_lora_weights(str(out))  # diffusers' _convert_kohya_flux_lora_to_diffusers
-    got = flux_images(fresh)
-    assert (tuned - base).abs().max() > 1e-2 and (got - tuned).abs().max() <= IMAGE_TOL
+    assert (r.tuned - r.base).abs().max() > 1e-2 and (r.got - r.tuned).abs().max() <= IMAGE_TOL  # via _convert_kohya_flux_lora_to_diffusers
 
     merged_dir = tmp_path / "merged"
     assert main(["export", str(lora), "--merge", "-o", str(merged_dir), "--base", str(folder)]) == 0
     assert not list(merged_dir.glob("*.safetensors"))  # no single file for FLUX: the folder only
-    assert (flux_images(family.load(merged_dir, device="cpu")) - tuned).abs().max() <= MERGE_TOL
+    assert (flux_images(family.load(merged_dir, device="cpu")) - r.tuned).abs().max() <= MERGE_TOL
 
 
 def test_flux_single_block_linear1_splits_back_at_flux1_size():
@@ -287,22 +297,13 @@ def test_flux2_kohya_file_reloads_in_diffusers_with_its_alpha(tmp_path, capsys):
     from raft_diffusion.diffusion.families.tiny import tiny_pipeline
 
     folder, family = tiny_pipeline("flux2-klein"), get_family("flux2-klein")
-    pipe = family.load(folder, device="cpu")
-    base = flux2_images(pipe)
+    names = [n for n, m in family.load(folder, device="cpu").transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     extra = ["transformer_blocks.0.attn.add_q_proj", "transformer_blocks.0.attn.add_k_proj", "transformer_blocks.0.attn.add_v_proj",
              "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.ff.linear_in", "transformer_blocks.0.ff_context.linear_out",
              "x_embedder", "context_embedder", "proj_out"]  # fmt: skip
-    names = [n for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)]
     targets = [n for n in names if n.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "to_qkv_mlp_proj") or n.endswith(("to_out.0", "attn.to_out"))]
-    family.add_lora(pipe.transformer, rank=4, alpha=8, targets=targets + extra, init_seed=1)
-    randomise_lora_b(pipe.transformer, size=0.3)
-    tuned = flux2_images(pipe)
-    lora = family.save_lora(pipe, pipe.transformer, tmp_path / "lora")
-    own = load_file(str(lora / "pytorch_lora_weights.safetensors"))
-
-    out = tmp_path / "flux2.safetensors"
-    assert main(["export", str(lora), "--format", "kohya", "-o", str(out), "--base", str(folder)]) == 0
-    state, meta = load_file(str(out)), metadata(out)
+    r = kohya_round_trip("flux2-klein", targets + extra, flux2_images, tmp_path)
+    own, state, meta = r.own, r.state, r.meta
     qkv = "lora_unet_double_blocks_0_img_attn_qkv"
     assert state[f"{qkv}.lora_down.weight"].shape == (12, 32) and float(state[f"{qkv}.alpha"]) == 24.0  # 3 x rank 4, same scale 2
     assert torch.equal(state[f"{qkv}.lora_up.weight"][32:64, 4:8], own["transformer.transformer_blocks.0.attn.to_k.lora_B.weight"])
@@ -319,10 +320,7 @@ def test_flux2_kohya_file_reloads_in_diffusers_with_its_alpha(tmp_path, capsys):
     assert meta["ss_network_module"] == "networks.lora_flux_2" and meta["modelspec.architecture"] == "Flux.2-klein-4b/lora"
     assert meta["raft_family"] == "flux2-klein" and meta["ss_network_alpha"] == "8"
 
-    fresh = family.load(folder, device="cpu")
-    fresh.load_lora_weights(str(out))  # diffusers' _convert_kohya_flux2_lora_to_diffusers
-    got = flux2_images(fresh)
-    assert (tuned - base).abs().max() > 1e-2 and (got - tuned).abs().max() <= IMAGE_TOL
+    assert (r.tuned - r.base).abs().max() > 1e-2 and (r.got - r.tuned).abs().max() <= IMAGE_TOL  # via _convert_kohya_flux2_lora_to_diffusers
 
     other = family.load(folder, device="cpu")
     family.add_lora(other.transformer, rank=4, alpha=8, targets=["double_stream_modulation_img.linear"], init_seed=2)
