@@ -165,8 +165,8 @@ class _Sampler:
         if family.name == "sd":
             self.embeds = encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg)
         else:
-            extra = {} if settings.max_sequence_length is None else {"max_sequence_length": settings.max_sequence_length}
-            self.embeds = family.encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg, **extra)
+            self.embeds = family.encode_prompts(pipe, settings.prompts, settings.negative_prompt, do_cfg,
+                                                max_sequence_length=settings.max_sequence_length)  # fmt: skip
 
     def images(self, prompt_indices: list[int], seeds: list[int]) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in ``[0, 1]``: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``."""

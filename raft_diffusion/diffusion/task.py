@@ -167,10 +167,9 @@ class DiffusionTask:
     def _encode(self, prompts: list[str], do_cfg: bool):
         if self.legacy:
             return encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
-        n = self.cfg.model.max_sequence_length
-        if n is None:
-            return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg)
-        return self.family.encode_prompts(self.pipe, prompts, self.cfg.prompts.negative, do_cfg, max_sequence_length=n)
+        return self.family.encode_prompts(
+            self.pipe, prompts, self.cfg.prompts.negative, do_cfg, max_sequence_length=self.cfg.model.max_sequence_length
+        )
 
     def _generate(self, embeds, prompt_indices, seeds, guidance_scale: float, steps: int | None = None):
         """``(latents, images)`` of one batch: sample i from prompt ``prompt_indices[i]`` and seed ``seeds[i]``

@@ -87,8 +87,10 @@ class Family(ABC):
     # --- prompts, sampling, decoding -----------------------------------------------------------------------
 
     @abstractmethod
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64) -> PromptEmbeds:
-        """Every prompt's conditioning once, through the pipeline's own ``encode_prompt``."""
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+                       max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
+        """Every prompt's conditioning once, through the pipeline's own ``encode_prompt``. ``max_sequence_length``:
+        the T5 / Qwen3 token count of families that have one (None: the family's default)."""
 
     def image_size(self, pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` in pixels: the given ones, or the denoiser's native size (its ``sample_size``, else the
