@@ -336,3 +336,22 @@ def test_sparse_evaluation_leaves_training_bit_for_bit(full_run, tiny_pipeline_d
     assert read_jsonl(out / "stages" / "002" / "eval.jsonl") == read_jsonl(full_run / "stages" / "002" / "eval.jsonl")
     assert rows[2]["eval_reward_mean"] == every[2]["eval_reward_mean"]
     assert (out / "final" / "pytorch_lora_weights.safetensors").read_bytes() == (full_run / "final" / "pytorch_lora_weights.safetensors").read_bytes()
+
+
+def test_fallback_evaluation_restores_the_stage_it_evaluates(full_run, tiny_pipeline_dir, tmp_path, monkeypatch):
+    """eval.every=2 and a floor no stage can meet: stage 2 fails it, so stage 1 (never evaluated during the run)
+    is evaluated from its saved LoRA after the stop, and its held-out images are those of the run that
+    evaluated stage 1 with the live model."""
+    from raft_diffusion.core.early_stop import EarlyStopper
+    from raft_diffusion.diffusion.config import RaftConfig
+
+    # twice the base model's CLIP score (a ratio the config refuses, so set on the stopper itself)
+    monkeypatch.setattr(RaftConfig, "stopper", lambda self: EarlyStopper(floors=[("eval_clip_score", "prompt fidelity", 2.0)]))
+    out = tmp_path / "fallback"
+    assert align(out, tiny_pipeline_dir, "eval.every=2", "eval.clip_model=tiny") == 0
+    rows, every = read_jsonl(out / "metrics.jsonl"), read_jsonl(full_run / "metrics.jsonl")
+    assert rows[1]["eval_fallback"] is True and rows[1]["eval_reward_mean"] == every[1]["eval_reward_mean"]
+    assert read_jsonl(out / "stages" / "001" / "eval.jsonl") == read_jsonl(full_run / "stages" / "001" / "eval.jsonl")
+    assert [r["eval_reward_queries"] for r in rows] == [12, 12, 36]  # the last row counts the fallback evaluation
+    stop = json.loads((out / "early_stop.json").read_text())
+    assert stop["evaluated_after_stop"] == [1] and stop["stopped_after_stage"] == 2

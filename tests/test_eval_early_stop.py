@@ -6,7 +6,7 @@ import pytest
 
 from raft_diffusion.core.early_stop import STOP_FILE, EarlyStopper, read_stop
 from raft_diffusion.core.errors import ConfigError
-from raft_diffusion.core.loop import run_raft
+from raft_diffusion.core.loop import run_raft, skipped_stages
 from raft_diffusion.core.rundir import RunDir, write_json
 from raft_diffusion.diffusion.config import config_from_dict
 
@@ -249,21 +249,82 @@ def test_sparse_evaluation_stops_and_keeps_the_best_evaluated_stage(tmp_path):
     assert final_weights(run) == 6 and read_stop(run.root) is None
 
 
-def test_sparse_evaluation_floor_keeps_an_evaluated_stage(tmp_path):
-    """A floor that fires at an evaluated stage keeps the best evaluated stage above it, never an unevaluated one."""
+class Floored(ScriptedTask):
+    """Scripted held-out reward and diversity; records which weights each evaluation saw."""
 
-    class Floored(ScriptedTask):
-        def evaluate(self, stage, stage_dir):
-            return {"eval_reward_mean": self.script[stage], "eval_diversity": [1.0, 0.9, 0.8, 0.75, 0.72, 0.4, 0.3][stage]}
+    def __init__(self, script, diversity):
+        super().__init__(script)
+        self.diversity = diversity
+        self.evaluated = []
 
+    def evaluate(self, stage, stage_dir):
+        assert self.weights == stage  # the stage's own weights (restored for a fallback evaluation)
+        self.evaluated.append(stage)
+        return {"eval_reward_mean": self.script[stage], "eval_diversity": self.diversity[stage]}
+
+
+def _floored_run(root, diversity, *overrides):
     cfg = config_from_dict(
         {"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}},
-        ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7"],
+        ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7", *overrides],
     )
-    run = RunDir(tmp_path)
+    run = RunDir(root)
     run.start(cfg.to_dict())
-    task = Floored(SCRIPT)
-    run_raft(cfg, task, run, should_stop=cfg.stopper())
+    task = Floored(SCRIPT, diversity)
+    rows = run_raft(cfg, task, run, should_stop=cfg.stopper())
+    return run, task, rows, cfg
+
+
+def test_sparse_evaluation_floor_keeps_an_evaluated_stage(tmp_path):
+    """A floor that fires at an evaluated stage keeps the best evaluated stage above it, never an unevaluated one."""
+    run, task, _, _ = _floored_run(tmp_path, [1.0, 0.9, 0.8, 0.75, 0.72, 0.4, 0.3], "eval.fallback=false")
     # stages 0, 3, 6 evaluated; stage 6 (0.3 < 0.7 x 1.0) falls under the floor: final/ = stage 3
-    assert task.stages_run == [1, 2, 3, 4, 5, 6] and final_weights(run) == 3
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and task.evaluated == [0, 3, 6] and final_weights(run) == 3
     assert read_stop(run.root)["reason"].startswith("diversity eval_diversity 0.3 at stage 6 fell below 0.7 x")
+
+
+def test_fallback_evaluates_the_stages_since_the_last_evaluation(tmp_path):
+    # stage 6 fails the diversity floor; stage 5 (trained since stage 3, the evaluation before) is evaluated and
+    # passes: final/ = stage 5 (0.95), which evaluation at 0, 3, 6 alone never sees; stage 4 is not needed
+    diversity = [1.0, 0.9, 0.8, 0.75, 0.5, 0.71, 0.3]
+    run, task, rows, cfg = _floored_run(tmp_path / "pass", diversity)
+    assert task.evaluated == [0, 3, 6, 5] and final_weights(run) == 5
+    stop = read_stop(run.root)
+    assert stop["final_stage"] == 5 and stop["evaluated_after_stop"] == [5]
+    saved = {r["stage"]: r for r in run.metrics()}
+    assert [s for s, r in saved.items() if "eval_reward_mean" in r] == [0, 3, 5, 6]
+    assert saved[5]["eval_reward_mean"] == 0.95 and saved[5]["eval_fallback"] is True and "eval_fallback" not in saved[6]
+    assert run.check_stage(5) is None  # resealed with its new eval files
+    # resuming the stopped run evaluates nothing again and keeps stage 5
+    task2 = Floored(SCRIPT, diversity)
+    run_raft(cfg, task2, run, should_stop=cfg.stopper())
+    assert task2.evaluated == [] and task2.stages_run == [] and final_weights(run) == 5
+
+    # stage 5 fails the floor too: stage 4 is evaluated and passes; the best above the floors is stage 3 (0.7 > 0.6)
+    run, task, _, _ = _floored_run(tmp_path / "fail", [1.0, 0.9, 0.8, 0.75, 0.72, 0.5, 0.3])
+    assert task.evaluated == [0, 3, 6, 5, 4] and final_weights(run) == 3
+    assert read_stop(run.root)["evaluated_after_stop"] == [4, 5]
+
+
+@pytest.mark.parametrize(
+    "diversity, evaluated, expected",
+    [
+        ({0: 1.0, 3: 0.8, 6: 0.5}, [0, 3, 6], [5, 4]),  # before the first failing evaluation, newest first
+        ({0: 1.0, 3: 0.5, 6: 0.4}, [0, 3, 6], [2, 1]),  # the first failure is stage 3: back to the base
+        ({0: 1.0, 3: 0.8, 6: 0.9}, [0, 3, 6], []),  # nothing fails (a patience stop): nothing to do
+        ({0: 1.0, 2: 0.8, 3: 0.9, 6: 0.1}, [0, 2, 3, 6], [5, 4]),  # unevaluated stages before the last pass stay
+    ],
+)
+def test_skipped_stages_against_brute_force(diversity, evaluated, expected):
+    rows = [{"stage": s, **({"time_eval": 1.0, "eval_diversity": diversity[s]} if s in evaluated else {})} for s in range(7)]
+
+    def passes(r):
+        return r["eval_diversity"] >= 0.7
+
+    # brute force: walk back from the first evaluated failure to the evaluation before it
+    first_fail = min((s for s in evaluated if s >= 1 and not passes(rows[s])), default=None)
+    brute = []
+    if first_fail is not None:
+        last_ok = max(s for s in evaluated if s < first_fail)
+        brute = [s for s in range(first_fail - 1, last_ok, -1) if s not in evaluated]
+    assert skipped_stages(rows, passes) == brute == expected

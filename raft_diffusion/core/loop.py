@@ -335,6 +335,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         rows = rows + [row]
         reason = dist.broadcast(should_stop(rows) if should_stop and main else None)
 
+    if reason and should_stop is not None and cfg.eval.every > 1 and cfg.eval.fallback:
+        rows = _evaluate_skipped(task, run, rows, should_stop, tally, dist)
     if not main:
         dist.barrier()  # wait until the main process has written final/
         return rows
@@ -344,12 +346,57 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
     if reason and last:
         final = should_stop.best_stage(rows) or last
         log.warning("early stop after stage %d: %s; final/ = stage %d", last, reason, final)
-        write_json(run.root / STOP_FILE, {"reason": reason, "stopped_after_stage": last, "final_stage": final})
+        record = {"reason": reason, "stopped_after_stage": last, "final_stage": final}
+        fallback = [r["stage"] for r in rows if r.get("eval_fallback")]
+        if fallback:
+            record["evaluated_after_stop"] = fallback
+        write_json(run.root / STOP_FILE, record)
     else:
         (run.root / STOP_FILE).unlink(missing_ok=True)  # a resumed run went on past an earlier stop
     if final:
         copy_dir_atomic(task.weights_dir(run.stage_dir(final)), run.final_dir)
     dist.barrier()
+    return rows
+
+
+def skipped_stages(rows: list[dict], passes_floors) -> list[int]:
+    """The trained stages that sparse evaluation (``eval.every``) left out between the first evaluated stage that
+    fails a floor and the evaluated stage before it, newest first: the stages final/ could fall back to.
+    ``passes_floors(row)``."""
+    evaluated = [r for r in rows if "time_eval" in r]
+    failing = next((r["stage"] for r in evaluated if r["stage"] >= 1 and not passes_floors(r)), None)
+    if failing is None:
+        return []
+    before = max((r["stage"] for r in evaluated if r["stage"] < failing), default=0)
+    return [r["stage"] for r in reversed(rows) if before < r["stage"] < failing and "time_eval" not in r]
+
+
+def _evaluate_skipped(task: RaftTask, run: RunDir, rows: list[dict], stopper: EarlyStopper, tally: Tally, dist: Dist) -> list[dict]:
+    """``eval.fallback``: after a floor stopped a sparsely evaluated run, evaluate the stages trained since the
+    evaluation before the failing one, newest first, until one passes the floors; final/ is then chosen among
+    all evaluated stages as usual. Each such stage's metrics row gains its held-out figures (``eval_fallback``)."""
+    main = dist.is_main
+    todo = dist.broadcast(skipped_stages(rows, lambda r: stopper.passes_floors(rows, r)) if main else None)
+    if not todo:
+        return rows
+    rows = [dict(r) for r in rows]
+    by_stage = {r["stage"]: r for r in rows}
+    for stage in todo:
+        if main:
+            print(f"early stop: evaluating stage {stage} (trained since the last evaluation) to fall back on", flush=True)
+        sdir = run.stage_dir(stage)
+        task.restore(sdir)
+        row = by_stage[stage]
+        row.update(tally.evaluate(task, stage, sdir), eval_fallback=True)
+        if main:
+            run.put_metrics(row)
+            run.mark_done(stage, {"stage": stage, "num_kept": row["num_kept"]})  # reseal: its eval files are new
+        if dist.broadcast(stopper.passes_floors(rows, row) if main else None):
+            break
+    last = rows[-1]
+    last.update(tally.row())  # the run's cumulative columns now include these evaluations
+    if main:
+        run.put_metrics(last)
     return rows
 
 

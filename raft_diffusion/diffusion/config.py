@@ -177,6 +177,10 @@ class TrainConfig:
 class EvalConfig:
     num_per_prompt: int = _f(4, "held-out samples per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
+    fallback: bool = _f(
+        True,
+        "with every > 1: when an early-stop floor fires, evaluate the stages trained since the evaluation before (newest first, until one passes the floors) so final/ can fall back to them, not only to evaluated stages",
+    )
     guidance_scale: float | None = _f(
         None,
         "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage",

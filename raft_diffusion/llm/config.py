@@ -127,6 +127,10 @@ class LLMTrainConfig:
 class LLMEvalConfig:
     num_per_prompt: int = _f(4, "held-out completions per eval prompt (fixed seeds, the same every stage)")
     every: int = _f(1, "evaluate every N stages (the last stage always); 0 disables evaluation")
+    fallback: bool = _f(
+        True,
+        "with every > 1: when an early-stop floor fires, evaluate the stages trained since the evaluation before (newest first, until one passes the floors) so final/ can fall back to them, not only to evaluated stages",
+    )
     best_of_k: int | None = _f(
         None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off"
     )
