@@ -21,6 +21,7 @@ bigram rate. Diversity is reported as a share of the base model's.
 
 trl is optional (not a dependency of raft-diffusion): ``pip install 'raft-diffusion[grpo]'`` or ``pip install trl``
 (it brings ``datasets``); ``--grpo-python`` runs the GRPO side with another interpreter (a venv that has trl).
+``--eval-noise DIR...`` instead resamples the held-out evaluation of saved stages (how much of a figure is luck).
 Last line: ``raft_vs_grpo_cpu: <RAFT's CPU s to --target stars> / <GRPO's, the faster setting>``.
 """
 
@@ -196,6 +197,41 @@ def grpo_worker(args) -> None:
     Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "setting": args.setting}))
 
 
+# -- sampling noise of the held-out figures ---------------------------------------------------------
+def eval_noise(args) -> None:
+    """Per saved stage folder (or ``base``): the held-out evaluation drawn ``--noise-groups`` times over disjoint
+    seed groups of eval.num_per_prompt completions per prompt (group 0 = the seeds the bench evaluates with);
+    prints mean and sd over groups of the reward and the per-prompt distinct-2."""
+    import statistics
+
+    from raft_diffusion.llm.metrics import distinct_n_per_prompt
+    from raft_diffusion.llm.model import quiet_transformers
+    from raft_diffusion.llm.task import LLMTask
+
+    one_thread()
+    quiet_transformers()
+    cfg = load_cfg(args.config, args.raft)
+    task, n, g = LLMTask(cfg), cfg.eval.num_per_prompt, args.noise_groups
+    for spec in args.eval_noise:
+        if spec != "base":
+            task.restore(Path(spec))
+        rows = task.eval_completions(n * g)
+        rewards = task._call(task.reward, [task.eval_prompts[p] for p, *_ in rows], [c.text for *_, c in rows])
+        rs, ds = [], []
+        for j in range(g):
+            idx = [i for i, (_, k, _, _) in enumerate(rows) if j * n <= k < (j + 1) * n]
+            groups: dict[int, list[str]] = {}
+            for i in idx:
+                groups.setdefault(rows[i][0], []).append(rows[i][3].text)
+            rs.append(sum(rewards[i] for i in idx) / len(idx))
+            ds.append(distinct_n_per_prompt(list(groups.values()), 2))
+        print(
+            f"{spec}: {g} groups of {n} completions per held-out prompt: reward {statistics.mean(rs):.3f} sd {statistics.stdev(rs):.3f} "
+            f"(group 0 {rs[0]:.3f}); distinct-2 per prompt {statistics.mean(ds):.3f} sd {statistics.stdev(ds):.3f} (group 0 {ds[0]:.3f})",
+            flush=True,
+        )
+
+
 # -- driver ----------------------------------------------------------------------------------------
 def worker(kind: str, python: str, args, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -241,6 +277,13 @@ def main() -> None:
         default=None,
         help="folder for GRPO results (grpo_<lr>_<beta>.json): a setting measured there before is read back instead of rerun",
     )
+    p.add_argument(
+        "--eval-noise",
+        nargs="+",
+        metavar="STAGE_DIR",
+        help="no training: resample the held-out evaluation of saved RAFT stage folders (stages/NNN of a --keep-run, or 'base')",
+    )
+    p.add_argument("--noise-groups", type=int, default=8, help="--eval-noise: disjoint seed groups per model (at least 2)")
     p.add_argument("--worker", choices=["raft", "grpo"], help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
@@ -249,6 +292,10 @@ def main() -> None:
         return raft_worker(args)
     if args.worker == "grpo":
         return grpo_worker(args)
+    if args.eval_noise:
+        if args.noise_groups < 2:
+            p.error("--noise-groups must be at least 2 (an sd needs two groups)")
+        return eval_noise(args)
 
     if not args.skip_grpo:
         probe = subprocess.run([args.grpo_python, "-c", "import trl, datasets"], capture_output=True)
