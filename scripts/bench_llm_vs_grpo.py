@@ -28,6 +28,7 @@ Last line: ``raft_vs_grpo_cpu: <RAFT's CPU s to --target stars> / <GRPO's, the f
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -136,6 +137,8 @@ def grpo_worker(args) -> None:
     base = load_causal_lm(resolve_model_path(cfg.model.pretrained), device=task.device, dtype=task.dtype)
     t = cfg.train
     lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules, task_type="CAUSAL_LM")
+    if args.grpo_full:  # every weight, as RAFT's train.method=full; the evaluation's base perplexity needs a frozen copy
+        lora, task.base = None, copy.deepcopy(base).requires_grad_(False).eval()
     reward = task.reward
 
     def toy_sentiment(prompts, completions, **kw):
@@ -269,6 +272,7 @@ def main() -> None:
         "--grpo-batch", type=int, default=8, help="completions per GRPO step (trl's default 8 = one prompt x 8 generations, the issue's setting)"
     )
     p.add_argument("--grpo-eval-every", type=int, default=5, help="GRPO steps between held-out evaluations (about 1.5 CPU s of training)")
+    p.add_argument("--grpo-full", action="store_true", help="GRPO fine-tunes every weight (no LoRA), to compare with RAFT's train.method=full")
     p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
     p.add_argument("--keep-run", help="write RAFT's run directory here (a new folder) instead of a temporary one")
     p.add_argument(
@@ -310,12 +314,14 @@ def main() -> None:
     grpo = {}
     if not args.skip_grpo:
         for s in args.grpo_settings:
-            cached = args.grpo_cache / f"grpo_{s.replace(':', '_')}.json" if args.grpo_cache else None
+            tag = s.replace(":", "_") + ("_full" if args.grpo_full else "")
+            cached = args.grpo_cache / f"grpo_{tag}.json" if args.grpo_cache else None
             if cached is not None and cached.is_file():
                 grpo[s] = json.loads(cached.read_text())
                 print(f"GRPO {s}: read back from {cached}", flush=True)
                 continue
             extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
+            extra += ["--grpo-full"] if args.grpo_full else []
             grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
