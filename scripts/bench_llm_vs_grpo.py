@@ -149,7 +149,7 @@ def grpo_worker(args) -> None:
             output_dir=tmp,
             learning_rate=lr,
             beta=beta,
-            num_generations=cfg.sampling.num_per_prompt,
+            num_generations=args.grpo_generations,  # the 8, whatever K the RAFT config samples
             per_device_train_batch_size=args.grpo_batch,
             max_completion_length=cfg.sampling.max_new_tokens,
             temperature=cfg.sampling.temperature,
@@ -272,6 +272,7 @@ def main() -> None:
         "--grpo-batch", type=int, default=8, help="completions per GRPO step (trl's default 8 = one prompt x 8 generations, the issue's setting)"
     )
     p.add_argument("--grpo-eval-every", type=int, default=5, help="GRPO steps between held-out evaluations (about 1.5 CPU s of training)")
+    p.add_argument("--grpo-generations", type=int, default=8, help="GRPO completions per prompt (the issue's 8; not the RAFT config's K)")
     p.add_argument("--grpo-full", action="store_true", help="GRPO fine-tunes every weight (no LoRA), to compare with RAFT's train.method=full")
     p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
     p.add_argument("--keep-run", help="write RAFT's run directory here (a new folder) instead of a temporary one")
@@ -321,7 +322,7 @@ def main() -> None:
                 print(f"GRPO {s}: read back from {cached}", flush=True)
                 continue
             extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
-            extra += ["--grpo-full"] if args.grpo_full else []
+            extra += ["--grpo-generations", str(args.grpo_generations)] + (["--grpo-full"] if args.grpo_full else [])
             grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
