@@ -21,12 +21,14 @@ bigram rate. Diversity is reported as a share of the base model's.
 
 trl is optional (not a dependency of raft-diffusion): ``pip install 'raft-diffusion[grpo]'`` or ``pip install trl``
 (it brings ``datasets``); ``--grpo-python`` runs the GRPO side with another interpreter (a venv that has trl).
+``--eval-noise DIR...`` instead resamples the held-out evaluation of saved stages (how much of a figure is luck).
 Last line: ``raft_vs_grpo_cpu: <RAFT's CPU s to --target stars> / <GRPO's, the faster setting>``.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -135,6 +137,8 @@ def grpo_worker(args) -> None:
     base = load_causal_lm(resolve_model_path(cfg.model.pretrained), device=task.device, dtype=task.dtype)
     t = cfg.train
     lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules, task_type="CAUSAL_LM")
+    if args.grpo_full:  # every weight, as RAFT's train.method=full; the evaluation's base perplexity needs a frozen copy
+        lora, task.base = None, copy.deepcopy(base).requires_grad_(False).eval()
     reward = task.reward
 
     def toy_sentiment(prompts, completions, **kw):
@@ -145,7 +149,7 @@ def grpo_worker(args) -> None:
             output_dir=tmp,
             learning_rate=lr,
             beta=beta,
-            num_generations=cfg.sampling.num_per_prompt,
+            num_generations=args.grpo_generations,  # the issue's 8, whatever K the RAFT config samples
             per_device_train_batch_size=args.grpo_batch,
             max_completion_length=cfg.sampling.max_new_tokens,
             temperature=cfg.sampling.temperature,
@@ -196,6 +200,41 @@ def grpo_worker(args) -> None:
     Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "setting": args.setting}))
 
 
+# -- sampling noise of the held-out figures ---------------------------------------------------------
+def eval_noise(args) -> None:
+    """Per saved stage folder (or ``base``): the held-out evaluation drawn ``--noise-groups`` times over disjoint
+    seed groups of eval.num_per_prompt completions per prompt (group 0 = the seeds the bench evaluates with);
+    prints mean and sd over groups of the reward and the per-prompt distinct-2."""
+    import statistics
+
+    from raft_diffusion.llm.metrics import distinct_n_per_prompt
+    from raft_diffusion.llm.model import quiet_transformers
+    from raft_diffusion.llm.task import LLMTask
+
+    one_thread()
+    quiet_transformers()
+    cfg = load_cfg(args.config, args.raft)
+    task, n, g = LLMTask(cfg), cfg.eval.num_per_prompt, args.noise_groups
+    for spec in args.eval_noise:
+        if spec != "base":
+            task.restore(Path(spec))
+        rows = task.eval_completions(n * g)
+        rewards = task._call(task.reward, [task.eval_prompts[p] for p, *_ in rows], [c.text for *_, c in rows])
+        rs, ds = [], []
+        for j in range(g):
+            idx = [i for i, (_, k, _, _) in enumerate(rows) if j * n <= k < (j + 1) * n]
+            groups: dict[int, list[str]] = {}
+            for i in idx:
+                groups.setdefault(rows[i][0], []).append(rows[i][3].text)
+            rs.append(sum(rewards[i] for i in idx) / len(idx))
+            ds.append(distinct_n_per_prompt(list(groups.values()), 2))
+        print(
+            f"{spec}: {g} groups of {n} completions per held-out prompt: reward {statistics.mean(rs):.3f} sd {statistics.stdev(rs):.3f} "
+            f"(group 0 {rs[0]:.3f}); distinct-2 per prompt {statistics.mean(ds):.3f} sd {statistics.stdev(ds):.3f} (group 0 {ds[0]:.3f})",
+            flush=True,
+        )
+
+
 # -- driver ----------------------------------------------------------------------------------------
 def worker(kind: str, python: str, args, extra: list[str]) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -233,6 +272,8 @@ def main() -> None:
         "--grpo-batch", type=int, default=8, help="completions per GRPO step (trl's default 8 = one prompt x 8 generations, the issue's setting)"
     )
     p.add_argument("--grpo-eval-every", type=int, default=5, help="GRPO steps between held-out evaluations (about 1.5 CPU s of training)")
+    p.add_argument("--grpo-generations", type=int, default=8, help="GRPO completions per prompt (the issue's 8; not the RAFT config's K)")
+    p.add_argument("--grpo-full", action="store_true", help="GRPO fine-tunes every weight (no LoRA), to compare with RAFT's train.method=full")
     p.add_argument("--skip-grpo", action="store_true", help="RAFT only (prints no ratio)")
     p.add_argument("--keep-run", help="write RAFT's run directory here (a new folder) instead of a temporary one")
     p.add_argument(
@@ -241,6 +282,13 @@ def main() -> None:
         default=None,
         help="folder for GRPO results (grpo_<lr>_<beta>.json): a setting measured there before is read back instead of rerun",
     )
+    p.add_argument(
+        "--eval-noise",
+        nargs="+",
+        metavar="STAGE_DIR",
+        help="no training: resample the held-out evaluation of saved RAFT stage folders (stages/NNN of a --keep-run, or 'base')",
+    )
+    p.add_argument("--noise-groups", type=int, default=8, help="--eval-noise: disjoint seed groups per model (at least 2)")
     p.add_argument("--worker", choices=["raft", "grpo"], help=argparse.SUPPRESS)
     p.add_argument("--json", help=argparse.SUPPRESS)
     p.add_argument("--setting", help=argparse.SUPPRESS)
@@ -249,6 +297,10 @@ def main() -> None:
         return raft_worker(args)
     if args.worker == "grpo":
         return grpo_worker(args)
+    if args.eval_noise:
+        if args.noise_groups < 2:
+            p.error("--noise-groups must be at least 2 (an sd needs two groups)")
+        return eval_noise(args)
 
     if not args.skip_grpo:
         probe = subprocess.run([args.grpo_python, "-c", "import trl, datasets"], capture_output=True)
@@ -263,12 +315,14 @@ def main() -> None:
     grpo = {}
     if not args.skip_grpo:
         for s in args.grpo_settings:
-            cached = args.grpo_cache / f"grpo_{s.replace(':', '_')}.json" if args.grpo_cache else None
+            tag = s.replace(":", "_") + ("_full" if args.grpo_full else "")
+            cached = args.grpo_cache / f"grpo_{tag}.json" if args.grpo_cache else None
             if cached is not None and cached.is_file():
                 grpo[s] = json.loads(cached.read_text())
                 print(f"GRPO {s}: read back from {cached}", flush=True)
                 continue
             extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
+            extra += ["--grpo-generations", str(args.grpo_generations)] + (["--grpo-full"] if args.grpo_full else [])
             grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """LLM module units on a tiny random GPT-2 built from a config: masks, log-probs, sampling, filters, loading."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -396,3 +397,18 @@ def test_llm_scheduler_names_are_transformers_own():
     from raft_diffusion.llm.config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_every_llm_preset_loads_and_passes_preflight():
+    """configs/llm_*.yaml load with the LLM config class; the toy ones also pass the preflight (prompt sets)."""
+    from raft_diffusion.core.config import load_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    names = sorted(p.name for p in root.glob("llm_*.yaml"))
+    assert {"llm_toy_sentiment.yaml", "llm_toy_distill.yaml", "llm_gpt2_imdb.yaml"} <= set(names)
+    for name in names:
+        cfg = load_config(root / name, cls=LLMConfig)
+        if cfg.model.pretrained == "toy":
+            cfg.preflight()
+    distill = load_config(root / "llm_toy_distill.yaml", cls=LLMConfig)
+    assert (distill.mode, distill.train.method, distill.ranking.mode, distill.ranking.threshold) == ("offline", "full", "threshold", 4.8)

@@ -67,7 +67,8 @@ def _align(args) -> int:
             f"{first.get('eval_length', float('nan')):.3g} -> {last.get('eval_length', float('nan')):.3g} tokens",
             flush=True,
         )
-    print(f"done: adapter in {run.final_dir}, metrics in {run.metrics_path}" + (f", report {report}" if report else ""), flush=True)
+    weights = "adapter" if cfg.train.method == "lora" else "model"
+    print(f"done: {weights} in {run.final_dir}, metrics in {run.metrics_path}" + (f", report {report}" if report else ""), flush=True)
     return 0
 
 

@@ -120,6 +120,19 @@ class LLMTrainConfig:
         "RAFT++: token loss -min(r, clip(r, 1-eps, 1+eps)), r = p/p_old against the model as the stage's training began, "
         "so several epochs reuse one pool (a token made (1+eps)x likelier stops pulling); null = plain NLL",
     )
+    base_importance: float = _f(
+        0.0,
+        "weight each kept completion's loss by (p_base/p_theta)^a, normalised to mean 1, so the kept set trains towards the base "
+        "model conditioned on the ranking (as varied as the base) instead of what the current model over-produces; 0 = off, 1 = full",
+    )
+    crowding_power: float = _f(
+        0.0,
+        "weight each kept completion's loss by crowding^-g, crowding = mean share of the stage's kept completions (all prompts) "
+        "holding each of its word bigrams, so a stock phrase kept for every prompt weighs less than a new one; 0 = off",
+    )
+    weight_max: float | None = _f(
+        10.0, "cap on one kept completion's loss weight (train.base_importance, train.crowding_power), in units of the mean"
+    )
     gradient_checkpointing: bool = _f(False, "trade compute for memory")
 
 
@@ -242,6 +255,9 @@ class LLMConfig(core.BaseConfig):
             t.clip_epsilon is None or 0 < t.clip_epsilon < 1,
             f"train.clip_epsilon must be in (0, 1) (0.2 is PPO's usual value) or null for the plain NLL (got {t.clip_epsilon})",
         )
+        need(t.base_importance >= 0, f"train.base_importance must be >= 0 (0 = off, 1 = full importance weights; got {t.base_importance})")
+        need(t.crowding_power >= 0, f"train.crowding_power must be >= 0 (0 = off; got {t.crowding_power})")
+        need(t.weight_max is None or t.weight_max >= 1, f"train.weight_max must be >= 1 (the mean weight) or null (got {t.weight_max})")
         need(e.best_of_k is None or e.best_of_k >= 0, "eval.best_of_k must be >= 0 or null")
         need(
             self.early_stop.diversity_metric in DIVERSITY_METRICS,

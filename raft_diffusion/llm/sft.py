@@ -90,6 +90,7 @@ def train_response_only(
     seed: int,
     mixed_precision: str = "no",
     clip_epsilon: float | None = None,
+    weights: list[float] | None = None,
     progress: bool = False,
     desc: str = "train",
 ) -> dict:
@@ -106,9 +107,16 @@ def train_response_only(
     the model when this call starts (eval mode) and the advantage of a kept completion 1. Its gradient at
     r_t = 1 is the NLL's; once a token's probability has risen past (1 + eps) p_old it stops pulling, so
     several epochs over one pool do not keep sharpening what the model already learned.
+
+    ``weights`` (one per example, e.g. :func:`base_importance_weights`) scale each example's token losses;
+    the step's divisor stays the plain number of response tokens, so weights of mean 1 keep the step size.
     """
     from transformers import get_scheduler
 
+    if weights is not None and len(weights) != len(examples):
+        raise ValueError(f"train_response_only: {len(weights)} weights for {len(examples)} examples")
+    if weights is not None:
+        weights = [w for (_, c), w in zip(examples, weights) if len(c) > 0]
     examples = [(p, c) for p, c in examples if len(c) > 0]
     if not examples:
         raise UserError("none of the kept completions has a response token to train on (all empty); check the reward and filters.min_tokens")
@@ -154,11 +162,14 @@ def train_response_only(
                 with autocast():
                     lp, mask = token_logprobs(model, b)
                     if old is None:
-                        loss = -lp.sum() / max(n_tok, 1)
+                        per_token = lp
                     else:
                         ref = torch.zeros_like(lp)
                         ref[mask] = torch.cat([old[j] for j in idx]).to(lp.device, lp.dtype)
-                        loss = -(clipped_objective(lp, ref, clip_epsilon) * mask).sum() / max(n_tok, 1)
+                        per_token = clipped_objective(lp, ref, clip_epsilon) * mask
+                    if weights is not None:
+                        per_token = per_token * torch.tensor([weights[j] for j in idx], dtype=per_token.dtype, device=per_token.device)[:, None]
+                    loss = -per_token.sum() / max(n_tok, 1)
                 (scaler.scale(loss) if scaler else loss).backward()
                 step_loss += float(loss.detach())
             if scaler:

@@ -48,6 +48,7 @@ from .model import (
 from .prompts import load_prompts
 from .rewards import load_text_reward, wrap_callable
 from .sft import sequence_logprobs, train_response_only
+from .weighting import effective_size, kept_weights
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ class LLMTask:
         """The reward of each completion the filters kept (None for the discarded), and its log-ratio
         to the base when the ranking key needs it (``ranking.kl_beta``)."""
         live = [j for j, s in enumerate(batch) if "discarded" not in s.extras]
-        if self.cfg.ranking.kl_beta > 0 and live:
+        if (self.cfg.ranking.kl_beta > 0 or self.cfg.train.base_importance > 0) and live:
             prompt_ids, completion_ids = [batch[j].payload["prompt_ids"] for j in live], [batch[j].payload["completion_ids"] for j in live]
             sampled = [batch[j].extras.get("sample_logprob") for j in live]
             if None in sampled:  # an external pool's completions: both log-probs teacher-forced
@@ -239,7 +240,16 @@ class LLMTask:
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample]) -> dict:
         t = self.cfg.train
-        return train_response_only(
+        if t.base_importance > 0 and any(s.log_ratio is None for s in kept):
+            raise UserError("train.base_importance needs each kept completion's log p/p_base, and some have none; set it to 0")
+        weights = kept_weights(
+            [s.extras.get("completion", "") for s in kept],
+            [s.log_ratio for s in kept],
+            base_importance=t.base_importance,
+            crowding_power=t.crowding_power,
+            weight_max=t.weight_max,
+        )
+        out = train_response_only(
             self.model,
             [(s.payload["prompt_ids"], s.payload["completion_ids"]) for s in kept],
             pad_id=self.pad_id,
@@ -256,9 +266,13 @@ class LLMTask:
             seed=stage_seed(self.cfg.seed, stage, "train"),
             mixed_precision=t.mixed_precision,
             clip_epsilon=t.clip_epsilon,
+            weights=weights,
             progress=self.cfg.progress,
             desc=f"stage {stage} train",
         )
+        if weights is not None:  # how concentrated the weights are (len(kept) when all are equal)
+            out["train_weight_ess"] = effective_size(weights)
+        return out
 
     def weights_dir(self, stage_dir: Path) -> Path:
         return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "model")
