@@ -150,8 +150,16 @@ def pretrain_flow(
     lr: float = 3e-3,
     ema_decay: float = 0.995,
     drop: float = 0.1,
+    hook: Callable[[int, dict], None] | None = None,
+    hook_every: int = 0,
+    resume: dict | None = None,
 ) -> dict:
-    """Train ``pipe.transformer`` on an encoded pool with the rectified-flow loss; replace it by its EMA."""
+    """Train ``pipe.transformer`` on an encoded pool with the rectified-flow loss; replace it by its EMA.
+
+    ``hook(steps_done, state)`` is called every ``hook_every`` steps and after the last with the training state (``model``, ``ema``,
+    ``opt``, ``sched``, ``gen``: live objects) for diagnostics (``scripts/flow_diagnostics.py``: evaluate the EMA,
+    checkpoint); ``resume``, a saved :func:`training_state` (same settings), continues that run on the same
+    trajectory as if it had not stopped."""
     t0 = time.time()
     model = pipe.transformer
     scenes, means, stds = pool["scenes"], pool["means"], pool["stds"]
@@ -172,7 +180,16 @@ def pretrain_flow(
     ema = copy.deepcopy(model).eval().requires_grad_(False)  # diffusers' processors: deepcopied before the swap
     gen = torch.Generator().manual_seed(seed)
     zeros = torch.zeros(batch, T5_TOKENS, tok_emb.shape[2])  # the zero "T5" rows the pipeline appends
-    for step in range(steps):
+    live = {"model": model, "ema": ema, "opt": opt, "sched": sched, "gen": gen}
+    start = 0
+    if resume is not None:
+        for k in ("model", "ema", "opt", "sched"):
+            live[k].load_state_dict(resume[k])
+        gen.set_state(resume["gen"])
+        start = int(resume["step"])
+        log(f"flow: resumed at step {start}")
+    loss = torch.tensor(float("nan"))
+    for step in range(start, steps):
         i = torch.randint(0, len(scenes), (batch,), generator=gen)
         x0 = (means[i] + stds[i] * torch.randn(means[i].shape, generator=gen)) * sf
         noise = torch.randn(x0.shape, generator=gen)
@@ -194,9 +211,52 @@ def pretrain_flow(
                 pe.lerp_(pl, 1 - d)
         if step % 100 == 0 or step == steps - 1:
             log(f"flow step {step:5d}/{steps} loss {loss.item():.4f} ({time.time() - t0:.0f}s)")
+        if hook is not None and hook_every > 0 and ((step + 1) % hook_every == 0 or step == steps - 1):
+            hook(step + 1, live)
     pipe.transformer = ema
     pipe.register_modules(transformer=ema)
     return {"final_loss": float(loss.item()), "seconds": time.time() - t0, "parameters": sum(p.numel() for p in ema.parameters())}
+
+
+def training_state(live: dict, steps_done: int) -> dict:
+    """A copy of :func:`pretrain_flow`'s live state (as its ``hook`` gets it) that ``resume=`` continues from."""
+    state = {k: copy.deepcopy(live[k].state_dict()) for k in ("model", "ema", "opt", "sched")}
+    return {**state, "gen": live["gen"].get_state(), "step": int(steps_done)}
+
+
+def swapped_caption(scene, kind: str) -> str:
+    """The scene's full caption with its shape (``kind="shape"``) or colour word swapped for the next one in the
+    world's list (the last for the first); the background's colour word stays."""
+    from .world import COLOURS, SHAPES
+
+    names, word = (list(SHAPES), scene.shape) if kind == "shape" else (list(COLOURS), scene.colour)
+    return caption(scene).replace(f" {word} ", f" {names[(names.index(word) + 1) % len(names)]} ", 1)  # the subject's word comes first
+
+
+@torch.no_grad()
+def caption_gaps(model, pipe, pool: dict, n: int = 128, seed: int = 1234) -> dict:
+    """Whether a transformer uses the caption's shape and colour words: its velocity loss on ``n`` fixed pool latents
+    (fixed noise, sigmas spread evenly over [0.05, 0.95]) with each latent's full caption (``val``), and how much that
+    loss rises when the caption's shape word (``shape_gap``) or colour word (``colour_gap``) is swapped for the next
+    one in the world's list. A model that ignores a word has a gap of 0 for it."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = torch.arange(n) * 7 % len(pool["scenes"])
+    sf = float(pipe.vae.config.scaling_factor)
+    x0 = (pool["means"][idx] + pool["stds"][idx] * torch.randn(pool["means"][idx].shape, generator=gen)) * sf
+    noise = torch.randn(x0.shape, generator=gen)
+    sigma = torch.linspace(0.05, 0.95, n)[torch.randperm(n, generator=gen)]
+    xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+    scenes = [pool["scenes"][j] for j in idx.tolist()]
+    texts = {"val": [caption(sc) for sc in scenes], "shape": [swapped_caption(sc, "shape") for sc in scenes]}
+    texts["colour"] = [swapped_caption(sc, "colour") for sc in scenes]
+    loss = {}
+    for k, tx in texts.items():
+        tok, pooled = encode_texts(pipe, tx)
+        pred = model(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=with_t5_zeros(tok), pooled_projections=pooled, return_dict=False)[
+            0
+        ]
+        loss[k] = float((pred - (noise - x0)).pow(2).mean())
+    return {"val": loss["val"], "shape_gap": loss["shape"] - loss["val"], "colour_gap": loss["colour"] - loss["val"]}
 
 
 def _link(target: Path, link: Path) -> None:
@@ -307,4 +367,4 @@ def build_flow(out: Path, s, log: Callable[[str], None] = print) -> dict:
     return info
 
 
-__all__ = ["build_flow", "build_flow_pipeline", "load_flow_pipeline", "pretrain_flow", "save_flow_pipeline"]
+__all__ = ["build_flow", "build_flow_pipeline", "caption_gaps", "load_flow_pipeline", "pretrain_flow", "save_flow_pipeline", "training_state"]
