@@ -244,3 +244,47 @@ def test_rising_threshold_cut_and_row(tmp_path):
             (s["prompt_index"], s["sample_index"]) for s in samples if s["reward"] >= cut
         }
     assert rows[1]["num_kept"] == 5 and rows[2]["ranking_threshold"] == 0.9  # the model climbed: the cap binds at stage 2
+
+
+def test_replay_trains_on_the_best_of_earlier_stages_too(tmp_path):
+    """ranking.replay_top_k=2: stage s trains on its own kept samples plus, per prompt, the 2 best (by reward) of
+    what stages 1..s-1 kept, their payloads read back from those stages' folders; brute force from samples.jsonl.
+    A run resumed after stage 2 replays the same."""
+    cfg = _cfg(**{"ranking.replay_top_k": 2, "num_stages": 4})
+    run = RunDir(tmp_path / "full")
+    run.start(cfg.to_dict())
+    task = ScalarTask(cfg)
+    seen = []
+    orig = task.finetune
+    task.finetune = lambda stage, kept: seen.append(sorted(s.payload for s in kept)) or orig(stage, kept)
+    rows = run_raft(cfg, task, run)
+    kept = {st: [s for s in read_jsonl(run.stage_dir(st) / "samples.jsonl") if s["kept"]] for st in range(1, 5)}
+    for st in range(1, 5):
+        mine = [s["reward"] for s in kept[st]]  # the payload is the sample, and the reward equals it
+        replay = []
+        for p in range(3):
+            earlier = sorted((s["reward"] for e in range(1, st) for s in kept[e] if s["prompt_index"] == p), reverse=True)
+            replay += earlier[:2]
+        assert seen[st - 1] == pytest.approx(sorted(mine + replay), rel=1e-6)  # rewards went through float32
+        assert rows[st].get("num_replayed", 0) == len(replay) == (0 if st == 1 else 6)
+        if st > 1:
+            assert rows[st]["replayed_reward_mean"] == pytest.approx(sum(replay) / 6)
+            assert rows[st]["num_kept"] == 6  # the stage's own kept count is unchanged
+    assert "num_replayed" not in run_raft(_cfg(), ScalarTask(_cfg()), RunDir(tmp_path / "plain"))[2]  # off by default
+
+    part = RunDir(tmp_path / "part")  # killed in stage 3's training, resumed: the same rows
+    part.start(cfg.to_dict())
+    dying = ScalarTask(cfg)
+    dying.finetune = lambda stage, kept: (_ for _ in ()).throw(KeyboardInterrupt) if stage == 3 else ScalarTask.finetune(dying, stage, kept)
+    with pytest.raises(KeyboardInterrupt):
+        run_raft(cfg, dying, part)
+    assert strip_time(run_raft(cfg, ScalarTask(cfg), part)) == strip_time(rows)
+
+
+def test_replay_is_refused_offline():
+    from raft_diffusion.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="replay_top_k replays earlier stages"):
+        _cfg(**{"ranking.replay_top_k": 1, "mode": "offline"})
+    with pytest.raises(ConfigError, match="replay_top_k must be an integer >= 0"):
+        _cfg(**{"ranking.replay_top_k": -1})

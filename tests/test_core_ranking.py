@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.pool import StreamingPool
-from raft_diffusion.core.ranking import diverse_pick, global_count, ranking_key, select, select_samples
+from raft_diffusion.core.ranking import diverse_pick, global_count, kept_weights, ranking_key, replay_pick, select, select_samples
 from raft_diffusion.core.types import Sample
 
 
@@ -402,3 +402,47 @@ def test_rising_threshold_over_two_processes_selects_what_one_does():
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 4), st.integers(0, 2), st.integers(0, 5), st.one_of(st.sampled_from([0.0, 1.0, math.nan]), st.floats(-3, 3))),
+        max_size=30,
+        unique_by=lambda c: c[:3],
+    ),
+    st.integers(0, 4),
+)
+def test_replay_pick_equals_bruteforce_topk_across_stages(cands, k):
+    """ranking.replay_top_k: per prompt, the k best rewards of all earlier stages' kept samples (ties: later stage,
+    then lower sample index); brute force: every stage's samples of a prompt in one list, sorted, cut at k."""
+    pairs = [(stage, Sample(prompt_index=p, sample_index=j, seed=0, reward=r)) for stage, p, j, r in cands]
+    got = [(stage, s.prompt_index, s.sample_index) for stage, s in replay_pick(pairs, k)]
+    want = []
+    for p in sorted({c[1] for c in cands}):
+        mine = [(r, stage, j) for stage, q, j, r in cands if q == p and not math.isnan(r)]
+        mine.sort(key=lambda x: (-x[0], -x[1], x[2]))
+        want += [(stage, p, j) for _, stage, j in mine[:k]]
+    assert got == want
+
+
+def test_replay_pick_by_hand():
+    s = lambda p, j, r: Sample(prompt_index=p, sample_index=j, seed=0, reward=r)  # noqa: E731
+    pairs = [(1, s(0, 3, 7.0)), (1, s(0, 5, 8.5)), (2, s(0, 1, 8.0)), (2, s(0, 3, 8.5)), (1, s(1, 0, 6.0)), (3, s(1, 2, math.nan))]
+    got = [(st_, x.prompt_index, x.sample_index) for st_, x in replay_pick(pairs, 2)]
+    assert got == [(2, 0, 3), (1, 0, 5), (1, 1, 0)]  # 8.5 of stage 2 before 8.5 of stage 1; NaN never replayed
+
+
+def test_kept_weights_by_hand():
+    """exp((r - best of the prompt) / T), scaled to average 1 over the set."""
+    rewards, prompts = [8.0, 7.5, 7.0, 6.0, 6.0], [0, 0, 0, 1, 1]
+    raw = [1.0, math.exp(-1.0), math.exp(-2.0), 1.0, 1.0]
+    mean = sum(raw) / 5
+    assert kept_weights(rewards, prompts, 0.5) == pytest.approx([x / mean for x in raw], rel=1e-12)
+    assert sum(kept_weights(rewards, prompts, 0.5)) == pytest.approx(5.0)
+    assert kept_weights(rewards, prompts, None) == [1.0] * 5
+    assert kept_weights(rewards, prompts, 1e6) == pytest.approx([1.0] * 5, rel=1e-5)  # a hot temperature: plain RAFT
+    with pytest.raises(ConfigError, match="temperature must be > 0"):
+        kept_weights(rewards, prompts, 0.0)
+    with pytest.raises(ValueError, match="NaN"):
+        kept_weights([1.0, math.nan], [0, 0], 1.0)

@@ -325,3 +325,36 @@ def test_lora_merged_samples_the_same_model_and_restores_the_weights(load_tiny_p
     assert torch.equal(sample(), plain)  # unmerged again
     with lora_merged(pipe.unet, enabled=False):
         assert not any(m.merged for m in layers)
+
+
+def test_sample_weights_weight_each_rows_loss(load_tiny_pipe, data):
+    """train.reward_weight_temperature's loss: each row's denoising MSE times its sample's weight, by hand; and the
+    weights steer the gradient (all-equal weights of 1 give the unweighted step bit for bit)."""
+    from diffusers import DDPMScheduler
+
+    latents, embeds, _ = data
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    w = torch.tensor([2.0, 0.5, 1.0, 0.0, 1.5, 1.0])
+    kw = dict(steps=1, batch_size=6, learning_rate=0.0, seed=5, progress=False)
+    stats = train_unet(pipe, latents, embeds, **kw, sample_weights=w)
+    _, idx, noise, t = hand_draws(5)
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        pred = pipe.unet(ddpm.add_noise(latents[idx], noise, t), t, encoder_hidden_states=embeds[idx]).sample
+    per_sample = ((pred - noise) ** 2).flatten(1).mean(1)
+    assert stats["loss_last"] == pytest.approx((w[idx] * per_sample).mean().item(), rel=1e-5)
+    assert stats["loss_last"] != pytest.approx(per_sample.mean().item(), rel=1e-3)
+    # with a learning rate: weights of 1 train exactly as no weights; other weights train otherwise
+    trained = []
+    for weights in (None, torch.ones(6), w):
+        pipe = load_tiny_pipe()
+        add_lora(pipe.unet)
+        train_unet(pipe, latents, embeds, **TRAIN, sample_weights=weights)
+        trained.append(lora_weights(pipe.unet))
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert any(not torch.equal(trained[0][k], trained[2][k]) for k in trained[0])
+    with pytest.raises(ValueError, match="sample_weights must be 6 finite weights"):
+        train_unet(pipe, latents, embeds, **TRAIN, sample_weights=torch.ones(5))
+    with pytest.raises(ValueError, match="sample_weights must be 6 finite weights"):
+        train_unet(pipe, latents, embeds, **TRAIN, sample_weights=-torch.ones(6))

@@ -48,6 +48,10 @@ class RankingConfig:
     threshold: float = option(0.0, "minimum ranking key kept in threshold mode")
     max_kept: int | None = option(None, "after the mode's selection keep at most this many, best first")
     kl_beta: float = option(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
+    replay_top_k: int = option(
+        0,
+        "online mode: also train each stage on the best N per prompt, by reward, of the samples earlier stages of the run kept (a replay of the best so far, read back from their stage folders); 0 = off",
+    )
 
 
 @dataclass
@@ -106,6 +110,15 @@ class BaseConfig:
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
+        need(
+            isinstance(r.replay_top_k, int) and r.replay_top_k >= 0,
+            f"ranking.replay_top_k must be an integer >= 0 (got {r.replay_top_k!r})",
+        )
+        need(
+            not r.replay_top_k or (self.mode == "online" and getattr(s, "external_pool", None) is None),
+            "ranking.replay_top_k replays earlier stages' kept samples; an offline run (mode=offline or "
+            "sampling.external_pool) trains on one pool every stage: set ranking.replay_top_k=0",
+        )
         need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")

@@ -27,6 +27,7 @@ from .dist import Dist
 from .early_stop import STOP_FILE, EarlyStopper
 from .errors import ScoreError, UserError
 from .pool import StreamingPool
+from .ranking import replay_pick
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
 from .seeds import sample_seed, stage_seed
 from .task import RaftTask
@@ -310,15 +311,21 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             num_discarded=discarded,
         )
 
-        # Step 4: fine-tune on the kept samples.
+        # Step 4: fine-tune on the kept samples (and, with ranking.replay_top_k, the best that earlier stages kept).
         t = time.perf_counter()
-        row.update(task.finetune(stage, kept))
+        train_set = kept
+        replay_k = getattr(cfg.ranking, "replay_top_k", 0)
+        if replay_k and stage > 1:
+            replayed = load_replay(task, run, stage, replay_k, dist)
+            train_set = kept + replayed
+            row.update(num_replayed=len(replayed), replayed_reward_mean=summary([s.reward for s in replayed]).get("mean"))
+        row.update(task.finetune(stage, train_set))
         row["time_finetune"] = time.perf_counter() - t
         faults.fault_point("train", stage)  # training writes nothing: a kill anywhere in it leaves this state
         if main:
             task.save(sdir)
             faults.fault_point("save", stage)
-        del kept
+        del kept, train_set
 
         # Step 5: evaluate on held-out prompts with fixed seeds.
         if cfg.eval.every and (stage % cfg.eval.every == 0 or stage == cfg.num_stages):
@@ -398,6 +405,28 @@ def _evaluate_skipped(task: RaftTask, run: RunDir, rows: list[dict], stopper: Ea
     if main:
         run.put_metrics(last)
     return rows
+
+
+def load_replay(task: RaftTask, run: RunDir, stage: int, k: int, dist: Dist) -> list[Sample]:
+    """``ranking.replay_top_k``: the best ``k`` per prompt (by reward) of what stages 1 .. stage-1 kept, read
+    back from their ``samples.jsonl`` and saved kept payloads (so a resumed run replays the same), in
+    :func:`~.ranking.replay_pick`'s order. The main process reads; every process gets the same list."""
+    out = None
+    if dist.is_main:
+        candidates = []
+        for earlier in range(1, stage):
+            records = read_jsonl(run.stage_dir(earlier) / "samples.jsonl")
+            candidates += [(earlier, _from_record(r)) for r in records if r.get("kept")]
+        picked = replay_pick(candidates, k)
+        by_stage: dict[int, list[Sample]] = {}
+        for earlier, s in picked:
+            by_stage.setdefault(earlier, []).append(s)
+        for earlier, samples in by_stage.items():
+            task.load_kept(run.stage_dir(earlier), samples)
+        out = [s for _, s in picked]
+        for s in out:
+            s.payload = _to_cpu(s.payload)
+    return dist.broadcast(out)
 
 
 def _from_record(r: dict) -> Sample:

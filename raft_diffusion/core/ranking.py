@@ -204,3 +204,38 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         threshold_max=getattr(ranking, "threshold_max", None),
     )
     return [samples[i] for i in idx]
+
+
+def replay_pick(candidates: Sequence[tuple[int, Sample]], k: int) -> list[tuple[int, Sample]]:
+    """``ranking.replay_top_k``: of earlier stages' kept samples, given as ``(stage, sample)`` pairs, the ``k``
+    with the highest reward per prompt, best first within a prompt, prompts in increasing order. NaN rewards are
+    never replayed; equal rewards go to the later stage (a more recent model), then the lower sample index."""
+    groups: dict[int, list[tuple[int, Sample]]] = {}
+    for stage, s in candidates:
+        if not is_nan(s.reward):
+            groups.setdefault(s.prompt_index, []).append((stage, s))
+    out = []
+    for p in sorted(groups):
+        members = sorted(groups[p], key=lambda c: (c[1].reward, c[0], -c[1].sample_index), reverse=True)
+        out += members[: max(0, k)]
+    return out
+
+
+def kept_weights(rewards: Sequence[float], prompt_indices: Sequence[int], temperature: float | None) -> list[float]:
+    """Per-sample loss weights of a training set (``train.reward_weight_temperature``, reward-weighted regression
+    within each prompt): ``exp((r_i - max_p r) / temperature)`` with ``max_p r`` the best reward of sample i's
+    prompt in the set, then scaled so that the weights average 1 over the set (the loss keeps its scale). Each
+    prompt's best sample weighs the same, a sample ``temperature`` below it ``1/e`` of that. None = all 1."""
+    n = len(rewards)
+    if temperature is None:
+        return [1.0] * n
+    if not temperature > 0:
+        raise ConfigError(f"the reward weight temperature must be > 0 or null (got {temperature})")
+    if any(is_nan(r) for r in rewards):
+        raise ValueError("kept_weights needs a reward on every training sample (got NaN)")
+    best: dict[int, float] = {}
+    for r, p in zip(rewards, prompt_indices):
+        best[p] = max(best.get(p, -math.inf), float(r))
+    raw = [math.exp((float(r) - best[p]) / temperature) for r, p in zip(rewards, prompt_indices)]
+    mean = sum(raw) / n if n else 1.0
+    return [w / mean for w in raw]

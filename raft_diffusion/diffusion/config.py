@@ -171,6 +171,10 @@ class TrainConfig:
         None,
         "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE",
     )
+    reward_weight_temperature: float | None = _f(
+        None,
+        "reward-weighted loss over the training set: each sample's loss weighted by exp((r - best r of its prompt in the set) / T), the weights scaled to average 1, so keeping more per prompt (ranking.top_k) lets the better ones count more; null = equal weights (plain RAFT)",
+    )
 
 
 @dataclass
@@ -327,6 +331,10 @@ class RaftConfig(core.BaseConfig):
         )
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
         need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
+        need(
+            t.reward_weight_temperature is None or t.reward_weight_temperature > 0,
+            f"train.reward_weight_temperature must be > 0 or null (got {t.reward_weight_temperature}); 0.5 weighs a sample half a reward unit below its prompt's best at 1/e",
+        )
         need(t.snr_gamma is None or t.snr_gamma > 0, f"train.snr_gamma must be > 0 or null (got {t.snr_gamma}); 5 is the usual choice")
         need(
             t.timestep_range is None

@@ -267,6 +267,7 @@ def train_unet(
     dist=None,
     family=None,
     loss_settings=None,
+    sample_weights: torch.Tensor | None = None,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -305,6 +306,9 @@ def train_unet(
     timesteps come from ``family.draw_timesteps`` and the per-sample loss from ``family.training_loss`` with
     ``loss_settings`` (the rectified-flow loss for SD3/FLUX; SDXL's denoising loss with its time ids); Min-SNR
     weights apply to the DDPM families (SDXL), caption dropout to SD only. Without it: the SD 1.x/2.x loss above.
+
+    ``sample_weights`` (``[N]``, one per latent; None = all 1) multiplies each row's loss by its sample's weight
+    (on top of Min-SNR): a reward-weighted loss over the training set (``train.reward_weight_temperature``).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -322,6 +326,10 @@ def train_unet(
         raise UserError(
             f"steps must be >= 0 and batch_size, gradient_accumulation_steps >= 1 (got {steps}, {batch_size}, {gradient_accumulation_steps})"
         )
+    if sample_weights is not None:
+        sample_weights = torch.as_tensor(sample_weights, dtype=torch.float32).flatten()
+        if sample_weights.numel() != n or not bool(torch.isfinite(sample_weights).all() and (sample_weights >= 0).all()):
+            raise ValueError(f"sample_weights must be {n} finite weights >= 0, one per latent (got {sample_weights.numel()})")
     if chunk_rows is not None and chunk_rows < 1:
         raise UserError(f"chunk_rows must be >= 1 or None (got {chunk_rows})")
     if not 0.0 <= empty_prompt_ratio < 1.0:
@@ -406,6 +414,8 @@ def train_unet(
                 )
             if snr_gamma is not None:
                 per_sample = per_sample * min_snr_weights(noise_scheduler, rows["t"].to(device), snr_gamma)
+            if sample_weights is not None:
+                per_sample = per_sample * sample_weights[rows["idx"]].to(per_sample.device)
             return per_sample.sum()
         noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows["drop"]
         x0 = latents[rows["idx"].to(latents.device)].to(device, torch.float32)
@@ -419,6 +429,8 @@ def train_unet(
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
         if snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
+        if sample_weights is not None:
+            per_sample = per_sample * sample_weights[rows["idx"]].to(device)
         return per_sample.sum()
 
     # 3. the loop

@@ -14,7 +14,7 @@ from ..core.common import resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import external_requests, read_manifest
-from ..core.ranking import uses_embeddings
+from ..core.ranking import kept_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -298,6 +298,9 @@ class DiffusionTask:
             embeds, family = self.train_embeds[0][torch.tensor(rows, device=self.device)], {}
         else:  # one row of conditioning per kept sample, and the family's loss
             embeds, family = self.train_embeds[rows], {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
+        temperature = self.cfg.train.reward_weight_temperature
+        if temperature is not None:  # train.reward_weight_temperature: a reward-weighted loss within each prompt
+            family["sample_weights"] = torch.tensor(kept_weights([s.reward for s in kept], rows, temperature))
         return ft.train_unet(
             self.pipe,
             latents,
