@@ -1,11 +1,12 @@
 """RAFT against trl's GRPOTrainer on the toy text world: held-out reward, diversity and process CPU seconds.
 
-Both sides get the same tiny GPT-2 (the committed toy LM), the same star-rating reward (toy_sentiment), the same
-60 training and 10 held-out prompts, LoRA r 8 (alpha 16, all linear layers), one torch thread, 32 new tokens at
-temperature 1. Each runs in its own process; its cost is process CPU time (getrusage RUSAGE_SELF + RUSAGE_CHILDREN,
-user + system) spent training -- sampling, scoring, updates, and each side's own bookkeeping (RAFT writes its run
-directory, GRPO its trainer's) -- from the end of model loading; the held-out evaluations are measured apart and
-left out for both sides, so the evaluation schedule does not change the figures.
+Both sides get the same tiny GPT-2 (the committed toy LM), the same star-rating reward (toy_sentiment), the same 60
+training and 10 held-out prompts, the same trainable weights (by default LoRA r 8, alpha 16, on the linear layers
+and the output layer), one torch thread, 32 new tokens at temperature 1. Each runs in its own process; its cost is
+process CPU time (getrusage RUSAGE_SELF + RUSAGE_CHILDREN, user + system) spent training -- sampling, scoring,
+updates, and each side's own bookkeeping (RAFT writes its run directory, GRPO its trainer's) -- from the end of
+model loading; the held-out evaluations are measured apart and left out for both sides, so the evaluation schedule
+does not change the figures.
 
 GRPO is trl's GRPOTrainer as the issue ran it: 8 generations per prompt and trl's default batch of 8 completions
 (one prompt) per optimizer step, trl's default loss, with two changes that only save CPU time: bf16 and gradient
@@ -23,9 +24,10 @@ output layer because its fused log-prob head multiplies by ``lm_head.weight`` di
 ignored); the bench then hands trl a view whose ``weight`` is the adapted weight W + scale * B A, and checks before
 training that trl's log-probs equal a plain forward's.
 
-    python scripts/bench_llm_vs_grpo.py                       # the preset against GRPO (two settings)
+    python scripts/bench_llm_vs_grpo.py                       # configs/llm_toy_distill_lora.yaml against GRPO (two settings)
+    python scripts/bench_llm_vs_grpo.py --config configs/llm_toy_sentiment.yaml   # online RAFT, all-linear LoRA
     python scripts/bench_llm_vs_grpo.py --raft train.clip_epsilon=0.2 train.epochs=2   # RAFT with overrides
-    python scripts/bench_llm_vs_grpo.py --config configs/llm_toy_distill_lora.yaml --seed 1   # LoRA with the output layer, both sides
+    python scripts/bench_llm_vs_grpo.py --seed 1 --raft train.target_modules=all-linear "train.modules_to_save=[lm_head]"
 
 trl is optional (not a dependency of raft-diffusion): ``pip install 'raft-diffusion[grpo]'`` or ``pip install trl``
 (it brings ``datasets``); ``--grpo-python`` runs the GRPO side with another interpreter (a venv that has trl).
@@ -48,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRESET = ROOT / "configs" / "llm_toy_sentiment.yaml"
+PRESET = ROOT / "configs" / "llm_toy_distill_lora.yaml"  # LoRA r 8 with the output layer: GRPO trains the same
 GRPO_SETTINGS = ["5e-4:0", "1e-3:0.04"]  # learning rate : beta (the issue's two settings)
 
 
@@ -384,7 +386,7 @@ def at_cpu(rows, cpu):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(PRESET), help="RAFT config (the toy preset)")
+    p.add_argument("--config", default=str(PRESET), help="RAFT config (default: the toy distillation with LoRA on the output layer)")
     p.add_argument(
         "--raft", nargs="*", default=[], help="RAFT config overrides key=value (GRPO follows seed and the train.lora_*/target_modules ones)"
     )

@@ -95,16 +95,23 @@ def test_grpo_follows_the_seed_and_the_lora_shape_only(bench):
     assert bench.grpo_tag("1e-3:0.04", cfg, full=True) == "1e-3_0.04_full_seed1"
 
 
-def test_the_distill_lora_preset_adapts_the_output_layer():
+def test_the_distill_lora_preset_adapts_the_output_layer(bench):
     from raft_diffusion.core.config import load_config
     from raft_diffusion.llm.config import LLMConfig
 
     cfg = load_config(ROOT / "configs" / "llm_toy_distill_lora.yaml", cls=LLMConfig)
     full = load_config(ROOT / "configs" / "llm_toy_distill.yaml", cls=LLMConfig)
     assert cfg.train.method == "lora" and cfg.train.target_modules == TARGETS and cfg.train.lora_rank == 8
-    assert cfg.mode == "offline" and cfg.sampling.num_per_prompt == 48 and cfg.ranking.threshold == 4.8
-    # the same distillation as the full-weight preset but for what is trained (and its step size)
-    assert (cfg.num_stages, cfg.train.epochs, cfg.train.batch_size) == (full.num_stages, full.train.epochs, full.train.batch_size)
+    assert cfg.mode == "offline" and cfg.sampling.num_per_prompt == 24 and cfg.num_stages == 24
+    # the same distillation as the full-weight preset but for what is trained, its step size, K and the stages
+    assert (cfg.ranking.threshold, cfg.ranking.kl_beta, cfg.train.epochs, cfg.train.batch_size) == (
+        full.ranking.threshold,
+        full.ranking.kl_beta,
+        full.train.epochs,
+        full.train.batch_size,
+    )
+    # the bench's default RAFT config, so that its default comparison trains the same weights on both sides
+    assert Path(bench.PRESET).name == "llm_toy_distill_lora.yaml"
 
 
 def test_trl_computes_log_probs_through_the_output_layers_lora(bench, tmp_path):
