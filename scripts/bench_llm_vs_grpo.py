@@ -1,11 +1,12 @@
 """RAFT against trl's GRPOTrainer on the toy text world: held-out reward, diversity and process CPU seconds.
 
-Both sides get the same tiny GPT-2 (the committed toy LM), the same star-rating reward (toy_sentiment), the same
-60 training and 10 held-out prompts, LoRA r 8 (alpha 16, all linear layers), one torch thread, 32 new tokens at
-temperature 1. Each runs in its own process; its cost is process CPU time (getrusage RUSAGE_SELF + RUSAGE_CHILDREN,
-user + system) spent training -- sampling, scoring, updates, and each side's own bookkeeping (RAFT writes its run
-directory, GRPO its trainer's) -- from the end of model loading; the held-out evaluations are measured apart and
-left out for both sides, so the evaluation schedule does not change the figures.
+Both sides get the same tiny GPT-2 (the committed toy LM), the same star-rating reward (toy_sentiment), the same 60
+training and 10 held-out prompts, the same trainable weights (by default LoRA r 8, alpha 16, on the linear layers
+and the output layer), one torch thread, 32 new tokens at temperature 1. Each runs in its own process; its cost is
+process CPU time (getrusage RUSAGE_SELF + RUSAGE_CHILDREN, user + system) spent training -- sampling, scoring,
+updates, and each side's own bookkeeping (RAFT writes its run directory, GRPO its trainer's) -- from the end of
+model loading; the held-out evaluations are measured apart and left out for both sides, so the evaluation schedule
+does not change the figures.
 
 GRPO is trl's GRPOTrainer as the issue ran it: 8 generations per prompt and trl's default batch of 8 completions
 (one prompt) per optimizer step, trl's default loss, with two changes that only save CPU time: bf16 and gradient
@@ -16,8 +17,17 @@ Held-out evaluation is the same code for both (the LLM task's): 8 completions pe
 fixed eval seeds; reward, distinct-2 (per prompt, averaged, and pooled over the 80 completions), length, repeated
 bigram rate. Diversity is reported as a share of the base model's.
 
-    python scripts/bench_llm_vs_grpo.py                       # the preset against GRPO (two settings)
+Both sides train the same weights: GRPO's LoRA takes rank, alpha, dropout and targets from the RAFT config
+(overrides included, so ``--raft train.target_modules=[c_attn,c_proj,c_fc,lm_head]`` adapts the output layer on
+both sides), and the seed too; the bench prints both sides' trainable parameter counts. trl refuses a LoRA on the
+output layer because its fused log-prob head multiplies by ``lm_head.weight`` directly (the adapter would be
+ignored); the bench then hands trl a view whose ``weight`` is the adapted weight W + scale * B A, and checks before
+training that trl's log-probs equal a plain forward's.
+
+    python scripts/bench_llm_vs_grpo.py                       # configs/llm_toy_distill_lora.yaml against GRPO (two settings)
+    python scripts/bench_llm_vs_grpo.py --config configs/llm_toy_sentiment.yaml   # online RAFT, all-linear LoRA
     python scripts/bench_llm_vs_grpo.py --raft train.clip_epsilon=0.2 train.epochs=2   # RAFT with overrides
+    python scripts/bench_llm_vs_grpo.py --seed 1 --raft train.target_modules=all-linear "train.modules_to_save=[lm_head]"
 
 trl is optional (not a dependency of raft-diffusion): ``pip install 'raft-diffusion[grpo]'`` or ``pip install trl``
 (it brings ``datasets``); ``--grpo-python`` runs the GRPO side with another interpreter (a venv that has trl).
@@ -40,7 +50,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-PRESET = ROOT / "configs" / "llm_toy_sentiment.yaml"
+PRESET = ROOT / "configs" / "llm_toy_distill_lora.yaml"  # LoRA r 8 with the output layer: GRPO trains the same
 GRPO_SETTINGS = ["5e-4:0", "1e-3:0.04"]  # learning rate : beta (the issue's two settings)
 
 
@@ -70,6 +80,94 @@ def eval_summary(m: dict) -> dict:
     return {k: m.get(k) for k in keys}
 
 
+# LoRA shape and seed: what GRPO takes from the RAFT config and its overrides, so both sides train the same weights
+SHARED_KEYS = ("seed", "train.lora_rank", "train.lora_alpha", "train.lora_dropout", "train.target_modules", "train.modules_to_save")
+DEFAULT_LORA = (8, 16.0, 0.0, "all-linear", None)
+
+
+def shared_overrides(overrides: list[str]) -> list[str]:
+    """The RAFT overrides that GRPO follows too (seed and LoRA shape); the rest are RAFT's alone."""
+    return [o for o in overrides if o.split("=", 1)[0].strip() in SHARED_KEYS]
+
+
+def grpo_tag(setting: str, cfg, full: bool) -> str:
+    """Cache name of a GRPO curve: lr_beta, then _full, _seedN and the LoRA shape where they are not the defaults."""
+    t = cfg.train
+    tag = setting.replace(":", "_") + ("_full" if full else "") + (f"_seed{cfg.seed}" if cfg.seed else "")
+    shape = (t.lora_rank, float(t.lora_alpha), float(t.lora_dropout), t.target_modules, t.modules_to_save)
+    if not full and shape != DEFAULT_LORA:
+        targets = t.target_modules if isinstance(t.target_modules, str) else "-".join(sorted(t.target_modules))
+        tag += f"_r{t.lora_rank}_a{t.lora_alpha:g}_d{t.lora_dropout:g}_{targets}"
+        tag += f"_save-{'-'.join(sorted(t.modules_to_save))}" if t.modules_to_save else ""
+    return tag
+
+
+def trainable_count(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class AdaptedHeadView:
+    """What trl's fused log-prob head reads from ``get_output_embeddings()`` (``weight``, ``bias``), for an output
+    layer that carries a LoRA: ``weight`` is W + scale * B A of the active adapters (W alone with the adapters
+    disabled or merged), built from the live parameters on every access, so gradients reach A and B."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    @property
+    def layer(self):
+        return self.model.get_submodule(self.name)  # looked up on each use: peft replaces the module after wrapping
+
+    @property
+    def weight(self):
+        layer = self.layer
+        if not hasattr(layer, "lora_A"):
+            return layer.weight
+        w = layer.base_layer.weight
+        if layer.disable_adapters or layer.merged:
+            return w
+        for a in layer.active_adapters:
+            if a in layer.lora_A:
+                w = w + layer.get_delta_weight(a)
+        return w
+
+    @property
+    def bias(self):
+        return getattr(self.layer, "bias", None)
+
+
+def output_layer_name(model) -> str:
+    head = model.get_output_embeddings()
+    if isinstance(head, AdaptedHeadView):
+        return head.name
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def adapt_output_layer_for_trl(model, target_modules) -> str | None:
+    """When the LoRA targets include the output layer: make ``model.get_output_embeddings()`` return an
+    :class:`AdaptedHeadView` (trl then accepts the adapter and computes log-probs through it). Returns the output
+    layer's module name if installed, else None."""
+    name = output_layer_name(model)
+    if not isinstance(target_modules, (list, tuple)) or name.split(".")[-1] not in target_modules:
+        return None
+    view = AdaptedHeadView(model, name)
+    model.get_output_embeddings = lambda: view  # an instance attribute: the class method stays as it was
+    return name
+
+
+def check_trl_logprobs(trainer, tokenizer, texts, keep: int = 4) -> float:
+    """Largest |log p| difference between trl's log-prob path and a plain forward's log-softmax on ``texts``."""
+    import torch
+
+    enc = tokenizer(texts, return_tensors="pt", padding=True)
+    ids, mask = enc["input_ids"].to(trainer.model.device), enc["attention_mask"].to(trainer.model.device)
+    with torch.no_grad():
+        lp, _, _ = trainer._get_per_token_logps_and_entropies(trainer.model, ids, mask, keep)
+        logits = trainer.model(input_ids=ids, attention_mask=mask).logits.float()
+    ref = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0][:, -keep:]
+    return float((lp - ref).abs().max())
+
+
 # -- RAFT worker -----------------------------------------------------------------------------------
 def raft_worker(args) -> None:
     from raft_diffusion.core.loop import run_raft
@@ -86,6 +184,7 @@ def raft_worker(args) -> None:
         run = RunDir(Path(args.keep_run) if args.keep_run else Path(tmp) / "run")
         run.start(cfg.to_dict())
         task = LLMTask(cfg)
+        trainable = trainable_count(task.model)
         t0, spent_eval = cpu_seconds(), [0.0]
         evaluate = task.evaluate
 
@@ -110,7 +209,7 @@ def raft_worker(args) -> None:
                 return rows[-1]["stage"]
 
         run_raft(cfg, task, run, should_stop=Reached(), on_stage=on_stage)
-    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0]}))
+    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "trainable": trainable}))
 
 
 # -- GRPO worker -----------------------------------------------------------------------------------
@@ -130,15 +229,27 @@ def grpo_worker(args) -> None:
     one_thread()
     quiet_transformers()
     lr, beta = (float(x) for x in args.setting.split(":"))
-    cfg = load_cfg(args.config, [])
+    cfg = load_cfg(args.config, shared_overrides(args.raft))  # RAFT's seed and LoRA shape, nothing else of its overrides
     # The LLM task loads the same model, tokenizer, prompts, reward and evaluation as RAFT's; GRPO trains a
     # LoRA of its own on the task's base model (the task's adapter is never used).
     task = LLMTask(cfg)
     base = load_causal_lm(resolve_model_path(cfg.model.pretrained), device=task.device, dtype=task.dtype)
     t = cfg.train
-    lora = LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, lora_dropout=t.lora_dropout, target_modules=t.target_modules, task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=t.lora_rank,
+        lora_alpha=t.lora_alpha,
+        lora_dropout=t.lora_dropout,
+        target_modules=t.target_modules,
+        modules_to_save=t.modules_to_save,  # trained in full beside the adapter, as RAFT's train.modules_to_save
+        task_type="CAUSAL_LM",
+    )
+    head_view = None
     if args.grpo_full:  # every weight, as RAFT's train.method=full; the evaluation's base perplexity needs a frozen copy
         lora, task.base = None, copy.deepcopy(base).requires_grad_(False).eval()
+    else:
+        head_view = adapt_output_layer_for_trl(base, t.target_modules)
+        if head_view and t.lora_dropout:
+            sys.exit("bench_llm_vs_grpo: a LoRA on the output layer needs train.lora_dropout=0 for GRPO (trl's log-prob head skips the dropout)")
     reward = task.reward
 
     def toy_sentiment(prompts, completions, **kw):
@@ -173,6 +284,21 @@ def grpo_worker(args) -> None:
             processing_class=task.tokenizer,
             peft_config=lora,
         )
+        trainable = trainable_count(trainer.model)
+        if head_view:  # trl's log-probs must be the adapted model's: check with a nonzero output-layer adapter
+            import torch
+
+            head = base.get_submodule(head_view)
+            b = head.lora_B["default"].weight
+            saved = b.detach().clone()
+            with torch.no_grad():
+                b.copy_(torch.randn(b.shape, generator=torch.Generator().manual_seed(0)) * 0.1)
+            gap = check_trl_logprobs(trainer, task.tokenizer, task.train_prompts[:4])
+            with torch.no_grad():
+                b.copy_(saved)
+            if gap > 1e-4:
+                sys.exit(f"bench_llm_vs_grpo: trl's log-probs differ from the model's by {gap:.2e} with a LoRA on the output layer")
+            print(f"grpo {args.setting}: LoRA on the output layer; trl's log-probs = a plain forward's (max gap {gap:.1e})", file=sys.stderr)
         out, spent_eval = [], [0.0]
         t0 = cpu_seconds()
 
@@ -197,7 +323,7 @@ def grpo_worker(args) -> None:
 
         trainer.add_callback(Eval())
         trainer.train()
-    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "setting": args.setting}))
+    Path(args.json).write_text(json.dumps({"rows": out, "eval_cpu": spent_eval[0], "setting": args.setting, "trainable": trainable}))
 
 
 # -- sampling noise of the held-out figures ---------------------------------------------------------
@@ -260,8 +386,11 @@ def at_cpu(rows, cpu):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(PRESET), help="RAFT config (the toy preset)")
-    p.add_argument("--raft", nargs="*", default=[], help="RAFT config overrides key=value")
+    p.add_argument("--config", default=str(PRESET), help="RAFT config (default: the toy distillation with LoRA on the output layer)")
+    p.add_argument(
+        "--raft", nargs="*", default=[], help="RAFT config overrides key=value (GRPO follows seed and the train.lora_*/target_modules ones)"
+    )
+    p.add_argument("--seed", type=int, default=None, help="run seed of both sides (the same as --raft seed=N)")
     p.add_argument("--max-stages", type=int, default=20, help="RAFT stages at most")
     p.add_argument("--target", type=float, default=4.85, help="held-out reward (stars) both must reach")
     p.add_argument("--stop-at-target", action=argparse.BooleanOptionalAction, default=True, help="stop each run at the target")
@@ -309,13 +438,15 @@ def main() -> None:
                 f"bench_llm_vs_grpo: trl is not importable by {args.grpo_python}; pip install 'raft-diffusion[grpo]' "
                 "(or pip install trl) there, or pass --grpo-python PATH (a python that has trl), or --skip-grpo"
             )
+    if args.seed is not None:
+        args.raft = [*args.raft, f"seed={args.seed}"]
     load_before = os.getloadavg()
     keep = ["--keep-run", args.keep_run] if args.keep_run else []
     raft = worker("raft", sys.executable, args, ["--max-stages", str(args.max_stages), *keep, "--raft", *args.raft])
     grpo = {}
     if not args.skip_grpo:
         for s in args.grpo_settings:
-            tag = s.replace(":", "_") + ("_full" if args.grpo_full else "")
+            tag = grpo_tag(s, load_cfg(args.config, shared_overrides(args.raft)), args.grpo_full)
             cached = args.grpo_cache / f"grpo_{tag}.json" if args.grpo_cache else None
             if cached is not None and cached.is_file():
                 grpo[s] = json.loads(cached.read_text())
@@ -323,7 +454,8 @@ def main() -> None:
                 continue
             extra = ["--setting", s, "--grpo-max-steps", str(args.grpo_max_steps), "--grpo-batch", str(args.grpo_batch)]
             extra += ["--grpo-generations", str(args.grpo_generations)] + (["--grpo-full"] if args.grpo_full else [])
-            grpo[s] = worker("grpo", args.grpo_python, args, extra + ["--grpo-eval-every", str(args.grpo_eval_every)])
+            extra += ["--grpo-eval-every", str(args.grpo_eval_every), "--raft", *shared_overrides(args.raft)]
+            grpo[s] = worker("grpo", args.grpo_python, args, extra)
             if cached is not None:
                 cached.parent.mkdir(parents=True, exist_ok=True)
                 cached.write_text(json.dumps(grpo[s]))
@@ -349,6 +481,10 @@ def report(args, raft, grpo) -> None:
         )
 
     print(f"RAFT overrides: {' '.join(args.raft) or '(preset)'}; target {args.target} held-out stars; CPU s = training only, one thread")
+    counts = {"RAFT": raft.get("trainable"), **{f"GRPO {s}": g.get("trainable") for s, g in grpo.items()}}
+    known = {v for v in counts.values() if v is not None}
+    same = "the same on both sides" if len(known) == 1 and None not in counts.values() else ("DIFFERENT" if len(known) > 1 else "not all known")
+    print("trainable parameters: " + "; ".join(f"{k} {'-' if v is None else f'{v:,}'}" for k, v in counts.items()) + f" ({same})")
     print(
         "| | held-out reward (stars) | distinct-2 per prompt vs base | distinct-2 pooled (80) vs base | length (tokens) | repeated bigrams | CPU s |"
     )

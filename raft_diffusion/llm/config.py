@@ -104,6 +104,10 @@ class LLMTrainConfig:
     lora_alpha: float = _f(16.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
     target_modules: object = _f("all-linear", "modules that receive LoRA: 'all-linear' or a list of names (e.g. [q_proj, v_proj])")
+    modules_to_save: list | None = _f(
+        None,
+        "lora: modules trained in full beside the adapter and saved with it (peft's modules_to_save, e.g. [lm_head]; a tied output layer gets its own copy)",
+    )
     epochs: float = _f(2.0, "passes over the kept samples per stage (the paper used 2)")
     max_steps: int | None = _f(None, "cap on optimizer steps per stage (null = from epochs)")
     batch_size: int = _f(16, "kept samples per micro-batch")
@@ -244,6 +248,15 @@ class LLMConfig(core.BaseConfig):
         need(
             t.target_modules == "all-linear" or (isinstance(t.target_modules, list) and t.target_modules),
             "train.target_modules must be 'all-linear' or a non-empty list of module names",
+        )
+        need(
+            t.modules_to_save is None
+            or (isinstance(t.modules_to_save, list) and t.modules_to_save and all(isinstance(m, str) and m for m in t.modules_to_save)),
+            "train.modules_to_save must be null or a non-empty list of module names (e.g. [lm_head])",
+        )
+        need(
+            t.modules_to_save is None or t.method == "lora",
+            "train.modules_to_save goes with train.method=lora (full fine-tuning trains every module already)",
         )
         need(t.epochs > 0 or (t.max_steps or 0) > 0, "train.epochs must be > 0 (or set train.max_steps)")
         need(t.max_steps is None or t.max_steps >= 0, "train.max_steps must be >= 0 or null")

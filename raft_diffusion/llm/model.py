@@ -146,9 +146,11 @@ def _has_conv1d(model) -> bool:
     return any(isinstance(m, Conv1D) for m in model.modules())
 
 
-def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, init_seed: int):
+def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, init_seed: int, modules_to_save=None):
     """Freeze ``model`` and wrap it in a peft LoRA adapter ('default'); lora_B starts at zero (output unchanged).
 
+    ``modules_to_save`` (names) are trained in full beside the adapter: peft gives each a trainable copy (a tied output
+    layer's copy is untied: the input embedding stays the base's) and saves it with the adapter.
     The adapter's random init runs under ``torch.manual_seed(init_seed)`` with the global RNG restored after.
     """
     from peft import LoraConfig, get_peft_model
@@ -158,9 +160,14 @@ def add_lora(model, *, rank: int, alpha: float, dropout: float, target_modules, 
         lora_alpha=alpha,
         lora_dropout=dropout,
         target_modules=target_modules,
+        modules_to_save=list(modules_to_save) if modules_to_save else None,
         task_type="CAUSAL_LM",
         fan_in_fan_out=_has_conv1d(model),  # GPT-2 style Conv1D layers store weights transposed
     )
+    names = [n for n, _ in model.named_modules()]
+    for m in modules_to_save or ():
+        if not any(n == m or n.endswith("." + m) for n in names):
+            raise UserError(f"train.modules_to_save names {m!r}, which is no module of the model (GPT-2's output layer is lm_head)")
     model.requires_grad_(False)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     with torch.random.fork_rng(devices=devices):

@@ -111,6 +111,7 @@ class LLMTask:
                 dropout=t.lora_dropout,
                 target_modules=t.target_modules,
                 init_seed=stage_seed(cfg.seed, 0, "lora-init"),
+                modules_to_save=t.modules_to_save,
             )
             self.base = None
         else:
