@@ -474,3 +474,22 @@ def test_task_hands_weights_and_negatives_to_training(monkeypatch):
     got.clear()
     task_mod.DiffusionTask.finetune(fake, 1, kept)
     assert not {"sample_weights", "negative_latents", "negative_weight", "nft_beta"} & set(got)
+
+
+def test_timestep_ranges_only_from_a_late_stage():
+    """train.timestep_ranges_from_stage=4: stages 1-3 train on train.timestep_range, stages 4 on on the cycled
+    timestep_ranges; unset, the ranges apply in every stage as before (and timestep_range must then be null)."""
+    from raft_diffusion.core.errors import ConfigError
+    from raft_diffusion.diffusion.config import config_from_dict
+    from raft_diffusion.diffusion.task import train_settings
+
+    ranges = "[[800,1000],[0,800]]"
+    cfg = config_from_dict({}, ["train.timestep_range=[800,1000]", f"train.timestep_ranges={ranges}", "train.timestep_ranges_from_stage=4"])
+    picked = [(train_settings(cfg.train, st)["timestep_range"], train_settings(cfg.train, st)["timestep_ranges"]) for st in (1, 3, 4, 6)]
+    assert picked == [([800, 1000], None), ([800, 1000], None), (None, [[800, 1000], [0, 800]]), (None, [[800, 1000], [0, 800]])]
+    every = config_from_dict({}, [f"train.timestep_ranges={ranges}"])
+    assert all(train_settings(every.train, st)["timestep_ranges"] == [[800, 1000], [0, 800]] for st in (1, 5))
+    with pytest.raises(ConfigError, match="timestep_range null unless train.timestep_ranges_from_stage"):
+        config_from_dict({}, ["train.timestep_range=[800,1000]", f"train.timestep_ranges={ranges}"])
+    with pytest.raises(ConfigError, match="timestep_ranges_from_stage must be an integer >= 1 with train.timestep_ranges"):
+        config_from_dict({}, ["train.timestep_ranges_from_stage=2"])

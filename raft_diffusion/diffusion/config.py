@@ -163,6 +163,10 @@ class TrainConfig:
         None,
         "SD 1.x/2.x, instead of timestep_range: a list of [lo, hi] cycled over the optimizer steps (step s draws from entry s mod n), e.g. [[800, 1000], [800, 1000], [0, 800]]: a third of the steps on the low-noise timesteps that decide fine detail; null = off",
     )
+    timestep_ranges_from_stage: int | None = _f(
+        None,
+        "with train.timestep_ranges: use them only from this stage on, the stages before it training on train.timestep_range (which may then be set too), e.g. a low-noise share only in late stages; null = timestep_ranges in every stage",
+    )
     weighting_scheme: str = _f(
         "logit_normal",
         "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)",
@@ -382,12 +386,18 @@ class RaftConfig(core.BaseConfig):
         need(
             t.timestep_ranges is None
             or (
-                t.timestep_range is None
+                (t.timestep_range is None or t.timestep_ranges_from_stage is not None)
                 and isinstance(t.timestep_ranges, list)
                 and len(t.timestep_ranges) > 0
                 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1] for r in t.timestep_ranges)
             ),
-            f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null (got {t.timestep_ranges})",
+            f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null "
+            f"unless train.timestep_ranges_from_stage is set (got {t.timestep_ranges})",
+        )
+        need(
+            t.timestep_ranges_from_stage is None
+            or (isinstance(t.timestep_ranges_from_stage, int) and t.timestep_ranges_from_stage >= 1 and t.timestep_ranges is not None),
+            f"train.timestep_ranges_from_stage must be an integer >= 1 with train.timestep_ranges set, or null (got {t.timestep_ranges_from_stage!r})",
         )
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})")

@@ -315,7 +315,7 @@ class DiffusionTask:
             self.pipe,
             latents,
             embeds,
-            **train_settings(self.cfg.train),
+            **train_settings(self.cfg.train, stage),
             seed=stage_seed(self.cfg.seed, stage, "train"),
             empty_embeds=self.empty_embeds,
             progress=self.cfg.progress,
@@ -405,8 +405,13 @@ class DiffusionTask:
         return {**metrics, "eval_reward_queries": len(rows)}
 
 
-def train_settings(t) -> dict:
-    """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)."""
+def train_settings(t, stage: int | None = None) -> dict:
+    """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)
+    for ``stage`` (``train.timestep_ranges_from_stage``: before it ``timestep_range``, from it ``timestep_ranges``)."""
+    ranges, single = t.timestep_ranges, t.timestep_range
+    late = getattr(t, "timestep_ranges_from_stage", None)
+    if late is not None and stage is not None:
+        ranges, single = (ranges, None) if stage >= late else (None, single)
     return dict(
         steps=t.steps_per_stage,
         batch_size=t.batch_size,
@@ -422,8 +427,8 @@ def train_settings(t) -> dict:
         gradient_checkpointing=t.gradient_checkpointing,
         snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio,
-        timestep_range=t.timestep_range,
-        timestep_ranges=t.timestep_ranges,
+        timestep_range=single,
+        timestep_ranges=ranges,
     )
 
 
