@@ -489,7 +489,7 @@ def test_timestep_ranges_only_from_a_late_stage():
     assert picked == [([800, 1000], None), ([800, 1000], None), (None, [[800, 1000], [0, 800]]), (None, [[800, 1000], [0, 800]])]
     every = config_from_dict({}, [f"train.timestep_ranges={ranges}"])
     assert all(train_settings(every.train, st)["timestep_ranges"] == [[800, 1000], [0, 800]] for st in (1, 5))
-    with pytest.raises(ConfigError, match="timestep_range null unless train.timestep_ranges_from_stage"):
+    with pytest.raises(ConfigError, match="timestep_range null .* unless train.timestep_ranges_from_stage"):
         config_from_dict({}, ["train.timestep_range=[800,1000]", f"train.timestep_ranges={ranges}"])
     with pytest.raises(ConfigError, match="timestep_ranges_from_stage must be an integer >= 1 with train.timestep_ranges"):
         config_from_dict({}, ["train.timestep_ranges_from_stage=2"])

@@ -392,7 +392,7 @@ class RaftConfig(core.BaseConfig):
                 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1] for r in t.timestep_ranges)
             ),
             f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null "
-            f"unless train.timestep_ranges_from_stage is set (got {t.timestep_ranges})",
+            f"(got {t.timestep_ranges}) unless train.timestep_ranges_from_stage is set",
         )
         need(
             t.timestep_ranges_from_stage is None
