@@ -288,3 +288,45 @@ def test_replay_is_refused_offline():
         _cfg(**{"ranking.replay_top_k": 1, "mode": "offline"})
     with pytest.raises(ConfigError, match="replay_top_k must be an integer >= 0"):
         _cfg(**{"ranking.replay_top_k": -1})
+
+
+def test_negatives_reach_finetuning_marked_and_counted(tmp_path):
+    """ranking.negative_k=2: each stage's fine-tuning also gets, per prompt, the 2 lowest rewards of its pool that
+    were not kept (brute force from samples.jsonl, where they are marked), with their payloads; the metrics count
+    them. Off by default: finetune is called as before, with no negatives."""
+    cfg = _cfg(**{"ranking.negative_k": 2})
+    run = RunDir(tmp_path / "neg")
+    run.start(cfg.to_dict())
+    task = ScalarTask(cfg)
+    seen = []
+    orig = task.finetune
+    task.finetune = lambda stage, kept, negatives=None: seen.append([(s.prompt_index, s.payload) for s in negatives]) or orig(stage, kept)
+    rows = run_raft(cfg, task, run)
+    for st in range(1, 4):
+        records = read_jsonl(run.stage_dir(st) / "samples.jsonl")
+        want = []
+        for p in range(3):
+            rest = sorted((r["reward"], r["sample_index"]) for r in records if r["prompt_index"] == p and not r["kept"])
+            want += [(p, reward) for reward, _ in rest[:2]]
+        assert [(p, pytest.approx(x, rel=1e-6)) for p, x in seen[st - 1]] == want
+        assert sorted((r["prompt_index"], r["reward"]) for r in records if r.get("negative")) == sorted(want)
+        assert rows[st]["num_negatives"] == 6
+        assert rows[st]["negative_reward_mean"] == pytest.approx(sum(x for _, x in want) / 6)
+    plain = ScalarTask(_cfg())
+    plain.finetune = lambda stage, kept: ScalarTask.finetune(plain, stage, kept)  # no negatives keyword
+    assert "num_negatives" not in run_raft(_cfg(), plain, RunDir(tmp_path / "plain"))[2]
+
+
+def test_negatives_need_local_online_ranking():
+    from raft_diffusion.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="negative_k picks the worst samples"):
+        _cfg(**{"ranking.negative_k": 1, "ranking.mode": "global"})
+    with pytest.raises(ConfigError, match="negative_k picks the worst samples"):
+        _cfg(**{"ranking.negative_k": 1, "mode": "offline"})
+    with pytest.raises(ConfigError, match="negative_k must be an integer"):
+        _cfg(**{"ranking.negative_k": -1})
+    with pytest.raises(ConfigError, match="nft_beta must be > 0"):
+        _cfg(**{"train.nft_beta": 0})
+    with pytest.raises(ConfigError, match="reward_weight_key must be reward or selection"):
+        _cfg(**{"train.reward_weight_key": "novelty"})

@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.pool import StreamingPool
-from raft_diffusion.core.ranking import diverse_pick, global_count, kept_weights, ranking_key, replay_pick, select, select_samples
+from raft_diffusion.core.ranking import (
+    diverse_pick,
+    global_count,
+    kept_weights,
+    ranking_key,
+    replay_pick,
+    select,
+    select_negatives,
+    select_samples,
+)
 from raft_diffusion.core.types import Sample
 
 
@@ -446,3 +455,107 @@ def test_kept_weights_by_hand():
         kept_weights(rewards, prompts, 0.0)
     with pytest.raises(ValueError, match="NaN"):
         kept_weights([1.0, math.nan], [0, 0], 1.0)
+
+
+def brute_negatives(rewards, P, K, m, kept, discarded=()):
+    """Per prompt, the m lowest rewards (ties: lower sample index) among its scored, not kept, not discarded
+    samples, worst first."""
+    out = []
+    for p in range(P):
+        items = [(rewards[p * K + j], j) for j in range(K) if not math.isnan(rewards[p * K + j]) and (p, j) not in kept and (p, j) not in discarded]
+        out += [(p, j) for _, j in sorted(items)[:m]]
+    return out
+
+
+@settings(max_examples=150, deadline=None)
+@given(reward_lists, st.integers(1, 4), st.integers(1, 4), st.integers(1, 4), st.booleans(), st.randoms(use_true_random=False))
+def test_negatives_equal_bruteforce_bottom_m_per_prompt(data, k, m, batch, spread, rnd):
+    """ranking.negative_k: the streaming pool hands over, per prompt, the m worst samples not kept, with payloads;
+    never a discarded or unscored one; the kept selection is what it is without negatives."""
+    P, K, rewards = data
+    k = min(k, K)
+    samples = make(rewards, P, K)
+    discarded = {(s.prompt_index, s.sample_index) for s in samples if rnd.random() < 0.2}
+    for s in samples:
+        s.embedding = [rnd.uniform(-1, 1) for _ in range(3)] + [0.05]
+        if (s.prompt_index, s.sample_index) in discarded:
+            s.extras["discarded"] = "test"
+    w = 1.0 if spread else 0.0
+    ranking = SimpleNamespace(**vars(R("local", top_k=k, diversity_weight=w)), negative_k=m)
+    order = list(range(len(samples)))
+    rnd.shuffle(order)  # arrival order must not matter
+    pool = StreamingPool(ranking, expected_total=len(samples))
+    for i in range(0, len(order), batch):
+        pool.add([samples[j] for j in order[i : i + batch]])
+    kept = pool.kept()
+    negatives = pool.negatives()
+    kept_ids = {(s.prompt_index, s.sample_index) for s in kept}
+    want = brute_negatives(rewards, P, K, m, kept_ids, discarded)
+    assert [(s.prompt_index, s.sample_index) for s in negatives] == want
+    assert all(s.payload == ("img", s.prompt_index, s.sample_index) and s.extras["negative"] for s in negatives)
+    keys = [math.nan if s.extras.get("discarded") else s.reward for s in samples]
+    excl = [i for i, s in enumerate(samples) if (s.prompt_index, s.sample_index) in kept_ids]
+    ref = select_negatives(keys, [s.prompt_index for s in samples], [s.sample_index for s in samples], m, excl)
+    assert [(samples[i].prompt_index, samples[i].sample_index) for i in ref] == want
+    plain = StreamingPool(R("local", top_k=k, diversity_weight=w), expected_total=len(samples))
+    plain.add([_copy_sample(s) for s in samples])
+    assert [(s.prompt_index, s.sample_index) for s in plain.kept()] == [(s.prompt_index, s.sample_index) for s in kept]
+
+
+def _copy_sample(s):
+    return Sample(s.prompt_index, s.sample_index, s.seed, s.reward, payload=s.payload, embedding=s.embedding, extras=dict(s.extras))
+
+
+def test_negatives_by_hand():
+    """Two prompts of 5: top 2 kept, the 2 worst of the rest handed over (a tie goes to the lower sample index)."""
+    samples = make([5.0, 1.0, 3.0, 1.0, 4.0, 2.0, math.nan, 0.5, 9.0, 7.0], 2, 5)
+    pool = StreamingPool(SimpleNamespace(**vars(R("local", top_k=2)), negative_k=2), expected_total=10)
+    pool.add(samples)
+    assert [(s.prompt_index, s.sample_index) for s in pool.kept()] == [(1, 3), (1, 4), (0, 0), (0, 4)]
+    assert [(s.prompt_index, s.sample_index) for s in pool.negatives()] == [(0, 1), (0, 3), (1, 2), (1, 0)]
+    off = StreamingPool(R("local", top_k=2), expected_total=10)
+    assert off.negative_k == 0
+
+
+def test_merged_pools_of_two_processes_hand_over_the_same_negatives():
+    rnd = random.Random(3)
+    P, K, k, m = 3, 8, 2, 3
+    rewards = [rnd.uniform(0, 1) for _ in range(P * K)]
+    ranking = SimpleNamespace(**vars(R("local", top_k=k)), negative_k=m)
+    one = StreamingPool(ranking, P * K)
+    one.add(make(rewards, P, K))
+    one.kept()
+    want = [(s.prompt_index, s.sample_index) for s in one.negatives()]
+    halves = []
+    for rank in range(2):
+        pool = StreamingPool(ranking, P * K)
+        pool.add([s for s in make(rewards, P, K) if s.sample_index // 4 == rank])
+        halves.append(pool)
+    merged = merge_two_processes(ranking, halves, P * K)
+    merged.kept()
+    negatives = merged.negatives()
+    assert [(s.prompt_index, s.sample_index) for s in negatives] == want
+    assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in negatives)
+
+
+def test_novelty_pick_records_each_samples_raised_key():
+    """train.reward_weight_key=selection reads ``selection_key``: the reward plus novelty x the mean cosine distance
+    to the prompt's other eligible samples, by hand (a discarded sample is not among them and gets none)."""
+    samples = make([1.0, 0.5, 0.2, 9.0], 1, 4)
+    for s, e in zip(samples, ([1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0])):
+        s.embedding = e
+    samples[3].extras["discarded"] = "off-prompt"
+    pool = StreamingPool(R("local", top_k=2, novelty_weight=2.0), expected_total=4)
+    pool.add(samples)
+    kept = pool.kept()
+    c = 1 / math.sqrt(2)
+    dist = {0: (1 + (1 - c)) / 2, 1: (1 + (1 - c)) / 2, 2: ((1 - c) + (1 - c)) / 2}  # 1 - cos to the other two
+    for j, d in dist.items():
+        assert samples[j].selection_key == pytest.approx([1.0, 0.5, 0.2][j] + 2.0 * d, rel=1e-12)
+    assert samples[3].selection_key is None
+    assert [s.sample_index for s in kept] == [0, 1]
+    plain = make([1.0, 0.5], 1, 2)
+    p = StreamingPool(R("local", top_k=1), expected_total=2)
+    p.add(plain)
+    p.kept()
+    assert all(s.selection_key is None for s in plain)  # only a novelty or spread pick records one

@@ -358,3 +358,138 @@ def test_sample_weights_weight_each_rows_loss(load_tiny_pipe, data):
         train_unet(pipe, latents, embeds, **TRAIN, sample_weights=torch.ones(5))
     with pytest.raises(ValueError, match="sample_weights must be 6 finite weights"):
         train_unet(pipe, latents, embeds, **TRAIN, sample_weights=-torch.ones(6))
+
+
+def test_negative_aware_loss_by_hand(load_tiny_pipe, data):
+    """ranking.negative_k / train.negative_weight / train.nft_beta: two steps by hand. Step 1's gradient is that of
+    mean ||(1-b) v_ref + b v - eps||^2 over the kept rows + lam * mean ||(1+b) v_ref - b v - eps||^2 over the
+    negative rows with v_ref = v (the reference is the weights at the call's start); step 2's loss, reported as
+    loss_last, has v from the weights after step 1 and v_ref still from the start."""
+    from diffusers import DDPMScheduler
+
+    latents, embeds, _ = data
+    gen = torch.Generator().manual_seed(11)
+    neg_latents, neg_embeds = torch.randn(4, 4, 16, 16, generator=gen), embeds[[1, 2, 0, 1]]
+    beta, lam, lr, seed = 0.5, 0.7, 1e-2, 5
+    pipe = load_tiny_pipe()
+    add_lora(pipe.unet)
+    start = lora_weights(pipe.unet)
+    kw = dict(steps=2, batch_size=6, learning_rate=lr, seed=seed, max_grad_norm=None, progress=False)
+    stats = train_unet(pipe, latents, embeds, **kw, negative_latents=neg_latents, negative_embeds=neg_embeds, negative_weight=lam, nft_beta=beta)
+    assert stats["num_negative_rows"] == 4
+    # the draws: kept rows from the seed's generator, negatives from their own
+    g = torch.Generator().manual_seed(seed)
+    pos = [(torch.randperm(6, generator=g), torch.randn((6, 4, 16, 16), generator=g), torch.randint(0, 1000, (6,), generator=g)) for _ in range(2)]
+    g = torch.Generator().manual_seed((seed * 1_000_003 + 7_919) % 2**63)
+    neg = [(torch.randperm(4, generator=g), torch.randn((4, 4, 16, 16), generator=g), torch.randint(0, 1000, (4,), generator=g)) for _ in range(2)]
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    hand = load_tiny_pipe()
+    add_lora(hand.unet)
+    unet = hand.unet
+    params = [p for p in unet.parameters() if p.requires_grad]
+
+    def predict(x0, cond, draw, grad):
+        idx, noise, t = draw
+        with torch.set_grad_enabled(grad):
+            return unet(ddpm.add_noise(x0[idx], noise, t), t, encoder_hidden_states=cond[idx]).sample, noise
+
+    def loss(v_ref_pos, v_ref_neg, step):
+        v, eps = predict(latents, embeds, pos[step], True)
+        lp = (((1 - beta) * v_ref_pos + beta * v - eps) ** 2).flatten(1).mean(1).mean()
+        v, eps = predict(neg_latents, neg_embeds, neg[step], True)
+        ln = (((1 + beta) * v_ref_neg - beta * v - eps) ** 2).flatten(1).mean(1).mean()
+        return lp + lam * ln
+
+    refs = [(predict(latents, embeds, pos[s], False)[0], predict(neg_latents, neg_embeds, neg[s], False)[0]) for s in range(2)]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    unet.train()
+    first = loss(*refs[0], 0)
+    first.backward()
+    opt.step()
+    opt.zero_grad()
+    second = loss(*refs[1], 1)
+    assert stats["loss_last"] == pytest.approx(second.item(), rel=1e-5)
+    assert stats["loss_mean"] == pytest.approx((first.item() + second.item()) / 2, rel=1e-5)
+    # v_ref is not the current weights at step 2: the same loss with v_ref = v differs
+    with torch.no_grad():
+        now = (predict(latents, embeds, pos[1], False)[0], predict(neg_latents, neg_embeds, neg[1], False)[0])
+    assert second.item() != pytest.approx(loss(*now, 1).item(), rel=1e-4)
+    assert any(not torch.equal(start[k], lora_weights(pipe.unet)[k]) for k in start)
+
+
+def test_negative_aware_loss_at_beta_1_weight_0_is_the_plain_loss(load_tiny_pipe, data):
+    """nft_beta 1 with negative_weight 0 trains bit for bit as the plain loss (the negatives' rows computed, weighted
+    0); a negative weight or another beta trains otherwise; nft_beta < 1 alone (no negatives) is an extrapolated
+    positive loss that also differs."""
+    latents, embeds, _ = data
+    neg = dict(negative_latents=torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(2)), negative_embeds=embeds[[0, 1, 2]])
+    trained = []
+    for extra in ({}, {**neg, "negative_weight": 0.0}, {**neg, "negative_weight": 0.5}, {"nft_beta": 0.5}):
+        pipe = load_tiny_pipe()
+        add_lora(pipe.unet)
+        train_unet(pipe, latents, embeds, **{**TRAIN, "steps": 3}, **extra)
+        trained.append(lora_weights(pipe.unet))
+    assert all(torch.equal(trained[0][k], trained[1][k]) for k in trained[0])
+    assert any(not torch.equal(trained[0][k], trained[2][k]) for k in trained[0])
+    assert any(not torch.equal(trained[0][k], trained[3][k]) for k in trained[0])
+    with pytest.raises(UserError, match="nft_beta must be > 0"):
+        train_unet(pipe, latents, embeds, **TRAIN, nft_beta=0.0)
+
+
+def test_task_hands_weights_and_negatives_to_training(monkeypatch):
+    """DiffusionTask.finetune's wiring: train.reward_weight_key=selection weighs by the novelty-raised key (a sample
+    without one by its reward), reward by the reward; ranking.negative_k's negatives arrive as latents and their
+    prompts' embeddings with train.negative_weight and train.nft_beta; without them no such argument is passed."""
+    from types import SimpleNamespace
+
+    from raft_diffusion.core.ranking import kept_weights
+    from raft_diffusion.core.types import Sample
+    from raft_diffusion.diffusion import task as task_mod
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    got = {}
+    monkeypatch.setattr(task_mod.ft, "train_unet", lambda pipe, latents, embeds, **kw: got.update(kw, latents=latents, embeds=embeds) or {})
+
+    def sample(p, j, r, key=None):
+        s = Sample(prompt_index=p, sample_index=j, seed=j, reward=r, payload={"latents": torch.full((4, 2, 2), float(j))})
+        s.selection_key = key
+        return s
+
+    kept = [sample(0, 0, 1.0, 2.0), sample(0, 1, 0.8, 2.5), sample(1, 2, 0.3, None)]
+    negatives = [sample(1, 3, -1.0), sample(0, 4, -2.0)]
+    embeds = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    for over, want in (
+        (["train.reward_weight_temperature=0.5", "train.reward_weight_key=selection"], kept_weights([2.0, 2.5, 0.3], [0, 0, 1], 0.5)),
+        (["train.reward_weight_temperature=0.5"], kept_weights([1.0, 0.8, 0.3], [0, 0, 1], 0.5)),
+    ):
+        cfg = config_from_dict({}, over + ["ranking.negative_k=2", "train.negative_weight=0.3", "train.nft_beta=0.7"])
+        fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), legacy=True, train_embeds=(embeds, None), pipe=None, empty_embeds=None, dist=None)
+        got.clear()
+        task_mod.DiffusionTask.finetune(fake, 1, kept, negatives=negatives)
+        assert got["sample_weights"].tolist() == pytest.approx(want, rel=1e-6)
+        assert got["negative_latents"][:, 0, 0, 0].tolist() == [3.0, 4.0]
+        assert torch.equal(got["negative_embeds"], embeds[[1, 0]])
+        assert (got["negative_weight"], got["nft_beta"]) == (0.3, 0.7)
+    fake.cfg = config_from_dict({}, [])
+    got.clear()
+    task_mod.DiffusionTask.finetune(fake, 1, kept)
+    assert not {"sample_weights", "negative_latents", "negative_weight", "nft_beta"} & set(got)
+
+
+def test_timestep_ranges_only_from_a_late_stage():
+    """train.timestep_ranges_from_stage=4: stages 1-3 train on train.timestep_range, stages 4 on on the cycled
+    timestep_ranges; unset, the ranges apply in every stage as before (and timestep_range must then be null)."""
+    from raft_diffusion.core.errors import ConfigError
+    from raft_diffusion.diffusion.config import config_from_dict
+    from raft_diffusion.diffusion.task import train_settings
+
+    ranges = "[[800,1000],[0,800]]"
+    cfg = config_from_dict({}, ["train.timestep_range=[800,1000]", f"train.timestep_ranges={ranges}", "train.timestep_ranges_from_stage=4"])
+    picked = [(train_settings(cfg.train, st)["timestep_range"], train_settings(cfg.train, st)["timestep_ranges"]) for st in (1, 3, 4, 6)]
+    assert picked == [([800, 1000], None), ([800, 1000], None), (None, [[800, 1000], [0, 800]]), (None, [[800, 1000], [0, 800]])]
+    every = config_from_dict({}, [f"train.timestep_ranges={ranges}"])
+    assert all(train_settings(every.train, st)["timestep_ranges"] == [[800, 1000], [0, 800]] for st in (1, 5))
+    with pytest.raises(ConfigError, match="timestep_range null .* unless train.timestep_ranges_from_stage"):
+        config_from_dict({}, ["train.timestep_range=[800,1000]", f"train.timestep_ranges={ranges}"])
+    with pytest.raises(ConfigError, match="timestep_ranges_from_stage must be an integer >= 1 with train.timestep_ranges"):
+        config_from_dict({}, ["train.timestep_ranges_from_stage=2"])

@@ -206,6 +206,7 @@ def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> Streaming
     """
     if not (local.spread or local.deferred):  # a spread pick or a rising threshold needs every process's samples
         local.kept()
+    local.restore_negative_payloads()  # ranking.negative_k: the local worst go along with their payloads
     for s in local.records:
         s.payload, s.embedding = _to_cpu(s.payload), _to_cpu(s.embedding)
     everything = [s for part in dist.gather(local.records) for s in part]
@@ -268,6 +269,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
 
         # Steps 1-3: sample and score (online), or reuse the first stage's pool (offline).
         t = time.perf_counter()
+        negatives: list[Sample] = []
         if offline and stage > 1:
             records, kept = None, None
             if main:
@@ -282,6 +284,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         else:
             pool = collect_pool(cfg, task, stage, tally.stats, dist)
             kept = pool.kept()
+            negatives = pool.negatives() if pool.negative_k else []  # ranking.negative_k: the worst per prompt
             if pool.deferred:
                 row["ranking_threshold"] = pool.cut  # the stage's threshold (ranking.threshold_quantile)
             if main:
@@ -310,6 +313,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             num_kept=len(kept),
             num_discarded=discarded,
         )
+        if negatives:
+            row.update(num_negatives=len(negatives), negative_reward_mean=summary([s.reward for s in negatives]).get("mean"))
 
         # Step 4: fine-tune on the kept samples (and, with ranking.replay_top_k, the best that earlier stages kept).
         t = time.perf_counter()
@@ -319,13 +324,14 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             replayed = load_replay(task, run, stage, replay_k, dist)
             train_set = kept + replayed
             row.update(num_replayed=len(replayed), replayed_reward_mean=summary([s.reward for s in replayed]).get("mean"))
-        row.update(task.finetune(stage, train_set))
+        # ranking.negative_k: the worst samples too, for a negative-aware loss (passed only when there are some)
+        row.update(task.finetune(stage, train_set, negatives=negatives) if negatives else task.finetune(stage, train_set))
         row["time_finetune"] = time.perf_counter() - t
         faults.fault_point("train", stage)  # training writes nothing: a kill anywhere in it leaves this state
         if main:
             task.save(sdir)
             faults.fault_point("save", stage)
-        del kept, train_set
+        del kept, train_set, negatives
 
         # Step 5: evaluate on held-out prompts with fixed seeds.
         if cfg.eval.every and (stage % cfg.eval.every == 0 or stage == cfg.num_stages):

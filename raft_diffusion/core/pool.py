@@ -6,7 +6,9 @@ whole stage in ``global`` mode). Selections equal :func:`ranking.select` on the 
 With ``ranking.diversity_weight`` > 0 a prompt's pick depends on all of its samples, so every scored
 sample's payload is held until :meth:`StreamingPool.kept`. A threshold that rises with the pool
 (``ranking.threshold_quantile``) is known only once the stage is complete: the pool holds what reaches
-``ranking.threshold`` and cuts at the stage's quantile in :meth:`StreamingPool.kept`.
+``ranking.threshold`` and cuts at the stage's quantile in :meth:`StreamingPool.kept`. With
+``ranking.negative_k`` m > 0 (``local`` mode) the pool also holds, per prompt, the payloads of its ``m + top_k``
+lowest-keyed samples, of which :meth:`StreamingPool.negatives` returns the ``m`` worst not kept.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ class StreamingPool:
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
+        # ranking.negative_k: per prompt the m + top_k worst samples, each with its payload (the worst m not kept
+        # are among them); items ((-key, -sample index), sample, payload), the best of them on top of the heap
+        self.negative_k = int(getattr(ranking, "negative_k", 0) or 0)
+        self._bottom: dict[int, list] = {}
 
     def _slot_capacity(self) -> int | None:
         r = self.ranking
@@ -58,6 +64,8 @@ class StreamingPool:
         for s in samples:
             self.records.append(s)
             key = sample_key(s, self.ranking.kl_beta)
+            if self.negative_k and not is_nan(key):
+                self._add_bottom(s, key)
             if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
@@ -75,6 +83,34 @@ class StreamingPool:
                 s.payload = None
             self.max_payloads_held = max(self.max_payloads_held, self._held)
 
+    def _add_bottom(self, s: Sample, key: float) -> None:
+        heap = self._bottom.setdefault(s.prompt_index, [])
+        item = ((-key, -s.sample_index), s, s.payload)
+        if len(heap) < self.negative_k + self.ranking.top_k:
+            heapq.heappush(heap, item)
+        elif item[0] > heap[0][0]:
+            heapq.heapreplace(heap, item)
+
+    def restore_negative_payloads(self) -> None:
+        """Put the held payloads back on the negative candidates (before the records are sent to another process)."""
+        for heap in self._bottom.values():
+            for _, s, payload in heap:
+                s.payload = payload
+
+    def negatives(self) -> list[Sample]:
+        """``ranking.negative_k``: per prompt (in increasing order) its ``m`` lowest-keyed samples that
+        :meth:`kept` did not keep, worst first, with their payloads; marks ``negative`` in their extras. Call
+        after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples."""
+        out = []
+        for p in sorted(self._bottom):
+            items = sorted(self._bottom[p], key=lambda it: it[0], reverse=True)  # worst first
+            chosen = [(s, payload) for _, s, payload in items if not s.extras.get("kept")][: self.negative_k]
+            for s, payload in chosen:
+                s.payload = payload
+                s.extras["negative"] = True
+                out.append(s)
+        return out
+
     def num_payloads_held(self) -> int:
         return self._held
 
@@ -82,6 +118,7 @@ class StreamingPool:
         """Cut each prompt's candidates down to its greedy spread-out ``top_k`` (drops the others' payloads)."""
         for slot, heap in self._heaps.items():
             items = sorted(heap, key=lambda it: it[0], reverse=True)
+            gains: list[float] = []
             picks = set(
                 diverse_pick(
                     [it[0][0] for it in items],
@@ -89,8 +126,11 @@ class StreamingPool:
                     self.ranking.top_k,
                     self.ranking.diversity_weight,
                     getattr(self.ranking, "novelty_weight", 0.0),
+                    gains,
                 )
             )
+            for (_, s), g in zip(items, gains):
+                s.selection_key = g  # the key raised by the novelty term (train.reward_weight_key: selection)
             for j, (_, s) in enumerate(items):
                 if j not in picks:
                     self._held -= s.payload is not None

@@ -83,13 +83,14 @@ def stage_threshold(keys: Sequence[float], threshold: float, quantile: float | N
     return cut if cap is None else min(cut, cap)
 
 
-def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0) -> list[int]:
+def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0, gains: list | None = None) -> list[int]:
     """Greedy spread-out top ``k`` of one group whose items come best first: positions into ``keys``.
 
     With ``novelty`` > 0 each item's gain is first raised by ``novelty * mean(1 - cos)`` to the group's
     other items (a sample in a crowded part of the pool gains little); then the first pick is the best gain and
     each next one maximises ``gain + weight * mean(1 - cos)`` to the picks so far. With ``weight`` 0 this is the
-    plain top ``k`` by gain. Ties go to the earlier (better-ranked) item, so the result is deterministic.
+    plain top ``k`` by gain. Ties go to the earlier (better-ranked) item, so the result is deterministic. A list
+    passed as ``gains`` receives every item's gain (its key raised by the novelty term), in the items' order.
     """
     n = len(keys)
     if not n:
@@ -104,6 +105,8 @@ def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novel
     gain = torch.as_tensor(list(keys), dtype=torch.float64)
     if novelty and n > 1:
         gain = gain + novelty * dist.sum(1) / (n - 1)
+    if gains is not None:
+        gains[:] = gain.tolist()
     dist_sum = torch.zeros_like(gain)
     picked = [int(gain.argmax())]
     free = torch.ones_like(gain, dtype=torch.bool)
@@ -218,6 +221,24 @@ def replay_pick(candidates: Sequence[tuple[int, Sample]], k: int) -> list[tuple[
     for p in sorted(groups):
         members = sorted(groups[p], key=lambda c: (c[1].reward, c[0], -c[1].sample_index), reverse=True)
         out += members[: max(0, k)]
+    return out
+
+
+def select_negatives(
+    keys: Sequence[float], prompt_indices: Sequence[int], sample_indices: Sequence[int], m: int, exclude: Sequence[int] = ()
+) -> list[int]:
+    """Reference pick of ``ranking.negative_k``: per prompt, the ``m`` items with the lowest ranking key (the worst
+    samples of its pool), never an item in ``exclude`` (the kept ones) and never a NaN key (no score, or discarded).
+    Positions into ``keys``, prompts in increasing order, worst first within a prompt; equal keys go to the lower
+    sample index."""
+    skip = set(exclude)
+    groups: dict[int, list[int]] = {}
+    for i, k in enumerate(keys):
+        if i not in skip and not is_nan(k):
+            groups.setdefault(prompt_indices[i], []).append(i)
+    out = []
+    for p in sorted(groups):
+        out += sorted(groups[p], key=lambda i: (keys[i], sample_indices[i]))[: max(0, m)]
     return out
 
 

@@ -22,6 +22,8 @@ class Sample:
     payload: Any = None  # adapter-specific content; dropped once a sample cannot be kept
     embedding: Any = None  # a feature vector for ranking.diversity_weight (the adapter supplies it then)
     extras: dict = field(default_factory=dict)  # small JSON-able per-sample facts (reward components, paths)
+    # the key a novelty pick ranked it by (reward + novelty term); None = its ranking key; not written to samples.jsonl
+    selection_key: float | None = None
 
     def record(self) -> dict:
         """The JSON-able part written to ``samples.jsonl``."""

@@ -110,6 +110,10 @@ class RankingConfig(core.RankingConfig):
         0.0,
         "local mode: before the pick, add w * each sample's mean cosine distance (eval.clip_model image embeddings) to the other eligible samples of its prompt, so samples where the pool crowds gain less than equally good ones in sparse parts; counters the model collapsing onto one mode stage after stage; 0 = off (diffusion only)",
     )
+    negative_k: int = _f(
+        0,
+        "local mode, online runs, SD 1.x/2.x: also hand the m worst samples of each prompt's pool (by reward, never a kept, discarded or unscored one) to fine-tuning as negatives, which train.negative_weight's negative-aware loss pushes the model away from; 0 = off",
+    )
     prompt_match: int | None = _f(
         None,
         "keep a sample only if eval.clip_model, zero-shot, ranks its own prompt among the top N of the training prompts for the image (1 = its prompt must be the best match); an off-prompt image is then never kept however well it scores. Discarded samples are still scored and logged (extras 'prompt_rank', 'discarded'); null = off (diffusion only)",
@@ -159,6 +163,10 @@ class TrainConfig:
         None,
         "SD 1.x/2.x, instead of timestep_range: a list of [lo, hi] cycled over the optimizer steps (step s draws from entry s mod n), e.g. [[800, 1000], [800, 1000], [0, 800]]: a third of the steps on the low-noise timesteps that decide fine detail; null = off",
     )
+    timestep_ranges_from_stage: int | None = _f(
+        None,
+        "with train.timestep_ranges: use them only from this stage on, the stages before it training on train.timestep_range (which may then be set too), e.g. a low-noise share only in late stages; null = timestep_ranges in every stage",
+    )
     weighting_scheme: str = _f(
         "logit_normal",
         "SD3/FLUX: timestep density and loss weighting of the rectified-flow loss (diffusers' names: logit_normal, mode, cosmap, sigma_sqrt, none)",
@@ -174,6 +182,18 @@ class TrainConfig:
     reward_weight_temperature: float | None = _f(
         None,
         "reward-weighted loss over the training set: each sample's loss weighted by exp((r - best r of its prompt in the set) / T), the weights scaled to average 1, so keeping more per prompt (ranking.top_k) lets the better ones count more; null = equal weights (plain RAFT)",
+    )
+    reward_weight_key: str = _f(
+        "reward",
+        "what train.reward_weight_temperature's weights follow: reward (the raw reward) or selection (the key the pick ranked by: the reward raised by ranking.novelty_weight's term, so the weights do not undo it; samples without one, e.g. replayed, use their reward)",
+    )
+    negative_weight: float = _f(
+        1.0,
+        "with ranking.negative_k > 0: lambda of the negative-aware loss, mean ||v_plus - target||^2 over the kept samples + lambda * mean ||v_minus - target||^2 over the negatives, v_minus = (1 + nft_beta) v_ref - nft_beta v_theta with v_ref the prediction of the model as it was when the stage's training began",
+    )
+    nft_beta: float = _f(
+        1.0,
+        "negative-aware loss (SD 1.x/2.x): the kept samples train v_plus = (1 - beta) v_ref + beta v_theta, the negatives v_minus = (1 + beta) v_ref - beta v_theta, v_ref the stage-start model's prediction (no gradient); 1 with ranking.negative_k 0 = the plain loss",
     )
 
 
@@ -297,6 +317,23 @@ class RaftConfig(core.BaseConfig):
                     self.eval.clip_model is not None,
                     f"ranking.{name} needs eval.clip_model (the CLIP whose image embeddings it spreads the kept set in)",
                 )
+        need(
+            isinstance(r.negative_k, int) and r.negative_k >= 0,
+            f"ranking.negative_k must be an integer >= 0 (got {r.negative_k!r})",
+        )
+        need(
+            not r.negative_k or (r.mode == "local" and self.mode == "online" and s.external_pool is None),
+            "ranking.negative_k picks the worst samples of each prompt's own pool: it needs ranking.mode=local and an online run (mode=online, no sampling.external_pool); set ranking.negative_k=0",
+        )
+        need(
+            t.negative_weight >= 0,
+            f"train.negative_weight must be >= 0 (got {t.negative_weight}); 1 weighs the negatives' mean loss as the kept ones'",
+        )
+        need(
+            t.reward_weight_key in ("reward", "selection"),
+            f"train.reward_weight_key must be reward or selection (got {t.reward_weight_key!r})",
+        )
+        need(t.nft_beta > 0, f"train.nft_beta must be > 0 (got {t.nft_beta}); 1 trains the kept samples with the plain loss")
         need(r.prompt_match is None or r.prompt_match >= 1, f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")
         need(
             r.prompt_match is None or self.eval.clip_model is not None,
@@ -349,12 +386,18 @@ class RaftConfig(core.BaseConfig):
         need(
             t.timestep_ranges is None
             or (
-                t.timestep_range is None
+                (t.timestep_range is None or t.timestep_ranges_from_stage is not None)
                 and isinstance(t.timestep_ranges, list)
                 and len(t.timestep_ranges) > 0
                 and all(isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) for v in r) and 0 <= r[0] < r[1] for r in t.timestep_ranges)
             ),
-            f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null (got {t.timestep_ranges})",
+            f"train.timestep_ranges must be a non-empty list of [lo, hi] with integers 0 <= lo < hi, with train.timestep_range null "
+            f"(got {t.timestep_ranges}) unless train.timestep_ranges_from_stage is set",
+        )
+        need(
+            t.timestep_ranges_from_stage is None
+            or (isinstance(t.timestep_ranges_from_stage, int) and t.timestep_ranges_from_stage >= 1 and t.timestep_ranges is not None),
+            f"train.timestep_ranges_from_stage must be an integer >= 1 with train.timestep_ranges set, or null (got {t.timestep_ranges_from_stage!r})",
         )
         need(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
         need(t.optimizer in OPTIMIZERS, f"train.optimizer must be one of {', '.join(OPTIMIZERS)} (got {t.optimizer!r})")

@@ -268,6 +268,10 @@ def train_unet(
     family=None,
     loss_settings=None,
     sample_weights: torch.Tensor | None = None,
+    negative_latents: torch.Tensor | None = None,
+    negative_embeds: torch.Tensor | None = None,
+    negative_weight: float = 1.0,
+    nft_beta: float = 1.0,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -309,6 +313,21 @@ def train_unet(
 
     ``sample_weights`` (``[N]``, one per latent; None = all 1) multiplies each row's loss by its sample's weight
     (on top of Min-SNR): a reward-weighted loss over the training set (``train.reward_weight_temperature``).
+
+    Negative-aware loss (SD 1.x/2.x; ``ranking.negative_k``, ``train.negative_weight``, ``train.nft_beta``): with
+    ``negative_latents`` ``[M, ...]`` and their ``negative_embeds``, or ``nft_beta`` != 1, let ``v_ref`` be the
+    prediction of the trainable weights as they were when this call began (computed without gradient, LoRA dropout
+    off) and ``v`` the trained one. A kept row's prediction becomes ``v_plus = (1 - beta) v_ref + beta v`` and a
+    negative row's ``v_minus = (1 + beta) v_ref - beta v``; the step's loss is the mean over its kept rows of
+    ``||v_plus - target||^2`` plus ``negative_weight`` x the mean over its negative rows of ``||v_minus -
+    target||^2`` (per-row MSE and Min-SNR weights as above; ``sample_weights`` only on kept rows). Minimising the
+    second term moves ``v`` from ``v_ref`` by ``-(target - v_ref) / beta``: away from the negatives' targets, and
+    bounded (a quadratic), unlike gradient ascent on their loss. Each step also draws ``min(batch_size, M)``
+    negatives per micro-batch (their order, noise and timesteps from a second generator seeded by ``seed``, so the
+    kept rows' draws are those of the plain loss); they are computed in chunks after the kept rows'. At beta 1
+    ``v_plus`` is ``v`` and no reference pass is made for kept rows; with ``negative_weight`` 0 the weights then
+    train exactly as the plain loss. Cost per step: the negatives' forward and backward plus one forward of the
+    reference on them (and on the kept rows when beta != 1).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -330,6 +349,16 @@ def train_unet(
         sample_weights = torch.as_tensor(sample_weights, dtype=torch.float32).flatten()
         if sample_weights.numel() != n or not bool(torch.isfinite(sample_weights).all() and (sample_weights >= 0).all()):
             raise ValueError(f"sample_weights must be {n} finite weights >= 0, one per latent (got {sample_weights.numel()})")
+    nft = negative_latents is not None or nft_beta != 1.0
+    if nft:
+        if family is not None:
+            raise UserError(f"the negative-aware loss (ranking.negative_k, train.nft_beta) is implemented for SD 1.x/2.x only, not for {family.name}")
+        if not nft_beta > 0 or not negative_weight >= 0:
+            raise UserError(f"nft_beta must be > 0 and negative_weight >= 0 (got {nft_beta}, {negative_weight})")
+        if negative_latents is not None and (
+            negative_latents.shape[0] == 0 or negative_embeds is None or len(negative_embeds) != negative_latents.shape[0]
+        ):
+            raise ValueError("need matching non-empty negative_latents and negative_embeds")
     if chunk_rows is not None and chunk_rows < 1:
         raise UserError(f"chunk_rows must be >= 1 or None (got {chunk_rows})")
     if not 0.0 <= empty_prompt_ratio < 1.0:
@@ -380,6 +409,14 @@ def train_unet(
     step_rows = micro * gradient_accumulation_steps
     chunks = chunk_slices(step_rows, chunk_rows or micro)
     order = torch.empty(0, dtype=torch.long)
+    # the negative-aware loss: the negatives' own draws, and the trainable weights as they are now (the reference)
+    n_neg = 0 if negative_latents is None else negative_latents.shape[0]
+    neg_micro = min(batch_size, n_neg)
+    neg_rows = neg_micro * gradient_accumulation_steps
+    neg_chunks = chunk_slices(neg_rows, chunk_rows or neg_micro) if n_neg else []
+    neg_gen = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + 7_919) % 2**63)
+    neg_order = torch.empty(0, dtype=torch.long)
+    reference = [p.detach().clone() for p in params] if nft else None
 
     def next_batch() -> torch.Tensor:
         nonlocal order
@@ -387,6 +424,34 @@ def train_unet(
             order = torch.cat([order, torch.randperm(n, generator=gen)])
         idx, order = order[:micro], order[micro:]
         return idx
+
+    def draw_negatives(step: int) -> dict:
+        """The step's negative rows (``neg_micro`` per micro-batch), from the negatives' generator."""
+        nonlocal neg_order
+        draws = []
+        for _ in range(gradient_accumulation_steps):
+            if neg_order.numel() < neg_micro:
+                neg_order = torch.cat([neg_order, torch.randperm(n_neg, generator=neg_gen)])
+            idx, neg_order = neg_order[:neg_micro], neg_order[neg_micro:]
+            noise = torch.randn((neg_micro, *negative_latents.shape[1:]), generator=neg_gen)
+            lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
+            draws.append({"idx": idx, "noise": noise, "t": torch.randint(int(lo), int(hi), (neg_micro,), generator=neg_gen)})
+        return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+
+    def reference_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The prediction of the weights as they were when training began: swapped in, no gradient, dropout off."""
+        current = [p.data for p in params]
+        with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(unet)):
+            unet.eval()
+            try:
+                for p, r in zip(params, reference):
+                    p.data = r
+                with autocast():
+                    return unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+            finally:
+                for p, c in zip(params, current):
+                    p.data = c
+                unet.train()
 
     def draw_step(step: int) -> dict:
         """The step's rows (its micro-batches one after another): sample index, noise, timestep, caption drop."""
@@ -404,8 +469,8 @@ def train_unet(
             draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop})
         return {k: None if draws[0][k] is None else torch.cat([d[k] for d in draws]) for k in draws[0]}
 
-    def chunk_loss(rows: dict) -> torch.Tensor:
-        """The summed (Min-SNR weighted) denoising loss of some rows."""
+    def chunk_loss(rows: dict, negative: bool = False) -> torch.Tensor:
+        """The summed (Min-SNR weighted) denoising loss of some rows (``negative``: rows of the negatives)."""
         if family is not None:
             x0 = latents[rows["idx"].to(latents.device)]
             with autocast():
@@ -417,19 +482,26 @@ def train_unet(
             if sample_weights is not None:
                 per_sample = per_sample * sample_weights[rows["idx"]].to(per_sample.device)
             return per_sample.sum()
-        noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows["drop"]
-        x0 = latents[rows["idx"].to(latents.device)].to(device, torch.float32)
-        cond = prompt_embeds[rows["idx"].to(prompt_embeds.device)].to(device, model_dtype)
+        noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows.get("drop")
+        data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
+        x0 = data[rows["idx"].to(data.device)].to(device, torch.float32)
+        cond = embeds[rows["idx"].to(embeds.device)].to(device, model_dtype)
         if drop is not None and drop.any():
             cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
         noisy = noise_scheduler.add_noise(x0, noise, t)
         target = denoising_target(noise_scheduler, x0, noise, t)
+        ref = reference_prediction(noisy.to(model_dtype), t, cond) if negative or nft_beta != 1.0 else None
         with autocast():
             pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
+        pred = pred.float()
+        if negative:  # v_minus = (1 + beta) v_ref - beta v
+            pred = (1.0 + nft_beta) * ref - nft_beta * pred
+        elif ref is not None:  # v_plus = (1 - beta) v_ref + beta v
+            pred = (1.0 - nft_beta) * ref + nft_beta * pred
+        per_sample = F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
         if snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
-        if sample_weights is not None:
+        if sample_weights is not None and not negative:
             per_sample = per_sample * sample_weights[rows["idx"]].to(device)
         return per_sample.sum()
 
@@ -446,15 +518,20 @@ def train_unet(
         with torch.random.fork_rng(devices=_rng_devices(unet)), bar:
             for step in range(steps):
                 draws = draw_step(step)
+                neg_draws = draw_negatives(step) if n_neg else None
 
-                def backward(i: int, step=step, draws=draws) -> float:  # chunk i: forward, backward, its share of the mean loss
+                def backward(i: int, step=step, draws=draws, neg_draws=neg_draws) -> float:  # chunk i: forward, backward, its share of the loss
                     torch.manual_seed(train_chunk_seed(seed, step, i))  # LoRA dropout masks: a function of the chunk
-                    rows = {k: None if v is None else v[chunks[i]] for k, v in draws.items()}
-                    loss = chunk_loss(rows) / step_rows
+                    if i < len(chunks):
+                        rows = {k: None if v is None else v[chunks[i]] for k, v in draws.items()}
+                        loss = chunk_loss(rows) / step_rows
+                    else:  # the negatives' chunks come after the kept rows'
+                        rows = {k: v[neg_chunks[i - len(chunks)]] for k, v in neg_draws.items()}
+                        loss = chunk_loss(rows, negative=True) * (negative_weight / neg_rows)
                     (scaler.scale(loss) if scaler else loss).backward()
                     return loss.item()
 
-                step_loss = summed_grads(params, len(chunks), backward, dist)
+                step_loss = summed_grads(params, len(chunks) + len(neg_chunks), backward, dist)
                 if not optimizer_step(optimizer, params, scaler, max_grad_norm):
                     skipped += 1  # fp16: inf/NaN gradients, the scaler lowered its scale and skipped the step
                 schedule.step()
@@ -476,4 +553,5 @@ def train_unet(
         "lr_last": schedule.get_last_lr()[0],
         "seconds": time.perf_counter() - start,
         **({"steps_skipped": skipped} if scaler is not None else {}),
+        **({"num_negative_rows": neg_rows} if n_neg else {}),
     }

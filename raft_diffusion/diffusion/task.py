@@ -291,7 +291,8 @@ class DiffusionTask:
         return kept
 
     # -- fine-tuning and weights ---------------------------------------------------------------
-    def finetune(self, stage: int, kept: list[Sample]) -> dict:
+    def finetune(self, stage: int, kept: list[Sample], negatives: list[Sample] | None = None) -> dict:
+        """Train on the kept samples (and, with ``ranking.negative_k``, away from ``negatives``, SD 1.x/2.x)."""
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         rows = [s.prompt_index for s in kept]
         if self.legacy:
@@ -300,12 +301,21 @@ class DiffusionTask:
             embeds, family = self.train_embeds[rows], {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
         temperature = self.cfg.train.reward_weight_temperature
         if temperature is not None:  # train.reward_weight_temperature: a reward-weighted loss within each prompt
-            family["sample_weights"] = torch.tensor(kept_weights([s.reward for s in kept], rows, temperature))
+            by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
+            values = [s.selection_key if by_key and s.selection_key is not None else s.reward for s in kept]
+            family["sample_weights"] = torch.tensor(kept_weights(values, rows, temperature))
+        if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss (SD 1.x/2.x, checked at start)
+            family["nft_beta"] = self.cfg.train.nft_beta
+        if negatives:
+            neg_rows = torch.tensor([s.prompt_index for s in negatives], device=self.device)
+            family["negative_latents"] = torch.stack([s.payload["latents"] for s in negatives]).to(self.device, torch.float32)
+            family["negative_embeds"] = self.train_embeds[0][neg_rows]
+            family["negative_weight"] = self.cfg.train.negative_weight
         return ft.train_unet(
             self.pipe,
             latents,
             embeds,
-            **train_settings(self.cfg.train),
+            **train_settings(self.cfg.train, stage),
             seed=stage_seed(self.cfg.seed, stage, "train"),
             empty_embeds=self.empty_embeds,
             progress=self.cfg.progress,
@@ -395,8 +405,13 @@ class DiffusionTask:
         return {**metrics, "eval_reward_queries": len(rows)}
 
 
-def train_settings(t) -> dict:
-    """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)."""
+def train_settings(t, stage: int | None = None) -> dict:
+    """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)
+    for ``stage`` (``train.timestep_ranges_from_stage``: before it ``timestep_range``, from it ``timestep_ranges``)."""
+    ranges, single = t.timestep_ranges, t.timestep_range
+    late = getattr(t, "timestep_ranges_from_stage", None)
+    if late is not None and stage is not None:
+        ranges, single = (ranges, None) if stage >= late else (None, single)
     return dict(
         steps=t.steps_per_stage,
         batch_size=t.batch_size,
@@ -412,8 +427,8 @@ def train_settings(t) -> dict:
         gradient_checkpointing=t.gradient_checkpointing,
         snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio,
-        timestep_range=t.timestep_range,
-        timestep_ranges=t.timestep_ranges,
+        timestep_range=single,
+        timestep_ranges=ranges,
     )
 
 
@@ -434,6 +449,11 @@ def loss_settings(t):
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
     ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
+    if family.name != "sd" and (cfg.ranking.negative_k or cfg.train.nft_beta != 1.0):
+        raise UserError(
+            f"the negative-aware loss (ranking.negative_k, train.nft_beta) is implemented for SD 1.x/2.x only, "
+            f"not for {family.name}: set ranking.negative_k=0 and train.nft_beta=1"
+        )
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
     if family.name != "sd" and cfg.sampling.eta:
