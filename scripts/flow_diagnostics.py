@@ -37,6 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raft_diffusion.diffusion.toyworld.build import ASSETS_DIR, BuildSettings  # noqa: E402
 
 
+def flow_defaults() -> tuple[int, int, int]:
+    from raft_diffusion.diffusion.toyworld.flow import FLOW_HEAD_DIM, FLOW_HEADS, FLOW_LAYERS
+
+    return FLOW_LAYERS, FLOW_HEADS, FLOW_HEAD_DIM
+
+
 def _cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -51,15 +57,22 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=d.flow_batch)
     ap.add_argument("--pool", type=int, default=d.flow_pool)
     ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay of the saved weights")
+    ap.add_argument("--sigma-mean", type=float, default=0.0, help="logit-normal mean of the training noise levels (> 0: noisier)")
+    ap.add_argument("--sigma-std", type=float, default=1.0, help="logit-normal std of the training noise levels")
+    ap.add_argument("--layers", type=int, default=flow_defaults()[0], help="MMDiT blocks")
+    ap.add_argument("--heads", type=int, default=flow_defaults()[1], help="attention heads")
+    ap.add_argument("--head-dim", type=int, default=flow_defaults()[2], help="width of a head")
     ap.add_argument("--seed", type=int, default=d.seed)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-prompts", type=int, default=48)
+    ap.add_argument("--eval-raw", action="store_true", help="also measure the oracle match of the live (not averaged) weights")
     ap.add_argument("--resume", default=None, help="a state.pt this script wrote (same settings)")
     args = ap.parse_args(argv)
     from raft_diffusion.core.errors import UserError
 
-    if args.steps < 1 or args.eval_every < 1 or args.eval_prompts < 1:
-        raise UserError("--steps, --eval-every and --eval-prompts must be >= 1")
+    if min(args.steps, args.eval_every, args.eval_prompts, args.layers, args.heads, args.head_dim) < 1:
+        raise UserError("--steps, --eval-every, --eval-prompts, --layers, --heads and --head-dim must be >= 1")
     from diffusers import AutoencoderKL
     from torchvision.utils import save_image
 
@@ -78,7 +91,8 @@ def main(argv=None) -> int:
     te = flow.load_text_encoder_with_projection(assets / "clip")
     tok = build_clip_tokenizer()
     tok.model_max_length = te.config.max_position_embeddings
-    pipe = flow.build_flow_pipeline(vae, te, tok, args.seed)
+    pipe = flow.build_flow_pipeline(vae, te, tok, args.seed, layers=args.layers, heads=args.heads, head_dim=args.head_dim)
+    (out / "settings.json").write_text(json.dumps(vars(args), indent=1) + "\n")
     pool = encode_pool(vae, args.pool, args.seed + 17)
     resume = torch.load(args.resume, weights_only=False) if args.resume else None
 
@@ -95,6 +109,15 @@ def main(argv=None) -> int:
         save_image(ev.pop("images")[:48], str(out / f"grid_{step}.png"), nrow=8)
         ev.pop("prompt_list")
         row.update(ev)
+        if args.eval_raw:  # the live weights too (what the EMA lags behind)
+            model = live["model"].eval()
+            try:
+                raw = evaluate_pipeline(
+                    pipe, n_prompts=args.eval_prompts, seed=args.seed, guidance=flow.EVAL_GUIDANCE, max_sequence_length=flow.T5_TOKENS
+                )
+            finally:
+                model.train()
+            row.update(raw_match=raw["match"], raw_shape_ok=raw["shape_ok"], raw_colour_ok=raw["colour_ok"])
         row.update(eval_cpu_s=_cpu() - c, cpu_s=_cpu() - c0, wall_s=time.time() - w0, load=os.getloadavg()[0])
         with open(out / "curve.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -111,6 +134,9 @@ def main(argv=None) -> int:
         hook=hook,
         hook_every=args.eval_every,
         resume=resume,
+        ema_decay=args.ema_decay,
+        sigma_mean=args.sigma_mean,
+        sigma_std=args.sigma_std,
     )
     print(f"done: {_cpu() - c0:.0f} CPU s, {time.time() - w0:.0f} s wall, load {os.getloadavg()}", flush=True)
     return 0

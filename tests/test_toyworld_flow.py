@@ -244,3 +244,26 @@ def test_flow_training_resumes_on_the_same_trajectory_and_gaps_read_the_caption(
     assert g["shape_gap"] == 0.0 and g["colour_gap"] == 0.0 and g["val"] > 0
     t = flow.caption_gaps(pipe.transformer, pipe, pool, n=8)  # the trained one reads its caption a little
     assert t["colour_gap"] != 0.0 and np.isfinite(t["val"])
+
+
+def test_flow_noise_levels_follow_sigma_mean_and_std_and_the_size_settings_reach_the_model():
+    """pretrain_flow's noise levels are logit-normal(sigma_mean, sigma_std): the timesteps the transformer is called
+    with, mapped back by logit(t / 1000), have about that mean and std (48 draws: mean within 0.3, std within 30%);
+    layers, heads and head_dim reach the SD3Transformer2DModel's config."""
+    from raft_diffusion.diffusion.toyworld import flow
+    from raft_diffusion.diffusion.toyworld.sd import encode_pool
+
+    pipe = _fresh_flow_pipe()
+    pool = encode_pool(pipe.vae, 24, 3)
+    seen = []
+    pipe.transformer.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["timestep"].clone()), with_kwargs=True)
+    flow.pretrain_flow(pipe, pool, 6, 8, 0, lambda m: None, sigma_mean=1.5, sigma_std=0.5)
+    z = torch.logit(torch.cat(seen) / 1000).double()
+    assert len(z) == 48 and abs(float(z.mean()) - 1.5) < 0.3 and 0.35 < float(z.std()) < 0.65
+
+    small = flow.build_transformer(128, 128, seed=0, layers=2, heads=2, head_dim=16)
+    c = small.config
+    assert (c.num_layers, c.num_attention_heads, c.attention_head_dim, c.caption_projection_dim) == (2, 2, 16, 32)
+    assert len(small.transformer_blocks) == 2 and small.transformer_blocks[0].attn.to_q.weight.shape == (32, 32)
+    base = flow.build_transformer(128, 128, seed=0).config
+    assert (base.num_layers, base.num_attention_heads, base.attention_head_dim) == (flow.FLOW_LAYERS, flow.FLOW_HEADS, flow.FLOW_HEAD_DIM)

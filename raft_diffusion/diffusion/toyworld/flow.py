@@ -76,8 +76,11 @@ def load_text_encoder_with_projection(clip_dir: Path):
     return text_encoder_with_projection(backbone.model.float())
 
 
-def build_transformer(text_dim: int, pooled_dim: int, seed: int = 0):
-    """An untrained MMDiT for 16x16x4 latents (fixed init seed); context width = the two CLIPs' hidden sizes."""
+def build_transformer(
+    text_dim: int, pooled_dim: int, seed: int = 0, layers: int = FLOW_LAYERS, heads: int = FLOW_HEADS, head_dim: int = FLOW_HEAD_DIM
+):
+    """An untrained MMDiT for 16x16x4 latents (fixed init seed); context width = the two CLIPs' hidden sizes; ``layers``
+    blocks of ``heads`` heads of width ``head_dim``."""
     from diffusers import SD3Transformer2DModel
 
     with torch.random.fork_rng(devices=[]):
@@ -87,26 +90,26 @@ def build_transformer(text_dim: int, pooled_dim: int, seed: int = 0):
             patch_size=2,
             in_channels=4,
             out_channels=4,
-            num_layers=FLOW_LAYERS,
-            attention_head_dim=FLOW_HEAD_DIM,
-            num_attention_heads=FLOW_HEADS,
+            num_layers=layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
             joint_attention_dim=text_dim,
-            caption_projection_dim=FLOW_HEADS * FLOW_HEAD_DIM,
+            caption_projection_dim=heads * head_dim,
             pooled_projection_dim=pooled_dim,
             pos_embed_max_size=8,
             qk_norm="rms_norm",  # as SD3.5: RMS-normalised queries and keys (lets it train at a 3x higher learning rate)
         )
 
 
-def build_flow_pipeline(vae, text_encoder, tokenizer, seed: int = 0):
+def build_flow_pipeline(vae, text_encoder, tokenizer, seed: int = 0, **arch):
     """A ``StableDiffusion3Pipeline`` around the shared VAE and a frozen toy CLIP text tower (used twice), with
-    an untrained transformer."""
+    an untrained transformer (``arch``: ``layers``, ``heads``, ``head_dim`` of :func:`build_transformer`)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     vae = copy.deepcopy(vae).eval()
     vae.register_to_config(shift_factor=0.0)  # the SD3 pipeline decodes latents / scaling + shift
     h = text_encoder.config.hidden_size
-    transformer = build_transformer(2 * h, 2 * text_encoder.config.projection_dim, seed)
+    transformer = build_transformer(2 * h, 2 * text_encoder.config.projection_dim, seed, **arch)
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=FLOW_SHIFT),
@@ -153,13 +156,16 @@ def pretrain_flow(
     hook: Callable[[int, dict], None] | None = None,
     hook_every: int = 0,
     resume: dict | None = None,
+    sigma_mean: float = 0.0,
+    sigma_std: float = 1.0,
 ) -> dict:
     """Train ``pipe.transformer`` on an encoded pool with the rectified-flow loss; replace it by its EMA.
 
     ``hook(steps_done, state)`` is called every ``hook_every`` steps and after the last with the training state (``model``, ``ema``,
     ``opt``, ``sched``, ``gen``: live objects) for diagnostics (``scripts/flow_diagnostics.py``: evaluate the EMA,
     checkpoint); ``resume``, a saved :func:`training_state` (same settings), continues that run on the same
-    trajectory as if it had not stopped."""
+    trajectory as if it had not stopped. The noise levels are logit-normal(``sigma_mean``, ``sigma_std``) (sigma = 1
+    is pure noise: a positive mean trains more on noisy latents)."""
     t0 = time.time()
     model = pipe.transformer
     scenes, means, stds = pool["scenes"], pool["means"], pool["stds"]
@@ -193,7 +199,7 @@ def pretrain_flow(
         i = torch.randint(0, len(scenes), (batch,), generator=gen)
         x0 = (means[i] + stds[i] * torch.randn(means[i].shape, generator=gen)) * sf
         noise = torch.randn(x0.shape, generator=gen)
-        sigma = torch.sigmoid(torch.randn(batch, generator=gen))  # logit-normal(0, 1)
+        sigma = torch.sigmoid(sigma_mean + sigma_std * torch.randn(batch, generator=gen))  # logit-normal
         xt = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
         t = torch.where(torch.rand(batch, generator=gen) < 0.5, idx_full[i], idx_short[i])
         t[torch.rand(batch, generator=gen) < drop] = empty
