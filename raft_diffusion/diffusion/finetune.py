@@ -408,34 +408,42 @@ def train_unet(
     micro = min(batch_size, n)
     step_rows = micro * gradient_accumulation_steps
     chunks = chunk_slices(step_rows, chunk_rows or micro)
-    order = torch.empty(0, dtype=torch.long)
     # the negative-aware loss: the negatives' own draws, and the trainable weights as they are now (the reference)
     n_neg = 0 if negative_latents is None else negative_latents.shape[0]
     neg_micro = min(batch_size, n_neg)
     neg_rows = neg_micro * gradient_accumulation_steps
     neg_chunks = chunk_slices(neg_rows, chunk_rows or neg_micro) if n_neg else []
     neg_gen = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + 7_919) % 2**63)
-    neg_order = torch.empty(0, dtype=torch.long)
     reference = [p.detach().clone() for p in params] if nft else None
 
-    def next_batch() -> torch.Tensor:
-        nonlocal order
-        if order.numel() < micro:  # a fresh permutation per epoch
-            order = torch.cat([order, torch.randperm(n, generator=gen)])
-        idx, order = order[:micro], order[micro:]
-        return idx
+    def batches(count: int, take: int, generator: torch.Generator):
+        """Row indices into ``count`` rows, ``take`` at a time, from a fresh permutation per epoch."""
+        order = torch.empty(0, dtype=torch.long)
+
+        def take_next() -> torch.Tensor:
+            nonlocal order
+            if order.numel() < take:
+                order = torch.cat([order, torch.randperm(count, generator=generator)])
+            idx, order = order[:take], order[take:]
+            return idx
+
+        return take_next
+
+    next_batch = batches(n, micro, gen)
+    next_negatives = batches(n_neg, neg_micro, neg_gen) if n_neg else None
+
+    def sd_timesteps(step: int, count: int, generator: torch.Generator) -> torch.Tensor:
+        """SD 1.x/2.x: uniform over the step's range (``timestep_ranges`` cycled, else ``timestep_range``)."""
+        lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
+        return torch.randint(int(lo), int(hi), (count,), generator=generator)
 
     def draw_negatives(step: int) -> dict:
         """The step's negative rows (``neg_micro`` per micro-batch), from the negatives' generator."""
-        nonlocal neg_order
         draws = []
         for _ in range(gradient_accumulation_steps):
-            if neg_order.numel() < neg_micro:
-                neg_order = torch.cat([neg_order, torch.randperm(n_neg, generator=neg_gen)])
-            idx, neg_order = neg_order[:neg_micro], neg_order[neg_micro:]
+            idx = next_negatives()
             noise = torch.randn((neg_micro, *negative_latents.shape[1:]), generator=neg_gen)
-            lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
-            draws.append({"idx": idx, "noise": noise, "t": torch.randint(int(lo), int(hi), (neg_micro,), generator=neg_gen)})
+            draws.append({"idx": idx, "noise": noise, "t": sd_timesteps(step, neg_micro, neg_gen)})
         return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
 
     def reference_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -460,8 +468,7 @@ def train_unet(
             idx = next_batch()
             noise = torch.randn((micro, *latents.shape[1:]), generator=gen)
             if family is None:
-                lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
-                t = torch.randint(int(lo), int(hi), (micro,), generator=gen)
+                t = sd_timesteps(step, micro, gen)
             else:  # SDXL: the same uniform draw; SD3/FLUX: the logit-normal (or other) density of the flow loss
                 t, _ = family.draw_timesteps(pipe, micro, loss_settings, gen)
             # drawn only when used, so runs without caption dropout keep their exact draws
