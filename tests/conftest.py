@@ -25,6 +25,22 @@ def _one_thread():
         torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session")
+def load_script():
+    """Factory: import one of ``scripts/*.py`` by file name (the scripts are not a package)."""
+    import importlib.util
+    from pathlib import Path
+
+    def load(name: str):
+        path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    return load
+
+
 # --- tiny Stable Diffusion pipeline (raft_diffusion.diffusion.tiny) ------------------------------
 
 

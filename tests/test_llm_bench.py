@@ -6,7 +6,6 @@ forward and a by-hand W + scale * B A, the trainable parameter count against a b
 overrides GRPO follows. The trl test runs where trl is installed (skipped otherwise).
 """
 
-import importlib.util
 from pathlib import Path
 
 import pytest
@@ -19,11 +18,8 @@ TARGETS = ["c_attn", "c_proj", "c_fc", "lm_head"]
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_llm_vs_grpo", ROOT / "scripts" / "bench_llm_vs_grpo.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def bench(load_script):
+    return load_script("bench_llm_vs_grpo")
 
 
 def toy_lm():
