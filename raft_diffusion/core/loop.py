@@ -273,11 +273,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         if offline and stage > 1:
             records, kept = None, None
             if main:
-                records = read_jsonl(run.stage_dir(1) / "samples.jsonl")
-                kept = task.load_kept(run.stage_dir(1), [_from_record(r) for r in records if r.get("kept")])
+                records, kept = read_kept(task, run.stage_dir(1))
                 kept.sort(key=lambda s: -s.reward)
-                for s in kept:
-                    s.payload = _to_cpu(s.payload)
             records, kept = dist.broadcast((records, kept))
             rewards = [s.reward if s.reward is not None else math.nan for s in map(_from_record, records)]
             discarded = sum(1 for r in records if r.get("discarded"))
@@ -419,20 +416,18 @@ def load_replay(task: RaftTask, run: RunDir, stage: int, k: int, dist: Dist) -> 
     :func:`~.ranking.replay_pick`'s order. The main process reads; every process gets the same list."""
     out = None
     if dist.is_main:
-        candidates = []
-        for earlier in range(1, stage):
-            records = read_jsonl(run.stage_dir(earlier) / "samples.jsonl")
-            candidates += [(earlier, _from_record(r)) for r in records if r.get("kept")]
-        picked = replay_pick(candidates, k)
-        by_stage: dict[int, list[Sample]] = {}
-        for earlier, s in picked:
-            by_stage.setdefault(earlier, []).append(s)
-        for earlier, samples in by_stage.items():
-            task.load_kept(run.stage_dir(earlier), samples)
-        out = [s for _, s in picked]
-        for s in out:
-            s.payload = _to_cpu(s.payload)
+        candidates = [(earlier, s) for earlier in range(1, stage) for s in read_kept(task, run.stage_dir(earlier))[1]]
+        out = [s for _, s in replay_pick(candidates, k)]
     return dist.broadcast(out)
+
+
+def read_kept(task: RaftTask, stage_dir: Path) -> tuple[list[dict], list[Sample]]:
+    """A finished stage's ``samples.jsonl`` records and its kept samples with their saved payloads (on the CPU)."""
+    records = read_jsonl(stage_dir / "samples.jsonl")
+    kept = task.load_kept(stage_dir, [_from_record(r) for r in records if r.get("kept")])
+    for s in kept:
+        s.payload = _to_cpu(s.payload)
+    return records, kept
 
 
 def _from_record(r: dict) -> Sample:
