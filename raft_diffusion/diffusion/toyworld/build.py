@@ -38,9 +38,11 @@ class BuildSettings:
     sd_batch: int = 32  # latents per denoiser batch
     sd_pool: int = 20000  # training renders encoded once for the denoiser
     sd_eval_prompts: int = 100  # held-out prompts sampled to measure the text-to-image model
-    flow_steps: int = 3000  # flow-matching transformer steps (VAE shared with sd/, text tower the CLIP's, frozen)
+    flow_steps: int = 5000  # flow-matching transformer steps (VAE shared with sd/, text tower the CLIP's, frozen)
     flow_batch: int = 32  # latents per flow-matching batch
     flow_pool: int = 10000  # training renders encoded once for the flow-matching model
+    flow_lr: float = 6e-3  # AdamW peak learning rate of the flow-matching transformer (cosine schedule)
+    flow_sigma_mean: float = 1.5  # logit-normal mean of its training noise levels (> 0: more training where shape is decided)
 
     @classmethod
     def miniature(cls) -> BuildSettings:

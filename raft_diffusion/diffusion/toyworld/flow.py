@@ -360,7 +360,7 @@ def build_flow(out: Path, s, log: Callable[[str], None] = print) -> dict:
     pipe = build_flow_pipeline(vae, te, tok, s.seed)
     pool = encode_pool(vae, s.flow_pool, s.seed + 17)
     log(f"flow: pool of {len(pool['scenes'])} latents encoded ({time.time() - t0:.0f}s)")
-    info = {"train": pretrain_flow(pipe, pool, s.flow_steps, s.flow_batch, s.seed, log)}
+    info = {"train": pretrain_flow(pipe, pool, s.flow_steps, s.flow_batch, s.seed, log, lr=s.flow_lr, sigma_mean=s.flow_sigma_mean)}
     save_flow_pipeline(pipe, out / "sd3", sd_dir)
     pipe = load_flow_pipeline(out / "sd3")  # measure what was saved (fp16 weights, upcast)
     ev = evaluate_pipeline(pipe, n_prompts=s.sd_eval_prompts, seed=s.seed, guidance=EVAL_GUIDANCE, max_sequence_length=T5_TOKENS)
