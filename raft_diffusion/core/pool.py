@@ -100,7 +100,14 @@ class StreamingPool:
     def negatives(self) -> list[Sample]:
         """``ranking.negative_k``: per prompt (in increasing order) its ``m`` lowest-keyed samples that
         :meth:`kept` did not keep, worst first, with their payloads; marks ``negative`` in their extras. Call
-        after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples."""
+        after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples. Each negative's extras also
+        get ``pool_mean``: the mean reward of its prompt's scored, not discarded samples (``train.negative_advantage_scale``)."""
+        sums: dict[int, list[float]] = {}  # per prompt: the sum and count of its scored, not discarded rewards
+        for s in self.records:
+            if not is_nan(sample_key(s, self.ranking.kl_beta)):
+                acc = sums.setdefault(s.prompt_index, [0.0, 0])
+                acc[0] += float(s.reward)
+                acc[1] += 1
         out = []
         for p in sorted(self._bottom):
             items = sorted(self._bottom[p], key=lambda it: it[0], reverse=True)  # worst first
@@ -108,6 +115,7 @@ class StreamingPool:
             for s, payload in chosen:
                 s.payload = payload
                 s.extras["negative"] = True
+                s.extras["pool_mean"] = sums[p][0] / sums[p][1]  # train.negative_advantage_scale's reference
                 out.append(s)
         return out
 

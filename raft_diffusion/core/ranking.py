@@ -260,3 +260,17 @@ def kept_weights(rewards: Sequence[float], prompt_indices: Sequence[int], temper
     raw = [math.exp((float(r) - best[p]) / temperature) for r, p in zip(rewards, prompt_indices)]
     mean = sum(raw) / n if n else 1.0
     return [w / mean for w in raw]
+
+
+def negative_weights(rewards: Sequence[float], pool_means: Sequence[float], scale: float | None) -> list[float]:
+    """Per-negative loss weights of ``train.negative_advantage_scale``: ``max(0, m - r) / scale`` with ``r`` the
+    negative's reward and ``m`` the mean reward of its prompt's pool. A negative ``scale`` reward units below its
+    pool's mean weighs 1, one at or above the mean 0: early, when the worst samples are far below the rest, they push
+    as with equal weights; once the pool is uniformly good its worst are near its mean and push little. None = all 1."""
+    if scale is None:
+        return [1.0] * len(rewards)
+    if not scale > 0:
+        raise ConfigError(f"the negative advantage scale must be > 0 or null (got {scale})")
+    if any(is_nan(r) or is_nan(m) for r, m in zip(rewards, pool_means)):
+        raise ValueError("negative_weights needs a reward and a pool mean on every negative (got NaN)")
+    return [max(0.0, float(m) - float(r)) / scale for r, m in zip(rewards, pool_means)]

@@ -191,6 +191,10 @@ class TrainConfig:
         1.0,
         "with ranking.negative_k > 0: lambda of the negative-aware loss, mean ||v_plus - target||^2 over the kept samples + lambda * mean ||v_minus - target||^2 over the negatives, v_minus = (1 + nft_beta) v_ref - nft_beta v_theta with v_ref the prediction of the model as it was when the stage's training began",
     )
+    negative_advantage_scale: float | None = _f(
+        None,
+        "with ranking.negative_k > 0: weight each negative's loss by max(0, m - r) / scale, r its reward and m the mean reward of its prompt's pool (scored, not discarded samples), so the push fades as the pool's worst come close to its mean (a negative scale reward units below it weighs 1); null = every negative weighs 1",
+    )
     nft_beta: float = _f(
         1.0,
         "negative-aware loss (SD 1.x/2.x): the kept samples train v_plus = (1 - beta) v_ref + beta v_theta, the negatives v_minus = (1 + beta) v_ref - beta v_theta, v_ref the stage-start model's prediction (no gradient); 1 with ranking.negative_k 0 = the plain loss",
@@ -332,6 +336,10 @@ class RaftConfig(core.BaseConfig):
         need(
             t.reward_weight_key in ("reward", "selection"),
             f"train.reward_weight_key must be reward or selection (got {t.reward_weight_key!r})",
+        )
+        need(
+            t.negative_advantage_scale is None or (t.negative_advantage_scale > 0 and r.negative_k > 0),
+            f"train.negative_advantage_scale must be > 0 and needs ranking.negative_k > 0, or null (got {t.negative_advantage_scale}, negative_k {r.negative_k})",
         )
         need(t.nft_beta > 0, f"train.nft_beta must be > 0 (got {t.nft_beta}); 1 trains the kept samples with the plain loss")
         need(r.prompt_match is None or r.prompt_match >= 1, f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")

@@ -272,6 +272,7 @@ def train_unet(
     negative_embeds: torch.Tensor | None = None,
     negative_weight: float = 1.0,
     nft_beta: float = 1.0,
+    negative_sample_weights: torch.Tensor | None = None,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -320,7 +321,8 @@ def train_unet(
     off) and ``v`` the trained one. A kept row's prediction becomes ``v_plus = (1 - beta) v_ref + beta v`` and a
     negative row's ``v_minus = (1 + beta) v_ref - beta v``; the step's loss is the mean over its kept rows of
     ``||v_plus - target||^2`` plus ``negative_weight`` x the mean over its negative rows of ``||v_minus -
-    target||^2`` (per-row MSE and Min-SNR weights as above; ``sample_weights`` only on kept rows). Minimising the
+    target||^2`` (per-row MSE and Min-SNR weights as above; ``sample_weights`` only on kept rows,
+    ``negative_sample_weights`` (``[M]``, None = all 1; ``train.negative_advantage_scale``) only on negative rows). Minimising the
     second term moves ``v`` from ``v_ref`` by ``-(target - v_ref) / beta``: away from the negatives' targets, and
     bounded (a quadratic), unlike gradient ascent on their loss. Each step also draws ``min(batch_size, M)``
     negatives per micro-batch (their order, noise and timesteps from a second generator seeded by ``seed``, so the
@@ -359,6 +361,15 @@ def train_unet(
             negative_latents.shape[0] == 0 or negative_embeds is None or len(negative_embeds) != negative_latents.shape[0]
         ):
             raise ValueError("need matching non-empty negative_latents and negative_embeds")
+    if negative_sample_weights is not None:
+        negative_sample_weights = torch.as_tensor(negative_sample_weights, dtype=torch.float32).flatten()
+        n_neg_rows = 0 if negative_latents is None else negative_latents.shape[0]
+        if negative_sample_weights.numel() != n_neg_rows or not bool(
+            torch.isfinite(negative_sample_weights).all() and (negative_sample_weights >= 0).all()
+        ):
+            raise ValueError(
+                f"negative_sample_weights must be {n_neg_rows} finite weights >= 0, one per negative (got {negative_sample_weights.numel()})"
+            )
     if chunk_rows is not None and chunk_rows < 1:
         raise UserError(f"chunk_rows must be >= 1 or None (got {chunk_rows})")
     if not 0.0 <= empty_prompt_ratio < 1.0:
@@ -510,6 +521,8 @@ def train_unet(
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
         if sample_weights is not None and not negative:
             per_sample = per_sample * sample_weights[rows["idx"]].to(device)
+        if negative_sample_weights is not None and negative:
+            per_sample = per_sample * negative_sample_weights[rows["idx"]].to(device)
         return per_sample.sum()
 
     # 3. the loop

@@ -14,7 +14,7 @@ from ..core.common import resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import external_requests, read_manifest
-from ..core.ranking import kept_weights, uses_embeddings
+from ..core.ranking import kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -311,6 +311,11 @@ class DiffusionTask:
             family["negative_latents"] = torch.stack([s.payload["latents"] for s in negatives]).to(self.device, torch.float32)
             family["negative_embeds"] = self.train_embeds[0][neg_rows]
             family["negative_weight"] = self.cfg.train.negative_weight
+            scale = self.cfg.train.negative_advantage_scale
+            if scale is not None:  # each negative weighted by how far below its prompt's pool mean it is
+                family["negative_sample_weights"] = torch.tensor(
+                    negative_weights([s.reward for s in negatives], [s.extras["pool_mean"] for s in negatives], scale)
+                )
         return ft.train_unet(
             self.pipe,
             latents,
