@@ -304,10 +304,16 @@ class _Gather:  # what dist.gather hands back on the main process
         return self.parts
 
 
-def merge_two_processes(ranking, halves, size):
-    """The loop's merge of two processes' pools as process 0 sees it (process 1 first takes its local step)."""
+def merge_two_processes(ranking, samples, size, per_process):
+    """The loop's merge of two processes' pools as process 0 sees it (process 1 first takes its local step): process
+    ``rank`` streams the samples with ``sample_index // per_process == rank`` of every prompt."""
     from raft_diffusion.core.loop import _merge_pools
 
+    halves = []
+    for rank in range(2):
+        pool = StreamingPool(ranking, size)
+        pool.add([s for s in samples() if s.sample_index // per_process == rank])
+        halves.append(pool)
     cfg = SimpleNamespace(ranking=ranking)
     _merge_pools(cfg, halves[1], size, _Gather([]))
     return _merge_pools(cfg, halves[0], size, _Gather([h.records for h in halves]))
@@ -331,13 +337,7 @@ def test_merged_pools_of_two_processes_select_what_one_does(w, v):
     one = StreamingPool(ranking, P * K)
     one.add(fresh())
     want = [(s.prompt_index, s.sample_index) for s in one.kept()]
-    halves = []
-    for rank in range(2):  # process `rank` gets samples rank*4 .. rank*4+3 of every prompt
-        pool = StreamingPool(ranking, P * K)
-        pool.add([s for s in fresh() if s.sample_index // 4 == rank])
-        halves.append(pool)
-
-    merged = merge_two_processes(ranking, halves, P * K)
+    merged = merge_two_processes(ranking, fresh, P * K, 4)  # process `rank` gets samples rank*4 .. rank*4+3 of every prompt
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
@@ -401,13 +401,7 @@ def test_rising_threshold_over_two_processes_selects_what_one_does():
     one.add(make(rewards, P, K))
     want = [(s.prompt_index, s.sample_index) for s in one.kept()]
     assert one.cut == pytest.approx(0.5) and len(want) == 4
-    halves = []
-    for rank in range(2):
-        pool = StreamingPool(ranking, P * K)
-        pool.add([s for s in make(rewards, P, K) if s.sample_index // 2 == rank])
-        halves.append(pool)
-
-    merged = merge_two_processes(ranking, halves, P * K)
+    merged = merge_two_processes(ranking, lambda: make(rewards, P, K), P * K, 2)
     kept = merged.kept()
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
@@ -525,16 +519,16 @@ def test_merged_pools_of_two_processes_hand_over_the_same_negatives():
     one = StreamingPool(ranking, P * K)
     one.add(make(rewards, P, K))
     one.kept()
-    want = [(s.prompt_index, s.sample_index) for s in one.negatives()]
-    halves = []
-    for rank in range(2):
-        pool = StreamingPool(ranking, P * K)
-        pool.add([s for s in make(rewards, P, K) if s.sample_index // 4 == rank])
-        halves.append(pool)
-    merged = merge_two_processes(ranking, halves, P * K)
+    want_negatives = one.negatives()
+    want = [(s.prompt_index, s.sample_index) for s in want_negatives]
+    merged = merge_two_processes(ranking, lambda: make(rewards, P, K), P * K, 4)
     merged.kept()
     negatives = merged.negatives()
     assert [(s.prompt_index, s.sample_index) for s in negatives] == want
+    # train.negative_advantage_scale's reference: the prompt's pool mean over every process's samples, by hand
+    means = [sum(rewards[p * K : (p + 1) * K]) / K for p in range(P)]
+    assert [s.extras["pool_mean"] for s in negatives] == pytest.approx([means[s.prompt_index] for s in negatives], rel=1e-12)
+    assert [s.extras["pool_mean"] for s in negatives] == [s.extras["pool_mean"] for s in want_negatives]
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in negatives)
 
 
