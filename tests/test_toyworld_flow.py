@@ -1,5 +1,6 @@
 """The toy world's flow-matching miniature (assets/sd3, toyworld/flow.py) and its RAFT preset."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +87,7 @@ def test_flow_pipeline_saves_with_links_and_reloads_the_same(untrained_flow):
     assert (folder / "text_encoder_2").is_symlink() and (folder / "tokenizer_2").is_symlink()
     assert (folder / "tokenizer").is_symlink() and (folder / "vae" / "diffusion_pytorch_model.safetensors").is_symlink()
     assert folder_bytes(folder) < 10_000_000  # the transformer and one text encoder, fp16
+    assert not any("_name_or_path" in json.loads(c.read_text()) for c in folder.glob("*/config.json"))  # no machine's path
     a = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None, torch_dtype=torch.float32)
     b = load_pipeline(str(folder), device="cpu", dtype="fp32", family=detect_family(str(folder)))
     assert a.text_encoder_3 is None and b.text_encoder_3 is None and type(b).__name__ == "StableDiffusion3Pipeline"

@@ -299,13 +299,17 @@ def _same_tokenizer(a: Path, b: Path) -> bool:
 def save_flow_pipeline(pipe, directory: Path, sd_dir: Path | None = None) -> Path:
     """``save_pretrained`` in fp16 safetensors, then link what is duplicated: ``text_encoder_2`` -> ``text_encoder``,
     ``tokenizer_2`` -> ``tokenizer``, and, given the UNet miniature's folder ``sd_dir``, the tokenizer and the VAE
-    weights to it when they are identical there."""
+    weights to it when they are identical there. No part's config keeps the path it was loaded from."""
     directory = Path(directory)
     if directory.exists():
         shutil.rmtree(directory)
     p = copy.deepcopy(pipe)
     p.to(torch.float16)
     p.save_pretrained(str(directory), safe_serialization=True)
+    for cfg in directory.glob("*/config.json"):  # a part loaded from a folder records that folder: the build machine's path
+        part = json.loads(cfg.read_text())
+        if part.pop("_name_or_path", None) is not None:
+            cfg.write_text(json.dumps(part, indent=2, sort_keys=True) + "\n")
     index = json.loads((directory / "model_index.json").read_text())
     for name in ("text_encoder_3", "tokenizer_3", "image_encoder", "feature_extractor"):  # absent parts, said so
         index.setdefault(name, [None, None])  # (raft-diffusion's loaders then pass them as None)
