@@ -164,7 +164,10 @@ def test_flow_build_miniature_only_flow(tmp_path):
 
     for part in ("clip", "sd"):
         shutil.copytree(ASSETS_DIR / part, tmp_path / part)
-    assert toy_main(["toyworld", "build", "--out", str(tmp_path), "--only", "flow", "--miniature", "--jobs", "1"]) == 0
+    (tmp_path / "build_info.json").write_text(json.dumps({"jobs": 2, "torch_threads": 1}))  # the other parts' record
+    assert toy_main(["toyworld", "build", "--out", str(tmp_path), "--only", "flow", "--miniature", "--jobs", "1", "--threads", "2"]) == 0
+    info = json.loads((tmp_path / "build_info.json").read_text())
+    assert (info["jobs"], info["torch_threads"], info["flow"]["torch_threads"]) == (2, 1, 2)
     assert (tmp_path / "sd3" / "text_encoder_2").is_symlink() and (tmp_path / "sd3" / "tokenizer").is_symlink()
     pipe = load_flow_pipeline(tmp_path / "sd3")
     assert pipe.transformer.config.num_layers >= 1

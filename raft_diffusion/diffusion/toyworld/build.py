@@ -175,8 +175,9 @@ def build(
     order = [p for p in ("rewards", "sd") if p in parts]
     parallel = jobs > 1 and len(order) > 1
     flow = "flow" in parts
-    info["jobs"] = 2 if parallel else 1
-    info["torch_threads"] = 1 if parallel else torch.get_num_threads()
+    if order:  # how the CLIP, head and text-to-image parts were trained (a flow-only call keeps the record)
+        info["jobs"] = 2 if parallel else 1
+        info["torch_threads"] = 1 if parallel else torch.get_num_threads()
     t0 = time.time()
     if parallel:
         import multiprocessing
@@ -227,6 +228,7 @@ def build(
         torch.set_num_threads(max(threads, jobs))
         try:
             info["flow"] = build_flow(out, s, log)
+            info["flow"]["torch_threads"] = torch.get_num_threads()
         finally:
             torch.set_num_threads(threads)
     info["seconds_this_call"] = time.time() - t0
