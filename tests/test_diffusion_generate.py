@@ -7,10 +7,12 @@ import torch
 
 from raft_diffusion.diffusion.generate import (
     decode_latents,
+    denoise,
     encode_images,
     encode_prompts,
     generate_batch,
     initial_latents,
+    start_latents,
 )
 
 PROMPTS = ["a cat", "a dog", "a red truck"]
@@ -107,3 +109,36 @@ def test_encode_images_round_trip(tiny_pipe):
     assert decode_latents(tiny_pipe, z1).shape == (2, 3, 32, 32)
     with pytest.raises(ValueError, match="seeds"):
         encode_images(tiny_pipe, images, [1])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_denoise_split_anywhere_is_the_pipeline_sampler(load_tiny_pipe, eta):
+    """sampling.prune_step's sampler: the pipeline's samples, also when a batch is split between two steps
+    and only some of its samples go on (their generators carry the sampler noise across the split)."""
+    pipe = load_tiny_pipe()
+    positive, negative = encode_prompts(pipe, PROMPTS, "blurry", do_cfg=True)
+    seeds, steps = [31, 32, 33], 4
+    ref, _ = generate_batch(pipe, positive, negative, seeds, **{**SAMPLING, "num_inference_steps": steps}, eta=eta, decode=False)
+    pipe.scheduler.set_timesteps(steps)
+    ts = pipe.scheduler.timesteps
+    run = dict(guidance_scale=SAMPLING["guidance_scale"], eta=eta)
+    latents, gens = start_latents(pipe, seeds, 32, 32)
+    whole, x0 = denoise(pipe, latents, positive, negative, gens, ts, **run)
+    torch.testing.assert_close(whole, ref, rtol=0, atol=1e-5)
+    latents, gens = start_latents(pipe, seeds, 32, 32)
+    head, early = denoise(pipe, latents, positive, negative, gens, ts[:2], **run)
+    assert not torch.allclose(early, whole, atol=1e-2)  # a prediction made half-way is not the final sample
+    keep = [0, 2]  # sample 1 is dropped half-way
+    tail, _ = denoise(pipe, head[keep], positive[keep], negative[keep], [gens[i] for i in keep], ts[2:], **run)
+    torch.testing.assert_close(tail, ref[keep], rtol=0, atol=1e-4)
+
+
+def test_denoise_refuses_what_it_cannot_do(load_tiny_pipe, tiny_pipe, embeds):
+    positive, _ = embeds
+    latents, gens = start_latents(tiny_pipe, [1, 2, 3], 32, 32)
+    tiny_pipe.scheduler.set_timesteps(2)
+    with pytest.raises(ValueError, match="needs negative_embeds"):
+        denoise(tiny_pipe, latents, positive, None, gens, tiny_pipe.scheduler.timesteps, guidance_scale=3.0)
+    pipe = load_tiny_pipe(scheduler="EulerAncestralDiscreteScheduler")
+    with pytest.raises(ValueError, match="keeps state between steps"):
+        denoise(pipe, latents, positive, None, gens, pipe.scheduler.timesteps, guidance_scale=1.0)

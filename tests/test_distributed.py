@@ -102,6 +102,27 @@ def test_two_processes_match_one(single, tiny_pipeline_dir, tmp_path):
     assert mb[-1]["cpu_seconds"] > 0.95 * ma[-1]["cpu_seconds"], (mb[-1]["cpu_seconds"], ma[-1]["cpu_seconds"])
 
 
+def test_two_processes_prune_as_one(tiny_pipeline_dir, tmp_path):
+    """sampling.prune_step: each process judges its own batches half-way; the provisional scores are gathered, so
+    two processes finish, score, keep and train exactly what one does."""
+    # batches of 2: each prompt's 4 samples are split between the two processes
+    prune = ["num_stages=1", "sampling.prune_step=2", "sampling.prune_keep=2", "sampling.batch_size=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, procs in ((one, 1), (two, 2)):
+        proc = run(out, tiny_pipeline_dir, *prune, procs=procs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = ("prompt_index", "sample_index", "kept", "reward", "provisional_reward", "pruned_at_step")
+
+    def rows(out):
+        return sorted(tuple(r.get(f) for f in fields) for r in read_jsonl(out / "stages" / "001" / "samples.jsonl"))
+
+    a, b = rows(one), rows(two)
+    assert a == b
+    assert sum(1 for r in a if r[5] == 2) == 4 * 2  # 4 prompts x (4 drawn - 2 finished) pruned
+    assert_bitwise_equal(lora(one), lora(two))
+    assert read_jsonl(two / "metrics.jsonl")[-1]["reward_queries"] == 16 + 4 * 2
+
+
 @pytest.mark.slow  # 54 s; the default run keeps the two-process match for SD and SD3 and the single-process resume tests
 def test_two_process_run_resumes_with_one(single, tiny_pipeline_dir, tmp_path):
     out = tmp_path / "resumed"

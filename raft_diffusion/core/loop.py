@@ -175,7 +175,8 @@ def collect_pool(cfg, task: RaftTask, stage: int, stats: dict, dist: Dist | None
         task.discard(batch)  # the one place discard rules run: marked samples are logged, never kept
         rewards = as_rewards(task.reward_name, task.score(batch), len(batch))
         score_time += time.perf_counter() - t
-        scored += sum(1 for s in batch if not (skips and s.extras.get("discarded")))
+        # a sample the task already scored once before finishing it (diffusion's sampling.prune_step) says how often
+        scored += sum(s.extras.get("reward_queries", 0 if skips and s.extras.get("discarded") else 1) for s in batch)
         for s, r in zip(batch, rewards):
             s.reward = r
         pool.add(batch)

@@ -98,6 +98,11 @@ class SamplingConfig:
         "add the LoRA into the denoiser's weights while sampling (pool and held-out images) and restore them bit for bit before training: the same model, each adapted layer run once instead of three times (the toy UNet samples ~20% faster on CPU); images equal the unmerged ones up to float rounding",
     )
     external_pool: str | None = _f(None, "JSONL manifest of {prompt, image[, seed]} from any generator; replaces sampling (implies offline)")
+    prune_step: int | None = _f(
+        None,
+        "SD 1.x/2.x with DDIMScheduler or DDPMScheduler: after this many of the pool's denoising steps, rank each prompt's samples by the reward of the image the scheduler predicts at that step (ranking.prompt_match applied to it first) and finish only the best sampling.prune_keep; the others are discarded (samples.jsonl: pruned_at_step, provisional_reward; they are not scored again). null = every sample is finished",
+    )
+    prune_keep: int | None = _f(None, "with sampling.prune_step: samples per prompt finished (at least ranking.top_k, fewer than num_per_prompt)")
 
 
 @dataclass
@@ -311,6 +316,25 @@ class RaftConfig(core.BaseConfig):
                 v is None or (v >= 8 and v % 8 == 0),
                 f"sampling.{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks) or null for the model's "
                 f"default (got {v}); e.g. sampling.{side}={max(8, round((v or 0) / 8) * 8)}",
+            )
+        if s.prune_step is not None or s.prune_keep is not None:
+            need(
+                s.prune_step is not None and s.prune_keep is not None,
+                "sampling.prune_step and sampling.prune_keep go together: set both (e.g. prune_step=10 prune_keep=8) or neither",
+            )
+            need(
+                isinstance(s.prune_step, int) and 1 <= s.prune_step < s.num_inference_steps,
+                f"sampling.prune_step must be an integer in 1..{s.num_inference_steps - 1} (sampling.num_inference_steps - 1), got {s.prune_step!r}",
+            )
+            low = r.top_k if r.mode == "local" else 1
+            need(
+                isinstance(s.prune_keep, int) and low <= s.prune_keep < s.num_per_prompt,
+                f"sampling.prune_keep must be an integer from {low} ({'ranking.top_k' if r.mode == 'local' else 'one'}) to "
+                f"{s.num_per_prompt - 1} (fewer than sampling.num_per_prompt, or nothing is pruned), got {s.prune_keep!r}",
+            )
+            need(
+                s.external_pool is None,
+                "sampling.prune_step prunes samples while they are drawn; an external pool is drawn already: set sampling.prune_step=null",
             )
         need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
         need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")

@@ -7,6 +7,8 @@ samples share its batch or on the device's RNG.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 
@@ -134,3 +136,57 @@ def encode_images(pipe, images: torch.Tensor, seeds: list[int]) -> torch.Tensor:
     z = posterior.mean + posterior.std * eps.to(posterior.mean.device, posterior.mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (z - shift) * vae.config.scaling_factor
+
+
+# Schedulers whose step is a function of (model output, timestep, sample) alone, with the scheduler's
+# prediction of the final sample in its output: a batch may be split between steps (sampling.prune_step).
+STEPWISE_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler")
+
+
+def start_latents(pipe, seeds: list[int], height: int, width: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    """The scaled starting latents of a batch and its per-sample generators (advanced past the initial
+    noise, as :func:`generate_batch`'s are) for :func:`denoise`."""
+    generators = _generators(seeds)
+    return _noise(pipe, generators, height, width) * pipe.scheduler.init_noise_sigma, generators
+
+
+@torch.no_grad()
+def denoise(
+    pipe,
+    latents: torch.Tensor,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    generators: list[torch.Generator],
+    timesteps: torch.Tensor,
+    *,
+    guidance_scale: float,
+    eta: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the SD 1.x/2.x scheduler over ``timesteps`` (a slice of ``pipe.scheduler.timesteps``, set by
+    the caller) from ``latents``: ``(latents after the last step, the scheduler's prediction of the final
+    latents made at it)``. Over all of the timesteps from :func:`start_latents` this is what
+    :func:`generate_batch` samples; split at any step (each part with its samples' own generators) it
+    gives the same samples, so a caller may drop samples between the parts. Only for
+    :data:`STEPWISE_SCHEDULERS` (their steps keep no state between calls)."""
+    scheduler = pipe.scheduler
+    if type(scheduler).__name__ not in STEPWISE_SCHEDULERS:
+        raise ValueError(f"{type(scheduler).__name__} keeps state between steps; denoise needs one of {', '.join(STEPWISE_SCHEDULERS)}")
+    cfg = guidance_scale > 1.0
+    if cfg and negative_embeds is None:
+        raise ValueError("guidance_scale > 1 needs negative_embeds (encode_prompts with do_cfg=True)")
+    dtype = pipe.unet.dtype
+    cond = prompt_embeds.to(pipe.device, dtype)
+    if cfg:
+        cond = torch.cat([negative_embeds.to(pipe.device, dtype), cond])
+    accepts = set(inspect.signature(scheduler.step).parameters)
+    kwargs = {k: v for k, v in (("eta", eta), ("generator", generators)) if k in accepts}
+    x0 = latents
+    for t in timesteps:
+        model_in = scheduler.scale_model_input(torch.cat([latents] * 2) if cfg else latents, t)
+        pred = pipe.unet(model_in, t, encoder_hidden_states=cond, return_dict=False)[0]
+        if cfg:
+            uncond, text = pred.chunk(2)
+            pred = uncond + guidance_scale * (text - uncond)
+        out = scheduler.step(pred, t, latents, **kwargs, return_dict=True)
+        latents, x0 = out.prev_sample, out.pred_original_sample
+    return latents, x0

@@ -13,14 +13,14 @@ from tqdm.auto import tqdm
 from ..core.common import resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
-from ..core.loop import external_requests, read_manifest
-from ..core.ranking import kept_weights, negative_weights, uses_embeddings
+from ..core.loop import as_rewards, external_requests, read_manifest
+from ..core.ranking import diverse_pick, kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from . import finetune as ft
 from .families import detect_family
-from .generate import encode_images, encode_prompts, generate_batch
+from .generate import STEPWISE_SCHEDULERS, decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
 from .placement import Placement
@@ -124,6 +124,11 @@ class DiffusionTask:
             scheduler=s.scheduler,
             family=self.family,
         )
+        if s.prune_step is not None and type(self.pipe.scheduler).__name__ not in STEPWISE_SCHEDULERS:
+            raise UserError(
+                f"sampling.prune_step splits the pool's batches between steps, which {type(self.pipe.scheduler).__name__} (it keeps "
+                f"state from step to step) cannot: set sampling.scheduler to {' or '.join(STEPWISE_SCHEDULERS)}, or sampling.prune_step=null"
+            )
         self.denoiser = self.family.denoiser(self.pipe)
         self.device = self.denoiser.device
         self.height, self.width = self.family.image_size(self.pipe, s.height, s.width)
@@ -214,6 +219,9 @@ class DiffusionTask:
 
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
+        if self.cfg.sampling.prune_step is not None and self.external is None:
+            yield from self._sample_pruned(list(requests))
+            return
         for i in range(0, len(requests), bs):
             batch = list(requests[i : i + bs])
             if self.external is not None:
@@ -227,6 +235,94 @@ class DiffusionTask:
             for j, s in enumerate(batch):  # clone: a dropped sample must free its memory, not pin the batch
                 s.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
             yield batch
+
+    def _sample_pruned(self, requests: list[Sample]):
+        """``sampling.prune_step``: every request is denoised ``prune_step`` steps; the image the scheduler predicts
+        there is judged as a finished one would be (``ranking.prompt_match``, the reward, the novelty and spread-out
+        terms), and only each prompt's best ``prune_keep`` are finished. Over several processes the provisional scores are gathered,
+        so every process prunes exactly what one process would. Yields the pruned samples (no payload, marked
+        discarded), then the finished ones in batches."""
+        s, pipe = self.cfg.sampling, self.pipe
+        bs, k, n = s.batch_size, s.prune_step, s.num_inference_steps
+        cond, uncond = self.train_embeds
+        run = dict(guidance_scale=s.guidance_scale, eta=s.eta)
+        with ft.lora_merged(self.denoiser, s.merge_lora):
+            pipe.scheduler.set_timesteps(n, device=self.device)
+            head, tail = pipe.scheduler.timesteps[:k], pipe.scheduler.timesteps[k:]
+            state = {}  # id(request) -> (latents after step k, its generator)
+            for i in range(0, len(requests), bs):
+                batch = requests[i : i + bs]
+                idx = torch.tensor([r.prompt_index for r in batch], device=cond.device)
+                latents, gens = start_latents(pipe, [r.seed for r in batch], self.height, self.width)
+                latents, x0 = denoise(pipe, latents, cond[idx], None if uncond is None else uncond[idx], gens, head, **run)
+                for r, z, g in zip(batch, latents, gens):
+                    state[id(r)] = (z.clone(), g)
+                self._provisional(batch, decode_latents(pipe, x0))
+            survivors = self._survivors(requests)
+            pruned = [r for r in requests if (r.prompt_index, r.sample_index) not in survivors]
+            for r in pruned:
+                r.payload = None
+                r.extras.update(pruned_at_step=k, reward_queries=1)
+                r.extras["discarded"] = f"pruned at step {k} of {n}: its predicted image is not among its prompt's best {s.prune_keep}"
+                del state[id(r)]
+            if pruned:
+                yield pruned
+            going = [r for r in requests if id(r) in state]
+            for i in range(0, len(going), bs):
+                batch = going[i : i + bs]
+                idx = torch.tensor([r.prompt_index for r in batch], device=cond.device)
+                latents = torch.stack([state[id(r)][0] for r in batch])
+                gens = [state.pop(id(r))[1] for r in batch]
+                latents, _ = denoise(pipe, latents, cond[idx], None if uncond is None else uncond[idx], gens, tail, **run)
+                images = decode_latents(pipe, latents)
+                for j, r in enumerate(batch):
+                    r.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
+                    r.extras["reward_queries"] = 2  # once on its predicted image, once finished
+                yield batch
+
+    def _provisional(self, batch: list[Sample], images: torch.Tensor) -> None:
+        """A sample's provisional score (``sampling.prune_step``) from the image predicted for it: the reward
+        (``provisional_reward``), whether ``ranking.prompt_match`` would keep it (``provisional_match``) and, for the
+        novelty and spread-out terms, its eval CLIP embedding (on ``embedding`` until :meth:`_survivors` has used it)."""
+        probes = [Sample(r.prompt_index, r.sample_index, r.seed, payload={"image": im}) for r, im in zip(batch, images)]
+        self.discard(probes)
+        with self.placement.scoring():
+            rewards = as_rewards(self.reward_name, self.reward(images, [self.train_prompts[r.prompt_index] for r in batch]), len(batch))
+            embeddings = self._image_embeddings(probes).cpu() if uses_embeddings(self.cfg.ranking) else [None] * len(batch)
+        for r, p, v, e in zip(batch, probes, rewards, embeddings):
+            r.extras["provisional_reward"] = v
+            if self.cfg.ranking.prompt_match:
+                r.extras["provisional_match"] = "discarded" not in p.extras
+            r.embedding = e
+
+    def _survivors(self, requests: list[Sample]) -> set[tuple[int, int]]:
+        """``(prompt index, sample index)`` of the samples each prompt finishes (``sampling.prune_keep``), over every
+        process: its prompt-matched predicted images picked by the ranking's own rule (reward, then with
+        ``ranking.novelty_weight`` / ``diversity_weight`` the same novelty and spread-out terms, in the eval CLIP's
+        space of the predicted images), then, if too few matched, the others by reward."""
+        r = self.cfg.ranking
+        mine = [
+            (q.prompt_index, q.sample_index, q.extras.get("provisional_match", True), q.extras["provisional_reward"], q.embedding) for q in requests
+        ]
+        for q in requests:
+            q.embedding = None
+        by_prompt: dict[int, list] = {}
+        for row in (row for part in self.dist.gather(mine) for row in part):
+            by_prompt.setdefault(row[0], []).append(row)
+        keep = self.cfg.sampling.prune_keep
+        out = set()
+        for rows in by_prompt.values():
+            rows.sort(key=lambda x: (not x[2], -x[3] if x[3] == x[3] else float("inf"), x[1]))  # matched, best first
+            matched = [x for x in rows if x[2] and x[3] == x[3]]
+            if uses_embeddings(r) and matched:
+                picks = diverse_pick([x[3] for x in matched], [x[4] for x in matched], keep, r.diversity_weight, r.novelty_weight)
+                chosen = [matched[j] for j in picks]
+            else:
+                chosen = matched[:keep]
+            ids = {id(x) for x in chosen}
+            chosen += [x for x in rows if id(x) not in ids][: keep - len(chosen)]
+            out.update((x[0], x[1]) for x in chosen)
+        return out
 
     def _load_external(self, path: str) -> torch.Tensor:
         try:
@@ -245,6 +341,9 @@ class DiffusionTask:
         if self._prompt_text is None:  # every training prompt, embedded once
             with self.placement.scoring():
                 self._prompt_text = self.eval_clip.text_embeddings(self.train_prompts)
+        batch = [s for s in batch if s.payload is not None]  # sampling.prune_step's pruned samples have no image
+        if not batch:
+            return
         with self.placement.scoring():
             ranks = prompt_ranks(self._image_embeddings(batch), self._prompt_text, [s.prompt_index for s in batch])
         for s, k in zip(batch, ranks):
@@ -253,6 +352,10 @@ class DiffusionTask:
                 s.extras["discarded"] = f"eval CLIP ranks its prompt {k} of {len(self.train_prompts)}"
 
     def score(self, batch: list[Sample]):
+        if any(s.payload is None for s in batch):  # sampling.prune_step: a pruned sample has no image, no score
+            finished = [s for s in batch if s.payload is not None]
+            rewards = iter(as_rewards(self.reward_name, self.score(finished), len(finished)) if finished else [])
+            return [next(rewards) if s.payload is not None else None for s in batch]
         images = torch.stack([s.payload["image"] for s in batch])
         with self.placement.scoring():  # model.offload: the reward is on the device only now
             out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
@@ -461,6 +564,8 @@ def _check_family_settings(cfg, family) -> None:
         )
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
+    if family.name != "sd" and cfg.sampling.prune_step is not None:
+        raise UserError(f"sampling.prune_step is implemented for SD 1.x/2.x's sampler only, not for {family.name}'s: set it to null")
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
     if cfg.model.max_sequence_length is not None and getattr(family, "max_sequence_length", None) is None:

@@ -1,0 +1,132 @@
+"""sampling.prune_step / prune_keep: each prompt's samples judged half-way, only the best finished."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from raft_diffusion.core.config import ConfigError
+from raft_diffusion.core.errors import UserError
+from raft_diffusion.core.loop import collect_pool
+from raft_diffusion.core.seeds import sample_seed
+from raft_diffusion.core.types import Sample
+from raft_diffusion.diffusion.config import config_from_dict, load_config
+from raft_diffusion.diffusion.generate import decode_latents, denoise, generate_batch, start_latents
+from raft_diffusion.diffusion.task import DiffusionTask
+
+ROOT = Path(__file__).resolve().parents[1]
+# configs/tiny.yaml (4 prompts, K=8, 4 steps, guidance 2, brightness reward, top 2) judged after 2 steps, 3 finished
+PRUNE = ["sampling.prune_step=2", "sampling.prune_keep=3", "progress=false", "eval.clip_model=null"]
+
+
+@pytest.fixture(scope="module")
+def task(tiny_pipeline_dir):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.pretrained={tiny_pipeline_dir}", *PRUNE])
+    return DiffusionTask(cfg)
+
+
+def test_pruned_pool_finishes_each_prompts_best_by_hand(task):
+    """By hand: every sample denoised 2 of 4 steps, its predicted image scored; the best 3 of each prompt
+    finished (the pipeline's own samples), the other 5 pruned with no score; the reward asked 32 + 12 times."""
+    cfg, pipe = task.cfg, task.pipe
+    stats = {"reward_queries": 0}
+    pool = collect_pool(cfg, task, 1, stats)
+    records = {(s.prompt_index, s.sample_index): s for s in pool.records}
+    assert len(records) == 32
+    cond, uncond = task.train_embeds
+    pipe.scheduler.set_timesteps(4)
+    for p in range(4):
+        seeds = [sample_seed(cfg.seed, 1, p, k) for k in range(8)]
+        idx = torch.full((8,), p)
+        latents, gens = start_latents(pipe, seeds, 32, 32)
+        _, x0 = denoise(pipe, latents, cond[idx], uncond[idx], gens, pipe.scheduler.timesteps[:2], guidance_scale=2.0)
+        provisional = task.reward(decode_latents(pipe, x0), [task.train_prompts[p]] * 8).tolist()
+        best = sorted(range(8), key=lambda k: -provisional[k])[:3]
+        finished = sorted(k for k in range(8) if "pruned_at_step" not in records[(p, k)].extras)
+        assert finished == sorted(best)
+        full, images = generate_batch(
+            pipe, cond[idx[:3]], uncond[idx[:3]], [seeds[k] for k in best], num_inference_steps=4, guidance_scale=2.0, height=32, width=32
+        )
+        final = task.reward(images, [task.train_prompts[p]] * 3).tolist()
+        for j, k in enumerate(best):
+            s = records[(p, k)]
+            assert s.extras["provisional_reward"] == pytest.approx(provisional[k], abs=1e-5)
+            assert s.reward == pytest.approx(final[j], abs=1e-4) and s.extras["reward_queries"] == 2
+            assert "discarded" not in s.extras
+        for k in set(range(8)) - set(best):
+            s = records[(p, k)]
+            assert s.reward != s.reward and s.extras["pruned_at_step"] == 2 and s.extras["discarded"].startswith("pruned at step 2 of 4")
+            assert s.extras["provisional_reward"] == pytest.approx(provisional[k], abs=1e-5)
+        kept = [s for s in pool.kept() if s.prompt_index == p]
+        assert sorted(s.sample_index for s in kept) == sorted(sorted(best, key=lambda k: -records[(p, k)].reward)[:2])
+        latents_of = {s.sample_index: s.payload["latents"] for s in kept}
+        for j, k in enumerate(best):
+            if k in latents_of:  # the kept samples are the pipeline's own finished samples
+                torch.testing.assert_close(latents_of[k], full[j], rtol=0, atol=1e-4)
+    assert stats["reward_queries"] == 32 + 4 * 3
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (["sampling.prune_step=2"], "sampling.prune_step and sampling.prune_keep go together"),
+        (["sampling.prune_step=4", "sampling.prune_keep=3"], "sampling.prune_step must be an integer in 1..3"),
+        (["sampling.prune_step=2", "sampling.prune_keep=1"], "sampling.prune_keep must be an integer from 2 (ranking.top_k) to 7"),
+        (["sampling.prune_step=2", "sampling.prune_keep=8"], "sampling.prune_keep must be an integer from 2 (ranking.top_k) to 7"),
+    ],
+)
+def test_bad_prune_settings_are_one_line(over, message):
+    base = ["sampling.num_inference_steps=4", "sampling.num_per_prompt=8", "ranking.top_k=2"]
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({}, base + over)
+
+
+def test_prune_needs_a_stepwise_scheduler(tiny_pipeline_dir):
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.pretrained={tiny_pipeline_dir}", *PRUNE, "sampling.scheduler=EulerDiscreteScheduler"])
+    with pytest.raises(UserError, match="set sampling.scheduler to DDIMScheduler or DDPMScheduler, or sampling.prune_step=null"):
+        DiffusionTask(cfg)
+
+
+def _request(k, reward, direction, match=True):
+    s = Sample(prompt_index=0, sample_index=k, seed=k, embedding=torch.tensor(direction, dtype=torch.float32))
+    s.extras.update(provisional_reward=reward, provisional_match=match)
+    return s
+
+
+@pytest.mark.parametrize(
+    "weights, want",
+    [
+        # plain top 2 of the prompt-matched: 0 and 1 (4 has the best reward but its predicted image misses its prompt)
+        ({}, {0, 1}),
+        # spread-out pick (weight 1): 0, then 2 (0.98 + 1 x distance 1 to sample 0) over 1 (0.99 + 0, a copy of 0)
+        ({"ranking.diversity_weight": 1.0}, {0, 2}),
+    ],
+)
+def test_survivors_are_picked_by_the_rankings_rule(weights, want):
+    """By hand, one prompt: rewards 1.0, 0.99, 0.98, 0.5 and 2.0 (unmatched); 0 and 1 point the same way, 2, 3, 4
+    elsewhere. Two are finished."""
+    from types import SimpleNamespace
+
+    from raft_diffusion.core.dist import Dist
+
+    over = [
+        "sampling.num_per_prompt=5",
+        "sampling.prune_step=2",
+        "sampling.prune_keep=2",
+        "ranking.top_k=1",
+        "ranking.prompt_match=1",
+        "eval.clip_model=tiny",
+    ]
+    cfg = config_from_dict({}, over + [f"{k}={v}" for k, v in weights.items()])
+
+    def requests(matched=(True, True, True, True, False)):
+        rewards, directions = (1.0, 0.99, 0.98, 0.5, 2.0), ([1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [0, 1, 1])
+        return [_request(k, r, d, m) for k, (r, d, m) in enumerate(zip(rewards, directions, matched))]
+
+    fake = SimpleNamespace(cfg=cfg, dist=Dist())
+    assert DiffusionTask._survivors(fake, requests()) == {(0, k) for k in want}
+    # too few matched: the unmatched fill up by reward
+    assert DiffusionTask._survivors(fake, requests((True, False, False, False, False))) == {(0, 0), (0, 4)}
