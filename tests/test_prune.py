@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,60 @@ def test_survivors_are_picked_by_the_rankings_rule(weights, want):
     assert DiffusionTask._survivors(fake, requests()) == {(0, k) for k in want}
     # too few matched: the unmatched fill up by reward
     assert DiffusionTask._survivors(fake, requests((True, False, False, False, False))) == {(0, 0), (0, 4)}
+
+
+def _reference_survivors(rows, keep, spread, novelty):
+    """Brute force of the survivor rule, one prompt: the prompt-matched scored samples best first; each one's gain is
+    its reward + novelty x its mean cosine distance to the other matched ones; the first pick is the best gain, each
+    next one the best gain + spread x its mean distance to the picks so far; then the rest by (matched, reward)."""
+    nan = float("nan")
+    matched = sorted((r for r in rows if r["match"] and r["reward"] == r["reward"]), key=lambda r: (-r["reward"], r["k"]))
+    n = len(matched)
+
+    def dist(a, b):
+        return 1.0 - float(np.dot(a, b) / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+    gain = [r["reward"] + (novelty * sum(dist(r["e"], o["e"]) for o in matched if o is not r) / (n - 1) if n > 1 else 0.0) for r in matched]
+    picks = []
+    while matched and len(picks) < min(keep, n):
+        best, best_score = None, nan
+        for j in range(n):
+            if j in picks:
+                continue
+            score = gain[j] + (spread * sum(dist(matched[j]["e"], matched[p]["e"]) for p in picks) / len(picks) if picks else 0.0)
+            if best is None or score > best_score + 1e-12:
+                best, best_score = j, score
+        picks.append(best)
+    chosen = [matched[j]["k"] for j in picks]
+    rest = sorted(
+        (r for r in rows if r["k"] not in chosen),
+        key=lambda r: (not r["match"], -r["reward"] if r["reward"] == r["reward"] else float("inf"), r["k"]),
+    )
+    return set(chosen + [r["k"] for r in rest][: keep - len(chosen)])
+
+
+@pytest.mark.parametrize("weights", [(0.0, 0.0), (0.0, 4.0), (2.0, 0.0), (1.5, 3.0)])
+def test_survivors_equal_a_brute_force_reference(weights):
+    """Random pools of 5 prompts x 9 samples (some off-prompt, some with no score), 4 finished per prompt, with and
+    without the spread-out and novelty terms: the task's survivors are the brute force's."""
+    from types import SimpleNamespace
+
+    from raft_diffusion.core.dist import Dist
+
+    spread, novelty = weights
+    over = ["sampling.num_per_prompt=9", "sampling.prune_step=2", "sampling.prune_keep=4", "ranking.top_k=2", "ranking.prompt_match=1"]
+    over += [f"ranking.diversity_weight={spread}", f"ranking.novelty_weight={novelty}", "eval.clip_model=tiny"]
+    fake = SimpleNamespace(cfg=config_from_dict({}, over), dist=Dist())
+    rng = np.random.default_rng(int(10 * spread + novelty))
+    for _ in range(5):
+        requests, want = [], set()
+        for p in range(5):
+            rows = []
+            for k in range(9):
+                reward = float("nan") if rng.random() < 0.1 else float(rng.normal())
+                rows.append({"k": k, "reward": reward, "match": bool(rng.random() < 0.7), "e": rng.normal(size=4).astype(np.float32).astype(np.float64)})
+                s = Sample(prompt_index=p, sample_index=k, seed=k, embedding=torch.tensor(rows[-1]["e"], dtype=torch.float32))
+                s.extras.update(provisional_reward=reward, provisional_match=rows[-1]["match"])
+                requests.append(s)
+            want |= {(p, k) for k in _reference_survivors(rows, 4, spread, novelty)}
+        assert DiffusionTask._survivors(fake, requests) == want
