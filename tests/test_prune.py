@@ -182,7 +182,9 @@ def test_survivors_equal_a_brute_force_reference(weights):
             rows = []
             for k in range(9):
                 reward = float("nan") if rng.random() < 0.1 else float(rng.normal())
-                rows.append({"k": k, "reward": reward, "match": bool(rng.random() < 0.7), "e": rng.normal(size=4).astype(np.float32).astype(np.float64)})
+                rows.append(
+                    {"k": k, "reward": reward, "match": bool(rng.random() < 0.7), "e": rng.normal(size=4).astype(np.float32).astype(np.float64)}
+                )
                 s = Sample(prompt_index=p, sample_index=k, seed=k, embedding=torch.tensor(rows[-1]["e"], dtype=torch.float32))
                 s.extras.update(provisional_reward=reward, provisional_match=rows[-1]["match"])
                 requests.append(s)

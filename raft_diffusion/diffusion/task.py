@@ -220,7 +220,7 @@ class DiffusionTask:
     def sample(self, stage: int, requests):
         bs = self.cfg.sampling.batch_size
         if self.cfg.sampling.prune_step is not None and self.external is None:
-            yield from self._sample_pruned(list(requests))
+            yield from self._sample_pruned(stage, list(requests))
             return
         for i in range(0, len(requests), bs):
             batch = list(requests[i : i + bs])
@@ -236,7 +236,7 @@ class DiffusionTask:
                 s.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
             yield batch
 
-    def _sample_pruned(self, requests: list[Sample]):
+    def _sample_pruned(self, stage: int, requests: list[Sample]):
         """``sampling.prune_step``: every request is denoised ``prune_step`` steps; the image the scheduler predicts
         there is judged as a finished one would be (``ranking.prompt_match``, the reward, the novelty and spread-out
         terms), and only each prompt's best ``prune_keep`` are finished. Over several processes the provisional scores are gathered,
@@ -250,6 +250,8 @@ class DiffusionTask:
             pipe.scheduler.set_timesteps(n, device=self.device)
             head, tail = pipe.scheduler.timesteps[:k], pipe.scheduler.timesteps[k:]
             state = {}  # id(request) -> (latents after step k, its generator)
+            # the loop's own bar counts finished and pruned samples; this one the first k steps of each
+            bar = tqdm(total=len(requests), desc=f"stage {stage} first {k} steps", unit="img", disable=not self.cfg.progress, leave=False)
             for i in range(0, len(requests), bs):
                 batch = requests[i : i + bs]
                 idx = torch.tensor([r.prompt_index for r in batch], device=cond.device)
@@ -258,6 +260,8 @@ class DiffusionTask:
                 for r, z, g in zip(batch, latents, gens):
                     state[id(r)] = (z.clone(), g)
                 self._provisional(batch, decode_latents(pipe, x0))
+                bar.update(len(batch))
+            bar.close()
             survivors = self._survivors(requests)
             pruned = [r for r in requests if (r.prompt_index, r.sample_index) not in survivors]
             for r in pruned:
