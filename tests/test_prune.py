@@ -190,3 +190,79 @@ def test_survivors_equal_a_brute_force_reference(weights):
                 requests.append(s)
             want |= {(p, k) for k in _reference_survivors(rows, 4, spread, novelty)}
         assert DiffusionTask._survivors(fake, requests) == want
+
+
+@pytest.fixture(scope="module")
+def sd3_task(tmp_path_factory):
+    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
+
+    folder = tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny-sd3"))
+    data = {
+        "model": {"pretrained": str(folder), "device": "cpu", "max_sequence_length": 8},
+        "prompts": {"train": ["a red circle", "a blue square", "a green star"]},
+        "sampling": {"num_per_prompt": 6, "batch_size": 8, "num_inference_steps": 4, "guidance_scale": 2.0, "height": 32, "width": 32},
+        "reward": {"name": "brightness", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}},
+        "ranking": {"mode": "local", "top_k": 1},
+        "eval": {"every": 0, "clip_model": None},
+        "progress": False,
+    }
+    return DiffusionTask(config_from_dict(data, ["sampling.prune_step=2", "sampling.prune_keep=2"]))
+
+
+def test_sd3_flow_sampler_split_anywhere_is_the_pipelines(sd3_task):
+    """SD3's step-by-step Euler sampler: over the whole schedule the pipeline's own samples (with and without
+    guidance), and split at step 2 with a sample dropped, the same samples."""
+    from raft_diffusion.diffusion.families.base import seed_generators
+
+    family, pipe, embeds = sd3_task.family, sd3_task.pipe, sd3_task.train_embeds
+    seeds, prompts = [5, 6, 7], [0, 2, 0]
+    for guidance in (1.0, 3.0):
+        ref = family.sample(pipe, embeds, prompts, seeds, steps=4, guidance=guidance, height=32, width=32)
+        timesteps, sigmas = family.sampling_schedule(pipe, 4, 32, 32)
+        noise = family.initial_noise(pipe, seeds, 32, 32, generators=seed_generators(seeds))
+        whole, _ = family.denoise(pipe, noise, embeds[prompts], timesteps, sigmas, guidance=guidance)
+        torch.testing.assert_close(whole, ref, rtol=0, atol=1e-5)
+        head, x0 = family.denoise(pipe, noise, embeds[prompts], timesteps[:2], sigmas[:3], guidance=guidance)
+        assert (x0 - ref).abs().mean() < (head - ref).abs().mean()  # the prediction is nearer the end than the state
+        tail, _ = family.denoise(pipe, head[[0, 2]], embeds[[0, 0]], timesteps[2:], sigmas[2:], guidance=guidance)
+        torch.testing.assert_close(tail, ref[[0, 2]], rtol=0, atol=1e-5)
+
+
+def test_sd3_pruned_pool_finishes_each_prompts_best_by_hand(sd3_task):
+    """By hand on the tiny SD3: x - sigma v after 2 of 4 Euler steps, decoded and scored; each prompt's best 2 of 6
+    finished as the pipeline samples them; the reward asked 18 + 6 times."""
+    from raft_diffusion.diffusion.families.base import seed_generators
+
+    task, family, pipe = sd3_task, sd3_task.family, sd3_task.pipe
+    stats = {"reward_queries": 0}
+    pool = collect_pool(task.cfg, task, 1, stats)
+    records = {(s.prompt_index, s.sample_index): s for s in pool.records}
+    timesteps, sigmas = family.sampling_schedule(pipe, 4, 32, 32)
+    for p in range(3):
+        seeds = [sample_seed(task.cfg.seed, 1, p, k) for k in range(6)]
+        noise = family.initial_noise(pipe, seeds, 32, 32, generators=seed_generators(seeds))
+        _, x0 = family.denoise(pipe, noise, task.train_embeds[[p] * 6], timesteps[:2], sigmas[:3], guidance=2.0)
+        provisional = task.reward(family.decode(pipe, x0), [task.train_prompts[p]] * 6).tolist()
+        best = sorted(range(6), key=lambda k: -provisional[k])[:2]
+        assert sorted(k for k in range(6) if "pruned_at_step" not in records[(p, k)].extras) == sorted(best)
+        full = family.sample(pipe, task.train_embeds, [p, p], [seeds[k] for k in best], steps=4, guidance=2.0, height=32, width=32)
+        final = task.reward(family.decode(pipe, full), [task.train_prompts[p]] * 2).tolist()
+        for j, k in enumerate(best):
+            assert records[(p, k)].reward == pytest.approx(final[j], abs=1e-5)
+            assert records[(p, k)].extras["provisional_reward"] == pytest.approx(provisional[k], abs=1e-5)
+    assert stats["reward_queries"] == 18 + 3 * 2
+
+
+@pytest.mark.parametrize("family, refused", [("sd", False), ("sd3", False), ("sdxl", True), ("flux", True)])
+def test_prune_refuses_families_without_a_stepwise_sampler(family, refused):
+    from raft_diffusion.diffusion.families.registry import get_family
+    from raft_diffusion.diffusion.task import _check_family_settings
+
+    cfg = config_from_dict(
+        {}, ["sampling.num_inference_steps=4", "sampling.num_per_prompt=8", "ranking.top_k=2", "sampling.prune_step=2", "sampling.prune_keep=3"]
+    )
+    if refused:
+        with pytest.raises(UserError, match=f"implemented for the samplers of SD 1.x/2.x and SD3, not for {family}'s: set it to null"):
+            _check_family_settings(cfg, get_family(family))
+    else:
+        _check_family_settings(cfg, get_family(family))

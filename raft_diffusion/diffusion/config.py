@@ -100,7 +100,7 @@ class SamplingConfig:
     external_pool: str | None = _f(None, "JSONL manifest of {prompt, image[, seed]} from any generator; replaces sampling (implies offline)")
     prune_step: int | None = _f(
         None,
-        "SD 1.x/2.x with DDIMScheduler or DDPMScheduler: after this many of the pool's denoising steps, judge each prompt's samples by the image the scheduler predicts at that step, with the ranking's own rule (ranking.prompt_match, the reward, novelty_weight and diversity_weight), and finish only the best sampling.prune_keep; the others are discarded (samples.jsonl: pruned_at_step, provisional_reward; they are not scored again). null = every sample is finished",
+        "SD 1.x/2.x (DDIMScheduler, DDPMScheduler) and SD3 (FlowMatchEulerDiscreteScheduler): after this many of the pool's denoising steps, judge each prompt's samples by the image the scheduler predicts at that step, with the ranking's own rule (ranking.prompt_match, the reward, novelty_weight and diversity_weight), and finish only the best sampling.prune_keep; the others are discarded (samples.jsonl: pruned_at_step, provisional_reward; they are not scored again). null = every sample is finished",
     )
     prune_keep: int | None = _f(None, "with sampling.prune_step: samples per prompt finished (at least ranking.top_k, fewer than num_per_prompt)")
 

@@ -20,6 +20,7 @@ from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from . import finetune as ft
 from .families import detect_family
+from .families.base import seed_generators
 from .generate import STEPWISE_SCHEDULERS, decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
@@ -124,10 +125,13 @@ class DiffusionTask:
             scheduler=s.scheduler,
             family=self.family,
         )
-        if s.prune_step is not None and type(self.pipe.scheduler).__name__ not in STEPWISE_SCHEDULERS:
+        stepwise = STEPWISE_SCHEDULERS if self.family.name == "sd" else ("FlowMatchEulerDiscreteScheduler",)
+        if s.prune_step is not None and (
+            type(self.pipe.scheduler).__name__ not in stepwise or self.pipe.scheduler.config.get("stochastic_sampling", False)
+        ):
             raise UserError(
                 f"sampling.prune_step splits the pool's batches between steps, which {type(self.pipe.scheduler).__name__} (it keeps "
-                f"state from step to step) cannot: set sampling.scheduler to {' or '.join(STEPWISE_SCHEDULERS)}, or sampling.prune_step=null"
+                f"state from step to step, or draws noise) cannot: set sampling.scheduler to {' or '.join(stepwise)}, or sampling.prune_step=null"
             )
         self.denoiser = self.family.denoiser(self.pipe)
         self.device = self.denoiser.device
@@ -242,24 +246,21 @@ class DiffusionTask:
         terms), and only each prompt's best ``prune_keep`` are finished. Over several processes the provisional scores are gathered,
         so every process prunes exactly what one process would. Yields the pruned samples (no payload, marked
         discarded), then the finished ones in batches."""
-        s, pipe = self.cfg.sampling, self.pipe
+        s = self.cfg.sampling
         bs, k, n = s.batch_size, s.prune_step, s.num_inference_steps
-        cond, uncond = self.train_embeds
-        run = dict(guidance_scale=s.guidance_scale, eta=s.eta)
+        start, run, decode = self._stepwise_sampler()
         with ft.lora_merged(self.denoiser, s.merge_lora):
-            pipe.scheduler.set_timesteps(n, device=self.device)
-            head, tail = pipe.scheduler.timesteps[:k], pipe.scheduler.timesteps[k:]
+            head, tail = run(n, k)
             state = {}  # id(request) -> (latents after step k, its generator)
             # the loop's own bar counts finished and pruned samples; this one the first k steps of each
             bar = tqdm(total=len(requests), desc=f"stage {stage} first {k} steps", unit="img", disable=not self.cfg.progress, leave=False)
             for i in range(0, len(requests), bs):
                 batch = requests[i : i + bs]
-                idx = torch.tensor([r.prompt_index for r in batch], device=cond.device)
-                latents, gens = start_latents(pipe, [r.seed for r in batch], self.height, self.width)
-                latents, x0 = denoise(pipe, latents, cond[idx], None if uncond is None else uncond[idx], gens, head, **run)
+                latents, gens = start([r.seed for r in batch])
+                latents, x0 = head(latents, gens, [r.prompt_index for r in batch])
                 for r, z, g in zip(batch, latents, gens):
                     state[id(r)] = (z.clone(), g)
-                self._provisional(batch, decode_latents(pipe, x0))
+                self._provisional(batch, decode(x0))
                 bar.update(len(batch))
             bar.close()
             survivors = self._survivors(requests)
@@ -274,15 +275,55 @@ class DiffusionTask:
             going = [r for r in requests if id(r) in state]
             for i in range(0, len(going), bs):
                 batch = going[i : i + bs]
-                idx = torch.tensor([r.prompt_index for r in batch], device=cond.device)
                 latents = torch.stack([state[id(r)][0] for r in batch])
                 gens = [state.pop(id(r))[1] for r in batch]
-                latents, _ = denoise(pipe, latents, cond[idx], None if uncond is None else uncond[idx], gens, tail, **run)
-                images = decode_latents(pipe, latents)
+                latents, _ = tail(latents, gens, [r.prompt_index for r in batch])
+                images = decode(latents)
                 for j, r in enumerate(batch):
                     r.payload = {"latents": latents[j].clone(), "image": images[j].clone()}
                     r.extras["reward_queries"] = 2  # once on its predicted image, once finished
                 yield batch
+
+    def _stepwise_sampler(self):
+        """``sampling.prune_step``'s sampler: ``start(seeds) -> (latents, generators)``; ``run(n, k) -> (head, tail)``,
+        each ``(latents, generators, prompt indices) -> (latents, predicted final latents)`` over the first ``k`` and
+        the other ``n - k`` of ``n`` steps; ``decode(latents) -> images``. SD 1.x/2.x: its DDIM/DDPM loop; a family
+        with ``stepwise_sampling`` (SD3): the family's own."""
+        s, pipe, h, w = self.cfg.sampling, self.pipe, self.height, self.width
+        if self.legacy:
+            cond, uncond = self.train_embeds
+
+            def part(timesteps):
+                def go(latents, gens, prompts):
+                    idx = torch.tensor(prompts, device=cond.device)
+                    neg = None if uncond is None else uncond[idx]
+                    return denoise(pipe, latents, cond[idx], neg, gens, timesteps, guidance_scale=s.guidance_scale, eta=s.eta)
+
+                return go
+
+            def run(n, k):
+                pipe.scheduler.set_timesteps(n, device=self.device)
+                return part(pipe.scheduler.timesteps[:k]), part(pipe.scheduler.timesteps[k:])
+
+            return (lambda seeds: start_latents(pipe, seeds, h, w)), run, (lambda latents: decode_latents(pipe, latents))
+        family, dtype = self.family, self.denoiser.dtype
+
+        def start(seeds):
+            gens = seed_generators(seeds)
+            return family.initial_noise(pipe, seeds, h, w, generators=gens).to(pipe.device, dtype), gens
+
+        def part(timesteps, sigmas):
+            def go(latents, gens, prompts):
+                embeds = self.train_embeds[list(prompts)].to(pipe.device, dtype)
+                return family.denoise(pipe, latents, embeds, timesteps, sigmas, guidance=s.guidance_scale)
+
+            return go
+
+        def run(n, k):
+            timesteps, sigmas = family.sampling_schedule(pipe, n, h, w)
+            return part(timesteps[:k], sigmas[: k + 1]), part(timesteps[k:], sigmas[k:])
+
+        return start, run, (lambda latents: family.decode(pipe, latents))
 
     def _provisional(self, batch: list[Sample], images: torch.Tensor) -> None:
         """A sample's provisional score (``sampling.prune_step``) from the image predicted for it: the reward
@@ -568,8 +609,8 @@ def _check_family_settings(cfg, family) -> None:
         )
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
-    if family.name != "sd" and cfg.sampling.prune_step is not None:
-        raise UserError(f"sampling.prune_step is implemented for SD 1.x/2.x's sampler only, not for {family.name}'s: set it to null")
+    if family.name != "sd" and cfg.sampling.prune_step is not None and not getattr(family, "stepwise_sampling", False):
+        raise UserError(f"sampling.prune_step is implemented for the samplers of SD 1.x/2.x and SD3, not for {family.name}'s: set it to null")
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
     if cfg.model.max_sequence_length is not None and getattr(family, "max_sequence_length", None) is None:

@@ -21,6 +21,7 @@ class StableDiffusion3Family(FlowFamily):
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")  # fmt: skip
     max_sequence_length = 256  # T5 tokens (the pipeline's default)
+    stepwise_sampling = True  # sampling.prune_step: sampling_schedule and denoise split its sampler between steps
 
     def load(self, pretrained, *, drop_t5: bool = False, **kwargs):
         """``from_pretrained``; ``drop_t5`` leaves out T5 (the pipeline then uses zeros for its part)."""
@@ -64,3 +65,49 @@ class StableDiffusion3Family(FlowFamily):
         n = noisy.shape[0]
         return denoiser(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=batch.batch("prompt_embeds", n),
                         pooled_projections=batch.batch("pooled_prompt_embeds", n), return_dict=False)[0]  # fmt: skip
+
+    # -- the sampler, step by step (sampling.prune_step) -----------------------------------------------------------
+    def sampling_schedule(self, pipe, steps: int, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(timesteps [n], sigmas [n + 1])`` the pipeline samples with at this size: the scheduler's shift, or
+        its dynamic shift from the image's token count when the scheduler is configured for one."""
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        scheduler, kwargs = pipe.scheduler, {}
+        if scheduler.config.get("use_dynamic_shifting", None):
+            patch = self.denoiser(pipe).config.patch_size
+            _, h, w = self.latent_shape(pipe, height, width)
+            c = scheduler.config
+            kwargs["mu"] = calculate_shift(
+                (h // patch) * (w // patch),
+                c.get("base_image_seq_len", 256),
+                c.get("max_image_seq_len", 4096),
+                c.get("base_shift", 0.5),
+                c.get("max_shift", 1.16),
+            )
+        scheduler.set_timesteps(steps, device=pipe.device, **kwargs)
+        return scheduler.timesteps, scheduler.sigmas
+
+    @torch.no_grad()
+    def denoise(self, pipe, latents, embeds: PromptEmbeds, timesteps, sigmas, *, guidance: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Euler steps of the flow from ``latents`` over ``timesteps`` (a slice of :meth:`sampling_schedule`'s, with
+        ``sigmas`` the matching slice one longer): ``(latents after the last step, the final latents predicted at
+        it, x - sigma v)``. Over the whole schedule from :meth:`initial_noise` this is what the pipeline samples
+        (:meth:`sample`); split anywhere it gives the same samples (the Euler step keeps no state)."""
+        n = latents.shape[0]
+        cfg = guidance > 1.0 and any(k.startswith("negative_") for k in embeds.shared)
+        cond, pooled = embeds.batch("prompt_embeds", n), embeds.batch("pooled_prompt_embeds", n)
+        if cfg:
+            cond = torch.cat([embeds.batch("negative_prompt_embeds", n), cond])
+            pooled = torch.cat([embeds.batch("negative_pooled_prompt_embeds", n), pooled])
+        transformer, x0 = self.denoiser(pipe), latents
+        for i, t in enumerate(timesteps):
+            model_in = torch.cat([latents] * 2) if cfg else latents
+            v = transformer(hidden_states=model_in, timestep=t.expand(model_in.shape[0]), encoder_hidden_states=cond,
+                            pooled_projections=pooled, return_dict=False)[0]  # fmt: skip
+            if cfg:
+                uncond, text = v.chunk(2)
+                v = uncond + guidance * (text - uncond)
+            sample = latents.to(torch.float32)  # the scheduler's step works in float32
+            x0 = sample - sigmas[i] * v
+            latents = (sample + (sigmas[i + 1] - sigmas[i]) * v).to(v.dtype)
+        return latents, x0
