@@ -14,14 +14,14 @@ from ..core.common import resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
-from ..core.ranking import diverse_pick, kept_weights, negative_weights, uses_embeddings
+from ..core.ranking import diverse_pick, is_nan, kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
 from . import finetune as ft
 from .families import detect_family
 from .families.base import seed_generators
-from .generate import STEPWISE_SCHEDULERS, decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
+from .generate import decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
 from .placement import Placement
@@ -125,7 +125,7 @@ class DiffusionTask:
             scheduler=s.scheduler,
             family=self.family,
         )
-        stepwise = STEPWISE_SCHEDULERS if self.family.name == "sd" else ("FlowMatchEulerDiscreteScheduler",)
+        stepwise = self.family.stepwise_schedulers
         if s.prune_step is not None and (
             type(self.pipe.scheduler).__name__ not in stepwise or self.pipe.scheduler.config.get("stochastic_sampling", False)
         ):
@@ -287,8 +287,8 @@ class DiffusionTask:
     def _stepwise_sampler(self):
         """``sampling.prune_step``'s sampler: ``start(seeds) -> (latents, generators)``; ``run(n, k) -> (head, tail)``,
         each ``(latents, generators, prompt indices) -> (latents, predicted final latents)`` over the first ``k`` and
-        the other ``n - k`` of ``n`` steps; ``decode(latents) -> images``. SD 1.x/2.x: its DDIM/DDPM loop; a family
-        with ``stepwise_sampling`` (SD3): the family's own."""
+        the other ``n - k`` of ``n`` steps; ``decode(latents) -> images``. SD 1.x/2.x: its DDIM/DDPM loop; another family
+        with ``stepwise_schedulers`` (SD3): the family's own."""
         s, pipe, h, w = self.cfg.sampling, self.pipe, self.height, self.width
         if self.legacy:
             cond, uncond = self.train_embeds
@@ -357,8 +357,8 @@ class DiffusionTask:
         keep = self.cfg.sampling.prune_keep
         out = set()
         for rows in by_prompt.values():
-            rows.sort(key=lambda x: (not x[2], -x[3] if x[3] == x[3] else float("inf"), x[1]))  # matched, best first
-            matched = [x for x in rows if x[2] and x[3] == x[3]]
+            rows.sort(key=lambda x: (not x[2], float("inf") if is_nan(x[3]) else -x[3], x[1]))  # matched, best first
+            matched = [x for x in rows if x[2] and not is_nan(x[3])]
             if uses_embeddings(r) and matched:
                 picks = diverse_pick([x[3] for x in matched], [x[4] for x in matched], keep, r.diversity_weight, r.novelty_weight)
                 chosen = [matched[j] for j in picks]
@@ -609,7 +609,7 @@ def _check_family_settings(cfg, family) -> None:
         )
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
-    if family.name != "sd" and cfg.sampling.prune_step is not None and not getattr(family, "stepwise_sampling", False):
+    if cfg.sampling.prune_step is not None and not family.stepwise_schedulers:
         raise UserError(f"sampling.prune_step is implemented for the samplers of SD 1.x/2.x and SD3, not for {family.name}'s: set it to null")
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")

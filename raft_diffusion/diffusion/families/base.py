@@ -31,6 +31,8 @@ class Family(ABC):
     denoiser_attr: str = ""  # "unet" or "transformer": the module that trains
     lora_targets: tuple[str, ...] = ()  # default peft target_modules (diffusers' LoRA training scripts)
     cuda_dtype: str = "fp16"  # what dtype "auto" means on CUDA (fp32 elsewhere)
+    # sampling.prune_step: the scheduler classes whose sampler the task can split between steps; () = none
+    stepwise_schedulers: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"

@@ -9,6 +9,7 @@ from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import Family
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
 from raft_diffusion.diffusion.families.settings import LossSettings
+from raft_diffusion.diffusion.generate import STEPWISE_SCHEDULERS
 
 
 def denoising_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -30,6 +31,7 @@ class StableDiffusionFamily(Family):
     pipeline_class_name = "StableDiffusionPipeline"
     denoiser_attr = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora / dreambooth_lora
+    stepwise_schedulers = STEPWISE_SCHEDULERS  # generate.denoise's (DDIM, DDPM)
 
     def load(self, pretrained, **kwargs):
         """``from_pretrained`` without the safety checker unless one is passed in ``kwargs``."""

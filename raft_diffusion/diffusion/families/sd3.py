@@ -21,7 +21,8 @@ class StableDiffusion3Family(FlowFamily):
     lora_targets = ("attn.add_k_proj", "attn.add_q_proj", "attn.add_v_proj", "attn.to_add_out",
                     "attn.to_k", "attn.to_out.0", "attn.to_q", "attn.to_v")  # fmt: skip
     max_sequence_length = 256  # T5 tokens (the pipeline's default)
-    stepwise_sampling = True  # sampling.prune_step: sampling_schedule and denoise split its sampler between steps
+    # sampling.prune_step: sampling_schedule and denoise split its sampler between steps (deterministic Euler only)
+    stepwise_schedulers = ("FlowMatchEulerDiscreteScheduler",)
 
     def load(self, pretrained, *, drop_t5: bool = False, **kwargs):
         """``from_pretrained``; ``drop_t5`` leaves out T5 (the pipeline then uses zeros for its part)."""

@@ -23,6 +23,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora_sdxl.py
+    stepwise_schedulers = ()  # sampling.prune_step: SD's split loop does not carry SDXL's pooled and size conditioning
 
     def load(self, pretrained, **kwargs):
         """``from_pretrained`` (SDXL pipelines have no safety checker)."""
