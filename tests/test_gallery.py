@@ -34,12 +34,13 @@ def reward(stage, p, k):
     return round(0.1 * stage + 0.01 * p + 0.003 * k * (1 if stage % 2 else -1), 6)
 
 
-def make_run(root: Path, stages=2, stopped_at=None, final=None, clip=True) -> RunDir:
+def make_run(root: Path, stages=2, stopped_at=None, final=None, clip=True, overrides=()) -> RunDir:
     """stages/000..<stages> with eval.jsonl + 32 px PNGs (a solid colour with a 4x4 checker corner), metrics.jsonl,
     config.yaml, stage.json markers, and optionally an early-stop record."""
     run = RunDir(root)
-    cfg = config_from_dict({}, ["eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.5"] if clip else [])
+    cfg = config_from_dict({}, (["eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.5"] if clip else []) + list(overrides))
     run.start(cfg.to_dict())
+    run.begin()  # config.yaml, as the stage loop writes it once the task has loaded
     rows = []
     for s in range(stages + 1):
         sdir = run.stage_dir(s)
@@ -191,6 +192,21 @@ def test_reward_curve_has_a_panel_per_measured_metric(tmp_path):
     w3, h3 = Image.open(full.root / "gallery" / "reward_curve.png").size
     w1, h1 = Image.open(reward_only.root / "gallery" / "reward_curve.png").size
     assert h3 == h1 and w3 == pytest.approx(3 * w1, abs=2)
+
+
+def test_reward_curve_says_a_pruned_pools_mean_is_of_its_finished_samples(tmp_path, monkeypatch):
+    from raft_diffusion.diffusion import gallery
+
+    labels = []
+    monkeypatch.setattr(gallery, "render_reward_curve", lambda path, rows, **kw: labels.append(kw["pool_label"]))
+    write_gallery(make_run(tmp_path / "plain").root)
+    write_gallery(make_run(tmp_path / "pruned", overrides=["sampling.prune_step=10", "sampling.prune_keep=4"]).root)
+    write_gallery(make_run(tmp_path / "both", overrides=["sampling.prune_step=10", "sampling.prune_keep=4", "eval.guidance_scale=2"]).root)
+    assert labels == [
+        "training pool mean",
+        "training pool mean (finished samples only)",
+        "training pool mean (finished samples only; guidance 7.5; held-out 2)",
+    ]
 
 
 def test_gallery_of_a_base_only_run_and_errors(tmp_path, capsys):

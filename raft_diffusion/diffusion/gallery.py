@@ -554,9 +554,12 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     if stop:
         title += f" (stopped early after stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
     g_pool, g_eval = _guidances(cfg)
-    pool_label = "training pool mean"
+    notes = []
+    if config_value(cfg, "sampling.prune_step") is not None:  # the pruned samples have no reward
+        notes.append("finished samples only")
     if g_pool is not None and g_eval != g_pool:
-        pool_label += f" (guidance {g_pool:g}; held-out {g_eval:g})"
+        notes.append(f"guidance {g_pool:g}; held-out {g_eval:g}")
+    pool_label = "training pool mean" + (f" ({'; '.join(notes)})" if notes else "")
     render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title, pool_label=pool_label)
 
     # 3. base vs final grid
