@@ -70,8 +70,9 @@ def report(config: str, run: Path, overrides: list[str]) -> float | None:
         pool_images += r.get("num_generated", 0)
         eval_q = r.get("eval_reward_queries", 0)  # every held-out image is scored once
         o = table.get("base" if r["stage"] == 0 else f"stage {r['stage']}")  # None: a stage not evaluated
-        if o is None:
-            figures = f"{'-':>6s} {'-':>7s} {'-':>8s} {'-':>7s} {'-':>4s}"
+        if o is None:  # a screened stage (eval.screen_per_prompt) shows its screen's rise as ~z
+            z = (r["screen_reward_mean"] - rows[0]["eval_reward_mean"]) / rows[0]["eval_reward_std"] if "screen_reward_mean" in r else None
+            figures = f"{'-' if z is None else f'~{z:.2f}':>6s} {'-':>7s} {'-':>8s} {'-':>7s} {'-':>4s}"
         else:
             met = f"{sum(bars(o, base).values())}/4" if r["stage"] else "-"
             figures = f"{o['proxy_rise_sd']:6.2f} {o['gold_rise']:+7.2f} {o['fidelity']:8.3f} {o['diversity_ratio']:7.2f} {met:>4s}"

@@ -46,3 +46,22 @@ def test_bench_prints_each_stage_and_ends_with_the_metric(tmp_path, capsys):
     ratio = "nan" if n == "inf" else "1.000"
     assert both[-2] == f"baseline toy_aesthetic_v1.yaml: cpu_seconds_to_bars {float(n):.1f}; this preset / baseline = {ratio}"
     assert both[-1] == again[-1]
+
+
+def test_bench_shows_a_screened_stages_rise(tmp_path, capsys):
+    """eval.screen_per_prompt: a stage screened, not evaluated, shows its screen's rise in base sd as ~z."""
+    import json
+
+    from bench_time_to_aligned import main
+
+    run = tmp_path / "run"
+    reduced = [r for r in REDUCED if not r.startswith("num_stages")]
+    assert main(["--run-dir", str(run), *reduced, "num_stages=2", "eval.every=2", "eval.screen_per_prompt=2", "eval.num_per_prompt=3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    rows = [line.split() for line in lines if re.match(r"\s*\d+ ", line)]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    base, screened = metrics[0], metrics[1]
+    z = (screened["screen_reward_mean"] - base["eval_reward_mean"]) / base["eval_reward_std"]
+    assert "eval_reward_mean" not in screened and screened["screen_n"] == 16
+    assert rows[1][5] == f"~{z:.2f}" and rows[1][6:] == ["-"] * 4
+    assert [r[4] for r in rows] == ["24", "40", "64"]  # held-out: base 8 x 3, screen 8 x 2, stage 2 8 x 3

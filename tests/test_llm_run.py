@@ -301,3 +301,20 @@ def test_early_stop_guard_on_distinct_2():
     assert small_cfg().stopper() is None
     with pytest.raises(Exception, match="early_stop.min_diversity_ratio must be in"):
         small_cfg("early_stop.min_diversity_ratio=1.5")
+
+
+def test_screen_scores_the_first_held_out_seeds(toy_run, tmp_path):
+    """eval.screen_per_prompt on the LLM task: the first 2 fixed seeds of each held-out prompt, the completions and
+    rewards the final stage's full evaluation got there, their mean and std by hand; rows in screen.jsonl."""
+    _, root, rows, task = toy_run
+    out = task.screen(2, tmp_path, 2)
+    full = [r for r in read_jsonl(Path(root) / "stages" / "002" / "eval.jsonl") if r["sample_index"] < 2]
+    screened = read_jsonl(tmp_path / "screen.jsonl")
+    assert [(r["prompt_index"], r["sample_index"], r["seed"], r["completion"]) for r in screened] == [
+        (r["prompt_index"], r["sample_index"], r["seed"], r["completion"]) for r in full
+    ]
+    rewards = [r["reward"] for r in full]
+    mean = sum(rewards) / len(rewards)
+    assert out["screen_n"] == out["eval_reward_queries"] == len(task.eval_prompts) * 2
+    assert out["screen_reward_mean"] == pytest.approx(mean, abs=1e-6)
+    assert out["screen_reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5, abs=1e-6)

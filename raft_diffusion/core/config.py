@@ -59,6 +59,10 @@ class EarlyStopConfig:
     patience: int | None = option(None, "stop when early_stop.metric has not improved for this many stages; null = no patience rule")
     metric: str = option("eval_reward_mean", "metrics.jsonl key watched by patience and used to pick the best stage for final/")
     min_delta: float = option(0.0, "an improvement must exceed this to reset patience")
+    target_rise_sd: float | None = option(
+        None,
+        "stop at the first evaluated stage, above the floors, whose early_stop.metric has risen by this many of the base model's per-sample stds (eval_reward_std for eval_reward_mean), e.g. 1.0; final/ = that stage. With eval.screen_per_prompt the stages between evaluations are screened and one near the target is evaluated at once; null = no target",
+    )
 
 
 Need = Callable[[bool, str], None]
@@ -123,6 +127,20 @@ class BaseConfig:
         need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
         need(
+            es.target_rise_sd is None or (isinstance(es.target_rise_sd, (int, float)) and es.target_rise_sd > 0),
+            f"early_stop.target_rise_sd must be > 0 or null (got {es.target_rise_sd!r})",
+        )
+        need(
+            es.target_rise_sd is None or (isinstance(es.metric, str) and es.metric.endswith("_mean")),
+            f"early_stop.target_rise_sd measures a rise in base stds, so early_stop.metric must be a mean such as eval_reward_mean (got {es.metric!r})",
+        )
+        screen = getattr(e, "screen_per_prompt", 0)
+        need(
+            isinstance(screen, int) and 0 <= screen <= e.num_per_prompt and screen != 1,
+            f"eval.screen_per_prompt must be 0 (off) or 2 .. eval.num_per_prompt={e.num_per_prompt} (got {screen!r})",
+        )
+        need(not screen or e.every >= 1, "eval.screen_per_prompt screens stages between held-out evaluations: set eval.every >= 1")
+        need(
             isinstance(es.metric, str) and es.metric.startswith("eval_"),
             f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})",
         )
@@ -171,13 +189,14 @@ class BaseConfig:
         return []
 
     def stopper_settings_active(self) -> bool:
-        return self.early_stop.patience is not None or any(r is not None for *_, r in self.floor_settings())
+        es = self.early_stop
+        return es.patience is not None or es.target_rise_sd is not None or any(r is not None for *_, r in self.floor_settings())
 
     def stopper(self) -> EarlyStopper | None:
         """The early-stop rule for ``run_raft(should_stop=...)``, or None when early_stop is off."""
         es = self.early_stop
         floors = [(metric, label, ratio) for _, metric, label, ratio in self.floor_settings() if ratio is not None]
-        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta, floors=floors)
+        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta, floors=floors, target_rise_sd=es.target_rise_sd)
         return stopper if stopper.active else None
 
     def to_dict(self) -> dict:

@@ -5,7 +5,14 @@ The rules read the ``metrics.jsonl`` rows (stage 0 = the base model) after every
 - patience: the monitored metric (``eval_reward_mean`` by default) has not improved by more than
   ``min_delta`` for ``patience`` stages (latest evaluated stage - stage of the best value >= patience);
 - floors: the latest value of a metric is below ``ratio`` x the base model's (the kinds name theirs:
-  prompt fidelity ``eval_clip_score`` and diversity ``eval_diversity`` for diffusion, distinct-2 for LLMs).
+  prompt fidelity ``eval_clip_score`` and diversity ``eval_diversity`` for diffusion, distinct-2 for LLMs);
+- target: the latest evaluated stage, above the floors, has raised the monitored metric by ``target_rise_sd``
+  of the base model's per-sample standard deviations (``eval_reward_std`` for ``eval_reward_mean``): the run has
+  reached what it was asked for and stops there.
+
+Between full evaluations a run may screen a stage on a few of the held-out seeds (``eval.screen_per_prompt``):
+:meth:`EarlyStopper.screen_calls_for_eval` says when the screen is close enough to the target for the stage
+to be evaluated in full at once.
 
 When a rule fires the loop stops and keeps the best stage as ``final/``: the trained stage with the
 highest monitored metric among those that stay above the floors. Why it stopped is written to
@@ -38,17 +45,42 @@ class EarlyStopper:
         metric: str = "eval_reward_mean",
         min_delta: float = 0.0,
         floors: Sequence[tuple[str, str, float]] = (),
+        target_rise_sd: float | None = None,
     ):
         """``floors``: (metrics.jsonl key, label for messages, ratio) for each metric that must stay
-        at or above ``ratio`` x the base model's value."""
+        at or above ``ratio`` x the base model's value. ``target_rise_sd``: stop once ``metric`` (a ``..._mean``)
+        has risen by this many of the base model's ``..._std`` at a stage above the floors."""
         self.patience = patience
         self.metric = metric
         self.min_delta = float(min_delta)
         self.floors = [(key, label, float(ratio)) for key, label, ratio in floors]
+        self.target_rise_sd = None if target_rise_sd is None else float(target_rise_sd)
 
     @property
     def active(self) -> bool:
-        return self.patience is not None or bool(self.floors)
+        return self.patience is not None or bool(self.floors) or self.target_rise_sd is not None
+
+    def target(self, rows: list[dict]) -> tuple[float, float] | None:
+        """(target value of the metric, the base model's std of it), or None without a target or a base."""
+        if self.target_rise_sd is None:
+            return None
+        base = next((r for r in rows if r["stage"] == 0), None)
+        mean = None if base is None else _value(base, self.metric)
+        std = None if base is None else _value(base, std_key(self.metric))
+        if mean is None or std is None:
+            return None
+        return mean + self.target_rise_sd * std, std
+
+    def screen_calls_for_eval(self, rows: list[dict], screen: dict) -> bool:
+        """Whether a screened stage should be evaluated in full now: the screen's mean of the metric is within
+        two standard errors (its own std / sqrt(n)) of the target, or above it. Without a target: never."""
+        goal = self.target(rows)
+        mean = _value(screen, screen_key(self.metric))
+        std = _value(screen, screen_key(std_key(self.metric)))
+        n = screen.get("screen_n") or 0
+        if goal is None or mean is None or std is None or n < 1:
+            return False
+        return mean + 2.0 * std / math.sqrt(n) >= goal[0]
 
     def __call__(self, rows: list[dict]) -> str | None:
         """Why to stop now, or None to go on."""
@@ -75,6 +107,16 @@ class EarlyStopper:
                         f"(patience {self.patience}; best {best:.4g} at stage {best_stage}, "
                         f"{latest:.4g} at stage {latest_stage})"
                     )
+        goal = self.target(rows)
+        if goal is not None:
+            latest = next((r for r in reversed(rows) if _value(r, self.metric) is not None), None)
+            if latest is not None and latest["stage"] >= 1 and _value(latest, self.metric) >= goal[0]:
+                base = _value(next(r for r in rows if r["stage"] == 0), self.metric)
+                rise = (_value(latest, self.metric) - base) / goal[1] if goal[1] > 0 else math.inf
+                return (
+                    f"target reached: {self.metric} {_value(latest, self.metric):.4g} at stage {latest['stage']} rose "
+                    f"{rise:.3g} base sd (early_stop.target_rise_sd {self.target_rise_sd:g})"
+                )
         return None
 
     def passes_floors(self, rows: list[dict], row: dict) -> bool:
@@ -99,6 +141,16 @@ class EarlyStopper:
         base = next((r for r in rows if r["stage"] == 0), None)
         v = None if base is None else _value(base, key)
         return v if v is not None and v > 0 else None  # a ratio of a non-positive base means nothing
+
+
+def std_key(metric: str) -> str:
+    """The per-sample std that goes with a mean metric: ``eval_reward_mean`` -> ``eval_reward_std``."""
+    return metric[: -len("_mean")] + "_std" if metric.endswith("_mean") else metric + "_std"
+
+
+def screen_key(metric: str) -> str:
+    """A held-out metric's name in a screen's row: ``eval_reward_mean`` -> ``screen_reward_mean``."""
+    return "screen_" + metric.removeprefix("eval_")
 
 
 def read_stop(run_root: str | Path) -> dict | None:

@@ -138,6 +138,15 @@ class Tally:
         self.stats["eval_seconds"] += took
         return {**metrics, "time_eval": took}
 
+    def screen(self, task: RaftTask, stage: int, stage_dir: Path, per_prompt: int) -> dict:
+        """``task.screen``'s metrics (``screen_*``), timed (``time_screen``) and counted as evaluation."""
+        t = time.perf_counter()
+        metrics = dict(task.screen(stage, stage_dir, per_prompt))
+        took = time.perf_counter() - t
+        self.stats["eval_reward_queries"] += int(metrics.pop("eval_reward_queries", 0))
+        self.stats["eval_seconds"] += took
+        return {**metrics, "time_screen": took}
+
     def row(self) -> dict:
         """The cumulative columns now (a collective: every process calls it at the same point)."""
         return {
@@ -331,8 +340,15 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             faults.fault_point("save", stage)
         del kept, train_set, negatives
 
-        # Step 5: evaluate on held-out prompts with fixed seeds.
-        if cfg.eval.every and (stage % cfg.eval.every == 0 or stage == cfg.num_stages):
+        # Step 5: evaluate on held-out prompts with fixed seeds; between evaluations, screen on a few of them
+        # (eval.screen_per_prompt) and evaluate in full at once when the screen nears early_stop's target.
+        full = bool(cfg.eval.every) and (stage % cfg.eval.every == 0 or stage == cfg.num_stages)
+        screen_n = getattr(cfg.eval, "screen_per_prompt", 0)
+        if not full and screen_n and cfg.eval.every:
+            row.update(tally.screen(task, stage, sdir, screen_n))
+            if should_stop is not None:
+                full = bool(dist.broadcast(should_stop.screen_calls_for_eval(rows, row) if main else None))
+        if full:
             row.update(tally.evaluate(task, stage, sdir))
 
         # Step 6: checkpoint: metrics, then the stage marker (the marker is what resume trusts).

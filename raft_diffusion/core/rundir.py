@@ -32,7 +32,7 @@ from .errors import UserError
 log = logging.getLogger("raft")
 
 # Keys that may differ when a run is resumed: they change how far or how loudly it runs, not what it computes.
-RESUMABLE_CHANGES = ("num_stages", "progress", "eval.every", "early_stop")
+RESUMABLE_CHANGES = ("num_stages", "progress", "eval.every", "eval.screen_per_prompt", "early_stop")
 
 
 def _jsonable(x: Any) -> Any:

@@ -59,5 +59,10 @@ class RaftTask(Protocol):
         """Held-out metrics of the current model (stage 0 = the base model), with ``eval_reward_queries``:
         how many held-out samples (over all processes) the reward scored; the loop makes it cumulative."""
 
+    def screen(self, stage: int, stage_dir: Path, per_prompt: int) -> dict:
+        """``eval.screen_per_prompt``: the held-out reward of the current model on the first ``per_prompt``
+        fixed seeds of each eval prompt (seeds :meth:`evaluate` uses), as ``screen_reward_mean``,
+        ``screen_reward_std``, ``screen_n`` and ``eval_reward_queries``; its rows go to ``stage_dir/screen.jsonl``."""
+
     def weights_dir(self, stage_dir: Path) -> Path:
         """The folder inside ``stage_dir`` that ``final/`` should mirror."""

@@ -214,6 +214,10 @@ class EvalConfig:
         True,
         "with every > 1: when an early-stop floor fires, evaluate the stages trained since the evaluation before (newest first, until one passes the floors) so final/ can fall back to them, not only to evaluated stages",
     )
+    screen_per_prompt: int = _f(
+        0,
+        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder); with early_stop.target_rise_sd a stage whose screen comes within two standard errors of the target is evaluated in full at once; 0 = off",
+    )
     guidance_scale: float | None = _f(
         None,
         "guidance scale of the held-out samples (the setting the model is used at); null = sampling.guidance_scale. A pool sampled at lower guidance than this keeps self-training from sharpening the model stage after stage",

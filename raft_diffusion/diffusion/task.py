@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.common import resolve_device, reward_label
+from ..core.common import mean_std, resolve_device, reward_label
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
@@ -513,25 +513,52 @@ class DiffusionTask:
         """
         n = self.cfg.eval.num_per_prompt
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
+        rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} eval", self.cfg.eval.save_images, self.eval_clip is not None)
+        if self.dist.is_main:
+            if images_u8:
+                for row, img in zip(rows, torch.cat(images_u8)):
+                    save_png(img, stage_dir / row["image"])
+            write_jsonl(stage_dir / "eval.jsonl", rows)
+        comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
+        image_emb = torch.cat(embeddings) if embeddings else None
+        with self.placement.scoring():
+            text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
+        metrics = eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
+        return {**metrics, "eval_reward_queries": len(rows)}
+
+    def screen(self, stage: int, stage_dir: Path, per_prompt: int) -> dict:
+        """``eval.screen_per_prompt``: the held-out reward on the first ``per_prompt`` fixed seeds of each eval
+        prompt (the seeds :meth:`evaluate` uses there), without saving images; rows into ``screen.jsonl``."""
+        todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(per_prompt)]
+        rows, _, _ = self._held_out(todo, f"stage {stage} screen", False, False)
+        if self.dist.is_main:
+            write_jsonl(stage_dir / "screen.jsonl", rows)
+        mean, std = mean_std([row["reward"] for row in rows])
+        return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(rows), "eval_reward_queries": len(rows)}
+
+    def _held_out(self, todo: list[tuple[int, int, int]], desc: str, with_images: bool, with_embeddings: bool):
+        """Generate and score held-out (prompt, sample index, seed) triples at the eval settings: their rows,
+        uint8 image batches (``with_images``) and eval-CLIP embeddings (``with_embeddings``), in ``todo``'s
+        order on every process (batches dealt round-robin over processes, results gathered)."""
         bs = self.cfg.sampling.batch_size
         mine = self.dist.shard(todo, bs)
         rows, images_u8, embeddings = [], [], []
-        for i in tqdm(range(0, len(mine), bs), desc=f"stage {stage} eval", disable=not self.cfg.progress, leave=False):
+        for i in tqdm(range(0, len(mine), bs), desc=desc, disable=not self.cfg.progress, leave=False):
             chunk = mine[i : i + bs]
             _, images = self._generate(
                 self.eval_embeds, [p for p, _, _ in chunk], [sd for _, _, sd in chunk], self.eval_guidance, self.cfg.eval_num_inference_steps
             )
             with self.placement.scoring():
                 r = self.reward(images, [self.eval_prompts[p] for p, _, _ in chunk]).float().cpu()
-                emb = self.eval_clip.image_embeddings(images).cpu() if self.eval_clip is not None else None
+                emb = self.eval_clip.image_embeddings(images).cpu() if with_embeddings else None
             comps = getattr(self.reward, "last_components", None) or {}
             for j, (p, k, sd) in enumerate(chunk):
                 row = {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": self.eval_prompts[p], "reward": float(r[j])}
                 row.update({f"reward/{c}": float(v[j]) for c, v in comps.items()})
-                if self.cfg.eval.save_images:
+                if with_images:
                     row["image"] = f"eval/{sample_name(p, k)}.png"
                 rows.append(row)
-            if self.cfg.eval.save_images:
+            if with_images:
                 images_u8.append(to_uint8(images))
             if emb is not None:
                 embeddings.append(emb)
@@ -545,17 +572,7 @@ class DiffusionTask:
             rows = [rows[i] for i in perm]
             images_u8 = [torch.cat(images_u8)[perm]] if images_u8 else []
             embeddings = [torch.cat(embeddings)[perm]] if embeddings else []
-        if self.dist.is_main:
-            if images_u8:
-                for row, img in zip(rows, torch.cat(images_u8)):
-                    save_png(img, stage_dir / row["image"])
-            write_jsonl(stage_dir / "eval.jsonl", rows)
-        comps = {c.removeprefix("reward/"): [row[c] for row in rows] for c in rows[0] if c.startswith("reward/")}
-        image_emb = torch.cat(embeddings) if embeddings else None
-        with self.placement.scoring():
-            text_emb = self.eval_clip.text_embeddings([row["prompt"] for row in rows]) if embeddings else None
-        metrics = eval_metrics([row["reward"] for row in rows], [row["prompt_index"] for row in rows], comps, image_emb, text_emb)
-        return {**metrics, "eval_reward_queries": len(rows)}
+        return rows, images_u8, embeddings
 
 
 def train_settings(t, stage: int | None = None) -> dict:

@@ -148,6 +148,10 @@ class LLMEvalConfig:
         True,
         "with every > 1: when an early-stop floor fires, evaluate the stages trained since the evaluation before (newest first, until one passes the floors) so final/ can fall back to them, not only to evaluated stages",
     )
+    screen_per_prompt: int = _f(
+        0,
+        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder); with early_stop.target_rise_sd a stage whose screen comes within two standard errors of the target is evaluated in full at once; 0 = off",
+    )
     best_of_k: int | None = _f(
         None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off"
     )

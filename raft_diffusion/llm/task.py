@@ -324,6 +324,20 @@ class LLMTask:
             rows += [(p, k, sd, c) for (p, k, sd), c in zip(chunk, comps)]
         return rows
 
+    def screen(self, stage: int, stage_dir: Path, per_prompt: int) -> dict:
+        """``eval.screen_per_prompt``: the held-out reward on the first ``per_prompt`` fixed seeds of each eval
+        prompt; rows into ``screen.jsonl``."""
+        rows = self.eval_completions(per_prompt)
+        prompts = [self.eval_prompts[p] for p, _, _, _ in rows]
+        rewards = self._call(self.reward, prompts, [c.text for *_, c in rows])
+        out = [
+            {"prompt_index": p, "sample_index": k, "seed": sd, "prompt": prompt, "completion": c.text, "reward": r}
+            for (p, k, sd, c), prompt, r in zip(rows, prompts, rewards)
+        ]
+        write_jsonl(Path(stage_dir) / "screen.jsonl", out)
+        mean, std = mean_std(rewards)
+        return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(out), "eval_reward_queries": len(out)}
+
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
         """Held-out metrics of the current model (stage 0 = the base, plus its best-of-K reference)."""
         n = self.cfg.eval.num_per_prompt

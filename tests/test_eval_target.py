@@ -1,0 +1,174 @@
+"""early_stop.target_rise_sd and eval.screen_per_prompt: stop once the held-out reward has risen enough, and screen
+the stages between evaluations on a few held-out seeds to evaluate one in full as soon as it may have."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import pytest
+from test_eval_early_stop import ScriptedTask, final_weights
+
+from raft_diffusion.core.early_stop import EarlyStopper, read_stop
+from raft_diffusion.core.errors import ConfigError
+from raft_diffusion.core.loop import run_raft
+from raft_diffusion.core.rundir import RunDir
+from raft_diffusion.diffusion.config import config_from_dict, load_config
+from raft_diffusion.diffusion.task import DiffusionTask
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def rows_of(means, div=None):
+    """Stage 0 is the base: mean 5, std 2; the target at 1 base sd is 7."""
+    rows = [{"stage": 0, "eval_reward_mean": 5.0, "eval_reward_std": 2.0, **({"eval_diversity": div[0]} if div else {})}]
+    for s, m in enumerate(means, start=1):
+        row = {"stage": s}
+        if m is not None:
+            row.update(eval_reward_mean=m, eval_reward_std=1.0, **({"eval_diversity": div[s]} if div else {}))
+        rows.append(row)
+    return rows
+
+
+def test_target_stops_at_the_first_evaluated_stage_that_reaches_it():
+    stopper = EarlyStopper(target_rise_sd=1.0)
+    rows = rows_of([6.0, None, 6.99, 7.0, 7.5])
+    assert [stopper(rows[: n + 1]) is not None for n in range(len(rows))] == [False, False, False, False, True, True]
+    assert stopper(rows[:5]) == "target reached: eval_reward_mean 7 at stage 4 rose 1 base sd (early_stop.target_rise_sd 1)"
+    assert stopper.best_stage(rows[:5]) == 4
+    assert EarlyStopper(target_rise_sd=1.25)(rows[:5]) is None  # 7.5 needed
+    assert EarlyStopper(target_rise_sd=1.25)(rows) is not None
+    # the base alone never reaches a target, and without the base's std there is no target
+    assert EarlyStopper(target_rise_sd=0.1)(rows[:1]) is None
+    no_std = [dict(r) for r in rows]
+    del no_std[0]["eval_reward_std"]
+    assert EarlyStopper(target_rise_sd=1.0)(no_std) is None and EarlyStopper(target_rise_sd=1.0).target(no_std) is None
+    assert EarlyStopper(target_rise_sd=1.0).target(rows) == (7.0, 2.0)
+
+
+def test_a_stage_under_a_floor_does_not_count_as_reaching_the_target():
+    rows = rows_of([7.5], div=[1.0, 0.5])
+    stopper = EarlyStopper(target_rise_sd=1.0, floors=[("eval_diversity", "diversity", 0.7)])
+    reason = stopper(rows)
+    assert reason.startswith("diversity eval_diversity 0.5 at stage 1 fell below 0.7")
+
+
+@pytest.mark.parametrize(
+    "mean, std, n, expected",
+    [
+        (6.5, 1.0, 16, True),  # 6.5 + 2 x 1/4 = 7.0: within two standard errors of the target 7
+        (6.49, 1.0, 16, False),
+        (6.0, 2.0, 16, True),  # a noisier screen: 6 + 2 x 2/4 = 7
+        (6.0, 1.0, 64, False),  # a larger screen: 6 + 2 x 1/8 = 6.25
+        (7.2, 0.0, 4, True),  # above the target
+    ],
+)
+def test_screen_calls_for_a_full_evaluation_within_two_standard_errors(mean, std, n, expected):
+    rows = rows_of([])
+    screen = {"stage": 1, "screen_reward_mean": mean, "screen_reward_std": std, "screen_n": n}
+    assert EarlyStopper(target_rise_sd=1.0).screen_calls_for_eval(rows, screen) is expected
+    by_hand = mean + 2 * std / math.sqrt(n) >= 5.0 + 1.0 * 2.0
+    assert by_hand is expected
+    assert EarlyStopper(patience=2).screen_calls_for_eval(rows, screen) is False  # no target: screens only report
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["early_stop.target_rise_sd=0"], "early_stop.target_rise_sd must be > 0 or null (got 0.0)"),
+        (["early_stop.target_rise_sd=1", "early_stop.metric=eval_clip_score"], "early_stop.metric must be a mean such as eval_reward_mean"),
+        (["early_stop.target_rise_sd=1", "eval.every=0"], "early_stop needs held-out evaluation"),
+        (["eval.screen_per_prompt=1"], "eval.screen_per_prompt must be 0 (off) or 2 .. eval.num_per_prompt=4 (got 1)"),
+        (["eval.screen_per_prompt=5"], "eval.screen_per_prompt must be 0 (off) or 2 .. eval.num_per_prompt=4 (got 5)"),
+        (["eval.screen_per_prompt=2", "eval.every=0"], "eval.screen_per_prompt screens stages between held-out evaluations"),
+    ],
+)
+def test_config_validation(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        config_from_dict({}, overrides)
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+class Screened(ScriptedTask):
+    """Scripted full-evaluation means (std 1 after the base's 2) and screen means; records what was evaluated."""
+
+    def __init__(self, script, screens):
+        super().__init__(script)
+        self.screens = screens
+        self.evaluated, self.screened = [], []
+
+    def evaluate(self, stage, stage_dir):
+        self.evaluated.append(stage)
+        return {"eval_reward_mean": self.script[stage], "eval_reward_std": 2.0 if stage == 0 else 1.0, "eval_reward_queries": 8}
+
+    def screen(self, stage, stage_dir, per_prompt):
+        self.screened.append(stage)
+        return {"screen_reward_mean": self.screens[stage], "screen_reward_std": 1.0, "screen_n": 4, "eval_reward_queries": 4}
+
+
+def _screened_run(root, script, screens, *overrides):
+    cfg = config_from_dict(
+        {"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}},
+        ["eval.every=6", "eval.screen_per_prompt=2", *overrides],
+    )
+    run = RunDir(root)
+    run.start(cfg.to_dict())
+    task = Screened(script, screens)
+    rows = run_raft(cfg, task, run, should_stop=cfg.stopper())
+    return run, task, rows
+
+
+def test_screens_evaluate_a_stage_near_the_target_and_the_run_stops_there(tmp_path):
+    # target 5 + 1 x 2 = 7; a screen of 4 with std 1 calls for evaluation from 6.0 (6 + 2 x 1/2 = 7)
+    script = [5.0, 5.5, 6.5, 6.9, 7.3, 7.6, 7.8]
+    screens = [None, 5.4, 6.2, 6.8, 7.1, 7.5, 7.9]
+    run, task, rows = _screened_run(tmp_path, script, screens, "early_stop.target_rise_sd=1.0")
+    # stage 1 screened only (5.4 + 1 < 7); stage 2's screen (6.2) calls for evaluation: 6.5, short of 7; stage 3
+    # evaluated too (6.9); stage 4 reaches 7.3 >= 7: stop, final/ = stage 4
+    assert task.stages_run == [1, 2, 3, 4] and task.screened == [1, 2, 3, 4] and task.evaluated == [0, 2, 3, 4]
+    assert final_weights(run) == 4
+    stop = read_stop(run.root)
+    assert stop["final_stage"] == 4 and stop["stopped_after_stage"] == 4
+    assert stop["reason"] == "target reached: eval_reward_mean 7.3 at stage 4 rose 1.15 base sd (early_stop.target_rise_sd 1)"
+    saved = {r["stage"]: r for r in run.metrics()}
+    assert "eval_reward_mean" not in saved[1] and saved[1]["screen_reward_mean"] == 5.4 and "time_screen" in saved[1]
+    assert saved[2]["eval_reward_mean"] == 6.5 and saved[2]["screen_reward_mean"] == 6.2
+    # evaluation compute counts screens: base 8, screens 4 x 4, full evaluations 3 x 8
+    assert saved[4]["eval_reward_queries"] == 8 + 16 + 24
+
+
+def test_screens_without_a_target_only_report(tmp_path):
+    script = [5.0, 5.5, 6.5, 6.9, 7.3, 7.6, 7.8]
+    screens = [None, 5.4, 6.2, 6.8, 7.1, 7.5, 7.9]
+    run, task, rows = _screened_run(tmp_path, script, screens)
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and task.screened == [1, 2, 3, 4, 5] and task.evaluated == [0, 6]
+    assert final_weights(run) == 6 and read_stop(run.root) is None
+    assert json.loads((run.root / "metrics.jsonl").read_text().splitlines()[-1])["eval_reward_queries"] == 16 + 20
+
+
+def test_the_diffusion_screen_scores_the_full_evaluations_seeds(tiny_pipeline_dir, tmp_path):
+    """The tiny pipeline: a screen of 2 per prompt scores the images a full evaluation of 4 per prompt makes at
+    those seeds (the same rewards to 1e-4) (mean and std by hand from eval.jsonl's rows), and writes screen.jsonl."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.pretrained={tiny_pipeline_dir}", "progress=false", "eval.clip_model=null"])
+    task = DiffusionTask(cfg)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "screen").mkdir()
+    full = task.evaluate(0, tmp_path / "full")
+    screen = task.screen(0, tmp_path / "screen", 2)
+    rows = [json.loads(line) for line in (tmp_path / "full" / "eval.jsonl").read_text().splitlines()]
+    srows = [json.loads(line) for line in (tmp_path / "screen" / "screen.jsonl").read_text().splitlines()]
+    P = len(task.eval_prompts)
+    assert full["eval_reward_queries"] == P * cfg.eval.num_per_prompt == P * 4 and screen["eval_reward_queries"] == screen["screen_n"] == P * 2
+    first = [r for r in rows if r["sample_index"] < 2]
+    assert [(r["prompt_index"], r["sample_index"], r["seed"]) for r in srows] == [(r["prompt_index"], r["sample_index"], r["seed"]) for r in first]
+    for a, b in zip(srows, first):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-4)
+    values = [r["reward"] for r in first]
+    mean = sum(values) / len(values)
+    assert screen["screen_reward_mean"] == pytest.approx(mean, abs=1e-4)
+    assert screen["screen_reward_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), abs=1e-4)
+    assert not (tmp_path / "screen" / "eval").exists()  # no images saved
