@@ -305,3 +305,26 @@ def test_stage_without_saved_images_shows_placeholders(tmp_path):
     assert text.count(">no image</div>") == len(PROMPTS) * K
     assert not any("stages/001" in ref for _, ref in parse(page).refs)
     assert all(local_target(page, ref).is_file() for _, ref in parse(page).refs)
+
+
+def test_reward_curve_draws_screens_and_the_target(tmp_path):
+    """Screened stages (hollow points) and early_stop.target_rise_sd (a line at base + x sd) are drawn in tab:purple,
+    which nothing else on the curve uses; without them no purple pixel appears."""
+    from raft_diffusion.diffusion.gallery import render_reward_curve
+
+    rows = [
+        {"stage": 0, "eval_reward_mean": 5.0, "eval_reward_std": 2.0},
+        {"stage": 1, "screen_reward_mean": 5.8, "screen_n": 32, "reward_mean": 5.1},
+        {"stage": 2, "eval_reward_mean": 7.2, "eval_reward_std": 1.0, "reward_mean": 6.0},
+    ]
+
+    def purple(path):
+        px = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(px - np.array([148, 103, 189])).sum(axis=2) < 30).sum())
+
+    plain = [{k: v for k, v in r.items() if not k.startswith("screen")} for r in rows]
+    render_reward_curve(tmp_path / "plain.png", plain)
+    render_reward_curve(tmp_path / "screens.png", rows)
+    render_reward_curve(tmp_path / "both.png", rows, target_rise_sd=1.0)
+    assert purple(tmp_path / "plain.png") == 0
+    assert 0 < purple(tmp_path / "screens.png") < purple(tmp_path / "both.png")

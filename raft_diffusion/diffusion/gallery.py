@@ -240,10 +240,13 @@ def render_reward_curve(
     floors: dict[str, float] | None = None,
     title: str = "",
     pool_label: str = "training pool mean",
+    target_rise_sd: float | None = None,
 ) -> Path:
     """Held-out reward (mean +- std) per stage, plus fidelity and diversity panels when measured.
 
     ``floors`` maps ``eval_clip_score`` / ``eval_diversity`` to the early-stop ratio (drawn as ratio x base).
+    Screened stages (``eval.screen_per_prompt``) are drawn as hollow points with their screen's mean, and
+    ``target_rise_sd`` (``early_stop.target_rise_sd``) as the line base mean + x base std.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -273,6 +276,17 @@ def render_reward_curve(
             pool = [(r["stage"], r["reward_mean"]) for r in rows if _finite(r.get("reward_mean"))]
             if pool:
                 ax.plot([p[0] for p in pool], [p[1] for p in pool], color="0.6", linestyle=":", marker=".", label=pool_label)
+            screens = [(r["stage"], r["screen_reward_mean"], r.get("screen_n")) for r in rows if _finite(r.get("screen_reward_mean"))]
+            if screens:
+                n = screens[-1][2]
+                ax.plot(
+                    [p[0] for p in screens], [p[1] for p in screens], linestyle="none", marker="o", markerfacecolor="none",
+                    color="tab:purple", label=f"screen mean ({n} held-out images)" if n else "screen mean",
+                )  # fmt: skip
+            base_row = next((r for r in rows if r["stage"] == 0), {})
+            if target_rise_sd is not None and _finite(base_row.get("eval_reward_mean")) and _finite(base_row.get("eval_reward_std")):
+                goal = base_row["eval_reward_mean"] + target_rise_sd * base_row["eval_reward_std"]
+                ax.axhline(goal, color="tab:purple", linestyle="-.", linewidth=1, label=f"early-stop target (+{target_rise_sd:g} base sd)")
         base = next((r.get(key) for r in rows if r["stage"] == 0 and _finite(r.get(key))), None)
         if key in floors and base is not None:
             ax.axhline(floors[key] * base, color="tab:red", linestyle="--", linewidth=1, label=f"early-stop floor ({floors[key]:g} x base)")
@@ -552,7 +566,8 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     }
     title = f"{run.root.name}: reward {(cfg or {}).get('reward', {}).get('name', 'mix')}"
     if stop:
-        title += f" (stopped early after stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
+        how = "target reached at" if str(stop.get("reason", "")).startswith("target reached") else "stopped early after"
+        title += f" ({how} stage {stop.get('stopped_after_stage')}; final/ = stage {stop.get('final_stage')})"
     g_pool, g_eval = _guidances(cfg)
     notes = []
     if config_value(cfg, "sampling.prune_step") is not None:  # the pruned samples have no reward
@@ -560,7 +575,17 @@ def write_gallery(run_dir: str | Path, *, max_grid_samples: int = 4) -> Path:
     if g_pool is not None and g_eval != g_pool:
         notes.append(f"guidance {g_pool:g}; held-out {g_eval:g}")
     pool_label = "training pool mean" + (f" ({'; '.join(notes)})" if notes else "")
-    render_reward_curve(out / "reward_curve.png", rows, best_of_k_value=bok, k=k, final=final, floors=floors, title=title, pool_label=pool_label)
+    render_reward_curve(
+        out / "reward_curve.png",
+        rows,
+        best_of_k_value=bok,
+        k=k,
+        final=final,
+        floors=floors,
+        title=title,
+        pool_label=pool_label,
+        target_rise_sd=es.get("target_rise_sd"),
+    )
 
     # 3. base vs final grid
     ends = [c for c in columns if c.key in ("s000", f"s{final or 0:03d}")]
