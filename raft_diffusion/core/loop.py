@@ -131,21 +131,19 @@ class Tally:
     def evaluate(self, task: RaftTask, stage: int, stage_dir: Path) -> dict:
         """``task.evaluate``'s metrics, timed (``time_eval``) and counted; the task reports how many held-out
         samples its reward scored as ``eval_reward_queries``."""
-        t = time.perf_counter()
-        metrics = dict(task.evaluate(stage, stage_dir))
-        took = time.perf_counter() - t
-        self.stats["eval_reward_queries"] += int(metrics.pop("eval_reward_queries", 0))
-        self.stats["eval_seconds"] += took
-        return {**metrics, "time_eval": took}
+        return self._timed(lambda: task.evaluate(stage, stage_dir), "time_eval")
 
     def screen(self, task: RaftTask, stage: int, stage_dir: Path, per_prompt: int) -> dict:
         """``task.screen``'s metrics (``screen_*``), timed (``time_screen``) and counted as evaluation."""
+        return self._timed(lambda: task.screen(stage, stage_dir, per_prompt), "time_screen")
+
+    def _timed(self, held_out, key: str) -> dict:
         t = time.perf_counter()
-        metrics = dict(task.screen(stage, stage_dir, per_prompt))
+        metrics = dict(held_out())
         took = time.perf_counter() - t
         self.stats["eval_reward_queries"] += int(metrics.pop("eval_reward_queries", 0))
         self.stats["eval_seconds"] += took
-        return {**metrics, "time_screen": took}
+        return {**metrics, key: took}
 
     def row(self) -> dict:
         """The cumulative columns now (a collective: every process calls it at the same point)."""
