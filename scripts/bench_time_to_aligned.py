@@ -3,6 +3,7 @@
 
     python scripts/bench_time_to_aligned.py [--config configs/toy_aesthetic.yaml] [--run-dir DIR] [key=value ...]
     python scripts/bench_time_to_aligned.py --baseline configs/toy_aesthetic_v1.yaml [seed=1]   # side by side
+    python scripts/bench_time_to_aligned.py --config configs/toy_aesthetic_fast.yaml --baseline configs/toy_aesthetic_v1.yaml --together
 
 Runs ``raft-diffusion align`` in a child process with one thread (OMP/MKL_NUM_THREADS=1) and prints per stage,
 from ``metrics.jsonl``: process CPU seconds since the run's process started (start-up included), images sampled
@@ -13,7 +14,8 @@ the child, from its start to its exit) when the ``final/`` it delivers meets the
 ``--run-dir`` naming a finished run it measures that run instead, taking N from its last metrics row. With
 ``--baseline CONFIG`` it first runs (or measures, ``--baseline-run-dir``) that preset with the same overrides, prints
 its table too, and before the last line the ratio of the two Ns (this preset / baseline), both taken in the same
-load window.
+load window; ``--together`` starts the two at once instead (one thread each, each child's CPU seconds measured on
+its own), so that both share the machine alike.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -34,28 +35,34 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_toyworld import bars, delivered, measure  # noqa: E402
 
 
-def children_usage() -> tuple[float, int]:
-    """CPU seconds and minor page faults of the waited-for child processes so far."""
-    r = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return r.ru_utime + r.ru_stime, r.ru_minflt
-
-
-def run_align(config: str, run: Path, overrides: list[str]) -> tuple[int, float, int]:
-    """``raft-diffusion align`` in a child process with one thread: (exit code, CPU seconds, minor page faults)."""
+def start_align(config: str, run: Path, overrides: list[str]) -> subprocess.Popen | None:
+    """``raft-diffusion align`` started in a child process with one thread; None when ``run`` is already finished."""
+    if (run / "final").is_dir():
+        return None
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "raft_diffusion", "align", "--config", config, "--output-dir", str(run), "progress=false", *overrides]
-    cpu0, faults0 = children_usage()
-    rc = subprocess.run(cmd, env=env, cwd=ROOT).returncode
-    cpu1, faults1 = children_usage()
-    return rc, cpu1 - cpu0, faults1 - faults0
+    return subprocess.Popen(cmd, env=env, cwd=ROOT)
 
 
-def report(config: str, run: Path, overrides: list[str]) -> float | None:
-    """Run (unless finished) and print one run's table and figures; its N (``inf`` if its final/ misses a bar),
-    or None when align failed."""
+def wait_align(proc: subprocess.Popen | None) -> tuple[int, float, int] | None:
+    """Wait for a started align: (exit code, its CPU seconds, its minor page faults), each child measured on its own
+    (``os.wait4``), so two runs side by side are told apart; None for a run that was not started."""
+    if proc is None:
+        return None
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_minflt
+
+
+def report(config: str, run: Path, overrides: list[str], measured: tuple[int, float, int] | None | str = "run") -> float | None:
+    """Print one run's table and figures; its N (``inf`` if its final/ misses a bar), or None when align failed.
+    ``measured``: the run's (exit code, CPU s, faults) from :func:`wait_align`, None for a finished run measured as it
+    is, or "run" to run it here first (unless finished)."""
+    if measured == "run":
+        measured = wait_align(start_align(config, run, overrides))
     measured_cpu = faults = None
-    if not (run / "final").is_dir():
-        rc, measured_cpu, faults = run_align(config, run, overrides)
+    if measured is not None:
+        rc, measured_cpu, faults = measured
         if rc:
             print(f"error: align exited with {rc}", file=sys.stderr)
             return None
@@ -99,6 +106,11 @@ def main(argv=None) -> int:
         help="a second preset to run first, side by side (same overrides), e.g. configs/toy_aesthetic_v1.yaml; prints the ratio of the two Ns",
     )
     ap.add_argument("--baseline-run-dir", default=None, help="the baseline's run directory (default: <run dir>_baseline)")
+    ap.add_argument(
+        "--together",
+        action="store_true",
+        help="with --baseline: start both runs at once, one thread each (the two cores shared alike), instead of one after the other",
+    )
     ap.add_argument("overrides", nargs="*", help="key=value config overrides passed to align")
     args = ap.parse_args(argv)
     import torch
@@ -106,13 +118,18 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     run = Path(args.run_dir or ROOT / "runs" / "time_to_aligned")
     old = None
+    measured = "run"
     if args.baseline:
         old_run = Path(args.baseline_run_dir or f"{run}_baseline")
-        old = report(args.baseline, old_run, args.overrides)
+        old_measured = "run"
+        if args.together:
+            procs = [start_align(args.baseline, old_run, args.overrides), start_align(args.config, run, args.overrides)]
+            old_measured, measured = (wait_align(p) for p in procs)
+        old = report(args.baseline, old_run, args.overrides, old_measured)
         if old is None:
             return 1
         print()
-    n = report(args.config, run, args.overrides)
+    n = report(args.config, run, args.overrides, measured)
     if n is None:
         return 1
     if old is not None:

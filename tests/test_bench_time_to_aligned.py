@@ -65,3 +65,23 @@ def test_bench_shows_a_screened_stages_rise(tmp_path, capsys):
     assert "eval_reward_mean" not in screened and screened["screen_n"] == 16
     assert rows[1][5] == f"~{z:.2f}" and rows[1][6:] == ["-"] * 4
     assert [r[4] for r in rows] == ["24", "40", "64"]  # held-out: base 8 x 3, screen 8 x 2, stage 2 8 x 3
+
+
+def test_bench_runs_a_baseline_together(tmp_path, capsys):
+    """--together: the baseline and the preset start at once; each run's CPU seconds are its own child's (both
+    tables say they were measured on the align process), then the ratio and the metric line."""
+    from bench_time_to_aligned import main
+
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--baseline", "configs/toy_aesthetic_v1.yaml", "--together", *REDUCED]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    measured = [line for line in lines if line.startswith("run: ")]
+    assert len(measured) == 2 and all("(measured on the align process, start to exit)" in line for line in measured)
+    cpu = [float(line.split()[1]) for line in measured]
+    assert all(c > 1 for c in cpu)
+    assert (run / "final").is_dir() and (tmp_path / "run_baseline" / "final").is_dir()
+    n_old = lines[-2].split("cpu_seconds_to_bars ")[1].split(";")[0]
+    assert n_old in ("inf", f"{cpu[0]:.1f}")  # N is the run's CPU s when its final/ meets the bars (not at 2 steps)
+    assert lines[-2].startswith(f"baseline toy_aesthetic_v1.yaml: cpu_seconds_to_bars {n_old}; this preset / baseline = ")
+    assert re.fullmatch(r"cpu_seconds_to_bars: (inf|\d+\.\d)", lines[-1])
