@@ -172,3 +172,32 @@ def test_the_diffusion_screen_scores_the_full_evaluations_seeds(tiny_pipeline_di
     assert screen["screen_reward_mean"] == pytest.approx(mean, abs=1e-4)
     assert screen["screen_reward_std"] == pytest.approx(math.sqrt(sum((v - mean) ** 2 for v in values) / len(values)), abs=1e-4)
     assert not (tmp_path / "screen" / "eval").exists()  # no images saved
+
+    # a full evaluation of the screened stage next reuses the screen's images: it generates only the other 2 per
+    # prompt, and its rows, images and metrics are those of the evaluation made without a screen
+    made = []
+    generate = task._generate
+
+    def counting(embeds, prompt_idx, seeds, *args, **kw):
+        made.extend(zip(prompt_idx, seeds))
+        return generate(embeds, prompt_idx, seeds, *args, **kw)
+
+    task._generate = counting
+    (tmp_path / "again").mkdir()
+    again = task.evaluate(0, tmp_path / "again")
+    task._generate = generate
+    assert sorted(made) == sorted((r["prompt_index"], r["seed"]) for r in rows if r["sample_index"] >= 2)
+    rows2 = [json.loads(line) for line in (tmp_path / "again" / "eval.jsonl").read_text().splitlines()]
+    assert [(r["prompt_index"], r["sample_index"], r["seed"], r["image"]) for r in rows2] == [
+        (r["prompt_index"], r["sample_index"], r["seed"], r["image"]) for r in rows
+    ]
+    for a, b in zip(rows2, rows):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-4)
+        assert (tmp_path / "again" / a["image"]).is_file()
+    assert again["eval_reward_mean"] == pytest.approx(full["eval_reward_mean"], abs=1e-4)
+    # the reuse is once, for that stage: evaluating again (or after training) generates everything
+    made.clear()
+    task._generate = counting
+    task.evaluate(0, tmp_path / "again")
+    task._generate = generate
+    assert len(made) == len(rows)

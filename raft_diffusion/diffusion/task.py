@@ -86,6 +86,7 @@ class DiffusionTask:
     def __init__(self, cfg, reward=None, dist: Dist | None = None, offload: str = "none"):
         self.cfg = cfg
         self.dist = dist or Dist()
+        self._screened = None  # (stage, rows, images, embeddings) of the last screen, reused by its full evaluation
         s = cfg.sampling
         # 1. Prompts (training or an external pool's, and held-out) and the reward: cheap checks first.
         self.external = _read_manifest(s.external_pool) if s.external_pool else None
@@ -441,6 +442,7 @@ class DiffusionTask:
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample], negatives: list[Sample] | None = None) -> dict:
         """Train on the kept samples (and, with ``ranking.negative_k``, away from ``negatives``, SD 1.x/2.x)."""
+        self._screened = None  # the weights change: a screen's images are no longer the model's
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         rows = [s.prompt_index for s in kept]
         if self.legacy:
@@ -491,6 +493,7 @@ class DiffusionTask:
 
     def restore(self, stage_dir: Path) -> None:
         """The main process loads the saved weights and sends them to the others (no shared disk needed)."""
+        self._screened = None
         if self.dist.is_main:
             self._load_weights(stage_dir)
         self.dist.broadcast_params(ft.trainable_parameters(self.denoiser))
@@ -513,7 +516,7 @@ class DiffusionTask:
         """
         n = self.cfg.eval.num_per_prompt
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(n)]
-        rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} eval", self.cfg.eval.save_images, self.eval_clip is not None)
+        rows, images_u8, embeddings = self._reusing_screen(stage, todo)
         if self.dist.is_main:
             if images_u8:
                 for row, img in zip(rows, torch.cat(images_u8)):
@@ -528,13 +531,36 @@ class DiffusionTask:
 
     def screen(self, stage: int, stage_dir: Path, per_prompt: int) -> dict:
         """``eval.screen_per_prompt``: the held-out reward on the first ``per_prompt`` fixed seeds of each eval
-        prompt (the seeds :meth:`evaluate` uses there), without saving images; rows into ``screen.jsonl``."""
+        prompt (the seeds :meth:`evaluate` uses there), without saving images; rows into ``screen.jsonl``. A full
+        evaluation of the same stage next reuses its images and makes only the rest."""
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(per_prompt)]
-        rows, _, _ = self._held_out(todo, f"stage {stage} screen", False, False)
+        rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} screen", self.cfg.eval.save_images, self.eval_clip is not None)
+        self._screened = (stage, rows, images_u8, embeddings)  # a full evaluation of this stage makes only the rest
         if self.dist.is_main:
-            write_jsonl(stage_dir / "screen.jsonl", rows)
+            write_jsonl(stage_dir / "screen.jsonl", [{k: v for k, v in row.items() if k != "image"} for row in rows])
         mean, std = mean_std([row["reward"] for row in rows])
         return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(rows), "eval_reward_queries": len(rows)}
+
+    def _reusing_screen(self, stage: int, todo: list[tuple[int, int, int]]):
+        """:meth:`_held_out` for a full evaluation, taking the images this stage's screen made (the same seeds, the
+        same weights) from it and generating only the rest; in ``todo``'s order."""
+        images, embed = self.cfg.eval.save_images, self.eval_clip is not None
+        cached, self._screened = self._screened, None
+        if cached is None or cached[0] != stage:
+            return self._held_out(todo, f"stage {stage} eval", images, embed)
+        _, rows, images_u8, embeddings = cached
+        done = {(r["prompt_index"], r["sample_index"]) for r in rows}
+        rest = [t for t in todo if (t[0], t[1]) not in done]
+        if rest:
+            more = self._held_out(rest, f"stage {stage} eval", images, embed)
+            rows, images_u8, embeddings = rows + more[0], images_u8 + more[1], embeddings + more[2]
+        order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
+        perm = sorted(range(len(rows)), key=lambda i: order[(rows[i]["prompt_index"], rows[i]["sample_index"])])
+        return (
+            [rows[i] for i in perm],
+            [torch.cat(images_u8)[perm]] if images_u8 else [],
+            [torch.cat(embeddings)[perm]] if embeddings else [],
+        )
 
     def _held_out(self, todo: list[tuple[int, int, int]], desc: str, with_images: bool, with_embeddings: bool):
         """Generate and score held-out (prompt, sample index, seed) triples at the eval settings: their rows,
