@@ -54,12 +54,9 @@ def wait_align(proc: subprocess.Popen | None) -> tuple[int, float, int] | None:
     return proc.returncode, usage.ru_utime + usage.ru_stime, usage.ru_minflt
 
 
-def report(config: str, run: Path, overrides: list[str], measured: tuple[int, float, int] | None | str = "run") -> float | None:
+def report(run: Path, measured: tuple[int, float, int] | None) -> float | None:
     """Print one run's table and figures; its N (``inf`` if its final/ misses a bar), or None when align failed.
-    ``measured``: the run's (exit code, CPU s, faults) from :func:`wait_align`, None for a finished run measured as it
-    is, or "run" to run it here first (unless finished)."""
-    if measured == "run":
-        measured = wait_align(start_align(config, run, overrides))
+    ``measured``: the run's (exit code, CPU s, faults) from :func:`wait_align`, None for a finished run measured as it is."""
     measured_cpu = faults = None
     if measured is not None:
         rc, measured_cpu, faults = measured
@@ -118,18 +115,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     run = Path(args.run_dir or ROOT / "runs" / "time_to_aligned")
     old = None
-    measured = "run"
+    # with --together both runs start now; otherwise each starts when its table is due
+    ahead = start_align(args.config, run, args.overrides) if args.baseline and args.together else None
     if args.baseline:
         old_run = Path(args.baseline_run_dir or f"{run}_baseline")
-        old_measured = "run"
-        if args.together:
-            procs = [start_align(args.baseline, old_run, args.overrides), start_align(args.config, run, args.overrides)]
-            old_measured, measured = (wait_align(p) for p in procs)
-        old = report(args.baseline, old_run, args.overrides, old_measured)
+        old = report(old_run, wait_align(start_align(args.baseline, old_run, args.overrides)))
         if old is None:
+            wait_align(ahead)
             return 1
         print()
-    n = report(args.config, run, args.overrides, measured)
+    n = report(run, wait_align(ahead if ahead is not None else start_align(args.config, run, args.overrides)))
     if n is None:
         return 1
     if old is not None:

@@ -45,7 +45,7 @@ def test_target_stops_at_the_first_evaluated_stage_that_reaches_it():
     no_std = [dict(r) for r in rows]
     del no_std[0]["eval_reward_std"]
     assert EarlyStopper(target_rise_sd=1.0)(no_std) is None and EarlyStopper(target_rise_sd=1.0).target(no_std) is None
-    assert EarlyStopper(target_rise_sd=1.0).target(rows) == (7.0, 2.0)
+    assert EarlyStopper(target_rise_sd=1.0).target(rows) == (7.0, 5.0, 2.0)
 
 
 def test_a_stage_under_a_floor_does_not_count_as_reaching_the_target():

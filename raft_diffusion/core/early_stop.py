@@ -60,8 +60,8 @@ class EarlyStopper:
     def active(self) -> bool:
         return self.patience is not None or bool(self.floors) or self.target_rise_sd is not None
 
-    def target(self, rows: list[dict]) -> tuple[float, float] | None:
-        """(target value of the metric, the base model's std of it), or None without a target or a base."""
+    def target(self, rows: list[dict]) -> tuple[float, float, float] | None:
+        """(target value of the metric, the base model's mean and std of it), or None without a target or a base."""
         if self.target_rise_sd is None:
             return None
         base = next((r for r in rows if r["stage"] == 0), None)
@@ -69,7 +69,7 @@ class EarlyStopper:
         std = None if base is None else _value(base, std_key(self.metric))
         if mean is None or std is None:
             return None
-        return mean + self.target_rise_sd * std, std
+        return mean + self.target_rise_sd * std, mean, std
 
     def screen_calls_for_eval(self, rows: list[dict], screen: dict) -> bool:
         """Whether a screened stage should be evaluated in full now: the screen's mean of the metric is within
@@ -110,11 +110,12 @@ class EarlyStopper:
         goal = self.target(rows)
         if goal is not None:
             latest = next((r for r in reversed(rows) if _value(r, self.metric) is not None), None)
-            if latest is not None and latest["stage"] >= 1 and _value(latest, self.metric) >= goal[0]:
-                base = _value(next(r for r in rows if r["stage"] == 0), self.metric)
-                rise = (_value(latest, self.metric) - base) / goal[1] if goal[1] > 0 else math.inf
+            v = None if latest is None else _value(latest, self.metric)
+            if v is not None and latest["stage"] >= 1 and v >= goal[0]:
+                _, base, std = goal
+                rise = (v - base) / std if std > 0 else math.inf
                 return (
-                    f"target reached: {self.metric} {_value(latest, self.metric):.4g} at stage {latest['stage']} rose "
+                    f"target reached: {self.metric} {v:.4g} at stage {latest['stage']} rose "
                     f"{rise:.3g} base sd (early_stop.target_rise_sd {self.target_rise_sd:g})"
                 )
         return None

@@ -534,7 +534,7 @@ class DiffusionTask:
         prompt (the seeds :meth:`evaluate` uses there), without saving images; rows into ``screen.jsonl``. A full
         evaluation of the same stage next reuses its images and makes only the rest."""
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(per_prompt)]
-        rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} screen", self.cfg.eval.save_images, self.eval_clip is not None)
+        rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} screen")
         self._screened = (stage, rows, images_u8, embeddings)  # a full evaluation of this stage makes only the rest
         if self.dist.is_main:
             write_jsonl(stage_dir / "screen.jsonl", [{k: v for k, v in row.items() if k != "image"} for row in rows])
@@ -544,28 +544,22 @@ class DiffusionTask:
     def _reusing_screen(self, stage: int, todo: list[tuple[int, int, int]]):
         """:meth:`_held_out` for a full evaluation, taking the images this stage's screen made (the same seeds, the
         same weights) from it and generating only the rest; in ``todo``'s order."""
-        images, embed = self.cfg.eval.save_images, self.eval_clip is not None
         cached, self._screened = self._screened, None
         if cached is None or cached[0] != stage:
-            return self._held_out(todo, f"stage {stage} eval", images, embed)
+            return self._held_out(todo, f"stage {stage} eval")
         _, rows, images_u8, embeddings = cached
         done = {(r["prompt_index"], r["sample_index"]) for r in rows}
         rest = [t for t in todo if (t[0], t[1]) not in done]
         if rest:
-            more = self._held_out(rest, f"stage {stage} eval", images, embed)
+            more = self._held_out(rest, f"stage {stage} eval")
             rows, images_u8, embeddings = rows + more[0], images_u8 + more[1], embeddings + more[2]
-        order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
-        perm = sorted(range(len(rows)), key=lambda i: order[(rows[i]["prompt_index"], rows[i]["sample_index"])])
-        return (
-            [rows[i] for i in perm],
-            [torch.cat(images_u8)[perm]] if images_u8 else [],
-            [torch.cat(embeddings)[perm]] if embeddings else [],
-        )
+        return _in_order(todo, rows, images_u8, embeddings)
 
-    def _held_out(self, todo: list[tuple[int, int, int]], desc: str, with_images: bool, with_embeddings: bool):
+    def _held_out(self, todo: list[tuple[int, int, int]], desc: str):
         """Generate and score held-out (prompt, sample index, seed) triples at the eval settings: their rows,
-        uint8 image batches (``with_images``) and eval-CLIP embeddings (``with_embeddings``), in ``todo``'s
-        order on every process (batches dealt round-robin over processes, results gathered)."""
+        uint8 image batches (``eval.save_images``) and eval-CLIP embeddings (with an ``eval.clip_model``), in
+        ``todo``'s order on every process (batches dealt round-robin over processes, results gathered)."""
+        with_images, with_embeddings = self.cfg.eval.save_images, self.eval_clip is not None
         bs = self.cfg.sampling.batch_size
         mine = self.dist.shard(todo, bs)
         rows, images_u8, embeddings = [], [], []
@@ -590,15 +584,23 @@ class DiffusionTask:
                 embeddings.append(emb)
         if self.dist.enabled:  # everyone gets everything, in the single-process order
             parts = self.dist.gather((rows, images_u8, embeddings))
-            order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
             rows = [r for part in parts for r in part[0]]
             images_u8 = [x for part in parts for x in part[1]]
             embeddings = [x for part in parts for x in part[2]]
-            perm = sorted(range(len(rows)), key=lambda i: order[(rows[i]["prompt_index"], rows[i]["sample_index"])])
-            rows = [rows[i] for i in perm]
-            images_u8 = [torch.cat(images_u8)[perm]] if images_u8 else []
-            embeddings = [torch.cat(embeddings)[perm]] if embeddings else []
+            return _in_order(todo, rows, images_u8, embeddings)
         return rows, images_u8, embeddings
+
+
+def _in_order(todo: list[tuple[int, int, int]], rows: list[dict], images_u8: list, embeddings: list):
+    """Held-out rows, with their image and embedding batches (concatenated into one each), put in ``todo``'s
+    (prompt index, sample index) order."""
+    order = {(p, k): i for i, (p, k, _) in enumerate(todo)}
+    perm = sorted(range(len(rows)), key=lambda i: order[(rows[i]["prompt_index"], rows[i]["sample_index"])])
+    return (
+        [rows[i] for i in perm],
+        [torch.cat(images_u8)[perm]] if images_u8 else [],
+        [torch.cat(embeddings)[perm]] if embeddings else [],
+    )
 
 
 def train_settings(t, stage: int | None = None) -> dict:
