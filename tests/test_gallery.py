@@ -328,3 +328,19 @@ def test_reward_curve_draws_screens_and_the_target(tmp_path):
     render_reward_curve(tmp_path / "both.png", rows, target_rise_sd=1.0)
     assert purple(tmp_path / "plain.png") == 0
     assert 0 < purple(tmp_path / "screens.png") < purple(tmp_path / "both.png")
+
+
+def test_metrics_table_shows_a_screened_stages_screen_mean(tmp_path):
+    """A stage screened, not evaluated (eval.screen_per_prompt), shows its screen's mean, marked as a screen; an
+    evaluated stage keeps mean ± std, and a stage with neither shows '-'."""
+    from raft_diffusion.diffusion.gallery import _metrics_table
+
+    rows = [
+        {"stage": 0, "eval_reward_mean": 5.0, "eval_reward_std": 2.0},
+        {"stage": 1, "screen_reward_mean": 5.8, "screen_n": 32},
+        {"stage": 2, "reward_mean": 6.0},
+        {"stage": 3, "eval_reward_mean": 7.2, "eval_reward_std": 1.0, "screen_reward_mean": 7.0, "screen_n": 32},
+    ]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)[1] for row in _metrics_table(rows, 3).split("<tr")[2:]]
+    assert cells == ["5 &plusmn; 2", "~5.8 (screen)", "-", "7.2 &plusmn; 1"]
+    assert "title='screen of 32 held-out images'" in _metrics_table(rows, 3)

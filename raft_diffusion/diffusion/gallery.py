@@ -467,6 +467,8 @@ def _metrics_table(rows: list[dict], final: int | None) -> str:
             v = r.get(key)
             if key == "eval_reward_mean" and _finite(r.get("eval_reward_std")):
                 out.append(f"<td>{fmt(v)} &plusmn; {fmt(r['eval_reward_std'], '.3g')}</td>")
+            elif key == "eval_reward_mean" and _finite(r.get("screen_reward_mean")):  # eval.screen_per_prompt
+                out.append(f"<td title='screen of {r.get('screen_n')} held-out images'>~{fmt(r['screen_reward_mean'])} (screen)</td>")
             elif key == "seconds":
                 out.append(f"<td>{fmt(v, '.0f')}</td>")
             else:
