@@ -326,10 +326,13 @@ def train_unet(
     second term moves ``v`` from ``v_ref`` by ``-(target - v_ref) / beta``: away from the negatives' targets, and
     bounded (a quadratic), unlike gradient ascent on their loss. Each step also draws ``min(batch_size, M)``
     negatives per micro-batch (their order, noise and timesteps from a second generator seeded by ``seed``, so the
-    kept rows' draws are those of the plain loss); they are computed in chunks after the kept rows'. At beta 1
-    ``v_plus`` is ``v`` and no reference pass is made for kept rows; with ``negative_weight`` 0 the weights then
-    train exactly as the plain loss. Cost per step: the negatives' forward and backward plus one forward of the
-    reference on them (and on the kept rows when beta != 1).
+    kept rows' draws are those of the plain loss). Without ``chunk_rows`` a micro-batch's kept rows and its negatives
+    share one pass (and one reference pass): the same loss as separate passes up to float rounding, about 15% less
+    CPU on the toy world (60 steps of 8 + 8 rows: 14.5-15.9 CPU s against 17.0-18.7); with ``chunk_rows`` the
+    negatives are computed in chunks after the kept rows'. At beta 1 ``v_plus`` is ``v`` and no reference pass is
+    made for kept rows; with ``negative_weight`` 0 the weights then train as the plain loss (bit for bit with
+    ``chunk_rows``). Cost per step: the negatives' forward and backward plus one forward of the reference on them
+    (and on the kept rows when beta != 1).
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -425,6 +428,13 @@ def train_unet(
     neg_rows = neg_micro * gradient_accumulation_steps
     neg_chunks = chunk_slices(neg_rows, chunk_rows or neg_micro) if n_neg else []
     neg_gen = torch.Generator(device="cpu").manual_seed((int(seed) * 1_000_003 + 7_919) % 2**63)
+    # the passes of a step, (kept chunk, negatives' chunk): without chunk_rows a micro-batch's kept rows and its
+    # negatives share one pass (one forward and one reference pass instead of two each); with it, the negatives'
+    # chunks come after the kept rows'
+    if n_neg and chunk_rows is None:
+        jobs = list(zip(range(len(chunks)), range(len(neg_chunks)), strict=True))
+    else:
+        jobs = [(i, None) for i in range(len(chunks))] + [(None, i) for i in range(len(neg_chunks))]
     reference = [p.detach().clone() for p in params] if nft else None
 
     def batches(count: int, take: int, generator: torch.Generator):
@@ -487,8 +497,10 @@ def train_unet(
             draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop})
         return {k: None if draws[0][k] is None else torch.cat([d[k] for d in draws]) for k in draws[0]}
 
-    def chunk_loss(rows: dict, negative: bool = False) -> torch.Tensor:
-        """The summed (Min-SNR weighted) denoising loss of some rows (``negative``: rows of the negatives)."""
+    def chunk_loss(rows: dict | None, neg: dict | None = None) -> torch.Tensor:
+        """A chunk's share of the step's loss: its kept ``rows`` and its negatives' rows ``neg`` (either may be
+        None) in one forward pass (and one reference pass), each row's (Min-SNR weighted) denoising loss summed,
+        the kept rows' divided by the step's row count and the negatives' times ``negative_weight`` over theirs."""
         if family is not None:
             x0 = latents[rows["idx"].to(latents.device)]
             with autocast():
@@ -499,31 +511,48 @@ def train_unet(
                 per_sample = per_sample * min_snr_weights(noise_scheduler, rows["t"].to(device), snr_gamma)
             if sample_weights is not None:
                 per_sample = per_sample * sample_weights[rows["idx"]].to(per_sample.device)
-            return per_sample.sum()
-        noise, t, drop = rows["noise"].to(device), rows["t"].to(device), rows.get("drop")
-        data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
-        x0 = data[rows["idx"].to(data.device)].to(device, torch.float32)
-        cond = embeds[rows["idx"].to(embeds.device)].to(device, model_dtype)
-        if drop is not None and drop.any():
-            cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
-        noisy = noise_scheduler.add_noise(x0, noise, t)
-        target = denoising_target(noise_scheduler, x0, noise, t)
-        ref = reference_prediction(noisy.to(model_dtype), t, cond) if negative or nft_beta != 1.0 else None
+            return per_sample.sum() / step_rows
+
+        def inputs(part: dict, negative: bool) -> tuple:
+            noise, t, drop = part["noise"].to(device), part["t"].to(device), part.get("drop")
+            data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
+            x0 = data[part["idx"].to(data.device)].to(device, torch.float32)
+            cond = embeds[part["idx"].to(embeds.device)].to(device, model_dtype)
+            if drop is not None and drop.any():
+                cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)
+            return noise_scheduler.add_noise(x0, noise, t), t, cond, denoising_target(noise_scheduler, x0, noise, t)
+
+        parts = [inputs(rows, False)] if rows is not None else []
+        parts += [inputs(neg, True)] if neg is not None else []
+        noisy, t, cond, target = (torch.cat(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+        n_kept = 0 if rows is None else len(rows["idx"])
+        # v_ref where it is used: the negatives' rows always, the kept rows' when beta != 1
+        ref_from = 0 if nft_beta != 1.0 else n_kept
+        ref = reference_prediction(noisy[ref_from:].to(model_dtype), t[ref_from:], cond[ref_from:]) if ref_from < len(t) else None
         with autocast():
             pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
         pred = pred.float()
-        if negative:  # v_minus = (1 + beta) v_ref - beta v
-            pred = (1.0 + nft_beta) * ref - nft_beta * pred
-        elif ref is not None:  # v_plus = (1 - beta) v_ref + beta v
-            pred = (1.0 - nft_beta) * ref + nft_beta * pred
+        if ref is not None:  # kept rows (1 - beta) v_ref + beta v, negatives' (1 + beta) v_ref - beta v: w = beta, -beta
+            w = torch.full((len(ref),), -nft_beta, device=device)
+            w[: n_kept - ref_from] = nft_beta
+            w = w.view(-1, *([1] * (pred.dim() - 1)))
+            mixed = (1.0 - w) * ref + w * pred[ref_from:]
+            pred = torch.cat([pred[:ref_from], mixed]) if ref_from else mixed
         per_sample = F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
         if snr_gamma is not None:
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
-        if sample_weights is not None and not negative:
-            per_sample = per_sample * sample_weights[rows["idx"]].to(device)
-        if negative_sample_weights is not None and negative:
-            per_sample = per_sample * negative_sample_weights[rows["idx"]].to(device)
-        return per_sample.sum()
+        loss = per_sample.new_zeros(())
+        if rows is not None:
+            kept = per_sample[:n_kept]
+            if sample_weights is not None:
+                kept = kept * sample_weights[rows["idx"]].to(device)
+            loss = loss + kept.sum() / step_rows
+        if neg is not None:
+            pushed = per_sample[n_kept:]
+            if negative_sample_weights is not None:
+                pushed = pushed * negative_sample_weights[neg["idx"]].to(device)
+            loss = loss + pushed.sum() * (negative_weight / neg_rows)
+        return loss
 
     # 3. the loop
     checkpointing_was_on = bool(getattr(unet, "is_gradient_checkpointing", False))
@@ -542,16 +571,14 @@ def train_unet(
 
                 def backward(i: int, step=step, draws=draws, neg_draws=neg_draws) -> float:  # chunk i: forward, backward, its share of the loss
                     torch.manual_seed(train_chunk_seed(seed, step, i))  # LoRA dropout masks: a function of the chunk
-                    if i < len(chunks):
-                        rows = {k: None if v is None else v[chunks[i]] for k, v in draws.items()}
-                        loss = chunk_loss(rows) / step_rows
-                    else:  # the negatives' chunks come after the kept rows'
-                        rows = {k: v[neg_chunks[i - len(chunks)]] for k, v in neg_draws.items()}
-                        loss = chunk_loss(rows, negative=True) * (negative_weight / neg_rows)
+                    kept_i, neg_i = jobs[i]
+                    rows = None if kept_i is None else {k: None if v is None else v[chunks[kept_i]] for k, v in draws.items()}
+                    neg = None if neg_i is None else {k: v[neg_chunks[neg_i]] for k, v in neg_draws.items()}
+                    loss = chunk_loss(rows, neg)
                     (scaler.scale(loss) if scaler else loss).backward()
                     return loss.item()
 
-                step_loss = summed_grads(params, len(chunks) + len(neg_chunks), backward, dist)
+                step_loss = summed_grads(params, len(jobs), backward, dist)
                 if not optimizer_step(optimizer, params, scaler, max_grad_norm):
                     skipped += 1  # fp16: inf/NaN gradients, the scaler lowered its scale and skipped the step
                 schedule.step()
