@@ -517,6 +517,27 @@ def test_task_hands_weights_and_negatives_to_training(monkeypatch):
     got.clear()
     task_mod.DiffusionTask.finetune(fake, 1, kept)
     assert not {"sample_weights", "negative_latents", "negative_weight", "nft_beta"} & set(got)
+    # another family: one row of the family's conditioning per negative, and the family's loss
+    from raft_diffusion.diffusion.families import PromptEmbeds, get_family
+
+    pooled = torch.arange(2 * 4, dtype=torch.float32).view(2, 4)
+    family_embeds = PromptEmbeds({"prompt_embeds": embeds, "pooled_prompt_embeds": pooled})
+    fake = SimpleNamespace(
+        cfg=config_from_dict({}, ["ranking.negative_k=2", "train.nft_beta=0.7"]),
+        device=torch.device("cpu"),
+        legacy=False,
+        family=get_family("sd3"),
+        train_embeds=family_embeds,
+        pipe=None,
+        empty_embeds=None,
+        dist=None,
+    )
+    got.clear()
+    task_mod.DiffusionTask.finetune(fake, 1, kept, negatives=negatives)
+    assert got["family"].name == "sd3" and got["nft_beta"] == 0.7
+    assert torch.equal(got["negative_embeds"].per_prompt["prompt_embeds"], embeds[[1, 0]])
+    assert torch.equal(got["negative_embeds"].per_prompt["pooled_prompt_embeds"], pooled[[1, 0]])
+    assert torch.equal(got["embeds"].per_prompt["pooled_prompt_embeds"], pooled[[0, 0, 1]])
 
 
 def test_timestep_ranges_only_from_a_late_stage():

@@ -486,3 +486,96 @@ def test_saved_activation_accounting_on_meta():
     assert report.with_checkpointing == 64 * f + 2 * 64 * f + block
     with pytest.raises(ValueError, match="meta device"):
         saved_activation_bytes(torch.nn.Linear(2, 2), lambda: None, [])
+
+
+# --- the negative-aware loss (ranking.negative_k, train.nft_beta) ---------------------------------------------
+
+
+def _family_prediction(name, family, pipe, denoiser, noisy, t, emb):
+    """The denoiser's output for a batch: the flow velocity (SD3/FLUX, through the family's call) or SDXL's epsilon."""
+    if name == "sdxl":
+        n = noisy.shape[0]
+        ids = torch.tensor([[32.0, 32, 0, 0, 32, 32]] * n)
+        added = {"text_embeds": emb.per_prompt["pooled_prompt_embeds"], "time_ids": ids}
+        return denoiser(noisy, t, encoder_hidden_states=emb.per_prompt["prompt_embeds"], added_cond_kwargs=added).sample
+    return family._predict(pipe, denoiser, noisy, t, emb, LossSettings())
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_negative_aware_loss_by_hand_for_the_family(family_dirs, pipes, embeds, name):
+    """Two steps of train_unet with negatives on each family, by hand: step 2's loss is mean ||(1-b) v_ref + b v -
+    y||^2 over the kept rows + lam * mean ||(1+b) v_ref - b v - y||^2 over the negatives, v the family's prediction
+    (SDXL: epsilon, y the noise; SD3/FLUX: the velocity, y = noise - x0, on (1 - s) x0 + s noise with s = t / 1000)
+    after one AdamW step, v_ref the weights at the start; the draws: kept rows from the seed's generator, negatives
+    from their own, timesteps from the family's density."""
+    from diffusers import DDPMScheduler
+
+    from raft_diffusion.diffusion.finetune import train_unet
+
+    family, emb = get_family(name), embeds[name]
+    g = torch.Generator().manual_seed(4)
+    latents, neg_latents = torch.randn(4, 4, 16, 16, generator=g), torch.randn(4, 4, 16, 16, generator=g)
+    kept_emb, neg_emb = emb[[0, 1, 0, 1]], emb[[1, 1, 0, 0]]
+    beta, lam, lr, seed = 0.5, 0.7, 1e-2, 3
+    trained = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(trained), rank=4, init_seed=0)
+    start = {k: v.detach().clone() for k, v in family.denoiser(trained).named_parameters() if v.requires_grad}
+    kw = dict(steps=2, batch_size=4, learning_rate=lr, seed=seed, max_grad_norm=None, progress=False, family=family, loss_settings=LossSettings())
+    stats = train_unet(trained, latents, kept_emb, **kw, negative_latents=neg_latents, negative_embeds=neg_emb, negative_weight=lam, nft_beta=beta)
+    assert stats["num_negative_rows"] == 4
+
+    def draws(generator):
+        return [
+            (
+                torch.randperm(4, generator=generator),
+                torch.randn((4, 4, 16, 16), generator=generator),
+                family.draw_timesteps(trained, 4, LossSettings(), generator)[0],
+            )
+            for _ in range(2)
+        ]
+
+    pos = draws(torch.Generator().manual_seed(seed))
+    neg = draws(torch.Generator().manual_seed((seed * 1_000_003 + 7_919) % 2**63))
+    hand = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(hand), rank=4, init_seed=0)
+    unet = family.denoiser(hand)
+    ddpm = DDPMScheduler.from_config(hand.scheduler.config) if name == "sdxl" else None
+
+    def predict(x0, e, draw, grad):
+        idx, noise, t = draw
+        x0 = x0[idx]
+        if ddpm is not None:
+            noisy, target = ddpm.add_noise(x0, noise, t), noise
+        else:
+            s = (t / 1000).view(-1, 1, 1, 1)
+            noisy, target = (1 - s) * x0 + s * noise, noise - x0
+        with torch.set_grad_enabled(grad):
+            return _family_prediction(name, family, hand, unet, noisy, t, e[idx]), target
+
+    def loss(refs, step):
+        v, y = predict(latents, kept_emb, pos[step], True)
+        lp = (((1 - beta) * refs[0] + beta * v - y) ** 2).flatten(1).mean(1).mean()
+        v, y = predict(neg_latents, neg_emb, neg[step], True)
+        ln = (((1 + beta) * refs[1] - beta * v - y) ** 2).flatten(1).mean(1).mean()
+        return lp + lam * ln
+
+    unet.eval()
+    refs = [(predict(latents, kept_emb, pos[s], False)[0], predict(neg_latents, neg_emb, neg[s], False)[0]) for s in range(2)]
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    unet.train()
+    first = loss(refs[0], 0)
+    first.backward()
+    opt.step()
+    opt.zero_grad()
+    second = loss(refs[1], 1)
+    assert stats["loss_last"] == pytest.approx(second.item(), rel=1e-5)
+    assert stats["loss_mean"] == pytest.approx((first.item() + second.item()) / 2, rel=1e-5)
+    with torch.no_grad():  # v_ref is the start's, not the current weights': with v_ref = v the loss differs
+        now = (predict(latents, kept_emb, pos[1], False)[0], predict(neg_latents, neg_emb, neg[1], False)[0])
+    assert second.item() != pytest.approx(loss(now, 1).item(), rel=1e-4)
+    second.backward()  # and the weights after the second step are those of train_unet
+    opt.step()
+    after = {k: v for k, v in family.denoiser(trained).named_parameters() if v.requires_grad}
+    assert all(torch.allclose(after[k], p, rtol=0, atol=1e-5) for k, p in zip(start, params))
+    assert any(not torch.allclose(after[k], start[k], rtol=0, atol=1e-3) for k in start)

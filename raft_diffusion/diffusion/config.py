@@ -117,7 +117,7 @@ class RankingConfig(core.RankingConfig):
     )
     negative_k: int = _f(
         0,
-        "local mode, online runs, SD 1.x/2.x: also hand the m worst samples of each prompt's pool (by reward, never a kept, discarded or unscored one) to fine-tuning as negatives, which train.negative_weight's negative-aware loss pushes the model away from; 0 = off",
+        "local mode, online runs: also hand the m worst samples of each prompt's pool (by reward, never a kept, discarded or unscored one) to fine-tuning as negatives, which train.negative_weight's negative-aware loss pushes the model away from; 0 = off",
     )
     prompt_match: int | None = _f(
         None,
@@ -202,7 +202,7 @@ class TrainConfig:
     )
     nft_beta: float = _f(
         1.0,
-        "negative-aware loss (SD 1.x/2.x): the kept samples train v_plus = (1 - beta) v_ref + beta v_theta, the negatives v_minus = (1 + beta) v_ref - beta v_theta, v_ref the stage-start model's prediction (no gradient); 1 with ranking.negative_k 0 = the plain loss",
+        "negative-aware loss (every family; the prediction is epsilon, v or, for SD3/FLUX, the flow velocity): the kept samples train v_plus = (1 - beta) v_ref + beta v_theta, the negatives v_minus = (1 + beta) v_ref - beta v_theta, v_ref the stage-start model's prediction (no gradient); 1 with ranking.negative_k 0 = the plain loss",
     )
 
 

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.gradsum import chunk_slices, summed_grads
 from raft_diffusion.core.seeds import train_chunk_seed
+from raft_diffusion.diffusion.families.base import ReferenceMix
 from raft_diffusion.diffusion.families.lora import save_lora as save_denoiser_lora
 from raft_diffusion.diffusion.families.sd import denoising_target
 
@@ -315,7 +316,7 @@ def train_unet(
     ``sample_weights`` (``[N]``, one per latent; None = all 1) multiplies each row's loss by its sample's weight
     (on top of Min-SNR): a reward-weighted loss over the training set (``train.reward_weight_temperature``).
 
-    Negative-aware loss (SD 1.x/2.x; ``ranking.negative_k``, ``train.negative_weight``, ``train.nft_beta``): with
+    Negative-aware loss (every family; ``ranking.negative_k``, ``train.negative_weight``, ``train.nft_beta``): with
     ``negative_latents`` ``[M, ...]`` and their ``negative_embeds``, or ``nft_beta`` != 1, let ``v_ref`` be the
     prediction of the trainable weights as they were when this call began (computed without gradient, LoRA dropout
     off) and ``v`` the trained one. A kept row's prediction becomes ``v_plus = (1 - beta) v_ref + beta v`` and a
@@ -326,7 +327,10 @@ def train_unet(
     second term moves ``v`` from ``v_ref`` by ``-(target - v_ref) / beta``: away from the negatives' targets, and
     bounded (a quadratic), unlike gradient ascent on their loss. Each step also draws ``min(batch_size, M)``
     negatives per micro-batch (their order, noise and timesteps from a second generator seeded by ``seed``, so the
-    kept rows' draws are those of the plain loss). Without ``chunk_rows`` a micro-batch's kept rows and its negatives
+    kept rows' draws are those of the plain loss). With ``family`` the prediction mixed is the family's (epsilon or v
+    for SDXL, the flow velocity for SD3/FLUX, as DiffusionNFT mixes velocities), ``negative_embeds`` a ``PromptEmbeds``
+    with one row per negative, the negatives' timesteps from ``family.draw_timesteps``, and the kept rows and the
+    negatives have passes of their own. SD 1.x/2.x without ``chunk_rows``: a micro-batch's kept rows and its negatives
     share one pass (and one reference pass): the same loss as separate passes up to float rounding, about 15% less
     CPU on the toy world (60 steps of 8 + 8 rows: 14.5-15.9 CPU s against 17.0-18.7); with ``chunk_rows`` the
     negatives are computed in chunks after the kept rows'. At beta 1 ``v_plus`` is ``v`` and no reference pass is
@@ -356,8 +360,6 @@ def train_unet(
             raise ValueError(f"sample_weights must be {n} finite weights >= 0, one per latent (got {sample_weights.numel()})")
     nft = negative_latents is not None or nft_beta != 1.0
     if nft:
-        if family is not None:
-            raise UserError(f"the negative-aware loss (ranking.negative_k, train.nft_beta) is implemented for SD 1.x/2.x only, not for {family.name}")
         if not nft_beta > 0 or not negative_weight >= 0:
             raise UserError(f"nft_beta must be > 0 and negative_weight >= 0 (got {nft_beta}, {negative_weight})")
         if negative_latents is not None and (
@@ -431,7 +433,7 @@ def train_unet(
     # the passes of a step, (kept chunk, negatives' chunk): without chunk_rows a micro-batch's kept rows and its
     # negatives share one pass (one forward and one reference pass instead of two each); with it, the negatives'
     # chunks come after the kept rows'
-    if n_neg and chunk_rows is None:
+    if n_neg and chunk_rows is None and family is None:
         jobs = list(zip(range(len(chunks)), range(len(neg_chunks)), strict=True))
     else:
         jobs = [(i, None) for i in range(len(chunks))] + [(None, i) for i in range(len(neg_chunks))]
@@ -464,11 +466,12 @@ def train_unet(
         for _ in range(gradient_accumulation_steps):
             idx = next_negatives()
             noise = torch.randn((neg_micro, *negative_latents.shape[1:]), generator=neg_gen)
-            draws.append({"idx": idx, "noise": noise, "t": sd_timesteps(step, neg_micro, neg_gen)})
+            t = sd_timesteps(step, neg_micro, neg_gen) if family is None else family.draw_timesteps(pipe, neg_micro, loss_settings, neg_gen)[0]
+            draws.append({"idx": idx, "noise": noise, "t": t})
         return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
 
-    def reference_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The prediction of the weights as they were when training began: swapped in, no gradient, dropout off."""
+    def in_reference(predict) -> torch.Tensor:
+        """``predict()`` with the weights as they were when training began: swapped in, no gradient, dropout off."""
         current = [p.data for p in params]
         with torch.no_grad(), torch.random.fork_rng(devices=_rng_devices(unet)):
             unet.eval()
@@ -476,11 +479,14 @@ def train_unet(
                 for p, r in zip(params, reference):
                     p.data = r
                 with autocast():
-                    return unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0].float()
+                    return predict().float()
             finally:
                 for p, c in zip(params, current):
                     p.data = c
                 unet.train()
+
+    def reference_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        return in_reference(lambda: unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0])
 
     def draw_step(step: int) -> dict:
         """The step's rows (its micro-batches one after another): sample index, noise, timestep, caption drop."""
@@ -501,17 +507,31 @@ def train_unet(
         """A chunk's share of the step's loss: its kept ``rows`` and its negatives' rows ``neg`` (either may be
         None) in one forward pass (and one reference pass), each row's (Min-SNR weighted) denoising loss summed,
         the kept rows' divided by the step's row count and the negatives' times ``negative_weight`` over theirs."""
-        if family is not None:
-            x0 = latents[rows["idx"].to(latents.device)]
-            with autocast():
-                per_sample = family.training_loss(
-                    pipe, unet, x0, prompt_embeds, rows["idx"], noise=rows["noise"], timesteps=rows["t"], settings=loss_settings
-                )
-            if snr_gamma is not None:
-                per_sample = per_sample * min_snr_weights(noise_scheduler, rows["t"].to(device), snr_gamma)
-            if sample_weights is not None:
-                per_sample = per_sample * sample_weights[rows["idx"]].to(per_sample.device)
-            return per_sample.sum() / step_rows
+        if family is not None:  # the family's loss, kept rows and negatives in passes of their own
+            loss = 0.0
+            for part, negative in ((rows, False), (neg, True)):
+                if part is None:
+                    continue
+                data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
+                x0 = data[part["idx"].to(data.device)]
+                mix = None
+                if negative or (nft and nft_beta != 1.0):  # v_minus / v_plus with the reference's prediction
+                    mix = ReferenceMix(torch.full((len(part["idx"]),), -nft_beta if negative else nft_beta), in_reference)
+                with autocast():
+                    per_sample = family.training_loss(
+                        pipe, unet, x0, embeds, part["idx"], noise=part["noise"], timesteps=part["t"], settings=loss_settings, mix=mix
+                    )
+                if snr_gamma is not None:
+                    per_sample = per_sample * min_snr_weights(noise_scheduler, part["t"].to(device), snr_gamma)
+                if negative:
+                    if negative_sample_weights is not None:
+                        per_sample = per_sample * negative_sample_weights[part["idx"]].to(per_sample.device)
+                    loss = loss + per_sample.sum() * (negative_weight / neg_rows)
+                else:
+                    if sample_weights is not None:
+                        per_sample = per_sample * sample_weights[part["idx"]].to(per_sample.device)
+                    loss = loss + per_sample.sum() / step_rows
+            return loss
 
         def inputs(part: dict, negative: bool) -> tuple:
             noise, t, drop = part["noise"].to(device), part["t"].to(device), part.get("drop")

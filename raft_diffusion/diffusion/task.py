@@ -441,7 +441,7 @@ class DiffusionTask:
 
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample], negatives: list[Sample] | None = None) -> dict:
-        """Train on the kept samples (and, with ``ranking.negative_k``, away from ``negatives``, SD 1.x/2.x)."""
+        """Train on the kept samples (and, with ``ranking.negative_k``, away from ``negatives``)."""
         self._screened = None  # the weights change: a screen's images are no longer the model's
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         rows = [s.prompt_index for s in kept]
@@ -454,12 +454,12 @@ class DiffusionTask:
             by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
             values = [s.selection_key if by_key and s.selection_key is not None else s.reward for s in kept]
             family["sample_weights"] = torch.tensor(kept_weights(values, rows, temperature))
-        if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss (SD 1.x/2.x, checked at start)
+        if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss
             family["nft_beta"] = self.cfg.train.nft_beta
         if negatives:
             neg_rows = torch.tensor([s.prompt_index for s in negatives], device=self.device)
             family["negative_latents"] = torch.stack([s.payload["latents"] for s in negatives]).to(self.device, torch.float32)
-            family["negative_embeds"] = self.train_embeds[0][neg_rows]
+            family["negative_embeds"] = self.train_embeds[0][neg_rows] if self.legacy else self.train_embeds[neg_rows.tolist()]
             family["negative_weight"] = self.cfg.train.negative_weight
             scale = self.cfg.train.negative_advantage_scale
             if scale is not None:  # each negative weighted by how far below its prompt's pool mean it is
@@ -647,11 +647,6 @@ def loss_settings(t):
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
     ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
-    if family.name != "sd" and (cfg.ranking.negative_k or cfg.train.nft_beta != 1.0):
-        raise UserError(
-            f"the negative-aware loss (ranking.negative_k, train.nft_beta) is implemented for SD 1.x/2.x only, "
-            f"not for {family.name}: set ranking.negative_k=0 and train.nft_beta=1"
-        )
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
     if cfg.sampling.prune_step is not None and not family.stepwise_schedulers:

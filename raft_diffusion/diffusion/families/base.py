@@ -9,6 +9,8 @@ own ``pipe.load_lora_weights`` reads it back.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +23,28 @@ from raft_diffusion.diffusion.families.settings import LossSettings
 def seed_generators(seeds) -> list[torch.Generator]:
     """One CPU generator per sample, seeded by its seed."""
     return [torch.Generator(device="cpu").manual_seed(int(s)) for s in seeds]
+
+
+@dataclass(frozen=True)
+class ReferenceMix:
+    """The negative-aware loss's prediction for a batch: ``(1 - w) v_ref + w v`` per row.
+
+    ``weights`` ``[B]``: ``beta`` for a kept row (``v_plus``), ``-beta`` for a negative (``v_minus = (1 + beta) v_ref -
+    beta v``); ``in_reference(predict)`` calls ``predict()`` with the reference weights (the stage's start), without
+    gradient, and returns its output.
+    """
+
+    weights: torch.Tensor
+    in_reference: Callable[[Callable[[], torch.Tensor]], torch.Tensor]
+
+
+def mixed_prediction(pred: torch.Tensor, predict: Callable[[], torch.Tensor], mix: ReferenceMix | None) -> torch.Tensor:
+    """``pred`` (the trained weights' output of ``predict()``), or with ``mix`` ``(1 - w) v_ref + w pred`` in float32."""
+    if mix is None:
+        return pred
+    ref = mix.in_reference(predict).float()
+    w = mix.weights.to(pred.device, torch.float32).view(-1, *([1] * (pred.dim() - 1)))
+    return (1.0 - w) * ref + w * pred.float()
 
 
 class Family(ABC):
@@ -188,10 +212,12 @@ class Family(ABC):
         self, pipe, denoiser, latents_x0: torch.Tensor, embeds: PromptEmbeds, prompt_indices, *,
         generator: torch.Generator | None = None, noise: torch.Tensor | None = None,
         timesteps: torch.Tensor | None = None, settings: LossSettings | None = None,
+        mix: ReferenceMix | None = None,
     ) -> torch.Tensor:  # fmt: skip
         """Per-sample float32 training losses ``[B]`` (differentiable w.r.t. the denoiser's trainable weights).
 
-        ``noise`` and ``timesteps`` are drawn from ``generator`` (CPU) unless given.
+        ``noise`` and ``timesteps`` are drawn from ``generator`` (CPU) unless given. With ``mix`` the prediction
+        in the loss is :func:`mixed_prediction`'s (the negative-aware loss).
         """
 
     def _draw_noise(self, latents_x0: torch.Tensor, noise, generator) -> torch.Tensor:

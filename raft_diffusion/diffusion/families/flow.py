@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.families.base import Family
+from raft_diffusion.diffusion.families.base import Family, mixed_prediction
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
 from raft_diffusion.diffusion.families.settings import LossSettings
 
@@ -94,8 +94,9 @@ class FlowFamily(Family):
         raise NotImplementedError
 
     def training_loss(self, pipe, denoiser, latents_x0, embeds, prompt_indices, *, generator=None, noise=None,
-                      timesteps=None, settings=None):  # fmt: skip
-        """Per-sample flow-matching loss (module docstring); given ``timesteps``, ``sigma = t / 1000``."""
+                      timesteps=None, settings=None, mix=None):  # fmt: skip
+        """Per-sample flow-matching loss (module docstring); given ``timesteps``, ``sigma = t / 1000``; ``mix``: the
+        velocity mixed with the reference's (:func:`mixed_prediction`, the negative-aware loss)."""
         settings = settings or LossSettings()
         n = latents_x0.shape[0]
         noise = self._draw_noise(latents_x0, noise, generator)
@@ -108,5 +109,9 @@ class FlowFamily(Family):
         x0, noise = latents_x0.to(device, torch.float32), noise.to(device, torch.float32)
         noisy = noisy_input(x0, noise, sigmas.to(device))
         batch = embeds[prompt_indices].to(device, dtype)
-        pred = self._predict(pipe, denoiser, noisy.to(dtype), timesteps.to(device, dtype), batch, settings)
+
+        def predict() -> torch.Tensor:
+            return self._predict(pipe, denoiser, noisy.to(dtype), timesteps.to(device, dtype), batch, settings)
+
+        pred = mixed_prediction(predict(), predict, mix)
         return flow_matching_loss(pred, x0, noise, sigmas.to(device), settings.weighting_scheme)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.families.base import Family
+from raft_diffusion.diffusion.families.base import Family, mixed_prediction
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
 from raft_diffusion.diffusion.families.settings import LossSettings
 from raft_diffusion.diffusion.generate import STEPWISE_SCHEDULERS
@@ -96,9 +96,10 @@ class StableDiffusionFamily(Family):
         return {}
 
     def training_loss(self, pipe, denoiser, latents_x0, embeds, prompt_indices, *, generator=None, noise=None,
-                      timesteps=None, settings=None):  # fmt: skip
-        """Per-sample MSE between the UNet's prediction on ``add_noise(x_0, noise, t)`` and its target
-        (noise or velocity, from the scheduler's ``prediction_type``)."""
+                      timesteps=None, settings=None, mix=None):  # fmt: skip
+        """Per-sample MSE between the UNet's prediction on ``add_noise(x_0, noise, t)`` (``mix``: mixed with the
+        reference's, :func:`mixed_prediction`) and its target (noise or velocity, from the scheduler's
+        ``prediction_type``)."""
         settings = settings or LossSettings()
         scheduler = self.training_scheduler(pipe)
         n = latents_x0.shape[0]
@@ -110,6 +111,10 @@ class StableDiffusionFamily(Family):
         noisy = scheduler.add_noise(x0, noise, t)
         target = denoising_target(scheduler, x0, noise, t)
         batch = embeds[prompt_indices].to(device, dtype)
-        pred = denoiser(noisy.to(dtype), t, encoder_hidden_states=batch.batch("prompt_embeds", n),
-                        **self._unet_kwargs(pipe, batch, x0, dtype), return_dict=False)[0]  # fmt: skip
+
+        def predict() -> torch.Tensor:
+            return denoiser(noisy.to(dtype), t, encoder_hidden_states=batch.batch("prompt_embeds", n),
+                            **self._unet_kwargs(pipe, batch, x0, dtype), return_dict=False)[0]  # fmt: skip
+
+        pred = mixed_prediction(predict(), predict, mix)
         return F.mse_loss(pred.float(), target.float(), reduction="none").flatten(1).mean(1)
