@@ -143,6 +143,15 @@ def test_training_loss_equals_a_by_hand_computation(pipe, embeds):
     by_hand = ((pred - (noise - x0)) ** 2).mean(dim=(1, 2, 3))  # logit_normal weighting is 1
     torch.testing.assert_close(loss, by_hand, atol=1e-6, rtol=1e-5)
     assert loss.min() > 0.5 and (loss[0] - loss[1]).abs() > 1e-3
+    # the negative-aware loss's prediction (1 - w) v_ref + w v, w = beta for a kept row and -beta for a negative;
+    # here the "reference" is a fixed velocity R, to check the mixing on this family's output layout
+    from raft_diffusion.diffusion.families.base import ReferenceMix
+
+    ref = torch.randn(2, 16, 8, 8, generator=g)
+    w = torch.tensor([0.5, -0.5])
+    mixed = family.training_loss(pipe, pipe.transformer, x0, embeds, [1, 0], noise=noise, timesteps=t, mix=ReferenceMix(w, lambda predict: ref))
+    v = (1 - w.view(-1, 1, 1, 1)) * ref + w.view(-1, 1, 1, 1) * pred
+    torch.testing.assert_close(mixed, ((v - (noise - x0)) ** 2).mean(dim=(1, 2, 3)), atol=1e-6, rtol=1e-5)
     # drawn timesteps: the training scheduler's (unshifted: dynamic shifting) sigmas, t = 1000 sigma
     timesteps, sigmas = family.draw_timesteps(pipe, 4, LossSettings(), torch.Generator().manual_seed(1))
     torch.testing.assert_close(timesteps, sigmas * 1000)
