@@ -240,14 +240,22 @@ SD3 = {
 }
 
 
-def test_two_processes_match_one_for_sd3(tmp_path):
+@pytest.mark.parametrize("negatives", [False, True])
+def test_two_processes_match_one_for_sd3(tmp_path, negatives):
+    """With ``negatives`` the negative-aware loss (each prompt's worst sample pushed away from, the kept rows at beta
+    0.5): the negatives are picked from the whole pool and the reference passes split over the processes as the rows
+    do, so the LoRA is bitwise one process's too."""
     import yaml
 
     from raft_diffusion.cli import main
     from raft_diffusion.diffusion.families.tiny import tiny_pipeline
 
     cfg = tmp_path / "sd3.yaml"
-    cfg.write_text(yaml.safe_dump({**SD3, "model": {**SD3["model"], "pretrained": str(tiny_pipeline("sd3"))}}))
+    config = {**SD3, "model": {**SD3["model"], "pretrained": str(tiny_pipeline("sd3"))}}
+    if negatives:
+        config["ranking"] = {**config["ranking"], "negative_k": 1}
+        config["train"] = {**config["train"], "negative_weight": 1.0, "nft_beta": 0.5}
+    cfg.write_text(yaml.safe_dump(config))
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["align", "--config", str(cfg), "--output-dir", str(one)]) == 0  # in this process (one thread)
     proc = launch(["-m", "raft_diffusion", "align", "--config", str(cfg), "--output-dir", str(two)], procs=2)
@@ -261,3 +269,6 @@ def test_two_processes_match_one_for_sd3(tmp_path):
     assert any(v.abs().max() > 0 for k, v in lora(one).items() if "lora_B" in k)  # it trained (B starts at zero)
     ma, mb = read_jsonl(one / "metrics.jsonl"), read_jsonl(two / "metrics.jsonl")
     assert [(r["eval_reward_mean"], r.get("loss_mean")) for r in ma] == [(r["eval_reward_mean"], r.get("loss_mean")) for r in mb]
+    if negatives:
+        assert ma[1]["num_negatives"] == mb[1]["num_negatives"] == 2 and ma[1]["num_negative_rows"] == 2
+        assert [r.get("negative", False) for r in a] == [r.get("negative", False) for r in b]
