@@ -123,6 +123,31 @@ def test_two_processes_prune_as_one(tiny_pipeline_dir, tmp_path):
     assert read_jsonl(two / "metrics.jsonl")[-1]["reward_queries"] == 16 + 4 * 2
 
 
+def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
+    """The negative-aware loss on SD with each micro-batch's kept rows and negatives in one shared pass (no
+    train.chunk_size; 2 micro-batches a step, one per process): two processes pick the same negatives from the whole
+    pool and train the LoRA bit for bit as one does."""
+    nft = [
+        "num_stages=1",
+        "ranking.negative_k=1",
+        "train.negative_weight=1.0",
+        "train.nft_beta=0.5",
+        "train.chunk_size=null",
+        "train.batch_size=2",
+        "train.gradient_accumulation_steps=2",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, procs in ((one, 1), (two, 2)):
+        proc = run(out, tiny_pipeline_dir, *nft, procs=procs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = ("prompt_index", "sample_index", "kept", "negative", "reward")
+    a, b = ([tuple(r.get(f) for f in fields) for r in read_jsonl(out / "stages" / "001" / "samples.jsonl")] for out in (one, two))
+    assert a == b and sum(1 for r in a if r[3]) == 4  # one negative per prompt
+    assert_bitwise_equal(lora(one), lora(two))
+    ma, mb = read_jsonl(one / "metrics.jsonl")[1], read_jsonl(two / "metrics.jsonl")[1]
+    assert (ma["loss_mean"], ma["num_negative_rows"]) == (mb["loss_mean"], mb["num_negative_rows"]) == (ma["loss_mean"], 4)
+
+
 def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path):
     """eval.screen_per_prompt with early_stop.target_rise_sd: each process screens its share of the held-out seeds, the
     screens are gathered, so two processes screen, evaluate and stop where one does."""
