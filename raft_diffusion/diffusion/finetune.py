@@ -507,6 +507,15 @@ def train_unet(
         """A chunk's share of the step's loss: its kept ``rows`` and its negatives' rows ``neg`` (either may be
         None) in one forward pass (and one reference pass), each row's (Min-SNR weighted) denoising loss summed,
         the kept rows' divided by the step's row count and the negatives' times ``negative_weight`` over theirs."""
+
+        def share(per_sample: torch.Tensor, part: dict, negative: bool) -> torch.Tensor:
+            """Some rows' summed loss as their share of the step's: kept rows (times their ``sample_weights``) over the
+            step's row count, negatives (times their ``negative_sample_weights``) times ``negative_weight`` over theirs."""
+            weights = negative_sample_weights if negative else sample_weights
+            if weights is not None:
+                per_sample = per_sample * weights[part["idx"]].to(per_sample.device)
+            return per_sample.sum() * (negative_weight / neg_rows) if negative else per_sample.sum() / step_rows
+
         if family is not None:  # the family's loss, kept rows and negatives in passes of their own
             loss = 0.0
             for part, negative in ((rows, False), (neg, True)):
@@ -523,14 +532,7 @@ def train_unet(
                     )
                 if snr_gamma is not None:
                     per_sample = per_sample * min_snr_weights(noise_scheduler, part["t"].to(device), snr_gamma)
-                if negative:
-                    if negative_sample_weights is not None:
-                        per_sample = per_sample * negative_sample_weights[part["idx"]].to(per_sample.device)
-                    loss = loss + per_sample.sum() * (negative_weight / neg_rows)
-                else:
-                    if sample_weights is not None:
-                        per_sample = per_sample * sample_weights[part["idx"]].to(per_sample.device)
-                    loss = loss + per_sample.sum() / step_rows
+                loss = loss + share(per_sample, part, negative)
             return loss
 
         def inputs(part: dict, negative: bool) -> tuple:
@@ -563,15 +565,9 @@ def train_unet(
             per_sample = per_sample * min_snr_weights(noise_scheduler, t, snr_gamma)
         loss = per_sample.new_zeros(())
         if rows is not None:
-            kept = per_sample[:n_kept]
-            if sample_weights is not None:
-                kept = kept * sample_weights[rows["idx"]].to(device)
-            loss = loss + kept.sum() / step_rows
+            loss = loss + share(per_sample[:n_kept], rows, False)
         if neg is not None:
-            pushed = per_sample[n_kept:]
-            if negative_sample_weights is not None:
-                pushed = pushed * negative_sample_weights[neg["idx"]].to(device)
-            loss = loss + pushed.sum() * (negative_weight / neg_rows)
+            loss = loss + share(per_sample[n_kept:], neg, True)
         return loss
 
     # 3. the loop
