@@ -21,6 +21,13 @@ if TYPE_CHECKING:
 # -- statistics ------------------------------------------------------------------------------------
 
 
+def screen_metrics(rewards: list[float]) -> dict:
+    """A screen's metrics row (``eval.screen_per_prompt``): the mean and std of its held-out rewards, how many, and
+    as many reward queries."""
+    mean, std = mean_std(rewards)
+    return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(rewards), "eval_reward_queries": len(rewards)}
+
+
 def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
     """Mean and population std of the finite values; (nan, nan) when there are none."""
     import torch  # here, not at the top: prompt files are read before torch is imported

@@ -86,7 +86,7 @@ class EarlyStopper:
         """Why to stop now, or None to go on."""
         for key, label, ratio in self.floors:
             base = self._base(rows, key)
-            latest = next((r for r in reversed(rows) if _value(r, key) is not None), None)
+            latest = _latest(rows, key)
             if base is None or latest is None or latest["stage"] == 0:
                 continue
             v = _value(latest, key)
@@ -109,9 +109,9 @@ class EarlyStopper:
                     )
         goal = self.target(rows)
         if goal is not None:
-            latest = next((r for r in reversed(rows) if _value(r, self.metric) is not None), None)
+            latest = _latest(rows, self.metric)
             v = None if latest is None else _value(latest, self.metric)
-            if v is not None and latest["stage"] >= 1 and v >= goal[0]:
+            if latest is not None and latest["stage"] >= 1 and v >= goal[0]:
                 _, base, std = goal
                 rise = (v - base) / std if std > 0 else math.inf
                 return (
@@ -142,6 +142,11 @@ class EarlyStopper:
         base = next((r for r in rows if r["stage"] == 0), None)
         v = None if base is None else _value(base, key)
         return v if v is not None and v > 0 else None  # a ratio of a non-positive base means nothing
+
+
+def _latest(rows: list[dict], key: str) -> dict | None:
+    """The last row with a finite value of ``key``, or None."""
+    return next((r for r in reversed(rows) if _value(r, key) is not None), None)
 
 
 def std_key(metric: str) -> str:

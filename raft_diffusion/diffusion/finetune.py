@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.core.gradsum import chunk_slices, summed_grads
 from raft_diffusion.core.seeds import train_chunk_seed
-from raft_diffusion.diffusion.families.base import ReferenceMix
+from raft_diffusion.diffusion.families.base import ReferenceMix, blend
 from raft_diffusion.diffusion.families.lora import save_lora as save_denoiser_lora
 from raft_diffusion.diffusion.families.sd import denoising_target
 
@@ -524,7 +524,7 @@ def train_unet(
                 data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
                 x0 = data[part["idx"].to(data.device)]
                 mix = None
-                if negative or (nft and nft_beta != 1.0):  # v_minus / v_plus with the reference's prediction
+                if negative or nft_beta != 1.0:  # v_minus / v_plus with the reference's prediction
                     mix = ReferenceMix(torch.full((len(part["idx"]),), -nft_beta if negative else nft_beta), in_reference)
                 with autocast():
                     per_sample = family.training_loss(
@@ -555,10 +555,9 @@ def train_unet(
             pred = unet(noisy.to(model_dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
         pred = pred.float()
         if ref is not None:  # kept rows (1 - beta) v_ref + beta v, negatives' (1 + beta) v_ref - beta v: w = beta, -beta
-            w = torch.full((len(ref),), -nft_beta, device=device)
+            w = torch.full((len(ref),), -nft_beta)
             w[: n_kept - ref_from] = nft_beta
-            w = w.view(-1, *([1] * (pred.dim() - 1)))
-            mixed = (1.0 - w) * ref + w * pred[ref_from:]
+            mixed = blend(ref, pred[ref_from:], w)
             pred = torch.cat([pred[:ref_from], mixed]) if ref_from else mixed
         per_sample = F.mse_loss(pred, target.float(), reduction="none").flatten(1).mean(1)
         if snr_gamma is not None:

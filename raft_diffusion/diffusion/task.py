@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.common import mean_std, resolve_device, reward_label
+from ..core.common import resolve_device, reward_label, screen_metrics
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
@@ -445,10 +445,8 @@ class DiffusionTask:
         self._screened = None  # the weights change: a screen's images are no longer the model's
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         rows = [s.prompt_index for s in kept]
-        if self.legacy:
-            embeds, family = self.train_embeds[0][torch.tensor(rows, device=self.device)], {}
-        else:  # one row of conditioning per kept sample, and the family's loss
-            embeds, family = self.train_embeds[rows], {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
+        family = {} if self.legacy else {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
+        embeds = _train_rows(self, rows)
         temperature = self.cfg.train.reward_weight_temperature
         if temperature is not None:  # train.reward_weight_temperature: a reward-weighted loss within each prompt
             by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
@@ -457,9 +455,8 @@ class DiffusionTask:
         if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss
             family["nft_beta"] = self.cfg.train.nft_beta
         if negatives:
-            neg_rows = torch.tensor([s.prompt_index for s in negatives], device=self.device)
             family["negative_latents"] = torch.stack([s.payload["latents"] for s in negatives]).to(self.device, torch.float32)
-            family["negative_embeds"] = self.train_embeds[0][neg_rows] if self.legacy else self.train_embeds[neg_rows.tolist()]
+            family["negative_embeds"] = _train_rows(self, [s.prompt_index for s in negatives])
             family["negative_weight"] = self.cfg.train.negative_weight
             scale = self.cfg.train.negative_advantage_scale
             if scale is not None:  # each negative weighted by how far below its prompt's pool mean it is
@@ -538,8 +535,7 @@ class DiffusionTask:
         self._screened = (stage, rows, images_u8, embeddings)  # a full evaluation of this stage makes only the rest
         if self.dist.is_main:
             write_jsonl(stage_dir / "screen.jsonl", [{k: v for k, v in row.items() if k != "image"} for row in rows])
-        mean, std = mean_std([row["reward"] for row in rows])
-        return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(rows), "eval_reward_queries": len(rows)}
+        return screen_metrics([row["reward"] for row in rows])
 
     def _reusing_screen(self, stage: int, todo: list[tuple[int, int, int]]):
         """:meth:`_held_out` for a full evaluation, taking the images this stage's screen made (the same seeds, the
@@ -589,6 +585,14 @@ class DiffusionTask:
             embeddings = [x for part in parts for x in part[2]]
             return _in_order(todo, rows, images_u8, embeddings)
         return rows, images_u8, embeddings
+
+
+def _train_rows(task, prompt_indices: list[int]):
+    """One row of the task's training-prompt conditioning per sample: SD's text embeddings, or the family's
+    ``PromptEmbeds``."""
+    if task.legacy:
+        return task.train_embeds[0][torch.tensor(prompt_indices, device=task.device)]
+    return task.train_embeds[prompt_indices]
 
 
 def _in_order(todo: list[tuple[int, int, int]], rows: list[dict], images_u8: list, embeddings: list):

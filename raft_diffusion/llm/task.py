@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..core.common import best_of_k, mean_std, resolve_device, reward_label
+from ..core.common import best_of_k, mean_std, resolve_device, reward_label, screen_metrics
 from ..core.errors import UserError
 from ..core.loop import external_requests
 from ..core.loop import read_manifest as core_read_manifest
@@ -335,8 +335,7 @@ class LLMTask:
             for (p, k, sd, c), prompt, r in zip(rows, prompts, rewards)
         ]
         write_jsonl(Path(stage_dir) / "screen.jsonl", out)
-        mean, std = mean_std(rewards)
-        return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(out), "eval_reward_queries": len(out)}
+        return screen_metrics(list(rewards))
 
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
         """Held-out metrics of the current model (stage 0 = the base, plus its best-of-K reference)."""

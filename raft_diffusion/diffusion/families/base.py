@@ -38,13 +38,15 @@ class ReferenceMix:
     in_reference: Callable[[Callable[[], torch.Tensor]], torch.Tensor]
 
 
+def blend(ref: torch.Tensor, pred: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``(1 - w) ref + w pred`` in float32, one weight per row (the negative-aware loss's ``v_plus`` / ``v_minus``)."""
+    w = weights.to(pred.device, torch.float32).view(-1, *([1] * (pred.dim() - 1)))
+    return (1.0 - w) * ref.float() + w * pred.float()
+
+
 def mixed_prediction(pred: torch.Tensor, predict: Callable[[], torch.Tensor], mix: ReferenceMix | None) -> torch.Tensor:
     """``pred`` (the trained weights' output of ``predict()``), or with ``mix`` ``(1 - w) v_ref + w pred`` in float32."""
-    if mix is None:
-        return pred
-    ref = mix.in_reference(predict).float()
-    w = mix.weights.to(pred.device, torch.float32).view(-1, *([1] * (pred.dim() - 1)))
-    return (1.0 - w) * ref + w * pred.float()
+    return pred if mix is None else blend(mix.in_reference(predict), pred, mix.weights)
 
 
 class Family(ABC):
