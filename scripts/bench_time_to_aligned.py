@@ -74,12 +74,15 @@ def report(run: Path, measured: tuple[int, float, int] | None) -> float | None:
         pool_images += r.get("num_generated", 0)
         eval_q = r.get("eval_reward_queries", 0)  # every held-out image is scored once
         o = table.get("base" if r["stage"] == 0 else f"stage {r['stage']}")  # None: a stage not evaluated
-        if o is None:  # a screened stage (eval.screen_per_prompt) shows its screen's rise as ~z
-            z = (r["screen_reward_mean"] - rows[0]["eval_reward_mean"]) / rows[0]["eval_reward_std"] if "screen_reward_mean" in r else None
+        if o is None:  # a screened stage (eval.screen_per_prompt) shows its screen's estimated rise as ~z
+            screen = r.get("screen_reward_estimate", r.get("screen_reward_mean"))  # paired with the base when it can be
+            z = (screen - rows[0]["eval_reward_mean"]) / rows[0]["eval_reward_std"] if screen is not None else None
             figures = f"{'-' if z is None else f'~{z:.2f}':>6s} {'-':>7s} {'-':>8s} {'-':>7s} {'-':>4s}"
         else:
             met = f"{sum(bars(o, base).values())}/4" if r["stage"] else "-"
             figures = f"{o['proxy_rise_sd']:6.2f} {o['gold_rise']:+7.2f} {o['fidelity']:8.3f} {o['diversity_ratio']:7.2f} {met:>4s}"
+            if "eval_lora_scale" in r:  # early_stop.lora_scales: evaluated with the LoRA at a scale
+                figures += f"  LoRA x{r['eval_lora_scale']:g}"
         counts = f"{r['stage']:>5d} {r.get('cpu_seconds', math.nan):7.1f} {pool_images + eval_q:>7d} {r.get('reward_queries', 0):>7d} {eval_q:>6d}"
         print(f"{counts} {figures}")
     final = delivered(run, list(table.values()))

@@ -49,7 +49,8 @@ def test_bench_prints_each_stage_and_ends_with_the_metric(tmp_path, capsys):
 
 
 def test_bench_shows_a_screened_stages_rise(tmp_path, capsys):
-    """eval.screen_per_prompt: a stage screened, not evaluated, shows its screen's rise in base sd as ~z."""
+    """eval.screen_per_prompt: a stage screened, not evaluated, shows its screen's estimated rise in base sd as ~z
+    (the estimate paired with the base's evaluation)."""
     import json
 
     from bench_time_to_aligned import main
@@ -61,7 +62,7 @@ def test_bench_shows_a_screened_stages_rise(tmp_path, capsys):
     rows = [line.split() for line in lines if re.match(r"\s*\d+ ", line)]
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     base, screened = metrics[0], metrics[1]
-    z = (screened["screen_reward_mean"] - base["eval_reward_mean"]) / base["eval_reward_std"]
+    z = (screened["screen_reward_estimate"] - base["eval_reward_mean"]) / base["eval_reward_std"]
     assert "eval_reward_mean" not in screened and screened["screen_n"] == 16
     assert rows[1][5] == f"~{z:.2f}" and rows[1][6:] == ["-"] * 4
     assert [r[4] for r in rows] == ["24", "40", "64"]  # held-out: base 8 x 3, screen 8 x 2, stage 2 8 x 3

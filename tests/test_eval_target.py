@@ -201,3 +201,61 @@ def test_the_diffusion_screen_scores_the_full_evaluations_seeds(tiny_pipeline_di
     task.evaluate(0, tmp_path / "again")
     task._generate = generate
     assert len(made) == len(rows)
+
+
+# --- screens paired with the base's evaluation ----------------------------------------------------
+
+
+def test_paired_screen_reads_the_regression_line_at_the_bases_full_mean():
+    import numpy as np
+
+    from raft_diffusion.core.common import paired_screen
+
+    rng = np.random.default_rng(0)
+    base_rewards = rng.normal(5.0, 2.0, size=(4, 8))  # 4 prompts x 8 seeds
+    base = [{"prompt_index": p, "sample_index": k, "reward": float(base_rewards[p, k])} for p in range(4) for k in range(8)]
+    # the screen: the first 3 seeds of each prompt, the stage's rewards half the base's plus 4 plus noise
+    slots = [(p, k) for p in range(4) for k in range(3)]
+    y = np.array([0.5 * base_rewards[p, k] + 4.0 + rng.normal(0, 0.3) for p, k in slots])
+    screen = [{"prompt_index": p, "sample_index": k, "reward": float(v)} for (p, k), v in zip(slots, y)]
+    out = paired_screen(screen, base)
+    x = np.array([base_rewards[p, k] for p, k in slots])
+    slope, icept = np.polyfit(x, y, 1)
+    full = base_rewards.mean()
+    assert out["screen_base_slope"] == pytest.approx(slope, abs=1e-9)
+    assert out["screen_reward_estimate"] == pytest.approx(icept + slope * full, abs=1e-9)
+    resid = y - (icept + slope * x)
+    se = math.sqrt((resid**2).sum() / (len(y) - 2) * (1 / len(y) + (full - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum()))
+    assert out["screen_reward_se"] == pytest.approx(se, abs=1e-9)
+    # a screen unpaired with the base (other slots), too few pairs, or a constant base: no estimate
+    assert paired_screen([{**r, "sample_index": r["sample_index"] + 8} for r in screen], base) == {}
+    assert paired_screen(screen[:2], base) == {}
+    assert paired_screen(screen, [{**r, "reward": 1.0} for r in base]) == {}
+
+
+def test_a_paired_screen_decides_by_its_estimate():
+    rows = rows_of([])  # target 7
+    # its mean (6.0, std 1, n 16) is 2 standard errors short (6 + 0.5 < 7); the paired estimate (6.8 +- 0.1) is not
+    screen = {"stage": 1, "screen_reward_mean": 6.0, "screen_reward_std": 1.0, "screen_n": 16}
+    stopper = EarlyStopper(target_rise_sd=1.0)
+    assert not stopper.screen_calls_for_eval(rows, screen)
+    assert stopper.screen_calls_for_eval(rows, {**screen, "screen_reward_estimate": 6.8, "screen_reward_se": 0.1})
+    assert not stopper.screen_calls_for_eval(rows, {**screen, "screen_reward_estimate": 6.7, "screen_reward_se": 0.1})
+    assert stopper.screen_estimate({**screen, "screen_reward_estimate": 6.8, "screen_reward_se": 0.1}) == (6.8, 0.1)
+    assert stopper.screen_estimate(screen) == (6.0, 0.25)
+
+
+def test_the_loop_pairs_a_diffusion_screen_with_the_base(tiny_pipeline_dir, tmp_path):
+    """A tiny align run with screens: each screen's row holds the paired estimate computed by hand from its
+    screen.jsonl and the base's eval.jsonl."""
+    from test_align_e2e import align
+
+    from raft_diffusion.core.common import paired_screen
+    from raft_diffusion.core.rundir import read_jsonl
+
+    out = tmp_path / "run"
+    assert align(out, tiny_pipeline_dir, "eval.every=2", "eval.screen_per_prompt=2", "num_stages=2") == 0
+    row = read_jsonl(out / "metrics.jsonl")[1]
+    by_hand = paired_screen(read_jsonl(out / "stages" / "001" / "screen.jsonl"), read_jsonl(out / "stages" / "000" / "eval.jsonl"))
+    assert set(by_hand) == {"screen_reward_estimate", "screen_reward_se", "screen_base_slope"}
+    assert {k: row[k] for k in by_hand} == pytest.approx(by_hand)

@@ -344,3 +344,25 @@ def test_metrics_table_shows_a_screened_stages_screen_mean(tmp_path):
     cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)[1] for row in _metrics_table(rows, 3).split("<tr")[2:]]
     assert cells == ["5 &plusmn; 2", "~5.8 (screen)", "-", "7.2 &plusmn; 1"]
     assert "title='screen of 32 held-out images'" in _metrics_table(rows, 3)
+
+
+def test_gallery_shows_screen_estimates_and_stages_at_a_scale(tmp_path):
+    """A screen paired with the base shows its estimate, not its raw mean; a stage evaluated with its LoRA at a scale
+    (early_stop.lora_scales) says so in the table and is drawn as a red star off the line (no red without one)."""
+    from raft_diffusion.diffusion.gallery import _metrics_table, render_reward_curve
+
+    rows = [
+        {"stage": 0, "eval_reward_mean": 5.0, "eval_reward_std": 2.0},
+        {"stage": 1, "screen_reward_mean": 5.8, "screen_reward_estimate": 6.1, "screen_n": 32},
+        {"stage": 2, "eval_reward_mean": 7.2, "eval_reward_std": 1.0, "eval_lora_scale": 1.3},
+    ]
+    cells = [re.findall(r"<td[^>]*>(.*?)</td>", row)[1] for row in _metrics_table(rows, 2).split("<tr")[2:]]
+    assert cells == ["5 &plusmn; 2", "~6.1 (screen)", "7.2 &plusmn; 1 (LoRA x1.3)"]
+
+    def red(path):
+        px = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(px - np.array([214, 39, 40])).sum(axis=2) < 30).sum())
+
+    render_reward_curve(tmp_path / "scaled.png", rows)
+    render_reward_curve(tmp_path / "plain.png", [{k: v for k, v in r.items() if k != "eval_lora_scale"} for r in rows])
+    assert red(tmp_path / "plain.png") == 0 < red(tmp_path / "scaled.png")

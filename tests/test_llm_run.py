@@ -318,3 +318,18 @@ def test_screen_scores_the_first_held_out_seeds(toy_run, tmp_path):
     assert out["screen_n"] == out["eval_reward_queries"] == len(task.eval_prompts) * 2
     assert out["screen_reward_mean"] == pytest.approx(mean, abs=1e-6)
     assert out["screen_reward_std"] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / len(rewards)) ** 0.5, abs=1e-6)
+
+
+def test_lora_scaled_screens_the_adapter_at_a_scale_and_gives_it_back(toy_run, tmp_path):
+    """early_stop.lora_scales on the LLM task: a screen with the adapter at scale 3 differs from scale 1's, and
+    afterwards the adapter is byte for byte what it was (the scale-1 screen repeats exactly)."""
+    _, _, _, task = toy_run
+    from raft_diffusion.core.lora_scale import lora_b_parameters
+
+    before = [p.detach().clone() for p in lora_b_parameters(task.model)]
+    plain = task.screen(2, tmp_path, 2)
+    with task.lora_scaled(3.0):
+        scaled = task.screen(2, tmp_path, 2)
+    assert task.screen(2, tmp_path, 2) == plain
+    assert scaled["screen_reward_mean"] != pytest.approx(plain["screen_reward_mean"], abs=1e-6)
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_b_parameters(task.model)))

@@ -28,6 +28,36 @@ def screen_metrics(rewards: list[float]) -> dict:
     return {"screen_reward_mean": mean, "screen_reward_std": std, "screen_n": len(rewards), "eval_reward_queries": len(rewards)}
 
 
+def paired_screen(screen: Sequence[Mapping], base: Sequence[Mapping]) -> dict:
+    """A screen's estimate of the full held-out mean reward, paired with the base model's evaluation (stage 0) at the
+    same held-out slots (prompt_index, sample_index: the same prompt and fixed seed). A screen's few seeds may be
+    luckier or unluckier than the full set; the base's rewards there say by how much, and the stage's rewards
+    follow the base's in part. So the screen's rewards ``y`` are regressed on the base's ``x`` at the same slots and
+    the line is read at the base's full mean (a control variate): ``mean(y) + b (mean of all base rewards - mean(x))``,
+    ``b`` the least-squares slope. ``screen_reward_se`` is that prediction's standard error,
+    ``s sqrt(1/n + (full base mean - mean(x))^2 / sum (x - mean(x))^2)`` with ``s`` the residuals' std (n - 2
+    degrees of freedom). {} when fewer than 3 slots pair up or the base's rewards there do not vary."""
+    by_slot = {(r["prompt_index"], r["sample_index"]): r["reward"] for r in base if _finite(r.get("reward"))}
+    pairs = [(by_slot[key], r["reward"]) for r in screen if _finite(r.get("reward")) and (key := (r["prompt_index"], r["sample_index"])) in by_slot]
+    n = len(pairs)
+    if n < 3 or not by_slot:
+        return {}
+    full = sum(by_slot.values()) / len(by_slot)
+    mx = sum(x for x, _ in pairs) / n
+    my = sum(y for _, y in pairs) / n
+    sxx = sum((x - mx) ** 2 for x, _ in pairs)
+    if sxx <= 0:
+        return {}
+    slope = sum((x - mx) * (y - my) for x, y in pairs) / sxx
+    resid = sum(((y - my) - slope * (x - mx)) ** 2 for x, y in pairs) / (n - 2)
+    se = math.sqrt(resid * (1 / n + (full - mx) ** 2 / sxx))
+    return {"screen_reward_estimate": my + slope * (full - mx), "screen_reward_se": se, "screen_base_slope": slope}
+
+
+def _finite(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def mean_std(values: Iterable[float | None]) -> tuple[float, float]:
     """Mean and population std of the finite values; (nan, nan) when there are none."""
     import torch  # here, not at the top: prompt files are read before torch is imported

@@ -63,6 +63,10 @@ class EarlyStopConfig:
         None,
         "stop at the first evaluated stage, above the floors, whose early_stop.metric has risen by this many of the base model's per-sample stds (eval_reward_std for eval_reward_mean), e.g. 1.0; final/ = that stage. With eval.screen_per_prompt the stages between evaluations are screened and one near the target is evaluated at once; null = no target",
     )
+    lora_scales: list | None = option(
+        None,
+        "LoRA extrapolation for the target stop: scales above 1 (ascending, e.g. [1.3, 1.6]) at which each screened stage's LoRA is also tried, the model being the base plus scale x the change the stages trained. The smallest scale (1 included) whose screen reaches early_stop.target_rise_sd is evaluated in full (eval_lora_scale in metrics.jsonl); one that meets the target above the floors is delivered as final/, the scale multiplied into its weights. Training and the pools are unchanged. Needs early_stop.target_rise_sd, eval.screen_per_prompt and train.method lora; null = off",
+    )
 
 
 Need = Callable[[bool, str], None]
@@ -140,6 +144,26 @@ class BaseConfig:
             f"eval.screen_per_prompt must be 0 (off) or 2 .. eval.num_per_prompt={e.num_per_prompt} (got {screen!r})",
         )
         need(not screen or e.every >= 1, "eval.screen_per_prompt screens stages between held-out evaluations: set eval.every >= 1")
+        scales = es.lora_scales
+        need(
+            scales is None
+            or (
+                isinstance(scales, list)
+                and scales
+                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 1 for x in scales)
+                and all(a < b for a, b in zip(scales, scales[1:]))
+            ),
+            f"early_stop.lora_scales must be a list of scales above 1 in ascending order, e.g. [1.3, 1.6], or null (got {scales!r})",
+        )
+        need(
+            not scales or (es.target_rise_sd is not None and screen),
+            "early_stop.lora_scales tries each screened stage at those scales against the target: set early_stop.target_rise_sd "
+            "(e.g. 1.0) and eval.screen_per_prompt (e.g. 4), or early_stop.lora_scales=null",
+        )
+        need(
+            not scales or getattr(self.train, "method", "lora") == "lora",
+            f"early_stop.lora_scales scales a LoRA, and train.method is {getattr(self.train, 'method', None)!r}: set train.method=lora or early_stop.lora_scales=null",
+        )
         need(
             isinstance(es.metric, str) and es.metric.startswith("eval_"),
             f"early_stop.metric must be a held-out metric such as eval_reward_mean (got {es.metric!r})",

@@ -14,6 +14,11 @@ Between full evaluations a run may screen a stage on a few of the held-out seeds
 :meth:`EarlyStopper.screen_calls_for_eval` says when the screen is close enough to the target for the stage
 to be evaluated in full at once.
 
+With ``early_stop.lora_scales`` a stage may be evaluated with its LoRA at a scale above 1 (the row's
+``eval_lora_scale``): such a row describes a candidate for delivery, not the model that trains on, so the floors
+and patience read only the other rows, while the target and the choice of ``final/`` read all of them (a scaled row
+counts for the target only above the floors).
+
 When a rule fires the loop stops and keeps the best stage as ``final/``: the trained stage with the
 highest monitored metric among those that stay above the floors. Why it stopped is written to
 ``<run>/early_stop.json``.
@@ -71,29 +76,40 @@ class EarlyStopper:
             return None
         return mean + self.target_rise_sd * std, mean, std
 
+    def screen_estimate(self, screen: dict) -> tuple[float, float] | None:
+        """A screen's estimate of the full evaluation's metric and its standard error: the estimate paired with the
+        base's evaluation (``screen_reward_estimate`` and ``screen_reward_se``, :func:`~.common.paired_screen`) when
+        the screen has one, else its mean and std / sqrt(n). None when the screen does not measure the metric."""
+        key = screen_key(self.metric)
+        est, se = _value(screen, key.removesuffix("_mean") + "_estimate"), _value(screen, key.removesuffix("_mean") + "_se")
+        if est is not None and se is not None:
+            return est, se
+        mean, std, n = _value(screen, key), _value(screen, screen_key(std_key(self.metric))), screen.get("screen_n") or 0
+        if mean is None or std is None or n < 1:
+            return None
+        return mean, std / math.sqrt(n)
+
     def screen_calls_for_eval(self, rows: list[dict], screen: dict) -> bool:
-        """Whether a screened stage should be evaluated in full now: the screen's mean of the metric is within
-        two standard errors (its own std / sqrt(n)) of the target, or above it. Without a target: never."""
-        goal = self.target(rows)
-        mean = _value(screen, screen_key(self.metric))
-        std = _value(screen, screen_key(std_key(self.metric)))
-        n = screen.get("screen_n") or 0
-        if goal is None or mean is None or std is None or n < 1:
+        """Whether a screened stage should be evaluated in full now: the screen's estimate of the metric
+        (:meth:`screen_estimate`) is within two standard errors of the target, or above it. Without a target: never."""
+        goal, estimate = self.target(rows), self.screen_estimate(screen)
+        if goal is None or estimate is None:
             return False
-        return mean + 2.0 * std / math.sqrt(n) >= goal[0]
+        return estimate[0] + 2.0 * estimate[1] >= goal[0]
 
     def __call__(self, rows: list[dict]) -> str | None:
         """Why to stop now, or None to go on."""
+        trained = [r for r in rows if not extrapolated(r)]
         for key, label, ratio in self.floors:
             base = self._base(rows, key)
-            latest = _latest(rows, key)
+            latest = _latest(trained, key)
             if base is None or latest is None or latest["stage"] == 0:
                 continue
             v = _value(latest, key)
             if v < ratio * base:
                 return f"{label} {key} {v:.4g} at stage {latest['stage']} fell below {ratio:g} x the base model's {base:.4g} (= {ratio * base:.4g})"
         if self.patience is not None:
-            scored = [(r["stage"], _value(r, self.metric)) for r in rows if _value(r, self.metric) is not None]
+            scored = [(r["stage"], _value(r, self.metric)) for r in trained if _value(r, self.metric) is not None]
             if len(scored) >= 2:
                 best_stage, best = scored[0]
                 for stage, v in scored[1:]:
@@ -111,11 +127,12 @@ class EarlyStopper:
         if goal is not None:
             latest = _latest(rows, self.metric)
             v = None if latest is None else _value(latest, self.metric)
-            if latest is not None and latest["stage"] >= 1 and v >= goal[0]:
+            if latest is not None and latest["stage"] >= 1 and v >= goal[0] and self.passes_floors(rows, latest):
                 _, base, std = goal
                 rise = (v - base) / std if std > 0 else math.inf
+                at = f" with its LoRA at scale {latest['eval_lora_scale']:g}" if extrapolated(latest) else ""
                 return (
-                    f"target reached: {self.metric} {v:.4g} at stage {latest['stage']} rose "
+                    f"target reached: {self.metric} {v:.4g} at stage {latest['stage']}{at} rose "
                     f"{rise:.3g} base sd (early_stop.target_rise_sd {self.target_rise_sd:g})"
                 )
         return None
@@ -147,6 +164,11 @@ class EarlyStopper:
 def _latest(rows: list[dict], key: str) -> dict | None:
     """The last row with a finite value of ``key``, or None."""
     return next((r for r in reversed(rows) if _value(r, key) is not None), None)
+
+
+def extrapolated(row: dict) -> bool:
+    """Whether a metrics row's held-out figures are of its stage's LoRA at a scale other than 1 (``eval_lora_scale``)."""
+    return row.get("eval_lora_scale", 1.0) != 1.0
 
 
 def std_key(metric: str) -> str:

@@ -9,6 +9,8 @@ A task (the diffusion or LLM adapter) supplies the model-specific steps; see :cl
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import math
@@ -22,10 +24,11 @@ from tqdm.auto import tqdm
 
 from . import faults
 from .clock import process_cpu_seconds, process_seconds
-from .common import summary
+from .common import paired_screen, summary
 from .dist import Dist
-from .early_stop import STOP_FILE, EarlyStopper
+from .early_stop import STOP_FILE, EarlyStopper, extrapolated
 from .errors import ScoreError, UserError
+from .lora_scale import scale_lora_dir
 from .pool import StreamingPool
 from .ranking import replay_pick
 from .rundir import RunDir, copy_dir_atomic, read_jsonl, write_json, write_jsonl
@@ -342,12 +345,21 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         # (eval.screen_per_prompt) and evaluate in full at once when the screen nears early_stop's target.
         full = bool(cfg.eval.every) and (stage % cfg.eval.every == 0 or stage == cfg.num_stages)
         screen_n = getattr(cfg.eval, "screen_per_prompt", 0)
+        scale = 1.0
         if not full and screen_n and cfg.eval.every:
-            row.update(tally.screen(task, stage, sdir, screen_n))
-            if should_stop is not None:
-                full = bool(dist.broadcast(should_stop.screen_calls_for_eval(rows, row) if main else None))
+            scales = getattr(cfg.early_stop, "lora_scales", None)
+            screen_at = functools.partial(_screen_at, task, tally, run, stage, screen_n, main)
+            if scales and should_stop is not None and should_stop.target(rows) is not None:
+                full, scale = _screen_scales(screen_at, [float(x) for x in scales], rows, row, should_stop, dist)
+            else:
+                row.update(screen_at(1.0))
+                if should_stop is not None:
+                    full = bool(dist.broadcast(should_stop.screen_calls_for_eval(rows, row) if main else None))
         if full:
-            row.update(tally.evaluate(task, stage, sdir))
+            with task.lora_scaled(scale) if scale != 1.0 else contextlib.nullcontext():
+                row.update(tally.evaluate(task, stage, sdir))
+            if scale != 1.0:
+                row["eval_lora_scale"] = scale
 
         # Step 6: checkpoint: metrics, then the stage marker (the marker is what resume trusts).
         row.update(tally.row())
@@ -379,21 +391,76 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
     else:
         (run.root / STOP_FILE).unlink(missing_ok=True)  # a resumed run went on past an earlier stop
     if final:
-        copy_dir_atomic(task.weights_dir(run.stage_dir(final)), run.final_dir)
+        weights = task.weights_dir(run.stage_dir(final))
+        scale = next((r.get("eval_lora_scale", 1.0) for r in rows if r["stage"] == final), 1.0)
+        if scale != 1.0:  # early_stop.lora_scales: final/ is the stage's LoRA at the scale it was evaluated at
+            scale_lora_dir(weights, run.final_dir, scale)
+            if reason:
+                write_json(run.root / STOP_FILE, {**record, "final_lora_scale": scale})
+        else:
+            copy_dir_atomic(weights, run.final_dir)
     dist.barrier()
     return rows
+
+
+def _screen_at(task: RaftTask, tally: Tally, run: RunDir, stage: int, per_prompt: int, main: bool, scale: float) -> dict:
+    """A screen of the stage with its LoRA at ``scale``; on the main process paired with the base's evaluation at the
+    same held-out slots (:func:`~.common.paired_screen`)."""
+    sdir = run.stage_dir(stage)
+    with task.lora_scaled(scale) if scale != 1.0 else contextlib.nullcontext():
+        out = tally.screen(task, stage, sdir, per_prompt)
+    base, shot = run.stage_dir(0) / "eval.jsonl", sdir / "screen.jsonl"
+    if main and base.is_file() and shot.is_file():
+        out.update(paired_screen(read_jsonl(shot), read_jsonl(base)))
+    return out
+
+
+def _screen_scales(screen_at, scales, rows, row, stopper, dist) -> tuple[bool, float]:
+    """``early_stop.lora_scales``: screen the stage with its LoRA at the largest scale first. When even that is more
+    than two standard errors short of the target, go on training (one screen, as without scales); when it is within
+    them but short, evaluate that scale in full. When it reaches the target, screen at 1 and the other scales in
+    ascending order and pick the first whose estimate reaches it too (else the largest): the least extrapolation
+    that may do. ``screen_at(scale)`` screens and returns the screen's figures. Returns (evaluate in full now, at
+    which scale); ``row`` gains the picked screen's ``screen_*`` figures (``screen_lora_scale`` when not 1), every
+    screen's estimate of the held-out reward (``lora_screen_estimates``: [scale, estimate]) and their summed time."""
+    main = dist.is_main
+    goal = stopper.target(rows)[0]
+    estimates, spent = [], 0.0
+    screens: dict[float, dict] = {}
+
+    def reaches(scale: float) -> bool:
+        nonlocal spent
+        out = screen_at(scale)
+        spent += out.pop("time_screen")
+        screens[scale] = out
+        estimate = stopper.screen_estimate(out) if main else None
+        estimates.append([scale, None if estimate is None else estimate[0]])
+        return bool(dist.broadcast(estimate is not None and estimate[0] >= goal if main else None))
+
+    top = scales[-1]
+    reached = reaches(top)
+    near = dist.broadcast(stopper.screen_calls_for_eval(rows, screens[top]) if main else None)
+    picked = top
+    if reached:
+        picked = next((scale for scale in [1.0, *scales[:-1]] if reaches(scale)), top)
+    row.update(screens[picked], time_screen=spent, lora_screen_estimates=estimates)
+    if picked != 1.0:
+        row["screen_lora_scale"] = picked
+    return bool(near), picked
 
 
 def skipped_stages(rows: list[dict], passes_floors) -> list[int]:
     """The trained stages that sparse evaluation (``eval.every``) left out between the first evaluated stage that
     fails a floor and the evaluated stage before it, newest first: the stages final/ could fall back to.
-    ``passes_floors(row)``."""
-    evaluated = [r for r in rows if "time_eval" in r]
+    ``passes_floors(row)``. A stage evaluated only with its LoRA at a scale (``early_stop.lora_scales``) that failed
+    a floor there counts as left out: as trained, it may pass."""
+    evaluated = [r for r in rows if "time_eval" in r and not extrapolated(r)]
     failing = next((r["stage"] for r in evaluated if r["stage"] >= 1 and not passes_floors(r)), None)
     if failing is None:
         return []
     before = max((r["stage"] for r in evaluated if r["stage"] < failing), default=0)
-    return [r["stage"] for r in reversed(rows) if before < r["stage"] < failing and "time_eval" not in r]
+    left_out = [r for r in rows if "time_eval" not in r or (extrapolated(r) and not passes_floors(r))]
+    return [r["stage"] for r in reversed(left_out) if before < r["stage"] < failing]
 
 
 def _evaluate_skipped(task: RaftTask, run: RunDir, rows: list[dict], stopper: EarlyStopper, tally: Tally, dist: Dist) -> list[dict]:
@@ -412,6 +479,7 @@ def _evaluate_skipped(task: RaftTask, run: RunDir, rows: list[dict], stopper: Ea
         sdir = run.stage_dir(stage)
         task.restore(sdir)
         row = by_stage[stage]
+        row.pop("eval_lora_scale", None)  # evaluated now as trained, at scale 1
         row.update(tally.evaluate(task, stage, sdir), eval_fallback=True)
         if main:
             run.put_metrics(row)
@@ -472,7 +540,8 @@ def stage_line(row: dict, extra: Sequence[tuple[str, str]] = ()) -> str:
     if "loss_mean" in row:
         parts.append(f"loss {fmt('loss_mean')}")
     if "eval_reward_mean" in row:
-        parts.append(f"eval reward {fmt('eval_reward_mean')}")
+        at = f" (LoRA x{row['eval_lora_scale']:g})" if "eval_lora_scale" in row else ""
+        parts.append(f"eval reward {fmt('eval_reward_mean')}{at}")
     for key, label in extra:
         if key in row:
             parts.append(f"{label} {fmt(key)}")

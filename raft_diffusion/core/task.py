@@ -7,6 +7,7 @@ LLM task (``raft_diffusion.llm.task``) implement all of them.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Protocol
 
@@ -66,3 +67,7 @@ class RaftTask(Protocol):
 
     def weights_dir(self, stage_dir: Path) -> Path:
         """The folder inside ``stage_dir`` that ``final/`` should mirror."""
+
+    def lora_scaled(self, scale: float) -> AbstractContextManager[None]:
+        """``early_stop.lora_scales``: within the block the model's LoRA acts at ``scale`` (see
+        :func:`~.lora_scale.scaled_lora`), for :meth:`screen` and :meth:`evaluate`; scale 1 changes nothing."""

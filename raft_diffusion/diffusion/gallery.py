@@ -245,7 +245,8 @@ def render_reward_curve(
     """Held-out reward (mean +- std) per stage, plus fidelity and diversity panels when measured.
 
     ``floors`` maps ``eval_clip_score`` / ``eval_diversity`` to the early-stop ratio (drawn as ratio x base).
-    Screened stages (``eval.screen_per_prompt``) are drawn as hollow points with their screen's mean, and
+    Screened stages (``eval.screen_per_prompt``) are drawn as hollow points with their screen's estimate, stages
+    evaluated with their LoRA at a scale (``early_stop.lora_scales``) as stars off the line, and
     ``target_rise_sd`` (``early_stop.target_rise_sd``) as the line base mean + x base std.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -263,9 +264,17 @@ def render_reward_curve(
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (key, label) in zip(axes, panels):
-        pts = [(r["stage"], r[key], r.get(key.replace("_mean", "_std"))) for r in rows if _finite(r.get(key))]
+        # early_stop.lora_scales: a stage evaluated with its LoRA at a scale is a candidate, drawn apart from the line
+        pts = [(r["stage"], r[key], r.get(key.replace("_mean", "_std"))) for r in rows if _finite(r.get(key)) and "eval_lora_scale" not in r]
         xs, ys = [p[0] for p in pts], [p[1] for p in pts]
         ax.plot(xs, ys, marker="o", color="tab:blue", label="mean ± std" if key == "eval_reward_mean" else label)
+        scaled = [(r["stage"], r[key], r["eval_lora_scale"]) for r in rows if _finite(r.get(key)) and "eval_lora_scale" in r]
+        if scaled:
+            ax.plot(
+                [p[0] for p in scaled], [p[1] for p in scaled], linestyle="none", marker="*", markersize=9, color="tab:red", label="LoRA at a scale"
+            )
+            for x, y, scale in scaled:
+                ax.annotate(f"x{scale:g}", (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7, color="tab:red")
         if key == "eval_reward_mean":
             if all(_finite(p[2]) for p in pts) and pts:
                 ax.fill_between(
@@ -276,12 +285,12 @@ def render_reward_curve(
             pool = [(r["stage"], r["reward_mean"]) for r in rows if _finite(r.get("reward_mean"))]
             if pool:
                 ax.plot([p[0] for p in pool], [p[1] for p in pool], color="0.6", linestyle=":", marker=".", label=pool_label)
-            screens = [(r["stage"], r["screen_reward_mean"], r.get("screen_n")) for r in rows if _finite(r.get("screen_reward_mean"))]
+            screens = [(r["stage"], _screen_value(r), r.get("screen_n")) for r in rows if _finite(_screen_value(r))]
             if screens:
                 n = screens[-1][2]
                 ax.plot(
                     [p[0] for p in screens], [p[1] for p in screens], linestyle="none", marker="o", markerfacecolor="none",
-                    color="tab:purple", label=f"screen mean ({n} held-out images)" if n else "screen mean",
+                    color="tab:purple", label=f"screen estimate ({n} held-out images)" if n else "screen estimate",
                 )  # fmt: skip
             base_row = next((r for r in rows if r["stage"] == 0), {})
             if target_rise_sd is not None and _finite(base_row.get("eval_reward_mean")) and _finite(base_row.get("eval_reward_std")):
@@ -452,6 +461,12 @@ METRIC_COLUMNS = [
 ]
 
 
+def _screen_value(row: dict):
+    """A screened stage's estimate of its held-out reward: paired with the base's evaluation when it could be
+    (``screen_reward_estimate``), else the screen's mean."""
+    return row.get("screen_reward_estimate", row.get("screen_reward_mean"))
+
+
 def _metrics_table(rows: list[dict], final: int | None) -> str:
     cols = [(k, label) for k, label in METRIC_COLUMNS if any(k in r for r in rows)]
     comps = sorted({k for r in rows for k in r if k.startswith("eval_reward_mean/")})
@@ -466,9 +481,10 @@ def _metrics_table(rows: list[dict], final: int | None) -> str:
         for key, _ in cols:
             v = r.get(key)
             if key == "eval_reward_mean" and _finite(r.get("eval_reward_std")):
-                out.append(f"<td>{fmt(v)} &plusmn; {fmt(r['eval_reward_std'], '.3g')}</td>")
-            elif key == "eval_reward_mean" and _finite(r.get("screen_reward_mean")):  # eval.screen_per_prompt
-                out.append(f"<td title='screen of {r.get('screen_n')} held-out images'>~{fmt(r['screen_reward_mean'])} (screen)</td>")
+                at = f" (LoRA x{r['eval_lora_scale']:g})" if "eval_lora_scale" in r else ""
+                out.append(f"<td>{fmt(v)} &plusmn; {fmt(r['eval_reward_std'], '.3g')}{at}</td>")
+            elif key == "eval_reward_mean" and _finite(_screen_value(r)):  # eval.screen_per_prompt
+                out.append(f"<td title='screen of {r.get('screen_n')} held-out images'>~{fmt(_screen_value(r))} (screen)</td>")
             elif key == "seconds":
                 out.append(f"<td>{fmt(v, '.0f')}</td>")
             else:

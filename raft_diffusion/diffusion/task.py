@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from ..core.common import resolve_device, reward_label, screen_metrics
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
+from ..core.lora_scale import scaled_lora
 from ..core.ranking import diverse_pick, is_nan, kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
@@ -86,7 +88,9 @@ class DiffusionTask:
     def __init__(self, cfg, reward=None, dist: Dist | None = None, offload: str = "none"):
         self.cfg = cfg
         self.dist = dist or Dist()
-        self._screened = None  # (stage, rows, images, embeddings) of the last screen, reused by its full evaluation
+        # the screens of the current stage by LoRA scale (rows, images, embeddings), reused by its full evaluation
+        self._screened: dict[tuple[int, float], tuple] = {}
+        self._scale = 1.0  # the LoRA's scale while lora_scaled is active
         s = cfg.sampling
         # 1. Prompts (training or an external pool's, and held-out) and the reward: cheap checks first.
         self.external = _read_manifest(s.external_pool) if s.external_pool else None
@@ -442,7 +446,7 @@ class DiffusionTask:
     # -- fine-tuning and weights ---------------------------------------------------------------
     def finetune(self, stage: int, kept: list[Sample], negatives: list[Sample] | None = None) -> dict:
         """Train on the kept samples (and, with ``ranking.negative_k``, away from ``negatives``)."""
-        self._screened = None  # the weights change: a screen's images are no longer the model's
+        self._screened = {}  # the weights change: a screen's images are no longer the model's
         latents = torch.stack([s.payload["latents"] for s in kept]).to(self.device, torch.float32)
         rows = [s.prompt_index for s in kept]
         family = {} if self.legacy else {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
@@ -490,7 +494,7 @@ class DiffusionTask:
 
     def restore(self, stage_dir: Path) -> None:
         """The main process loads the saved weights and sends them to the others (no shared disk needed)."""
-        self._screened = None
+        self._screened = {}
         if self.dist.is_main:
             self._load_weights(stage_dir)
         self.dist.broadcast_params(ft.trainable_parameters(self.denoiser))
@@ -503,6 +507,17 @@ class DiffusionTask:
             ft.load_lora_into_unet(self.denoiser, self.weights_dir(stage_dir))
         else:
             self.family.load_lora(self.denoiser, self.weights_dir(stage_dir))
+
+    @contextlib.contextmanager
+    def lora_scaled(self, scale: float):
+        """``early_stop.lora_scales``: the LoRA at ``scale`` within the block (screens and evaluations there see
+        base + scale x its change; their images are cached per scale)."""
+        with scaled_lora(self.denoiser, scale):
+            self._scale = float(scale)
+            try:
+                yield
+            finally:
+                self._scale = 1.0
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self, stage: int, stage_dir: Path) -> dict:
@@ -532,7 +547,9 @@ class DiffusionTask:
         evaluation of the same stage next reuses its images and makes only the rest."""
         todo = [(p, k, eval_seed(self.cfg.seed, p, k)) for p in range(len(self.eval_prompts)) for k in range(per_prompt)]
         rows, images_u8, embeddings = self._held_out(todo, f"stage {stage} screen")
-        self._screened = (stage, rows, images_u8, embeddings)  # a full evaluation of this stage makes only the rest
+        # a full evaluation of this stage at this scale makes only the rest
+        self._screened = {key: v for key, v in self._screened.items() if key[0] == stage}
+        self._screened[stage, self._scale] = (rows, images_u8, embeddings)
         if self.dist.is_main:
             write_jsonl(stage_dir / "screen.jsonl", [{k: v for k, v in row.items() if k != "image"} for row in rows])
         return screen_metrics([row["reward"] for row in rows])
@@ -540,10 +557,10 @@ class DiffusionTask:
     def _reusing_screen(self, stage: int, todo: list[tuple[int, int, int]]):
         """:meth:`_held_out` for a full evaluation, taking the images this stage's screen made (the same seeds, the
         same weights) from it and generating only the rest; in ``todo``'s order."""
-        cached, self._screened = self._screened, None
-        if cached is None or cached[0] != stage:
+        cached, self._screened = self._screened.get((stage, self._scale)), {}
+        if cached is None:
             return self._held_out(todo, f"stage {stage} eval")
-        _, rows, images_u8, embeddings = cached
+        rows, images_u8, embeddings = cached
         done = {(r["prompt_index"], r["sample_index"]) for r in rows}
         rest = [t for t in todo if (t[0], t[1]) not in done]
         if rest:

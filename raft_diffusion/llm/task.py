@@ -27,6 +27,7 @@ from ..core.common import best_of_k, mean_std, resolve_device, reward_label, scr
 from ..core.errors import UserError
 from ..core.loop import external_requests
 from ..core.loop import read_manifest as core_read_manifest
+from ..core.lora_scale import scaled_lora
 from ..core.ranking import uses_embeddings
 from ..core.rundir import read_jsonl, replace_dir, write_jsonl
 from ..core.seeds import eval_seed, stage_seed
@@ -277,6 +278,10 @@ class LLMTask:
 
     def weights_dir(self, stage_dir: Path) -> Path:
         return Path(stage_dir) / ("lora" if self.cfg.train.method == "lora" else "model")
+
+    def lora_scaled(self, scale: float):
+        """``early_stop.lora_scales``: the adapter at ``scale`` within the block (screens and evaluations)."""
+        return scaled_lora(self.model, scale)
 
     def save(self, stage_dir: Path) -> None:
         """The adapter (or full model + tokenizer) into stage_dir, written to a temp folder then moved."""

@@ -1,0 +1,69 @@
+"""LoRA extrapolation (``early_stop.lora_scales``): a stage's LoRA tried at a scale above 1.
+
+A LoRA adds ``delta W = (alpha / r) B A`` to each adapted weight. At scale ``s`` the model is ``W + s delta W``: the
+base, moved ``s`` times as far along the direction the stages trained so far. Multiplying every ``lora_B`` tensor by
+``s`` gives exactly that model, in the task and in a saved file alike, so a LoRA delivered at a scale reloads at
+weight 1 in any loader. Model-agnostic: peft names the second LoRA factor ``lora_B`` in modules and in the
+safetensors files it (and diffusers) save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from .rundir import public_modes, replace_dir
+
+LORA_B = "lora_B"
+
+
+def lora_b_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """The ``lora_B`` factors of every LoRA in ``module``."""
+    return [p for name, p in module.named_parameters() if LORA_B in name.split(".")]
+
+
+@contextlib.contextmanager
+def scaled_lora(module: torch.nn.Module, scale: float) -> Iterator[None]:
+    """Within the block, ``module``'s LoRAs act at ``scale`` (every ``lora_B`` multiplied by it); afterwards each
+    gets its saved bytes back. Scale 1 changes nothing."""
+    if scale == 1.0:
+        yield
+        return
+    params = lora_b_parameters(module)
+    if not params:
+        raise ValueError("early_stop.lora_scales scales a LoRA, and the model has none")
+    saved = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p in params:
+                p.mul_(scale)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, b in zip(params, saved):
+                p.copy_(b)
+
+
+def scale_lora_dir(src: Path, dst: Path, scale: float) -> None:
+    """Copy a saved LoRA folder to ``dst`` (replaced atomically) with every ``lora_B`` tensor of its safetensors
+    files multiplied by ``scale`` (their metadata kept): the LoRA at weight 1 is then the source at ``scale``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    dst = Path(dst)
+    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}."))
+    shutil.rmtree(tmp)
+    shutil.copytree(src, tmp)
+    for path in sorted(tmp.rglob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        tensors = {k: v * scale if LORA_B in k.split(".") else v for k, v in tensors.items()}
+        save_file(tensors, str(path), metadata=metadata)
+    public_modes(tmp)
+    replace_dir(tmp, dst)
