@@ -127,7 +127,7 @@ def test_config_fields_and_help():
     assert stopper.active and stopper.patience == 3 and stopper.floors == [("eval_clip_score", "prompt fidelity", 0.9)]
     assert config_from_dict({}).stopper() is None  # opt-in
     lines = [line for line in config_help(RaftConfig) if line.startswith(("early_stop", "eval.clip"))]
-    assert len(lines) == 10 and all(line.split(": ", 1)[1] for line in lines)
+    assert len(lines) == 11 and all(line.split(": ", 1)[1] for line in lines)
 
 
 # --- the loop -----------------------------------------------------------------------------------

@@ -259,3 +259,15 @@ def test_the_loop_pairs_a_diffusion_screen_with_the_base(tiny_pipeline_dir, tmp_
     by_hand = paired_screen(read_jsonl(out / "stages" / "001" / "screen.jsonl"), read_jsonl(out / "stages" / "000" / "eval.jsonl"))
     assert set(by_hand) == {"screen_reward_estimate", "screen_reward_se", "screen_base_slope"}
     assert {k: row[k] for k in by_hand} == pytest.approx(by_hand)
+
+
+def test_the_screen_band_sets_how_far_short_a_screen_may_be():
+    rows = rows_of([])  # target 7
+    screen = {"stage": 1, "screen_reward_mean": 6.0, "screen_reward_std": 1.0, "screen_n": 16, "screen_reward_estimate": 6.7, "screen_reward_se": 0.2}
+    # 6.7 + 2 x 0.2 = 7.1 reaches 7; 6.7 + 1.4 x 0.2 = 6.98 does not; 1.5 x 0.2 = 0.3 reaches it exactly
+    assert EarlyStopper(target_rise_sd=1.0).screen_calls_for_eval(rows, screen)
+    assert not EarlyStopper(target_rise_sd=1.0, screen_band_se=1.4).screen_calls_for_eval(rows, screen)
+    assert EarlyStopper(target_rise_sd=1.0, screen_band_se=1.5).screen_calls_for_eval(rows, screen)
+    assert config_from_dict({}, ["early_stop.target_rise_sd=1", "early_stop.screen_band_se=1.5"]).stopper().screen_band_se == 1.5
+    with pytest.raises(ConfigError, match=re.escape("early_stop.screen_band_se must be a number >= 0, e.g. 2 (got -1.0)")):
+        config_from_dict({}, ["early_stop.screen_band_se=-1"])

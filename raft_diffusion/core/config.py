@@ -63,6 +63,10 @@ class EarlyStopConfig:
         None,
         "stop at the first evaluated stage, above the floors, whose early_stop.metric has risen by this many of the base model's per-sample stds (eval_reward_std for eval_reward_mean), e.g. 1.0; final/ = that stage. With eval.screen_per_prompt the stages between evaluations are screened and one near the target is evaluated at once; null = no target",
     )
+    screen_band_se: float = option(
+        2.0,
+        "with early_stop.target_rise_sd and eval.screen_per_prompt: a screened stage is evaluated in full when its estimate of the held-out metric plus this many of the estimate's standard errors reaches the target (fewer: fewer full evaluations that fall short, more stages at the target missed by their screen)",
+    )
     lora_scales: list | None = option(
         None,
         "LoRA extrapolation for the target stop: scales above 1 (ascending, e.g. [1.3, 1.6]) at which each screened stage's LoRA is also tried, the model being the base plus scale x the change the stages trained. The smallest scale (1 included) whose screen reaches early_stop.target_rise_sd is evaluated in full (eval_lora_scale in metrics.jsonl); one that meets the target above the floors is delivered as final/, the scale multiplied into its weights. Training and the pools are unchanged. Needs early_stop.target_rise_sd, eval.screen_per_prompt and train.method lora; null = off",
@@ -144,6 +148,10 @@ class BaseConfig:
             f"eval.screen_per_prompt must be 0 (off) or 2 .. eval.num_per_prompt={e.num_per_prompt} (got {screen!r})",
         )
         need(not screen or e.every >= 1, "eval.screen_per_prompt screens stages between held-out evaluations: set eval.every >= 1")
+        need(
+            isinstance(es.screen_band_se, (int, float)) and not isinstance(es.screen_band_se, bool) and es.screen_band_se >= 0,
+            f"early_stop.screen_band_se must be a number >= 0, e.g. 2 (got {es.screen_band_se!r})",
+        )
         scales = es.lora_scales
         need(
             scales is None
@@ -220,7 +228,14 @@ class BaseConfig:
         """The early-stop rule for ``run_raft(should_stop=...)``, or None when early_stop is off."""
         es = self.early_stop
         floors = [(metric, label, ratio) for _, metric, label, ratio in self.floor_settings() if ratio is not None]
-        stopper = EarlyStopper(patience=es.patience, metric=es.metric, min_delta=es.min_delta, floors=floors, target_rise_sd=es.target_rise_sd)
+        stopper = EarlyStopper(
+            patience=es.patience,
+            metric=es.metric,
+            min_delta=es.min_delta,
+            floors=floors,
+            target_rise_sd=es.target_rise_sd,
+            screen_band_se=es.screen_band_se,
+        )
         return stopper if stopper.active else None
 
     def to_dict(self) -> dict:

@@ -51,15 +51,18 @@ class EarlyStopper:
         min_delta: float = 0.0,
         floors: Sequence[tuple[str, str, float]] = (),
         target_rise_sd: float | None = None,
+        screen_band_se: float = 2.0,
     ):
         """``floors``: (metrics.jsonl key, label for messages, ratio) for each metric that must stay
         at or above ``ratio`` x the base model's value. ``target_rise_sd``: stop once ``metric`` (a ``..._mean``)
-        has risen by this many of the base model's ``..._std`` at a stage above the floors."""
+        has risen by this many of the base model's ``..._std`` at a stage above the floors. ``screen_band_se``: how many
+        standard errors of a screen's estimate short of the target still call for a full evaluation."""
         self.patience = patience
         self.metric = metric
         self.min_delta = float(min_delta)
         self.floors = [(key, label, float(ratio)) for key, label, ratio in floors]
         self.target_rise_sd = None if target_rise_sd is None else float(target_rise_sd)
+        self.screen_band_se = float(screen_band_se)
 
     @property
     def active(self) -> bool:
@@ -91,11 +94,12 @@ class EarlyStopper:
 
     def screen_calls_for_eval(self, rows: list[dict], screen: dict) -> bool:
         """Whether a screened stage should be evaluated in full now: the screen's estimate of the metric
-        (:meth:`screen_estimate`) is within two standard errors of the target, or above it. Without a target: never."""
+        (:meth:`screen_estimate`) is within ``screen_band_se`` standard errors of the target, or above it. Without a
+        target: never."""
         goal, estimate = self.target(rows), self.screen_estimate(screen)
         if goal is None or estimate is None:
             return False
-        return estimate[0] + 2.0 * estimate[1] >= goal[0]
+        return estimate[0] + self.screen_band_se * estimate[1] >= goal[0]
 
     def __call__(self, rows: list[dict]) -> str | None:
         """Why to stop now, or None to go on."""
