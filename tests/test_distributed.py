@@ -151,17 +151,25 @@ def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
 def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path):
     """eval.screen_per_prompt with early_stop.target_rise_sd: each process screens its share of the held-out seeds, the
     screens are gathered, so two processes screen, evaluate and stop where one does."""
-    over = ["num_stages=3", "eval.every=3", "eval.num_per_prompt=4", "eval.screen_per_prompt=2", "early_stop.target_rise_sd=0.01"]
+    # a wide band (early_stop.screen_band_se) so that stage 1's screen calls for a full evaluation whatever it reads
+    over = [
+        "num_stages=3",
+        "eval.every=3",
+        "eval.num_per_prompt=4",
+        "eval.screen_per_prompt=2",
+        "early_stop.target_rise_sd=0.01",
+        "early_stop.screen_band_se=50",
+    ]
     one, two = tmp_path / "one", tmp_path / "two"
     for out, procs in ((one, 1), (two, 2)):
         proc = run(out, tiny_pipeline_dir, *over, procs=procs)
         assert proc.returncode == 0, proc.stderr[-3000:]
-    keys = ("stage", "screen_reward_mean", "screen_n", "eval_reward_mean", "eval_reward_queries")
+    keys = ("stage", "screen_reward_mean", "screen_reward_estimate", "screen_n", "eval_reward_mean", "eval_reward_queries")
     a = [tuple(r.get(k) for k in keys) for r in read_jsonl(one / "metrics.jsonl")]
     b = [tuple(r.get(k) for k in keys) for r in read_jsonl(two / "metrics.jsonl")]
     assert a == b
-    assert a[1][1] is not None and a[1][2] == 3 * 2  # stage 1 screened: 3 held-out prompts x 2 seeds
-    assert a[1][3] is not None  # and its screen, near the target, had it evaluated in full (the decision broadcast)
+    assert a[1][1] is not None and a[1][2] is not None and a[1][3] == 3 * 2  # stage 1 screened (3 prompts x 2 seeds), paired
+    assert a[1][4] is not None  # and its screen, near the target, had it evaluated in full (the decision broadcast)
     assert (one / "early_stop.json").exists() == (two / "early_stop.json").exists()
     assert read_jsonl(one / "stages" / "001" / "screen.jsonl") == read_jsonl(two / "stages" / "001" / "screen.jsonl")
     assert_bitwise_equal(lora(one), lora(two))

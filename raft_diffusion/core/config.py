@@ -67,10 +67,6 @@ class EarlyStopConfig:
         2.0,
         "with early_stop.target_rise_sd and eval.screen_per_prompt: a screened stage is evaluated in full when its estimate of the held-out metric plus this many of the estimate's standard errors reaches the target (fewer: fewer full evaluations that fall short, more stages at the target missed by their screen)",
     )
-    lora_scales: list | None = option(
-        None,
-        "LoRA extrapolation for the target stop: scales above 1 (ascending, e.g. [1.3, 1.6]) at which each screened stage's LoRA is also tried, the model being the base plus scale x the change the stages trained. The smallest scale (1 included) whose screen reaches early_stop.target_rise_sd is evaluated in full (eval_lora_scale in metrics.jsonl); one that meets the target above the floors is delivered as final/, the scale multiplied into its weights. Training and the pools are unchanged. Needs early_stop.target_rise_sd, eval.screen_per_prompt and train.method lora; null = off",
-    )
 
 
 Need = Callable[[bool, str], None]
@@ -151,26 +147,6 @@ class BaseConfig:
         need(
             isinstance(es.screen_band_se, (int, float)) and not isinstance(es.screen_band_se, bool) and es.screen_band_se >= 0,
             f"early_stop.screen_band_se must be a number >= 0, e.g. 2 (got {es.screen_band_se!r})",
-        )
-        scales = es.lora_scales
-        need(
-            scales is None
-            or (
-                isinstance(scales, list)
-                and scales
-                and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 1 for x in scales)
-                and all(a < b for a, b in zip(scales, scales[1:]))
-            ),
-            f"early_stop.lora_scales must be a list of scales above 1 in ascending order, e.g. [1.3, 1.6], or null (got {scales!r})",
-        )
-        need(
-            not scales or (es.target_rise_sd is not None and screen),
-            "early_stop.lora_scales tries each screened stage at those scales against the target: set early_stop.target_rise_sd "
-            "(e.g. 1.0) and eval.screen_per_prompt (e.g. 4), or early_stop.lora_scales=null",
-        )
-        need(
-            not scales or getattr(self.train, "method", "lora") == "lora",
-            f"early_stop.lora_scales scales a LoRA, and train.method is {getattr(self.train, 'method', None)!r}: set train.method=lora or early_stop.lora_scales=null",
         )
         need(
             isinstance(es.metric, str) and es.metric.startswith("eval_"),

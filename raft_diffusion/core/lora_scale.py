@@ -14,12 +14,48 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .rundir import public_modes, replace_dir
 
+if TYPE_CHECKING:  # torch is imported where a LoRA is scaled: a config check needs none of it
+    import torch
+
 LORA_B = "lora_B"
+
+LORA_SCALES_HELP = (
+    "LoRA extrapolation for the target stop: scales above 1 (ascending, e.g. [1.3, 1.6]) at which each screened stage's LoRA "
+    "is also tried, the model being the base plus scale x the change the stages trained. The stage is screened at the largest "
+    "scale first; if that reaches early_stop.target_rise_sd, the smallest scale (1 included) whose screen reaches it is "
+    "evaluated in full (eval_lora_scale in metrics.jsonl), and one that meets the target above the floors is delivered as "
+    "final/, the scale multiplied into its weights. Training and the pools are unchanged. Needs early_stop.target_rise_sd, "
+    "eval.screen_per_prompt and train.method lora; null = off"
+)
+
+
+def check_lora_scales(cfg, need) -> None:
+    """The config rules of ``early_stop.lora_scales`` (each kind's config declares the key and calls this)."""
+    es = cfg.early_stop
+    scales = es.lora_scales
+    need(
+        scales is None
+        or (
+            isinstance(scales, list)
+            and scales
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 1 for x in scales)
+            and all(a < b for a, b in zip(scales, scales[1:]))
+        ),
+        f"early_stop.lora_scales must be a list of scales above 1 in ascending order, e.g. [1.3, 1.6], or null (got {scales!r})",
+    )
+    need(
+        not scales or (es.target_rise_sd is not None and getattr(cfg.eval, "screen_per_prompt", 0)),
+        "early_stop.lora_scales tries each screened stage at those scales against the target: set early_stop.target_rise_sd "
+        "(e.g. 1.0) and eval.screen_per_prompt (e.g. 4), or early_stop.lora_scales=null",
+    )
+    need(
+        not scales or cfg.train.method == "lora",
+        f"early_stop.lora_scales scales a LoRA, and train.method is {cfg.train.method!r}: set train.method=lora or early_stop.lora_scales=null",
+    )
 
 
 def lora_b_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
@@ -37,6 +73,8 @@ def scaled_lora(module: torch.nn.Module, scale: float) -> Iterator[None]:
     params = lora_b_parameters(module)
     if not params:
         raise ValueError("early_stop.lora_scales scales a LoRA, and the model has none")
+    import torch
+
     saved = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():

@@ -18,6 +18,7 @@ from ..core.config import load_config as _load_config
 from ..core.config import need
 from ..core.config import option as _f
 from ..core.errors import ConfigError
+from ..core.lora_scale import LORA_SCALES_HELP, check_lora_scales
 from ..core.ranking import check_diverse
 
 # diffusers.optimization.SchedulerType's names (tests/test_core_config.py checks the list against diffusers)
@@ -238,6 +239,7 @@ class EvalConfig:
 
 @dataclass
 class EarlyStopConfig(core.EarlyStopConfig):
+    lora_scales: list | None = _f(None, LORA_SCALES_HELP)
     min_fidelity_ratio: float | None = _f(
         None, "stop when eval_clip_score falls below this fraction of the base model's (needs eval.clip_model); null = off"
     )
@@ -300,6 +302,7 @@ class RaftConfig(core.BaseConfig):
 
     def check(self) -> None:
         """The diffusion rules (the shared ones are in :meth:`BaseConfig.validate`)."""
+        check_lora_scales(self, need)
         s, r, t = self.sampling, self.ranking, self.train
         n = self.model.max_sequence_length
         need(n is None or (isinstance(n, int) and 1 <= n <= 512), f"model.max_sequence_length must be an integer in 1..512 or null (got {n!r})")

@@ -15,6 +15,7 @@ from ..core import config as core
 from ..core.config import need
 from ..core.config import option as _f
 from ..core.errors import ConfigError
+from ..core.lora_scale import LORA_SCALES_HELP, check_lora_scales
 
 # transformers.SchedulerType's names (tests/test_llm_units.py checks the list against transformers)
 LR_SCHEDULERS = (
@@ -164,6 +165,7 @@ DIVERSITY_METRICS = ("eval_distinct_2_per_prompt", "eval_distinct_1_per_prompt",
 
 @dataclass
 class LLMEarlyStopConfig(core.EarlyStopConfig):
+    lora_scales: list | None = _f(None, LORA_SCALES_HELP)
     min_diversity_ratio: float | None = _f(
         None, "stop when early_stop.diversity_metric falls below this fraction of the base model's (final/ = the best stage above it); null = off"
     )
@@ -206,6 +208,7 @@ class LLMConfig(core.BaseConfig):
 
     def check(self) -> None:
         """The LLM rules (the shared ones are in :meth:`BaseConfig.validate`)."""
+        check_lora_scales(self, need)
         s, r, t, fl, e = self.sampling, self.ranking, self.train, self.filters, self.eval
         need(isinstance(self.model.pretrained, str) and self.model.pretrained, "model.pretrained must name a hub id or a folder (or 'toy')")
         need(self.model.num_threads is None or self.model.num_threads >= 1, "model.num_threads must be >= 1 or null")
