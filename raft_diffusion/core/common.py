@@ -37,8 +37,8 @@ def paired_screen(screen: Sequence[Mapping], base: Sequence[Mapping]) -> dict:
     ``b`` the least-squares slope. ``screen_reward_se`` is that prediction's standard error,
     ``s sqrt(1/n + (full base mean - mean(x))^2 / sum (x - mean(x))^2)`` with ``s`` the residuals' std (n - 2
     degrees of freedom). {} when fewer than 3 slots pair up or the base's rewards there do not vary."""
-    by_slot = {(r["prompt_index"], r["sample_index"]): r["reward"] for r in base if _finite(r.get("reward"))}
-    pairs = [(by_slot[key], r["reward"]) for r in screen if _finite(r.get("reward")) and (key := (r["prompt_index"], r["sample_index"])) in by_slot]
+    by_slot = {(r["prompt_index"], r["sample_index"]): r["reward"] for r in base if finite(r.get("reward"))}
+    pairs = [(by_slot[key], r["reward"]) for r in screen if finite(r.get("reward")) and (key := (r["prompt_index"], r["sample_index"])) in by_slot]
     n = len(pairs)
     if n < 3 or not by_slot:
         return {}
@@ -54,7 +54,8 @@ def paired_screen(screen: Sequence[Mapping], base: Sequence[Mapping]) -> dict:
     return {"screen_reward_estimate": my + slope * (full - mx), "screen_reward_se": se, "screen_base_slope": slope}
 
 
-def _finite(v) -> bool:
+def finite(v) -> bool:
+    """Whether ``v`` is a finite int or float (not a bool, None, NaN or infinite)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 

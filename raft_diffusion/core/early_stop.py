@@ -31,12 +31,14 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+from .common import finite
+
 STOP_FILE = "early_stop.json"
 
 
 def _value(row: dict, key: str) -> float | None:
     v = row.get(key)
-    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+    if finite(v):
         return float(v)
     return None
 

@@ -271,6 +271,9 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
             print(f"resuming {run.root} after stage {done}", flush=True)
         task.restore(run.stage_dir(done))
 
+    # the base's held-out rewards, which every screen is paired with (read once; the main process pairs)
+    base_eval = run.stage_dir(0) / "eval.jsonl"
+    base_rows = read_jsonl(base_eval) if main and getattr(cfg.eval, "screen_per_prompt", 0) and base_eval.is_file() else None
     reason = dist.broadcast(should_stop(rows) if should_stop and main else None)  # a stopped run stays stopped
     for stage in range(done + 1, cfg.num_stages + 1):
         if reason:
@@ -348,7 +351,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         scale = 1.0
         if not full and screen_n and cfg.eval.every:
             scales = getattr(cfg.early_stop, "lora_scales", None)
-            screen_at = functools.partial(_screen_at, task, tally, run, stage, screen_n, main)
+            screen_at = functools.partial(_screen_at, task, tally, run, stage, screen_n, base_rows)
             if scales and should_stop is not None and should_stop.target(rows) is not None:
                 full, scale = _screen_scales(screen_at, [float(x) for x in scales], rows, row, should_stop, dist)
             else:
@@ -356,7 +359,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
                 if should_stop is not None:
                     full = bool(dist.broadcast(should_stop.screen_calls_for_eval(rows, row) if main else None))
         if full:
-            with task.lora_scaled(scale) if scale != 1.0 else contextlib.nullcontext():
+            with _at_scale(task, scale):
                 row.update(tally.evaluate(task, stage, sdir))
             if scale != 1.0:
                 row["eval_lora_scale"] = scale
@@ -380,38 +383,44 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
 
     last = run.last_completed()
     final = last
+    scale = 1.0  # early_stop.lora_scales: final/ is its stage's LoRA at the scale that stage was evaluated at
     if reason and last:
         final = should_stop.best_stage(rows) or last
+        scale = next((r.get("eval_lora_scale", 1.0) for r in rows if r["stage"] == final), 1.0)
         log.warning("early stop after stage %d: %s; final/ = stage %d", last, reason, final)
         record = {"reason": reason, "stopped_after_stage": last, "final_stage": final}
         fallback = [r["stage"] for r in rows if r.get("eval_fallback")]
         if fallback:
             record["evaluated_after_stop"] = fallback
+        if scale != 1.0:
+            record["final_lora_scale"] = scale
         write_json(run.root / STOP_FILE, record)
     else:
         (run.root / STOP_FILE).unlink(missing_ok=True)  # a resumed run went on past an earlier stop
     if final:
         weights = task.weights_dir(run.stage_dir(final))
-        scale = next((r.get("eval_lora_scale", 1.0) for r in rows if r["stage"] == final), 1.0)
-        if scale != 1.0:  # early_stop.lora_scales: final/ is the stage's LoRA at the scale it was evaluated at
+        if scale != 1.0:
             scale_lora_dir(weights, run.final_dir, scale)
-            if reason:
-                write_json(run.root / STOP_FILE, {**record, "final_lora_scale": scale})
         else:
             copy_dir_atomic(weights, run.final_dir)
     dist.barrier()
     return rows
 
 
-def _screen_at(task: RaftTask, tally: Tally, run: RunDir, stage: int, per_prompt: int, main: bool, scale: float) -> dict:
-    """A screen of the stage with its LoRA at ``scale``; on the main process paired with the base's evaluation at the
-    same held-out slots (:func:`~.common.paired_screen`)."""
+def _at_scale(task: RaftTask, scale: float):
+    """``task.lora_scaled(scale)``, or nothing to do at scale 1 (a task without LoRA scales needs no such hook)."""
+    return task.lora_scaled(scale) if scale != 1.0 else contextlib.nullcontext()
+
+
+def _screen_at(task: RaftTask, tally: Tally, run: RunDir, stage: int, per_prompt: int, base_rows: list[dict] | None, scale: float) -> dict:
+    """A screen of the stage with its LoRA at ``scale``, paired with the base's evaluation rows ``base_rows`` at the
+    same held-out slots (:func:`~.common.paired_screen`; the main process has them, the others pass None)."""
     sdir = run.stage_dir(stage)
-    with task.lora_scaled(scale) if scale != 1.0 else contextlib.nullcontext():
+    with _at_scale(task, scale):
         out = tally.screen(task, stage, sdir, per_prompt)
-    base, shot = run.stage_dir(0) / "eval.jsonl", sdir / "screen.jsonl"
-    if main and base.is_file() and shot.is_file():
-        out.update(paired_screen(read_jsonl(shot), read_jsonl(base)))
+    shot = sdir / "screen.jsonl"
+    if base_rows is not None and shot.is_file():
+        out.update(paired_screen(read_jsonl(shot), base_rows))
     return out
 
 

@@ -217,7 +217,7 @@ class EvalConfig:
     )
     screen_per_prompt: int = _f(
         0,
-        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder), with an estimate of the full evaluation's mean paired with the base's evaluation at those seeds (screen_reward_estimate, screen_reward_se); with early_stop.target_rise_sd a stage whose estimate comes within two standard errors of the target is evaluated in full at once; 0 = off",
+        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder), with an estimate of the full evaluation's mean paired with the base's evaluation at those seeds (screen_reward_estimate, screen_reward_se); with early_stop.target_rise_sd a stage whose estimate comes within early_stop.screen_band_se standard errors of the target is evaluated in full at once; 0 = off",
     )
     guidance_scale: float | None = _f(
         None,

@@ -27,6 +27,7 @@ from urllib.parse import quote
 import yaml
 from PIL import Image, ImageDraw, ImageFont
 
+from ..core.common import finite as _finite
 from ..core.early_stop import read_stop
 from ..core.errors import UserError
 from ..core.rundir import RunDir, atomic_write_text, read_jsonl
@@ -63,10 +64,6 @@ class Column:
 
 
 # ---------------------------------------------------------------------------------------------- run data
-
-
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def fmt(v, spec: str = ".4g") -> str:

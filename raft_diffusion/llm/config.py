@@ -151,7 +151,7 @@ class LLMEvalConfig:
     )
     screen_per_prompt: int = _f(
         0,
-        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder), with an estimate of the full evaluation's mean paired with the base's evaluation at those seeds (screen_reward_estimate, screen_reward_se); with early_stop.target_rise_sd a stage whose estimate comes within two standard errors of the target is evaluated in full at once; 0 = off",
+        "with every > 1: screen each stage that is not evaluated on the first N held-out seeds of each eval prompt (seeds a full evaluation uses; screen_reward_mean and screen_reward_std in metrics.jsonl, screen.jsonl in the stage folder), with an estimate of the full evaluation's mean paired with the base's evaluation at those seeds (screen_reward_estimate, screen_reward_se); with early_stop.target_rise_sd a stage whose estimate comes within early_stop.screen_band_se standard errors of the target is evaluated in full at once; 0 = off",
     )
     best_of_k: int | None = _f(
         None, "stage 0 also reports the base model's best-of-K reward on the eval prompts; null = sampling.num_per_prompt, 0 = off"
