@@ -1,5 +1,6 @@
 """Several processes (torchrun, gloo on CPU) select and train exactly what one process does, bit for bit."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -148,9 +149,11 @@ def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
     assert (ma["loss_mean"], ma["num_negative_rows"]) == (mb["loss_mean"], mb["num_negative_rows"]) == (ma["loss_mean"], 4)
 
 
-def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path):
+@pytest.mark.parametrize("scales", [[], ["early_stop.lora_scales=[2,3]"]], ids=["as-trained", "lora-scales"])
+def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path, scales):
     """eval.screen_per_prompt with early_stop.target_rise_sd: each process screens its share of the held-out seeds, the
-    screens are gathered, so two processes screen, evaluate and stop where one does."""
+    screens are gathered, so two processes screen, evaluate and stop where one does; with early_stop.lora_scales
+    every process screens the same scales, in the same order, and evaluates and delivers the same one."""
     # a wide band (early_stop.screen_band_se) so that stage 1's screen calls for a full evaluation whatever it reads
     over = [
         "num_stages=3",
@@ -159,18 +162,25 @@ def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path):
         "eval.screen_per_prompt=2",
         "early_stop.target_rise_sd=0.01",
         "early_stop.screen_band_se=50",
+        *scales,
     ]
     one, two = tmp_path / "one", tmp_path / "two"
     for out, procs in ((one, 1), (two, 2)):
         proc = run(out, tiny_pipeline_dir, *over, procs=procs)
         assert proc.returncode == 0, proc.stderr[-3000:]
     keys = ("stage", "screen_reward_mean", "screen_reward_estimate", "screen_n", "eval_reward_mean", "eval_reward_queries")
+    keys += ("lora_screen_estimates", "screen_lora_scale", "eval_lora_scale")
     a = [tuple(r.get(k) for k in keys) for r in read_jsonl(one / "metrics.jsonl")]
     b = [tuple(r.get(k) for k in keys) for r in read_jsonl(two / "metrics.jsonl")]
     assert a == b
     assert a[1][1] is not None and a[1][2] is not None and a[1][3] == 3 * 2  # stage 1 screened (3 prompts x 2 seeds), paired
     assert a[1][4] is not None  # and its screen, near the target, had it evaluated in full (the decision broadcast)
+    if scales:  # stage 1 screened at 3 first, then as the walk goes
+        assert a[1][6][0][0] == 3 and len(a[1][6]) >= 1
     assert (one / "early_stop.json").exists() == (two / "early_stop.json").exists()
+    if (one / "early_stop.json").exists():
+        stop_one, stop_two = (json.loads((out / "early_stop.json").read_text()) for out in (one, two))
+        assert stop_one.get("final_lora_scale") == stop_two.get("final_lora_scale")
     assert read_jsonl(one / "stages" / "001" / "screen.jsonl") == read_jsonl(two / "stages" / "001" / "screen.jsonl")
     assert_bitwise_equal(lora(one), lora(two))
 

@@ -225,12 +225,35 @@ def test_paired_screen_reads_the_regression_line_at_the_bases_full_mean():
     assert out["screen_base_slope"] == pytest.approx(slope, abs=1e-9)
     assert out["screen_reward_estimate"] == pytest.approx(icept + slope * full, abs=1e-9)
     resid = y - (icept + slope * x)
-    se = math.sqrt((resid**2).sum() / (len(y) - 2) * (1 / len(y) + (full - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum()))
+    n, big_n = len(y), base_rewards.size  # the screen's 12 of the full evaluation's 32 slots
+    se = math.sqrt((resid**2).sum() / (n - 2) * ((1 - n / big_n) / n + (full - x.mean()) ** 2 / ((x - x.mean()) ** 2).sum()))
     assert out["screen_reward_se"] == pytest.approx(se, abs=1e-9)
     # a screen unpaired with the base (other slots), too few pairs, or a constant base: no estimate
     assert paired_screen([{**r, "sample_index": r["sample_index"] + 8} for r in screen], base) == {}
     assert paired_screen(screen[:2], base) == {}
     assert paired_screen(screen, [{**r, "reward": 1.0} for r in base]) == {}
+
+
+def test_paired_screen_standard_error_is_that_of_the_full_evaluations_mean():
+    """Over many draws of a stage whose rewards follow the base's linearly, the estimate's error against the mean of
+    the full evaluation (which contains the screen) is one standard error on average: the finite-population
+    correction matters when the screen is half the full set (without it the errors come to 0.78 of the se)."""
+    import numpy as np
+
+    from raft_diffusion.core.common import paired_screen
+
+    rng = np.random.default_rng(1)
+    z = []
+    for _ in range(1500):
+        x = rng.normal(5.0, 2.0, size=(4, 8))  # the base's rewards, 4 prompts x 8 seeds
+        y = 0.4 * x + 4.0 + rng.normal(0, 0.8, size=x.shape)  # the stage's at the same slots
+        base = [{"prompt_index": p, "sample_index": k, "reward": float(x[p, k])} for p in range(4) for k in range(8)]
+        screen = [{"prompt_index": p, "sample_index": k, "reward": float(y[p, k])} for p in range(4) for k in range(4)]
+        out = paired_screen(screen, base)
+        z.append((out["screen_reward_estimate"] - y.mean()) / out["screen_reward_se"])
+    z = np.array(z)
+    assert abs(z.mean()) < 0.08
+    assert 0.92 < np.sqrt((z**2).mean()) < 1.08
 
 
 def test_a_paired_screen_decides_by_its_estimate():

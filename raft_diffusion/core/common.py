@@ -34,9 +34,11 @@ def paired_screen(screen: Sequence[Mapping], base: Sequence[Mapping]) -> dict:
     luckier or unluckier than the full set; the base's rewards there say by how much, and the stage's rewards
     follow the base's in part. So the screen's rewards ``y`` are regressed on the base's ``x`` at the same slots and
     the line is read at the base's full mean (a control variate): ``mean(y) + b (mean of all base rewards - mean(x))``,
-    ``b`` the least-squares slope. ``screen_reward_se`` is that prediction's standard error,
-    ``s sqrt(1/n + (full base mean - mean(x))^2 / sum (x - mean(x))^2)`` with ``s`` the residuals' std (n - 2
-    degrees of freedom). {} when fewer than 3 slots pair up or the base's rewards there do not vary."""
+    ``b`` the least-squares slope. ``screen_reward_se`` is the standard error of that estimate as a prediction of
+    the full evaluation's mean (at the base's N slots, which include the screen's n), ``s sqrt((1 - n/N)/n +
+    (full base mean - mean(x))^2 / sum (x - mean(x))^2)`` with ``s`` the residuals' std (n - 2 degrees of freedom):
+    the screened rewards are part of the full mean, so only the other N - n are predicted (a finite-population
+    correction, 1 - n/N). {} when fewer than 3 slots pair up or the base's rewards there do not vary."""
     by_slot = {(r["prompt_index"], r["sample_index"]): r["reward"] for r in base if finite(r.get("reward"))}
     pairs = [(by_slot[key], r["reward"]) for r in screen if finite(r.get("reward")) and (key := (r["prompt_index"], r["sample_index"])) in by_slot]
     n = len(pairs)
@@ -50,7 +52,7 @@ def paired_screen(screen: Sequence[Mapping], base: Sequence[Mapping]) -> dict:
         return {}
     slope = sum((x - mx) * (y - my) for x, y in pairs) / sxx
     resid = sum(((y - my) - slope * (x - mx)) ** 2 for x, y in pairs) / (n - 2)
-    se = math.sqrt(resid * (1 / n + (full - mx) ** 2 / sxx))
+    se = math.sqrt(resid * (max(0.0, 1 - n / len(by_slot)) / n + (full - mx) ** 2 / sxx))
     return {"screen_reward_estimate": my + slope * (full - mx), "screen_reward_se": se, "screen_base_slope": slope}
 
 
