@@ -149,7 +149,12 @@ def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
     assert (ma["loss_mean"], ma["num_negative_rows"]) == (mb["loss_mean"], mb["num_negative_rows"]) == (ma["loss_mean"], 4)
 
 
-@pytest.mark.parametrize("scales", [[], ["early_stop.lora_scales=[2,3]"]], ids=["as-trained", "lora-scales"])
+@pytest.mark.parametrize(
+    "scales",
+    # the scales' variant (38 s) is slow: the default run keeps the single-process scale tests (tests/test_lora_scales.py)
+    [[], pytest.param(["early_stop.lora_scales=[2,3]"], marks=pytest.mark.slow)],
+    ids=["as-trained", "lora-scales"],
+)
 def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path, scales):
     """eval.screen_per_prompt with early_stop.target_rise_sd: each process screens its share of the held-out seeds, the
     screens are gathered, so two processes screen, evaluate and stop where one does; with early_stop.lora_scales
