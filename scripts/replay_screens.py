@@ -34,26 +34,30 @@ DEFAULT_BAND = 2.0
 
 
 def load_stages(run: Path, per_prompt: int) -> tuple[list[dict], list[dict]]:
-    """(the run's metrics rows, one record per stage >= 1 evaluated in full: its row, its full evaluation's rows and
-    the screen's (the first ``per_prompt`` seeds of each prompt), its own CPU seconds and its evaluation's)."""
+    """(the run's metrics rows, one record per stage >= 1 evaluated in full: its row, its full evaluation's rows, the
+    screen's (the first ``per_prompt`` seeds of each prompt) and the screen's figures as the loop would have had them
+    (its mean, and its estimate paired with the base's evaluation), its own CPU seconds and its evaluation's)."""
     if not (run / "metrics.jsonl").is_file():
         raise UserError(f"{run}: no metrics.jsonl; name run directories (the --output-dir of raft-diffusion align)")
     rows = read_jsonl(run / "metrics.jsonl")
     by_stage = {r["stage"]: r for r in rows}
     if 0 not in by_stage or not (run / "stages" / "000" / "eval.jsonl").is_file():
         raise UserError(f"{run}: no base evaluation (stage 0's eval.jsonl); replay needs a run evaluated at every stage")
+    base_eval = read_jsonl(run / "stages" / "000" / "eval.jsonl")
     stages, prev = [], by_stage[0]
     for stage in sorted(s for s in by_stage if s >= 1):
         row, shot = by_stage[stage], run / "stages" / f"{stage:03d}" / "eval.jsonl"
         if "eval_reward_mean" not in row or not shot.is_file():
             raise UserError(f"{run}: stage {stage} was not evaluated in full; replay needs eval.every=1 (every stage evaluated)")
         full = read_jsonl(shot)
+        screen = [r for r in full if r["sample_index"] < per_prompt]
         eval_s = row["eval_seconds"] - prev["eval_seconds"]
         stages.append(
             {
                 "row": row,
                 "full": full,
-                "screen": [r for r in full if r["sample_index"] < per_prompt],
+                "screen": screen,
+                "figures": {**screen_metrics([r["reward"] for r in screen]), **paired_screen(screen, base_eval)},
                 "train_s": row["cpu_seconds"] - prev["cpu_seconds"] - eval_s,
                 "eval_s": eval_s,
             }
@@ -62,7 +66,7 @@ def load_stages(run: Path, per_prompt: int) -> tuple[list[dict], list[dict]]:
     return rows, stages
 
 
-def replay(rows: list[dict], stages: list[dict], base_eval: list[dict], stopper, band: float) -> dict:
+def replay(rows: list[dict], stages: list[dict], stopper, band: float) -> dict:
     """The stop of ``stopper`` (an :class:`~raft_diffusion.core.early_stop.EarlyStopper` with a target) at ``band``:
     {"end": delivered stage, "floor@S" or "none", "short": full evaluations that fell short, "cpu": CPU seconds}."""
     goal = stopper.target(rows)[0]
@@ -70,13 +74,11 @@ def replay(rows: list[dict], stages: list[dict], base_eval: list[dict], stopper,
     for st in stages:
         share = len(st["screen"]) / len(st["full"])
         cpu += st["train_s"] + share * st["eval_s"]
-        screen = {**screen_metrics([r["reward"] for r in st["screen"]]), **paired_screen(st["screen"], base_eval)}
-        est = stopper.screen_estimate(screen)
+        est = stopper.screen_estimate(st["figures"])
         if est is None or est[0] + band * est[1] < goal:
             continue
         cpu += (1 - share) * st["eval_s"]
-        seen = [r for r in rows if r["stage"] <= st["row"]["stage"]]
-        if not stopper.passes_floors(seen, st["row"]):
+        if not stopper.passes_floors(rows, st["row"]):  # the floors are ratios to the base's row
             return {"end": f"floor@{st['row']['stage']}", "short": short, "cpu": cpu}
         if st["row"][stopper.metric] >= goal:
             return {"end": str(st["row"]["stage"]), "short": short, "cpu": cpu}
@@ -88,8 +90,7 @@ def first_at_target(rows: list[dict], stages: list[dict], stopper) -> int | None
     """The first stage whose full evaluation reaches the target above the floors (what a perfect screen would stop at)."""
     goal = stopper.target(rows)[0]
     for st in stages:
-        seen = [r for r in rows if r["stage"] <= st["row"]["stage"]]
-        if st["row"][stopper.metric] >= goal and stopper.passes_floors(seen, st["row"]):
+        if st["row"][stopper.metric] >= goal and stopper.passes_floors(rows, st["row"]):
             return st["row"]["stage"]
     return None
 
@@ -120,10 +121,7 @@ def main(argv=None) -> int:
             raise UserError("the replayed preset needs early_stop.target_rise_sd and eval.screen_per_prompt: pass --config PRESET")
         if stopper.metric != "eval_reward_mean":
             raise UserError(f"screens estimate eval_reward_mean; the preset's early_stop.metric is {stopper.metric}")
-        data = {}
-        for run in runs:
-            rows, stages = load_stages(run, per_prompt)
-            data[run] = (rows, stages, read_jsonl(run / "stages" / "000" / "eval.jsonl"))
+        data = {run: load_stages(run, per_prompt) for run in runs}
     except (UserError, OSError, ValueError) as e:
         print(f"replay_screens: {e}", file=sys.stderr)
         return 2
@@ -132,14 +130,12 @@ def main(argv=None) -> int:
         f"replaying the stop of {args.config or runs[0] / 'config.yaml'}: target +{stopper.target_rise_sd:g} base sd, "
         f"screens of {per_prompt} seeds per prompt, its band {stopper.screen_band_se:g}"
     )
-    for run, (rows, stages, base_eval) in data.items():
+    for run, (rows, stages) in data.items():
         _, mean, std = stopper.target(rows)
         cells = []
         for st in stages:
-            screen = {**screen_metrics([r["reward"] for r in st["screen"]]), **paired_screen(st["screen"], base_eval)}
-            est, se = stopper.screen_estimate(screen)
-            seen = [r for r in rows if r["stage"] <= st["row"]["stage"]]
-            floor = "" if stopper.passes_floors(seen, st["row"]) else " (floor)"
+            est, se = stopper.screen_estimate(st["figures"])
+            floor = "" if stopper.passes_floors(rows, st["row"]) else " (floor)"
             cells.append(f"{st['row']['stage']}: {(st['row'][stopper.metric] - mean) / std:+.2f} ~{(est - mean) / std:+.2f}+-{se / std:.2f}{floor}")
         print(f"{run.name}: " + "; ".join(cells))
     print("(stage: full rise ~ screen estimate +- its standard error, in base sd)")
@@ -147,8 +143,8 @@ def main(argv=None) -> int:
     totals = {}
     for band in sorted(set([*bands, DEFAULT_BAND, stopper.screen_band_se])):
         cells, short, cpu, missed = [], 0, 0.0, 0
-        for rows, stages, base_eval in data.values():
-            out = replay(rows, stages, base_eval, stopper, band)
+        for rows, stages in data.values():
+            out = replay(rows, stages, stopper, band)
             first = first_at_target(rows, stages, stopper)
             missed += out["end"] != str(first) and first is not None
             short += out["short"]

@@ -40,10 +40,10 @@ def test_replay_reads_each_stages_screen_from_its_full_evaluation_and_sums_the_c
     by_hand = [r["cpu_seconds"] - q["cpu_seconds"] - (r["eval_seconds"] - q["eval_seconds"]) for q, r in zip(rows, rows[1:])]
     assert [st["train_s"] for st in stages] == pytest.approx(by_hand)
     # a band nothing reaches: every stage screened only (half its evaluation), none delivered
-    never = replay(rows, stages, base, stopper, -1e9)
+    never = replay(rows, stages, stopper, -1e9)
     assert never == {"end": "none", "short": 0, "cpu": pytest.approx(sum(st["train_s"] + st["eval_s"] / 2 for st in stages))}
     # a band everything reaches: each stage evaluated in full until the first at the target above the floors
-    always = replay(rows, stages, base, stopper, 1e9)
+    always = replay(rows, stages, stopper, 1e9)
     first = first_at_target(rows, stages, stopper)
     goal = stopper.target(rows)[0]
     reached = [st["row"]["stage"] for st in stages if st["row"]["eval_reward_mean"] >= goal]
@@ -54,7 +54,7 @@ def test_replay_reads_each_stages_screen_from_its_full_evaluation_and_sums_the_c
     # at the preset's own band, a stage is evaluated exactly when its paired estimate + band x se reaches the target
     est = paired_screen(stages[0]["screen"], base)
     called = est["screen_reward_estimate"] + stopper.screen_band_se * est["screen_reward_se"] >= goal
-    one = replay(rows, stages[:1], base, stopper, stopper.screen_band_se)
+    one = replay(rows, stages[:1], stopper, stopper.screen_band_se)
     assert one["cpu"] == pytest.approx(stages[0]["train_s"] + stages[0]["eval_s"] * (1 if called else 0.5))
 
 

@@ -426,7 +426,7 @@ def _screen_at(task: RaftTask, tally: Tally, run: RunDir, stage: int, per_prompt
 
 def _screen_scales(screen_at, scales, rows, row, stopper, dist) -> tuple[bool, float]:
     """``early_stop.lora_scales``: screen the stage with its LoRA at the largest scale first. When even that is more
-    than two standard errors short of the target, go on training (one screen, as without scales); when it is within
+    than ``early_stop.screen_band_se`` standard errors short of the target, go on training (one screen, as without scales); when it is within
     them but short, evaluate that scale in full. When it reaches the target, screen at 1 and the other scales in
     ascending order and pick the first whose estimate reaches it too (else the largest): the least extrapolation
     that may do. ``screen_at(scale)`` screens and returns the screen's figures. Returns (evaluate in full now, at
