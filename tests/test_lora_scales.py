@@ -104,10 +104,11 @@ def test_a_scaled_row_counts_for_the_target_above_the_floors_only_and_never_fire
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["early_stop.lora_scales=[0.8]"], "early_stop.lora_scales must be a list of scales above 1 in ascending order"),
-        (["early_stop.lora_scales=[1.6,1.3]"], "early_stop.lora_scales must be a list of scales above 1 in ascending order"),
-        (["early_stop.lora_scales=[]"], "early_stop.lora_scales must be a list of scales above 1"),
-        (["early_stop.lora_scales=1.5"], "early_stop.lora_scales must be a list of scales above 1"),
+        (["early_stop.lora_scales=[0.8]"], "early_stop.lora_scales must be a list of finite scales above 1 in ascending order"),
+        (["early_stop.lora_scales=[1.6,1.3]"], "early_stop.lora_scales must be a list of finite scales above 1 in ascending order"),
+        (["early_stop.lora_scales=[1.3,.inf]"], "early_stop.lora_scales must be a list of finite scales above 1"),
+        (["early_stop.lora_scales=[]"], "early_stop.lora_scales must be a list of finite scales above 1"),
+        (["early_stop.lora_scales=1.5"], "early_stop.lora_scales must be a list of finite scales above 1"),
         (["early_stop.lora_scales=[1.3]", "eval.screen_per_prompt=2"], "set early_stop.target_rise_sd (e.g. 1.0) and eval.screen_per_prompt"),
         (["early_stop.lora_scales=[1.3]", "early_stop.target_rise_sd=1"], "set early_stop.target_rise_sd (e.g. 1.0) and eval.screen_per_prompt"),
         (

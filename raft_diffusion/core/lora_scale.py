@@ -10,6 +10,7 @@ safetensors files it (and diffusers) save.
 from __future__ import annotations
 
 import contextlib
+import math
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -42,10 +43,10 @@ def check_lora_scales(cfg, need) -> None:
         or (
             isinstance(scales, list)
             and scales
-            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and x > 1 for x in scales)
+            and all(isinstance(x, (int, float)) and not isinstance(x, bool) and 1 < x < math.inf for x in scales)
             and all(a < b for a, b in zip(scales, scales[1:]))
         ),
-        f"early_stop.lora_scales must be a list of scales above 1 in ascending order, e.g. [1.3, 1.6], or null (got {scales!r})",
+        f"early_stop.lora_scales must be a list of finite scales above 1 in ascending order, e.g. [1.3, 1.6], or null (got {scales!r})",
     )
     need(
         not scales or (es.target_rise_sd is not None and getattr(cfg.eval, "screen_per_prompt", 0)),
