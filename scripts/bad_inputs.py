@@ -35,11 +35,12 @@ def inf_reward(images, prompts, **kwargs):
     return torch.full((len(images),), float("inf"))
 """
 
-# The process is made to see a full disk: creating or writing anything under the run directory fails with ENOSPC
-# (a script cannot fill a real disk safely on a shared machine).
+# The process is made to see a full disk: creating or writing anything in the scratch folder that holds the run
+# directory fails with ENOSPC (a script cannot fill a real disk safely on a shared machine; a full disk refuses a new
+# file in any of its folders, so the run directory's parent is full too).
 DISK_FULL = """
 import errno, os, pathlib, runpy, sys
-run = os.path.abspath(sys.argv[sys.argv.index("--output-dir") + 1])
+run = os.path.dirname(os.path.abspath(sys.argv[sys.argv.index("--output-dir") + 1]))
 def inside(p):
     return os.path.abspath(os.fspath(p)).startswith(run)
 def no_space(p):
@@ -97,7 +98,7 @@ CASES = [
     Case("read_only_output", "--output-dir READ_ONLY_DIR", setup=_read_only_run)
     if not AS_ROOT
     else Case("read_only_output", f"--output-dir {READ_ONLY_MOUNT} (read-only mount)", ["--output-dir", str(READ_ONLY_MOUNT)]),
-    Case("disk_full", "full disk (simulated: every run-directory write fails with ENOSPC)", python_code=DISK_FULL),
+    Case("disk_full", "full disk (simulated: every write in the run directory's folder fails with ENOSPC)", python_code=DISK_FULL),
     Case("huge_allocation", "sampling.height=1048576 sampling.width=1048576", ["sampling.height=1048576", "sampling.width=1048576"]),
     Case("inf_reward", "reward.name=inf_reward.py:inf_reward (returns +inf)", ["reward.name=DIR/inf_reward.py:inf_reward"], _inf_reward),
     Case("bad_yaml", "--config with a YAML syntax error", config="bad.yaml", setup=_bad_yaml),

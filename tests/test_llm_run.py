@@ -161,6 +161,36 @@ def test_reward_with_no_scores_fails_clearly(tmp_path):
         run(cfg, tmp_path, reward=lambda prompts, completions, **kw: [None] * len(completions))
 
 
+def test_rewards_probed_before_anything_is_generated():
+    """The reward and the gold reward score two short completions when the task loads: an infinite score or the wrong
+    number of scores fails there, before the base's evaluation; no score (None) passes the probe."""
+    from raft_diffusion.llm.task import LLMTask
+    from reward_models.errors import RewardOutputError
+
+    cfg = small_cfg("num_stages=1")
+    seen = []
+
+    def reward(value, n=None):
+        def score(prompts, completions, **kw):
+            seen.append((list(prompts), list(completions)))
+            return [value] * (n or len(completions))
+
+        return score
+
+    with pytest.raises(RewardOutputError, match="returned inf for 2 of 2 completions"):
+        LLMTask(cfg, reward=reward(float("inf")))
+    assert seen == [([cfg_prompts(cfg.prompts.train)[0], cfg_prompts(cfg.prompts.eval)[0]], ["", "Yes."])]
+    with pytest.raises(RewardOutputError, match="returned 3 scores for 2 completions"):
+        LLMTask(cfg, gold_reward=reward(1.0, n=3))
+    LLMTask(cfg, reward=reward(None))
+
+
+def cfg_prompts(spec):
+    from raft_diffusion.llm.prompts import load_prompts
+
+    return load_prompts(spec)
+
+
 def test_filters_that_discard_everything_fail_clearly(tmp_path):
     cfg = small_cfg("num_stages=1", "filters.min_tokens=100", "eval.every=0", "prompts.per_stage=2")
     with pytest.raises(UserError, match="the discard rules discarded all 16 completions of stage 1 .*shorter than 100 tokens"):

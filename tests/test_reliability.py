@@ -448,3 +448,60 @@ def test_llm_missing_model_folder_says_so(tmp_path, capsys):
         "error: tokenizer folder not found: /nonexistent/typo;"
     ), err
     assert "Repo id" not in err and not out.exists()
+
+
+def test_reward_probed_before_the_model_loads(tmp_path):
+    """The reward scores two grey images of the configured size before the pipeline is looked at: an infinite score or
+    the wrong number of scores fails there (model.pretrained names no folder, so a later check would say so instead),
+    and no score (NaN) passes the probe."""
+    from raft_diffusion.diffusion.config import load_config
+    from raft_diffusion.diffusion.task import DiffusionTask
+    from reward_models.errors import RewardOutputError
+    from reward_models.registry import LoadedReward
+
+    cfg = load_config(
+        ROOT / "configs" / "tiny.yaml",
+        [f"model.pretrained={tmp_path / 'no-model'}", "eval.clip_model=null", "sampling.height=32", "sampling.width=40"],
+    )
+    seen = []
+
+    def reward(value, n=None):
+        def score(images, prompts, **kwargs):
+            seen.append((tuple(images.shape), float(images.min()), float(images.max()), list(prompts)))
+            return torch.full((n or len(images),), value)
+
+        return LoadedReward("probe", score, "image")
+
+    with pytest.raises(RewardOutputError, match="returned inf for 2 of 2 images"):
+        DiffusionTask(cfg, reward=reward(float("inf")))
+    assert seen == [((2, 3, 32, 40), 0.5, 0.5, [cfg_prompt(cfg.prompts.train), cfg_prompt(cfg.prompts.eval)])]
+    with pytest.raises(RewardOutputError, match="for a batch of 2"):
+        DiffusionTask(cfg, reward=reward(1.0, n=3))
+    with pytest.raises(UserError, match="no-model"):  # NaN is a valid answer: the probe passes, the missing model fails
+        DiffusionTask(cfg, reward=reward(float("nan")))
+
+
+def cfg_prompt(spec):
+    from raft_diffusion.diffusion.prompts import load_prompts
+
+    return load_prompts(spec)[0]
+
+
+def test_output_dir_write_probe(tmp_path, monkeypatch):
+    """--output-dir is written to before anything loads (a 4 KiB file, removed): nothing is left behind, a missing run
+    folder is not created, and a full disk is one line naming the folder."""
+    from raft_diffusion.core.rundir import check_output_dir
+
+    (tmp_path / "keep.txt").write_text("x")
+    check_output_dir(tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    real_write = os.write
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(UserError, match=rf"--output-dir {tmp_path}/run cannot be written: the disk holding {tmp_path} is full; free some space"):
+        check_output_dir(tmp_path / "run")
+    monkeypatch.setattr(os, "write", real_write)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]

@@ -12,6 +12,7 @@ folders get the permissions a plain write would give (the umask's), temporary fi
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -186,6 +187,28 @@ def check_output_dir(root: Path) -> None:
         raise UserError(
             f"--output-dir {root} cannot be written: {existing} is read-only for this user; choose another --output-dir or fix its permissions"
         )
+    if existing.is_dir():
+        _probe_write(existing, root)
+
+
+def _probe_write(folder: Path, root: Path) -> None:
+    """Write and remove a 4 KiB file in ``folder`` (the run directory, or the nearest folder above it that exists), so
+    that a full disk or a read-only file system is reported before any model loads. Nothing is left behind."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".raft-write-probe-", dir=folder)
+        try:
+            os.write(fd, bytes(4096))
+        finally:
+            os.close(fd)
+            os.unlink(name)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            raise UserError(
+                f"--output-dir {root} cannot be written: the disk holding {folder} is full; free some space or choose another --output-dir"
+            ) from None
+        raise UserError(
+            f"--output-dir {root} cannot be written: {e.strerror} in {folder}; choose another --output-dir or fix its permissions"
+        ) from None
 
 
 class RunDir:

@@ -115,6 +115,7 @@ class DiffusionTask:
             else None
         )
         self._prompt_text = None
+        self._probe_reward(score_device)
         # 2. The pipeline, frozen but for what fine-tuning trains.
         self.family = detect_family(cfg.model.pretrained, cfg.model.family)
         self.legacy = self.family.name == "sd"  # SD 1.x/2.x: the original generate/finetune path
@@ -176,6 +177,24 @@ class DiffusionTask:
             self.family.add_lora(self.denoiser, rank=t.lora_rank, alpha=t.lora_alpha, dropout=t.lora_dropout, targets=targets, init_seed=init_seed)
         if self.dist.is_main:
             print(f"training: {_training_layout(t, self.dist.world_size)}", flush=True)
+
+    def _probe_reward(self, device) -> None:
+        """Score two plain grey images before the pipeline loads and anything is sampled, so that a reward that fails
+        (an infinite score, the wrong number of scores, a wrong signature) says so in seconds, not after the base's
+        evaluation. The images are on the device the reward scores on now. NaN or None (no score) is a valid answer here;
+        the probe's scores are not used."""
+        from reward_models.checks import check_reward_output
+        from reward_models.registry import LoadedReward
+
+        s = self.cfg.sampling
+        images = torch.full((2, 3, s.height or 512, s.width or 512), 0.5, device=device)
+        prompts = [self.train_prompts[0], self.eval_prompts[0]]
+        if isinstance(self.reward, LoadedReward):  # its checks, but no score for both grey images is an answer here
+            with torch.no_grad():
+                out = check_reward_output(self.reward.name, self.reward.fn(images, prompts), len(prompts), allow_all_nan=True)
+        else:
+            out = self.reward(images, prompts)
+        as_rewards(self.reward_name, out, len(prompts))
 
     # -- generation ----------------------------------------------------------------------------
     def _encode(self, prompts: list[str], do_cfg: bool):

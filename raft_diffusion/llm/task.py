@@ -103,6 +103,7 @@ class LLMTask:
             self.reward, self.reward_name = load_text_reward(cfg.reward, self.device), reward_label(cfg.reward)
         gold_spec = cfg.eval.gold_reward
         self.gold = wrap_callable(gold_reward) if gold_reward is not None else (load_text_reward(gold_spec, self.device) if gold_spec else None)
+        self._probe_rewards()
         # 4. What fine-tuning trains; where base log-probs come from.
         if t.method == "lora":
             self.model = add_lora(
@@ -311,6 +312,18 @@ class LLMTask:
         self.model.eval()
 
     # -- evaluation ----------------------------------------------------------------------------
+    def _probe_rewards(self) -> None:
+        """Score two short completions with the reward (and ``eval.gold_reward``) before anything is generated, so that a
+        reward that fails (an infinite score, the wrong number of scores, a wrong signature) says so in seconds, not after
+        the base's evaluation. No score (None) is a valid answer here; the probe's scores are not used."""
+        from reward_models.checks import check_text_reward_output
+
+        prompts, completions = [self.train_prompts[0], self.eval_prompts[0]], ["", "Yes."]
+        for reward in (self.reward, self.gold):
+            if reward is not None:
+                with torch.no_grad():
+                    check_text_reward_output(reward.name, reward.fn(prompts, completions), len(completions), allow_all_nan=True)
+
     def _call(self, reward, prompts, completions) -> list[float]:
         out = []
         bs = max(1, self.cfg.sampling.batch_size)
