@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
-DEMO_CONFIG ?= configs/toy_aesthetic.yaml
+DEMO_CONFIG ?= configs/toy_aesthetic_fast.yaml
 DEMO_DIR ?= runs/demo
 
 .PHONY: demo test bench install clean

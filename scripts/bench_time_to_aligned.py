@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Time to aligned: the CPU seconds a demo run takes to deliver a final/ that meets the toy world's four bars.
 
-    python scripts/bench_time_to_aligned.py [--config configs/toy_aesthetic.yaml] [--run-dir DIR] [key=value ...]
+    python scripts/bench_time_to_aligned.py [--config configs/toy_aesthetic_fast.yaml] [--run-dir DIR] [key=value ...]
     python scripts/bench_time_to_aligned.py --baseline configs/toy_aesthetic_v1.yaml [seed=1]   # side by side
-    python scripts/bench_time_to_aligned.py --config configs/toy_aesthetic_fast.yaml --baseline configs/toy_aesthetic_v1.yaml --together
+    python scripts/bench_time_to_aligned.py --baseline configs/toy_aesthetic_v1.yaml --together seed=2
+
+The default preset is the demo's (``make demo``): ``configs/toy_aesthetic_fast.yaml``. ``configs/toy_aesthetic.yaml``
+is the six-stage demo before it, ``configs/toy_aesthetic_v1.yaml`` the eight-stage one before that.
 
 Runs ``raft-diffusion align`` in a child process with one thread (OMP/MKL_NUM_THREADS=1) and prints per stage,
 from ``metrics.jsonl``: process CPU seconds since the run's process started (start-up included), images sampled
@@ -98,7 +101,7 @@ def report(run: Path, measured: tuple[int, float, int] | None) -> float | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic_fast.yaml"), help="default: the demo's preset")
     ap.add_argument("--run-dir", default=None, help="default: a fresh runs/time_to_aligned (a finished run there is measured as it is)")
     ap.add_argument(
         "--baseline",

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Benchmark a RAFT run on the toy world: one table of base, each stage, and base best-of-K.
 
-    python scripts/bench_toyworld.py [--config configs/toy_aesthetic.yaml] [--run-dir runs/toy_aesthetic]
+    python scripts/bench_toyworld.py [--config configs/toy_aesthetic_fast.yaml] [--run-dir runs/toy_aesthetic_fast]
 
 Runs ``raft-diffusion align`` first when the run directory has no finished run. Every figure is measured on the
 run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``stages/NNN/eval``):
@@ -171,7 +171,7 @@ def delivered(run: Path, out: list[dict]) -> dict | None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic_fast.yaml"), help="default: the demo's preset")
     ap.add_argument("--run-dir", default=None, help="default: runs/<config name>")
     ap.add_argument("--best-of-k", type=int, default=8, help="K of the base best-of-K row (0 skips it)")
     ap.add_argument("--json", default=None, help="also write the table as JSON")
