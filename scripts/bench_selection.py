@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """What selection alone can reach on the toy world: plain top-n against spread-out picks (ranking.diversity_weight).
 
-    python scripts/bench_selection.py [--config configs/toy_aesthetic.yaml] [--pool 64] [--keep 4 8 16]
+    python scripts/bench_selection.py [--config configs/toy_aesthetic_fast.yaml] [--pool 64] [--keep 4 8 16]
                                       [--weights 2 4 6]
 
 Samples ``--pool`` images per held-out prompt from the base model (fresh seeds), scores them with the config's
@@ -35,7 +35,7 @@ from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics  # noqa: E40
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "configs" / "toy_aesthetic_fast.yaml"), help="default: the demo's preset")
     ap.add_argument("--pool", type=int, default=64, help="base samples per held-out prompt")
     ap.add_argument("--keep", type=int, nargs="+", default=[4, 8, 16], help="samples picked per prompt")
     ap.add_argument("--weights", type=float, nargs="+", default=[2.0, 4.0, 6.0], help="diversity weights tried")
