@@ -27,8 +27,8 @@ RESUME_HINT = "the run directory keeps every completed stage: rerun the same com
 
 # errno -> what to do about it (the message adds the path and the system's wording)
 _OS_ADVICE = {
-    errno.ENOSPC: "the disk is full: free some space (or choose another --output-dir); " + RESUME_HINT,
-    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another --output-dir); " + RESUME_HINT,
+    errno.ENOSPC: "the disk is full: free some space (or choose another --output-dir)",
+    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another --output-dir)",
     errno.EACCES: "permission denied: fix the permissions, or choose an --output-dir you can write to",
     errno.EPERM: "operation not permitted: fix the permissions, or choose an --output-dir you can write to",
     errno.EROFS: "the file system is read-only: choose an --output-dir on a writable disk",
@@ -36,6 +36,16 @@ _OS_ADVICE = {
     errno.EEXIST: "a file is in the way: choose another --output-dir (or move the file away)",
     errno.EISDIR: "a folder is where a file should be: choose another path (or move the folder away)",
 }
+_RESUMABLE = {errno.ENOSPC, errno.EDQUOT}  # a run stopped by these resumes once there is room
+
+
+def os_advice(code: int | None, *, resume: bool = True) -> str | None:
+    """What to do about an OSError with this errno, or None when there is no advice for it. With ``resume`` (a run
+    that has started) a full disk's advice adds that the completed stages are kept and the command resumes."""
+    advice = _OS_ADVICE.get(code)
+    if advice is not None and resume and code in _RESUMABLE:
+        advice = f"{advice}; {RESUME_HINT}"
+    return advice
 
 
 def environment_error(e: BaseException) -> str | None:
@@ -63,10 +73,10 @@ def _environment_error(e: BaseException) -> str | None:
         )
     if isinstance(e, OSError) and e.errno in _OS_ADVICE:
         where = f" ({e.filename})" if e.filename else ""
-        return f"{e.strerror or type(e).__name__}{where}: {_OS_ADVICE[e.errno]}"
+        return f"{e.strerror or type(e).__name__}{where}: {os_advice(e.errno)}"
     text = str(e)
     if "No space left on device" in text or "os error 28" in text:  # wrapped by a Rust or C++ writer
-        return f"No space left on device: {_OS_ADVICE[errno.ENOSPC]}"
+        return f"No space left on device: {os_advice(errno.ENOSPC)}"
     return None
 
 

@@ -12,7 +12,6 @@ folders get the permissions a plain write would give (the umask's), temporary fi
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -28,7 +27,7 @@ from typing import Any
 import yaml
 
 from . import faults
-from .errors import UserError
+from .errors import UserError, os_advice
 
 log = logging.getLogger("raft")
 
@@ -202,13 +201,8 @@ def _probe_write(folder: Path, root: Path) -> None:
             os.close(fd)
             os.unlink(name)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-            raise UserError(
-                f"--output-dir {root} cannot be written: the disk holding {folder} is full; free some space or choose another --output-dir"
-            ) from None
-        raise UserError(
-            f"--output-dir {root} cannot be written: {e.strerror} in {folder}; choose another --output-dir or fix its permissions"
-        ) from None
+        advice = os_advice(e.errno, resume=False) or "choose another --output-dir or fix its permissions"  # nothing to resume yet
+        raise UserError(f"--output-dir {root} cannot be written: {e.strerror} in {folder}; {advice}") from None
 
 
 class RunDir:
