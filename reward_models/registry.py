@@ -144,6 +144,15 @@ class LoadedReward:
         self.kind = kind
 
     def __call__(self, *args, **kwargs):
+        return self._checked(args, kwargs, allow_all_nan=False)
+
+    def probe(self, *args, **kwargs):
+        """Called as the reward is, with every check but one: no score for the whole batch (all NaN or None) is a valid
+        answer. For a start-up probe on placeholder inputs (grey images, short completions), which a reward may fairly
+        decline to score."""
+        return self._checked(args, kwargs, allow_all_nan=True)
+
+    def _checked(self, args: tuple, kwargs: dict, *, allow_all_nan: bool):
         first = args[0] if args else kwargs.get("images", kwargs.get("prompts"))
         kind = self.kind or ("image" if isinstance(first, torch.Tensor) or "images" in kwargs else "text")
         if kind == "image":
@@ -151,13 +160,13 @@ class LoadedReward:
             check_images(self.name, images)
             with torch.no_grad():  # rewards rank samples; nothing is ever differentiated through them
                 out = self.fn(*args, **kwargs)
-            return check_reward_output(self.name, out, int(images.shape[0]))
+            return check_reward_output(self.name, out, int(images.shape[0]), allow_all_nan=allow_all_nan)
         completions = args[1] if len(args) > 1 else kwargs.get("completions")
         if completions is None:
             raise RewardError(f"text reward '{self.name}' must be called as reward(prompts, completions, **kwargs)")
         with torch.no_grad():
             out = self.fn(*args, **kwargs)
-        return check_text_reward_output(self.name, out, len(completions))
+        return check_text_reward_output(self.name, out, len(completions), allow_all_nan=allow_all_nan)
 
     def __getattr__(self, item):
         if item in ("fn", "name", "kind", "__name__") or item.startswith("__"):

@@ -40,9 +40,9 @@ def inf_reward(images, prompts, **kwargs):
 # file in any of its folders, so the run directory's parent is full too).
 DISK_FULL = """
 import errno, os, pathlib, runpy, sys
-run = os.path.dirname(os.path.abspath(sys.argv[sys.argv.index("--output-dir") + 1]))
+folder = os.path.dirname(os.path.abspath(sys.argv[sys.argv.index("--output-dir") + 1]))  # the run directory's
 def inside(p):
-    return os.path.abspath(os.fspath(p)).startswith(run)
+    return os.path.abspath(os.fspath(p)).startswith(folder)
 def no_space(p):
     raise OSError(errno.ENOSPC, "No space left on device", os.fspath(p))
 real_mkdir, real_open = os.mkdir, os.open

@@ -543,3 +543,26 @@ def test_brightness_region_scores_only_its_box():
     assert whole.tolist() == pytest.approx([0.25, 0.25], abs=1e-6)
     with pytest.raises(RewardConfigError, match="region"):
         load_reward("brightness", device="cpu", region=[0.5, 0.5, 0.2, 0.9])
+
+
+def test_loaded_reward_probe_accepts_no_score_and_keeps_every_other_check():
+    """LoadedReward.probe runs the reward as a call does, except that no score for the whole batch is an answer (the
+    start-up probes score placeholder inputs); an infinite score, a wrong count or a bad image still fails."""
+    from reward_models.errors import RewardError, RewardOutputError
+    from reward_models.registry import LoadedReward
+
+    images = torch.full((2, 3, 8, 8), 0.5)
+    nan = LoadedReward("nan", lambda im, pr: torch.full((len(im),), float("nan")), "image")
+    with pytest.raises(RewardOutputError, match="returned NaN for all 2 samples"):
+        nan(images, ["a", "b"])
+    assert torch.isnan(nan.probe(images, ["a", "b"])).all()
+    with pytest.raises(RewardOutputError, match="returned inf"):
+        LoadedReward("inf", lambda im, pr: torch.full((len(im),), float("inf")), "image").probe(images, ["a", "b"])
+    with pytest.raises(RewardOutputError, match="for a batch of 2"):
+        LoadedReward("three", lambda im, pr: torch.zeros(3), "image").probe(images, ["a", "b"])
+    with pytest.raises(RewardError):
+        nan.probe(torch.full((2, 8, 8), 0.5), ["a", "b"])  # not [B, 3, H, W]: check_images still runs
+    text = LoadedReward("none", lambda pr, co: [None] * len(co), "text")
+    with pytest.raises(RewardOutputError):
+        text(["p", "q"], ["", "Yes."])
+    assert text.probe(["p", "q"], ["", "Yes."]) == [None, None]

@@ -183,18 +183,14 @@ class DiffusionTask:
         (an infinite score, the wrong number of scores, a wrong signature) says so in seconds, not after the base's
         evaluation. The images are on the device the reward scores on now. NaN or None (no score) is a valid answer here;
         the probe's scores are not used."""
-        from reward_models.checks import check_reward_output
         from reward_models.registry import LoadedReward
 
         s = self.cfg.sampling
         images = torch.full((2, 3, s.height or 512, s.width or 512), 0.5, device=device)
         prompts = [self.train_prompts[0], self.eval_prompts[0]]
-        if isinstance(self.reward, LoadedReward):  # its checks, but no score for both grey images is an answer here
-            with torch.no_grad():
-                out = check_reward_output(self.reward.name, self.reward.fn(images, prompts), len(prompts), allow_all_nan=True)
-        else:
-            out = self.reward(images, prompts)
-        as_rewards(self.reward_name, out, len(prompts))
+        # a LoadedReward's own checks, except that no score for both grey images is an answer here
+        score = self.reward.probe if isinstance(self.reward, LoadedReward) else self.reward
+        as_rewards(self.reward_name, score(images, prompts), len(prompts))
 
     # -- generation ----------------------------------------------------------------------------
     def _encode(self, prompts: list[str], do_cfg: bool):

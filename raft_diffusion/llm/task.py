@@ -135,13 +135,10 @@ class LLMTask:
         """Score two short completions with the reward (and ``eval.gold_reward``) before anything is generated, so that a
         reward that fails (an infinite score, the wrong number of scores, a wrong signature) says so in seconds, not after
         the base's evaluation. No score (None) is a valid answer here; the probe's scores are not used."""
-        from reward_models.checks import check_text_reward_output
-
         prompts, completions = [self.train_prompts[0], self.eval_prompts[0]], ["", "Yes."]
         for reward in (self.reward, self.gold):
             if reward is not None:
-                with torch.no_grad():
-                    check_text_reward_output(reward.name, reward.fn(prompts, completions), len(completions), allow_all_nan=True)
+                reward.probe(prompts, completions)
 
     @contextmanager
     def base_model(self):
