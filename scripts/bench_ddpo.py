@@ -42,7 +42,6 @@ import argparse
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -51,15 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+from raft_diffusion.core.clock import process_cpu_seconds  # noqa: E402
+from raft_diffusion.core.rundir import read_jsonl  # noqa: E402
+
 EPOCH_IMAGES = 32  # DDPO: 2 sampling batches of 16 an epoch
 FLOORS_OFF = ["eval.every=1", "early_stop.min_diversity_ratio=null", "early_stop.min_fidelity_ratio=null",
               "early_stop.patience=null", "eval.fallback=false"]  # fmt: skip
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 
 
 def save_unet_lora(unet, out_dir: Path) -> Path:
@@ -141,8 +137,12 @@ def ddpo_worker(spec: dict) -> None:
     def prompt_fn():
         return rng.choice(prompts), {}
 
+    rewards = []  # every sample's, for the pool mean logged at each save
+
     def reward_fn(images, batch_prompts, _metadata):
-        return torch.as_tensor(reward(images.float().clamp(0, 1), list(batch_prompts)), dtype=torch.float32), {}
+        scores = torch.as_tensor(reward(images.float().clamp(0, 1), list(batch_prompts)), dtype=torch.float32)
+        rewards.extend(scores.tolist())
+        return scores, {}
 
     config = DDPOConfig(
         num_epochs=spec["epochs"], seed=spec["seed"], mixed_precision="no", log_with=None, save_freq=10**9,
@@ -153,23 +153,14 @@ def ddpo_worker(spec: dict) -> None:
         per_prompt_stat_tracking_min_count=16, project_kwargs={"project_dir": str(out / "trl")},
     )  # fmt: skip
     trainer = DDPOTrainer(config, reward_fn, prompt_fn, pipe)
-    start = cpu_seconds()
-    rewards = []
-    original_reward_fn = trainer.reward_fn
-
-    def logged_reward_fn(*args):
-        r, meta = original_reward_fn(*args)
-        rewards.extend(r.tolist())
-        return r, meta
-
-    trainer.reward_fn = logged_reward_fn
+    start = process_cpu_seconds()
     step = 0
     with (out / "checkpoints.jsonl").open("a") as log:
         for epoch in range(spec["epochs"]):
             step = trainer.step(epoch, step)
             images = (epoch + 1) * EPOCH_IMAGES
             if images % spec["every"] == 0 or epoch == spec["epochs"] - 1:
-                cpu = cpu_seconds() - start
+                cpu = process_cpu_seconds() - start
                 ck = save_unet_lora(pipe.sd_pipeline.unet, out / f"ckpt_{images:05d}")
                 recent = rewards[-spec["every"] :]
                 row = {"images": images, "cpu_seconds": round(cpu, 1), "dir": ck.name,
@@ -183,7 +174,7 @@ def ddpo_worker(spec: dict) -> None:
 def run_ddpo(args, cfg, out: Path) -> list[dict]:
     """DDPO's checkpoints (from ``out/checkpoints.jsonl``), training them first unless the log is complete."""
     log = out / "checkpoints.jsonl"
-    done = [json.loads(x) for x in log.read_text().splitlines()] if log.is_file() else []
+    done = read_jsonl(log)
     if not done or done[-1]["images"] < args.ddpo_images:
         if done:
             raise SystemExit(f"error: {out} holds an unfinished DDPO run ({done[-1]['images']} images): remove it or "
@@ -202,7 +193,7 @@ def run_ddpo(args, cfg, out: Path) -> list[dict]:
         if proc.returncode:
             raise SystemExit(f"error: the DDPO side exited with {proc.returncode} (is trl 0.23 installed for "
                              f"{args.ddpo_python}? see this script's docstring)")  # fmt: skip
-        done = [json.loads(x) for x in log.read_text().splitlines()]
+        done = read_jsonl(log)
     return [c for c in done if c["images"] <= args.ddpo_images]  # a longer run's first saves serve a shorter bench
 
 
@@ -242,9 +233,8 @@ def evaluate_ddpo(raft_run: Path, ddpo: Path, checkpoints: list[dict]) -> Path:
 def raft_path(run: Path) -> list[dict]:
     """Per stage of a finished RAFT run: the images sampled so far and the CPU seconds so far without the held-out
     evaluations (``cpu_seconds`` less ``eval_seconds``, both cumulative in ``metrics.jsonl``)."""
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     sampled, out = 0, []
-    for r in rows:
+    for r in read_jsonl(run / "metrics.jsonl"):
         sampled += r.get("num_generated", 0)
         if r["stage"] > 0:
             out.append({"stage": r["stage"], "sampled": sampled, "cpu": r["cpu_seconds"] - r.get("eval_seconds", 0.0)})
