@@ -1,5 +1,6 @@
 """Issue 24's options: train.negative_advantage_scale (negatives weighted by how far below their prompt's pool mean
-they are), checked against references worked by hand."""
+they are) and train.advantage_weights (kept samples and negatives weighted by their rewards' standard scores within
+their prompts' pools), checked against references worked by hand."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.pool import StreamingPool
-from raft_diffusion.core.ranking import negative_weights
+from raft_diffusion.core.ranking import advantage_weights, negative_weights
 from raft_diffusion.core.types import Sample
 from raft_diffusion.diffusion.finetune import add_lora, train_unet
 from raft_diffusion.diffusion.generate import encode_prompts
@@ -42,6 +43,21 @@ def test_pool_gives_each_negative_its_prompts_pool_mean():
     assert [(s.prompt_index, s.sample_index) for s in kept] == [(0, 3), (1, 1)]
     assert [(s.prompt_index, s.sample_index, s.extras["pool_mean"]) for s in negatives] == [(0, 1, 4.0), (0, 2, 4.0), (1, 0, 4.0)]
     assert negative_weights([s.reward for s in negatives], [s.extras["pool_mean"] for s in negatives], 2.0) == [1.5, 0.5, 1.0]
+    # population sd: prompt 0 (5, 1, 3, 7) -> sqrt((1 + 9 + 1 + 9) / 4) = sqrt(5); prompt 1 (2, 6) -> 2
+    stamped = [(s.prompt_index, s.sample_index, s.extras["pool_mean"], s.extras["pool_sd"]) for s in kept + negatives]
+    assert stamped == [(0, 3, 4.0, math.sqrt(5)), (1, 1, 4.0, 2.0), (0, 1, 4.0, math.sqrt(5)), (0, 2, 4.0, math.sqrt(5)), (1, 0, 4.0, 2.0)]
+    assert "pool_mean" not in samples[0].extras  # neither kept nor a negative
+
+
+def test_advantage_weights_by_hand():
+    """max(0, sign (r - m) / s): kept 7 in a pool of mean 4, sd 2 -> 1.5; kept 3 below the mean -> 0; a negative 1
+    -> 1.5; a negative above its mean -> 0; a pool of one reward (sd 0) -> 0."""
+    assert advantage_weights([7.0, 3.0, 5.0], [4.0, 4.0, 5.0], [2.0, 2.0, 0.0], 1) == [1.5, 0.0, 0.0]
+    assert advantage_weights([1.0, 6.0], [4.0, 4.0], [2.0, 2.0], -1) == [1.5, 0.0]
+    with pytest.raises(ValueError, match="NaN"):
+        advantage_weights([1.0], [math.nan], [1.0], 1)
+    with pytest.raises(ValueError, match="sign"):
+        advantage_weights([1.0], [1.0], [1.0], 0)
 
 
 @pytest.fixture(scope="module")
@@ -140,6 +156,45 @@ def test_task_hands_the_advantage_weights_to_training(monkeypatch):
         got.clear()
         task_mod.DiffusionTask.finetune(fake, 1, kept, negatives=negatives)
         assert (got["negative_sample_weights"].tolist() if want else got.get("negative_sample_weights")) == want
+
+
+def test_task_hands_standard_scores_to_training(monkeypatch):
+    """train.advantage_weights: kept rewards 5 and 6 in pools of mean 4 and 3, sd 2 and 1.5 -> weights 0.5 and 2;
+    negatives -1 and 3 (means 1 and 4, sd 4 and 0.5) -> 0.5 and 2."""
+    from raft_diffusion.diffusion import task as task_mod
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    got = {}
+    monkeypatch.setattr(task_mod.ft, "train_unet", lambda pipe, latents, embeds, **kw: got.update(kw) or {})
+
+    def sample(p, j, r, mean, sd):
+        s = Sample(prompt_index=p, sample_index=j, seed=j, reward=r, payload={"latents": torch.full((4, 2, 2), float(j))})
+        s.extras.update(pool_mean=mean, pool_sd=sd)
+        return s
+
+    kept, negatives = [sample(0, 0, 5.0, 4.0, 2.0), sample(1, 1, 6.0, 3.0, 1.5)], [sample(1, 3, -1.0, 1.0, 4.0), sample(0, 4, 3.0, 4.0, 0.5)]
+    embeds = torch.arange(2 * 3 * 5, dtype=torch.float32).view(2, 3, 5)
+    cfg = config_from_dict({}, ["ranking.negative_k=2", "train.advantage_weights=true"])
+    fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), legacy=True, train_embeds=(embeds, None), pipe=None, empty_embeds=None, dist=None)
+    task_mod.DiffusionTask.finetune(fake, 1, kept, negatives=negatives)
+    assert got["sample_weights"].tolist() == [0.5, 2.0]
+    assert got["negative_sample_weights"].tolist() == [0.5, 2.0]
+
+
+@pytest.mark.parametrize(
+    ("over", "match"),
+    (
+        (["train.advantage_weights=true"], "needs ranking.negative_k > 0"),
+        (["ranking.negative_k=2", "ranking.replay_top_k=1", "train.advantage_weights=true"], "replay_top_k 0"),
+        (["ranking.negative_k=2", "train.advantage_weights=true", "train.reward_weight_temperature=0.5"], "replaces"),
+        (["ranking.negative_k=2", "train.advantage_weights=true", "train.negative_advantage_scale=1"], "replaces"),
+    ),
+)
+def test_bad_advantage_weights(over, match):
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({}, over)
 
 
 @pytest.mark.parametrize("over", (["train.negative_advantage_scale=1.0"], ["ranking.negative_k=3", "train.negative_advantage_scale=0"]))

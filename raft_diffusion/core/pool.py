@@ -14,6 +14,7 @@ lowest-keyed samples, of which :meth:`StreamingPool.negatives` returns the ``m``
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable
 
 from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, stage_threshold, uses_embeddings
@@ -100,14 +101,11 @@ class StreamingPool:
     def negatives(self) -> list[Sample]:
         """``ranking.negative_k``: per prompt (in increasing order) its ``m`` lowest-keyed samples that
         :meth:`kept` did not keep, worst first, with their payloads; marks ``negative`` in their extras. Call
-        after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples. Each negative's extras also
-        get ``pool_mean``: the mean reward of its prompt's scored, not discarded samples (``train.negative_advantage_scale``)."""
-        sums: dict[int, list[float]] = {}  # per prompt: the sum and count of its scored, not discarded rewards
-        for s in self.records:
-            if not is_nan(sample_key(s, self.ranking.kl_beta)):
-                acc = sums.setdefault(s.prompt_index, [0.0, 0])
-                acc[0] += float(s.reward)
-                acc[1] += 1
+        after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples. Each negative's extras, and
+        each kept sample's, also get ``pool_mean`` and ``pool_sd``: the mean and (population) standard deviation of the
+        rewards of its prompt's scored, not discarded samples (``train.negative_advantage_scale``,
+        ``train.advantage_weights``)."""
+        stats = self.prompt_stats()
         out = []
         for p in sorted(self._bottom):
             items = sorted(self._bottom[p], key=lambda it: it[0], reverse=True)  # worst first
@@ -115,8 +113,21 @@ class StreamingPool:
             for s, payload in chosen:
                 s.payload = payload
                 s.extras["negative"] = True
-                s.extras["pool_mean"] = sums[p][0] / sums[p][1]  # train.negative_advantage_scale's reference
                 out.append(s)
+        for s in out + [s for s in self.records if s.extras.get("kept")]:
+            s.extras["pool_mean"], s.extras["pool_sd"] = stats[s.prompt_index]
+        return out
+
+    def prompt_stats(self) -> dict[int, tuple[float, float]]:
+        """Per prompt: the mean and population standard deviation of its scored, not discarded samples' rewards."""
+        groups: dict[int, list[float]] = {}
+        for s in self.records:
+            if not is_nan(sample_key(s, self.ranking.kl_beta)):
+                groups.setdefault(s.prompt_index, []).append(float(s.reward))
+        out = {}
+        for p, rs in groups.items():
+            mean = sum(rs) / len(rs)
+            out[p] = (mean, math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs)))
         return out
 
     def num_payloads_held(self) -> int:

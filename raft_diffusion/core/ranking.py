@@ -274,3 +274,18 @@ def negative_weights(rewards: Sequence[float], pool_means: Sequence[float], scal
     if any(is_nan(r) or is_nan(m) for r, m in zip(rewards, pool_means)):
         raise ValueError("negative_weights needs a reward and a pool mean on every negative (got NaN)")
     return [max(0.0, float(m) - float(r)) / scale for r, m in zip(rewards, pool_means)]
+
+
+def advantage_weights(rewards: Sequence[float], pool_means: Sequence[float], pool_sds: Sequence[float], sign: int) -> list[float]:
+    """Per-sample loss weights of ``train.advantage_weights``: ``max(0, sign * (r - m) / s)``, the sample's reward as
+    a standard score within its prompt's pool (mean ``m``, standard deviation ``s``), as DDPO and GRPO normalise
+    their advantages. ``sign`` +1 weighs kept samples (those above the pool's mean count, the further the more), -1
+    negatives (those below it). A pool with one reward (``s`` 0) gives weight 0: nothing to prefer."""
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1 (got {sign!r})")
+    out = []
+    for r, m, s in zip(rewards, pool_means, pool_sds, strict=True):
+        if is_nan(r) or is_nan(m) or is_nan(s):
+            raise ValueError("advantage_weights needs a reward, a pool mean and a pool sd on every sample (got NaN)")
+        out.append(max(0.0, sign * (float(r) - float(m)) / float(s)) if s > 0 else 0.0)
+    return out

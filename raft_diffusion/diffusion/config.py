@@ -201,6 +201,10 @@ class TrainConfig:
         None,
         "with ranking.negative_k > 0: weight each negative's loss by max(0, m - r) / scale, r its reward and m the mean reward of its prompt's pool (scored, not discarded samples), so the push fades as the pool's worst come close to its mean (a negative scale reward units below it weighs 1); null = every negative weighs 1",
     )
+    advantage_weights: bool = _f(
+        False,
+        "with ranking.negative_k > 0: weight each kept sample's loss by max(0, z) and each negative's by max(0, -z), z = (r - m) / s its reward's standard score within its prompt's pool (mean m, standard deviation s of the scored, not discarded samples), as DDPO and GRPO normalise advantages: the targets are centred on the pool's mean and keep their scale as the pool narrows; instead of train.reward_weight_temperature and train.negative_advantage_scale",
+    )
     nft_beta: float = _f(
         1.0,
         "negative-aware loss (every family; the prediction is epsilon, v or, for SD3/FLUX, the flow velocity): the kept samples train v_plus = (1 - beta) v_ref + beta v_theta, the negatives v_minus = (1 + beta) v_ref - beta v_theta, v_ref the stage-start model's prediction (no gradient); 1 with ranking.negative_k 0 = the plain loss",
@@ -371,6 +375,14 @@ class RaftConfig(core.BaseConfig):
         need(
             t.negative_advantage_scale is None or (t.negative_advantage_scale > 0 and r.negative_k > 0),
             f"train.negative_advantage_scale must be > 0 and needs ranking.negative_k > 0, or null (got {t.negative_advantage_scale}, negative_k {r.negative_k})",
+        )
+        need(
+            not t.advantage_weights or (r.negative_k > 0 and not r.replay_top_k),
+            f"train.advantage_weights needs ranking.negative_k > 0 and ranking.replay_top_k 0 (got negative_k {r.negative_k}, replay_top_k {r.replay_top_k}): the weights are standard scores within this stage's pools",
+        )
+        need(
+            not t.advantage_weights or (t.reward_weight_temperature is None and t.negative_advantage_scale is None),
+            "train.advantage_weights replaces train.reward_weight_temperature and train.negative_advantage_scale: set those to null",
         )
         need(t.nft_beta > 0, f"train.nft_beta must be > 0 (got {t.nft_beta}); 1 trains the kept samples with the plain loss")
         need(r.prompt_match is None or r.prompt_match >= 1, f"ranking.prompt_match must be an integer >= 1 or null (got {r.prompt_match!r})")

@@ -16,7 +16,7 @@ from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
 from ..core.lora_scale import scaled_lora
-from ..core.ranking import diverse_pick, is_nan, kept_weights, negative_weights, uses_embeddings
+from ..core.ranking import advantage_weights, diverse_pick, is_nan, kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
 from ..core.types import Sample
@@ -471,6 +471,8 @@ class DiffusionTask:
             by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
             values = [s.selection_key if by_key and s.selection_key is not None else s.reward for s in kept]
             family["sample_weights"] = torch.tensor(kept_weights(values, rows, temperature))
+        if self.cfg.train.advantage_weights:  # each kept sample by how far above its prompt's pool mean it is
+            family["sample_weights"] = torch.tensor(_advantages(kept, 1))
         if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss
             family["nft_beta"] = self.cfg.train.nft_beta
         if negatives:
@@ -478,7 +480,9 @@ class DiffusionTask:
             family["negative_embeds"] = _train_rows(self, [s.prompt_index for s in negatives])
             family["negative_weight"] = self.cfg.train.negative_weight
             scale = self.cfg.train.negative_advantage_scale
-            if scale is not None:  # each negative weighted by how far below its prompt's pool mean it is
+            if self.cfg.train.advantage_weights:  # standard scores within each prompt's pool
+                family["negative_sample_weights"] = torch.tensor(_advantages(negatives, -1))
+            elif scale is not None:  # each negative weighted by how far below its prompt's pool mean it is
                 family["negative_sample_weights"] = torch.tensor(
                     negative_weights([s.reward for s in negatives], [s.extras["pool_mean"] for s in negatives], scale)
                 )
@@ -617,6 +621,11 @@ class DiffusionTask:
             embeddings = [x for part in parts for x in part[2]]
             return _in_order(todo, rows, images_u8, embeddings)
         return rows, images_u8, embeddings
+
+
+def _advantages(samples: list[Sample], sign: int) -> list[float]:
+    """``train.advantage_weights``: each sample's standard score in its prompt's pool (the pool stamps the stats)."""
+    return advantage_weights([s.reward for s in samples], [s.extras["pool_mean"] for s in samples], [s.extras["pool_sd"] for s in samples], sign)
 
 
 def _train_rows(task, prompt_indices: list[int]):
