@@ -19,6 +19,7 @@ REDUCED = [
     "eval.num_inference_steps=2",
     "ranking.top_k=1",
     "ranking.negative_k=0",
+    "train.advantage_weights=false",
     "ranking.prompt_match=null",
     "train.steps_per_stage=2",
 ]
