@@ -14,9 +14,9 @@ lowest-keyed samples, of which :meth:`StreamingPool.negatives` returns the ``m``
 from __future__ import annotations
 
 import heapq
-import math
 from collections.abc import Iterable
 
+from .common import summary
 from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, stage_threshold, uses_embeddings
 from .types import Sample
 
@@ -124,11 +124,8 @@ class StreamingPool:
         for s in self.records:
             if not is_nan(sample_key(s, self.ranking.kl_beta)):
                 groups.setdefault(s.prompt_index, []).append(float(s.reward))
-        out = {}
-        for p, rs in groups.items():
-            mean = sum(rs) / len(rs)
-            out[p] = (mean, math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs)))
-        return out
+        stats = {p: summary(rs) for p, rs in groups.items()}
+        return {p: (st["mean"], st["std"]) for p, st in stats.items()}
 
     def num_payloads_held(self) -> int:
         return self._held
