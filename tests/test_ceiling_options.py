@@ -203,3 +203,29 @@ def test_bad_advantage_scale(over):
 
     with pytest.raises(ConfigError, match="negative_advantage_scale must be > 0 and needs ranking.negative_k > 0"):
         config_from_dict({}, over)
+
+
+def test_stage_lr_decay_reaches_training(monkeypatch):
+    """train.stage_lr_decay 0.8 at learning rate 1e-3: stage 1 trains at 1e-3, stage 3 at 1e-3 x 0.8^2 = 6.4e-4;
+    without it every stage trains at 1e-3."""
+    from raft_diffusion.diffusion import task as task_mod
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    got = {}
+    monkeypatch.setattr(task_mod.ft, "train_unet", lambda pipe, latents, embeds, **kw: got.update(kw) or {})
+    kept = [Sample(prompt_index=0, sample_index=0, seed=0, reward=1.0, payload={"latents": torch.zeros(4, 2, 2)})]
+    embeds = torch.zeros(1, 3, 5)
+    for over, want in ((["train.stage_lr_decay=0.8"], {1: 1e-3, 3: 6.4e-4}), ([], {1: 1e-3, 3: 1e-3})):
+        cfg = config_from_dict({}, ["train.learning_rate=1e-3", *over])
+        fake = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), legacy=True, train_embeds=(embeds, None), pipe=None, empty_embeds=None, dist=None)
+        for stage, lr in want.items():
+            task_mod.DiffusionTask.finetune(fake, stage, kept)
+            assert got["learning_rate"] == pytest.approx(lr, rel=1e-12)
+
+
+@pytest.mark.parametrize("value", ("0", "1.5", "-0.5"))
+def test_bad_stage_lr_decay(value):
+    from raft_diffusion.diffusion.config import config_from_dict
+
+    with pytest.raises(ConfigError, match=r"train.stage_lr_decay must be in \(0, 1\] or null"):
+        config_from_dict({}, [f"train.stage_lr_decay={value}"])

@@ -144,6 +144,10 @@ class TrainConfig:
         "rows per forward/backward pass: a step's chunks are dealt over the processes and their gradients added in chunk order, so the weights are bitwise the same for any number of processes; null = train.batch_size (one chunk per micro-batch). Several processes need a chunk each: 1 spreads a step over up to batch_size x accumulation processes",
     )
     learning_rate: float = _f(1e-4, "AdamW learning rate")
+    stage_lr_decay: float | None = _f(
+        None,
+        "multiply the learning rate by this factor from one stage to the next (stage s trains at learning_rate x decay^(s-1), within the stage on train.lr_scheduler): fast early stages, gentler late ones that refine rather than drift; null = the same learning rate every stage",
+    )
     lr_scheduler: str = _f("constant", "diffusers schedule name: constant, constant_with_warmup, cosine, linear, ...")
     lr_warmup_steps: int = _f(0, "warmup steps of the schedule")
     weight_decay: float = _f(1e-2, "AdamW weight decay")
@@ -418,6 +422,10 @@ class RaftConfig(core.BaseConfig):
             f"train.chunk_size must be an integer >= 1 or null (got {t.chunk_size!r})",
         )
         need(t.learning_rate > 0, "train.learning_rate must be > 0")
+        need(
+            t.stage_lr_decay is None or 0 < t.stage_lr_decay <= 1,
+            f"train.stage_lr_decay must be in (0, 1] or null (got {t.stage_lr_decay}); 0.8 trains stage 3 at 0.64 x train.learning_rate",
+        )
         need(0 <= t.empty_prompt_ratio < 1, f"train.empty_prompt_ratio must be in [0, 1) (got {t.empty_prompt_ratio})")
         need(
             t.reward_weight_temperature is None or t.reward_weight_temperature > 0,

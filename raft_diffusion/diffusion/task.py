@@ -650,7 +650,8 @@ def _in_order(todo: list[tuple[int, int, int]], rows: list[dict], images_u8: lis
 
 def train_settings(t, stage: int | None = None) -> dict:
     """``train_unet``'s keyword arguments from a config's ``train`` section (all but the data, seed and process group)
-    for ``stage`` (``train.timestep_ranges_from_stage``: before it ``timestep_range``, from it ``timestep_ranges``)."""
+    for ``stage`` (``train.timestep_ranges_from_stage``: before it ``timestep_range``, from it ``timestep_ranges``;
+    ``train.stage_lr_decay``: the learning rate times decay^(stage - 1))."""
     ranges, single = t.timestep_ranges, t.timestep_range
     late = getattr(t, "timestep_ranges_from_stage", None)
     if late is not None and stage is not None:
@@ -660,7 +661,7 @@ def train_settings(t, stage: int | None = None) -> dict:
         batch_size=t.batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         chunk_rows=t.chunk_size,
-        learning_rate=t.learning_rate,
+        learning_rate=t.learning_rate * (t.stage_lr_decay ** (stage - 1) if t.stage_lr_decay and stage else 1.0),
         lr_scheduler=t.lr_scheduler,
         lr_warmup_steps=t.lr_warmup_steps,
         max_grad_norm=t.max_grad_norm,
