@@ -229,3 +229,17 @@ def test_bad_stage_lr_decay(value):
 
     with pytest.raises(ConfigError, match=r"train.stage_lr_decay must be in \(0, 1\] or null"):
         config_from_dict({}, [f"train.stage_lr_decay={value}"])
+
+
+def test_stage_lr_decay_is_shown_where_the_learning_rate_is():
+    """The gallery's config table and the model card name the decay beside the learning rate, and say nothing of it
+    for a run without one (an older config.yaml has no such key)."""
+    from raft_diffusion.diffusion.card import _settings
+    from raft_diffusion.diffusion.gallery import _config_summary
+
+    cfg = {"train": {"learning_rate": 0.001, "lr_scheduler": "constant", "stage_lr_decay": 0.8, "steps_per_stage": 60, "batch_size": 8}}
+    assert "lr 0.001 (constant, x 0.8 a stage), 60 steps x batch 8 per stage" in _config_summary(cfg)
+    assert dict(_settings(cfg, 3, 3))["fine-tuning"].endswith("learning rate 0.001 x 0.8 a stage")
+    del cfg["train"]["stage_lr_decay"]
+    assert "lr 0.001 (constant), 60 steps x batch 8 per stage" in _config_summary(cfg)
+    assert dict(_settings(cfg, 3, 3))["fine-tuning"].endswith("learning rate 0.001")

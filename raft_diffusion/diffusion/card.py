@@ -47,7 +47,8 @@ def _settings(cfg: dict, stages_run: int | None, final: int | None) -> list[tupl
         ("kept", f"{keep} ({mode} ranking)"),
         ("sampler", f"{_config_value(cfg, 'sampling.num_inference_steps')} steps, guidance {_config_value(cfg, 'sampling.guidance_scale')}"),
         ("fine-tuning", f"{_config_value(cfg, 'train.method', 'lora')}, {_config_value(cfg, 'train.steps_per_stage')} steps per stage, "
-                        f"batch {_config_value(cfg, 'train.batch_size')}, learning rate {_config_value(cfg, 'train.learning_rate')}"),
+                        f"batch {_config_value(cfg, 'train.batch_size')}, learning rate {_config_value(cfg, 'train.learning_rate')}"
+                        + (f" x {decay} a stage" if (decay := _config_value(cfg, "train.stage_lr_decay")) else "")),
         ("LoRA", f"rank {_config_value(cfg, 'train.lora_rank')}, alpha {_config_value(cfg, 'train.lora_alpha')}, "
                  f"targets {', '.join(map(str, targets)) or 'default'}"),
         ("training prompts", _prompts(_config_value(cfg, "prompts.train"))),

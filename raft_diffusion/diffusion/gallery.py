@@ -538,7 +538,9 @@ def _config_summary(cfg: dict) -> str:
         (
             "train",
             f"{get('train.method')} rank {get('train.lora_rank')} alpha {get('train.lora_alpha')}, lr "
-            f"{get('train.learning_rate')} ({get('train.lr_scheduler')}), {get('train.steps_per_stage')} steps x "
+            f"{get('train.learning_rate')} ({get('train.lr_scheduler')}"
+            + (f", x {get('train.stage_lr_decay')} a stage" if get("train.stage_lr_decay") else "")
+            + f"), {get('train.steps_per_stage')} steps x "
             f"batch {get('train.batch_size')} per stage",
         ),
         ("eval", f"{get('eval.num_per_prompt')} samples per held-out prompt, guidance {_guidances(cfg)[1]}, CLIP {get('eval.clip_model')}"),
