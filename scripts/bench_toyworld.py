@@ -6,7 +6,9 @@
 Runs ``raft-diffusion align`` first when the run directory has no finished run. Every figure is measured on the
 run's held-out prompts and fixed eval seeds (the PNGs each stage wrote under ``stages/NNN/eval``):
 
-- proxy: the run's reward (from ``eval.jsonl``); its rise in units of the base model's per-image std;
+- proxy: the run's reward (from ``eval.jsonl``); its rise in units of the base model's per-image std, with a
+  bootstrap 95% interval (``proxy_rise_sd_ci``: the same resampled slots for the stage and the base, the base's std
+  recomputed on each resample, so the interval holds the draw of the base's 128 images too);
 - gold: the pixel oracle's estimate of the hidden gold aesthetic, with the paired rise over the base and a
   bootstrap 95% interval (same prompt and seed, resampled over samples);
 - fidelity: share of samples whose subject has the prompt's shape and colour (oracle);
@@ -52,9 +54,20 @@ def _bootstrap(diff: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, f
     return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
+def _bootstrap_rise_sd(proxy: np.ndarray, base: np.ndarray, n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of ``(mean(proxy) - mean(base)) / std(base)`` over resamples of the (prompt, seed) slots."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(base), size=(n, len(base)))
+    b = base[idx]
+    sd = b.std(1)
+    rises = (proxy[idx].mean(1) - b.mean(1)) / np.where(sd > 0, sd, np.nan)
+    return float(np.nanpercentile(rises, 2.5)), float(np.nanpercentile(rises, 97.5))
+
+
 def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
     """The table of a finished run: base, each evaluated stage and (``best_of_k`` > 0) base best-of-K; one dict a
-    row with the figures above (``proxy_rise_sd``, ``gold_rise`` and ``gold_rise_ci``, ``fidelity``, ``diversity_ratio``)."""
+    row with the figures above (``proxy_rise_sd`` and ``proxy_rise_sd_ci``, ``gold_rise`` and ``gold_rise_ci``,
+    ``fidelity``, ``diversity_ratio``)."""
     import yaml
 
     from reward_models import load_reward, load_reward_from_config
@@ -138,6 +151,7 @@ def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
                 "images": len(rec["rows"]),
                 "proxy": float(rec["proxy"].mean()),
                 "proxy_rise_sd": float(dz),
+                "proxy_rise_sd_ci": list(_bootstrap_rise_sd(rec["proxy"], base["proxy"])),
                 "gold": float(rec["gold"].mean()),
                 "gold_rise": float(d.mean()),
                 "gold_rise_ci": [lo, hi],
@@ -189,11 +203,12 @@ def main(argv=None) -> int:
     base = out[0]
     n_prompts = len({r["prompt"] for r in _load_rows(run / "stages" / "000")})
     print(f"toy world bench: {run}  ({base['images']} eval images: {n_prompts} held-out prompts x fixed seeds)")
-    print(f"{'':16s} {'proxy':>8s} {'d/sd':>6s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
+    print(f"{'':16s} {'proxy':>8s} {'d/sd [95% CI]':>20s} {'gold':>6s} {'d gold [95% CI]':>24s} {'fidelity':>9s} {'divers.':>8s}")
     for o in out:
         (lo, hi), d = o["gold_rise_ci"], o["gold_rise"]
+        (plo, phi), dz = o["proxy_rise_sd_ci"], o["proxy_rise_sd"]
         print(
-            f"{o['row']:16s} {o['proxy']:8.3f} {o['proxy_rise_sd']:6.2f} {o['gold']:6.2f} "
+            f"{o['row']:16s} {o['proxy']:8.3f} {f'{dz:+.2f} [{plo:+.2f}, {phi:+.2f}]':>20s} {o['gold']:6.2f} "
             f"{f'{d:+.2f} [{lo:+.2f}, {hi:+.2f}]':>24s} {o['fidelity']:9.3f} {o['diversity_ratio']:8.2f}"
         )
     last = delivered(run, out)
