@@ -553,3 +553,33 @@ def test_novelty_pick_records_each_samples_raised_key():
     p.add(plain)
     p.kept()
     assert all(s.selection_key is None for s in plain)  # only a novelty or spread pick records one
+
+
+def test_negatives_stamp_the_pools_selection_key_stats_where_the_pick_raised_the_keys():
+    """train.advantage_weights with train.reward_weight_key=selection: the kept samples and the negatives carry the
+    mean and population std of their prompt's selection keys (scored samples only), by hand; a plain pick none."""
+    samples = make([1.0, 0.5, 0.2, -3.0, 9.0, 4.0, 3.0, 1.0], 2, 4)
+    for s, e in zip(samples, ([1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.5, 1.0]) * 2):
+        s.embedding = e
+    samples[4].extras["discarded"] = "off-prompt"
+    r = R("local", top_k=1, novelty_weight=2.0)
+    r.negative_k = 1
+    pool = StreamingPool(r, expected_total=8)
+    pool.add(samples)
+    kept = pool.kept()
+    negatives = pool.negatives()
+    for p in (0, 1):
+        keys = [s.selection_key for s in samples[4 * p : 4 * p + 4] if s.selection_key is not None]
+        assert len(keys) == (4 if p == 0 else 3)
+        mean = sum(keys) / len(keys)
+        sd = math.sqrt(sum((k - mean) ** 2 for k in keys) / len(keys))
+        for s in [s for s in kept + negatives if s.prompt_index == p]:
+            assert (s.extras["pool_selection_mean"], s.extras["pool_selection_sd"]) == (pytest.approx(mean, rel=1e-12), pytest.approx(sd, rel=1e-12))
+    assert {(s.prompt_index, s.sample_index) for s in negatives} == {(0, 3), (1, 3)}
+    plain = make([1.0, 0.5, 0.2], 1, 3)
+    r = R("local", top_k=1)
+    r.negative_k = 1
+    q = StreamingPool(r, expected_total=3)
+    q.add(plain)
+    q.kept()
+    assert all("pool_selection_mean" not in s.extras for s in q.negatives() + [plain[0]])

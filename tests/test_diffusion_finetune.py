@@ -517,6 +517,24 @@ def test_task_hands_weights_and_negatives_to_training(monkeypatch):
     got.clear()
     task_mod.DiffusionTask.finetune(fake, 1, kept)
     assert not {"sample_weights", "negative_latents", "negative_weight", "nft_beta"} & set(got)
+    # train.advantage_weights: standard scores in each prompt's pool, of the reward, or with reward_weight_key=selection
+    # of the raised key among the pool's keys (a kept sample without one by its reward); negatives by their reward
+    stats = {0: (0.5, 0.25, 1.5, 0.5), 1: (0.1, 0.5, None, None)}
+    for s in kept + negatives:
+        m, sd, km, ksd = stats[s.prompt_index]
+        s.extras.update(pool_mean=m, pool_sd=sd)
+        if km is not None:
+            s.extras.update(pool_selection_mean=km, pool_selection_sd=ksd)
+    neg_want = [max(0.0, -(-1.0 - 0.1) / 0.5), max(0.0, -(-2.0 - 0.5) / 0.25)]
+    for over, want in (
+        ([], [(1.0 - 0.5) / 0.25, (0.8 - 0.5) / 0.25, (0.3 - 0.1) / 0.5]),
+        (["train.reward_weight_key=selection"], [(2.0 - 1.5) / 0.5, (2.5 - 1.5) / 0.5, (0.3 - 0.1) / 0.5]),
+    ):
+        fake.cfg = config_from_dict({}, over + ["ranking.negative_k=2", "train.advantage_weights=true"])
+        got.clear()
+        task_mod.DiffusionTask.finetune(fake, 1, kept, negatives=negatives)
+        assert got["sample_weights"].tolist() == pytest.approx(want, rel=1e-6)
+        assert got["negative_sample_weights"].tolist() == pytest.approx(neg_want, rel=1e-6)
     # another family: one row of the family's conditioning per negative, and the family's loss
     from raft_diffusion.diffusion.families import PromptEmbeds, get_family
 

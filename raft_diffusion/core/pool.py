@@ -104,7 +104,8 @@ class StreamingPool:
         after :meth:`kept`. Equals :func:`~.ranking.select_negatives` on the same samples. Each negative's extras, and
         each kept sample's, also get ``pool_mean`` and ``pool_sd``: the mean and (population) standard deviation of the
         rewards of its prompt's scored, not discarded samples (``train.negative_advantage_scale``,
-        ``train.advantage_weights``)."""
+        ``train.advantage_weights``), and, where the pick raised the keys, ``pool_selection_mean`` and
+        ``pool_selection_sd``: the same of their selection keys (:meth:`selection_stats`)."""
         stats = self.prompt_stats()
         out = []
         for p in sorted(self._bottom):
@@ -114,8 +115,11 @@ class StreamingPool:
                 s.payload = payload
                 s.extras["negative"] = True
                 out.append(s)
+        sel = self.selection_stats()
         for s in out + [s for s in self.records if s.extras.get("kept")]:
             s.extras["pool_mean"], s.extras["pool_sd"] = stats[s.prompt_index]
+            if s.prompt_index in sel:
+                s.extras["pool_selection_mean"], s.extras["pool_selection_sd"] = sel[s.prompt_index]
         return out
 
     def prompt_stats(self) -> dict[int, tuple[float, float]]:
@@ -125,6 +129,17 @@ class StreamingPool:
             if not is_nan(sample_key(s, self.ranking.kl_beta)):
                 groups.setdefault(s.prompt_index, []).append(float(s.reward))
         stats = {p: summary(rs) for p, rs in groups.items()}
+        return {p: (st["mean"], st["std"]) for p, st in stats.items()}
+
+    def selection_stats(self) -> dict[int, tuple[float, float]]:
+        """Per prompt whose pick raised the keys (``ranking.novelty_weight``): the mean and population standard
+        deviation of its scored samples' ``selection_key`` (``train.reward_weight_key: selection`` with
+        ``train.advantage_weights``). Empty before :meth:`kept`, and for picks without a novelty term."""
+        groups: dict[int, list[float]] = {}
+        for s in self.records:
+            if s.selection_key is not None and not is_nan(sample_key(s, self.ranking.kl_beta)):
+                groups.setdefault(s.prompt_index, []).append(float(s.selection_key))
+        stats = {p: summary(ks) for p, ks in groups.items()}
         return {p: (st["mean"], st["std"]) for p, st in stats.items()}
 
     def num_payloads_held(self) -> int:

@@ -195,7 +195,7 @@ class TrainConfig:
     )
     reward_weight_key: str = _f(
         "reward",
-        "what train.reward_weight_temperature's weights follow: reward (the raw reward) or selection (the key the pick ranked by: the reward raised by ranking.novelty_weight's term, so the weights do not undo it; samples without one, e.g. replayed, use their reward)",
+        "what train.reward_weight_temperature's weights, and train.advantage_weights' standard scores of the kept samples, follow: reward (the raw reward) or selection (the key the pick ranked by: the reward raised by ranking.novelty_weight's term, so the weights do not undo it, its standard score taken among its pool's keys; samples without one, e.g. replayed, use their reward; negatives always their reward)",
     )
     negative_weight: float = _f(
         1.0,

@@ -472,7 +472,8 @@ class DiffusionTask:
             values = [s.selection_key if by_key and s.selection_key is not None else s.reward for s in kept]
             family["sample_weights"] = torch.tensor(kept_weights(values, rows, temperature))
         if self.cfg.train.advantage_weights:  # each kept sample by how far above its prompt's pool mean it is
-            family["sample_weights"] = torch.tensor(_advantages(kept, 1))
+            by_key = self.cfg.train.reward_weight_key == "selection"  # on the novelty-raised keys, where the pick made them
+            family["sample_weights"] = torch.tensor(_advantages(kept, 1, by_selection=by_key))
         if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss
             family["nft_beta"] = self.cfg.train.nft_beta
         if negatives:
@@ -623,9 +624,16 @@ class DiffusionTask:
         return rows, images_u8, embeddings
 
 
-def _advantages(samples: list[Sample], sign: int) -> list[float]:
-    """``train.advantage_weights``: each sample's standard score in its prompt's pool (the pool stamps the stats)."""
-    return advantage_weights([s.reward for s in samples], [s.extras["pool_mean"] for s in samples], [s.extras["pool_sd"] for s in samples], sign)
+def _advantages(samples: list[Sample], sign: int, by_selection: bool = False) -> list[float]:
+    """``train.advantage_weights``: each sample's standard score in its prompt's pool (the pool stamps the stats);
+    ``by_selection`` (``train.reward_weight_key: selection``): of its selection key among its pool's, where it has one."""
+    values, means, sds = [], [], []
+    for s in samples:
+        sel = by_selection and s.selection_key is not None and "pool_selection_mean" in s.extras
+        values.append(s.selection_key if sel else s.reward)
+        means.append(s.extras["pool_selection_mean" if sel else "pool_mean"])
+        sds.append(s.extras["pool_selection_sd" if sel else "pool_sd"])
+    return advantage_weights(values, means, sds, sign)
 
 
 def _train_rows(task, prompt_indices: list[int]):
