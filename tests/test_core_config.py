@@ -105,6 +105,10 @@ def test_rundir_resume_rules(tmp_path):
     run.mark_done(1, {})
     with pytest.raises(UserError, match=r"different config \(seed: 0 there, 1 now\)"):
         run.start({**cfg, "seed": 1})  # refused once a stage has completed
+    # how often, and which stages, are evaluated may change (scripts/bench_ddpo.py turns eval.fallback off)
+    run.start({**cfg, "eval": {**cfg["eval"], "every": 1, "fallback": not cfg["eval"]["fallback"]}})
+    with pytest.raises(UserError, match=r"different config \(eval.num_per_prompt: 4 there, 8 now\)"):
+        run.start({**cfg, "eval": {**cfg["eval"], "num_per_prompt": 8}})  # what an evaluation computes may not
     run.mark_done(3, {})  # a gap: stage 2 never finished, so 3 cannot count
     assert run.last_completed() == 1
     run.truncate_metrics(1)

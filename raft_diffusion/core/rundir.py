@@ -32,7 +32,8 @@ from .errors import UserError, os_advice
 log = logging.getLogger("raft")
 
 # Keys that may differ when a run is resumed: they change how far or how loudly it runs, not what it computes.
-RESUMABLE_CHANGES = ("num_stages", "progress", "eval.every", "eval.screen_per_prompt", "early_stop")
+# eval.fallback only decides which stages get evaluated when a floor fires, as eval.every does.
+RESUMABLE_CHANGES = ("num_stages", "progress", "eval.every", "eval.fallback", "eval.screen_per_prompt", "early_stop")
 
 
 def _jsonable(x: Any) -> Any:
