@@ -23,7 +23,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,36 +32,31 @@ sys.path.insert(0, str(ROOT))
 def measure_draws(config: str, draws: int, overrides=(), progress: bool = True) -> list[dict]:
     """One dict per run seed 0..draws-1: ``proxy`` (mean), ``proxy_std``, ``gold``, ``fidelity``, ``diversity``
     of the base model's held-out images at that seed's eval seeds, measured as bench_toyworld measures them."""
+    from bench_toyworld import image_figures, load_embedder
+
     from raft_diffusion.core.seeds import eval_seed
     from raft_diffusion.diffusion.config import load_config
-    from raft_diffusion.diffusion.metrics import diversity
     from raft_diffusion.diffusion.task import DiffusionTask
-    from raft_diffusion.diffusion.toyworld.oracle import oracle_metrics
-    from reward_models import load_reward
 
     cfg = load_config(config, list(overrides))
     cfg.progress = progress
     task = DiffusionTask(cfg)
-    clip_dir = cfg.eval.clip_model or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
-    embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
+    embedder = load_embedder(cfg.eval.clip_model)
     n = cfg.eval.num_per_prompt
     out = []
     for seed in range(draws):
         todo = [(p, k, eval_seed(seed, p, k)) for p in range(len(task.eval_prompts)) for k in range(n)]
         rows, images_u8, _ = task._held_out(todo, f"draw {seed}")
         images = torch.cat(images_u8).float() / 255.0  # what bench_toyworld reads back from the PNGs
-        oracle = oracle_metrics(images, [r["prompt"] for r in rows])
-        with torch.no_grad():
-            emb = embedder.encode_images(images)
-        proxy = np.asarray([r["reward"] for r in rows])
+        f = image_figures(images, rows, embedder)
         out.append(
             {
                 "seed": seed,
-                "proxy": float(proxy.mean()),
-                "proxy_std": float(proxy.std()),
-                "gold": float(oracle["aesthetic"].mean()),
-                "fidelity": float(oracle["match"].astype(float).mean()),
-                "diversity": diversity(emb, [r["prompt_index"] for r in rows]),
+                "proxy": float(f["proxy"].mean()),
+                "proxy_std": float(f["proxy"].std()),
+                "gold": float(f["gold"].mean()),
+                "fidelity": float(f["fidelity"].mean()),
+                "diversity": f["diversity"],
             }
         )
     return out

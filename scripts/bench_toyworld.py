@@ -64,18 +64,39 @@ def _bootstrap_rise_sd(proxy: np.ndarray, base: np.ndarray, n: int = 2000, seed:
     return float(np.nanpercentile(rises, 2.5)), float(np.nanpercentile(rises, 97.5))
 
 
+def load_embedder(clip_model: str | None):
+    """The toy-CLIP image embedder diversity is measured with: ``eval.clip_model``, else the toy world's CLIP."""
+    from reward_models import load_reward
+
+    clip_dir = clip_model or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
+    return load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
+
+
+def image_figures(images: torch.Tensor, rows: list[dict], embedder) -> dict:
+    """Held-out images (``[N, 3, H, W]`` in [0, 1]) with their ``eval.jsonl``-style rows (``prompt``, ``prompt_index``,
+    ``reward``): per-image ``proxy``, ``gold`` and ``fidelity`` arrays and the images' ``diversity``."""
+    m = oracle_metrics(images, [r["prompt"] for r in rows])
+    with torch.no_grad():
+        emb = embedder.encode_images(images)
+    return {
+        "proxy": np.asarray([r["reward"] for r in rows]),
+        "gold": m["aesthetic"],
+        "fidelity": m["match"].astype(float),
+        "diversity": diversity(emb, [r["prompt_index"] for r in rows]),
+    }
+
+
 def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
     """The table of a finished run: base, each evaluated stage and (``best_of_k`` > 0) base best-of-K; one dict a
     row with the figures above (``proxy_rise_sd`` and ``proxy_rise_sd_ci``, ``gold_rise`` and ``gold_rise_ci``,
     ``fidelity``, ``diversity_ratio``)."""
     import yaml
 
-    from reward_models import load_reward, load_reward_from_config
+    from reward_models import load_reward_from_config
 
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     if embedder is None:
-        clip_dir = cfg["eval"].get("clip_model") or str(ROOT / "raft_diffusion/diffusion/toyworld/assets/clip")
-        embedder = load_reward("clip_score", clip_model=clip_dir, clip_pretrained=None).backbone
+        embedder = load_embedder(cfg["eval"].get("clip_model"))
     stages = sorted(int(p.name) for p in (run / "stages").iterdir() if (p / "eval.jsonl").is_file())
     if not stages or stages[0] != 0:
         raise SystemExit(f"error: {run} has no stage-0 (base) evaluation")
@@ -84,18 +105,7 @@ def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
     base = None
     for st in stages:
         rows, images = _load_images(run / "stages" / f"{st:03d}")
-        prompts = [r["prompt"] for r in rows]
-        m = oracle_metrics(images, prompts)
-        with torch.no_grad():
-            emb = embedder.encode_images(images)
-        rec = {
-            "row": "base" if st == 0 else f"stage {st}",
-            "proxy": np.asarray([r["reward"] for r in rows]),
-            "gold": m["aesthetic"],
-            "fidelity": m["match"].astype(float),
-            "diversity": diversity(emb, [r["prompt_index"] for r in rows]),
-            "rows": rows,
-        }
+        rec = {"row": "base" if st == 0 else f"stage {st}", **image_figures(images, rows, embedder), "rows": rows}
         if base is None:
             base = rec
         table.append(rec)
@@ -114,29 +124,16 @@ def measure(run: Path, best_of_k: int = 0, *, embedder=None) -> list[dict]:
         guidance, steps = run_cfg.eval_guidance_scale, run_cfg.eval_num_inference_steps
         n_seq = run_cfg.model.max_sequence_length  # the flow miniature's zero "T5" rows, as the run sampled
         extra = {} if n_seq is None else {"max_sequence_length": n_seq}
-        best_imgs, best_proxy, prompts = [], [], []
+        best_imgs, best_rows = [], []
         for j, r in enumerate(base["rows"]):
             seeds = [10_000_000 + j * best_of_k + k for k in range(best_of_k)]
             ims = sample(pipe, [r["prompt"]] * best_of_k, seeds, steps=steps, guidance=guidance, **extra)
             sc = reward(ims, [r["prompt"]] * best_of_k).float()
             b = int(torch.nan_to_num(sc, nan=-1e9).argmax())
             best_imgs.append(ims[b])
-            best_proxy.append(float(sc[b]))
-            prompts.append(r["prompt"])
-        ims = torch.stack(best_imgs)
-        m = oracle_metrics(ims, prompts)
-        with torch.no_grad():
-            emb = embedder.encode_images(ims)
-        table.append(
-            {
-                "row": f"base best-of-{best_of_k}",
-                "proxy": np.asarray(best_proxy),
-                "gold": m["aesthetic"],
-                "fidelity": m["match"].astype(float),
-                "diversity": diversity(emb, [r["prompt_index"] for r in base["rows"]]),
-                "rows": base["rows"],
-            }
-        )
+            best_rows.append({**r, "reward": float(sc[b])})
+        figures = image_figures(torch.stack(best_imgs), best_rows, embedder)
+        table.append({"row": f"base best-of-{best_of_k}", **figures, "rows": base["rows"]})
 
     sd = float(base["proxy"].std())
     out = []

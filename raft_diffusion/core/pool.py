@@ -124,22 +124,22 @@ class StreamingPool:
 
     def prompt_stats(self) -> dict[int, tuple[float, float]]:
         """Per prompt: the mean and population standard deviation of its scored, not discarded samples' rewards."""
-        groups: dict[int, list[float]] = {}
-        for s in self.records:
-            if not is_nan(sample_key(s, self.ranking.kl_beta)):
-                groups.setdefault(s.prompt_index, []).append(float(s.reward))
-        stats = {p: summary(rs) for p, rs in groups.items()}
-        return {p: (st["mean"], st["std"]) for p, st in stats.items()}
+        return self._stats_by_prompt(lambda s: s.reward)
 
     def selection_stats(self) -> dict[int, tuple[float, float]]:
         """Per prompt whose pick raised the keys (``ranking.novelty_weight``): the mean and population standard
         deviation of its scored samples' ``selection_key`` (``train.reward_weight_key: selection`` with
         ``train.advantage_weights``). Empty before :meth:`kept`, and for picks without a novelty term."""
+        return self._stats_by_prompt(lambda s: s.selection_key)
+
+    def _stats_by_prompt(self, value) -> dict[int, tuple[float, float]]:
+        """Per prompt: (mean, population std) of ``value(sample)`` over its scored, not discarded samples that have one."""
         groups: dict[int, list[float]] = {}
         for s in self.records:
-            if s.selection_key is not None and not is_nan(sample_key(s, self.ranking.kl_beta)):
-                groups.setdefault(s.prompt_index, []).append(float(s.selection_key))
-        stats = {p: summary(ks) for p, ks in groups.items()}
+            v = value(s)
+            if v is not None and not is_nan(sample_key(s, self.ranking.kl_beta)):
+                groups.setdefault(s.prompt_index, []).append(float(v))
+        stats = {p: summary(vs) for p, vs in groups.items()}
         return {p: (st["mean"], st["std"]) for p, st in stats.items()}
 
     def num_payloads_held(self) -> int:

@@ -467,12 +467,11 @@ class DiffusionTask:
         family = {} if self.legacy else {"family": self.family, "loss_settings": loss_settings(self.cfg.train)}
         embeds = _train_rows(self, rows)
         temperature = self.cfg.train.reward_weight_temperature
+        by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
         if temperature is not None:  # train.reward_weight_temperature: a reward-weighted loss within each prompt
-            by_key = self.cfg.train.reward_weight_key == "selection"  # the novelty-raised key, where the pick made one
             values = [s.selection_key if by_key and s.selection_key is not None else s.reward for s in kept]
             family["sample_weights"] = torch.tensor(kept_weights(values, rows, temperature))
         if self.cfg.train.advantage_weights:  # each kept sample by how far above its prompt's pool mean it is
-            by_key = self.cfg.train.reward_weight_key == "selection"  # on the novelty-raised keys, where the pick made them
             family["sample_weights"] = torch.tensor(_advantages(kept, 1, by_selection=by_key))
         if negatives or self.cfg.train.nft_beta != 1.0:  # the negative-aware loss
             family["nft_beta"] = self.cfg.train.nft_beta
