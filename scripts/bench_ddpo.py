@@ -32,8 +32,14 @@ diversity at the same proxy rise.
     python scripts/bench_ddpo.py --ddpo-python PY --raft-run-dir RUN --ddpo-dir DIR   # reuse finished sides
     python scripts/bench_ddpo.py --ddpo-python PY --ddpo-lora trl --ddpo-dir runs/ddpo_trl seed=1
 
-Last line: ``gold_vs_ddpo_at_equal_diversity: <RAFT's gold rise at --raft-stage (default: the config's last stage)
-minus DDPO's at that stage's diversity>``; positive means RAFT is above DDPO's frontier there.
+``--plot`` draws gold against diversity and against the proxy rise; ``--json`` writes every row, with DDPO's gold,
+proxy or diversity and CPU seconds where its path meets each RAFT stage's diversity (``ddpo_at_diversity``) and
+proxy (``ddpo_at_proxy``; null where it never does).
+
+The line before the last: ``gold_vs_ddpo_at_equal_proxy: <the same stage's gold rise minus DDPO's at that stage's
+proxy rise>`` (issue 24's second goal compares there). Last line: ``gold_vs_ddpo_at_equal_diversity: <RAFT's gold
+rise at --raft-stage (default: the config's last stage) minus DDPO's at that stage's diversity>``; positive means
+RAFT is above DDPO's frontier there; ``nan`` where DDPO's path never gets there.
 """
 
 from __future__ import annotations
@@ -242,32 +248,55 @@ def raft_path(run: Path) -> list[dict]:
 
 
 def plot(path: Path, base: dict, raft: list[dict], ddpo: list[dict], title: str) -> None:
-    """Gold rise against diversity for both paths (each from the base); RAFT's points labelled with their stage,
-    DDPO's with the images it had sampled."""
+    """Gold rise against diversity (left) and against the proxy rise (right) for both paths, each from the base;
+    RAFT's points labelled with their stage, DDPO's with the images it had sampled."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(6.4, 4.6), dpi=110)
+    fig = Figure(figsize=(11, 4.6), dpi=100)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for name, pts, style in (("RAFT (label: stage)", raft, "o-"), ("DDPO (label: images sampled)", ddpo, "s--")):
-        xs = [base["diversity_ratio"]] + [o["diversity_ratio"] for o in pts]
-        ys = [base["gold_rise"]] + [o["gold_rise"] for o in pts]
-        (line,) = ax.plot(xs, ys, style, label=name)
-        for o in pts:
-            text, at = (str(o["stage"]), (-9, 3)) if "stage" in o else (str(o["sampled"]), (4, -11))
-            ax.annotate(text, (o["diversity_ratio"], o["gold_rise"]), textcoords="offset points", xytext=at,
-                        fontsize=7, color=line.get_color())  # fmt: skip
-    ax.plot([0.5], [2.1], "*", color="grey", markersize=10, label="issue 24's goal (gold +2.1 at 0.5)")
+    panels = fig.subplots(1, 2, sharey=True)
+    for ax, x in zip(panels, ("diversity_ratio", "proxy_rise_sd")):
+        for name, pts, style in (("RAFT (label: stage)", raft, "o-"), ("DDPO (label: images sampled)", ddpo, "s--")):
+            (line,) = ax.plot([base[x]] + [o[x] for o in pts], [base["gold_rise"]] + [o["gold_rise"] for o in pts],
+                              style, label=name)  # fmt: skip
+            for o in pts:
+                text, at = (str(o["stage"]), (-9, 3)) if "stage" in o else (str(o["sampled"]), (4, -11))
+                ax.annotate(text, (o[x], o["gold_rise"]), textcoords="offset points", xytext=at, fontsize=7,
+                            color=line.get_color())  # fmt: skip
+        ax.grid(alpha=0.3)
+    left, right = panels
+    left.plot([0.5], [2.1], "*", color="grey", markersize=10, label="issue 24's goal (gold +2.1 at 0.5)")
     lowest = min(0.5, *(o["diversity_ratio"] for o in [*raft, *ddpo]))  # the goal's star in view too
-    ax.set_xlim(1.02, lowest - 0.06)  # inverted: diversity falls to the right as training goes on
-    ax.set_xlabel("diversity (share of the base model's)")
-    ax.set_ylabel("gold rise over the base")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    left.set_xlim(1.02, lowest - 0.06)  # inverted: diversity falls to the right as training goes on
+    left.set_xlabel("diversity (share of the base model's)")
+    left.set_ylabel("gold rise over the base")
+    left.legend(loc="lower right", fontsize=8)
+    right.axvline(1.0, color="grey", lw=0.8, ls=":")  # the demo's proxy bar
+    right.set_xlabel("proxy rise (base sd)")
+    fig.suptitle(title, fontsize=10)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+def compare(path: list[dict], raft: list[dict], shown: int) -> dict[str, float | None]:
+    """Adds to each RAFT stage (a row of ``raft``) DDPO's figures where ``path`` (the base, then DDPO's saves) meets
+    its diversity (``ddpo_at_diversity``: gold, proxy, CPU s) and its proxy rise (``ddpo_at_proxy``: gold, diversity,
+    CPU s), and returns stage ``shown``'s gold minus DDPO's at each (None where DDPO's path never gets there)."""
+    for o in raft:
+        o["ddpo_at_diversity"] = {k: along(path, "diversity_ratio", o["diversity_ratio"], k)
+                                  for k in ("gold_rise", "proxy_rise_sd", "cpu")}  # fmt: skip
+        o["ddpo_at_proxy"] = {k: along(path, "proxy_rise_sd", o["proxy_rise_sd"], k)
+                              for k in ("gold_rise", "diversity_ratio", "cpu")}  # fmt: skip
+    at = next((o for o in raft if o["stage"] == shown), None)
+    return {
+        name: None if at is None or at[by]["gold_rise"] is None else at["gold_rise"] - at[by]["gold_rise"]
+        for name, by in (("gold_vs_ddpo_at_equal_diversity", "ddpo_at_diversity"), ("gold_vs_ddpo_at_equal_proxy", "ddpo_at_proxy"))  # fmt: skip
+    }
+
+
+def signed(x: float | None) -> str:
+    return "nan" if x is None else f"{x:+.3f}"
 
 
 def fmt(o: dict) -> str:
@@ -293,7 +322,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ddpo-guidance", type=float, default=1.0)
     ap.add_argument("--ddpo-lora", choices=["raft", "trl"], default="raft",
                     help="DDPO's LoRA: the RAFT config's (default) or trl's own default (rank 4 on attention)")  # fmt: skip
-    ap.add_argument("--plot", default=None, help="also draw gold against diversity for both into this PNG")
+    ap.add_argument("--plot", default=None, help="also draw gold against diversity and against proxy into this PNG")
+    ap.add_argument("--json", default=None, help="also write every row and comparison to this JSON file")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the RAFT config (both sides read it)")
     args = ap.parse_args(argv)
     if args.ddpo_every % EPOCH_IMAGES or args.ddpo_images % args.ddpo_every:
@@ -338,27 +368,32 @@ def main(argv=None) -> int:
 
     path = [base, *ddpo]
     print("DDPO where its path crosses each RAFT stage's diversity, and its proxy (interpolated between saves):")
-    gap = float("nan")
+    gaps = compare(path, raft, shown)
     for o in raft:
         div, dz = o["diversity_ratio"], o["proxy_rise_sd"]
-        gold, cpu = along(path, "diversity_ratio", div, "gold_rise"), along(path, "diversity_ratio", div, "cpu")
+        gold, cpu = o["ddpo_at_diversity"]["gold_rise"], o["ddpo_at_diversity"]["cpu"]
         if gold is None:
             line = f"DDPO never fell to diversity {div:.2f} in {ddpo[-1]['sampled']} images"
         else:
             line = f"DDPO gold {gold:+.2f} after {cpu:.0f} CPU s (RAFT {o['gold_rise'] - gold:+.2f} at {o['cpu']:.0f} CPU s)"
-            if o["stage"] == shown:
-                gap = o["gold_rise"] - gold
-        gold_p, div_p = along(path, "proxy_rise_sd", dz, "gold_rise"), along(path, "proxy_rise_sd", dz, "diversity_ratio")
+        gold_p, div_p = o["ddpo_at_proxy"]["gold_rise"], o["ddpo_at_proxy"]["diversity_ratio"]
         if gold_p is None:
             line += f"; DDPO never rose {dz:.2f} sd"
         else:
-            line += f"; at +{dz:.2f} sd DDPO gold {gold_p:+.2f}, diversity {div_p:.2f}"
+            line += f"; at +{dz:.2f} sd DDPO gold {gold_p:+.2f}, diversity {div_p:.2f} (RAFT {o['gold_rise'] - gold_p:+.2f})"
         print(f"  stage {o['stage']} (diversity {div:.2f}, gold {o['gold_rise']:+.2f}): {line}")
     if args.plot:
         title = f"{Path(args.config).name}, seed {cfg.seed}: RAFT against DDPO (lr {args.ddpo_lr:g}, {args.ddpo_lora} LoRA)"
         plot(Path(args.plot), base, raft, ddpo, title)
         print(f"plot: {args.plot}")
-    print(f"gold_vs_ddpo_at_equal_diversity: {f'{gap:+.3f}' if math.isfinite(gap) else 'nan'}")
+    if args.json:
+        report = {"config": args.config, "seed": cfg.seed, "raft_run_dir": str(raft_run), "ddpo_dir": str(ddpo_dir),
+                  "shown_stage": shown, "base": base, "raft": raft, "ddpo": ddpo, **gaps}  # fmt: skip
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str) + "\n")
+        print(f"json: {args.json}")
+    for name in ("gold_vs_ddpo_at_equal_proxy", "gold_vs_ddpo_at_equal_diversity"):  # the last line is the second
+        print(f"{name}: {signed(gaps[name])}")
     return 0
 
 

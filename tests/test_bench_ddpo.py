@@ -70,7 +70,8 @@ def test_bench_evaluates_saved_ddpo_loras_on_the_raft_runs_held_out_images(tmp_p
 
     raft = tmp_path / "raft"
     args = ["--config", config, "--raft-run-dir", str(raft), "--raft-stages", "1", "--ddpo-dir", str(ddpo),
-            "--ddpo-images", "64", "--ddpo-every", "32", "--plot", str(tmp_path / "frontier.png"), *REDUCED]  # fmt: skip
+            "--ddpo-images", "64", "--ddpo-every", "32", "--plot", str(tmp_path / "frontier.png"),
+            "--json", str(tmp_path / "bench.json"), *REDUCED]  # fmt: skip
     assert main(args) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert (raft / "final").is_dir()
@@ -87,5 +88,41 @@ def test_bench_evaluates_saved_ddpo_loras_on_the_raft_runs_held_out_images(tmp_p
     # images, cpu s, d/sd, gold rise [ci], fidelity, diversity: the zero LoRA's row is the base's
     assert table["DDPO32"][1:4] == ["32", "10", "0.00"] and table["DDPO32"][-1] == "1.00"
     assert table["DDPO64"][1:3] == ["64", "20"]
-    assert out[-2] == f"plot: {tmp_path / 'frontier.png'}" and (tmp_path / "frontier.png").stat().st_size > 10_000
-    assert re.fullmatch(r"gold_vs_ddpo_at_equal_diversity: (nan|[+-]\d+\.\d{3})", out[-1])
+    assert out[-4] == f"plot: {tmp_path / 'frontier.png'}" and (tmp_path / "frontier.png").stat().st_size > 10_000
+    assert out[-3] == f"json: {tmp_path / 'bench.json'}"
+
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [o["sampled"] for o in [report["base"], *report["ddpo"]]] == [0, 32, 64]
+    assert [o["stage"] for o in report["raft"]] == [1] and report["shown_stage"] == 1
+    for line in out[-2:]:  # the JSON's gaps are the printed ones
+        name, value = line.split(": ")
+        assert value == ("nan" if report[name] is None else f"{report[name]:+.3f}")
+    assert [line.split(": ")[0] for line in out[-2:]] == ["gold_vs_ddpo_at_equal_proxy", "gold_vs_ddpo_at_equal_diversity"]
+
+
+def test_compare_reads_ddpo_at_each_stages_diversity_and_proxy():
+    from bench_ddpo import compare
+
+    base = {"diversity_ratio": 1.0, "proxy_rise_sd": 0.0, "gold_rise": 0.0, "cpu": 0.0}
+    ddpo = [
+        {"diversity_ratio": 0.9, "proxy_rise_sd": 0.5, "gold_rise": 0.8, "cpu": 100.0},
+        {"diversity_ratio": 0.7, "proxy_rise_sd": 1.0, "gold_rise": 1.6, "cpu": 200.0},
+    ]
+    raft = [
+        {"stage": 1, "diversity_ratio": 0.8, "proxy_rise_sd": 0.75, "gold_rise": 1.0},
+        {"stage": 2, "diversity_ratio": 0.75, "proxy_rise_sd": 1.2, "gold_rise": 1.5},  # past DDPO's proxy
+    ]
+    gaps = compare([base, *ddpo], raft, shown=1)
+    one, two = raft
+    # stage 1: diversity 0.8 is half way from DDPO's 0.9 to 0.7 (gold 1.2, proxy 0.75, 150 CPU s), and proxy 0.75 is
+    # half way from 0.5 to 1.0 (the same point)
+    assert one["ddpo_at_diversity"] == pytest.approx({"gold_rise": 1.2, "proxy_rise_sd": 0.75, "cpu": 150.0})
+    assert one["ddpo_at_proxy"] == pytest.approx({"gold_rise": 1.2, "diversity_ratio": 0.8, "cpu": 150.0})
+    assert gaps == pytest.approx({"gold_vs_ddpo_at_equal_diversity": -0.2, "gold_vs_ddpo_at_equal_proxy": -0.2})
+    # stage 2: diversity 0.75 is 3/4 of the way from 0.9 to 0.7 (gold 1.4); DDPO never rose 1.2 sd
+    assert two["ddpo_at_diversity"]["gold_rise"] == pytest.approx(1.4)
+    assert two["ddpo_at_proxy"] == {"gold_rise": None, "diversity_ratio": None, "cpu": None}
+    gaps = compare([base, *ddpo], raft, shown=2)
+    assert gaps["gold_vs_ddpo_at_equal_diversity"] == pytest.approx(0.1) and gaps["gold_vs_ddpo_at_equal_proxy"] is None
+    assert compare([base, *ddpo], raft, shown=3) == {"gold_vs_ddpo_at_equal_diversity": None,
+                                                      "gold_vs_ddpo_at_equal_proxy": None}  # fmt: skip
