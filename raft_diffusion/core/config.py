@@ -48,6 +48,10 @@ class RankingConfig:
     threshold: float = option(0.0, "minimum ranking key kept in threshold mode")
     max_kept: int | None = option(None, "after the mode's selection keep at most this many, best first")
     kl_beta: float = option(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
+    skip_top: int = option(
+        0,
+        "local mode: leave each prompt's best N samples by ranking key out of the pick (neither kept nor negatives) and keep the next top_k: a proxy reward parts from what it stands for most in its far tail, so this trades some reward per stage for more of the true quality per unit of reward (docs/ranking-and-training.md); 0 = off",
+    )
     replay_top_k: int = option(
         0,
         "online mode: also train each stage on the best N per prompt, by reward, of the samples earlier stages of the run kept (a replay of the best so far, read back from their stage folders); 0 = off",
@@ -114,6 +118,20 @@ class BaseConfig:
                 r.top_k <= s.num_per_prompt,
                 f"ranking.top_k={r.top_k} keeps more than the sampling.num_per_prompt={s.num_per_prompt} {self.sample_noun} "
                 "generated per prompt; lower ranking.top_k or raise sampling.num_per_prompt",
+            )
+        need(
+            isinstance(r.skip_top, int) and not isinstance(r.skip_top, bool) and r.skip_top >= 0,
+            f"ranking.skip_top must be an integer >= 0 (got {r.skip_top!r})",
+        )
+        need(
+            not r.skip_top or r.mode == "local",
+            f"ranking.skip_top leaves out each prompt's best samples, so it needs ranking.mode=local (got {r.mode!r}); set ranking.skip_top=0",
+        )
+        if r.skip_top and s.external_pool is None:
+            need(
+                r.top_k + r.skip_top < s.num_per_prompt,
+                f"ranking.skip_top={r.skip_top} with ranking.top_k={r.top_k} leaves out and keeps all the sampling.num_per_prompt="
+                f"{s.num_per_prompt} {self.sample_noun} of a prompt; lower ranking.skip_top or raise sampling.num_per_prompt",
             )
         need(0 < r.top_ratio <= 1, f"ranking.top_ratio must be in (0, 1] (got {r.top_ratio})")
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")

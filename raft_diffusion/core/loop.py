@@ -214,8 +214,10 @@ def _merge_pools(cfg, local: StreamingPool, total: int, dist: Dist) -> Streaming
     A sample that is not among its own process's candidates has enough better samples there to be
     excluded from the global selection too, so the merged selection equals one process's. A spread-out or novelty
     pick (``ranking.diversity_weight``, ``novelty_weight``) has no such local cut: every local sample stays a candidate.
+    With ``ranking.skip_top`` each process's heap already holds its best ``top_k + skip_top`` per prompt, which the merged
+    pool leaves out of and picks from; the skip itself waits for the merged counts.
     """
-    if not (local.spread or local.deferred):  # a spread pick or a rising threshold needs every process's samples
+    if not (local.spread or local.deferred or local.skip_top):  # these need every process's samples first
         local.kept()
     local.restore_negative_payloads()  # ranking.negative_k: the local worst go along with their payloads
     for s in local.records:

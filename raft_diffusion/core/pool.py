@@ -8,7 +8,9 @@ sample's payload is held until :meth:`StreamingPool.kept`. A threshold that rise
 (``ranking.threshold_quantile``) is known only once the stage is complete: the pool holds what reaches
 ``ranking.threshold`` and cuts at the stage's quantile in :meth:`StreamingPool.kept`. With
 ``ranking.negative_k`` m > 0 (``local`` mode) the pool also holds, per prompt, the payloads of its ``m + top_k``
-lowest-keyed samples, of which :meth:`StreamingPool.negatives` returns the ``m`` worst not kept.
+(+ ``skip_top``) lowest-keyed samples, of which :meth:`StreamingPool.negatives` returns the ``m`` worst not kept and
+not skipped. With ``ranking.skip_top`` n a prompt's heap holds ``top_k + n`` candidates and :meth:`StreamingPool.kept`
+leaves out its best ``n`` (fewer when the prompt has under ``top_k + n`` valid samples: :func:`~.ranking.skip_count`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import heapq
 from collections.abc import Iterable
 
 from .common import summary
-from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, stage_threshold, uses_embeddings
+from .ranking import check_diverse, diverse_pick, global_count, is_nan, order_key, sample_key, skip_count, stage_threshold, uses_embeddings
 from .types import Sample
 
 
@@ -45,6 +47,9 @@ class StreamingPool:
         # are among them); items ((-key, -sample index), sample, payload), the best of them on top of the heap
         self.negative_k = int(getattr(ranking, "negative_k", 0) or 0)
         self._bottom: dict[int, list] = {}
+        # ranking.skip_top: each prompt's best n valid samples are left out of the pick (counted per prompt)
+        self.skip_top = int(getattr(ranking, "skip_top", 0) or 0)
+        self._valid: dict[int, int] = {}
 
     def _slot_capacity(self) -> int | None:
         r = self.ranking
@@ -52,7 +57,7 @@ class StreamingPool:
             check_diverse(r.mode, True)
             return None  # the greedy spread pick needs every candidate of the prompt
         if r.mode == "local":
-            return r.top_k
+            return r.top_k + int(getattr(r, "skip_top", 0) or 0)
         if r.mode == "global":
             cap = global_count(self.expected_total, r.top_ratio)
             return cap if r.max_kept is None else min(cap, r.max_kept)
@@ -67,6 +72,8 @@ class StreamingPool:
             key = sample_key(s, self.ranking.kl_beta)
             if self.negative_k and not is_nan(key):
                 self._add_bottom(s, key)
+            if self.skip_top and not is_nan(key):
+                self._valid[s.prompt_index] = self._valid.get(s.prompt_index, 0) + 1
             if is_nan(key) or (self.ranking.mode == "threshold" and key < self.ranking.threshold):
                 s.payload = None
                 continue
@@ -87,7 +94,7 @@ class StreamingPool:
     def _add_bottom(self, s: Sample, key: float) -> None:
         heap = self._bottom.setdefault(s.prompt_index, [])
         item = ((-key, -s.sample_index), s, s.payload)
-        if len(heap) < self.negative_k + self.ranking.top_k:
+        if len(heap) < self.negative_k + self.ranking.top_k + self.skip_top:
             heapq.heappush(heap, item)
         elif item[0] > heap[0][0]:
             heapq.heapreplace(heap, item)
@@ -110,7 +117,7 @@ class StreamingPool:
         out = []
         for p in sorted(self._bottom):
             items = sorted(self._bottom[p], key=lambda it: it[0], reverse=True)  # worst first
-            chosen = [(s, payload) for _, s, payload in items if not s.extras.get("kept")][: self.negative_k]
+            chosen = [(s, payload) for _, s, payload in items if not (s.extras.get("kept") or s.extras.get("skipped"))][: self.negative_k]
             for s, payload in chosen:
                 s.payload = payload
                 s.extras["negative"] = True
@@ -150,6 +157,7 @@ class StreamingPool:
         for slot, heap in self._heaps.items():
             items = sorted(heap, key=lambda it: it[0], reverse=True)
             gains: list[float] = []
+            skip = self._mark_skipped(items, len(items))
             picks = set(
                 diverse_pick(
                     [it[0][0] for it in items],
@@ -158,6 +166,7 @@ class StreamingPool:
                     self.ranking.diversity_weight,
                     getattr(self.ranking, "novelty_weight", 0.0),
                     gains,
+                    skip=skip,
                 )
             )
             for (_, s), g in zip(items, gains):
@@ -168,10 +177,32 @@ class StreamingPool:
                     s.payload = None
             self._heaps[slot] = [it for j, it in enumerate(items) if j in picks]
 
+    def _mark_skipped(self, items: list, n_valid: int) -> int:
+        """``ranking.skip_top``: mark the first of a prompt's candidates ``items`` (best first) that the pick leaves out
+        (``skipped`` in their extras) and return how many; the prompt has ``n_valid`` valid samples in all."""
+        skip = skip_count(n_valid, self.ranking.top_k, self.skip_top)
+        for _, s in items[:skip]:
+            s.extras["skipped"] = True
+        return skip
+
+    def _skip_heaps(self) -> None:
+        """``ranking.skip_top`` with a plain local pick: each prompt's heap (its best ``top_k + skip_top``) loses its best
+        :func:`~.ranking.skip_count`, payloads dropped."""
+        for p, heap in self._heaps.items():
+            items = sorted(heap, key=lambda it: it[0], reverse=True)
+            skip = self._mark_skipped(items, self._valid.get(p, 0))
+            for _, s in items[:skip]:
+                self._held -= s.payload is not None
+                s.payload = None
+            self._heaps[p] = items[skip:]
+
     def kept(self) -> list[Sample]:
-        """The selection, best first; also marks ``kept`` in every record's extras."""
+        """The selection, best first; also marks ``kept`` in every record's extras (and ``skipped`` in those
+        ``ranking.skip_top`` left out)."""
         if self.spread:
             self._spread_heaps()
+        elif self.skip_top:
+            self._skip_heaps()
         items = sorted((it for heap in self._heaps.values() for it in heap), key=lambda it: it[0], reverse=True)
         if self.ranking.mode == "threshold":
             r = self.ranking

@@ -25,6 +25,12 @@ With ``novelty_weight`` v > 0 (``local`` mode only) each eligible sample's key i
 good samples where the model puts little mass over equally good ones where it crowds: a model fine-tuned on
 its own best samples otherwise collapses onto its best mode stage after stage.
 
+With ``skip_top`` n > 0 (``local`` mode only) the ``n`` best samples of each prompt's pool by key are left out
+before the pick: neither kept nor negatives, though they still count in the novelty term's distances. A proxy
+reward parts from what it stands for most in its far tail, so a prompt's single best sample is often the one
+that overshoots (on the toy world, subjects larger than the gold aesthetic wants); a prompt with fewer than
+``n + top_k`` valid samples skips only as many as leave it ``top_k`` (:func:`skip_count`).
+
 The ranking key is the reward, or ``reward - beta * log(p_theta / p_base)`` when ``kl_beta > 0``
 and the generator supplied the log-ratio. NaN keys, and samples a task marked ``discarded`` (an LLM
 filter, a diffusion prompt-match gate), are never selected. Ties break towards the
@@ -83,14 +89,23 @@ def stage_threshold(keys: Sequence[float], threshold: float, quantile: float | N
     return cut if cap is None else min(cut, cap)
 
 
-def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0, gains: list | None = None) -> list[int]:
+def skip_count(n: int, top_k: int, skip_top: int) -> int:
+    """``ranking.skip_top``: how many of a prompt's ``n`` valid samples, best first, are left out before its pick:
+    ``skip_top``, or fewer where that would leave under ``top_k``."""
+    return max(0, min(skip_top, n - top_k))
+
+
+def diverse_pick(
+    keys: Sequence[float], embeddings, k: int, weight: float, novelty: float = 0.0, gains: list | None = None, skip: int = 0
+) -> list[int]:
     """Greedy spread-out top ``k`` of one group whose items come best first: positions into ``keys``.
 
     With ``novelty`` > 0 each item's gain is first raised by ``novelty * mean(1 - cos)`` to the group's
     other items (a sample in a crowded part of the pool gains little); then the first pick is the best gain and
     each next one maximises ``gain + weight * mean(1 - cos)`` to the picks so far. With ``weight`` 0 this is the
     plain top ``k`` by gain. Ties go to the earlier (better-ranked) item, so the result is deterministic. A list
-    passed as ``gains`` receives every item's gain (its key raised by the novelty term), in the items' order.
+    passed as ``gains`` receives every item's gain (its key raised by the novelty term), in the items' order. The
+    first ``skip`` items (``ranking.skip_top``) are never picked, but count in the novelty term.
     """
     n = len(keys)
     if not n:
@@ -108,9 +123,12 @@ def diverse_pick(keys: Sequence[float], embeddings, k: int, weight: float, novel
     if gains is not None:
         gains[:] = gain.tolist()
     dist_sum = torch.zeros_like(gain)
-    picked = [int(gain.argmax())]
     free = torch.ones_like(gain, dtype=torch.bool)
-    while len(picked) < min(k, n):
+    free[:skip] = False
+    if not free.any():
+        return []
+    picked = [int(torch.where(free, gain, torch.tensor(-math.inf, dtype=torch.float64)).argmax())]
+    while len(picked) < min(k, n - skip):
         last = picked[-1]
         free[last] = False
         dist_sum += dist[:, last]
@@ -134,30 +152,33 @@ def select(
     novelty_weight: float = 0.0,
     threshold_quantile: float | None = None,
     threshold_max: float | None = None,
+    skip_top: int = 0,
+    skipped: list | None = None,
 ) -> list[int]:
-    """Reference (non-streaming) selection: indices of kept items, best first."""
+    """Reference (non-streaming) selection: indices of kept items, best first. A list passed as ``skipped``
+    receives the indices ``skip_top`` left out."""
     if mode not in MODES:
         raise ValueError(f"unknown ranking mode {mode!r}; choose one of {', '.join(MODES)}")
+    if skip_top and mode != "local":
+        raise ConfigError(f"ranking.skip_top leaves out each prompt's best samples, so it needs ranking.mode=local (got {mode!r})")
     valid = [i for i, k in enumerate(keys) if not is_nan(k)]
     best_first = sorted(valid, key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
+    groups: dict[int, list[int]] = {}
+    for i in best_first:
+        groups.setdefault(prompt_indices[i], []).append(i)
+    skips = {p: skip_count(len(members), top_k, skip_top) for p, members in groups.items()}
+    if skipped is not None:
+        skipped[:] = [i for p, members in groups.items() for i in members[: skips[p]]]
     if diversity_weight or novelty_weight:
         check_diverse(mode, embeddings is not None)
-        groups: dict[int, list[int]] = {}
-        for i in best_first:
-            groups.setdefault(prompt_indices[i], []).append(i)
         chosen = []
-        for members in groups.values():
-            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight, novelty_weight)
+        for p, members in groups.items():
+            picks = diverse_pick([keys[i] for i in members], [embeddings[i] for i in members], top_k, diversity_weight, novelty_weight, skip=skips[p])
             chosen += [members[j] for j in picks]
         chosen.sort(key=lambda i: order_key(keys[i], prompt_indices[i], sample_indices[i]), reverse=True)
     elif mode == "local":
-        taken: dict[int, int] = {}
-        chosen = []
-        for i in best_first:
-            p = prompt_indices[i]
-            if taken.get(p, 0) < top_k:
-                taken[p] = taken.get(p, 0) + 1
-                chosen.append(i)
+        picked = {i for p, members in groups.items() for i in members[skips[p] : skips[p] + top_k]}
+        chosen = [i for i in best_first if i in picked]
     elif mode == "global":
         chosen = best_first[: global_count(len(keys), top_ratio)]
     else:
@@ -205,6 +226,7 @@ def select_samples(samples: Sequence[Sample], ranking) -> list[Sample]:
         novelty_weight=nw,
         threshold_quantile=getattr(ranking, "threshold_quantile", None),
         threshold_max=getattr(ranking, "threshold_max", None),
+        skip_top=getattr(ranking, "skip_top", 0),
     )
     return [samples[i] for i in idx]
 
@@ -228,7 +250,7 @@ def select_negatives(
     keys: Sequence[float], prompt_indices: Sequence[int], sample_indices: Sequence[int], m: int, exclude: Sequence[int] = ()
 ) -> list[int]:
     """Reference pick of ``ranking.negative_k``: per prompt, the ``m`` items with the lowest ranking key (the worst
-    samples of its pool), never an item in ``exclude`` (the kept ones) and never a NaN key (no score, or discarded).
+    samples of its pool), never an item in ``exclude`` (the kept ones, and those ``skip_top`` left out) and never a NaN key (no score, or discarded).
     Positions into ``keys``, prompts in increasing order, worst first within a prompt; equal keys go to the lower
     sample index."""
     skip = set(exclude)

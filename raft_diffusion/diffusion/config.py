@@ -103,7 +103,9 @@ class SamplingConfig:
         None,
         "SD 1.x/2.x (DDIMScheduler, DDPMScheduler) and SD3 (FlowMatchEulerDiscreteScheduler): after this many of the pool's denoising steps, judge each prompt's samples by the image the scheduler predicts at that step, with the ranking's own rule (ranking.prompt_match, the reward, novelty_weight and diversity_weight), and finish only the best sampling.prune_keep; the others are discarded (samples.jsonl: pruned_at_step, provisional_reward; they are not scored again). null = every sample is finished",
     )
-    prune_keep: int | None = _f(None, "with sampling.prune_step: samples per prompt finished (at least ranking.top_k, fewer than num_per_prompt)")
+    prune_keep: int | None = _f(
+        None, "with sampling.prune_step: samples per prompt finished (at least ranking.top_k + ranking.skip_top, fewer than num_per_prompt)"
+    )
 
 
 @dataclass
@@ -341,10 +343,10 @@ class RaftConfig(core.BaseConfig):
                 isinstance(s.prune_step, int) and 1 <= s.prune_step < s.num_inference_steps,
                 f"sampling.prune_step must be an integer in 1..{s.num_inference_steps - 1} (sampling.num_inference_steps - 1), got {s.prune_step!r}",
             )
-            low = r.top_k if r.mode == "local" else 1
+            low = r.top_k + r.skip_top if r.mode == "local" else 1
             need(
                 isinstance(s.prune_keep, int) and low <= s.prune_keep < s.num_per_prompt,
-                f"sampling.prune_keep must be an integer from {low} ({'ranking.top_k' if r.mode == 'local' else 'one'}) to "
+                f"sampling.prune_keep must be an integer from {low} ({('ranking.top_k + ranking.skip_top' if r.skip_top else 'ranking.top_k') if r.mode == 'local' else 'one'}) to "
                 f"{s.num_per_prompt - 1} (fewer than sampling.num_per_prompt, or nothing is pruned), got {s.prune_keep!r}",
             )
             need(
