@@ -319,11 +319,11 @@ def merge_two_processes(ranking, samples, size, per_process):
     return _merge_pools(cfg, halves[0], size, _Gather([h.records for h in halves]))
 
 
-@pytest.mark.parametrize("w, v", [(0.0, 0.0), (3.0, 0.0), (0.0, 4.0)])
-def test_merged_pools_of_two_processes_select_what_one_does(w, v):
-    """Each process streams half of every prompt's samples; the merged pick equals one pool's, payloads included."""
-    rnd = random.Random(7)
-    P, K, k = 3, 8, 3
+def one_and_merged(ranking, seed, P=3, K=8):
+    """A random pool of ``P`` prompts x ``K`` samples (rewards, 4-d embeddings) picked by one process's pool and by
+    two processes' merged pools (process ``rank`` gets samples ``rank*K/2 ..`` of every prompt). Returns the rewards,
+    the embeddings, one pool's kept ``(prompt, sample)`` ids best first, and the merged pool's kept samples."""
+    rnd = random.Random(seed)
     rewards = [rnd.uniform(0, 1) for _ in range(P * K)]
     embs = [[rnd.uniform(-1, 1) for _ in range(4)] for _ in range(P * K)]
 
@@ -333,12 +333,17 @@ def test_merged_pools_of_two_processes_select_what_one_does(w, v):
             s.embedding = e
         return out
 
-    ranking = R("local", top_k=k, diversity_weight=w, novelty_weight=v)
     one = StreamingPool(ranking, P * K)
     one.add(fresh())
     want = [(s.prompt_index, s.sample_index) for s in one.kept()]
-    merged = merge_two_processes(ranking, fresh, P * K, 4)  # process `rank` gets samples rank*4 .. rank*4+3 of every prompt
-    kept = merged.kept()
+    return rewards, embs, want, merge_two_processes(ranking, fresh, P * K, K // 2).kept()
+
+
+@pytest.mark.parametrize("w, v", [(0.0, 0.0), (3.0, 0.0), (0.0, 4.0)])
+def test_merged_pools_of_two_processes_select_what_one_does(w, v):
+    """Each process streams half of every prompt's samples; the merged pick equals one pool's, payloads included."""
+    P, K, k = 3, 8, 3
+    rewards, _, want, kept = one_and_merged(R("local", top_k=k, diversity_weight=w, novelty_weight=v), 7, P, K)
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
     if w or v:  # the spread-out or novelty pick differs from the plain top k here, so the test covers what it is about

@@ -1,14 +1,13 @@
 """ranking.skip_top: each prompt's best samples left out of the pick, against brute-force references."""
 
 import math
-import random
 from types import SimpleNamespace
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_core_loop import ScalarTask, _cfg
-from test_core_ranking import R, brute_negatives, make, merge_two_processes, reward_lists
+from test_core_ranking import R, brute_negatives, make, one_and_merged, reward_lists
 
 from raft_diffusion.core.errors import ConfigError
 from raft_diffusion.core.loop import run_raft
@@ -55,6 +54,16 @@ def brute(rewards, P, K, k, skip, embs=None, w=0.0, v=0.0):
 
 def ids(samples):
     return {(s.prompt_index, s.sample_index) for s in samples}
+
+
+def reference(samples, k, skip, **pick):
+    """The reference ``select`` on ``samples`` (local mode): the kept ``(prompt, sample)`` ids best first, and the
+    skipped ones."""
+    skipped: list[int] = []
+    cols = ([s.reward for s in samples], [s.prompt_index for s in samples], [s.sample_index for s in samples])
+    kept = select(*cols, mode="local", top_k=k, skip_top=skip, skipped=skipped, **pick)
+    at = [(s.prompt_index, s.sample_index) for s in samples]
+    return [at[i] for i in kept], [at[i] for i in skipped]
 
 
 def test_skip_count_by_hand():
@@ -112,18 +121,9 @@ def test_plain_pool_equals_bruteforce(data, k, skip, batch, rnd):
     assert {(s.prompt_index, s.sample_index) for s in pool.records if s.extras.get("skipped")} == want_skipped
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
     assert pool.num_payloads_held() == len(kept) == sum(s.payload is not None for s in pool.records)
-    skipped: list[int] = []
-    ref = select(
-        [s.reward for s in samples],
-        [s.prompt_index for s in samples],
-        [s.sample_index for s in samples],
-        mode="local",
-        top_k=k,
-        skip_top=skip,
-        skipped=skipped,
-    )
-    assert [(samples[i].prompt_index, samples[i].sample_index) for i in ref] == [(s.prompt_index, s.sample_index) for s in kept]
-    assert {(samples[i].prompt_index, samples[i].sample_index) for i in skipped} == want_skipped
+    ref, skipped = reference(samples, k, skip)
+    assert ref == [(s.prompt_index, s.sample_index) for s in kept]
+    assert set(skipped) == want_skipped
 
 
 @settings(max_examples=100, deadline=None)
@@ -148,18 +148,9 @@ def test_diverse_pool_equals_bruteforce(data, k, skip, wv, rnd):
     want_kept, want_skipped = brute(rewards, P, K, k, skip, embs, w, v)
     assert ids(kept) == want_kept
     assert {(s.prompt_index, s.sample_index) for s in pool.records if s.extras.get("skipped")} == want_skipped
-    ref = select(
-        [s.reward for s in samples],
-        [s.prompt_index for s in samples],
-        [s.sample_index for s in samples],
-        mode="local",
-        top_k=k,
-        diversity_weight=w,
-        novelty_weight=v,
-        embeddings=embs,
-        skip_top=skip,
-    )
-    assert {(samples[i].prompt_index, samples[i].sample_index) for i in ref} == want_kept
+    ref, skipped = reference(samples, k, skip, diversity_weight=w, novelty_weight=v, embeddings=embs)
+    assert set(ref) == want_kept
+    assert set(skipped) == want_skipped
 
 
 @settings(max_examples=100, deadline=None)
@@ -191,23 +182,8 @@ def test_negatives_are_never_skipped_or_kept(data, k, skip, m, spread, rnd):
 def test_merged_pools_of_two_processes_skip_what_one_does(w, v):
     """Each process streams half of every prompt's samples and does not skip on its own: the merged pool leaves out
     the same best samples as one pool and keeps the same ones, with their payloads."""
-    rnd = random.Random(11)
     P, K, k = 3, 8, 2
-    rewards = [rnd.uniform(0, 1) for _ in range(P * K)]
-    embs = [[rnd.uniform(-1, 1) for _ in range(4)] for _ in range(P * K)]
-
-    def fresh():
-        out = make(rewards, P, K)
-        for s, e in zip(out, embs):
-            s.embedding = e
-        return out
-
-    r = ranking(k, 2, w, v)
-    one = StreamingPool(r, P * K)
-    one.add(fresh())
-    want = [(s.prompt_index, s.sample_index) for s in one.kept()]
-    merged = merge_two_processes(r, fresh, P * K, 4)
-    kept = merged.kept()
+    rewards, embs, want, kept = one_and_merged(ranking(k, 2, w, v), 11, P, K)
     assert [(s.prompt_index, s.sample_index) for s in kept] == want
     assert all(s.payload == ("img", s.prompt_index, s.sample_index) for s in kept)
     assert ids(kept) == brute(rewards, P, K, k, 2, embs if (w or v) else None, w, v)[0]
