@@ -63,6 +63,10 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["ranking.prompt_match=0", "eval.clip_model=tiny"], "ranking.prompt_match must be an integer >= 1 or null (got 0)"),
         ({}, ["ranking.prompt_match=0.5", "eval.clip_model=tiny"], "ranking.prompt_match must be an integer, got 0.5"),
         ({}, ["ranking.prompt_match=1"], "ranking.prompt_match needs eval.clip_model"),
+        ({}, ["ranking.skip_top=true"], "ranking.skip_top must be an integer, got true"),
+        ({}, ["num_stages=false"], "num_stages must be an integer, got false"),
+        ({}, ["train.learning_rate=true"], "train.learning_rate must be a number, got true"),
+        ({"ranking": {"prompt_match": True}}, ["eval.clip_model=tiny"], "ranking.prompt_match must be an integer, got true"),
     ],
 )
 def test_bad_config_is_one_clear_line(data, overrides, message):

@@ -309,6 +309,8 @@ def _coerce(value: Any, tp, key: str) -> Any:
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if scalar is str:
         return value if isinstance(value, str) else str(value)
+    if isinstance(value, bool):  # int(True) is 1: `num_stages=true` would otherwise run one stage without a word
+        raise ConfigError(f"{key} must be {'an integer' if scalar is int else 'a number'}, got {str(value).lower()}")
     try:
         out = scalar(value)
     except (TypeError, ValueError):
