@@ -40,6 +40,9 @@ class StreamingPool:
         # threshold rising with the pool: the cut needs every key of the stage (see kept())
         self.deferred = ranking.mode == "threshold" and getattr(ranking, "threshold_quantile", None) is not None
         self.cut: float | None = None  # the threshold kept() applied (threshold mode)
+        # ranking.skip_top: each prompt's best n valid samples are left out of the pick (counted per prompt)
+        self.skip_top = int(getattr(ranking, "skip_top", 0) or 0)
+        self._valid: dict[int, int] = {}
         self._capacity = self._slot_capacity()
         self._held = 0  # payloads currently in the heaps
         self.max_payloads_held = 0
@@ -47,9 +50,6 @@ class StreamingPool:
         # are among them); items ((-key, -sample index), sample, payload), the best of them on top of the heap
         self.negative_k = int(getattr(ranking, "negative_k", 0) or 0)
         self._bottom: dict[int, list] = {}
-        # ranking.skip_top: each prompt's best n valid samples are left out of the pick (counted per prompt)
-        self.skip_top = int(getattr(ranking, "skip_top", 0) or 0)
-        self._valid: dict[int, int] = {}
 
     def _slot_capacity(self) -> int | None:
         r = self.ranking
@@ -57,7 +57,7 @@ class StreamingPool:
             check_diverse(r.mode, True)
             return None  # the greedy spread pick needs every candidate of the prompt
         if r.mode == "local":
-            return r.top_k + int(getattr(r, "skip_top", 0) or 0)
+            return r.top_k + self.skip_top
         if r.mode == "global":
             cap = global_count(self.expected_total, r.top_ratio)
             return cap if r.max_kept is None else min(cap, r.max_kept)
