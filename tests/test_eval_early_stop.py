@@ -85,6 +85,31 @@ def test_diversity_floor_and_best_stage_above_the_floors():
     assert stopper.best_stage(rows_of([0.1, 0.4, 0.3], div=[0.2, 0.01, 0.02])) == 1
 
 
+def test_floor_patience_stops_only_after_stages_in_a_row_under_a_floor():
+    div = [1.0, 0.9, 0.69, 0.75, 0.6, 0.5]
+    rows = rows_of([0.1, 0.4, 0.6, 0.7, 0.8, 0.9], div=div)
+    floor = [("eval_diversity", "diversity", 0.7)]
+    assert first_stop(EarlyStopper(floors=floor), rows)[0] == 2  # patience 1: the first dip
+    stopper = EarlyStopper(floors=floor, floor_patience=2)
+    stage, reason = first_stop(stopper, rows)
+    assert stage == 5  # stage 2's dip is followed by a pass; stages 4 and 5 are both under
+    assert reason == (
+        "diversity eval_diversity 0.5 at stage 5 fell below 0.7 x the base model's 1 (= 0.7); "
+        "under a floor at stages 4, 5 in a row (early_stop.floor_patience 2)"
+    )
+    assert stopper.best_stage(rows) == 3  # the best stage above the floor, as with patience 1
+    assert first_stop(EarlyStopper(floors=floor, floor_patience=3), rows) == (None, None)
+    # after each stage: must the next one be evaluated in full? only right after a stage under the floor
+    assert [stopper.floor_recheck(rows[: n + 1]) for n in range(6)] == [False, False, True, False, True, True]
+    assert not any(EarlyStopper(floors=floor).floor_recheck(rows[: n + 1]) for n in range(6))
+    # unevaluated stages in between do not break a stretch: stages 2 and 4 were evaluated, both under
+    gaps = rows_of([0.1, 0.4, 0.6, 0.7, 0.8], div=[1.0, 0.9, 0.6, None, 0.65])
+    assert first_stop(stopper, [r for r in gaps if r.get("eval_diversity") is not None or r["stage"] != 3])[0] == 4
+    # a run that ends on a dip it could not ride out
+    assert stopper.ended_under_floor(rows[:5]).endswith("the run ended before 2 evaluated stages in a row were (early_stop.floor_patience 2)")
+    assert stopper.ended_under_floor(rows[:4]) is None and EarlyStopper(floors=floor).ended_under_floor(rows[:3]) is None
+
+
 def test_best_stage_ties_go_to_the_earlier_stage_and_skip_the_base():
     rows = rows_of([5.0, 0.3, 0.7, 0.7])
     assert EarlyStopper(patience=1).best_stage(rows) == 2
@@ -111,6 +136,12 @@ def test_floors_are_skipped_without_a_positive_base_value():
         (["early_stop.metric=reward_mean"], "early_stop.metric must be a held-out metric"),
         (["early_stop.patience=2", "eval.every=0"], "early_stop needs held-out evaluation"),
         (["early_stop.min_delta=-1"], "early_stop.min_delta must be >= 0"),
+        (["early_stop.floor_patience=0"], "early_stop.floor_patience must be an integer >= 1 (got 0)"),
+        (
+            ["early_stop.floor_patience=2", "early_stop.patience=3"],
+            "early_stop.floor_patience=2 counts evaluated stages under a floor, but no floor is set: set "
+            "early_stop.min_fidelity_ratio or early_stop.min_diversity_ratio, or leave early_stop.floor_patience at 1",
+        ),
     ],
 )
 def test_config_validation(overrides, message):
@@ -127,7 +158,7 @@ def test_config_fields_and_help():
     assert stopper.active and stopper.patience == 3 and stopper.floors == [("eval_clip_score", "prompt fidelity", 0.9)]
     assert config_from_dict({}).stopper() is None  # opt-in
     lines = [line for line in config_help(RaftConfig) if line.startswith(("early_stop", "eval.clip"))]
-    assert len(lines) == 11 and all(line.split(": ", 1)[1] for line in lines)
+    assert len(lines) == 12 and all(line.split(": ", 1)[1] for line in lines)
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -306,6 +337,34 @@ def test_fallback_evaluates_the_stages_since_the_last_evaluation(tmp_path):
     assert read_stop(run.root)["evaluated_after_stop"] == [4, 5]
 
 
+def test_floor_patience_evaluates_after_a_dip_and_rides_it_out(tmp_path):
+    # eval.every=3: stage 3 dips under the floor; patience 1 stops there and falls back to stage 2
+    diversity = [1.0, 0.9, 0.8, 0.69, 0.75, 0.72, 0.71]
+    run, task, _, _ = _floored_run(tmp_path / "one", diversity)
+    assert task.evaluated == [0, 3, 2] and final_weights(run) == 2
+    # patience 2: stage 4 is evaluated at once (not on the every-3 schedule), passes, and the run goes on to stage 6
+    run, task, rows, _ = _floored_run(tmp_path / "two", diversity, "early_stop.floor_patience=2")
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and task.evaluated == [0, 3, 4, 6]
+    assert final_weights(run) == 6 and read_stop(run.root) is None
+    # stage 4 under it too: stop after 4; the fallback starts below the stretch (stage 2), as with patience 1
+    run, task, _, _ = _floored_run(tmp_path / "both", [1.0, 0.9, 0.8, 0.69, 0.6, 0.72, 0.71], "early_stop.floor_patience=2")
+    assert task.stages_run == [1, 2, 3, 4] and task.evaluated == [0, 3, 4, 2] and final_weights(run) == 2
+    assert read_stop(run.root)["reason"].endswith("under a floor at stages 3, 4 in a row (early_stop.floor_patience 2)")
+    # the last stage dips and no stage follows: final/ falls back all the same (stage 5, evaluated now: 0.95)
+    run, task, _, cfg = _floored_run(tmp_path / "last", [1.0, 0.9, 0.8, 0.75, 0.72, 0.71, 0.6], "early_stop.floor_patience=2")
+    assert task.stages_run == [1, 2, 3, 4, 5, 6] and task.evaluated == [0, 3, 6, 5] and final_weights(run) == 5
+    stop = read_stop(run.root)
+    assert stop["final_stage"] == 5 and "the run ended before 2 evaluated stages in a row" in stop["reason"]
+    # resumed with more stages, the dip is read again at once: stage 7 is evaluated in full
+    task2 = Floored(SCRIPT + [0.97], [1.0, 0.9, 0.8, 0.75, 0.72, 0.71, 0.6, 0.8])
+    cfg2 = config_from_dict(
+        {"num_stages": 7, "progress": False, "sampling": {"num_per_prompt": 2}},
+        ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7", "early_stop.floor_patience=2"],
+    )
+    run_raft(cfg2, task2, run, should_stop=cfg2.stopper())
+    assert task2.stages_run == [7] and task2.evaluated == [7] and final_weights(run) == 7 and read_stop(run.root) is None
+
+
 @pytest.mark.parametrize(
     "diversity, evaluated, expected",
     [
@@ -313,6 +372,7 @@ def test_fallback_evaluates_the_stages_since_the_last_evaluation(tmp_path):
         ({0: 1.0, 3: 0.5, 6: 0.4}, [0, 3, 6], [2, 1]),  # the first failure is stage 3: back to the base
         ({0: 1.0, 3: 0.8, 6: 0.9}, [0, 3, 6], []),  # nothing fails (a patience stop): nothing to do
         ({0: 1.0, 2: 0.8, 3: 0.9, 6: 0.1}, [0, 2, 3, 6], [5, 4]),  # unevaluated stages before the last pass stay
+        ({0: 1.0, 3: 0.5, 4: 0.8, 6: 0.4}, [0, 3, 4, 6], [5]),  # a dip ridden out (floor_patience): after its pass
     ],
 )
 def test_skipped_stages_against_brute_force(diversity, evaluated, expected):
@@ -321,8 +381,9 @@ def test_skipped_stages_against_brute_force(diversity, evaluated, expected):
     def passes(r):
         return r["eval_diversity"] >= 0.7
 
-    # brute force: walk back from the first evaluated failure to the evaluation before it
-    first_fail = min((s for s in evaluated if s >= 1 and not passes(rows[s])), default=None)
+    # brute force: walk back from the first evaluated failure since the last pass to the evaluation before it
+    last_ok = max(s for s in evaluated if passes(rows[s]))
+    first_fail = min((s for s in evaluated if s > last_ok and not passes(rows[s])), default=None)
     brute = []
     if first_fail is not None:
         last_ok = max(s for s in evaluated if s < first_fail)

@@ -67,6 +67,10 @@ class EarlyStopConfig:
         None,
         "stop at the first evaluated stage, above the floors, whose early_stop.metric has risen by this many of the base model's per-sample stds (eval_reward_std for eval_reward_mean), e.g. 1.0; final/ = that stage. With eval.screen_per_prompt the stages between evaluations are screened and one near the target is evaluated at once; null = no target",
     )
+    floor_patience: int = option(
+        1,
+        "stop only when this many evaluated stages in a row are under a floor (the kind's min_..._ratio settings); a stage under one is then followed by a full evaluation of the next, and final/ is still the best stage above the floors. 1 = stop at the first stage under a floor; 2 rides out a dip under a floor that one evaluation reads and the next does not",
+    )
     screen_band_se: float = option(
         2.0,
         "with early_stop.target_rise_sd and eval.screen_per_prompt: a screened stage is evaluated in full when its estimate of the held-out metric plus this many of the estimate's standard errors reaches the target (fewer: fewer full evaluations that fall short, more stages at the target missed by their screen)",
@@ -147,6 +151,16 @@ class BaseConfig:
         )
         need(e.num_per_prompt >= 1 and e.every >= 0, "eval.num_per_prompt must be >= 1 and eval.every >= 0")
         need(es.patience is None or es.patience >= 1, f"early_stop.patience must be >= 1 or null (got {es.patience})")
+        need(
+            isinstance(es.floor_patience, int) and es.floor_patience >= 1,
+            f"early_stop.floor_patience must be an integer >= 1 (got {es.floor_patience!r})",
+        )
+        floor_keys = [key for key, *_ in self.floor_settings()]
+        need(
+            es.floor_patience == 1 or any(r is not None for *_, r in self.floor_settings()),
+            f"early_stop.floor_patience={es.floor_patience} counts evaluated stages under a floor, but no floor is set: "
+            f"set {' or '.join('early_stop.' + k for k in floor_keys) or 'a floor'}, or leave early_stop.floor_patience at 1",
+        )
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
         need(
             es.target_rise_sd is None or (isinstance(es.target_rise_sd, (int, float)) and es.target_rise_sd > 0),
@@ -229,6 +243,7 @@ class BaseConfig:
             floors=floors,
             target_rise_sd=es.target_rise_sd,
             screen_band_se=es.screen_band_se,
+            floor_patience=es.floor_patience,
         )
         return stopper if stopper.active else None
 

@@ -5,7 +5,9 @@ The rules read the ``metrics.jsonl`` rows (stage 0 = the base model) after every
 - patience: the monitored metric (``eval_reward_mean`` by default) has not improved by more than
   ``min_delta`` for ``patience`` stages (latest evaluated stage - stage of the best value >= patience);
 - floors: the latest value of a metric is below ``ratio`` x the base model's (the kinds name theirs:
-  prompt fidelity ``eval_clip_score`` and diversity ``eval_diversity`` for diffusion, distinct-2 for LLMs);
+  prompt fidelity ``eval_clip_score`` and diversity ``eval_diversity`` for diffusion, distinct-2 for LLMs); with
+  ``floor_patience`` n > 1, only once the last n evaluated stages are each under a floor (a stage under one calls a
+  full evaluation of the next: :meth:`EarlyStopper.floor_recheck`), so one evaluation's dip does not end a run;
 - target: the latest evaluated stage, above the floors, has raised the monitored metric by ``target_rise_sd``
   of the base model's per-sample standard deviations (``eval_reward_std`` for ``eval_reward_mean``): the run has
   reached what it was asked for and stops there.
@@ -54,17 +56,20 @@ class EarlyStopper:
         floors: Sequence[tuple[str, str, float]] = (),
         target_rise_sd: float | None = None,
         screen_band_se: float = 2.0,
+        floor_patience: int = 1,
     ):
         """``floors``: (metrics.jsonl key, label for messages, ratio) for each metric that must stay
         at or above ``ratio`` x the base model's value. ``target_rise_sd``: stop once ``metric`` (a ``..._mean``)
         has risen by this many of the base model's ``..._std`` at a stage above the floors. ``screen_band_se``: how many
-        standard errors of a screen's estimate short of the target still call for a full evaluation."""
+        standard errors of a screen's estimate short of the target still call for a full evaluation. ``floor_patience``:
+        how many evaluated stages in a row must be under a floor to stop."""
         self.patience = patience
         self.metric = metric
         self.min_delta = float(min_delta)
         self.floors = [(key, label, float(ratio)) for key, label, ratio in floors]
         self.target_rise_sd = None if target_rise_sd is None else float(target_rise_sd)
         self.screen_band_se = float(screen_band_se)
+        self.floor_patience = int(floor_patience)
 
     @property
     def active(self) -> bool:
@@ -106,14 +111,13 @@ class EarlyStopper:
     def __call__(self, rows: list[dict]) -> str | None:
         """Why to stop now, or None to go on."""
         trained = [r for r in rows if not extrapolated(r)]
-        for key, label, ratio in self.floors:
-            base = self._base(rows, key)
-            latest = _latest(trained, key)
-            if base is None or latest is None or latest["stage"] == 0:
-                continue
-            v = _value(latest, key)
-            if v < ratio * base:
-                return f"{label} {key} {v:.4g} at stage {latest['stage']} fell below {ratio:g} x the base model's {base:.4g} (= {ratio * base:.4g})"
+        streak = self._floored(rows)[-self.floor_patience :]
+        if len(streak) == self.floor_patience and all(breach for _, breach in streak):
+            latest, breach = streak[-1]
+            if self.floor_patience > 1:
+                stages = ", ".join(str(r["stage"]) for r, _ in streak)
+                breach += f"; under a floor at stages {stages} in a row (early_stop.floor_patience {self.floor_patience})"
+            return breach
         if self.patience is not None:
             scored = [(r["stage"], _value(r, self.metric)) for r in trained if _value(r, self.metric) is not None]
             if len(scored) >= 2:
@@ -143,13 +147,43 @@ class EarlyStopper:
                 )
         return None
 
-    def passes_floors(self, rows: list[dict], row: dict) -> bool:
-        """Whether a stage stays at or above every configured fidelity/diversity floor (unknown = passes)."""
-        for key, _, ratio in self.floors:
+    def floor_recheck(self, rows: list[dict]) -> bool:
+        """Whether the next stage must be evaluated in full: ``floor_patience`` > 1 and the latest evaluated stage is
+        under a floor (the run went on, so the floors can only be read again by a full evaluation)."""
+        floored = self._floored(rows)
+        return self.floor_patience > 1 and bool(floored) and floored[-1][1] is not None
+
+    def ended_under_floor(self, rows: list[dict]) -> str | None:
+        """Why a run that has run all its stages must still fall back (``floor_patience`` > 1 and its last evaluated stage
+        is under a floor, too few stages in a row to have stopped it), or None."""
+        if not self.floor_recheck(rows):
+            return None
+        breach = self._floored(rows)[-1][1]
+        return (
+            f"{breach}; the run ended before {self.floor_patience} evaluated stages in a row were (early_stop.floor_patience {self.floor_patience})"
+        )
+
+    def _floored(self, rows: list[dict]) -> list[tuple[dict, str | None]]:
+        """Each trained stage (>= 1) that a floor's metric was evaluated at, as it was trained (not at a LoRA scale), in
+        order, with why it is under a floor (the first floor it misses) or None."""
+        out = []
+        for row in rows:
+            if row["stage"] < 1 or extrapolated(row) or all(_value(row, key) is None for key, _, _ in self.floors):
+                continue
+            out.append((row, self._breach(rows, row)))
+        return out
+
+    def _breach(self, rows: list[dict], row: dict) -> str | None:
+        """The first floor ``row`` is under, as a sentence, or None (unknown values and bases pass)."""
+        for key, label, ratio in self.floors:
             base, v = self._base(rows, key), _value(row, key)
             if base is not None and v is not None and v < ratio * base:
-                return False
-        return True
+                return f"{label} {key} {v:.4g} at stage {row['stage']} fell below {ratio:g} x the base model's {base:.4g} (= {ratio * base:.4g})"
+        return None
+
+    def passes_floors(self, rows: list[dict], row: dict) -> bool:
+        """Whether a stage stays at or above every configured fidelity/diversity floor (unknown = passes)."""
+        return self._breach(rows, row) is None
 
     def best_stage(self, rows: list[dict]) -> int | None:
         """The trained stage (>= 1) to keep as final/: highest metric among those above the floors

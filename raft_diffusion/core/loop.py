@@ -349,6 +349,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         # Step 5: evaluate on held-out prompts with fixed seeds; between evaluations, screen on a few of them
         # (eval.screen_per_prompt) and evaluate in full at once when the screen nears early_stop's target.
         full = bool(cfg.eval.every) and (stage % cfg.eval.every == 0 or stage == cfg.num_stages)
+        if not full and cfg.eval.every and should_stop is not None:  # early_stop.floor_patience: read the floors again
+            full = bool(dist.broadcast(should_stop.floor_recheck(rows) if main else None))
         screen_n = getattr(cfg.eval, "screen_per_prompt", 0)
         scale = 1.0
         if not full and screen_n and cfg.eval.every:
@@ -377,6 +379,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         rows = rows + [row]
         reason = dist.broadcast(should_stop(rows) if should_stop and main else None)
 
+    if not reason and should_stop is not None:  # early_stop.floor_patience: the last stage's dip had no next stage
+        reason = dist.broadcast(should_stop.ended_under_floor(rows) if main else None)
     if reason and should_stop is not None and cfg.eval.every > 1 and cfg.eval.fallback:
         rows = _evaluate_skipped(task, run, rows, should_stop, tally, dist)
     if not main:
@@ -462,11 +466,14 @@ def _screen_scales(screen_at, scales, rows, row, stopper, dist) -> tuple[bool, f
 
 def skipped_stages(rows: list[dict], passes_floors) -> list[int]:
     """The trained stages that sparse evaluation (``eval.every``) left out between the first evaluated stage that
-    fails a floor and the evaluated stage before it, newest first: the stages final/ could fall back to.
+    fails a floor since the last one that passes (the start of the run's last stretch under a floor, which
+    ``early_stop.floor_patience`` may make longer than one) and the evaluated stage before it, newest first: the
+    stages final/ could fall back to.
     ``passes_floors(row)``. A stage evaluated only with its LoRA at a scale (``early_stop.lora_scales``) that failed
     a floor there counts as left out: as trained, it may pass."""
     evaluated = [r for r in rows if "time_eval" in r and not extrapolated(r)]
-    failing = next((r["stage"] for r in evaluated if r["stage"] >= 1 and not passes_floors(r)), None)
+    last_pass = max((r["stage"] for r in evaluated if r["stage"] == 0 or passes_floors(r)), default=0)
+    failing = next((r["stage"] for r in evaluated if r["stage"] > last_pass and not passes_floors(r)), None)
     if failing is None:
         return []
     before = max((r["stage"] for r in evaluated if r["stage"] < failing), default=0)
