@@ -349,7 +349,7 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
         # Step 5: evaluate on held-out prompts with fixed seeds; between evaluations, screen on a few of them
         # (eval.screen_per_prompt) and evaluate in full at once when the screen nears early_stop's target.
         full = bool(cfg.eval.every) and (stage % cfg.eval.every == 0 or stage == cfg.num_stages)
-        if not full and cfg.eval.every and should_stop is not None:  # early_stop.floor_patience: read the floors again
+        if not full and cfg.eval.every and should_stop is not None and should_stop.floor_patience > 1:  # a dip: read the floors again
             full = bool(dist.broadcast(should_stop.floor_recheck(rows) if main else None))
         screen_n = getattr(cfg.eval, "screen_per_prompt", 0)
         scale = 1.0
