@@ -329,10 +329,15 @@ def main(argv=None) -> int:
     if args.ddpo_every % EPOCH_IMAGES or args.ddpo_images % args.ddpo_every:
         ap.error(f"--ddpo-every must be a multiple of {EPOCH_IMAGES} (a DDPO epoch) and divide --ddpo-images")
 
+    # every module the measurement uses, loaded now (the task and the rewards too, which it imports later): the DDPO
+    # side runs for up to an hour, and an edit to the package meanwhile would put two versions of it in this process
     import torch
     from bench_time_to_aligned import start_align, wait_align
     from bench_toyworld import measure
 
+    import raft_diffusion.core.early_stop  # noqa: F401
+    import raft_diffusion.diffusion.task  # noqa: F401
+    import reward_models  # noqa: F401
     from raft_diffusion.diffusion.config import load_config
 
     torch.set_num_threads(1)
