@@ -294,11 +294,15 @@ class Floored(ScriptedTask):
         return {"eval_reward_mean": self.script[stage], "eval_diversity": self.diversity[stage]}
 
 
-def _floored_run(root, diversity, *overrides):
-    cfg = config_from_dict(
-        {"num_stages": 6, "progress": False, "sampling": {"num_per_prompt": 2}},
+def _floored_cfg(num_stages, *overrides):
+    return config_from_dict(
+        {"num_stages": num_stages, "progress": False, "sampling": {"num_per_prompt": 2}},
         ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7", *overrides],
     )
+
+
+def _floored_run(root, diversity, *overrides):
+    cfg = _floored_cfg(6, *overrides)
     run = RunDir(root)
     run.start(cfg.to_dict())
     task = Floored(SCRIPT, diversity)
@@ -351,16 +355,13 @@ def test_floor_patience_evaluates_after_a_dip_and_rides_it_out(tmp_path):
     assert task.stages_run == [1, 2, 3, 4] and task.evaluated == [0, 3, 4, 2] and final_weights(run) == 2
     assert read_stop(run.root)["reason"].endswith("under a floor at stages 3, 4 in a row (early_stop.floor_patience 2)")
     # the last stage dips and no stage follows: final/ falls back all the same (stage 5, evaluated now: 0.95)
-    run, task, _, cfg = _floored_run(tmp_path / "last", [1.0, 0.9, 0.8, 0.75, 0.72, 0.71, 0.6], "early_stop.floor_patience=2")
+    run, task, _, _ = _floored_run(tmp_path / "last", [1.0, 0.9, 0.8, 0.75, 0.72, 0.71, 0.6], "early_stop.floor_patience=2")
     assert task.stages_run == [1, 2, 3, 4, 5, 6] and task.evaluated == [0, 3, 6, 5] and final_weights(run) == 5
     stop = read_stop(run.root)
     assert stop["final_stage"] == 5 and "the run ended before 2 evaluated stages in a row" in stop["reason"]
     # resumed with more stages, the dip is read again at once: stage 7 is evaluated in full
     task2 = Floored(SCRIPT + [0.97], [1.0, 0.9, 0.8, 0.75, 0.72, 0.71, 0.6, 0.8])
-    cfg2 = config_from_dict(
-        {"num_stages": 7, "progress": False, "sampling": {"num_per_prompt": 2}},
-        ["eval.every=3", "eval.clip_model=tiny", "early_stop.min_diversity_ratio=0.7", "early_stop.floor_patience=2"],
-    )
+    cfg2 = _floored_cfg(7, "early_stop.floor_patience=2")
     run_raft(cfg2, task2, run, should_stop=cfg2.stopper())
     assert task2.stages_run == [7] and task2.evaluated == [7] and final_weights(run) == 7 and read_stop(run.root) is None
 

@@ -155,11 +155,11 @@ class BaseConfig:
             isinstance(es.floor_patience, int) and es.floor_patience >= 1,
             f"early_stop.floor_patience must be an integer >= 1 (got {es.floor_patience!r})",
         )
-        floor_keys = [key for key, *_ in self.floor_settings()]
+        floors = self.floor_settings()
         need(
-            es.floor_patience == 1 or any(r is not None for *_, r in self.floor_settings()),
+            es.floor_patience == 1 or any(r is not None for *_, r in floors),
             f"early_stop.floor_patience={es.floor_patience} counts evaluated stages under a floor, but no floor is set: "
-            f"set {' or '.join('early_stop.' + k for k in floor_keys) or 'a floor'}, or leave early_stop.floor_patience at 1",
+            f"set {' or '.join('early_stop.' + k for k, *_ in floors) or 'a floor'}, or leave early_stop.floor_patience at 1",
         )
         need(es.min_delta >= 0, f"early_stop.min_delta must be >= 0 (got {es.min_delta})")
         need(

@@ -113,7 +113,7 @@ class EarlyStopper:
         trained = [r for r in rows if not extrapolated(r)]
         streak = self._floored(rows)[-self.floor_patience :]
         if len(streak) == self.floor_patience and all(breach for _, breach in streak):
-            latest, breach = streak[-1]
+            breach = streak[-1][1]
             if self.floor_patience > 1:
                 stages = ", ".join(str(r["stage"]) for r, _ in streak)
                 breach += f"; under a floor at stages {stages} in a row (early_stop.floor_patience {self.floor_patience})"
@@ -150,18 +150,23 @@ class EarlyStopper:
     def floor_recheck(self, rows: list[dict]) -> bool:
         """Whether the next stage must be evaluated in full: ``floor_patience`` > 1 and the latest evaluated stage is
         under a floor (the run went on, so the floors can only be read again by a full evaluation)."""
-        floored = self._floored(rows)
-        return self.floor_patience > 1 and bool(floored) and floored[-1][1] is not None
+        return self._pending_breach(rows) is not None
 
     def ended_under_floor(self, rows: list[dict]) -> str | None:
         """Why a run that has run all its stages must still fall back (``floor_patience`` > 1 and its last evaluated stage
         is under a floor, too few stages in a row to have stopped it), or None."""
-        if not self.floor_recheck(rows):
+        breach = self._pending_breach(rows)
+        if breach is None:
             return None
-        breach = self._floored(rows)[-1][1]
         return (
             f"{breach}; the run ended before {self.floor_patience} evaluated stages in a row were (early_stop.floor_patience {self.floor_patience})"
         )
+
+    def _pending_breach(self, rows: list[dict]) -> str | None:
+        """With ``floor_patience`` > 1, why the latest evaluated stage is under a floor; None when it is not (or patience
+        is 1, where such a stage has already stopped the run)."""
+        floored = self._floored(rows) if self.floor_patience > 1 else []
+        return floored[-1][1] if floored else None
 
     def _floored(self, rows: list[dict]) -> list[tuple[dict, str | None]]:
         """Each trained stage (>= 1) that a floor's metric was evaluated at, as it was trained (not at a LoRA scale), in
