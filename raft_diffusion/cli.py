@@ -36,9 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     from .core.malloc import keep_freed_memory
 
     keep_freed_memory()  # no page-fault churn from batch to batch (see core/malloc.py)
+    from .diffusion import config as _diffusion_config  # noqa: F401  both kinds registered, so a config or run of
+    from .llm import config as _llm_config  # noqa: F401  one kind given to the other's command is named as such
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    return run_command(args, user_errors=_reward_errors)
+    try:
+        return run_command(args, user_errors=_reward_errors)
+    except BrokenPipeError:  # `raft-diffusion config-help | head`: the reader left; no traceback for that
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 1
 
 
 if __name__ == "__main__":

@@ -350,7 +350,7 @@ def _hf_hint(src: str) -> str:
         return f"check that {src!r} is a directory written by save_pretrained"
     return (
         f"Hub id {src!r} needs the network or a local Hugging Face cache (HF_HOME); on an offline machine "
-        f"download it elsewhere (huggingface-cli download {src}) and pass the local directory instead"
+        f"download it elsewhere (hf download {src}) and pass the local directory instead"
     )
 
 

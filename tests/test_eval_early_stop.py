@@ -232,7 +232,7 @@ def final_weights(run):
     return json.loads((run.final_dir / "weights.json").read_text())["stage"]
 
 
-def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, caplog):
+def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, capsys):
     run, task, rows = _run(tmp_path, "early_stop.patience=2")
     assert task.stages_run == [1, 2, 3, 4]  # stage 4 is 2 stages past the best (stage 2): stop
     assert [r["stage"] for r in rows] == [0, 1, 2, 3, 4]
@@ -243,7 +243,8 @@ def test_loop_stops_keeps_the_best_stage_and_records_why(tmp_path, caplog):
         "stopped_after_stage": 4,
         "final_stage": 2,
     }
-    assert "early stop after stage 4" in caplog.text and "final/ = stage 2" in caplog.text
+    out = capsys.readouterr().out
+    assert "early stop after stage 4: eval_reward_mean has not improved for 2 stages" in out and "final/ = stage 2" in out
 
     # resuming with the same settings stays stopped; a larger patience is a resumable change and goes on
     task2 = ScriptedTask(SCRIPT)

@@ -27,6 +27,11 @@ def test_parse_size():
     assert parse_size("3g") == 3 * 10**9
     with pytest.raises(ConfigError, match="not understood"):
         parse_size("lots")
+    # a bare small number is a missing unit, not a budget of bytes; a large one is bytes
+    for bare in ("24", 24, 80.0):
+        with pytest.raises(ConfigError, match=r"has no unit: write (24|80.0)GB or (24|80.0)GiB"):
+            parse_size(bare)
+    assert parse_size(24 * 10**9) == parse_size("24000000000") == 24 * 10**9
     with pytest.raises(ConfigError, match="not understood"):
         load_config(TINY, ["model.max_memory=24 gigs"])
     with pytest.raises(ConfigError, match="model.offload must be one of"):

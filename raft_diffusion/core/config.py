@@ -276,8 +276,31 @@ def valid_keys(cls, prefix: str = "") -> list[str]:
     return out
 
 
+# the config class of each kind, with its name and the commands that run and report it (each kind's package
+# registers itself), so that a config or run of one kind given to the other's command is named as such
+_KINDS: dict[type, tuple[str, str, str]] = {}
+
+
+def register_kind(cls, label: str, align: str, report: str) -> None:
+    """Register config class ``cls``: ``label`` (e.g. "an LLM"), the command that runs its configs and the one that
+    reports a run of it (``{run}`` stands for the run directory)."""
+    _KINDS[cls] = (label, align, report)
+
+
+def kind_of(keys) -> tuple[type, tuple[str, str, str]] | None:
+    """The registered kind that takes the most of the dotted ``keys`` (ties: None), with its registration."""
+    keys = set(keys)
+    scores = sorted(((len(keys & set(valid_keys(cls))), cls) for cls in _KINDS), key=lambda x: -x[0])
+    if not scores or scores[0][0] == 0 or (len(scores) > 1 and scores[1][0] == scores[0][0]):
+        return None
+    return scores[0][1], _KINDS[scores[0][1]]
+
+
 def _unknown(key: str, root) -> ConfigError:
     keys = valid_keys(root)
+    for other, (label, align, _) in _KINDS.items():
+        if other is not root and key in valid_keys(other):
+            return ConfigError(f"unknown config key '{key}' here: it belongs to {label} config, which runs with `{align}`")
     near = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not near:  # try matching the last component only
         leaves = {k.rsplit(".", 1)[-1]: k for k in reversed(keys)}
@@ -371,12 +394,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
+_PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds raft_diffusion/
+
+
+def _packaged_paths(value: Any) -> Any:
+    """``value`` with every relative path into the package (``raft_diffusion/...``, as the toy presets name their
+    assets) that the current folder does not have made absolute, when the installed package has it: a preset then
+    runs from any folder, and from the repository's root it reads (and its run's config.yaml keeps) the path as given."""
+    if isinstance(value, dict):
+        return {k: _packaged_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_packaged_paths(v) for v in value]
+    if isinstance(value, str) and value.startswith("raft_diffusion/") and not Path(value).exists():
+        packaged = _PACKAGE_PARENT / value
+        if packaged.exists():
+            return str(packaged)
+    return value
+
+
 def config_from_dict(data: dict | None, overrides: list[str] = (), *, cls):
     """Build and validate a config of class ``cls`` (a :class:`BaseConfig` subclass) from a mapping + overrides."""
     data = dict(data or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value, cls)
-    return _build(cls, data).validate()
+    return _build(cls, _packaged_paths(data)).validate()
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, cls):
@@ -392,6 +433,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, cls):
             raise ConfigError(f"config file {p} is not valid YAML: {_yaml_problem(e)}") from None
         except UnicodeDecodeError as e:
             raise ConfigError(f"config file {p} is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {p} must be a mapping of sections (seed:, model:, sampling:, ...), not a {type(data).__name__}")
     return config_from_dict(data, overrides, cls=cls)
 
 

@@ -393,7 +393,8 @@ def run_raft(cfg, task: RaftTask, run: RunDir, *, should_stop: EarlyStopper | No
     if reason and last:
         final = should_stop.best_stage(rows) or last
         scale = next((r.get("eval_lora_scale", 1.0) for r in rows if r["stage"] == final), 1.0)
-        log.warning("early stop after stage %d: %s; final/ = stage %d", last, reason, final)
+        # the run's outcome, printed like its stage lines (a target reached is no warning; a floor's is in its reason)
+        print(f"early stop after stage {last}: {reason}; final/ = stage {final}", flush=True)
         record = {"reason": reason, "stopped_after_stage": last, "final_stage": final}
         fallback = [r["stage"] for r in rows if r.get("eval_fallback")]
         if fallback:

@@ -172,6 +172,22 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def check_run_kind(root: Path, cls, command: str) -> None:
+    """Refuse, in one line, a run directory whose ``config.yaml`` is a config of another registered kind than
+    ``cls`` (an LLM run given to an image command, or the reverse), naming the command that reads it. A folder
+    without a readable config is left to the command's own checks."""
+    from .config import kind_of
+
+    try:
+        data = yaml.safe_load((Path(root) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return
+    found = kind_of(_flatten(data)) if isinstance(data, dict) else None
+    if found is not None and found[0] is not cls:
+        label, _, report = found[1]
+        raise UserError(f"{root} holds {label} run, which `{command}` does not read; `{report.format(run=root)}` reports it")
+
+
 def check_output_dir(root: Path) -> None:
     """Fail early, before any model loads, when ``root`` cannot become a run directory."""
     if root.exists() and not root.is_dir():
@@ -261,6 +277,11 @@ class RunDir:
             diff = "its config.yaml is damaged"
         else:
             new = _flatten(_jsonable(config))
+            from .config import kind_of
+
+            there, here = kind_of(old), kind_of(new)  # an LLM run and an image config, or the reverse
+            if there is not None and here is not None and there[0] is not here[0] and self.last_completed() > 0:
+                raise UserError(f"run directory {self.root} holds {there[1][0]} run (`{there[1][1]}` resumes it); choose a new --output-dir")
             absent = _flatten(_jsonable(defaults or {}))
             old = {**{k: v for k, v in absent.items() if k not in old and k in new}, **old}
             diffs = [

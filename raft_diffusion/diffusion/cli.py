@@ -18,6 +18,14 @@ def _align(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     cfg.preflight()  # prompt files and sizes, in a second, before torch, diffusers and the model load
+    zscored = _batch_zscored(cfg.reward)
+    if cfg.eval.every and zscored:
+        print(
+            f"warning: reward normalize zscore scores each batch against itself ({', '.join(zscored)}), so eval_reward_mean stays "
+            "near 0 at every stage whatever the model does (and with it the reward curve, the card and early_stop on it); "
+            "watch eval_reward_mean/<component> in metrics.jsonl, or use normalize: running",
+            flush=True,
+        )
     from ..core.rundir import check_output_dir
 
     check_output_dir(args.output_dir)
@@ -68,6 +76,14 @@ def _align(args) -> int:
     return 0
 
 
+def _batch_zscored(reward) -> list[str]:
+    """The components of a reward mix that ``normalize: zscore`` scores against their own batch (none for one reward)."""
+    if not isinstance(reward, dict) or not isinstance(reward.get("mix"), list):
+        return []
+    default = reward.get("normalize", "none")
+    return [str(c.get("label") or c.get("name")) for c in reward["mix"] if isinstance(c, dict) and c.get("normalize", default) == "zscore"]
+
+
 def _plan(args) -> int:
     from .config import load_config, parse_size
 
@@ -84,6 +100,7 @@ def _gallery(args) -> int:
 
     if not args.run_dir.is_dir():
         raise UserError(f"run directory {args.run_dir} does not exist")
+    _image_run(args.run_dir, "raft-diffusion gallery")
     print(write_gallery(args.run_dir, max_grid_samples=args.max_grid_samples))
     return 0
 
@@ -100,11 +117,13 @@ def _compare(args) -> int:
         config = run_cfg if run_cfg.is_file() else None
     prompts = list(args.prompt or []) + (load_prompts(args.prompts) if args.prompts else [])
     reward = None
+    kwargs = yaml.safe_load(args.reward_kwargs) if args.reward_kwargs else None
+    if kwargs is not None and not isinstance(kwargs, dict):
+        raise UserError(f"--reward-kwargs must be a mapping, e.g. '{{region: [0.25, 0.25, 0.75, 0.75]}}' (got {args.reward_kwargs!r})")
+    if args.reward == "none" and kwargs is not None:
+        raise UserError("--reward-kwargs with --reward none: there is no reward to give them to")
     if args.reward is not None and args.reward != "none":
-        kwargs = yaml.safe_load(args.reward_kwargs) if args.reward_kwargs else {}
-        if not isinstance(kwargs, dict):
-            raise UserError(f"--reward-kwargs must be a mapping, e.g. '{{region: [0.25, 0.25, 0.75, 0.75]}}' (got {args.reward_kwargs!r})")
-        reward = {"name": args.reward, "kwargs": kwargs}
+        reward = {"name": args.reward, "kwargs": kwargs or {}}
     overrides = dict(
         prompts=prompts or None,
         seeds=args.seeds,
@@ -126,6 +145,10 @@ def _compare(args) -> int:
         settings.prompts = prompts
     if args.reward == "none":
         settings.reward = None
+    elif args.reward is None and kwargs is not None:  # --reward-kwargs alone: the config's reward with these kwargs
+        if not settings.reward or "name" not in settings.reward:
+            raise UserError("--reward-kwargs needs a reward to apply to: give --reward NAME (the config has no single named reward)")
+        settings.reward = {**settings.reward, "kwargs": kwargs}
     for w in args.weights:
         resolve_weights(w)  # a clear error before any model is loaded
     page = run_compare(args.base, args.weights, args.output_dir, settings, labels=args.label, device=args.device, dtype=args.dtype)
@@ -138,6 +161,8 @@ def _export(args) -> int:
 
     if not args.merge and args.format is None:
         raise UserError("export needs --format kohya|diffusers|peft, or --merge for a merged model")
+    if args.merge and args.format is not None:
+        raise UserError(f"--merge writes a merged model, not --format {args.format}: give one of the two")
     paths = export(args.source, args.format, args.output, merge=args.merge, base=args.base, license=args.license,
                    single_file=not args.no_single_file, overwrite=args.overwrite)  # fmt: skip
     for kind, path in paths.items():
@@ -147,9 +172,18 @@ def _export(args) -> int:
     return 0
 
 
+def _image_run(run_dir: Path, command: str) -> None:
+    """Refuse an LLM run directory given to an image command (one line naming the LLM command)."""
+    from ..core.rundir import check_run_kind
+    from .config import RaftConfig
+
+    check_run_kind(run_dir, RaftConfig, command)
+
+
 def _card(args) -> int:
     from .card import write_card
 
+    _image_run(args.run_dir, "raft-diffusion card")
     print(write_card(args.run_dir, license=args.license))
     return 0
 
@@ -157,6 +191,7 @@ def _card(args) -> int:
 def _push(args) -> int:
     from .card import push
 
+    _image_run(args.run_dir, "raft-diffusion push")
     print(push(args.run_dir, args.repo_id, license=args.license, private=args.private))
     return 0
 

@@ -87,8 +87,9 @@ def settings_from_config(config_path: str | Path, **overrides) -> CompareSetting
 
     cfg = load_config(config_path)
     s = cfg.sampling
+    held_out = cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train
     base = CompareSettings(
-        prompts=load_prompts(cfg.prompts.eval if cfg.prompts.eval is not None else cfg.prompts.train),
+        prompts=overrides.get("prompts") or load_prompts(held_out),  # --prompt / --prompts replace the config's file
         num_inference_steps=cfg.eval_num_inference_steps,
         height=s.height,
         width=s.width,
@@ -129,11 +130,27 @@ class _Weights:
         self.pipe, self.kind, self.path, self.denoiser, self._saved = pipe, kind, path, denoiser, None
 
     def __enter__(self):
+        try:
+            self._apply()
+        except (RuntimeError, ValueError) as err:  # weights of another base model: shapes or names do not match
+            if self.kind == "lora":
+                self.pipe.unload_lora_weights()
+            elif self._saved is not None:
+                self.denoiser.load_state_dict(self._saved)
+            m = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from checkpoint, "
+                          r"the shape in current model is torch.Size\((\[[^\]]*\])\)", str(err))  # fmt: skip
+            what = f"{m.group(1)} is {m.group(2)} in the file, {m.group(3)} in the model" if m else (str(err).splitlines() or [""])[0][:160]
+            raise UserError(f"the weights in {self.path} do not fit this base model ({what}): give compare the base they were trained on") from None
+        return self
+
+    def _apply(self) -> None:
         if self.kind == "lora":
             from diffusers.utils import logging as dlog
 
             verbosity = dlog.get_verbosity()
-            dlog.set_verbosity_error()  # not "no LoRA keys for the text encoder": RAFT trains the UNet only
+            # not "no LoRA keys for the text encoder" (RAFT trains the UNet only), nor the failure's wall of shapes
+            # (__enter__ says it in one line)
+            dlog.set_verbosity(dlog.CRITICAL)
             try:
                 if self.path.is_file():
                     self.pipe.load_lora_weights(str(self.path.parent), weight_name=self.path.name, adapter_name="compare")
@@ -144,7 +161,6 @@ class _Weights:
         else:
             self._saved = {k: v.detach().clone() for k, v in self.denoiser.state_dict().items()}
             self.denoiser.load_state_dict(type(self.denoiser).from_pretrained(str(self.path)).state_dict())
-        return self
 
     def __exit__(self, *exc):
         if self.kind == "lora":
@@ -205,6 +221,14 @@ def run_compare(
         raise UserError("compare needs at least one prompt: --prompt TEXT, --prompts FILE, or --config")
     if not settings.seeds:
         raise UserError("compare needs at least one seed: --seeds 0 1 2 3")
+    if settings.num_inference_steps < 1:
+        raise UserError(f"compare needs --steps >= 1 denoising steps (got {settings.num_inference_steps}); 20-50 is usual")
+    if settings.batch_size < 1:
+        raise UserError(f"compare needs --batch-size >= 1 (got {settings.batch_size})")
+    for side in ("height", "width"):
+        value = getattr(settings, side)
+        if value is not None and (value < 8 or value % 8):
+            raise UserError(f"--{side} must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {value}; leave it out for the model's size")
     resolved = [resolve_weights(w) for w in weights]
     labels = list(labels or [])
     if len(labels) > len(weights):

@@ -486,11 +486,13 @@ _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]I?B?|B)?\s*$", re.IGNORECASE
 
 def parse_size(text) -> int:
     """``"24GB"`` (10^9 bytes, as accelerate's ``max_memory``), ``"24GiB"`` (2^30), ``"512MB"``, or bytes."""
-    if isinstance(text, (int, float)) and not isinstance(text, bool) and text > 0:
+    if isinstance(text, (int, float)) and not isinstance(text, bool) and text >= 2**20:
         return int(text)
     m = _SIZE.match(str(text))
     if not m:
         raise ConfigError(f"memory size {text!r} (model.max_memory, --gpu-memory) not understood: write it like 24GB, 22.5GiB or 512MB")
+    if not m.group(2) and float(m.group(1)) < 2**20:  # "24": surely not 24 bytes
+        raise ConfigError(f"memory size {text!r} (model.max_memory, --gpu-memory) has no unit: write {m.group(1)}GB or {m.group(1)}GiB")
     unit = (m.group(2) or "").upper()
     unit = unit if unit.endswith("B") or not unit else unit + "B"
     return int(float(m.group(1)) * _UNITS[unit])
@@ -504,3 +506,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfi
 def config_from_dict(data: dict | None, overrides: list[str] = ()) -> RaftConfig:
     """A mapping + ``key=value`` overrides -> a validated :class:`RaftConfig`."""
     return _config_from_dict(data, overrides, cls=RaftConfig)
+
+
+core.register_kind(RaftConfig, "an image (diffusion)", "raft-diffusion align", "raft-diffusion gallery {run}")

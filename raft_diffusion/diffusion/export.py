@@ -744,13 +744,19 @@ def sdxl_checkpoint(pipe) -> dict[str, torch.Tensor]:
 def export(source: str | Path, fmt: str, out: str | Path, *, merge: bool = False, base: str | None = None,
            license: str | None = None, single_file: bool = True, overwrite: bool = False) -> dict[str, Path]:  # fmt: skip
     """``raft-diffusion export``: resolve ``source``, then write ``fmt`` (or the merged model) to ``out``."""
+    from ..core.rundir import public_modes
+
     src = resolve_source(source)
     if merge:
-        return export_merged(src, out, base=base, single_file=single_file, overwrite=overwrite)
-    if fmt == "kohya":
-        return {"kohya": export_kohya(src, out, license=license, overwrite=overwrite, base=base)}
-    if fmt == "diffusers":
-        return {"diffusers": export_diffusers(src, out, overwrite=overwrite)}
-    if fmt == "peft":
-        return {"peft": export_peft(src, out, overwrite=overwrite)}
-    raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+        paths = export_merged(src, out, base=base, single_file=single_file, overwrite=overwrite)
+    elif fmt == "kohya":
+        paths = {"kohya": export_kohya(src, out, license=license, overwrite=overwrite, base=base)}
+    elif fmt == "diffusers":
+        paths = {"diffusers": export_diffusers(src, out, overwrite=overwrite)}
+    elif fmt == "peft":
+        paths = {"peft": export_peft(src, out, overwrite=overwrite)}
+    else:
+        raise UserError(f"unknown export format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    for path in paths.values():  # safetensors writes its files owner-only: give them what a plain write would
+        public_modes(path)
+    return paths

@@ -140,11 +140,11 @@ def pipeline_folder(pretrained: str, revision: str | None = None) -> Path:
     except Exception as err:  # noqa: BLE001 - not cached, or a bad id: the same advice
         raise UserError(
             f"the configs of {name!r} are not in the local HF cache ({type(err).__name__}): the planner reads no "
-            "weights and never downloads; pass a local pipeline folder, or download the model once (huggingface-cli download "
+            "weights and never downloads; pass a local pipeline folder, or download the model once (hf download "
             f"{name} --include '*.json' '*.txt' '*.model') and rerun"
         ) from None
     if not (folder / "model_index.json").is_file():
-        raise UserError(f"the cached snapshot of {name!r} has no model_index.json: download it (huggingface-cli download {name})")
+        raise UserError(f"the cached snapshot of {name!r} has no model_index.json: download it (hf download {name})")
     return folder
 
 

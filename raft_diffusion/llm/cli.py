@@ -73,8 +73,11 @@ def _align(args) -> int:
 
 
 def _report(args) -> int:
+    from ..core.rundir import check_run_kind
+    from .config import LLMConfig
     from .report import write_report
 
+    check_run_kind(args.run_dir, LLMConfig, "raft-diffusion llm report")
     print(write_report(args.run_dir))
     return 0
 
@@ -84,13 +87,14 @@ def _sample(args) -> int:
     import yaml
 
     from ..core.config import config_from_dict
-    from ..core.rundir import RunDir
+    from ..core.rundir import RunDir, check_run_kind
     from .config import LLMConfig
     from .generate import encode_prompts, sample_completions
 
     run = RunDir(args.run_dir)
     if not run.config_path.is_file():
         raise UserError(f"{run.root} is not a run directory (no config.yaml)")
+    check_run_kind(run.root, LLMConfig, "raft-diffusion llm sample")
     cfg = config_from_dict(yaml.safe_load(run.config_path.read_text()), cls=LLMConfig)
     from .model import quiet_transformers
 

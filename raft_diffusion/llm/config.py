@@ -291,3 +291,6 @@ class LLMConfig(core.BaseConfig):
     @property
     def best_of_k(self) -> int:
         return self.sampling.num_per_prompt if self.eval.best_of_k is None else self.eval.best_of_k
+
+
+core.register_kind(LLMConfig, "an LLM", "raft-diffusion llm align", "raft-diffusion llm report --run-dir {run}")

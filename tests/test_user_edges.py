@@ -1,0 +1,172 @@
+"""Mistakes a new user makes, each refused in one line that names the fix: a config or run of the other kind, compare's
+and export's bad options, a memory size without a unit, a YAML list for a config, a preset read from another folder;
+and exported files readable like any other file."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from raft_diffusion.core import config as core_config
+from raft_diffusion.core.errors import ConfigError, UserError
+from raft_diffusion.core.rundir import RunDir, check_run_kind, plain_mode
+from raft_diffusion.diffusion.config import RaftConfig, load_config
+from raft_diffusion.llm.config import LLMConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_config_of_the_other_kind_names_its_command():
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs" / "llm_toy_sentiment.yaml")
+    assert str(err.value) == ("unknown config key 'model.num_threads' here: it belongs to an LLM config, which runs with `raft-diffusion llm align`")
+    with pytest.raises(
+        ConfigError, match=r"'sampling.num_inference_steps' here: it belongs to an image \(diffusion\) config, which runs with `raft-diffusion align`"
+    ):
+        core_config.load_config(ROOT / "configs" / "tiny.yaml", cls=LLMConfig)
+    # a plain misspelling still gets the nearest key
+    with pytest.raises(ConfigError, match=r"unknown config key 'sampling.num_per_promt'; did you mean 'sampling.num_per_prompt'\?"):
+        load_config(ROOT / "configs" / "tiny.yaml", ["sampling.num_per_promt=4"])
+
+
+def _write_run(root: Path, cfg, stages: int = 1) -> RunDir:
+    run = RunDir(root)
+    run.start(cfg.to_dict(), defaults=type(cfg)().to_dict())
+    run.begin()
+    for s in range(1, stages + 1):
+        run.mark_done(s, {})
+    return run
+
+
+def test_a_run_of_the_other_kind_is_named_not_diffed(tmp_path):
+    llm_run = _write_run(tmp_path / "llm", LLMConfig())
+    image_run = _write_run(tmp_path / "image", RaftConfig())
+    with pytest.raises(UserError) as err:
+        check_run_kind(llm_run.root, RaftConfig, "raft-diffusion card")
+    assert str(err.value) == (
+        f"{llm_run.root} holds an LLM run, which `raft-diffusion card` does not read; `raft-diffusion llm report --run-dir {llm_run.root}` reports it"
+    )
+    with pytest.raises(
+        UserError, match=r"holds an image \(diffusion\) run, which `raft-diffusion llm report` does not read; `raft-diffusion gallery "
+    ):
+        check_run_kind(image_run.root, LLMConfig, "raft-diffusion llm report")
+    check_run_kind(image_run.root, RaftConfig, "raft-diffusion card")  # its own kind, and no config at all: no objection
+    check_run_kind(tmp_path / "nothing", RaftConfig, "raft-diffusion card")
+    # align into the other kind's run: the run is named, not a first differing key
+    with pytest.raises(UserError, match=r"holds an LLM run \(`raft-diffusion llm align` resumes it\); choose a new --output-dir"):
+        RunDir(llm_run.root).start(RaftConfig().to_dict(), defaults=RaftConfig().to_dict())
+    # a folder of the other kind that completed no stage is started afresh, as any failed first attempt
+    fresh = _write_run(tmp_path / "llm0", LLMConfig(), stages=0)
+    RunDir(fresh.root).start(RaftConfig().to_dict(), defaults=RaftConfig().to_dict())
+
+
+def test_memory_size_list_config_and_a_preset_from_another_folder(tmp_path, monkeypatch):
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match=r"must be a mapping of sections \(seed:, model:, sampling:, ...\), not a list"):
+        load_config(listed)
+    # the toy presets name their assets relative to the repository: from another folder they are read from the package
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(ROOT / "configs" / "toy_aesthetic_fast.yaml")
+    assert Path(cfg.model.pretrained) == ROOT / "raft_diffusion/diffusion/toyworld/assets/sd"
+    assert Path(cfg.reward["kwargs"]["weights"]).is_file() and Path(cfg.prompts.train).is_file()
+    monkeypatch.chdir(ROOT)  # from the root they stay as given (and so does a resumed run's config.yaml)
+    cfg = load_config(ROOT / "configs" / "toy_aesthetic_fast.yaml")
+    assert cfg.model.pretrained == "raft_diffusion/diffusion/toyworld/assets/sd"
+
+
+def _cli(*args, cwd=ROOT):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, "-m", "raft_diffusion.cli", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_pipeline_dir):
+    """A finished one-stage run of configs/tiny.yaml (about 20 s on one thread)."""
+    out = tmp_path_factory.mktemp("edges") / "run"
+    proc = _cli(
+        "align", "--config", ROOT / "configs" / "tiny.yaml", "-o", out, f"model.pretrained={tiny_pipeline_dir}", "num_stages=1",
+        "sampling.num_per_prompt=4", "train.steps_per_stage=4", "eval.num_per_prompt=2", "progress=false",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
+def test_compare_and_export_options_refused_in_one_line(tiny_run, tmp_path):
+    cases = [
+        (["compare", "tiny", tiny_run, "-o", tmp_path / "c", "--prompt", "a cat", "--steps", "0"],
+         "error: compare needs --steps >= 1 denoising steps (got 0); 20-50 is usual"),
+        (["compare", "tiny", tiny_run, "-o", tmp_path / "c", "--prompt", "a cat", "--height", "33"],
+         "error: --height must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got 33; leave it out for the model's size"),
+        (["compare", "tiny", tiny_run, "-o", tmp_path / "c", "--prompt", "a", "--reward", "none", "--reward-kwargs", "{a: 1}"],
+         "error: --reward-kwargs with --reward none: there is no reward to give them to"),
+        (["export", tiny_run, "--format", "kohya", "--merge", "-o", tmp_path / "m"],
+         "error: --merge writes a merged model, not --format kohya: give one of the two"),
+        (["plan", "--config", ROOT / "configs" / "tiny.yaml", "--gpu-memory", "24"],
+         "error: memory size '24' (model.max_memory, --gpu-memory) has no unit: write 24GB or 24GiB"),
+    ]  # fmt: skip
+    for args, want in cases:
+        proc = _cli(*args)
+        assert (proc.returncode, proc.stderr.strip().splitlines()[-1:]) == (2, [want]), (args, proc.stderr[-1500:])
+
+
+def test_config_help_into_a_closed_pipe_is_quiet():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        f"'{sys.executable}' -m raft_diffusion.cli config-help | head -c 10",
+        shell=True,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.stdout == "seed (0): " and "Traceback" not in proc.stderr, proc.stderr[-1000:]
+
+
+def test_export_files_read_like_plain_files(tiny_run, tmp_path):
+    want = plain_mode(False)
+    assert _cli("export", tiny_run, "--format", "kohya", "-o", tmp_path / "k.safetensors").returncode == 0
+    assert stat.S_IMODE((tmp_path / "k.safetensors").stat().st_mode) == want
+    assert _cli("export", tiny_run, "--format", "peft", "-o", tmp_path / "p").returncode == 0
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "p").iterdir()}
+    assert modes == {"adapter_config.json": want, "adapter_model.safetensors": want}
+
+
+def test_compare_takes_reward_kwargs_alone_and_names_a_wrong_base(tiny_run, tmp_path):
+    """--reward-kwargs without --reward re-parameterises the config's reward (a typo in them is caught); a LoRA given
+    to a base of another shape is refused in one line naming the first layer that differs."""
+    base = yaml.safe_load((tiny_run / "config.yaml").read_text())["model"]["pretrained"]
+    common = [base, tiny_run, "--prompt", "a red circle", "--seeds", "0", "--steps", "2"]
+    proc = _cli("compare", *common, "-o", tmp_path / "typo", "--reward-kwargs", "{regoin: [0, 0, 1, 1]}")
+    assert proc.returncode == 2 and "bad arguments ['regoin']" in proc.stderr.strip().splitlines()[-1], proc.stderr[-1500:]
+    rewards = {}
+    for name, region in (("small", "[0, 0, 0.25, 0.25]"), ("whole", "[0, 0, 1, 1]")):
+        proc = _cli("compare", *common, "-o", tmp_path / name, "--reward-kwargs", f"{{region: {region}}}")
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        rows = [yaml.safe_load(line) for line in (tmp_path / name / "compare.jsonl").read_text().splitlines()]
+        rewards[name] = [r["reward"] for r in rows]
+    assert rewards["small"] != rewards["whole"]  # the kwargs reached the reward
+    toy = ROOT / "raft_diffusion/diffusion/toyworld/assets/sd"
+    proc = _cli("compare", toy, tiny_run, "-o", tmp_path / "wrong", "--prompt", "a", "--seeds", "0", "--steps", "1", "--reward", "none")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-1500:]
+    assert last.startswith(f"error: the weights in {tiny_run / 'final'} do not fit this base model (") and " in the file, " in last
+
+
+def test_a_batch_zscored_mix_is_named_for_the_warning():
+    from raft_diffusion.diffusion.cli import _batch_zscored
+
+    mix = {"mix": [{"name": "aesthetic"}, {"name": "clip_score", "normalize": "none"}, {"name": "pickscore", "label": "ps"}], "normalize": "zscore"}
+    assert _batch_zscored(mix) == ["aesthetic", "ps"]
+    assert _batch_zscored({"mix": [{"name": "aesthetic", "normalize": "zscore"}, {"name": "clip_score"}]}) == ["aesthetic"]
+    assert _batch_zscored({"mix": [{"name": "aesthetic"}], "normalize": "running"}) == []
+    assert _batch_zscored({"name": "aesthetic"}) == [] and _batch_zscored("aesthetic") == []
