@@ -167,6 +167,10 @@ class TrainConfig:
         0.0,
         "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on",
     )
+    random_flip: bool = _f(
+        False,
+        "mirror each training row's latents left to right with probability 1/2 (kept samples and negatives), as diffusers' training scripts' --random_flip does to images: the model is not taught a one-sided feature its kept set happens to have; leave off for prompts that say left or right",
+    )
     timestep_range: list | None = _f(
         None,
         "[lo, hi]: train on timesteps t ~ U[lo, hi) only (of the scheduler's 1000): high t (much noise) decides layout and colours, low t fine detail; null = every timestep",

@@ -274,6 +274,7 @@ def train_unet(
     negative_weight: float = 1.0,
     nft_beta: float = 1.0,
     negative_sample_weights: torch.Tensor | None = None,
+    random_flip: bool = False,
 ) -> dict:
     """Fine-tune ``pipe.unet``'s trainable parameters on (latents, text embeddings) pairs; return loss figures.
 
@@ -337,6 +338,12 @@ def train_unet(
     made for kept rows; with ``negative_weight`` 0 the weights then train as the plain loss (bit for bit with
     ``chunk_rows``). Cost per step: the negatives' forward and backward plus one forward of the reference on them
     (and on the kept rows when beta != 1).
+
+    ``random_flip`` (``train.random_flip``) mirrors each row's latents left to right with probability 1/2, as
+    diffusers' training scripts mirror their images (a latent mirrored decodes to the image mirrored, up to the
+    VAE's own error; with ``family``, ``family.mirror``), kept rows and negatives alike: the model is not taught a
+    one-sided feature its kept set happens to have. The coin is drawn per row from the row's generator after its
+    other draws, and only when on.
     """
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
@@ -467,8 +474,19 @@ def train_unet(
             idx = next_negatives()
             noise = torch.randn((neg_micro, *negative_latents.shape[1:]), generator=neg_gen)
             t = sd_timesteps(step, neg_micro, neg_gen) if family is None else family.draw_timesteps(pipe, neg_micro, loss_settings, neg_gen)[0]
-            draws.append({"idx": idx, "noise": noise, "t": t})
+            draw = {"idx": idx, "noise": noise, "t": t}
+            if random_flip:
+                draw["flip"] = torch.rand(neg_micro, generator=neg_gen) < 0.5
+            draws.append(draw)
         return {k: torch.cat([d[k] for d in draws]) for k in draws[0]}
+
+    def mirrored(x0: torch.Tensor, part: dict) -> torch.Tensor:
+        """``random_flip``: the rows whose coin came up mirrored left to right (the last axis)."""
+        flip = part.get("flip")
+        if flip is None or not flip.any():
+            return x0
+        flipped = x0.flip(-1) if family is None else family.mirror(pipe, x0).to(x0.dtype)
+        return torch.where(flip.to(x0.device).view(-1, *[1] * (x0.dim() - 1)), flipped, x0)
 
     def in_reference(predict) -> torch.Tensor:
         """``predict()`` with the weights as they were when training began: swapped in, no gradient, dropout off."""
@@ -500,7 +518,8 @@ def train_unet(
                 t, _ = family.draw_timesteps(pipe, micro, loss_settings, gen)
             # drawn only when used, so runs without caption dropout keep their exact draws
             drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
-            draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop})
+            flip = torch.rand(micro, generator=gen) < 0.5 if random_flip else None
+            draws.append({"idx": idx, "noise": noise, "t": t, "drop": drop, "flip": flip})
         return {k: None if draws[0][k] is None else torch.cat([d[k] for d in draws]) for k in draws[0]}
 
     def chunk_loss(rows: dict | None, neg: dict | None = None) -> torch.Tensor:
@@ -522,7 +541,7 @@ def train_unet(
                 if part is None:
                     continue
                 data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
-                x0 = data[part["idx"].to(data.device)]
+                x0 = mirrored(data[part["idx"].to(data.device)], part)
                 mix = None
                 if negative or nft_beta != 1.0:  # v_minus / v_plus with the reference's prediction
                     mix = ReferenceMix(torch.full((len(part["idx"]),), -nft_beta if negative else nft_beta), in_reference)
@@ -538,7 +557,7 @@ def train_unet(
         def inputs(part: dict, negative: bool) -> tuple:
             noise, t, drop = part["noise"].to(device), part["t"].to(device), part.get("drop")
             data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
-            x0 = data[part["idx"].to(data.device)].to(device, torch.float32)
+            x0 = mirrored(data[part["idx"].to(data.device)].to(device, torch.float32), part)
             cond = embeds[part["idx"].to(embeds.device)].to(device, model_dtype)
             if drop is not None and drop.any():
                 cond = torch.where(drop.to(device).view(-1, 1, 1), empty_embeds.to(device, model_dtype), cond)

@@ -678,6 +678,7 @@ def train_settings(t, stage: int | None = None) -> dict:
         gradient_checkpointing=t.gradient_checkpointing,
         snr_gamma=t.snr_gamma,
         empty_prompt_ratio=t.empty_prompt_ratio,
+        random_flip=t.random_flip,
         timestep_range=single,
         timestep_ranges=ranges,
     )

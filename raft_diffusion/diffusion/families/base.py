@@ -205,6 +205,11 @@ class Family(ABC):
 
     # --- training --------------------------------------------------------------------------------------
 
+    def mirror(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Denoiser-space latents ``[B, C, h, w]`` of the same images mirrored left to right (``train.random_flip``):
+        the width axis reversed, which a VAE's latents follow up to its own error."""
+        return latents.flip(-1)
+
     @abstractmethod
     def draw_timesteps(self, pipe, batch_size: int, settings: LossSettings, generator=None):
         """The training timesteps of a batch (and, for flow families, their sigmas), drawn on CPU."""

@@ -75,6 +75,11 @@ class Flux2KleinFamily(FlowFamily):
         mean, std = _bn_stats(pipe.vae, patches)
         return (patches - mean) / std
 
+    def mirror(self, pipe, latents):
+        """Mirrored in the VAE's latent space: un-normalised and unpatchified, the width reversed, patchified and normalised
+        again (reversing the patch grid alone would leave the two columns inside each 2x2 patch in their order)."""
+        return self.from_vae_latents(pipe, self.to_vae_latents(pipe, latents).flip(-1))
+
     def _unpack(self, pipe, latents, height, width):
         return self.from_vae_latents(pipe, latents.float()).float()
 
