@@ -86,7 +86,10 @@ def test_detect_family_reads_model_index(tmp_path, class_name, family):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": class_name, "_diffusers_version": "0.42"}))
     assert detect_family(tmp_path).name == family
     assert detect_family(str(tmp_path)).name == family
-    assert detect_family(tmp_path, override="sd3").name == "sd3"  # model.family wins
+    assert detect_family(tmp_path, override=family).name == family  # model.family agreeing with the folder
+    other = "sd3" if family != "sd3" else "flux"  # a model.family the folder contradicts is refused in one line
+    with pytest.raises(UserError, match=rf"model.family is {other}, but .* holds a {class_name} \({family}\): leave model.family unset"):
+        detect_family(tmp_path, override=other)
     assert detect_family(class_name).name == family and detect_family(family).name == family
 
 

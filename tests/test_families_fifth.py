@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
 from raft_diffusion.diffusion.families.lora import matching_modules
 
@@ -64,7 +65,9 @@ def test_detection_from_model_index_config_and_shortcut(tmp_path, folder, pipe):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2KleinPipeline"}))
     assert detect_family(tmp_path).name == NAME and detect_family(str(tmp_path)).name == NAME
     assert detect_family("Flux2KleinPipeline").name == NAME and detect_family(NAME).name == NAME
-    assert detect_family(tmp_path, override="flux").name == "flux"  # model.family wins
+    assert detect_family(tmp_path, override=NAME).name == NAME  # model.family agreeing with the folder; not another
+    with pytest.raises(UserError, match=r"model.family is flux, but .* holds a Flux2KleinPipeline \(flux2-klein\)"):
+        detect_family(tmp_path, override="flux")
     assert detect_family(folder).name == NAME and detect_family(pipe).name == NAME
     assert json.loads((folder / "model_index.json").read_text())["_class_name"] == "Flux2KleinPipeline"
     assert FAMILIES[NAME] == "Flux2KleinPipeline"

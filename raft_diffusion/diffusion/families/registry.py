@@ -57,7 +57,16 @@ def detect_family(source, override: str | None = None) -> Family:
     listing the supported ones.
     """
     if override:
-        return get_family(override)
+        family = get_family(override)
+        index = Path(source).expanduser() / "model_index.json" if isinstance(source, (str, Path)) else None
+        if index is not None and index.is_file():  # a local folder says what it is: a contradiction is refused
+            name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+            if name in FAMILIES and FAMILIES[name].name != family.name:
+                raise UserError(
+                    f"model.family is {family.name}, but {str(source)!r} holds a {name} ({FAMILIES[name].name}): "
+                    f"leave model.family unset (it is read from model_index.json) or point model.pretrained at a {family.name} pipeline"
+                )
+        return family
     if isinstance(source, str) and any(source in (cls, f.name) for cls, f in FAMILIES.items()):
         return get_family(source)
     name = _class_name_of(source)
