@@ -22,7 +22,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     add_commands(sub)
     add_llm_parser(sub)
+    _verbose_anywhere(sub)
     return parser
+
+
+def _verbose_anywhere(sub) -> None:
+    """Accept ``-v`` after the command too (``raft-diffusion align ... -v``), in every subcommand and nested group."""
+    for parser in sub.choices.values():
+        groups = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if groups:
+            for group in groups:
+                _verbose_anywhere(group)
+        elif not any("-v" in a.option_strings for a in parser._actions):
+            parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging and full tracebacks")
 
 
 def _reward_errors() -> tuple[type[BaseException], ...]:

@@ -170,3 +170,13 @@ def test_a_batch_zscored_mix_is_named_for_the_warning():
     assert _batch_zscored({"mix": [{"name": "aesthetic", "normalize": "zscore"}, {"name": "clip_score"}]}) == ["aesthetic"]
     assert _batch_zscored({"mix": [{"name": "aesthetic"}], "normalize": "running"}) == []
     assert _batch_zscored({"name": "aesthetic"}) == [] and _batch_zscored("aesthetic") == []
+
+
+def test_verbose_after_the_command():
+    from raft_diffusion.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["align", "--config", "c.yaml", "-o", "out", "-v"]).verbose is True
+    assert parser.parse_args(["-v", "align", "--config", "c.yaml", "-o", "out"]).verbose is True
+    assert parser.parse_args(["align", "--config", "c.yaml", "-o", "out"]).verbose is False
+    assert parser.parse_args(["llm", "report", "--run-dir", "r", "--verbose"]).verbose is True

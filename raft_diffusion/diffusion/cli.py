@@ -206,7 +206,7 @@ def _config_help(args) -> int:
 
 def add_commands(sub) -> None:
     """Add the diffusion commands to an argparse subparsers object."""
-    p = sub.add_parser("align", help="run RAFT on a Stable Diffusion pipeline")
+    p = sub.add_parser("align", help="run RAFT on a text-to-image pipeline (SD 1.x/2.x, SDXL, SD3, FLUX.1, FLUX.2 [klein])")
     add_align_arguments(p, example="configs/tiny.yaml")
     p.set_defaults(func=_align)
 

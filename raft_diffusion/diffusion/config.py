@@ -41,7 +41,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class ModelConfig:
     pretrained: str = _f(
         "runwayml/stable-diffusion-v1-5",
-        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline or FluxPipeline; 'tiny' builds a tiny test model",
+        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline or Flux2KleinPipeline; 'tiny' builds a tiny test model",
     )
     family: str | None = _f(
         None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1) or flux2-klein (FLUX.2 [klein]); null = read from the folder's model_index.json"
@@ -130,7 +130,10 @@ class RankingConfig(core.RankingConfig):
 
 @dataclass
 class TrainConfig:
-    method: str = _f("lora", "lora (peft adapter on the UNet attention) or full (every UNet weight)")
+    method: str = _f(
+        "lora",
+        "lora (a peft adapter on the denoiser's train.target_modules: the UNet's or the transformer's attention by default) or full (every denoiser weight)",
+    )
     lora_rank: int = _f(4, "LoRA rank r")
     lora_alpha: float = _f(4.0, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _f(0.0, "dropout on the LoRA branch")
