@@ -148,7 +148,13 @@ def test_diffusers_export_is_the_run_lora_and_its_card(run_dir, tmp_path):
     assert main(["export", str(run_dir / "stages" / "001"), "--format", "diffusers", "-o", str(tmp_path / "d")]) == 0
     assert (tmp_path / "d" / "pytorch_lora_weights.safetensors").read_bytes() == (run_dir / "final" / "pytorch_lora_weights.safetensors").read_bytes()
     assert main(["export", str(run_dir), "--format", "diffusers", "-o", str(tmp_path / "f")]) == 0
-    assert (tmp_path / "f" / "README.md").read_text() == (run_dir / "final" / "README.md").read_text()
+    # the card, with its before/after grid: the link from final/ would point outside the folder, so the grid comes
+    # along and the card links it inside
+    card = (run_dir / "final" / "README.md").read_text()
+    assert "](../gallery/grid_before_after.png)" in card
+    assert (tmp_path / "f" / "README.md").read_text() == card.replace("](../gallery/", "](gallery/")
+    grid = run_dir / "gallery" / "grid_before_after.png"
+    assert (tmp_path / "f" / "gallery" / "grid_before_after.png").read_bytes() == grid.read_bytes()
 
 
 def test_peft_export_loads_with_peft_and_diffusers(run_dir, tiny_pipeline_dir, tmp_path):

@@ -515,7 +515,15 @@ def export_diffusers(src: LoraSource, out: str | Path, *, overwrite: bool = Fals
     shutil.copy2(src.weights, out / LORA_WEIGHT_NAME)
     card = src.weights.parent / "README.md"
     if card.is_file():
-        shutil.copy2(card, out / "README.md")
+        from .card import GRID, card_text
+
+        grid = src.run_dir / GRID if src.run_dir is not None else None
+        if grid is not None and grid.is_file():  # the card's before/after grid travels with it, as `push` lays it out
+            (out / GRID).parent.mkdir(parents=True)
+            shutil.copy2(grid, out / GRID)
+            (out / "README.md").write_text(card_text(src.run_dir, grid_link=GRID), encoding="utf-8")
+        else:
+            shutil.copy2(card, out / "README.md")
     return out
 
 
