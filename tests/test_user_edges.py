@@ -180,3 +180,16 @@ def test_verbose_after_the_command():
     assert parser.parse_args(["-v", "align", "--config", "c.yaml", "-o", "out"]).verbose is True
     assert parser.parse_args(["align", "--config", "c.yaml", "-o", "out"]).verbose is False
     assert parser.parse_args(["llm", "report", "--run-dir", "r", "--verbose"]).verbose is True
+
+
+def test_llm_report_and_sample_take_the_run_directory_either_way(tmp_path):
+    from raft_diffusion.cli import build_parser
+    from raft_diffusion.llm.cli import _run_dir
+
+    parser = build_parser()
+    for argv in (["llm", "report", "runs/x"], ["llm", "report", "--run-dir", "runs/x"], ["llm", "sample", "-r", "runs/x", "-p", "hi"]):
+        assert _run_dir(parser.parse_args(argv)) == Path("runs/x")
+    with pytest.raises(UserError, match=r"^give the run directory: raft-diffusion llm report RUN_DIR$"):
+        _run_dir(parser.parse_args(["llm", "report"]))
+    with pytest.raises(UserError, match=r"two run directories given \(a and --run-dir b\): give one"):
+        _run_dir(parser.parse_args(["llm", "report", "a", "--run-dir", "b"]))

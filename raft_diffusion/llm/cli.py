@@ -1,8 +1,8 @@
 """``raft-diffusion llm ...``: RAFT for causal language models.
 
     raft-diffusion llm align --config configs/llm_toy_sentiment.yaml --output-dir runs/llm [key=value ...]
-    raft-diffusion llm report --run-dir runs/llm
-    raft-diffusion llm sample --run-dir runs/llm --prompt "i bought this phone and" [-n 4]
+    raft-diffusion llm report runs/llm                     (or --run-dir runs/llm)
+    raft-diffusion llm sample runs/llm --prompt "i bought this phone and" [-n 4]
     raft-diffusion llm toyworld build [--out DIR] [--threads N]
     raft-diffusion llm config-help
 
@@ -53,9 +53,7 @@ def _align(args) -> int:
     task = LLMTask(cfg)
     rows = run_raft(cfg, task, run, should_stop=cfg.stopper())
     report = write_report(run.root) if (cfg.eval.report and cfg.eval.every) else None
-    stop = read_stop(run.root)
-    if stop:
-        print(f"early stop: {stop['reason']}; final/ = stage {stop['final_stage']}", flush=True)
+    stop = read_stop(run.root)  # the loop has printed the stop ("early stop after stage N: ...")
     final_stage = stop["final_stage"] if stop else (rows[-1]["stage"] if rows else 0)
     first, last = rows[0] if rows else {}, next((r for r in rows if r["stage"] == final_stage), {})
     if "eval_reward_mean" in first and "eval_reward_mean" in last:
@@ -77,8 +75,9 @@ def _report(args) -> int:
     from .config import LLMConfig
     from .report import write_report
 
-    check_run_kind(args.run_dir, LLMConfig, "raft-diffusion llm report")
-    print(write_report(args.run_dir))
+    run_dir = _run_dir(args)
+    check_run_kind(run_dir, LLMConfig, "raft-diffusion llm report")
+    print(write_report(run_dir))
     return 0
 
 
@@ -91,7 +90,7 @@ def _sample(args) -> int:
     from .config import LLMConfig
     from .generate import encode_prompts, sample_completions
 
-    run = RunDir(args.run_dir)
+    run = RunDir(_run_dir(args))
     if not run.config_path.is_file():
         raise UserError(f"{run.root} is not a run directory (no config.yaml)")
     check_run_kind(run.root, LLMConfig, "raft-diffusion llm sample")
@@ -158,6 +157,21 @@ def _config_help(args) -> int:
     return 0
 
 
+def _run_dir_arguments(p: argparse.ArgumentParser) -> None:
+    """The run directory, as ``RUN_DIR`` (like ``gallery``, ``card`` and ``export``) or ``--run-dir``."""
+    p.add_argument("run_dir_arg", nargs="?", type=Path, metavar="RUN_DIR", help="a run directory written by llm align")
+    p.add_argument("--run-dir", "-r", type=Path, help="the same, as an option")
+
+
+def _run_dir(args) -> Path:
+    if args.run_dir is not None and args.run_dir_arg is not None and args.run_dir != args.run_dir_arg:
+        raise UserError(f"two run directories given ({args.run_dir_arg} and --run-dir {args.run_dir}): give one")
+    run_dir = args.run_dir if args.run_dir is not None else args.run_dir_arg
+    if run_dir is None:
+        raise UserError(f"give the run directory: raft-diffusion llm {args.llm_command} RUN_DIR")
+    return run_dir
+
+
 def add_llm_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``llm`` (with align, report, sample, toyworld build, config-help) to an argparse subparsers object."""
     llm = subparsers.add_parser("llm", help="RAFT for causal language models (transformers + peft)")
@@ -173,11 +187,11 @@ def _add_commands(llm: argparse.ArgumentParser) -> None:
     p.set_defaults(func=_align)
 
     p = sub.add_parser("report", help="(re)write report.html of a run directory")
-    p.add_argument("--run-dir", "-r", type=Path, required=True)
+    _run_dir_arguments(p)
     p.set_defaults(func=_report)
 
     p = sub.add_parser("sample", help="print completions of a run's final adapter (or --stage N; 0 = base)")
-    p.add_argument("--run-dir", "-r", type=Path, required=True)
+    _run_dir_arguments(p)
     p.add_argument("--prompt", "-p", required=True)
     p.add_argument("-n", type=int, default=4, help="number of completions")
     p.add_argument("--seed", type=int, default=0, help="seed of the first completion (then +1 each)")
