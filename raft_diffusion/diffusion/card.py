@@ -11,11 +11,10 @@ import shutil
 from pathlib import Path
 
 from ..core.errors import UserError
-from .export import LORA_WEIGHT_NAME, final_stage, metrics_rows, read_run_config, resolve_source, tool_version
+from .export import GRID, LORA_WEIGHT_NAME, final_stage, metrics_rows, read_run_config, resolve_source, tool_version
 from .gallery import config_value as _config_value
 
 CARD_NAME = "README.md"
-GRID = "gallery/grid_before_after.png"  # relative to the run directory
 LICENCE_DEFAULT = "see the base model's card"
 
 # metrics.jsonl keys shown in the card, in this order, with their wording

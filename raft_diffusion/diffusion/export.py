@@ -39,6 +39,7 @@ METADATA_KEY = "lora_adapter_metadata"  # where diffusers keeps the LoRA config 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHT_NAME = "adapter_model.safetensors"
 FORMATS = ("kohya", "diffusers", "peft")
+GRID = "gallery/grid_before_after.png"  # the before/after grid, relative to the run directory (the card links it)
 KOHYA_UNET_PREFIX = "lora_unet_"
 
 
@@ -515,15 +516,13 @@ def export_diffusers(src: LoraSource, out: str | Path, *, overwrite: bool = Fals
     shutil.copy2(src.weights, out / LORA_WEIGHT_NAME)
     card = src.weights.parent / "README.md"
     if card.is_file():
-        from .card import GRID, card_text
-
         grid = src.run_dir / GRID if src.run_dir is not None else None
-        if grid is not None and grid.is_file():  # the card's before/after grid travels with it, as `push` lays it out
+        text = card.read_text(encoding="utf-8")
+        if grid is not None and grid.is_file() and f"](../{GRID})" in text:  # the grid travels with the card, as `push` lays it out
             (out / GRID).parent.mkdir(parents=True)
             shutil.copy2(grid, out / GRID)
-            (out / "README.md").write_text(card_text(src.run_dir, grid_link=GRID), encoding="utf-8")
-        else:
-            shutil.copy2(card, out / "README.md")
+            text = text.replace(f"](../{GRID})", f"]({GRID})")
+        (out / "README.md").write_text(text, encoding="utf-8")
     return out
 
 
