@@ -76,9 +76,17 @@ def test_memory_size_list_config_and_a_preset_from_another_folder(tmp_path, monk
     cfg = load_config(ROOT / "configs" / "toy_aesthetic_fast.yaml")
     assert Path(cfg.model.pretrained) == ROOT / "raft_diffusion/diffusion/toyworld/assets/sd"
     assert Path(cfg.reward["kwargs"]["weights"]).is_file() and Path(cfg.prompts.train).is_file()
+    elsewhere = cfg
     monkeypatch.chdir(ROOT)  # from the root they stay as given (and so does a resumed run's config.yaml)
     cfg = load_config(ROOT / "configs" / "toy_aesthetic_fast.yaml")
     assert cfg.model.pretrained == "raft_diffusion/diffusion/toyworld/assets/sd"
+    # a run started in one folder resumes from the other: the two spellings of a packaged path are the same config
+    for first, then in ((cfg, elsewhere), (elsewhere, cfg)):
+        run = _write_run(tmp_path / f"run-{first is cfg}", first)
+        RunDir(run.root).start(then.to_dict(), defaults=RaftConfig().to_dict())
+        changed = load_config(ROOT / "configs" / "toy_aesthetic_fast.yaml", ["ranking.top_k=2"])
+        with pytest.raises(UserError, match=r"different config \(ranking.top_k: 3 there, 2 now\)"):
+            RunDir(run.root).start(changed.to_dict(), defaults=RaftConfig().to_dict())
 
 
 def _cli(*args, cwd=ROOT):

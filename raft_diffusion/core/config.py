@@ -412,6 +412,19 @@ def _packaged_paths(value: Any) -> Any:
     return value
 
 
+def packaged_relative(value: Any) -> Any:
+    """``value`` with every absolute path into the installed package written back as ``raft_diffusion/...``: the
+    form in which a run's config is compared on resume, whichever folder the run was started or resumed from."""
+    if isinstance(value, dict):
+        return {k: packaged_relative(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [packaged_relative(v) for v in value]
+    prefix = f"{_PACKAGE_PARENT}/raft_diffusion/"
+    if isinstance(value, str) and value.startswith(prefix):
+        return "raft_diffusion/" + value[len(prefix) :]
+    return value
+
+
 def config_from_dict(data: dict | None, overrides: list[str] = (), *, cls):
     """Build and validate a config of class ``cls`` (a :class:`BaseConfig` subclass) from a mapping + overrides."""
     data = dict(data or {})

@@ -276,8 +276,10 @@ class RunDir:
         if old is None:
             diff = "its config.yaml is damaged"
         else:
-            new = _flatten(_jsonable(config))
-            from .config import kind_of
+            from .config import kind_of, packaged_relative
+
+            # a packaged asset's path reads the same from any folder (relative from the repository, absolute elsewhere)
+            old, new = packaged_relative(old), packaged_relative(_flatten(_jsonable(config)))
 
             there, here = kind_of(old), kind_of(new)  # an LLM run and an image config, or the reverse
             if there is not None and here is not None and there[0] is not here[0] and self.last_completed() > 0:
