@@ -197,3 +197,17 @@ def test_llm_report_and_sample_take_the_run_directory_either_way(tmp_path):
         _run_dir(parser.parse_args(["llm", "report"]))
     with pytest.raises(UserError, match=r"two run directories given \(a and --run-dir b\): give one"):
         _run_dir(parser.parse_args(["llm", "report", "a", "--run-dir", "b"]))
+
+
+def test_a_reward_changed_on_a_preset_names_the_kwargs_it_kept():
+    import torch
+    from reward_models.errors import RewardConfigError
+
+    from raft_diffusion.diffusion.task import load_reward
+
+    with pytest.raises(RewardConfigError) as err:
+        load_reward({"name": "saturation", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}}, torch.device("cpu"), torch.float32)
+    assert str(err.value).endswith(
+        "accepted: none; the config's reward.kwargs are {'region': [0.25, 0.25, 0.75, 0.75]}: with another reward.name, set reward.kwargs={} or its own"
+    )
+    assert load_reward({"name": "brightness", "kwargs": {"region": [0, 0, 1, 1]}}, torch.device("cpu"), torch.float32) is not None

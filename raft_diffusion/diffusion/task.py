@@ -47,8 +47,17 @@ def resolve_pretrained(name: str) -> str:
 def load_reward(cfg_reward: dict, device, dtype):
     """The configured reward (lazy import keeps the core importable without the reward package)."""
     from reward_models import load_reward_from_config
+    from reward_models.errors import RewardConfigError
 
-    return load_reward_from_config(cfg_reward, device=device, dtype=dtype)
+    try:
+        return load_reward_from_config(cfg_reward, device=device, dtype=dtype)
+    except RewardConfigError as err:
+        kwargs = cfg_reward.get("kwargs") if isinstance(cfg_reward, dict) else None
+        if kwargs and "bad arguments" in str(err):  # e.g. reward.name changed on a preset whose kwargs were for another
+            raise RewardConfigError(
+                f"{err}; the config's reward.kwargs are {kwargs}: with another reward.name, set reward.kwargs={{}} or its own"
+            ) from None
+        raise
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
