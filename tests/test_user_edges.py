@@ -201,9 +201,9 @@ def test_llm_report_and_sample_take_the_run_directory_either_way(tmp_path):
 
 def test_a_reward_changed_on_a_preset_names_the_kwargs_it_kept():
     import torch
-    from reward_models.errors import RewardConfigError
 
     from raft_diffusion.diffusion.task import load_reward
+    from reward_models.errors import RewardConfigError
 
     with pytest.raises(RewardConfigError) as err:
         load_reward({"name": "saturation", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}}, torch.device("cpu"), torch.float32)
