@@ -207,7 +207,6 @@ def test_a_reward_changed_on_a_preset_names_the_kwargs_it_kept():
 
     with pytest.raises(RewardConfigError) as err:
         load_reward({"name": "saturation", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}}, torch.device("cpu"), torch.float32)
-    assert str(err.value).endswith(
-        "accepted: none; the config's reward.kwargs are {'region': [0.25, 0.25, 0.75, 0.75]}: with another reward.name, set reward.kwargs={} or its own"
-    )
+    kept = "the config's reward.kwargs are {'region': [0.25, 0.25, 0.75, 0.75]}"
+    assert str(err.value).endswith(f"accepted: none; {kept}: with another reward.name, set reward.kwargs={{}} or its own")
     assert load_reward({"name": "brightness", "kwargs": {"region": [0, 0, 1, 1]}}, torch.device("cpu"), torch.float32) is not None
