@@ -397,32 +397,29 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
 _PACKAGE_PARENT = Path(__file__).resolve().parents[2]  # the folder that holds raft_diffusion/
 
 
-def _packaged_paths(value: Any) -> Any:
-    """``value`` with every relative path into the package (``raft_diffusion/...``, as the toy presets name their
-    assets) that the current folder does not have made absolute, when the installed package has it: a preset then
-    runs from any folder, and from the repository's root it reads (and its run's config.yaml keeps) the path as given."""
+def _map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """``value`` (a config mapping, list or scalar) with ``fn`` applied to every string in it."""
     if isinstance(value, dict):
-        return {k: _packaged_paths(v) for k, v in value.items()}
+        return {k: _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_packaged_paths(v) for v in value]
-    if isinstance(value, str) and value.startswith("raft_diffusion/") and not Path(value).exists():
-        packaged = _PACKAGE_PARENT / value
-        if packaged.exists():
-            return str(packaged)
+        return [_map_strings(v, fn) for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def _packaged_path(value: str) -> str:
+    """A relative path into the package (``raft_diffusion/...``, as the toy presets name their assets) that the current
+    folder does not have, made absolute when the installed package has it: a preset then runs from any folder, and
+    from the repository's root it reads (and its run's config.yaml keeps) the path as given."""
+    if value.startswith("raft_diffusion/") and not Path(value).exists() and (_PACKAGE_PARENT / value).exists():
+        return str(_PACKAGE_PARENT / value)
     return value
 
 
 def packaged_relative(value: Any) -> Any:
     """``value`` with every absolute path into the installed package written back as ``raft_diffusion/...``: the
     form in which a run's config is compared on resume, whichever folder the run was started or resumed from."""
-    if isinstance(value, dict):
-        return {k: packaged_relative(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [packaged_relative(v) for v in value]
     prefix = f"{_PACKAGE_PARENT}/raft_diffusion/"
-    if isinstance(value, str) and value.startswith(prefix):
-        return "raft_diffusion/" + value[len(prefix) :]
-    return value
+    return _map_strings(value, lambda s: "raft_diffusion/" + s[len(prefix) :] if s.startswith(prefix) else s)
 
 
 def config_from_dict(data: dict | None, overrides: list[str] = (), *, cls):
@@ -430,7 +427,7 @@ def config_from_dict(data: dict | None, overrides: list[str] = (), *, cls):
     data = dict(data or {})
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(data, key, value, cls)
-    return _build(cls, _packaged_paths(data)).validate()
+    return _build(cls, _map_strings(data, _packaged_path)).validate()
 
 
 def load_config(path: str | Path | None, overrides: list[str] = (), *, cls):

@@ -280,10 +280,7 @@ class RunDir:
 
             # a packaged asset's path reads the same from any folder (relative from the repository, absolute elsewhere)
             old, new = packaged_relative(old), packaged_relative(_flatten(_jsonable(config)))
-
-            there, here = kind_of(old), kind_of(new)  # an LLM run and an image config, or the reverse
-            if there is not None and here is not None and there[0] is not here[0] and self.last_completed() > 0:
-                raise UserError(f"run directory {self.root} holds {there[1][0]} run (`{there[1][1]}` resumes it); choose a new --output-dir")
+            given = old
             absent = _flatten(_jsonable(defaults or {}))
             old = {**{k: v for k, v in absent.items() if k not in old and k in new}, **old}
             diffs = [
@@ -293,6 +290,9 @@ class RunDir:
             ]
             if not diffs:
                 return
+            there, here = kind_of(given), kind_of(new)  # an LLM run and an image config, or the reverse
+            if there is not None and here is not None and there[0] is not here[0] and self.last_completed() > 0:
+                raise UserError(f"run directory {self.root} holds {there[1][0]} run (`{there[1][1]}` resumes it); choose a new --output-dir")
             k = diffs[0]
             diff = f"{k}: {old.get(k)!r} there, {new.get(k)!r} now"
         if self.last_completed() == 0:
