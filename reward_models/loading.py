@@ -41,6 +41,15 @@ def load_reward(
 
 
 _SINGLE_KEYS = {"name", "kwargs"}
+
+
+def component_normalization(mix_cfg: dict, item) -> str:
+    """The normalisation a mix item gets: its own ``normalize``, else the mix's, else ``none`` (a bare name has none
+    of its own)."""
+    own = item.get("normalize") if isinstance(item, dict) else None
+    return own or mix_cfg.get("normalize") or "none"
+
+
 _COMPONENT_KEYS = {"name", "kwargs", "weight", "normalize", "label"}
 _MIX_KEYS = {"mix", "normalize", "eps"}
 
@@ -59,7 +68,6 @@ def load_reward_from_config(cfg: str | dict, device: str | torch.device | None =
         items = cfg["mix"]
         if not isinstance(items, (list, tuple)) or not items:
             raise RewardConfigError("reward config 'mix' must be a non-empty list of {name, weight, kwargs} dicts")
-        default_norm = cfg.get("normalize") or "none"
         components, seen = [], {}
         for i, item in enumerate(items):
             if isinstance(item, str):
@@ -74,7 +82,7 @@ def load_reward_from_config(cfg: str | dict, device: str | torch.device | None =
             seen[base] = seen.get(base, 0) + 1
             label = base if seen[base] == 1 else f"{base}#{seen[base]}"
             weight = item.get("weight", 1.0)
-            components.append((label, reward, weight, item.get("normalize") or default_norm))
+            components.append((label, reward, weight, component_normalization(cfg, item)))
         composite = CompositeReward(components, eps=float(cfg.get("eps", DEFAULT_EPS)))
         return LoadedReward(composite.__name__, composite, composite.kind)
     unknown = set(cfg) - _SINGLE_KEYS

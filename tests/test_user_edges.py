@@ -174,6 +174,7 @@ def test_a_batch_zscored_mix_is_named_for_the_warning():
     assert _batch_zscored({"mix": [{"name": "aesthetic", "normalize": "zscore"}, {"name": "clip_score"}]}) == ["aesthetic"]
     assert _batch_zscored({"mix": [{"name": "aesthetic"}], "normalize": "running"}) == []
     assert _batch_zscored({"name": "aesthetic"}) == [] and _batch_zscored("aesthetic") == []
+    assert _batch_zscored({"mix": ["aesthetic", {"name": "clip_score", "normalize": "none"}], "normalize": "zscore"}) == ["aesthetic"]
 
 
 def test_verbose_after_the_command():

@@ -80,8 +80,13 @@ def _batch_zscored(reward) -> list[str]:
     """The components of a reward mix that ``normalize: zscore`` scores against their own batch (none for one reward)."""
     if not isinstance(reward, dict) or not isinstance(reward.get("mix"), list):
         return []
-    default = reward.get("normalize", "none")
-    return [str(c.get("label") or c.get("name")) for c in reward["mix"] if isinstance(c, dict) and c.get("normalize", default) == "zscore"]
+    from reward_models.loading import component_normalization
+
+    return [
+        str(c.get("label") or c.get("name")) if isinstance(c, dict) else str(c)
+        for c in reward["mix"]
+        if component_normalization(reward, c) == "zscore"
+    ]
 
 
 def _plan(args) -> int:

@@ -58,9 +58,9 @@ def detect_family(source, override: str | None = None) -> Family:
     """
     if override:
         family = get_family(override)
-        index = Path(source).expanduser() / "model_index.json" if isinstance(source, (str, Path)) else None
-        if index is not None and index.is_file():  # a local folder says what it is: a contradiction is refused
-            name = json.loads(index.read_text(encoding="utf-8")).get("_class_name", "?")
+        local = isinstance(source, (str, Path)) and (Path(source).expanduser() / "model_index.json").is_file()
+        if local:  # a local folder says what it is: a contradiction is refused
+            name = _class_name_of(source)
             if name in FAMILIES and FAMILIES[name].name != family.name:
                 raise UserError(
                     f"model.family is {family.name}, but {str(source)!r} holds a {name} ({FAMILIES[name].name}): "
