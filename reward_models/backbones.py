@@ -26,6 +26,7 @@ import torch
 
 from .errors import RewardConfigError, RewardWeightsNotFoundError
 from .preprocess import ImageTransform, open_clip_preprocess_cfg, transform_from_hf_processor, transform_from_open_clip
+from .weights import MODEL_CACHE_ONLY, from_cache_or_hub
 
 OPEN_CLIP_CONFIG_NAME = "open_clip_config.json"
 OPEN_CLIP_WEIGHTS_NAME = "open_clip_model.safetensors"
@@ -251,6 +252,8 @@ def load_open_clip(
 
     import open_clip
 
+    if pretrained and weights_key is None:
+        _refuse_uncached_open_clip(open_clip.get_pretrained_cfg(spec, str(pretrained)), spec, str(pretrained), reward)
     try:
         model = open_clip.create_model(spec, pretrained=pretrained, device="cpu", precision="fp32", require_pretrained=True)
     except Exception as e:
@@ -267,6 +270,33 @@ def load_open_clip(
     if cache:
         _CACHE[key] = backbone
     return backbone
+
+
+def _refuse_uncached_open_clip(cfg: dict, spec: str, tag: str, reward: str) -> None:
+    """An open_clip pretrained tag whose weights (on the Hub) are not in the local cache while the Hub cannot be
+    reached: one line at once, instead of the Hub client's retries (most of a minute) and then the same failure."""
+    from .weights import hub_offline_reason
+
+    hub = (cfg or {}).get("hf_hub")
+    if not hub:
+        return  # weights from a plain URL: open_clip's own cache and errors
+    repo_id, filename = hub.rstrip("/"), None
+    if repo_id.count("/") > 1:
+        repo_id, filename = repo_id.rsplit("/", 1)
+    from huggingface_hub import try_to_load_from_cache
+
+    names = {filename} if filename else set()
+    names |= {"open_clip_model.safetensors", "open_clip_pytorch_model.bin"}
+    if any(isinstance(try_to_load_from_cache(repo_id, n), str) for n in sorted(names)):
+        return
+    reason = hub_offline_reason()
+    if reason is not None:
+        raise RewardWeightsNotFoundError(
+            f"reward '{reward}': the weights of open_clip model {spec!r} with pretrained={tag!r} (Hub repo {repo_id}) "
+            f"are not in the local Hugging Face cache and the Hub cannot be reached ({reason}); download them where "
+            f"there is a network (hf download {repo_id}) and point HF_HOME at that cache, or pass "
+            f"clip_model='/path/to/dir' (see reward_models.save_open_clip) or clip_pretrained='/path/to/file'"
+        )
 
 
 def _wrap_open_clip(model, tokenizer, device, dtype, preprocess_cfg, source) -> OpenClipBackbone:
@@ -354,6 +384,13 @@ def _hf_hint(src: str) -> str:
     )
 
 
+def _hub_offline(reward: str, what: str, src: str) -> Callable[[str], Exception]:
+    """The one-line error for a Hub id that is neither cached nor reachable (:func:`~.weights.from_cache_or_hub`)."""
+    return lambda reason: RewardWeightsNotFoundError(
+        f"reward '{reward}': {what} {src!r} is not in the local Hugging Face cache and the Hub cannot be reached ({reason}); {_hf_hint(src)}"
+    )
+
+
 def _hf_from_pretrained(class_name: str, src: str, *, reward: str, what: str, **kwargs):
     """``transformers.<class_name>.from_pretrained`` that refuses partially random weights."""
     import transformers
@@ -362,7 +399,11 @@ def _hf_from_pretrained(class_name: str, src: str, *, reward: str, what: str, **
     if _looks_like_local_dir(src) and not Path(src).expanduser().exists():
         raise RewardWeightsNotFoundError(f"reward '{reward}': {what} directory {src!r} does not exist; pass a save_pretrained directory or a Hub id")
     try:
-        model, info = cls.from_pretrained(str(Path(src).expanduser()) if Path(src).expanduser().exists() else src, output_loading_info=True, **kwargs)
+        model, info = from_cache_or_hub(
+            cls.from_pretrained, src, _hub_offline(reward, what, src), MODEL_CACHE_ONLY, output_loading_info=True, **kwargs
+        )
+    except RewardWeightsNotFoundError:
+        raise
     except Exception as e:
         raise RewardWeightsNotFoundError(
             f"reward '{reward}': could not load {what} from {src!r}: {type(e).__name__}: "
@@ -381,7 +422,9 @@ def _hf_processor(src: str, *, reward: str):
     from transformers import AutoProcessor
 
     try:
-        return AutoProcessor.from_pretrained(str(Path(src).expanduser()) if Path(src).expanduser().exists() else src)
+        return from_cache_or_hub(AutoProcessor.from_pretrained, src, _hub_offline(reward, "the CLIP processor", src))
+    except RewardWeightsNotFoundError:
+        raise
     except Exception as e:
         raise RewardWeightsNotFoundError(
             f"reward '{reward}': could not load the CLIP processor (image processor + tokenizer) from {src!r}: "

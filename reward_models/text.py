@@ -53,7 +53,8 @@ def sequence_classifier(
         formatted with prompt and completion), or "auto" (chat if the tokenizer has a chat template, else concat).
     max_length: truncation length in tokens.
     """
-    from .backbones import _hf_from_pretrained, _hf_hint
+    from .backbones import _hf_from_pretrained, _hf_hint, _hub_offline
+    from .weights import from_cache_or_hub
 
     check_batch_size("sequence_classifier", batch_size)
     if not model:
@@ -64,11 +65,13 @@ def sequence_classifier(
 
     net = _hf_from_pretrained("AutoModelForSequenceClassification", str(model), reward="sequence_classifier", what="sequence-classification model")
     tok_src = str(tokenizer or model)
-    try:
-        tok = AutoTokenizer.from_pretrained(tok_src)
-    except Exception as e:
-        from .errors import RewardWeightsNotFoundError
+    from .errors import RewardWeightsNotFoundError
 
+    try:
+        tok = from_cache_or_hub(AutoTokenizer.from_pretrained, tok_src, _hub_offline("sequence_classifier", "the tokenizer", tok_src))
+    except RewardWeightsNotFoundError:
+        raise
+    except Exception as e:
         raise RewardWeightsNotFoundError(
             f"reward 'sequence_classifier': could not load the tokenizer from {tok_src!r}: {type(e).__name__}: "
             f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}; {_hf_hint(tok_src)}"

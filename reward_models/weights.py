@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import os
+import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -31,6 +33,45 @@ def cache_dir() -> Path:
 def offline() -> bool:
     """True when downloads are disabled (``REWARD_MODELS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
     return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("REWARD_MODELS_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
+    """Why the Hugging Face Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None.
+    One socket, so the answer comes in seconds, not after the Hub client's retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        return f"no network connection to {host} ({type(err).__name__})"
+    return None
+
+
+# what a transformers model class needs besides local_files_only to stay off the network: its look-up of a peft
+# adapter_config.json does not follow local_files_only (transformers 5.x) and waits out the Hub client's retries
+MODEL_CACHE_ONLY = {"adapter_kwargs": {"local_files_only": True}}
+
+
+def from_cache_or_hub(
+    loader: Callable[..., Any], name: str, offline_error: Callable[[str], Exception], cache_only: dict | None = None, **kwargs
+) -> Any:
+    """``loader(name, **kwargs)``, a transformers ``from_pretrained``, that asks whether the Hub answers before it
+    loads a Hub id. When it does not, the id is read from the local cache only (``local_files_only`` and the
+    ``cache_only`` arguments, e.g. :data:`MODEL_CACHE_ONLY` for a model class), and a cache miss raises
+    ``offline_error(reason)`` at once: the Hub client would spend most of a minute in retries before failing. A
+    local folder, or any id while the Hub answers, loads as it always did."""
+    if Path(name).expanduser().exists():
+        return loader(str(Path(name).expanduser()), **kwargs)
+    reason = hub_offline_reason()
+    if reason is None:
+        return loader(name, **kwargs)
+    try:
+        return loader(name, local_files_only=True, **(cache_only or {}), **kwargs)
+    except (OSError, ValueError):  # not in the cache (transformers raises one or the other)
+        raise offline_error(reason) from None
 
 
 def _how_to(what: str, env_var: str | None, kwarg: str) -> str:

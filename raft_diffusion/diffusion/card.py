@@ -10,6 +10,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from reward_models.weights import hub_offline_reason
+
 from ..core.errors import UserError
 from .export import GRID, LORA_WEIGHT_NAME, final_stage, metrics_rows, read_run_config, resolve_source, tool_version
 from .gallery import config_value as _config_value
@@ -172,24 +174,6 @@ def push_plan(run_dir: str | Path, *, license: str | None = None) -> tuple[dict[
     if (src.run_dir / GRID).is_file():
         files[GRID] = src.run_dir / GRID
     return files, card_text(src.run_dir, license=license, grid_link=GRID)
-
-
-def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
-    """Why the Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return "HF_HUB_OFFLINE is set"
-    endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
-    url = urlparse(endpoint)
-    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-    except OSError as err:
-        return f"no network connection to {host} ({type(err).__name__})"
-    return None
 
 
 def push(run_dir: str | Path, repo_id: str, *, license: str | None = None, private: bool = False,

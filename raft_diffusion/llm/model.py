@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from reward_models.weights import MODEL_CACHE_ONLY, from_cache_or_hub
+
 from ..core.errors import UserError
 from .assets import toy_path
 
@@ -76,6 +78,15 @@ def _load_error(kind: str, name: str, err: Exception) -> UserError:
     )
 
 
+def _offline_error(kind: str, name: str):
+    """The one-line error for a hub id that is neither cached nor reachable (``from_cache_or_hub``)."""
+    return lambda reason: UserError(
+        f"the {kind} '{name}' is not in the local Hugging Face cache and the Hub cannot be reached ({reason}): "
+        f"download it once where there is a network (hf download {name}) and point HF_HOME at that cache, "
+        f"or give a local folder holding config.json and weights"
+    )
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, pad_token: str | None = None):
     """The tokenizer with a pad token and left padding (generation pads on the left).
 
@@ -86,7 +97,7 @@ def load_tokenizer(name: str, *, revision: str | None = None, pad_token: str | N
 
     check_model_source("tokenizer", name)
     try:
-        tok = AutoTokenizer.from_pretrained(name, revision=revision)
+        tok = from_cache_or_hub(AutoTokenizer.from_pretrained, name, _offline_error("tokenizer", name), revision=revision)
     except (OSError, ValueError) as err:
         raise _load_error("tokenizer", name, err) from None
     if pad_token is not None:
@@ -122,7 +133,15 @@ def load_causal_lm(name: str, *, revision: str | None = None, device: torch.devi
 
     check_model_source("model", name)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(name, revision=revision, dtype=dtype, output_loading_info=True)
+        model, info = from_cache_or_hub(
+            AutoModelForCausalLM.from_pretrained,
+            name,
+            _offline_error("causal LM", name),
+            MODEL_CACHE_ONLY,
+            revision=revision,
+            dtype=dtype,
+            output_loading_info=True,
+        )
     except (OSError, ValueError) as err:
         raise _load_error("causal LM", name, err) from None
     check_complete("causal LM", name, info)
