@@ -18,6 +18,7 @@ from .checks import check_reward_output, check_text_reward_output
 from .composite import CompositeReward, zscore
 from .errors import (
     MissingDependencyError,
+    RewardArgumentsError,
     RewardConfigError,
     RewardError,
     RewardInputError,
@@ -37,6 +38,7 @@ __all__ = [
     "LoadedReward",
     "MissingDependencyError",
     "REGISTRY",
+    "RewardArgumentsError",
     "RewardConfigError",
     "RewardError",
     "RewardInfo",

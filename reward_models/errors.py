@@ -23,6 +23,10 @@ class RewardConfigError(RewardError):
     """A reward config dict or keyword argument is invalid."""
 
 
+class RewardArgumentsError(RewardConfigError):
+    """The keyword arguments given to a reward do not fit its factory (an unknown name, or a required one missing)."""
+
+
 class RewardWeightsNotFoundError(RewardError):
     """The weights of a model-backed reward could not be found (never silently random)."""
 

@@ -43,7 +43,7 @@ import torch
 
 from ._common import resolve_device, resolve_dtype
 from .checks import check_images, check_reward_output, check_text_reward_output
-from .errors import RewardConfigError, RewardError, UnknownRewardError
+from .errors import RewardArgumentsError, RewardConfigError, RewardError, UnknownRewardError
 
 ENTRY_POINT_GROUP = "reward_models"
 
@@ -297,7 +297,7 @@ def _call_factory(factory: Callable, label: str, device, dtype, kwargs: dict) ->
                 for n, p in params.items()
                 if n not in ("device", "dtype") and p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
             ]
-            raise RewardConfigError(f"reward {label!r}: bad arguments {sorted(kwargs)} ({e}); accepted: {', '.join(accepted) or 'none'}") from e
+            raise RewardArgumentsError(f"reward {label!r}: bad arguments {sorted(kwargs)} ({e}); accepted: {', '.join(accepted) or 'none'}") from e
     reward = factory(**call_kwargs)
     if not callable(reward):
         raise RewardConfigError(f"reward {label!r}: the factory returned {type(reward).__name__}, not a callable reward")

@@ -211,3 +211,15 @@ def test_a_reward_changed_on_a_preset_names_the_kwargs_it_kept():
     kept = "the config's reward.kwargs are {'region': [0.25, 0.25, 0.75, 0.75]}"
     assert str(err.value).endswith(f"accepted: none; {kept}: with another reward.name, set reward.kwargs={{}} or its own")
     assert load_reward({"name": "brightness", "kwargs": {"region": [0, 0, 1, 1]}}, torch.device("cpu"), torch.float32) is not None
+
+
+def test_an_llm_reward_changed_on_a_preset_names_the_kwargs_too():
+    from raft_diffusion.llm.rewards import load_text_reward
+    from reward_models.errors import RewardArgumentsError
+
+    with pytest.raises(RewardArgumentsError) as err:
+        load_text_reward({"name": "toy_sentiment", "kwargs": {"model": "lvwerra/distilbert-imdb"}}, "cpu")
+    assert "bad arguments ['model']" in str(err.value)
+    assert str(err.value).endswith(
+        "the config's reward.kwargs are {'model': 'lvwerra/distilbert-imdb'}: with another reward.name, set reward.kwargs={} or its own"
+    )

@@ -202,6 +202,23 @@ def build_once(name: str, marker: str, build: Callable[[Path], None], cache_dir:
 # -- rewards ---------------------------------------------------------------------------------------
 
 
+def load_with_kwargs_hint(cfg_reward, load: Callable[[], object]):
+    """``load()`` (a reward loaded from the config mapping ``cfg_reward``); a bad-arguments error
+    (``reward_models.errors.RewardArgumentsError``) also names the config's ``reward.kwargs``, which a preset may
+    have left behind for another ``reward.name``."""
+    from reward_models.errors import RewardArgumentsError
+
+    try:
+        return load()
+    except RewardArgumentsError as err:
+        kwargs = cfg_reward.get("kwargs") if isinstance(cfg_reward, Mapping) else None
+        if not kwargs:
+            raise
+        raise RewardArgumentsError(
+            f"{err}; the config's reward.kwargs are {kwargs}: with another reward.name, set reward.kwargs={{}} or its own"
+        ) from None
+
+
 def reward_label(spec: dict) -> str:
     """A short name for a reward config (``a+b`` for a mix; a ``module:function`` path by its function)."""
     if "mix" in spec:

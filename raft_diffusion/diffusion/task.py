@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..core.common import resolve_device, reward_label, screen_metrics
+from ..core.common import load_with_kwargs_hint, resolve_device, reward_label, screen_metrics
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
@@ -47,17 +47,8 @@ def resolve_pretrained(name: str) -> str:
 def load_reward(cfg_reward: dict, device, dtype):
     """The configured reward (lazy import keeps the core importable without the reward package)."""
     from reward_models import load_reward_from_config
-    from reward_models.errors import RewardConfigError
 
-    try:
-        return load_reward_from_config(cfg_reward, device=device, dtype=dtype)
-    except RewardConfigError as err:
-        kwargs = cfg_reward.get("kwargs") if isinstance(cfg_reward, dict) else None
-        if kwargs and "bad arguments" in str(err):  # e.g. reward.name changed on a preset whose kwargs were for another
-            raise RewardConfigError(
-                f"{err}; the config's reward.kwargs are {kwargs}: with another reward.name, set reward.kwargs={{}} or its own"
-            ) from None
-        raise
+    return load_with_kwargs_hint(cfg_reward, lambda: load_reward_from_config(cfg_reward, device=device, dtype=dtype))
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

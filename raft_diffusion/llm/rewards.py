@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..core.common import load_with_kwargs_hint
+
 TOY_REWARDS = {
     "toy_sentiment": "raft_diffusion.llm.toyworld.rewards:toy_sentiment",
     "toy_gold": "raft_diffusion.llm.toyworld.rewards:toy_gold",
@@ -28,7 +30,7 @@ def load_text_reward(spec: dict, device):
     """A validated text reward (``reward_models.LoadedReward``) from a config mapping."""
     from reward_models import load_reward_from_config
 
-    return load_reward_from_config(_expand(spec), device=device, dtype=torch.float32)
+    return load_with_kwargs_hint(spec, lambda: load_reward_from_config(_expand(spec), device=device, dtype=torch.float32))
 
 
 def wrap_callable(fn, name: str = "custom"):
