@@ -223,3 +223,21 @@ def test_an_llm_reward_changed_on_a_preset_names_the_kwargs_too():
     assert str(err.value).endswith(
         "the config's reward.kwargs are {'model': 'lvwerra/distilbert-imdb'}: with another reward.name, set reward.kwargs={} or its own"
     )
+
+
+def test_compare_keeps_its_one_line_when_taking_a_failed_lora_off_fails_too(tmp_path):
+    from raft_diffusion.diffusion.compare import _Weights
+
+    class Pipe:
+        def load_lora_weights(self, *a, **k):
+            raise RuntimeError(
+                "Error(s) in loading state_dict: size mismatch for up.lora_A.weight: copying a param with shape "
+                "torch.Size([8, 64]) from checkpoint, the shape in current model is torch.Size([8, 32])."
+            )
+
+        def unload_lora_weights(self):
+            raise RuntimeError("no adapter named compare")
+
+    with pytest.raises(UserError, match=r"do not fit this base model \(up.lora_A.weight is \[8, 64\] in the file, \[8, 32\] in the model\)"):
+        with _Weights(Pipe(), "lora", tmp_path, None):
+            pass

@@ -17,6 +17,7 @@ the config.yaml of the first LORA_DIR when it is a run directory; command-line o
 
 from __future__ import annotations
 
+import contextlib
 import html
 import json
 import re
@@ -133,10 +134,12 @@ class _Weights:
         try:
             self._apply()
         except (RuntimeError, ValueError) as err:  # weights of another base model: shapes or names do not match
-            if self.kind == "lora":
-                self.pipe.unload_lora_weights()
-            elif self._saved is not None:
-                self.denoiser.load_state_dict(self._saved)
+            # put the pipeline back if it can be; if that fails too, compare stops here anyway, with the line below
+            with contextlib.suppress(Exception):
+                if self.kind == "lora":
+                    self.pipe.unload_lora_weights()
+                elif self._saved is not None:
+                    self.denoiser.load_state_dict(self._saved)
             m = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from checkpoint, "
                           r"the shape in current model is torch.Size\((\[[^\]]*\])\)", str(err))  # fmt: skip
             what = f"{m.group(1)} is {m.group(2)} in the file, {m.group(3)} in the model" if m else (str(err).splitlines() or [""])[0][:160]
