@@ -13,7 +13,7 @@ import torch
 
 from ._common import check_batch_size
 from .checks import batch_slices
-from .errors import RewardConfigError, RewardInputError
+from .errors import RewardConfigError, RewardInputError, RewardWeightsNotFoundError
 
 _EXAMPLES = "e.g. 'OpenAssistant/reward-model-deberta-v3-large-v2' or a local save_pretrained directory"
 
@@ -65,8 +65,6 @@ def sequence_classifier(
 
     net = _hf_from_pretrained("AutoModelForSequenceClassification", str(model), reward="sequence_classifier", what="sequence-classification model")
     tok_src = str(tokenizer or model)
-    from .errors import RewardWeightsNotFoundError
-
     try:
         tok = from_cache_or_hub(AutoTokenizer.from_pretrained, tok_src, _hub_offline("sequence_classifier", "the tokenizer", tok_src))
     except RewardWeightsNotFoundError:

@@ -30,15 +30,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("REWARD_MODELS_CACHE", "~/.cache/reward_models")).expanduser()
 
 
+def _env_on(name: str) -> bool:
+    """Whether environment variable ``name`` is set to 1, true, yes or on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def offline() -> bool:
     """True when downloads are disabled (``REWARD_MODELS_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``)."""
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in ("REWARD_MODELS_OFFLINE", "HF_HUB_OFFLINE"))
+    return _env_on("REWARD_MODELS_OFFLINE") or _env_on("HF_HUB_OFFLINE")
 
 
 def hub_offline_reason(endpoint: str | None = None, timeout: float = 3.0) -> str | None:
     """Why the Hugging Face Hub cannot be reached (``HF_HUB_OFFLINE`` set, or no connection to its host), else None.
     One socket, so the answer comes in seconds, not after the Hub client's retries."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+    if _env_on("HF_HUB_OFFLINE"):
         return "HF_HUB_OFFLINE is set"
     endpoint = endpoint or os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
     url = urlparse(endpoint)

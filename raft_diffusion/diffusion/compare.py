@@ -136,10 +136,7 @@ class _Weights:
         except (RuntimeError, ValueError) as err:  # weights of another base model: shapes or names do not match
             # put the pipeline back if it can be; if that fails too, compare stops here anyway, with the line below
             with contextlib.suppress(Exception):
-                if self.kind == "lora":
-                    self.pipe.unload_lora_weights()
-                elif self._saved is not None:
-                    self.denoiser.load_state_dict(self._saved)
+                self._restore()
             m = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[^\]]*\])\) from checkpoint, "
                           r"the shape in current model is torch.Size\((\[[^\]]*\])\)", str(err))  # fmt: skip
             what = f"{m.group(1)} is {m.group(2)} in the file, {m.group(3)} in the model" if m else (str(err).splitlines() or [""])[0][:160]
@@ -165,11 +162,15 @@ class _Weights:
             self._saved = {k: v.detach().clone() for k, v in self.denoiser.state_dict().items()}
             self.denoiser.load_state_dict(type(self.denoiser).from_pretrained(str(self.path)).state_dict())
 
-    def __exit__(self, *exc):
+    def _restore(self) -> None:
+        """Take this column's weights off: the LoRA unloaded, or the denoiser's own weights put back."""
         if self.kind == "lora":
             self.pipe.unload_lora_weights()
-        else:
+        elif self._saved is not None:
             self.denoiser.load_state_dict(self._saved)
+
+    def __exit__(self, *exc):
+        self._restore()
         return False
 
 
