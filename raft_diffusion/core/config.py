@@ -47,7 +47,7 @@ class RankingConfig:
     top_ratio: float = option(0.125, "fraction of all samples kept in global mode")
     threshold: float = option(0.0, "minimum ranking key kept in threshold mode")
     max_kept: int | None = option(None, "after the mode's selection keep at most this many, best first")
-    kl_beta: float = option(0.0, "rank by r - beta*log(p/p_base) when the generator supplies the log-ratio (LLMs)")
+    kl_beta: float = option(0.0, "rank by r - beta*log(p/p_base), the log-ratio the task supplies (base = the model with its adapter off)")
     skip_top: int = option(
         0,
         "local mode: leave each prompt's best N samples by ranking key out of the pick (neither kept nor negatives) and keep the next top_k: a proxy reward parts from what it stands for most in its far tail, so this trades some reward per stage for more of the true quality per unit of reward (docs/ranking-and-training.md); 0 = off",

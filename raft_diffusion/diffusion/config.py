@@ -110,6 +110,10 @@ class SamplingConfig:
 
 @dataclass
 class RankingConfig(core.RankingConfig):
+    kl_beta: float = _f(
+        0.0,
+        "rank by r - beta*log(p_theta/p_base), base = the LoRA at scale 0, the log-ratio estimated from the two models' denoising errors (ranking.kl_draws; docs/ranking-and-training.md); online LoRA runs; 0 = rank by reward",
+    )
     diversity_weight: float = _f(
         0.0,
         "local mode: pick each prompt's top_k greedily by reward + w * mean cosine distance (eval.clip_model image embeddings) to the picks so far, so the kept set is not near-copies of one mode; the pool then holds every sample of the stage until the pick; 0 = plain top_k (diffusion only)",
@@ -121,6 +125,10 @@ class RankingConfig(core.RankingConfig):
     negative_k: int = _f(
         0,
         "local mode, online runs: also hand the m worst samples of each prompt's pool (by reward, never a kept, discarded or unscored one) to fine-tuning as negatives, which train.negative_weight's negative-aware loss pushes the model away from; 0 = off",
+    )
+    kl_draws: int = _f(
+        4,
+        "with ranking.kl_beta > 0: noise draws per sample for its log p_theta/p_base, estimated as -(T/2) * the sum over latent elements of the difference between the LoRA's and the base's denoising errors at the same draws (T the scheduler's training timesteps; the base is the LoRA at scale 0); more draws, less noise in the estimate, two denoiser passes each",
     )
     prompt_match: int | None = _f(
         None,
@@ -360,6 +368,16 @@ class RaftConfig(core.BaseConfig):
                 s.external_pool is None,
                 "sampling.prune_step prunes samples while they are drawn; an external pool is drawn already: set sampling.prune_step=null",
             )
+        need(isinstance(r.kl_draws, int) and r.kl_draws >= 1, f"ranking.kl_draws must be an integer >= 1 (got {r.kl_draws!r})")
+        need(
+            not r.kl_beta or t.method == "lora",
+            "ranking.kl_beta measures each sample against the base model, which is the LoRA switched off: it needs train.method=lora; set ranking.kl_beta=0",
+        )
+        need(
+            not r.kl_beta or (self.mode == "online" and s.external_pool is None),
+            "ranking.kl_beta weighs each stage's samples against the base, and an offline run (mode=offline or "
+            "sampling.external_pool) picks once, at stage 1, where the model is the base: set ranking.kl_beta=0",
+        )
         need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
         need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
         for name in ("diversity_weight", "novelty_weight"):

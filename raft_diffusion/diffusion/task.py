@@ -15,7 +15,7 @@ from ..core.common import load_with_kwargs_hint, resolve_device, reward_label, s
 from ..core.dist import Dist
 from ..core.errors import UserError
 from ..core.loop import as_rewards, external_requests, read_manifest
-from ..core.lora_scale import scaled_lora
+from ..core.lora_scale import lora_b_parameters, scaled_lora
 from ..core.ranking import advantage_weights, diverse_pick, is_nan, kept_weights, negative_weights, uses_embeddings
 from ..core.rundir import write_jsonl
 from ..core.seeds import eval_seed, stage_seed
@@ -23,6 +23,8 @@ from ..core.types import Sample
 from . import finetune as ft
 from .families import detect_family
 from .families.base import seed_generators
+from .families.sd import denoising_target
+from .families.settings import LossSettings
 from .generate import decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
 from .pipeline import load_pipeline
@@ -421,6 +423,8 @@ class DiffusionTask:
             finished = [s for s in batch if s.payload is not None]
             rewards = iter(as_rewards(self.reward_name, self.score(finished), len(finished)) if finished else [])
             return [next(rewards) if s.payload is not None else None for s in batch]
+        if self.cfg.ranking.kl_beta > 0:
+            self._log_ratios(batch)
         images = torch.stack([s.payload["image"] for s in batch])
         with self.placement.scoring():  # model.offload: the reward is on the device only now
             out = self.reward(images, [self.train_prompts[s.prompt_index] for s in batch])
@@ -429,6 +433,49 @@ class DiffusionTask:
                 for s, e in zip(batch, self._image_embeddings(batch)):
                     s.embedding = e
         return out
+
+    @torch.no_grad()
+    def _log_ratios(self, batch: list[Sample]) -> None:
+        """``ranking.kl_beta``: each finished, undiscarded sample's ``log_ratio``, log p_theta(x) - log p_base(x)
+        estimated from the denoising loss (the difference of the two models' ELBOs with the loss's plain weights,
+        as Diffusion-DPO's implicit reward): ``-(T / 2) * sum over latent elements of (err_theta^2 - err_base^2)``,
+        averaged over ``ranking.kl_draws`` draws of (timestep, noise) that both models share. T is the scheduler's
+        number of training timesteps; the base is the LoRA at scale 0. Each sample's draws come from its own seed,
+        so the estimate does not depend on batching or the process count. While the LoRA is still all zeros
+        (stage 1) the ratio is 0 without a pass."""
+        live = [s for s in batch if not s.extras.get("discarded")]
+        if not live:
+            return
+        if not any(bool(p.any()) for p in lora_b_parameters(self.denoiser)):
+            for s in live:
+                s.log_ratio = 0.0
+            return
+        x0 = torch.stack([s.payload["latents"] for s in live]).to(self.device, torch.float32)
+        rows = [s.prompt_index for s in live]
+        gens = [torch.Generator().manual_seed(stage_seed(s.seed, 0, "log_ratio")) for s in live]
+        diff = torch.zeros(len(live), dtype=torch.float64)
+        for _ in range(self.cfg.ranking.kl_draws):
+            t = torch.cat([self.family.draw_timesteps(self.pipe, 1, LossSettings(), g)[0] for g in gens])
+            noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in gens])
+            mine = self._denoising_errors(x0, rows, noise, t)
+            with scaled_lora(self.denoiser, 0.0):
+                base = self._denoising_errors(x0, rows, noise, t)
+            diff += (mine - base).double().cpu()
+        scale = self.pipe.scheduler.config.num_train_timesteps / 2 * x0[0].numel() / self.cfg.ranking.kl_draws
+        for s, d in zip(live, diff.tolist()):
+            s.log_ratio = -scale * d
+
+    def _denoising_errors(self, x0: torch.Tensor, rows: list[int], noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Per-sample mean squared error of the denoiser's prediction at ``(noise, t)``: the training loss, unweighted."""
+        if not self.legacy:
+            return self.family.training_loss(self.pipe, self.denoiser, x0, self.train_embeds, rows, noise=noise, timesteps=t, settings=LossSettings())
+        scheduler = self.family.training_scheduler(self.pipe)
+        noise, t = noise.to(self.device), t.to(self.device)
+        dtype = self.denoiser.dtype
+        cond = _train_rows(self, rows).to(dtype)
+        pred = self.denoiser(scheduler.add_noise(x0, noise, t).to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
+        target = denoising_target(scheduler, x0, noise, t)
+        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
 
     def _image_embeddings(self, batch: list[Sample]) -> torch.Tensor:
         """The eval CLIP's embeddings of a batch's images (computed once per batch, kept on the payload)."""
