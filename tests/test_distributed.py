@@ -149,6 +149,20 @@ def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
     assert (ma["loss_mean"], ma["num_negative_rows"]) == (mb["loss_mean"], mb["num_negative_rows"]) == (ma["loss_mean"], 4)
 
 
+def test_two_processes_rank_by_the_kl_key_as_one(tiny_pipeline_dir, tmp_path):
+    """ranking.kl_beta: each process estimates its own batches' log-ratios from per-sample draws, so two processes
+    write the same log-ratios, keep the same samples and train the same LoRA as one."""
+    kl = ["num_stages=2", "ranking.kl_beta=0.5", "ranking.kl_draws=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, procs in ((one, 1), (two, 2)):
+        proc = run(out, tiny_pipeline_dir, *kl, procs=procs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    fields = ("prompt_index", "sample_index", "kept", "reward", "log_ratio")
+    a, b = ([tuple(r.get(f) for f in fields) for r in read_jsonl(out / "stages" / "002" / "samples.jsonl")] for out in (one, two))
+    assert a == b and all(r[4] not in (None, 0.0) for r in a)
+    assert_bitwise_equal(lora(one), lora(two))
+
+
 @pytest.mark.parametrize(
     "scales",
     # the scales' variant (38 s) is slow: the default run keeps the single-process scale tests (tests/test_lora_scales.py)
