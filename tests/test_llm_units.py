@@ -320,6 +320,9 @@ def test_config_rules():
         config_from_dict({}, ["ranking.mode=threshold", "ranking.threshold=2", "ranking.threshold_max=1"], cls=LLMConfig)
     with pytest.raises(ConfigError, match="use the filters.. discard rules and set ranking.prompt_match=null"):
         config_from_dict({}, ["ranking.prompt_match=1"], cls=LLMConfig)
+    with pytest.raises(ConfigError, match="an offline run .mode=offline or sampling.external_pool. picks once, at stage 1"):
+        config_from_dict({}, ["mode=offline", "ranking.kl_beta=0.05"], cls=LLMConfig)
+    assert config_from_dict({}, ["mode=offline", "ranking.kl_beta=0"], cls=LLMConfig).ranking.kl_beta == 0
 
 
 def test_ngram_embedding_distance_by_hand():
