@@ -61,6 +61,15 @@ def run(out, model_dir, *overrides, procs=1, timeout=300):
     return launch(cli, procs, timeout)
 
 
+def one_and_two(tmp_path, model_dir, *overrides):
+    """The same run on one process (``tmp_path/one``) and on two (``tmp_path/two``); both must succeed."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, procs in ((one, 1), (two, 2)):
+        proc = run(out, model_dir, *overrides, procs=procs)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return one, two
+
+
 def lora(out, stage=None):
     where = out / "final" if stage is None else out / "stages" / f"{stage:03d}" / "lora"
     return load_file(str(where / "pytorch_lora_weights.safetensors"))
@@ -108,10 +117,7 @@ def test_two_processes_prune_as_one(tiny_pipeline_dir, tmp_path):
     two processes finish, score, keep and train exactly what one does."""
     # batches of 2: each prompt's 4 samples are split between the two processes
     prune = ["num_stages=1", "sampling.prune_step=2", "sampling.prune_keep=2", "sampling.batch_size=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, procs in ((one, 1), (two, 2)):
-        proc = run(out, tiny_pipeline_dir, *prune, procs=procs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(tmp_path, tiny_pipeline_dir, *prune)
     fields = ("prompt_index", "sample_index", "kept", "reward", "provisional_reward", "pruned_at_step")
 
     def rows(out):
@@ -137,10 +143,7 @@ def test_two_processes_train_negatives_as_one(tiny_pipeline_dir, tmp_path):
         "train.batch_size=2",
         "train.gradient_accumulation_steps=2",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, procs in ((one, 1), (two, 2)):
-        proc = run(out, tiny_pipeline_dir, *nft, procs=procs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(tmp_path, tiny_pipeline_dir, *nft)
     fields = ("prompt_index", "sample_index", "kept", "negative", "reward")
     a, b = ([tuple(r.get(f) for f in fields) for r in read_jsonl(out / "stages" / "001" / "samples.jsonl")] for out in (one, two))
     assert a == b and sum(1 for r in a if r[3]) == 4  # one negative per prompt
@@ -153,10 +156,7 @@ def test_two_processes_rank_by_the_kl_key_as_one(tiny_pipeline_dir, tmp_path):
     """ranking.kl_beta: each process estimates its own batches' log-ratios from per-sample draws, so two processes
     write the same log-ratios, keep the same samples and train the same LoRA as one."""
     kl = ["num_stages=2", "ranking.kl_beta=0.5", "ranking.kl_draws=2"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, procs in ((one, 1), (two, 2)):
-        proc = run(out, tiny_pipeline_dir, *kl, procs=procs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(tmp_path, tiny_pipeline_dir, *kl)
     fields = ("prompt_index", "sample_index", "kept", "reward", "log_ratio")
     a, b = ([tuple(r.get(f) for f in fields) for r in read_jsonl(out / "stages" / "002" / "samples.jsonl")] for out in (one, two))
     assert a == b and all(r[4] not in (None, 0.0) for r in a)
@@ -183,10 +183,7 @@ def test_two_processes_screen_and_stop_as_one(tiny_pipeline_dir, tmp_path, scale
         "early_stop.screen_band_se=50",
         *scales,
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    for out, procs in ((one, 1), (two, 2)):
-        proc = run(out, tiny_pipeline_dir, *over, procs=procs)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = one_and_two(tmp_path, tiny_pipeline_dir, *over)
     keys = ("stage", "screen_reward_mean", "screen_reward_estimate", "screen_n", "eval_reward_mean", "eval_reward_queries")
     keys += ("lora_screen_estimates", "screen_lora_scale", "eval_lora_scale")
     a = [tuple(r.get(k) for k in keys) for r in read_jsonl(one / "metrics.jsonl")]
