@@ -145,13 +145,14 @@ def test_bad_kl_settings_are_one_line(over, message):
         config_from_dict({}, over)
 
 
-def test_a_flow_family_gets_its_log_ratio_from_its_own_loss(tmp_path_factory):
+@pytest.mark.parametrize("family", ["sd3", "sdxl"])
+def test_a_family_gets_its_log_ratio_from_its_own_loss(family, tmp_path_factory):
     from raft_diffusion.diffusion.families.settings import LossSettings
     from raft_diffusion.diffusion.families.tiny import tiny_pipeline
 
-    folder = tiny_pipeline("sd3", tmp_path_factory.mktemp("tiny-sd3"))
+    folder = tiny_pipeline(family, tmp_path_factory.mktemp(f"tiny-{family}"))
     data = {
-        "model": {"pretrained": str(folder), "device": "cpu", "max_sequence_length": 8},
+        "model": {"pretrained": str(folder), "device": "cpu", "max_sequence_length": 8 if family == "sd3" else None},
         "prompts": {"train": ["a red circle", "a blue square", "a green star"]},
         "sampling": {"num_per_prompt": 2, "batch_size": 8, "num_inference_steps": 2, "guidance_scale": 1.0, "height": 32, "width": 32},
         "reward": {"name": "brightness"},
@@ -164,7 +165,7 @@ def test_a_flow_family_gets_its_log_ratio_from_its_own_loss(tmp_path_factory):
     batch = _samples(task, 3)
     task._log_ratios(batch)
     fam, T = task.family, task.pipe.scheduler.config.num_train_timesteps
-    for s in batch:  # the family's own loss (flow matching: the velocity's error) at the sample's draws, LoRA on and off
+    for s in batch:  # the family's own loss (SD3: the flow velocity's error; SDXL: epsilon's) at the sample's draws, LoRA on and off
         g = torch.Generator().manual_seed(stage_seed(s.seed, 0, "log_ratio"))
         x0, total = s.payload["latents"][None], 0.0
         for _ in range(2):
