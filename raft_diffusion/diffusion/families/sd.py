@@ -85,7 +85,7 @@ class StableDiffusionFamily(Family):
 
     def draw_timesteps(self, pipe, batch_size, settings, generator=None):
         """``(t [B] long, None)``: ``t ~ U[lo, hi)`` (the whole schedule unless ``settings.timestep_range``)."""
-        total = self.training_scheduler(pipe).config.num_train_timesteps
+        total = pipe.scheduler.config.num_train_timesteps  # the training scheduler's own (it is built from this config)
         lo, hi = settings.timestep_range or (0, total)
         if hi > total:
             raise UserError(f"timestep_range must end at most at {total} (got {[lo, hi]})")
