@@ -23,7 +23,7 @@ from ..core.types import Sample
 from . import finetune as ft
 from .families import detect_family
 from .families.base import seed_generators
-from .families.sd import denoising_target
+from .families.embeds import PromptEmbeds
 from .families.settings import LossSettings
 from .generate import decode_latents, denoise, encode_images, encode_prompts, generate_batch, start_latents
 from .metrics import eval_metrics, load_eval_clip, prompt_ranks
@@ -466,16 +466,10 @@ class DiffusionTask:
             s.log_ratio = -scale * d
 
     def _denoising_errors(self, x0: torch.Tensor, rows: list[int], noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """Per-sample mean squared error of the denoiser's prediction at ``(noise, t)``: the training loss, unweighted."""
-        if not self.legacy:
-            return self.family.training_loss(self.pipe, self.denoiser, x0, self.train_embeds, rows, noise=noise, timesteps=t, settings=LossSettings())
-        scheduler = self.family.training_scheduler(self.pipe)
-        noise, t = noise.to(self.device), t.to(self.device)
-        dtype = self.denoiser.dtype
-        cond = _train_rows(self, rows).to(dtype)
-        pred = self.denoiser(scheduler.add_noise(x0, noise, t).to(dtype), t, encoder_hidden_states=cond, return_dict=False)[0]
-        target = denoising_target(scheduler, x0, noise, t)
-        return (pred.float() - target.float()).pow(2).flatten(1).mean(1)
+        """Per-sample mean squared error of the denoiser's prediction at ``(noise, t)``: the family's training loss,
+        unweighted (SD 1.x/2.x's text embeddings wrapped as the family's ``PromptEmbeds``)."""
+        embeds = PromptEmbeds({"prompt_embeds": self.train_embeds[0]}) if self.legacy else self.train_embeds
+        return self.family.training_loss(self.pipe, self.denoiser, x0, embeds, rows, noise=noise, timesteps=t, settings=LossSettings())
 
     def _image_embeddings(self, batch: list[Sample]) -> torch.Tensor:
         """The eval CLIP's embeddings of a batch's images (computed once per batch, kept on the payload)."""
