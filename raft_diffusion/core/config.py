@@ -141,6 +141,11 @@ class BaseConfig:
         need(r.max_kept is None or r.max_kept >= 1, "ranking.max_kept must be >= 1 or null")
         need(r.kl_beta >= 0, "ranking.kl_beta must be >= 0")
         need(
+            not r.kl_beta or (self.mode == "online" and getattr(s, "external_pool", None) is None),
+            f"ranking.kl_beta weighs each stage's {self.sample_noun} against the base, and an offline run (mode=offline or "
+            "sampling.external_pool) picks once, at stage 1, where the model is the base: set ranking.kl_beta=0",
+        )
+        need(
             isinstance(r.replay_top_k, int) and r.replay_top_k >= 0,
             f"ranking.replay_top_k must be an integer >= 0 (got {r.replay_top_k!r})",
         )

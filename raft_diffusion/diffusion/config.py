@@ -373,11 +373,6 @@ class RaftConfig(core.BaseConfig):
             not r.kl_beta or t.method == "lora",
             "ranking.kl_beta measures each sample against the base model, which is the LoRA switched off: it needs train.method=lora; set ranking.kl_beta=0",
         )
-        need(
-            not r.kl_beta or (self.mode == "online" and s.external_pool is None),
-            "ranking.kl_beta weighs each stage's samples against the base, and an offline run (mode=offline or "
-            "sampling.external_pool) picks once, at stage 1, where the model is the base: set ranking.kl_beta=0",
-        )
         need(r.diversity_weight >= 0, f"ranking.diversity_weight must be >= 0 (got {r.diversity_weight})")
         need(r.novelty_weight >= 0, f"ranking.novelty_weight must be >= 0 (got {r.novelty_weight})")
         for name in ("diversity_weight", "novelty_weight"):

@@ -230,11 +230,6 @@ class LLMConfig(core.BaseConfig):
             except (re.error, TypeError) as err:
                 raise ConfigError(f"filters.discard_regex entry {pat!r} is not a valid regex ({err})") from None
         need(fl.repeated_ngram_size >= 0 and fl.max_ngram_repeats >= 1, "filters.repeated_ngram_size must be >= 0 and filters.max_ngram_repeats >= 1")
-        need(
-            not r.kl_beta or (self.mode == "online" and s.external_pool is None),
-            "ranking.kl_beta weighs each stage's completions against the base, and an offline run (mode=offline or "
-            "sampling.external_pool) picks once, at stage 1, where the model is the base: set ranking.kl_beta=0",
-        )
         need(r.diversity_weight >= 0 and r.novelty_weight >= 0, "ranking.diversity_weight and ranking.novelty_weight must be >= 0")
         need(
             r.mode == "local" or (r.diversity_weight == 0 and r.novelty_weight == 0),
