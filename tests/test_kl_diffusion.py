@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from raft_diffusion.core.config import ConfigError
+from raft_diffusion.core.lora_scale import lora_b_parameters
 from raft_diffusion.core.seeds import stage_seed
 from raft_diffusion.core.types import Sample
 from raft_diffusion.diffusion.config import config_from_dict, load_config
@@ -25,14 +26,10 @@ def task(tiny_pipeline_dir):
     return DiffusionTask(load_config(ROOT / "configs" / "tiny.yaml", [f"model.pretrained={tiny_pipeline_dir}", *KL]))
 
 
-def _lora_b(unet):
-    return [p for n, p in unet.named_parameters() if "lora_B" in n]
-
-
 def _give_lora_a_change(unet, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in _lora_b(unet):
+        for p in lora_b_parameters(unet):
             p.copy_(0.05 * torch.randn(p.shape, generator=g))
 
 
@@ -86,17 +83,17 @@ def test_log_ratio_is_the_denoising_loss_difference_by_hand_and_does_not_depend_
     # float32 batches round differently, times T/2 x the element count: equal to 1e-4
     assert [s.log_ratio for s in again] == pytest.approx([s.log_ratio for s in batch], rel=1e-4, abs=1e-2)
     # a discarded sample gets none; the LoRA's bytes are untouched by the base's pass
-    before = [p.detach().clone() for p in _lora_b(task.denoiser)]
+    before = [p.detach().clone() for p in lora_b_parameters(task.denoiser)]
     odd = _samples(task, 2)
     odd[0].extras["discarded"] = "off-prompt"
     task._log_ratios(odd)
     assert odd[0].log_ratio is None and odd[1].log_ratio is not None
-    assert all(torch.equal(a, b) for a, b in zip(before, _lora_b(task.denoiser)))
+    assert all(torch.equal(a, b) for a, b in zip(before, lora_b_parameters(task.denoiser)))
 
 
 def test_an_untrained_lora_has_log_ratio_zero_without_a_denoiser_pass(task):
     with torch.no_grad():
-        for p in _lora_b(task.denoiser):
+        for p in lora_b_parameters(task.denoiser):
             p.zero_()
     calls = []
     hook = task.denoiser.register_forward_hook(lambda *a: calls.append(1))
