@@ -17,7 +17,7 @@ def add_common_args(parser):
         "--model",
         default="tiny",
         help="pipeline folder or hub id of any supported family; 'tiny' = the tiny SD test pipeline, 'tiny-sdxl', "
-        "'tiny-sd3', 'tiny-flux', 'tiny-flux2-klein' the other families' tiny pipelines",
+        "'tiny-sd3', 'tiny-flux', 'tiny-flux2-klein', 'tiny-qwen-image' the other families' tiny pipelines",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")

@@ -42,7 +42,7 @@ def _config(tmp_path, folder, data=MINIMAL, **sections):
     return cfg
 
 
-@pytest.mark.parametrize("name", ["sd", "flux2-klein"])
+@pytest.mark.parametrize("name", ["sd", "flux2-klein", "qwen-image"])
 def test_minimal_config_runs_on_a_pipeline_saved_by_diffusers(name, tmp_path):
     from raft_diffusion.diffusion.families.tiny import build_tiny_pipeline
 

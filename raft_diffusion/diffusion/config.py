@@ -30,6 +30,7 @@ FAMILIES = {
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
     "flux2-klein": "Flux2KleinPipeline",
+    "qwen-image": "QwenImagePipeline",
 }
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -41,10 +42,11 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class ModelConfig:
     pretrained: str = _f(
         "runwayml/stable-diffusion-v1-5",
-        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline or Flux2KleinPipeline; 'tiny' builds a tiny test model",
+        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline or QwenImagePipeline; 'tiny' builds a tiny test model",
     )
     family: str | None = _f(
-        None, "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1) or flux2-klein (FLUX.2 [klein]); null = read from the folder's model_index.json"
+        None,
+        "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), flux2-klein (FLUX.2 [klein]) or qwen-image (Qwen-Image); null = read from the folder's model_index.json",
     )
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
@@ -67,7 +69,7 @@ class ModelConfig:
     allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere and later); no effect on CPU")
     max_sequence_length: int | None = _f(
         None,
-        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux and flux2-klein); not for sd and sdxl",
+        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein, Qwen2.5-VL for qwen-image), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux, flux2-klein and qwen-image); not for sd and sdxl",
     )
 
 
@@ -333,7 +335,7 @@ class RaftConfig(core.BaseConfig):
         need(n is None or (isinstance(n, int) and 1 <= n <= 512), f"model.max_sequence_length must be an integer in 1..512 or null (got {n!r})")
         need(
             n is None or self.model.family not in ("sd", "sdxl"),
-            f"model.max_sequence_length applies to sd3, flux and flux2-klein (their T5/Qwen3 tokens); {self.model.family} has none: set it to null",
+            f"model.max_sequence_length applies to sd3, flux, flux2-klein and qwen-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
         )
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         need(self.eval_num_inference_steps >= 1, "eval.num_inference_steps must be >= 1 (or null: the pool's)")

@@ -3,7 +3,8 @@
 RAFT's phases are separate, and each needs only some of the pipeline:
 
     encode prompts   the text encoders (once per run)
-    sample           the denoiser (no gradients, classifier-free guidance doubles the batch)
+    sample           the denoiser (no gradients; classifier-free guidance doubles the batch where the pipeline runs
+                     its two halves as one call)
     decode + score   the VAE, the reward model (and the eval CLIP when ranking uses its embeddings)
     train            the denoiser with LoRA (or all weights): fp32 trainable weights, gradients (and their flat copy,
                      ``core.gradsum``), AdamW moments
@@ -241,6 +242,15 @@ def meta_pipeline(folder: Path, family, dtype: torch.dtype):
     return pipe
 
 
+def _plain_tensors_to_cpu(module: torch.nn.Module) -> None:
+    """Zero-filled CPU copies of the meta tensors that modules keep as plain attributes, neither parameters nor
+    buffers (Qwen-Image's rotary tables): ``to_empty`` does not reach them."""
+    for sub in module.modules():
+        for name, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta:
+                setattr(sub, name, torch.zeros(value.shape, dtype=value.dtype))
+
+
 @dataclass
 class RewardModel:
     """A reward's model on the meta device: its modules' bytes and a forward on a batch of images."""
@@ -444,6 +454,7 @@ class MemoryPlanner:
                 with torch.no_grad():
                     for t in [*m.parameters(), *m.buffers()]:
                         t.zero_()
+                _plain_tensors_to_cpu(m)
             self.work = torch.device("cpu")
 
     # -- measurements (cached) --------------------------------------------------------------------
@@ -486,7 +497,15 @@ class MemoryPlanner:
         return e[[0] * n]
 
     def _cfg_factor(self) -> int:
-        return 2 if self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared) else 1
+        """Rows per sample in one denoiser call: 2 where the family's pipeline batches guidance's two halves."""
+        cfg = self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared)
+        return 2 if cfg and self.family.cfg_in_one_batch else 1
+
+    def _guidance_note(self) -> str:
+        if self._cfg_factor() == 2:
+            return " (x2 with guidance)"
+        guided = self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared)
+        return " (guidance: two calls)" if guided else ""
 
     def sample_activations(self, batch: int) -> int:
         rows = batch * self._cfg_factor()
@@ -676,7 +695,7 @@ class MemoryPlanner:
             rewards += f", eval.clip_model {human(self.eval_clip.nbytes)}"
         lines = [
             f"model {self.cfg.model.pretrained} ({self.family.name}), weights {str(self.dtype).removeprefix('torch.')}, "
-            f"{self.width}x{self.height} px, sampling batch {st.sample_batch} (x{self._cfg_factor()} with guidance), "
+            f"{self.width}x{self.height} px, sampling batch {st.sample_batch}{self._guidance_note()}, "
             f"training rows per pass {st.train_rows}, {t.method} "
             + (f"rank {t.lora_rank} ({self.trainable:,} trainable weights)" if t.method == "lora" else f"({self.trainable:,} weights)")
             + f", gradient checkpointing {'on' if st.gradient_checkpointing else 'off'}, offload {st.offload}"

@@ -39,7 +39,7 @@ def resolve_pretrained(name: str) -> str:
         from .tiny import ensure_tiny_pipeline
 
         return str(ensure_tiny_pipeline())
-    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein"):
+    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-qwen-image"):
         from .families.tiny import tiny_pipeline
 
         return str(tiny_pipeline(name.removeprefix("tiny-")))
@@ -749,7 +749,7 @@ def _check_family_settings(cfg, family) -> None:
     if family.name != "sd" and cfg.sampling.eta:
         raise UserError(f"sampling.eta is a DDIM setting of SD 1.x/2.x; {family.name}'s sampler has none: set it to 0")
     if cfg.model.max_sequence_length is not None and getattr(family, "max_sequence_length", None) is None:
-        raise UserError(f"model.max_sequence_length sets T5/Qwen3 tokens; {family.name} has no such encoder: set it to null")
+        raise UserError(f"model.max_sequence_length sets T5/Qwen tokens; {family.name} has no such encoder: set it to null")
 
 
 def _training_layout(t, world_size: int) -> str:

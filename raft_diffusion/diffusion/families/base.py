@@ -59,6 +59,9 @@ class Family(ABC):
     cuda_dtype: str = "fp16"  # what dtype "auto" means on CUDA (fp32 elsewhere)
     # sampling.prune_step: the scheduler classes whose sampler the task can split between steps; () = none
     stepwise_schedulers: tuple[str, ...] = ()
+    # whether the pipeline runs classifier-free guidance's two halves as one doubled batch (else one after the other,
+    # so sampling holds the activations of one batch: what the memory planner counts)
+    cfg_in_one_batch: bool = True
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"
@@ -144,6 +147,10 @@ class Family(ABC):
         names = [n for n in embeds.per_prompt] + [n for n in embeds.shared if cfg or not n.startswith("negative_")]
         return {n: embeds.batch(n, batch_size) for n in names}
 
+    def guidance_kwargs(self, pipe, guidance: float, cfg: bool) -> dict:
+        """The pipeline ``__call__`` arguments that set the guidance (``cfg``: the negative conditioning is passed)."""
+        return {"guidance_scale": guidance}
+
     def _pack(self, pipe, latents: torch.Tensor) -> torch.Tensor:
         """Starting latents ``[B, C, h, w]`` in the layout the pipeline takes (FLUX packs them)."""
         return latents
@@ -173,7 +180,7 @@ class Family(ABC):
         noise = self.initial_noise(pipe, seeds, height, width, generators=generators).to(pipe.device, dtype)
         out = pipe(
             **self._call_kwargs(batch, len(seeds), cfg), latents=self._pack(pipe, noise),
-            generator=generators, num_inference_steps=steps, guidance_scale=guidance,
+            generator=generators, num_inference_steps=steps, **self.guidance_kwargs(pipe, guidance, cfg),
             height=height, width=width, output_type="latent", return_dict=False, **kwargs,
         )[0]  # fmt: skip
         return self._unpack(pipe, out, height, width)

@@ -28,6 +28,7 @@ class Flux2KleinFamily(FlowFamily):
     pipeline_class_name = "Flux2KleinPipeline"
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # the pipeline's and the LoRA script's dtype
+    cfg_in_one_batch = False  # the pipeline's conditional and unconditional passes are separate calls
     # diffusers' train_dreambooth_lora_flux2_klein.py default: the double blocks' image-stream attention, the
     # single blocks' fused qkv+mlp input and their output (named per block there: FLUX.2 [klein] 9B has 24)
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",

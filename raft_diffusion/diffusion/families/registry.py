@@ -9,12 +9,14 @@ from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import Family
 from raft_diffusion.diffusion.families.flux import FluxFamily
 from raft_diffusion.diffusion.families.flux2_klein import Flux2KleinFamily
+from raft_diffusion.diffusion.families.qwen_image import QwenImageFamily
 from raft_diffusion.diffusion.families.sd import StableDiffusionFamily
 from raft_diffusion.diffusion.families.sd3 import StableDiffusion3Family
 from raft_diffusion.diffusion.families.sdxl import StableDiffusionXLFamily
 
 FAMILIES: dict[str, Family] = {
-    f.pipeline_class_name: f for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily(), Flux2KleinFamily())
+    f.pipeline_class_name: f
+    for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily(), Flux2KleinFamily(), QwenImageFamily())
 }  # pipeline class name -> family
 
 
@@ -23,7 +25,7 @@ def _supported() -> str:
 
 
 def get_family(name: str) -> Family:
-    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``) or pipeline class name."""
+    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``, ``flux2-klein``, ``qwen-image``) or pipeline class name."""
     for cls, family in FAMILIES.items():
         if name in (cls, family.name):
             return family

@@ -1,4 +1,4 @@
-"""Tiny SDXL / SD3.5 / FLUX.1 (and SD) pipelines built from configs (fixed init seeds), saved as pipeline folders.
+"""Tiny SDXL / SD3.5 / FLUX.1 / FLUX.2 [klein] / Qwen-Image (and SD) pipelines built from configs (fixed init seeds), saved as pipeline folders.
 
 The real structures at toy width, so loading, encoding, sampling, the losses and LoRA save/load run the
 real diffusers code paths: CLIP's real BPE tokenizer (built offline, see ``diffusion.tiny``), a small
@@ -241,6 +241,45 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict:
             "scheduler": scheduler, "is_distilled": False}  # fmt: skip
 
 
+def tiny_qwen_image_components(seed: int = 0) -> dict:
+    """QwenImagePipeline parts shaped like Qwen-Image: a two-layer Qwen2.5-VL (its text model is what the pipeline
+    reads; the vision tower is built but unused) with the Qwen2-style BPE tokenizer, the causal video VAE at two
+    spatial downsamplings with per-channel latent statistics that are not 0 and 1, and an MMDiT on 2x2 patches
+    without a guidance embedding. The scheduler config is Qwen-Image's."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer()
+    ends = tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_config = {
+            "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+            "num_key_value_heads": 1, "vocab_size": len(tokenizer), "max_position_embeddings": 2048,
+            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
+            "bos_token_id": ends[0], "eos_token_id": ends[1], "pad_token_id": tokenizer.pad_token_id,
+        }  # fmt: skip
+        vision_config = {"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16}
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=text_config, vision_config=vision_config, vocab_size=len(tokenizer), hidden_size=16,
+            bos_token_id=ends[0], eos_token_id=ends[1], pad_token_id=tokenizer.pad_token_id,
+        )).eval()  # fmt: skip
+        vae = AutoencoderKLQwenImage(
+            base_dim=8, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+            latents_mean=[0.3, -0.5, 0.1, 0.8], latents_std=[1.7, 2.4, 0.9, 1.3],
+        ).eval()  # fmt: skip
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+            joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(4, 6, 6),
+        ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9,
+        base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )  # fmt: skip
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}  # fmt: skip
+
+
 def tiny_sd_components(seed: int = 0) -> dict:
     """StableDiffusionPipeline parts: those of ``diffusion.tiny`` (the SD path's tiny model)."""
     from raft_diffusion.diffusion.tiny import build_tiny_components
@@ -250,7 +289,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
 
 _BUILDERS = {
     "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
-    "flux2-klein": tiny_flux2_klein_components,
+    "flux2-klein": tiny_flux2_klein_components, "qwen-image": tiny_qwen_image_components,
 }  # fmt: skip
 
 
