@@ -35,12 +35,13 @@ def _denoiser(name: str, dtype=torch.bfloat16):
 
 
 # published denoiser sizes: SDXL's UNet 2.6B, SD3.5-medium's MMDiT-X 2.5B (counting its 384 x 384 x 1536
-# position-embedding table, a buffer in diffusers), FLUX.1-dev 12B
+# position-embedding table, a buffer in diffusers), FLUX.1-dev 12B, Qwen-Image 20B
 @pytest.mark.parametrize(
     "name, params, matched",
     [("sdxl", 2_567_463_684, 70 * 2 * 4),  # 70 transformer blocks x (attn1, attn2) x (q, k, v, out)
      ("sd3", None, 24 * 8 - 1),  # 8 joint-attention projections per block, the last one has no to_add_out
-     ("flux", 11_901_408_320, 19 * 12 + 38 * 3)],  # 12 per double block, q/k/v per single block
+     ("flux", 11_901_408_320, 19 * 12 + 38 * 3),  # 12 per double block, q/k/v per single block
+     ("qwen-image", 20_430_401_088, 60 * 4)],  # the image stream's q, k, v and out in each of 60 blocks
 )  # fmt: skip
 def test_full_size_denoisers_and_their_lora(name, params, matched):
     family = get_family(name)
@@ -169,12 +170,13 @@ DIFFUSERS_SCRIPT_TARGETS = {
     "flux": ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
              "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
              "ff_context.net.2"],  # train_dreambooth_lora_flux.py, no --lora_layers
+    "qwen-image": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_qwen_image.py, no --lora_layers
 }  # fmt: skip
 # measured with the test below (the same for both ways of adding the LoRA)
-TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624}
+TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624, "qwen-image": 23_592_960}
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwen-image"])
 def test_trainable_counts_equal_what_the_diffusers_lora_scripts_train(name):
     from peft import LoraConfig
 

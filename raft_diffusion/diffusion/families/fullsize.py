@@ -1,4 +1,4 @@
-"""The published architectures of SDXL base 1.0, SD3.5-medium and FLUX.1-dev, built with random weights.
+"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev and Qwen-Image, built with random weights.
 
 Each config is the one in the model's published folder (``<component>/config.json`` on the hub), so a model
 built from it has the real layer names and sizes: the default LoRA targets, the trainable-parameter counts and
@@ -34,6 +34,11 @@ FLUX_DEV = {
     "num_attention_heads": 24, "joint_attention_dim": 4096, "pooled_projection_dim": 768, "guidance_embeds": True,
     "axes_dims_rope": (16, 56, 56),
 }  # fmt: skip
+# Qwen/Qwen-Image, transformer/config.json (20B MMDiT; its text encoder is Qwen2.5-VL-7B)
+QWEN_IMAGE = {
+    "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+    "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
+}  # fmt: skip
 # openai/clip-vit-large-patch14 (SD's, SDXL's and SD3's text_encoder, FLUX's CLIP)
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
@@ -51,13 +56,15 @@ SD3_VAE = {**VAE_BLOCKS, "latent_channels": 16, "use_quant_conv": False, "use_po
            "shift_factor": 0.0609, "scaling_factor": 1.5035}  # fmt: skip
 
 DENOISERS = {"sdxl": ("UNet2DConditionModel", SDXL_UNET), "sd3": ("SD3Transformer2DModel", SD35_MEDIUM),
-             "flux": ("FluxTransformer2DModel", FLUX_DEV)}  # fmt: skip
-# the families whose whole pipeline this module builds on CPU (FLUX.1-dev's 12B transformer needs 48 GB in fp32)
+             "flux": ("FluxTransformer2DModel", FLUX_DEV), "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE)}  # fmt: skip
+# the families whose whole pipeline this module builds on CPU (FLUX.1-dev's 12B transformer needs 48 GB in fp32,
+# Qwen-Image's 20B 82 GB)
 PIPELINES = ("sdxl", "sd3")
 
 
 def build_denoiser(name: str, *, dtype=torch.float32, meta: bool = False, seed: int = 0) -> torch.nn.Module:
-    """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev), frozen.
+    """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev, ``qwen-image``),
+    frozen.
 
     ``meta=True`` builds it without memory on the meta device (shapes only); otherwise with diffusers' random
     initialisation under ``seed``.
