@@ -115,3 +115,19 @@ class FlowFamily(Family):
 
         pred = mixed_prediction(predict(), predict, mix)
         return flow_matching_loss(pred, x0, noise, sigmas.to(device), settings.weighting_scheme)
+
+
+class PackedFlowFamily(FlowFamily):
+    """A flow family whose pipeline packs 2x2 latent patches into tokens (FLUX.1, Qwen-Image): latents are stored
+    unpacked, ``[B, in_channels / 4, H / f, W / f]``, and packed for the pipeline's ``latents`` argument."""
+
+    def latent_shape(self, pipe, height, width):
+        """``(in_channels / 4, height / f, width / f)`` with sizes multiples of 2f (packing takes 2x2 patches)."""
+        f = pipe.vae_scale_factor
+        if height % (2 * f) or width % (2 * f):
+            raise UserError(f"height and width must be multiples of {2 * f}, got {height}x{width}")
+        return self.denoiser(pipe).config.in_channels // 4, height // f, width // f
+
+    def _pack(self, pipe, latents):
+        b, c, h, w = latents.shape
+        return pipe._pack_latents(latents, b, c, h, w)

@@ -7,10 +7,10 @@ import torch
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
-from raft_diffusion.diffusion.families.flow import FlowFamily
+from raft_diffusion.diffusion.families.flow import PackedFlowFamily
 
 
-class FluxFamily(FlowFamily):
+class FluxFamily(PackedFlowFamily):
     """FluxPipeline. Latents are stored unpacked ``[B, C, h, w]``; ``guidance`` is the distilled guidance scale
     (FLUX.1-dev), there is no negative prompt (no classifier-free guidance)."""
 
@@ -43,17 +43,6 @@ class FluxFamily(FlowFamily):
 
     def _call_kwargs(self, embeds, batch_size, cfg):
         return {n: embeds.batch(n, batch_size) for n in ("prompt_embeds", "pooled_prompt_embeds")}
-
-    def latent_shape(self, pipe, height, width):
-        """``(in_channels / 4, height / f, width / f)`` with sizes multiples of 2f (packing takes 2x2 patches)."""
-        f = pipe.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise UserError(f"height and width must be multiples of {2 * f}, got {height}x{width}")
-        return self.denoiser(pipe).config.in_channels // 4, height // f, width // f
-
-    def _pack(self, pipe, latents):
-        b, c, h, w = latents.shape
-        return pipe._pack_latents(latents, b, c, h, w)
 
     def _unpack(self, pipe, latents, height, width):
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)

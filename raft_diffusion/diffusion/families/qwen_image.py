@@ -9,7 +9,7 @@ import torch
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import seed_generators
 from raft_diffusion.diffusion.families.embeds import PromptEmbeds
-from raft_diffusion.diffusion.families.flow import FlowFamily
+from raft_diffusion.diffusion.families.flow import PackedFlowFamily
 
 
 def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +28,7 @@ def _pad_rows(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[to
     return torch.cat(pad), torch.cat(pad_masks)
 
 
-class QwenImageFamily(FlowFamily):
+class QwenImageFamily(PackedFlowFamily):
     """QwenImagePipeline. Denoiser-space latents are the VAE's one-frame latents without the frame axis, normalised
     by the VAE's ``latents_mean`` / ``latents_std``: ``[B, C, H / f, W / f]``. Prompts are embedded with a padding
     mask, so every prompt's row is padded to the run's longest and the mask travels with it."""
@@ -77,17 +77,6 @@ class QwenImageFamily(FlowFamily):
     def guidance_kwargs(self, pipe, guidance: float, cfg: bool) -> dict:
         """Classifier-free guidance is ``true_cfg_scale`` here (``guidance_scale`` is for guidance-distilled models)."""
         return {"true_cfg_scale": guidance if cfg else 1.0, "guidance_scale": None}
-
-    def latent_shape(self, pipe, height, width):
-        """``(in_channels / 4, height / f, width / f)`` with sizes multiples of 2f (packing takes 2x2 patches)."""
-        f = pipe.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise UserError(f"height and width must be multiples of {2 * f}, got {height}x{width}")
-        return self.denoiser(pipe).config.in_channels // 4, height // f, width // f
-
-    def _pack(self, pipe, latents):
-        b, c, h, w = latents.shape
-        return pipe._pack_latents(latents, b, c, h, w)
 
     def _unpack(self, pipe, latents, height, width):
         return pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)[:, :, 0]
