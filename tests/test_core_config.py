@@ -67,6 +67,10 @@ def test_override_of_free_form_mapping_starts_from_default():
         ({}, ["num_stages=false"], "num_stages must be an integer, got false"),
         ({}, ["train.learning_rate=true"], "train.learning_rate must be a number, got true"),
         ({"ranking": {"prompt_match": True}}, ["eval.clip_model=tiny"], "ranking.prompt_match must be an integer, got true"),
+        ({}, ["num_stages=.inf"], "num_stages must be an integer, got inf"),
+        ({}, ["ranking.kl_beta=.inf"], "ranking.kl_beta must be a finite number, got inf"),
+        ({}, ["train.learning_rate=.inf"], "train.learning_rate must be a finite number, got inf"),
+        ({"sampling": {"guidance_scale": float("nan")}}, [], "sampling.guidance_scale must be a finite number, got nan"),
     ],
 )
 def test_bad_config_is_one_clear_line(data, overrides, message):

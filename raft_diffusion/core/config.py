@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -356,8 +357,10 @@ def _coerce(value: Any, tp, key: str) -> Any:
         raise ConfigError(f"{key} must be {'an integer' if scalar is int else 'a number'}, got {str(value).lower()}")
     try:
         out = scalar(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # int(.inf) overflows
         raise ConfigError(f"{key} must be {'an integer' if scalar is int else 'a number'}, got {value!r}") from None
+    if scalar is float and not math.isfinite(out):  # .nan and .inf pass every range check below or fail late in the run
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if scalar is int and isinstance(value, float) and value != out:
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     return out
