@@ -176,6 +176,9 @@ def test_preflight_reads_prompt_files_and_refuses_absurd_sizes(tmp_path):
         config_from_dict({}, [f"prompts.train={prompts}"]).preflight()
     with pytest.raises(UserError, match=r"one stage would generate 10,000,000 samples \(10 prompts x sampling.num_per_prompt=1000000\)"):
         config_from_dict({}, ["sampling.num_per_prompt=1000000"]).preflight()
+    for value, kind in (("5", "int"), ("{a: 1}", "dict")):  # not a list: no TypeError, and no mapping's keys taken as prompts
+        with pytest.raises(UserError, match=f"prompts.train must be a list of prompts, a text file or builtin:NAME \\(got {kind}\\)"):
+            config_from_dict({}, [f"prompts.train={value}"]).preflight()
     train, held_out = config_from_dict({}, ["prompts.eval=[a dog]"]).preflight()
     assert len(train) == 10 and held_out == ["a dog"]
 

@@ -157,4 +157,4 @@ def load_prompts(spec: str | Path | Iterable[str], key: str = "prompts") -> list
         prompts = builtin_set(spec, key)
         return load_prompt_spec(prompts, {}, key)
     builtins = {name: (lambda name=name: builtin_set(f"builtin:{name}", key)) for name in builtin_names()}  # names for hints
-    return load_prompt_spec(list(spec) if not isinstance(spec, (str, Path)) else spec, builtins, key)
+    return load_prompt_spec(list(spec) if isinstance(spec, (list, tuple)) else spec, builtins, key)
