@@ -138,11 +138,14 @@ def test_rundir_resume_rules(tmp_path):
         ("train.lora_dropout=2", r"train.lora_dropout must be in \[0, 1\) \(got 2.0\)"),
         ("train.lr_warmup_steps=-1", "train.lr_warmup_steps must be >= 0"),
         ("train.target_modules=[]", "train.target_modules must be a module name, a list of them"),
+        ("model.dtype=int8", r"model.dtype must be one of auto, fp32, fp16 or bf16 \(got 'int8'\)"),
+        (["model.device=cpu", "model.dtype=fp16"], "model.dtype fp16 is not supported on CPU: use model.dtype=fp32"),
+        ("model.attention=flash", r"model.attention must be one of auto, xformers, sdpa \(got 'flash'\)"),
     ],
 )
 def test_bad_values_fail_at_load(override, message):
     with pytest.raises(ConfigError, match=message):
-        config_from_dict({}, [override])
+        config_from_dict({}, [override] if isinstance(override, str) else override)
 
 
 def test_a_single_target_module_is_a_list_of_one():
@@ -156,6 +159,13 @@ def test_scheduler_names_are_the_libraries_own():
     from raft_diffusion.diffusion.config import LR_SCHEDULERS
 
     assert set(LR_SCHEDULERS) == {s.value for s in SchedulerType}
+
+
+def test_dtype_and_attention_names_are_the_pipelines_own():
+    from raft_diffusion.diffusion import pipeline
+    from raft_diffusion.diffusion.config import ATTENTION_MODES, DTYPES
+
+    assert set(DTYPES) == {"auto", *pipeline._DTYPES} and set(ATTENTION_MODES) == set(pipeline.ATTENTION_MODES)
 
 
 def test_yaml_errors_name_line_and_column(tmp_path):

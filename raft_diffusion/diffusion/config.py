@@ -35,6 +35,10 @@ FAMILIES = {
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 OPTIMIZERS = ("adamw", "adamw8bit")
 OFFLOAD_MODES = ("auto", "none", "phases", "sequential")
+# the names diffusion.pipeline takes (resolve_dtype, enable_attention; tests check them against it), checked at load
+# because the pipeline reads them only after the reward and CLIPs (dtype) or the whole pipeline (attention) have loaded
+DTYPES = ("auto", "fp32", "float32", "fp16", "float16", "half", "bf16", "bfloat16")
+ATTENTION_MODES = ("auto", "xformers", "sdpa")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant")
 
 
@@ -492,6 +496,12 @@ class RaftConfig(core.BaseConfig):
                 "train.optimizer=adamw8bit needs bitsandbytes: pip install 'raft-diffusion[bnb]' (CUDA), or set train.optimizer=adamw",
             )
         need(m.offload in OFFLOAD_MODES, f"model.offload must be one of {', '.join(OFFLOAD_MODES)} (got {m.offload!r})")
+        need(m.dtype in DTYPES, f"model.dtype must be one of auto, fp32, fp16 or bf16 (got {m.dtype!r})")
+        need(
+            m.device != "cpu" or m.dtype not in ("fp16", "float16", "half"),
+            "model.dtype fp16 is not supported on CPU: use model.dtype=fp32 (or auto) on CPU, or run on a GPU",
+        )
+        need(m.attention in ATTENTION_MODES, f"model.attention must be one of {', '.join(ATTENTION_MODES)} (got {m.attention!r})")
         if m.max_memory is not None:
             parse_size(m.max_memory)
         for key, _, _, ratio in self.floor_settings():
