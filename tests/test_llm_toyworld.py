@@ -75,3 +75,25 @@ def test_presets_validate_and_builtin_prompts_load():
     hub = load_config(str(CONFIGS / "llm_gpt2_imdb.yaml"), ["num_stages=2"], cls=LLMConfig)
     assert hub.model.pretrained == "gpt2" and hub.sampling.stop_strings == ["\n"] and hub.num_stages == 2
     assert len(load_prompts("builtin:movie_openers")) == 24 and len(load_prompts("builtin:toy_eval")) == 10
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "-1"], "error: --threads must be >= 1 (got -1)"),
+        (["--lm-steps", "-1"], "error: --lm-steps must be >= 1 (got -1): the build trains the model for that many steps"),
+        (["--reward-steps", "0"], "error: --reward-steps must be >= 1 (got 0): the build trains the model for that many steps"),
+        (["--out", "FILE"], "error: --out FILE is a file, not a folder; choose another --out"),
+    ],
+)
+def test_bad_build_options_are_one_line_before_any_training(tmp_path, capsys, argv, message):
+    """Refused before the LM and reward model train (an --out that is a file used to fail after minutes of it)."""
+    from raft_diffusion.cli import main
+
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "w")]
+    assert main(["llm", "toyworld", "build", "--lm-steps", "1", "--reward-steps", "1", *out, *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip() == message.replace("FILE", str(tmp_path / "FILE"))
+    assert captured.out == "" and not (tmp_path / "w").exists()

@@ -100,3 +100,21 @@ def test_sd_part_alone_needs_the_clip(tmp_path):
 
     with pytest.raises(UserError, match="--parts rewards"):
         build(tmp_path, BuildSettings.miniature(), parts=("sd",), log=lambda m: None)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--threads", "-1"], "error: --threads must be >= 1, or 0 for torch's default (got -1)"),
+        (["--out", "FILE"], "error: --out FILE is a file, not a folder; choose another --out"),
+    ],
+)
+def test_bad_build_options_are_one_line_before_any_training(tmp_path, capsys, argv, message):
+    from raft_diffusion.cli import main
+
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / a) if a == "FILE" else a for a in argv]
+    out = [] if "--out" in argv else ["--out", str(tmp_path / "w")]
+    assert main(["toyworld", "build", "--parts", "rewards", "--jobs", "1", "--miniature", *out, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == message.replace("FILE", str(tmp_path / "FILE")) and not (tmp_path / "w").exists()

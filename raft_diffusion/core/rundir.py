@@ -188,26 +188,25 @@ def check_run_kind(root: Path, cls, command: str) -> None:
         raise UserError(f"{root} holds {label} run, which `{command}` does not read; `{report.format(run=root)}` reports it")
 
 
-def check_output_dir(root: Path) -> None:
-    """Fail early, before any model loads, when ``root`` cannot become a run directory."""
+def check_output_dir(root: Path, option: str = "--output-dir") -> None:
+    """Fail early, before any model loads, when ``root`` cannot become a run directory (or the output folder of a
+    command whose flag for it is ``option``, e.g. ``toyworld build --out``)."""
     if root.exists() and not root.is_dir():
-        raise UserError(f"--output-dir {root} is a file, not a folder; choose another --output-dir")
+        raise UserError(f"{option} {root} is a file, not a folder; choose another {option}")
     existing = root
     while not existing.exists():
         if existing.parent == existing:
             break
         existing = existing.parent
     if existing.exists() and not existing.is_dir():
-        raise UserError(f"--output-dir {root} cannot be made: {existing} is a file, not a folder; choose another --output-dir")
+        raise UserError(f"{option} {root} cannot be made: {existing} is a file, not a folder; choose another {option}")
     if existing.exists() and not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(
-            f"--output-dir {root} cannot be written: {existing} is read-only for this user; choose another --output-dir or fix its permissions"
-        )
+        raise UserError(f"{option} {root} cannot be written: {existing} is read-only for this user; choose another {option} or fix its permissions")
     if existing.is_dir():
-        _probe_write(existing, root)
+        _probe_write(existing, root, option)
 
 
-def _probe_write(folder: Path, root: Path) -> None:
+def _probe_write(folder: Path, root: Path, option: str = "--output-dir") -> None:
     """Write and remove a 4 KiB file in ``folder`` (the run directory, or the nearest folder above it that exists), so
     that a full disk or a read-only file system is reported before any model loads. Nothing is left behind."""
     try:
@@ -219,7 +218,8 @@ def _probe_write(folder: Path, root: Path) -> None:
             os.unlink(name)
     except OSError as e:
         advice = os_advice(e.errno, resume=False) or "choose another --output-dir or fix its permissions"  # nothing to resume yet
-        raise UserError(f"--output-dir {root} cannot be written: {e.strerror} in {folder}; {advice}") from None
+        advice = advice.replace("--output-dir", option)
+        raise UserError(f"{option} {root} cannot be written: {e.strerror} in {folder}; {advice}") from None
 
 
 class RunDir:

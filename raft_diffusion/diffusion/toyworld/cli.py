@@ -10,16 +10,8 @@ from pathlib import Path
 def _build(args) -> int:
     import dataclasses
 
-    import torch
-
-    from .build import ASSETS_DIR, BuildSettings, build
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    settings = BuildSettings.miniature() if args.miniature else BuildSettings()
-    settings = dataclasses.replace(settings, seed=args.seed)
-    out = Path(args.out) if args.out else ASSETS_DIR
     from raft_diffusion.core.errors import UserError
+    from raft_diffusion.core.rundir import check_output_dir
 
     if args.only and args.parts:
         raise UserError("give --parts or --only, not both (--only flow = --parts flow)")
@@ -27,6 +19,18 @@ def _build(args) -> int:
     unknown = set(parts) - {"rewards", "sd", "flow"}
     if unknown:
         raise UserError(f"unknown --parts {sorted(unknown)}: choose from rewards, sd, flow")
+    if args.threads < 0:
+        raise UserError(f"--threads must be >= 1, or 0 for torch's default (got {args.threads})")
+    import torch
+
+    from .build import ASSETS_DIR, BuildSettings, build
+
+    out = Path(args.out) if args.out else ASSETS_DIR
+    check_output_dir(out, "--out")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = BuildSettings.miniature() if args.miniature else BuildSettings()
+    settings = dataclasses.replace(settings, seed=args.seed)
     info = build(out, settings, parts=parts, log=lambda m: print(m, flush=True), jobs=max(1, args.jobs))
     print(f"toy world built in {out} ({info['seconds_this_call']:.0f}s wall)", flush=True)
     return 0

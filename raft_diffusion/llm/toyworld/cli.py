@@ -7,15 +7,25 @@ from pathlib import Path
 
 
 def _build(args) -> int:
+    from ...core.errors import UserError
+    from ...core.rundir import check_output_dir
+
+    for flag, value in (("--lm-steps", args.lm_steps), ("--reward-steps", args.reward_steps)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1 (got {value}): the build trains the model for that many steps")
+    if args.threads is not None and args.threads < 1:
+        raise UserError(f"--threads must be >= 1 (got {args.threads})")
     import torch
 
     from ..model import quiet_transformers
     from .build import DEFAULT_DIR, build
 
+    out = args.out or DEFAULT_DIR
+    check_output_dir(Path(out), "--out")  # before minutes of training, not after
     if args.threads:
         torch.set_num_threads(args.threads)
     quiet_transformers()
-    build(args.out or DEFAULT_DIR, seed=args.seed, lm_steps=args.lm_steps, reward_steps=args.reward_steps)
+    build(out, seed=args.seed, lm_steps=args.lm_steps, reward_steps=args.reward_steps)
     return 0
 
 
