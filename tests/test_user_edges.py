@@ -241,3 +241,23 @@ def test_compare_keeps_its_one_line_when_taking_a_failed_lora_off_fails_too(tmp_
     with pytest.raises(UserError, match=r"do not fit this base model \(up.lora_A.weight is \[8, 64\] in the file, \[8, 32\] in the model\)"):
         with _Weights(Pipe(), "lora", tmp_path, None):
             pass
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["llm", "sample", "RUN", "-p", "hi", "-n", "0"], "error: -n must be >= 1 (got 0): the number of completions to print"),
+        (["llm", "sample", "RUN", "-p", "hi", "--stage", "-1"], "error: --stage must be >= 0 (got -1): a completed stage, or 0 for the base model"),
+        (["llm", "report", "MISSING"], "error: run directory MISSING does not exist: give a folder written by raft-diffusion llm align"),
+    ],
+)
+def test_llm_sample_and_report_refuse_bad_options_in_one_line(tmp_path, capsys, argv, message):
+    """-n 0 used to load the model and print nothing (exit 0); --stage -1 looked for stages/-01; a missing run
+    directory was said to have 'no evaluation yet'."""
+    from raft_diffusion.cli import main
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"model": {"pretrained": "toy"}}))
+    paths = {"RUN": str(tmp_path / "run"), "MISSING": str(tmp_path / "missing")}
+    assert main([paths.get(a, a) for a in argv]) == 2
+    assert capsys.readouterr().err.strip() == message.replace("MISSING", paths["MISSING"])

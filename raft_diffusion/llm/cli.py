@@ -76,6 +76,8 @@ def _report(args) -> int:
     from .report import write_report
 
     run_dir = _run_dir(args)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist: give a folder written by raft-diffusion llm align")
     check_run_kind(run_dir, LLMConfig, "raft-diffusion llm report")
     print(write_report(run_dir))
     return 0
@@ -90,6 +92,10 @@ def _sample(args) -> int:
     from .config import LLMConfig
     from .generate import encode_prompts, sample_completions
 
+    if args.n < 1:
+        raise UserError(f"-n must be >= 1 (got {args.n}): the number of completions to print")
+    if args.stage is not None and args.stage < 0:
+        raise UserError(f"--stage must be >= 0 (got {args.stage}): a completed stage, or 0 for the base model")
     run = RunDir(_run_dir(args))
     if not run.config_path.is_file():
         raise UserError(f"{run.root} is not a run directory (no config.yaml)")
