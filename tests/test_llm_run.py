@@ -257,7 +257,7 @@ def test_cli_offline_pool_run_and_errors(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: unknown config key 'sampling.max_new_token'; did you mean 'sampling.max_new_tokens'?"
     assert main(["report", "--run-dir", str(tmp_path / "nothing")]) == 2
-    assert "has no evaluation yet" in capsys.readouterr().err
+    assert "run directory" in (err := capsys.readouterr().err) and "does not exist" in err
 
 
 def test_cli_refuses_several_processes(tmp_path, capsys, monkeypatch):
