@@ -141,6 +141,11 @@ def test_rundir_resume_rules(tmp_path):
         ("model.dtype=int8", r"model.dtype must be one of auto, fp32, fp16 or bf16 \(got 'int8'\)"),
         (["model.device=cpu", "model.dtype=fp16"], "model.dtype fp16 is not supported on CPU: use model.dtype=fp32"),
         ("model.attention=flash", r"model.attention must be one of auto, xformers, sdpa \(got 'flash'\)"),
+        ("train.lora_alpha=0", r"train.lora_alpha must be > 0 \(got 0.0\)"),
+        ("train.weight_decay=-1", r"train.weight_decay must be >= 0 \(got -1.0\)"),
+        ("train.max_grad_norm=-1", r"train.max_grad_norm must be >= 0 \(got -1.0\)"),
+        ("sampling.eta=-5", r"sampling.eta must be in \[0, 1\] \(got -5.0\)"),
+        ("model.max_memory=0GB", r"memory size '0GB' .* must be more than 0"),
     ],
 )
 def test_bad_values_fail_at_load(override, message):

@@ -342,6 +342,7 @@ class RaftConfig(core.BaseConfig):
             f"model.max_sequence_length applies to sd3, flux, flux2-klein and qwen-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
         )
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
+        need(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1] (got {s.eta}): 0 is deterministic DDIM, 1 as DDPM")
         need(self.eval_num_inference_steps >= 1, "eval.num_inference_steps must be >= 1 (or null: the pool's)")
         for side in ("height", "width"):
             v = getattr(s, side)
@@ -424,6 +425,9 @@ class RaftConfig(core.BaseConfig):
         )
         need(t.method in ("lora", "full"), f"train.method must be 'lora' or 'full' (got {t.method!r})")
         need(t.lora_rank >= 1, "train.lora_rank must be >= 1")
+        need(t.lora_alpha > 0, f"train.lora_alpha must be > 0 (got {t.lora_alpha}): the LoRA's scale is alpha / rank")
+        need(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay}); 0 turns it off")
+        need(t.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (got {t.max_grad_norm}); 0 turns clipping off")
         need(0 <= t.lora_dropout < 1, f"train.lora_dropout must be in [0, 1) (got {t.lora_dropout})")
         need(t.lr_scheduler in LR_SCHEDULERS, f"train.lr_scheduler must be one of {', '.join(LR_SCHEDULERS)} (got {t.lr_scheduler!r})")
         need(t.lr_warmup_steps >= 0, f"train.lr_warmup_steps must be >= 0 (got {t.lr_warmup_steps})")
@@ -527,7 +531,10 @@ def parse_size(text) -> int:
         raise ConfigError(f"memory size {text!r} (model.max_memory, --gpu-memory) has no unit: write {m.group(1)}GB or {m.group(1)}GiB")
     unit = (m.group(2) or "").upper()
     unit = unit if unit.endswith("B") or not unit else unit + "B"
-    return int(float(m.group(1)) * _UNITS[unit])
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ConfigError(f"memory size {text!r} (model.max_memory, --gpu-memory) must be more than 0: write it like 24GB")
+    return size
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RaftConfig:
