@@ -143,6 +143,30 @@ def write_config_folder(kind: str, root: Path) -> Path:
                  "tokenizer_2": tok("tokenizer_2", 512, "T5TokenizerFast"),
                  "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                                     base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
+    elif kind == "qwen-image":  # Qwen/Qwen-Image: the 20B MMDiT, Qwen2.5-VL-7B (8.29B) and the video VAE (127M)
+        from diffusers import AutoencoderKLQwenImage
+        from transformers import Qwen2_5_VLConfig
+
+        from raft_diffusion.diffusion.families.fullsize import QWEN_IMAGE
+
+        Qwen2_5_VLConfig(
+            text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                             num_key_value_heads=4, vocab_size=152064, max_position_embeddings=128000,
+                             rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False,
+                             rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}),
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                               fullatt_block_indexes=[7, 15, 23, 31], in_chans=3, tokens_per_second=2),
+            vocab_size=152064, hidden_size=3584, tie_word_embeddings=False,
+        ).save_pretrained(folder / "text_encoder")  # fmt: skip
+        AutoencoderKLQwenImage().save_config(folder / "vae")  # its defaults are Qwen-Image's
+        index = {"_class_name": "QwenImagePipeline", "transformer": model("transformer", "QwenImageTransformer2DModel", dict(QWEN_IMAGE)),
+                 "vae": ["diffusers", "AutoencoderKLQwenImage"],
+                 "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                 "tokenizer": tok("tokenizer", 131072, "Qwen2Tokenizer"),
+                 "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                                                                    max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
+                                                                    shift_terminal=0.02, time_shift_type="exponential"))}  # fmt: skip
     else:
         raise SystemExit(f"unknown architecture {kind}")
     del AutoencoderKL
@@ -372,7 +396,7 @@ def presets(tmp: Path) -> None:
 
     print("\n== the shipped GPU presets (planned for CUDA) ==")
     for name, kind in (("sd15_aesthetic_512", "sd15"), ("sdxl_aesthetic_1024", "sdxl"), ("sd35m_pickscore_512", "sd35m-t5"),
-                       ("flux1_dev_hpsv2_512", "flux")):  # fmt: skip
+                       ("flux1_dev_hpsv2_512", "flux"), ("qwen_image_aesthetic_1024", "qwen-image")):  # fmt: skip
         folder = write_config_folder(kind, tmp)
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"model.pretrained={folder}", "model.device=cuda"])
         print(f"\n-- configs/{name}.yaml\n" + plan_report(cfg, None), flush=True)

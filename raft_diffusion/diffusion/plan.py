@@ -251,6 +251,29 @@ def _plain_tensors_to_cpu(module: torch.nn.Module) -> None:
                 setattr(sub, name, torch.zeros(value.shape, dtype=value.dtype))
 
 
+def _without_attention_mask(module, args, kwargs):
+    """A text encoder's forward on the meta device without its attention mask: transformers' causal-mask builders read
+    the mask's values (``.item()``), which meta tensors do not have. The planner's stand-in tokenizer masks nothing,
+    so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted."""
+    return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}
+
+
+def _qwen_image_encode_on_meta(pipe) -> None:
+    """QwenImagePipeline's ``encode_prompt`` picks each prompt's tokens by the values of its mask, which meta tensors do
+    not have. With the stand-in tokenizer every token is a prompt token, so the pick is a slice: the same text-encoder
+    call (every hidden state kept, as the pipeline asks), the template's tokens dropped, ``max_sequence_length`` kept."""
+
+    def encode_prompt(prompt, device=None, num_images_per_prompt=1, max_sequence_length=1024, **_):
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        drop = pipe.prompt_template_encode_start_idx
+        ids = pipe.tokenizer(prompts, max_length=pipe.tokenizer_max_length + drop).input_ids.to(device or pipe.device)
+        hidden = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+        embeds = hidden[:, drop:][:, :max_sequence_length]
+        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+    pipe.encode_prompt = encode_prompt
+
+
 @dataclass
 class RewardModel:
     """A reward's model on the meta device: its modules' bytes and a forward on a batch of images."""
@@ -413,6 +436,10 @@ class MemoryPlanner:
             dtype = self.family.cuda_dtype if self.family.name != "sd" else "fp16"
         self.dtype = resolve_dtype(dtype, "cuda" if self.device.type == "meta" else self.device)
         self.pipe = meta_pipeline(folder, self.family, self.dtype)
+        if self.family.name == "qwen-image":
+            # the stand-in tokenizer has no text to measure and returns the pipeline's whole template budget (1024
+            # tokens): count every prompt at model.max_sequence_length tokens instead, the most a run keeps of one
+            self.pipe.tokenizer_max_length = cfg.model.max_sequence_length or self.family.max_sequence_length
         self.denoiser = self.family.denoiser(self.pipe)
         s = cfg.sampling
         self.height, self.width = self.family.image_size(self.pipe, s.height, s.width)
@@ -456,6 +483,11 @@ class MemoryPlanner:
                         t.zero_()
                 _plain_tensors_to_cpu(m)
             self.work = torch.device("cpu")
+        if self.work.type == "meta":
+            for name in self.text_encoders:
+                self.pipe.components[name].register_forward_pre_hook(_without_attention_mask, with_kwargs=True)
+            if self.family.name == "qwen-image":
+                _qwen_image_encode_on_meta(self.pipe)
 
     # -- measurements (cached) --------------------------------------------------------------------
     def _measure(self, key, fn) -> int:
