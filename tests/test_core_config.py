@@ -83,6 +83,16 @@ def test_bad_config_is_one_clear_line(data, overrides, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match=r"config .* is a folder, not a YAML file: give a preset such as configs/tiny.yaml"):
+        load_config(tmp_path)
+
+
+def test_gallery_of_a_file_says_it_is_not_a_run_directory(tmp_path, capsys):
+    from raft_diffusion.cli import main
+
+    (tmp_path / "run.yaml").write_text("seed: 0\n")
+    assert main(["gallery", str(tmp_path / "run.yaml")]) == 2
+    assert "is a file, not a run directory: give the folder that raft-diffusion align wrote" in capsys.readouterr().err
 
 
 def test_every_field_has_help():

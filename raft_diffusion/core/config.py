@@ -443,6 +443,8 @@ def load_config(path: str | Path | None, overrides: list[str] = (), *, cls):
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config {p} is a folder, not a YAML file: give a preset such as configs/tiny.yaml")
         if not p.is_file():
             raise ConfigError(f"config file not found: {p} (give a YAML preset, e.g. configs/tiny.yaml)")
         try:

@@ -103,6 +103,8 @@ def _plan(args) -> int:
 def _gallery(args) -> int:
     from .gallery import write_gallery
 
+    if args.run_dir.is_file():
+        raise UserError(f"{args.run_dir} is a file, not a run directory: give the folder that raft-diffusion align wrote")
     if not args.run_dir.is_dir():
         raise UserError(f"run directory {args.run_dir} does not exist")
     _image_run(args.run_dir, "raft-diffusion gallery")
