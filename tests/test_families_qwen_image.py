@@ -279,7 +279,7 @@ def test_align_two_stages_keep_the_top_k_and_the_lora_reloads(tmp_path, folder):
 # --- export ------------------------------------------------------------------------------------------------
 
 
-def test_export_merges_into_a_pipeline_folder_and_kohya_is_refused_in_one_line(tmp_path, folder, pipe, embeds, capsys):
+def test_export_merges_into_a_pipeline_folder(tmp_path, folder, pipe, embeds):
     from diffusers import QwenImageTransformer2DModel
     from test_export_families import randomise_lora_b
 
@@ -298,10 +298,6 @@ def test_export_merges_into_a_pipeline_folder_and_kohya_is_refused_in_one_line(t
     with torch.no_grad():
         want = predict(trained.transformer)
         base = predict(QwenImageTransformer2DModel.from_pretrained(str(folder), subfolder="transformer"))
-    capsys.readouterr()
-    assert main(["export", str(lora), "--format", "kohya", "-o", str(tmp_path / "k"), "--base", str(folder)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "qwen-image" in err and "use --format diffusers" in err
     assert main(["export", str(lora), "--merge", "-o", str(tmp_path / "merged"), "--base", str(folder)]) == 0
     assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
     with torch.no_grad():
@@ -367,3 +363,45 @@ def test_planner_on_the_published_configs_gives_the_presets_figures():
         assert planner.trainable == 23_592_960
         plans[offload] = planner.peak(planner.base_settings()) / 2**30
     assert 62.0 < plans["none"] < 63.0 and 57.3 < plans["phases"] < 58.3, plans
+
+
+def test_kohya_file_has_musubi_names_and_reloads_in_diffusers_with_its_alpha(tmp_path, folder, pipe, embeds):
+    """The default targets plus the text stream's projections, both streams' MLPs and modulations and the
+    embedders / output layer, rank 4 alpha 8: each module under lora_unet_ + its path with underscores, alpha = 8, and
+    diffusers' reader of such files (what ComfyUI also loads) gives the LoRA's own velocity."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from test_export_families import randomise_lora_b
+
+    from raft_diffusion.cli import main
+
+    family = get_family(NAME)
+    trained = _fresh(folder, pipe)
+    extra = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "img_mlp.net.0.proj",
+             "img_mlp.net.2", "txt_mlp.net.2", "img_mod.1", "txt_mod.1"]  # fmt: skip
+    targets = [*family.lora_targets, *(f"transformer_blocks.1.{m}" for m in extra), "img_in", "txt_in", "proj_out"]
+    family.add_lora(trained.transformer, rank=4, alpha=8, targets=targets, init_seed=1)
+    randomise_lora_b(trained.transformer, size=0.3)
+    lora = family.save_lora(trained, trained.transformer, tmp_path / "lora")
+    out = tmp_path / "qwen.safetensors"
+    assert main(["export", str(lora), "--format", "kohya", "-o", str(out), "--base", str(folder)]) == 0
+    state, own = load_file(str(out)), load_file(str(lora / "pytorch_lora_weights.safetensors"))
+    assert len(state) == 3 * (len(own) // 2) == 3 * (2 * 4 + 9 + 3)
+    down = "lora_unet_transformer_blocks_1_img_mlp_net_0_proj.lora_down.weight"
+    assert torch.equal(state[down], own["transformer.transformer_blocks.1.img_mlp.net.0.proj.lora_A.weight"])
+    assert float(state["lora_unet_transformer_blocks_0_attn_to_out_0.alpha"]) == 8.0 and "lora_unet_img_in.alpha" in state
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora_qwen_image" and meta["raft_family"] == NAME
+
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+
+    def predict(p):
+        with torch.no_grad():
+            return family._predict(p, p.transformer, x, torch.tensor([500.0]), embeds[[1]], LossSettings())
+
+    fresh = _fresh(folder, pipe)
+    base = predict(fresh)
+    fresh.load_lora_weights(str(out))  # diffusers converts the kohya names and scales B by alpha / rank
+    assert (predict(trained) - base).abs().max() > 1e-2
+    torch.testing.assert_close(predict(fresh), predict(trained), atol=1e-5, rtol=0)

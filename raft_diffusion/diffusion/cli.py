@@ -272,7 +272,8 @@ def add_commands(sub) -> None:
         "--format",
         "-f",
         choices=("kohya", "diffusers", "peft"),
-        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX.1, FLUX.2); diffusers: the LoRA folder; peft: a PeftModel folder",
+        help="kohya: one .safetensors with lora_unet_* keys (SD 1.x, SDXL, FLUX.1, FLUX.2, Qwen-Image); "
+        "diffusers: the LoRA folder; peft: a PeftModel folder",
     )
     p.add_argument(
         "--merge",

@@ -309,8 +309,9 @@ def sd_version(lora: Lora) -> str:
 
 
 def kohya_name(module: str) -> str:
-    """kohya's name of an SD 1.x/2.x UNet module: ``lora_unet_`` + its diffusers path with dots as underscores
-    (kohya's scripts train SD 1.x/2.x on a UNet with diffusers' module names; SDXL and FLUX: see ``kohya.py``)."""
+    """kohya's name of an SD 1.x/2.x UNet or Qwen-Image transformer module: ``lora_unet_`` + its diffusers path with dots
+    as underscores (kohya's scripts and musubi-tuner train them with diffusers' module names; SDXL and FLUX: see
+    ``kohya.py``)."""
     return KOHYA_UNET_PREFIX + module.replace(".", "_")
 
 
@@ -363,7 +364,7 @@ def kohya_state_dict(lora: Lora, family: str = "sd", base: str | None = None) ->
     from . import kohya
 
     kohya.kohya_names(family)
-    if family == "sd":
+    if family in ("sd", "qwen-image"):  # modules named as in diffusers, dots as underscores
         out = {}
         for module in lora.modules:
             name, a = kohya_name(module), lora.down[module]
@@ -412,6 +413,8 @@ def _kohya_kind(family: str, lora: Lora, base: str | None) -> tuple[str, str, st
     if family == "flux2-klein":  # musubi-tuner's names (kohya's FLUX.2 trainer): networks.lora_flux_2, Flux.2-klein-4b / -9b
         size = "9b" if "9b" in str(base or "").lower() else "4b"
         return "flux2_klein", f"Flux.2-klein-{size}", "networks.lora_flux_2", 1024
+    if family == "qwen-image":  # musubi-tuner's network module for Qwen-Image (kohya's trainer for it)
+        return "qwen_image", "Qwen-Image", "networks.lora_qwen_image", 1328
     version = sd_version(lora)
     return version, "stable-diffusion-v2-512" if version == "sd_v2" else "stable-diffusion-v1", "networks.lora", 512
 

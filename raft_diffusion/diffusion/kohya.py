@@ -22,6 +22,10 @@ kohya's own training scripts give that module:
   (``attn.to_qkv_mlp_proj`` is ``single_blocks_N_linear1``, ``attn.to_out`` is ``linear2``); the embedders and the
   final layer have the names ``_convert_kohya_flux2_lora_to_diffusers`` maps (``img_in``, ``txt_in``, ``time_in_*``,
   ``final_layer_linear``). The modulation layers have no name that reader maps: refused.
+- **Qwen-Image** (``qwen-image``): musubi-tuner (kohya's trainer for it) names the transformer's modules as diffusers
+  does, so the name is ``lora_unet_`` + the diffusers path with ``_`` for ``.``
+  (``lora_unet_transformer_blocks_0_attn_to_q``); diffusers' ``_convert_non_diffusers_qwen_lora_to_diffusers`` reads
+  it back, and ComfyUI loads it.
 - **SD3** is refused (:class:`KohyaUnsupported`): see :func:`kohya_names`.
 """
 
@@ -198,7 +202,7 @@ def kohya_names(family: str) -> None:
             "diffusers has no reader for them to check a file against; ComfyUI and diffusers load SD3 LoRAs in "
             "diffusers format directly: use --format diffusers (or peft)"
         )
-    if family not in ("sd", "sdxl", "flux", "flux2-klein"):
+    if family not in ("sd", "sdxl", "flux", "flux2-klein", "qwen-image"):
         raise KohyaUnsupported(f"no kohya naming for model family {family!r}: use --format diffusers")
 
 
