@@ -4,6 +4,9 @@ rectified-flow loss. Classifier-free guidance is the pipeline's ``true_cfg_scale
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from raft_diffusion.core.errors import UserError
@@ -43,11 +46,14 @@ class QwenImageFamily(PackedFlowFamily):
     max_sequence_length = 512  # Qwen2.5-VL tokens after the system template (the pipeline's default)
 
     def load(self, pretrained, **kwargs):
-        pipe = super().load(pretrained, **kwargs)
-        if pipe.transformer is not None and pipe.transformer.config.guidance_embeds:
+        """The pipeline; a guidance-distilled transformer is refused, from a local folder's config before any weight."""
+        config = Path(str(pretrained)).expanduser() / "transformer" / "config.json"
+        distilled = config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds")
+        pipe = None if distilled else super().load(pretrained, **kwargs)
+        if distilled or (pipe.transformer is not None and pipe.transformer.config.guidance_embeds):
             raise UserError(
-                f"{pretrained!r} is a guidance-distilled Qwen-Image transformer (guidance_embeds), which this family "
-                "does not train yet: use an undistilled Qwen-Image checkpoint"
+                f"{str(pretrained)!r} is a guidance-distilled Qwen-Image transformer (guidance_embeds), which this "
+                "family does not train yet: use an undistilled Qwen-Image checkpoint"
             )
         return pipe
 
