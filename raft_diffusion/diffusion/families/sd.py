@@ -55,7 +55,7 @@ class StableDiffusionFamily(Family):
         """Positive conditioning per prompt; with ``do_cfg`` the negative prompt's (``""`` by default) once,
         as ``shared`` tensors named ``negative_*``. CLIP encoders only: ``max_sequence_length`` must be None."""
         if max_sequence_length is not None:
-            raise UserError(f"model.max_sequence_length sets T5/Qwen3 tokens; {self.name} has no such encoder: set it to null")
+            raise UserError(f"model.max_sequence_length sets T5/Qwen tokens; {self.name} has no such encoder: set it to null")
         prompts = list(prompts)
         chunks = [self._encode(pipe, prompts[i : i + batch_size], False, None)
                   for i in range(0, len(prompts), batch_size)]  # fmt: skip
