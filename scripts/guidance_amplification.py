@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 TIMESTEPS = (950, 850, 700, 500, 300, 100)
 
 
+@torch.no_grad()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("run_dir", type=Path)
@@ -47,7 +48,6 @@ def main(argv=None) -> int:
         raise UserError(f"{stage} has no lora/ and kept_latents.safetensors: give a run directory and a completed stage")
     cfg = yaml.safe_load((args.run_dir / "config.yaml").read_text(encoding="utf-8"))
     family = get_family("sd")
-    torch.set_grad_enabled(False)
     pipe = family.load(resolve_pretrained(cfg["model"]["pretrained"]), device="cpu", dtype="fp32")
     pipe.load_lora_weights(str(stage / "lora"))
     prompts = load_prompts(cfg["prompts"]["train"])

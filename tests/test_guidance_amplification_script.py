@@ -40,6 +40,7 @@ def test_guided_change_is_the_conditional_one_at_guidance_1_and_by_hand_at_3(run
     root, prompts, latents = run_dir
     script = load_script("guidance_amplification")
     assert script.main([str(root), "--stage", "1", "--guidance", "1"]) == 0
+    assert torch.is_grad_enabled()  # the script leaves autograd as it found it (later tests train)
     plain = _rows(capsys.readouterr().out)
     assert sorted(plain) == [100, 300, 500, 700, 850, 950] and all(r[2] == 1.0 for r in plain.values())
     assert script.main([str(root), "--stage", "1", "--guidance", "3"]) == 0
