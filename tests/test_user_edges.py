@@ -44,7 +44,7 @@ def _write_run(root: Path, cfg, stages: int = 1) -> RunDir:
     return run
 
 
-def test_a_run_of_the_other_kind_is_named_not_diffed(tmp_path):
+def test_a_run_of_the_other_kind_is_named_not_diffed(tmp_path, capsys):
     llm_run = _write_run(tmp_path / "llm", LLMConfig())
     image_run = _write_run(tmp_path / "image", RaftConfig())
     with pytest.raises(UserError) as err:
@@ -57,6 +57,11 @@ def test_a_run_of_the_other_kind_is_named_not_diffed(tmp_path):
     ):
         check_run_kind(image_run.root, LLMConfig, "raft-diffusion llm report")
     check_run_kind(image_run.root, RaftConfig, "raft-diffusion card")  # its own kind, and no config at all: no objection
+    from raft_diffusion.cli import main
+
+    capsys.readouterr()
+    assert main(["export", str(llm_run.root), "--format", "kohya", "-o", str(tmp_path / "k.safetensors")]) == 2
+    assert "holds an LLM run, which `raft-diffusion export` does not read" in capsys.readouterr().err  # not "no LoRA weights"
     check_run_kind(tmp_path / "nothing", RaftConfig, "raft-diffusion card")
     # align into the other kind's run: the run is named, not a first differing key
     with pytest.raises(UserError, match=r"holds an LLM run \(`raft-diffusion llm align` resumes it\); choose a new --output-dir"):

@@ -170,6 +170,8 @@ def _export(args) -> int:
         raise UserError("export needs --format kohya|diffusers|peft, or --merge for a merged model")
     if args.merge and args.format is not None:
         raise UserError(f"--merge writes a merged model, not --format {args.format}: give one of the two")
+    if Path(args.source).is_dir():
+        _image_run(Path(args.source), "raft-diffusion export")
     paths = export(args.source, args.format, args.output, merge=args.merge, base=args.base, license=args.license,
                    single_file=not args.no_single_file, overwrite=args.overwrite)  # fmt: skip
     for kind, path in paths.items():
