@@ -335,12 +335,11 @@ def test_planner_runs_and_counts_one_call_of_the_batch_for_guidance(tmp_path, ca
 
 
 @pytest.mark.slow  # ~15 s: meta-device forwards of the 20B transformer and the 8B text encoder
-def test_planner_on_the_published_configs_gives_the_presets_figures():
+def test_planner_on_the_published_configs_gives_the_presets_figures(tmp_path):
     """configs/qwen_image_aesthetic_1024.yaml planned on Qwen-Image's published configs (scripts/bench_memory_plan.py
     writes them as a config-only folder): the weights are the parameter counts at 2 bytes, and the peak is the
     preset's header figure."""
     import sys
-    import tempfile
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
@@ -350,7 +349,7 @@ def test_planner_on_the_published_configs_gives_the_presets_figures():
     from raft_diffusion.diffusion.config import load_config
     from raft_diffusion.diffusion.plan import MemoryPlanner
 
-    folder = write_config_folder("qwen-image", Path(tempfile.mkdtemp()))
+    folder = write_config_folder("qwen-image", tmp_path)
     preset = root / "configs" / "qwen_image_aesthetic_1024.yaml"
     plans = {}
     for offload in ("none", "phases"):

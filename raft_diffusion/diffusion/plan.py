@@ -528,16 +528,18 @@ class MemoryPlanner:
         e = self.embeds()
         return e[[0] * n]
 
+    def _guided(self) -> bool:
+        """Whether sampling runs classifier-free guidance (a scale above 1 and negative conditioning to run it against)."""
+        return self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared)
+
     def _cfg_factor(self) -> int:
         """Rows per sample in one denoiser call: 2 where the family's pipeline batches guidance's two halves."""
-        cfg = self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared)
-        return 2 if cfg and self.family.cfg_in_one_batch else 1
+        return 2 if self._guided() and self.family.cfg_in_one_batch else 1
 
     def _guidance_note(self) -> str:
-        if self._cfg_factor() == 2:
-            return " (x2 with guidance)"
-        guided = self.cfg.sampling.guidance_scale > 1.0 and any(k.startswith("negative_") for k in self.embeds().shared)
-        return " (guidance: two calls)" if guided else ""
+        if not self._guided():
+            return ""
+        return " (x2 with guidance)" if self.family.cfg_in_one_batch else " (guidance: two calls)"
 
     def sample_activations(self, batch: int) -> int:
         rows = batch * self._cfg_factor()

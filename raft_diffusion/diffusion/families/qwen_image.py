@@ -31,6 +31,13 @@ def _pad_rows(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[to
     return torch.cat(pad), torch.cat(pad_masks)
 
 
+def _distilled(pretrained) -> UserError:
+    return UserError(
+        f"{str(pretrained)!r} is a guidance-distilled Qwen-Image transformer (guidance_embeds), which this family does "
+        "not train yet: use an undistilled Qwen-Image checkpoint"
+    )
+
+
 class QwenImageFamily(PackedFlowFamily):
     """QwenImagePipeline. Denoiser-space latents are the VAE's one-frame latents without the frame axis, normalised
     by the VAE's ``latents_mean`` / ``latents_std``: ``[B, C, H / f, W / f]``. Prompts are embedded with a padding
@@ -46,15 +53,14 @@ class QwenImageFamily(PackedFlowFamily):
     max_sequence_length = 512  # Qwen2.5-VL tokens after the system template (the pipeline's default)
 
     def load(self, pretrained, **kwargs):
-        """The pipeline; a guidance-distilled transformer is refused, from a local folder's config before any weight."""
+        """The pipeline; a guidance-distilled transformer is refused, from a local folder's config before any weight
+        (a hub id's once it has loaded)."""
         config = Path(str(pretrained)).expanduser() / "transformer" / "config.json"
-        distilled = config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds")
-        pipe = None if distilled else super().load(pretrained, **kwargs)
-        if distilled or (pipe.transformer is not None and pipe.transformer.config.guidance_embeds):
-            raise UserError(
-                f"{str(pretrained)!r} is a guidance-distilled Qwen-Image transformer (guidance_embeds), which this "
-                "family does not train yet: use an undistilled Qwen-Image checkpoint"
-            )
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("guidance_embeds"):
+            raise _distilled(pretrained)
+        pipe = super().load(pretrained, **kwargs)
+        if pipe.transformer is not None and pipe.transformer.config.guidance_embeds:
+            raise _distilled(pretrained)
         return pipe
 
     def _encode(self, pipe, prompts, length) -> tuple[torch.Tensor, torch.Tensor]:
