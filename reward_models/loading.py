@@ -18,7 +18,7 @@ import torch
 from ._common import resolve_device, resolve_dtype
 from .composite import DEFAULT_EPS, CompositeReward
 from .errors import RewardConfigError
-from .registry import LoadedReward, load_named_reward
+from .registry import LoadedReward, is_known_reward_name, load_named_reward, unknown_reward
 
 
 def load_reward(
@@ -54,11 +54,9 @@ _COMPONENT_KEYS = {"name", "kwargs", "weight", "normalize", "label"}
 _MIX_KEYS = {"mix", "normalize", "eps"}
 
 
-def load_reward_from_config(cfg: str | dict, device: str | torch.device | None = None, dtype: Any = torch.float32):
-    """Build a reward from a name or config dict (see the module docstring); returns a ``LoadedReward``."""
-    device, dtype = resolve_device(device), resolve_dtype(dtype)
-    if isinstance(cfg, str):
-        return load_named_reward(cfg, device=device, dtype=dtype)
+def _specs(cfg: dict) -> list[tuple[Any, dict, dict | None]]:
+    """A config dict's rewards as ``(name, kwargs, mix item)`` (the item None for a single reward), after checking its
+    keys; nothing is imported or loaded."""
     if not isinstance(cfg, dict):
         raise RewardConfigError(f"reward config must be a name or a dict, got {type(cfg).__name__}")
     if "mix" in cfg:
@@ -68,7 +66,7 @@ def load_reward_from_config(cfg: str | dict, device: str | torch.device | None =
         items = cfg["mix"]
         if not isinstance(items, (list, tuple)) or not items:
             raise RewardConfigError("reward config 'mix' must be a non-empty list of {name, weight, kwargs} dicts")
-        components, seen = [], {}
+        specs = []
         for i, item in enumerate(items):
             if isinstance(item, str):
                 item = {"name": item}
@@ -77,21 +75,47 @@ def load_reward_from_config(cfg: str | dict, device: str | torch.device | None =
             unknown = set(item) - _COMPONENT_KEYS
             if unknown:
                 raise RewardConfigError(f"reward mix item {i}: unknown keys {sorted(unknown)}; allowed: {sorted(_COMPONENT_KEYS)}")
-            reward = load_named_reward(item["name"], device=device, dtype=dtype, **_kwargs(item, i))
-            base = str(item.get("label") or (item["name"] if isinstance(item["name"], str) else reward.name))
-            seen[base] = seen.get(base, 0) + 1
-            label = base if seen[base] == 1 else f"{base}#{seen[base]}"
-            weight = item.get("weight", 1.0)
-            components.append((label, reward, weight, component_normalization(cfg, item)))
-        composite = CompositeReward(components, eps=float(cfg.get("eps", DEFAULT_EPS)))
-        return LoadedReward(composite.__name__, composite, composite.kind)
+            specs.append((item["name"], _kwargs(item, i), item))
+        return specs
     unknown = set(cfg) - _SINGLE_KEYS
     if unknown:
         hint = " (weights and normalisation belong to a 'mix')" if unknown & {"weight", "normalize"} else ""
         raise RewardConfigError(f"reward config: unknown keys {sorted(unknown)}; allowed: name, kwargs{hint}")
     if "name" not in cfg:
         raise RewardConfigError("reward config needs 'name' (or 'mix')")
-    return load_named_reward(cfg["name"], device=device, dtype=dtype, **_kwargs(cfg, None))
+    return [(cfg["name"], _kwargs(cfg, None), None)]
+
+
+def check_reward_config(cfg: str | dict) -> None:
+    """What can be known of a reward config before any model loads: its keys, and that each name is a built-in, an
+    installed entry point, a ``module:function`` / ``file.py:function`` form or a callable (the form's module is only
+    imported when the reward loads). Raises the error ``load_reward_from_config`` would."""
+    for name, _, _ in [(cfg, {}, None)] if isinstance(cfg, str) else _specs(cfg):
+        if isinstance(name, str):
+            if ":" not in name and not is_known_reward_name(name.strip()):
+                raise unknown_reward(name.strip())
+        elif not callable(name):
+            raise RewardConfigError(f"reward name must be a string or a callable, got {type(name).__name__} {name!r}")
+
+
+def load_reward_from_config(cfg: str | dict, device: str | torch.device | None = None, dtype: Any = torch.float32):
+    """Build a reward from a name or config dict (see the module docstring); returns a ``LoadedReward``."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    if isinstance(cfg, str):
+        return load_named_reward(cfg, device=device, dtype=dtype)
+    specs = _specs(cfg)
+    if "mix" not in cfg:
+        name, kwargs, _ = specs[0]
+        return load_named_reward(name, device=device, dtype=dtype, **kwargs)
+    components, seen = [], {}
+    for name, kwargs, item in specs:
+        reward = load_named_reward(name, device=device, dtype=dtype, **kwargs)
+        base = str(item.get("label") or (name if isinstance(name, str) else reward.name))
+        seen[base] = seen.get(base, 0) + 1
+        label = base if seen[base] == 1 else f"{base}#{seen[base]}"
+        components.append((label, reward, item.get("weight", 1.0), component_normalization(cfg, item)))
+    composite = CompositeReward(components, eps=float(cfg.get("eps", DEFAULT_EPS)))
+    return LoadedReward(composite.__name__, composite, composite.kind)
 
 
 def _kwargs(item: dict, index: int | None) -> dict:

@@ -196,7 +196,12 @@ def list_rewards(kind: str | None = None, include_entry_points: bool = True) -> 
     return sorted(set(names))
 
 
-def _unknown(name: str) -> UnknownRewardError:
+def is_known_reward_name(name: str) -> bool:
+    """Whether ``name`` is a built-in reward or an installed entry point (nothing is imported)."""
+    return name in REGISTRY or name in _entry_points()
+
+
+def unknown_reward(name: str) -> UnknownRewardError:
     builtins, plugins = sorted(REGISTRY), sorted(n for n in _entry_points() if n not in REGISTRY)
     near = difflib.get_close_matches(name, builtins + plugins, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'? " if near else ""
@@ -350,4 +355,4 @@ def load_named_reward(
         return _from_object(obj, name, device, dtype, kwargs, None)
     if ":" in name:
         return _from_object(_import_target(name, name), name, device, dtype, kwargs, None)
-    raise _unknown(name)
+    raise unknown_reward(name)

@@ -100,6 +100,7 @@ CASES = [
     else Case("read_only_output", f"--output-dir {READ_ONLY_MOUNT} (read-only mount)", ["--output-dir", str(READ_ONLY_MOUNT)]),
     Case("disk_full", "full disk (simulated: every write in the run directory's folder fails with ENOSPC)", python_code=DISK_FULL),
     Case("huge_allocation", "sampling.height=1048576 sampling.width=1048576", ["sampling.height=1048576", "sampling.width=1048576"]),
+    Case("unknown_reward", "reward.name=aestetic", ["reward.name=aestetic"]),
     Case("inf_reward", "reward.name=inf_reward.py:inf_reward (returns +inf)", ["reward.name=DIR/inf_reward.py:inf_reward"], _inf_reward),
     Case("bad_yaml", "--config with a YAML syntax error", config="bad.yaml", setup=_bad_yaml),
     Case("lr_scheduler", "train.lr_scheduler=bogus", ["train.lr_scheduler=bogus"]),

@@ -266,3 +266,31 @@ def test_llm_sample_and_report_refuse_bad_options_in_one_line(tmp_path, capsys, 
     paths = {"RUN": str(tmp_path / "run"), "MISSING": str(tmp_path / "missing")}
     assert main([paths.get(a, a) for a in argv]) == 2
     assert capsys.readouterr().err.strip() == message.replace("MISSING", paths["MISSING"])
+
+
+def test_an_unknown_reward_is_refused_before_the_run_directory(tmp_path, capsys):
+    """A misspelt reward name used to be found when the reward loaded, after the "run directory" line; now it is
+    refused with the nearest name before anything is written, and a mix names the item."""
+    from raft_diffusion.cli import main
+
+    run = tmp_path / "run"
+    assert main(["align", "--config", str(ROOT / "configs" / "tiny.yaml"), "-o", str(run), "reward.name=aestetic"]) == 2
+    out = capsys.readouterr()
+    assert "run directory" not in out.out and not run.exists()
+    assert out.err.startswith("error: unknown reward 'aestetic'; did you mean 'aesthetic'?") and len(out.err.strip().splitlines()) == 1
+
+
+def test_check_reward_config_names_without_loading_anything(tmp_path):
+    from reward_models.errors import RewardConfigError, UnknownRewardError
+    from reward_models.loading import check_reward_config
+
+    check_reward_config("brightness")
+    check_reward_config({"name": "aesthetic", "kwargs": {"weights": "nowhere.safetensors"}})  # weights are read at load
+    check_reward_config({"name": "no_such_package.rewards:score"})  # a module:function form is imported at load
+    check_reward_config({"mix": ["brightness", {"name": len, "weight": 2}]})
+    with pytest.raises(UnknownRewardError, match=r"unknown reward 'saturaton'; did you mean 'saturation'\?"):
+        check_reward_config({"mix": ["brightness", {"name": "saturaton"}]})
+    with pytest.raises(RewardConfigError, match=r"reward name must be a string or a callable, got int 5"):
+        check_reward_config({"name": 5})
+    with pytest.raises(RewardConfigError, match=r"reward mix item 1: unknown keys \['wieght'\]"):
+        check_reward_config({"mix": ["brightness", {"name": "saturation", "wieght": 2}]})

@@ -30,6 +30,8 @@ def _align(args) -> int:
 
     check_output_dir(args.output_dir)
 
+    from reward_models.loading import check_reward_config
+
     from ..core.dist import init_dist
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
@@ -38,6 +40,7 @@ def _align(args) -> int:
     from .task import DiffusionTask, resolve_pretrained
     from .tracking import Trackers
 
+    check_reward_config(cfg.reward)  # an unknown reward name, before the run directory and any weight
     dist = init_dist(cfg.model.device)  # several processes under accelerate launch / torchrun
     if dist.is_main:  # one process builds the tiny model's cache, the others wait and reuse it
         cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id
