@@ -167,6 +167,23 @@ def write_config_folder(kind: str, root: Path) -> Path:
                  "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
                                                                     max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192,
                                                                     shift_terminal=0.02, time_shift_type="exponential"))}  # fmt: skip
+    elif kind == "flux2-klein":  # black-forest-labs/FLUX.2-klein-base-4B: the 3.9B MMDiT, Qwen3-4B and the FLUX.2 VAE (84M)
+        from diffusers import AutoencoderKLFlux2
+        from transformers import Qwen3Config
+
+        from raft_diffusion.diffusion.families.fullsize import FLUX2_KLEIN_4B, QWEN3_4B
+        from raft_diffusion.diffusion.families.tiny import build_qwen_tokenizer
+
+        Qwen3Config(**QWEN3_4B).save_pretrained(folder / "text_encoder")
+        AutoencoderKLFlux2().save_config(folder / "vae")  # its defaults are FLUX.2's
+        # the pipeline applies the tokenizer's chat template, so the planner reads a real one: the Qwen2-style BPE
+        # trained offline (its vocabulary is small, but every prompt is padded to max_sequence_length tokens anyway)
+        build_qwen_tokenizer().save_pretrained(folder / "tokenizer")
+        index = {"_class_name": "Flux2KleinPipeline", "transformer": model("transformer", "Flux2Transformer2DModel", dict(FLUX2_KLEIN_4B)),
+                 "vae": ["diffusers", "AutoencoderKLFlux2"], "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+                 "tokenizer": ["transformers", "Qwen2TokenizerFast"], "is_distilled": False,
+                 "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                                    base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
     else:
         raise SystemExit(f"unknown architecture {kind}")
     del AutoencoderKL
@@ -396,7 +413,8 @@ def presets(tmp: Path) -> None:
 
     print("\n== the shipped GPU presets (planned for CUDA) ==")
     for name, kind in (("sd15_aesthetic_512", "sd15"), ("sdxl_aesthetic_1024", "sdxl"), ("sd35m_pickscore_512", "sd35m-t5"),
-                       ("flux1_dev_hpsv2_512", "flux"), ("qwen_image_aesthetic_1024", "qwen-image")):  # fmt: skip
+                       ("flux1_dev_hpsv2_512", "flux"), ("qwen_image_aesthetic_1024", "qwen-image"),
+                       ("flux2_klein_base4b_aesthetic_1024", "flux2-klein")):  # fmt: skip
         folder = write_config_folder(kind, tmp)
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"model.pretrained={folder}", "model.device=cuda"])
         print(f"\n-- configs/{name}.yaml\n" + plan_report(cfg, None), flush=True)

@@ -56,3 +56,30 @@ def final_lora_reproduces_held_out_images(family, folder, run, config, stage):
     saved = np.stack([np.asarray(Image.open(folder_of_stage / r["image"]).convert("RGB")) for r in evals])
     assert np.abs(images.astype(int) - saved.astype(int)).max() <= 1
     return images, evals
+
+
+def preset_peaks_on_published_configs(kind, preset, tmp_path, transformer_params, text_encoder_params, trainable):
+    """``configs/<preset>.yaml`` planned for CUDA on ``kind``'s published configs (scripts/bench_memory_plan.py writes
+    them as a config-only folder), with everything resident and with ``model.offload=phases``: the weights are the
+    parameter counts at 2 bytes (the text encoder's with its rotary buffers, under 4 KiB), the LoRA trains
+    ``trainable`` weights; returns the peaks in GiB by offload."""
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root / "scripts"))
+    from bench_memory_plan import write_config_folder
+
+    from raft_diffusion.diffusion.config import load_config
+    from raft_diffusion.diffusion.plan import MemoryPlanner
+
+    folder = write_config_folder(kind, tmp_path)
+    peaks = {}
+    for offload in ("none", "phases"):
+        cfg = load_config(root / "configs" / f"{preset}.yaml", [f"model.pretrained={folder}", "model.device=cuda", f"model.offload={offload}"])
+        planner = MemoryPlanner(cfg, device="cuda")
+        assert planner.components["transformer"] == 2 * transformer_params
+        assert 0 <= planner.components["text_encoder"] - 2 * text_encoder_params < 4096
+        assert planner.trainable == trainable
+        peaks[offload] = planner.peak(planner.base_settings()) / 2**30
+    return peaks

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import yaml
-from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads
+from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads, preset_peaks_on_published_configs
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
@@ -86,6 +86,12 @@ def test_encode_prompts_rows_are_per_prompt(pipe, embeds):
                                atol=1e-6, rtol=0)  # fmt: skip
     # intermediate Qwen3 layers of a random model are small (|x| <= 0.08); the two prompts differ by up to 0.096
     assert (embeds.per_prompt["prompt_embeds"][0] - embeds.per_prompt["prompt_embeds"][1]).abs().max() > 0.05
+    # the run's prompts go to Qwen3 8 at a time (its every hidden state is kept); ten prompts give the rows of one call
+    assert family.encode_batch_size == 8
+    ten = [f"{p} number {i}" for i in range(5) for p in PROMPTS]
+    torch.testing.assert_close(family.encode_prompts(pipe, ten, do_cfg=False, max_sequence_length=SEQ).per_prompt["prompt_embeds"],
+                               family.encode_prompts(pipe, ten, do_cfg=False, batch_size=10, max_sequence_length=SEQ)
+                               .per_prompt["prompt_embeds"], atol=1e-6, rtol=0)  # fmt: skip
 
 
 def test_per_seed_sampling_alone_in_a_batch_and_the_pipeline_agree(pipe, embeds):
@@ -223,3 +229,13 @@ def test_align_two_stages_raise_the_held_out_reward_and_the_lora_reloads(tmp_pat
     assert snapshot["train"]["target_modules"] == list(get_family(NAME).lora_targets)
     # the final LoRA in a fresh pipeline reproduces the run's held-out images
     final_lora_reproduces_held_out_images(get_family(NAME), folder, out, CONFIG, stage=2)
+
+
+@pytest.mark.slow  # about a minute: Qwen3-4B and the 3.9B MMDiT traced on the meta device
+def test_planner_on_the_published_configs_gives_the_presets_figures(tmp_path):
+    """configs/flux2_klein_base4b_aesthetic_1024.yaml planned on FLUX.2 [klein] base 4B's published configs: the
+    weights are the parameter counts at 2 bytes (the transformer's is the published file's, tests/test_families_full.py;
+    Qwen3-4B's 4.02B), and the peaks are the preset's header figures. With 64 prompts to an encoder call instead of 8,
+    encoding alone would need 27.8 GiB."""
+    peaks = preset_peaks_on_published_configs(NAME, "flux2_klein_base4b_aesthetic_1024", tmp_path, 3_875_544_576, 4_022_468_096, 16_711_680)
+    assert 19.5 < peaks["none"] < 20.0 and 16.7 < peaks["phases"] < 17.2, peaks

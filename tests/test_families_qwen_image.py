@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 import yaml
-from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads
+from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads, preset_peaks_on_published_configs
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
@@ -336,30 +336,11 @@ def test_planner_runs_and_counts_one_call_of_the_batch_for_guidance(tmp_path, ca
 
 @pytest.mark.slow  # ~15 s: meta-device forwards of the 20B transformer and the 8B text encoder
 def test_planner_on_the_published_configs_gives_the_presets_figures(tmp_path):
-    """configs/qwen_image_aesthetic_1024.yaml planned on Qwen-Image's published configs (scripts/bench_memory_plan.py
-    writes them as a config-only folder): the weights are the parameter counts at 2 bytes, and the peak is the
-    preset's header figure."""
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    sys.path.insert(0, str(root / "scripts"))
-    from bench_memory_plan import write_config_folder
-
-    from raft_diffusion.diffusion.config import load_config
-    from raft_diffusion.diffusion.plan import MemoryPlanner
-
-    folder = write_config_folder("qwen-image", tmp_path)
-    preset = root / "configs" / "qwen_image_aesthetic_1024.yaml"
-    plans = {}
-    for offload in ("none", "phases"):
-        cfg = load_config(preset, [f"model.pretrained={folder}", "model.device=cuda", f"model.offload={offload}"])
-        planner = MemoryPlanner(cfg, device="cuda")
-        assert planner.components["transformer"] == 2 * 20_430_401_088
-        assert 0 <= planner.components["text_encoder"] - 2 * 8_292_166_656 < 4096  # and its rotary inv_freq buffers
-        assert planner.trainable == 23_592_960
-        plans[offload] = planner.peak(planner.base_settings()) / 2**30
-    assert 62.0 < plans["none"] < 63.0 and 57.3 < plans["phases"] < 58.3, plans
+    """configs/qwen_image_aesthetic_1024.yaml planned on Qwen-Image's published configs: the weights are the
+    parameter counts at 2 bytes (Qwen2.5-VL-7B's is the published 8.29B), and the peaks are the preset's header
+    figures."""
+    peaks = preset_peaks_on_published_configs(NAME, "qwen_image_aesthetic_1024", tmp_path, 20_430_401_088, 8_292_166_656, 23_592_960)
+    assert 62.0 < peaks["none"] < 63.0 and 57.3 < peaks["phases"] < 58.3, peaks
 
 
 def test_kohya_file_has_musubi_names_and_reloads_in_diffusers_with_its_alpha(tmp_path, folder, pipe, embeds):

@@ -254,8 +254,15 @@ def _plain_tensors_to_cpu(module: torch.nn.Module) -> None:
 def _without_attention_mask(module, args, kwargs):
     """A text encoder's forward on the meta device without its attention mask: transformers' causal-mask builders read
     the mask's values (``.item()``), which meta tensors do not have. The planner's stand-in tokenizer masks nothing,
-    so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted."""
-    return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted. A text-only
+    decoder (FLUX.2 [klein]'s Qwen3) gets a mask of None for each of its layer types instead: causal attention without
+    a mask tensor, and without the check for packed sequences that reads the position ids' values."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    config = getattr(module, "config", None)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and not hasattr(config, "vision_config"):
+        kwargs["attention_mask"] = dict.fromkeys(layer_types)
+    return args, kwargs
 
 
 def _qwen_image_encode_on_meta(pipe) -> None:
@@ -499,7 +506,7 @@ class MemoryPlanner:
         return ["a photo of a cat sitting on a wooden table"] * n
 
     def encode_activations(self) -> int:
-        n = min(64, max(1, len(self._train_prompts())))
+        n = min(self.family.encode_batch_size, max(1, len(self._train_prompts())))
         cfg_on = self.cfg.sampling.guidance_scale > 1.0
 
         def run():

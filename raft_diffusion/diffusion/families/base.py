@@ -62,6 +62,9 @@ class Family(ABC):
     # whether the pipeline runs classifier-free guidance's two halves as one doubled batch (else one after the other,
     # so sampling holds the activations of one batch: what the memory planner counts)
     cfg_in_one_batch: bool = True
+    # prompts per text-encoder call when the run's prompts are encoded (encode_prompts' default batch_size); the
+    # encoding's activations grow with it, and the run's results do not depend on it
+    encode_batch_size: int = 64
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"
@@ -118,7 +121,7 @@ class Family(ABC):
     # --- prompts, sampling, decoding -----------------------------------------------------------------------
 
     @abstractmethod
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """Every prompt's conditioning once, through the pipeline's own ``encode_prompt``. ``max_sequence_length``:
         the T5 / Qwen3 token count of families that have one (None: the family's default)."""

@@ -25,9 +25,10 @@ class FluxFamily(PackedFlowFamily):
     max_sequence_length = 512  # T5 tokens (the pipeline's default; FLUX.1-schnell uses 256)
 
     @torch.no_grad()
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """T5 sequence and CLIP pooled embeddings per prompt, ``text_ids`` once. A negative prompt is refused."""
+        batch_size = batch_size or self.encode_batch_size
         if negative_prompt:
             raise UserError("FLUX.1 is guidance-distilled and takes no negative prompt: set negative_prompt to null")
         length = max_sequence_length or self.max_sequence_length

@@ -29,6 +29,9 @@ class Flux2KleinFamily(FlowFamily):
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # the pipeline's and the LoRA script's dtype
     cfg_in_one_batch = False  # the pipeline's conditional and unconditional passes are separate calls
+    # the pipeline asks Qwen3 for every hidden state (37 of [B, 512, 2560] for the 4B), so 64 prompts at once would hold
+    # 11 GiB of activations: 8 at a time hold 1.4
+    encode_batch_size = 8
     # diffusers' train_dreambooth_lora_flux2_klein.py default: the double blocks' image-stream attention, the
     # single blocks' fused qkv+mlp input and their output (named per block there: FLUX.2 [klein] 9B has 24)
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
@@ -47,11 +50,12 @@ class Flux2KleinFamily(FlowFamily):
         return embeds
 
     @torch.no_grad()
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """``prompt_embeds [P, L, 3 * hidden]`` per prompt (every prompt padded to ``L`` tokens, so a row depends on
         its prompt only); with ``do_cfg`` the negative prompt's (``""`` by default) once. Text ids are rebuilt from
         the embeddings where needed, as the pipeline does."""
+        batch_size = batch_size or self.encode_batch_size
         length = max_sequence_length or self.max_sequence_length
         prompts = list(prompts)
         rows = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]

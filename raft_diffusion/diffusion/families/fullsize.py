@@ -1,4 +1,5 @@
-"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev and Qwen-Image, built with random weights.
+"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev, FLUX.2 [klein] base 4B and Qwen-Image,
+built with random weights.
 
 Each config is the one in the model's published folder (``<component>/config.json`` on the hub), so a model
 built from it has the real layer names and sizes: the default LoRA targets, the trainable-parameter counts and
@@ -39,6 +40,17 @@ QWEN_IMAGE = {
     "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
     "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False, "axes_dims_rope": (16, 56, 56),
 }  # fmt: skip
+# black-forest-labs/FLUX.2-klein-base-4B, transformer/config.json (the undistilled 4B; its text encoder is Qwen3-4B, whose
+# hidden states 9, 18 and 27 are stacked: joint_attention_dim = 3 x 2560)
+FLUX2_KLEIN_4B = {
+    "patch_size": 1, "in_channels": 128, "out_channels": None, "num_layers": 5, "num_single_layers": 20,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
+}  # fmt: skip
+# Qwen/Qwen3-4B (FLUX.2 [klein] 4B's text_encoder, a Qwen3ForCausalLM with tied embeddings)
+QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
+            "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}  # fmt: skip
 # openai/clip-vit-large-patch14 (SD's, SDXL's and SD3's text_encoder, FLUX's CLIP)
 CLIP_L = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "projection_dim": 768, "hidden_act": "quick_gelu"}  # fmt: skip
@@ -56,15 +68,16 @@ SD3_VAE = {**VAE_BLOCKS, "latent_channels": 16, "use_quant_conv": False, "use_po
            "shift_factor": 0.0609, "scaling_factor": 1.5035}  # fmt: skip
 
 DENOISERS = {"sdxl": ("UNet2DConditionModel", SDXL_UNET), "sd3": ("SD3Transformer2DModel", SD35_MEDIUM),
-             "flux": ("FluxTransformer2DModel", FLUX_DEV), "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE)}  # fmt: skip
+             "flux": ("FluxTransformer2DModel", FLUX_DEV), "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE),
+             "flux2-klein": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B)}  # fmt: skip
 # the families whose whole pipeline this module builds on CPU (FLUX.1-dev's 12B transformer needs 48 GB in fp32,
 # Qwen-Image's 20B 82 GB)
 PIPELINES = ("sdxl", "sd3")
 
 
 def build_denoiser(name: str, *, dtype=torch.float32, meta: bool = False, seed: int = 0) -> torch.nn.Module:
-    """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev, ``qwen-image``),
-    frozen.
+    """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev, ``qwen-image``,
+    ``flux2-klein`` = FLUX.2 [klein] base 4B), frozen.
 
     ``meta=True`` builds it without memory on the meta device (shapes only); otherwise with diffusers' random
     initialisation under ``seed``.

@@ -71,11 +71,12 @@ class QwenImageFamily(PackedFlowFamily):
         return embeds, mask
 
     @torch.no_grad()
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """``prompt_embeds [P, L, D]`` and ``prompt_embeds_mask [P, L]`` per prompt, zero-padded to the longest prompt
         (at most ``max_sequence_length`` tokens); with ``do_cfg`` the negative prompt's (``" "`` by default, as in the
         pipeline's examples) once."""
+        batch_size = batch_size or self.encode_batch_size
         length = max_sequence_length or self.max_sequence_length
         prompts = list(prompts)
         chunks = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]

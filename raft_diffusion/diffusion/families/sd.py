@@ -50,10 +50,11 @@ class StableDiffusionFamily(Family):
         return {"prompt_embeds": pos, "negative_prompt_embeds": neg}
 
     @torch.no_grad()
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """Positive conditioning per prompt; with ``do_cfg`` the negative prompt's (``""`` by default) once,
         as ``shared`` tensors named ``negative_*``. CLIP encoders only: ``max_sequence_length`` must be None."""
+        batch_size = batch_size or self.encode_batch_size
         if max_sequence_length is not None:
             raise UserError(f"model.max_sequence_length sets T5/Qwen tokens; {self.name} has no such encoder: set it to null")
         prompts = list(prompts)

@@ -40,9 +40,10 @@ class StableDiffusion3Family(FlowFamily):
                 "negative_prompt_embeds": neg, "negative_pooled_prompt_embeds": neg_pooled}  # fmt: skip
 
     @torch.no_grad()
-    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=64,
+    def encode_prompts(self, pipe, prompts, negative_prompt=None, do_cfg=True, *, batch_size=None,
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """Positive conditioning per prompt; with ``do_cfg`` the negative prompt's (``""`` by default) once."""
+        batch_size = batch_size or self.encode_batch_size
         length = max_sequence_length or self.max_sequence_length
         prompts = list(prompts)
         chunks = [self._encode(pipe, prompts[i : i + batch_size], False, None, length)
