@@ -582,3 +582,47 @@ def test_negative_aware_loss_by_hand_for_the_family(family_dirs, pipes, embeds, 
     after = {k: v for k, v in family.denoiser(trained).named_parameters() if v.requires_grad}
     assert all(torch.allclose(after[k], p, rtol=0, atol=1e-5) for k, p in zip(start, params))
     assert any(not torch.allclose(after[k], start[k], rtol=0, atol=1e-3) for k in start)
+
+
+# --- caption dropout (train.empty_prompt_ratio) ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux"])
+def test_caption_dropout_loss_by_hand_for_the_family(family_dirs, pipes, embeds, name):
+    """One step of train_unet with empty_prompt_ratio 0.5, by hand: the step's loss is the mean of ||v - y||^2 over
+    its rows, each row conditioned on its own prompt unless its coin (drawn after the batch's timesteps) dropped it,
+    then on the family's empty prompt; the other draws are those of a run without dropout."""
+    from diffusers import DDPMScheduler
+
+    from raft_diffusion.diffusion.finetune import train_unet
+
+    family, emb = get_family(name), embeds[name]
+    empty = family.encode_prompts(pipes[name], [family.empty_prompt], do_cfg=False, **_encode_kwargs(name))
+    g = torch.Generator().manual_seed(4)
+    latents = torch.randn(4, 4, 16, 16, generator=g)
+    kept_emb, seed, ratio = emb[[0, 1, 0, 1]], 5, 0.5
+    trained = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(trained), rank=4, init_seed=0)
+    kw = dict(steps=1, batch_size=4, learning_rate=1e-2, seed=seed, progress=False, family=family, loss_settings=LossSettings())
+    dropped = train_unet(trained, latents, kept_emb, **kw, empty_prompt_ratio=ratio, empty_embeds=empty)["loss_mean"]
+
+    gen = torch.Generator().manual_seed(seed)
+    idx, noise = torch.randperm(4, generator=gen), torch.randn((4, 4, 16, 16), generator=gen)
+    t = family.draw_timesteps(pipes[name], 4, LossSettings(), gen)[0]
+    drop = torch.rand(4, generator=gen) < ratio
+    assert 0 < int(drop.sum()) < 4  # some rows dropped, some not
+    hand = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(hand), rank=4, init_seed=0)
+    unet = family.denoiser(hand).eval()
+    x0 = latents[idx]
+    if name == "sdxl":
+        noisy, target = DDPMScheduler.from_config(hand.scheduler.config).add_noise(x0, noise, t), noise
+    else:
+        s = (t / 1000).view(-1, 1, 1, 1)
+        noisy, target = (1 - s) * x0 + s * noise, noise - x0
+    rows = kept_emb.concat(empty)[torch.where(drop, 4, idx)]
+    with torch.no_grad():
+        by_hand = ((_family_prediction(name, family, hand, unet, noisy, t, rows) - target) ** 2).flatten(1).mean(1).mean()
+        undropped = ((_family_prediction(name, family, hand, unet, noisy, t, kept_emb[idx]) - target) ** 2).flatten(1).mean(1).mean()
+    assert dropped == pytest.approx(by_hand.item(), rel=1e-5, abs=1e-7)
+    assert abs(by_hand.item() - undropped.item()) > 1e-4  # the empty prompt's rows change the loss

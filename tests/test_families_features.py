@@ -138,3 +138,22 @@ def test_flux_external_pool_with_the_ranking_terms(tmp_path):
     assert all("prompt_rank" in s for s in samples)
     latents = load_file(str(out / "stages" / "001" / "kept_latents.safetensors"))
     assert len(latents) == 4 and all(tuple(v.shape) == (4, 16, 16) for v in latents.values())  # unpacked VAE latents
+
+
+def test_caption_dropout_trains_a_family_run_on_its_empty_prompt(tmp_path):
+    """train.empty_prompt_ratio on Qwen-Image (prompts of different lengths, padded with a mask): the same pool is
+    kept as without it, and the LoRA trained on it differs; SD 1.x/2.x's caption dropout is tested in
+    test_align_e2e.py, the loss by hand in test_families.py."""
+    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
+
+    folder = tiny_pipeline("qwen-image")
+    runs = {}
+    for ratio in (0.0, 0.5):
+        out = tmp_path / f"run{ratio}"
+        assert main(["align", "--config", str(_config(tmp_path, folder)), "--output-dir", str(out), f"train.empty_prompt_ratio={ratio}"]) == 0
+        runs[ratio] = out
+    kept = [load_file(str(runs[r] / "stages" / "001" / "kept_latents.safetensors")) for r in (0.0, 0.5)]
+    assert kept[0].keys() == kept[1].keys() and all((kept[0][k] == kept[1][k]).all() for k in kept[0])
+    loras = [load_file(str(runs[r] / "final" / "pytorch_lora_weights.safetensors")) for r in (0.0, 0.5)]
+    assert loras[0].keys() == loras[1].keys()
+    assert max((loras[0][k] - loras[1][k]).abs().max().item() for k in loras[0]) > 1e-6

@@ -383,3 +383,18 @@ def test_kohya_file_has_musubi_names_and_reloads_in_diffusers_with_its_alpha(tmp
     fresh.load_lora_weights(str(out))  # diffusers converts the kohya names and scales B by alpha / rank
     assert (predict(trained) - base).abs().max() > 1e-2
     torch.testing.assert_close(predict(fresh), predict(trained), atol=1e-5, rtol=0)
+
+
+def test_caption_dropout_row_is_padded_like_the_prompts(pipe):
+    """The task encodes the empty prompt (" ") with the training prompts, so that its row has their length: the
+    prompts' rows are those they have without it, and the empty row's mask covers the tokens of " " alone."""
+    family = get_family(NAME)
+    assert family.empty_prompt == " "
+    alone = family.encode_prompts(pipe, PROMPTS, do_cfg=False)
+    both = family.encode_prompts(pipe, [*PROMPTS, family.empty_prompt], do_cfg=False)
+    for key in ("prompt_embeds", "prompt_embeds_mask"):
+        torch.testing.assert_close(both[: len(PROMPTS)].per_prompt[key], alone.per_prompt[key], atol=1e-6, rtol=0)
+    empty = family.encode_prompts(pipe, [family.empty_prompt], do_cfg=False)
+    n = int(empty.per_prompt["prompt_embeds_mask"].sum())
+    assert 0 < n == int(both.per_prompt["prompt_embeds_mask"][-1].sum()) < both.per_prompt["prompt_embeds_mask"].shape[1]
+    torch.testing.assert_close(both.per_prompt["prompt_embeds"][-1, :n], empty.per_prompt["prompt_embeds"][0, :n], atol=1e-5, rtol=0)

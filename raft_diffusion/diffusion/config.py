@@ -182,7 +182,7 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "trade compute for memory in the UNet")
     empty_prompt_ratio: float = _f(
         0.0,
-        "share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained): the change then reaches prompts not trained on",
+        'share of kept samples trained on the empty prompt instead of theirs (caption dropout, as SD was trained; every family, with its unconditional prompt: "", Qwen-Image\'s " "): the change then reaches prompts not trained on',
     )
     random_flip: bool = _f(
         False,

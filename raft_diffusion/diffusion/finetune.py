@@ -211,11 +211,9 @@ def optimizer_step(optimizer, params, scaler=None, max_grad_norm: float | None =
 DDPM_FAMILIES = ("sd", "sdxl")  # trained with the denoising loss (the others with the rectified-flow loss)
 
 
-def check_loss_options(family: str, *, empty_prompt_ratio: float, snr_gamma: float | None) -> None:
+def check_loss_options(family: str, *, snr_gamma: float | None) -> None:
     """Options of the SD loss that only some families have, refused in one line (by the task before the model
     loads, and by :func:`train_unet` for direct callers)."""
-    if family != "sd" and empty_prompt_ratio > 0:
-        raise UserError(f"train.empty_prompt_ratio is implemented for SD 1.x/2.x only, not for {family}: set it to 0")
     if snr_gamma is not None and family not in DDPM_FAMILIES:
         raise UserError(
             f"train.snr_gamma weights the DDPM denoising loss; {family} trains with the rectified-flow "
@@ -258,7 +256,7 @@ def train_unet(
     gradient_checkpointing: bool = False,
     snr_gamma: float | None = None,
     empty_prompt_ratio: float = 0.0,
-    empty_embeds: torch.Tensor | None = None,
+    empty_embeds=None,
     timestep_range: tuple[int, int] | None = None,
     timestep_ranges: list | None = None,
     chunk_rows: int | None = None,
@@ -282,8 +280,9 @@ def train_unet(
     ``add_noise(latents, noise, t)`` and noise (epsilon) or velocity (v_prediction), as the
     scheduler config says; ``snr_gamma`` weights each sample's MSE by :func:`min_snr_weights` (None: equal
     weights). With ``empty_prompt_ratio`` > 0 each sample is trained, with that probability, on ``empty_embeds``
-    (the embedding of the empty prompt, ``[1, L, D]``) instead of its prompt's, as SD's own training drops
-    captions: what is learnt then also moves the unconditional prediction, i.e. applies to every prompt.
+    (the empty prompt's conditioning: SD's embedding ``[1, L, D]``, a family's one-row ``PromptEmbeds``) instead of
+    its prompt's, as SD's own training drops captions: what is learnt then also moves the unconditional prediction,
+    i.e. applies to every prompt.
     ``timestep_range`` ``(lo, hi)`` draws ``t ~ U[lo, hi)`` instead: high timesteps (much noise) set the layout
     and colours, low ones the fine detail. ``timestep_ranges`` (SD 1.x/2.x only; not with ``timestep_range``) is a list
     of such ranges cycled over the optimizer steps: step ``s`` draws its timesteps from ``timestep_ranges[s % len]``,
@@ -312,7 +311,8 @@ def train_unet(
     the family's (a UNet or a transformer), ``prompt_embeds`` is a ``PromptEmbeds`` with one row per latent,
     timesteps come from ``family.draw_timesteps`` and the per-sample loss from ``family.training_loss`` with
     ``loss_settings`` (the rectified-flow loss for SD3/FLUX; SDXL's denoising loss with its time ids); Min-SNR
-    weights apply to the DDPM families (SDXL), caption dropout to SD only. Without it: the SD 1.x/2.x loss above.
+    weights apply to the DDPM families (SDXL), and a dropped caption's row is ``empty_embeds``' one row. Without it:
+    the SD 1.x/2.x loss above.
 
     ``sample_weights`` (``[N]``, one per latent; None = all 1) multiplies each row's loss by its sample's weight
     (on top of Min-SNR): a reward-weighted loss over the training set (``train.reward_weight_temperature``).
@@ -355,7 +355,7 @@ def train_unet(
     n = latents.shape[0]
     if n == 0 or len(prompt_embeds) != n:
         raise ValueError(f"need matching non-empty latents and prompt_embeds, got {n} and {len(prompt_embeds)}")
-    check_loss_options("sd" if family is None else family.name, empty_prompt_ratio=empty_prompt_ratio, snr_gamma=snr_gamma)
+    check_loss_options("sd" if family is None else family.name, snr_gamma=snr_gamma)
     ddpm = family is None or family.name in DDPM_FAMILIES
     if steps < 0 or batch_size < 1 or gradient_accumulation_steps < 1:
         raise UserError(
@@ -445,6 +445,8 @@ def train_unet(
     else:
         jobs = [(i, None) for i in range(len(chunks))] + [(None, i) for i in range(len(neg_chunks))]
     reference = [p.detach().clone() for p in params] if nft else None
+    # a family's kept rows, and after them the empty prompt's (row n) for caption dropout
+    kept_embeds = prompt_embeds.concat(empty_embeds) if family is not None and empty_prompt_ratio > 0 else prompt_embeds
 
     def batches(count: int, take: int, generator: torch.Generator):
         """Row indices into ``count`` rows, ``take`` at a time, from a fresh permutation per epoch."""
@@ -540,14 +542,17 @@ def train_unet(
             for part, negative in ((rows, False), (neg, True)):
                 if part is None:
                     continue
-                data, embeds = (negative_latents, negative_embeds) if negative else (latents, prompt_embeds)
+                data, embeds = (negative_latents, negative_embeds) if negative else (latents, kept_embeds)
                 x0 = mirrored(data[part["idx"].to(data.device)], part)
+                rows_of = part["idx"]
+                if part.get("drop") is not None:  # caption dropout: the dropped rows take the empty prompt's row (n)
+                    rows_of = torch.where(part["drop"], n, rows_of)
                 mix = None
                 if negative or nft_beta != 1.0:  # v_minus / v_plus with the reference's prediction
                     mix = ReferenceMix(torch.full((len(part["idx"]),), -nft_beta if negative else nft_beta), in_reference)
                 with autocast():
                     per_sample = family.training_loss(
-                        pipe, unet, x0, embeds, part["idx"], noise=part["noise"], timesteps=part["t"], settings=loss_settings, mix=mix
+                        pipe, unet, x0, embeds, rows_of, noise=part["noise"], timesteps=part["t"], settings=loss_settings, mix=mix
                     )
                 if snr_gamma is not None:
                     per_sample = per_sample * min_snr_weights(noise_scheduler, part["t"].to(device), snr_gamma)

@@ -149,8 +149,13 @@ class DiffusionTask:
         self.eval_guidance = cfg.eval_guidance_scale
         self.train_embeds = self._encode(self.train_prompts, s.guidance_scale > 1.0)
         self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
-        # the empty prompt's embedding [1, L, D], for caption dropout (train.empty_prompt_ratio)
-        self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0] if cfg.train.empty_prompt_ratio > 0 else None
+        # the empty prompt's conditioning, for caption dropout (train.empty_prompt_ratio): SD's embedding [1, L, D]; a
+        # family's one row, encoded with the training prompts (Qwen-Image pads every row to the call's longest prompt)
+        self.empty_embeds = None
+        if cfg.train.empty_prompt_ratio > 0 and self.legacy:
+            self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
+        elif cfg.train.empty_prompt_ratio > 0:
+            self.empty_embeds = self._encode([*self.train_prompts, self.family.empty_prompt], False)[len(self.train_prompts) :]
         # model.offload (resolved by the planner): from here on the text encoders are not needed on the device
         self.placement = Placement(
             offload, self.device, self.pipe, self.family, scorers=(self.reward, self.eval_clip), vae_slicing=cfg.model.vae_slicing
@@ -741,7 +746,7 @@ def loss_settings(t):
 
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
-    ft.check_loss_options(family.name, empty_prompt_ratio=cfg.train.empty_prompt_ratio, snr_gamma=cfg.train.snr_gamma)
+    ft.check_loss_options(family.name, snr_gamma=cfg.train.snr_gamma)
     if family.name != "sd" and cfg.train.timestep_ranges is not None:
         raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
     if cfg.sampling.prune_step is not None and not family.stepwise_schedulers:

@@ -65,6 +65,9 @@ class Family(ABC):
     # prompts per text-encoder call when the run's prompts are encoded (encode_prompts' default batch_size); the
     # encoding's activations grow with it, and the run's results do not depend on it
     encode_batch_size: int = 64
+    # the prompt of the unconditional branch: the negative prompt's default, and what caption dropout
+    # (train.empty_prompt_ratio) trains a dropped row on
+    empty_prompt: str = ""
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"

@@ -39,6 +39,13 @@ class PromptEmbeds:
             picked[name] = t[indices.to(t.device) if isinstance(indices, torch.Tensor) else indices]
         return PromptEmbeds(picked, dict(self.shared))
 
+    def concat(self, other: PromptEmbeds) -> PromptEmbeds:
+        """These rows followed by ``other``'s (the same per-prompt names and row shapes); the shared tensors are these."""
+        if set(other.per_prompt) != set(self.per_prompt):
+            raise ValueError(f"cannot join rows of {sorted(self.per_prompt)} and {sorted(other.per_prompt)}")
+        joined = {name: torch.cat([t, other.per_prompt[name].to(t.device, t.dtype)]) for name, t in self.per_prompt.items()}
+        return PromptEmbeds(joined, dict(self.shared))
+
     def __contains__(self, name: str) -> bool:
         return name in self.per_prompt or name in self.shared
 

@@ -59,7 +59,7 @@ class Flux2KleinFamily(FlowFamily):
         length = max_sequence_length or self.max_sequence_length
         prompts = list(prompts)
         rows = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]
-        shared = {"negative_prompt_embeds": self._encode(pipe, [negative_prompt or ""], length)} if do_cfg else {}
+        shared = {"negative_prompt_embeds": self._encode(pipe, [negative_prompt or self.empty_prompt], length)} if do_cfg else {}
         return PromptEmbeds({"prompt_embeds": torch.cat(rows)}, shared)
 
     def latent_shape(self, pipe, height, width):

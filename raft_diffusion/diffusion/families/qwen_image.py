@@ -48,6 +48,7 @@ class QwenImageFamily(PackedFlowFamily):
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # the pipeline's and the LoRA script's dtype
     cfg_in_one_batch = False  # the pipeline's conditional and unconditional passes are separate calls
+    empty_prompt = " "  # the pipeline examples' negative prompt: "" would leave a prompt of no tokens
     # diffusers' train_dreambooth_lora_qwen_image.py default: the joint attention's image-stream projections
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0")
     max_sequence_length = 512  # Qwen2.5-VL tokens after the system template (the pipeline's default)
@@ -83,7 +84,7 @@ class QwenImageFamily(PackedFlowFamily):
         embeds, mask = _pad_rows([c[0] for c in chunks], [c[1] for c in chunks])
         shared = {}
         if do_cfg:
-            neg, neg_mask = self._encode(pipe, [negative_prompt or " "], length)
+            neg, neg_mask = self._encode(pipe, [negative_prompt or self.empty_prompt], length)
             shared = {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
         return PromptEmbeds({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, shared)
 
