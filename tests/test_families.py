@@ -626,3 +626,36 @@ def test_caption_dropout_loss_by_hand_for_the_family(family_dirs, pipes, embeds,
         undropped = ((_family_prediction(name, family, hand, unet, noisy, t, kept_emb[idx]) - target) ** 2).flatten(1).mean(1).mean()
     assert dropped == pytest.approx(by_hand.item(), rel=1e-5, abs=1e-7)
     assert abs(by_hand.item() - undropped.item()) > 1e-4  # the empty prompt's rows change the loss
+
+
+@pytest.mark.parametrize("name", ["sdxl", "sd3"])
+def test_timestep_ranges_cycle_over_the_steps_for_the_family(family_dirs, pipes, embeds, name, monkeypatch):
+    """train.timestep_ranges on a family: step s draws its timesteps from range s mod n (the flow family's density
+    laid over it), and one range is loss_settings.timestep_range bit for bit."""
+    import dataclasses
+
+    from raft_diffusion.diffusion.finetune import train_unet
+
+    family, emb = get_family(name), embeds[name]
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    kw = dict(batch_size=2, learning_rate=1e-3, seed=2, progress=False, family=family)
+    drawn = []
+    original = type(family).draw_timesteps
+
+    def spy(self, pipe, batch_size, settings, generator=None):
+        t, s = original(self, pipe, batch_size, settings, generator)
+        drawn.append((settings.timestep_range, t.clone()))
+        return t, s
+
+    monkeypatch.setattr(type(family), "draw_timesteps", spy)
+    trained = _reload(name, family_dirs, pipes)
+    family.add_lora(family.denoiser(trained), rank=4, init_seed=0)
+    train_unet(trained, latents, emb[[0, 1]], steps=4, loss_settings=LossSettings(), timestep_ranges=[(900, 1000), (0, 100)], **kw)
+    assert [r for r, _ in drawn] == [(900, 1000), (0, 100)] * 2
+    assert all(((lo <= t) & (t < hi)).all() for (lo, hi), t in drawn)
+    one = []
+    for settings, ranges in ((LossSettings(), [(600, 800)]), (dataclasses.replace(LossSettings(), timestep_range=(600, 800)), None)):
+        pipe = _reload(name, family_dirs, pipes)
+        family.add_lora(family.denoiser(pipe), rank=4, init_seed=0)
+        one.append(train_unet(pipe, latents, emb[[0, 1]], steps=2, loss_settings=settings, timestep_ranges=ranges, **kw)["loss_mean"])
+    assert one[0] == one[1]

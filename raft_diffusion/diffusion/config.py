@@ -194,7 +194,7 @@ class TrainConfig:
     )
     timestep_ranges: list | None = _f(
         None,
-        "SD 1.x/2.x, instead of timestep_range: a list of [lo, hi] cycled over the optimizer steps (step s draws from entry s mod n), e.g. [[800, 1000], [800, 1000], [0, 800]]: a third of the steps on the low-noise timesteps that decide fine detail; null = off",
+        "instead of timestep_range: a list of [lo, hi] cycled over the optimizer steps (step s draws from entry s mod n; the flow families lay their timestep density over each), e.g. [[800, 1000], [800, 1000], [0, 800]]: a third of the steps on the low-noise timesteps that decide fine detail; null = off",
     )
     timestep_ranges_from_stage: int | None = _f(
         None,

@@ -6,6 +6,7 @@ import logging
 import math
 import time
 from contextlib import contextmanager, nullcontext
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -284,10 +285,10 @@ def train_unet(
     its prompt's, as SD's own training drops captions: what is learnt then also moves the unconditional prediction,
     i.e. applies to every prompt.
     ``timestep_range`` ``(lo, hi)`` draws ``t ~ U[lo, hi)`` instead: high timesteps (much noise) set the layout
-    and colours, low ones the fine detail. ``timestep_ranges`` (SD 1.x/2.x only; not with ``timestep_range``) is a list
-    of such ranges cycled over the optimizer steps: step ``s`` draws its timesteps from ``timestep_ranges[s % len]``,
-    e.g. ``[(800, 1000), (800, 1000), (0, 800)]`` gives every third step to the low-noise timesteps where fine detail
-    is decided. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
+    and colours, low ones the fine detail. ``timestep_ranges`` (not with ``timestep_range``; for a family, in place of
+    ``loss_settings.timestep_range``) is a list of such ranges cycled over the optimizer steps: step ``s`` draws its
+    timesteps from ``timestep_ranges[s % len]``, e.g. ``[(800, 1000), (800, 1000), (0, 800)]`` gives every third step
+    to the low-noise timesteps where fine detail is decided. ``steps`` counts optimizer steps, each over ``gradient_accumulation_steps``
     micro-batches of ``min(batch_size, N)`` samples. A CPU generator seeded by ``seed`` draws
     batch order, timesteps and noise (LoRA dropout is seeded per chunk), so a call is
     exactly reproducible. A fresh AdamW is built per call (RAFT restarts it every stage).
@@ -397,8 +398,8 @@ def train_unet(
                 f"timestep_range must be [lo, hi] with 0 <= lo < hi <= {pipe.scheduler.config.num_train_timesteps} (got {list(timestep_range)})"
             )
     if timestep_ranges is not None:
-        if timestep_range is not None or family is not None:
-            raise UserError("timestep_ranges is for SD 1.x/2.x and replaces timestep_range: set one of them, the other to null")
+        if timestep_range is not None:
+            raise UserError("timestep_ranges replaces timestep_range: set one of them, the other to null")
         total = pipe.scheduler.config.num_train_timesteps
         if not timestep_ranges or not all(len(r) == 2 and 0 <= int(r[0]) < int(r[1]) <= total for r in timestep_ranges):
             raise UserError(f"timestep_ranges must be a non-empty list of [lo, hi] with 0 <= lo < hi <= {total} (got {timestep_ranges})")
@@ -464,6 +465,11 @@ def train_unet(
     next_batch = batches(n, micro, gen)
     next_negatives = batches(n_neg, neg_micro, neg_gen) if n_neg else None
 
+    # a family's loss settings per step: timestep_ranges cycled over the steps in place of the settings' own range
+    step_settings = (
+        [replace(loss_settings, timestep_range=tuple(r)) for r in timestep_ranges] if family is not None and timestep_ranges else [loss_settings]
+    )
+
     def sd_timesteps(step: int, count: int, generator: torch.Generator) -> torch.Tensor:
         """SD 1.x/2.x: uniform over the step's range (``timestep_ranges`` cycled, else ``timestep_range``)."""
         lo, hi = timestep_ranges[step % len(timestep_ranges)] if timestep_ranges else (t_lo, t_hi)
@@ -475,7 +481,11 @@ def train_unet(
         for _ in range(gradient_accumulation_steps):
             idx = next_negatives()
             noise = torch.randn((neg_micro, *negative_latents.shape[1:]), generator=neg_gen)
-            t = sd_timesteps(step, neg_micro, neg_gen) if family is None else family.draw_timesteps(pipe, neg_micro, loss_settings, neg_gen)[0]
+            t = (
+                sd_timesteps(step, neg_micro, neg_gen)
+                if family is None
+                else family.draw_timesteps(pipe, neg_micro, step_settings[step % len(step_settings)], neg_gen)[0]
+            )
             draw = {"idx": idx, "noise": noise, "t": t}
             if random_flip:
                 draw["flip"] = torch.rand(neg_micro, generator=neg_gen) < 0.5
@@ -517,7 +527,7 @@ def train_unet(
             if family is None:
                 t = sd_timesteps(step, micro, gen)
             else:  # SDXL: the same uniform draw; SD3/FLUX: the logit-normal (or other) density of the flow loss
-                t, _ = family.draw_timesteps(pipe, micro, loss_settings, gen)
+                t, _ = family.draw_timesteps(pipe, micro, step_settings[step % len(step_settings)], gen)
             # drawn only when used, so runs without caption dropout keep their exact draws
             drop = torch.rand(micro, generator=gen) < empty_prompt_ratio if empty_prompt_ratio > 0 else None
             flip = torch.rand(micro, generator=gen) < 0.5 if random_flip else None

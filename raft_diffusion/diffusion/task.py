@@ -747,8 +747,6 @@ def loss_settings(t):
 def _check_family_settings(cfg, family) -> None:
     """Settings that only some families support, refused in one line before the model loads."""
     ft.check_loss_options(family.name, snr_gamma=cfg.train.snr_gamma)
-    if family.name != "sd" and cfg.train.timestep_ranges is not None:
-        raise UserError(f"train.timestep_ranges is implemented for SD 1.x/2.x only, not for {family.name}: use train.timestep_range")
     if cfg.sampling.prune_step is not None and not family.stepwise_schedulers:
         raise UserError(f"sampling.prune_step is implemented for the samplers of SD 1.x/2.x and SD3, not for {family.name}'s: set it to null")
     if family.name != "sd" and cfg.sampling.eta:
