@@ -184,6 +184,20 @@ def write_config_folder(kind: str, root: Path) -> Path:
                  "tokenizer": ["transformers", "Qwen2TokenizerFast"], "is_distilled": False,
                  "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                                     base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
+    elif kind == "z-image":  # Tongyi-MAI/Z-Image: the 6.15B DiT, Qwen3-4B and the FLUX VAE (84M)
+        from transformers import Qwen3Config
+
+        from raft_diffusion.diffusion.families.fullsize import QWEN3_4B, Z_IMAGE
+        from raft_diffusion.diffusion.families.tiny import build_qwen_tokenizer
+
+        Qwen3Config(**QWEN3_4B).save_pretrained(folder / "text_encoder")
+        build_qwen_tokenizer().save_pretrained(folder / "tokenizer")  # the chat template, as for FLUX.2 [klein]
+        vae = {**SD_VAE, "latent_channels": 16, "scaling_factor": 0.3611, "shift_factor": 0.1159, "use_quant_conv": False,
+               "use_post_quant_conv": False, "sample_size": 1024}  # fmt: skip
+        index = {"_class_name": "ZImagePipeline", "transformer": model("transformer", "ZImageTransformer2DModel", dict(Z_IMAGE)),
+                 "vae": model("vae", "AutoencoderKL", vae), "text_encoder": ["transformers", "Qwen3ForCausalLM"],
+                 "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                 "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=6.0, use_dynamic_shifting=False))}  # fmt: skip
     else:
         raise SystemExit(f"unknown architecture {kind}")
     del AutoencoderKL
@@ -414,7 +428,7 @@ def presets(tmp: Path) -> None:
     print("\n== the shipped GPU presets (planned for CUDA) ==")
     for name, kind in (("sd15_aesthetic_512", "sd15"), ("sdxl_aesthetic_1024", "sdxl"), ("sd35m_pickscore_512", "sd35m-t5"),
                        ("flux1_dev_hpsv2_512", "flux"), ("qwen_image_aesthetic_1024", "qwen-image"),
-                       ("flux2_klein_base4b_aesthetic_1024", "flux2-klein")):  # fmt: skip
+                       ("flux2_klein_base4b_aesthetic_1024", "flux2-klein"), ("z_image_aesthetic_1024", "z-image")):  # fmt: skip
         folder = write_config_folder(kind, tmp)
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"model.pretrained={folder}", "model.device=cuda"])
         print(f"\n-- configs/{name}.yaml\n" + plan_report(cfg, None), flush=True)

@@ -9,8 +9,9 @@ import numpy as np
 import torch
 
 
-def lora_trains_saves_and_reloads(family, trained, fresh, embeds, sample, shape, tmp_path, atol):
-    """Ten Adam steps of the family's loss on fixed draws lower it, the LoRA changes the samples, and a fresh pipeline
+def lora_trains_saves_and_reloads(family, trained, fresh, embeds, sample, shape, tmp_path, atol, drop=0.8):
+    """Ten Adam steps of the family's loss on fixed draws lower it (below ``drop`` of the first step's), the LoRA
+    changes the samples, and a fresh pipeline
     (``fresh()``) that loads the saved LoRA with ``load_lora_weights`` samples the same latents (``atol``).
     ``trained``: a pipeline whose denoiser has the LoRA; ``sample(pipe, embeds, prompt_indices, seeds)``; ``shape``:
     one sample's latents ``(C, h, w)``."""
@@ -27,7 +28,7 @@ def lora_trains_saves_and_reloads(family, trained, fresh, embeds, sample, shape,
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
-    assert losses[-1] < 0.8 * losses[0], losses
+    assert losses[-1] < drop * losses[0], losses
     denoiser.eval()
     after = sample(trained, embeds, [0, 1], [1, 2])
     assert (after - before).abs().max() > 1e-2  # the LoRA changed the samples

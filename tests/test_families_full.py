@@ -42,7 +42,8 @@ def _denoiser(name: str, dtype=torch.bfloat16):
      ("sd3", None, 24 * 8 - 1),  # 8 joint-attention projections per block, the last one has no to_add_out
      ("flux", 11_901_408_320, 19 * 12 + 38 * 3),  # 12 per double block, q/k/v per single block
      ("qwen-image", 20_430_401_088, 60 * 4),  # the image stream's q, k, v and out in each of 60 blocks
-     ("flux2-klein", 3_875_544_576, 5 * 4 + 20 * 2)],  # q, k, v, out per double block; qkv+mlp and out per single
+     ("flux2-klein", 3_875_544_576, 5 * 4 + 20 * 2),  # q, k, v, out per double block; qkv+mlp and out per single
+     ("z-image", 6_154_908_736, (30 + 2 + 2) * 4)],  # q, k, v, out in 30 layers and the two refiners' 2 each
 )  # fmt: skip
 def test_full_size_denoisers_and_their_lora(name, params, matched):
     family = get_family(name)
@@ -60,6 +61,8 @@ def test_full_size_denoisers_and_their_lora(name, params, matched):
     assert sorted(targets) == sorted(set(family.lora_targets) - absent)
     if name == "flux2-klein":  # the published bf16 file flux-2-klein-base-4b.safetensors is 7,751,105,712 bytes:
         assert 0 < 7_751_105_712 - 2 * count < 65_536  # 2 bytes a parameter and a header of 16,560 bytes
+    if name == "z-image":  # the published transformer's safetensors index: "total_size": 12309817472, 2 bytes each
+        assert 2 * count == 12_309_817_472
     assert len(matching_modules(model, targets)) == matched
     lora = {rank: lora_parameter_count(model, targets, rank) for rank in (4, 16)}
     assert lora[16] == 4 * lora[4]
@@ -179,12 +182,13 @@ DIFFUSERS_SCRIPT_TARGETS = {
     "qwen-image": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_qwen_image.py, no --lora_layers
     "flux2-klein": ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                     *[f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)]],  # train_dreambooth_lora_flux2_klein.py
+    "z-image": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_z_image.py, no --lora_layers
 }  # fmt: skip
 # measured with the test below (the same for both ways of adding the LoRA)
-TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624, "qwen-image": 23_592_960, "flux2-klein": 16_711_680}
+TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624, "qwen-image": 23_592_960, "flux2-klein": 16_711_680, "z-image": 16_711_680}
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwen-image", "flux2-klein"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwen-image", "flux2-klein", "z-image"])
 def test_trainable_counts_equal_what_the_diffusers_lora_scripts_train(name):
     from peft import LoraConfig
 

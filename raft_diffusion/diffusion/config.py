@@ -31,6 +31,7 @@ FAMILIES = {
     "flux": "FluxPipeline",
     "flux2-klein": "Flux2KleinPipeline",
     "qwen-image": "QwenImagePipeline",
+    "z-image": "ZImagePipeline",
 }
 WEIGHTING_SCHEMES = ("logit_normal", "mode", "cosmap", "sigma_sqrt", "none")
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -50,7 +51,7 @@ class ModelConfig:
     )
     family: str | None = _f(
         None,
-        "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), flux2-klein (FLUX.2 [klein]) or qwen-image (Qwen-Image); null = read from the folder's model_index.json",
+        "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), flux2-klein (FLUX.2 [klein]), qwen-image (Qwen-Image) or z-image (Z-Image); null = read from the folder's model_index.json",
     )
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")

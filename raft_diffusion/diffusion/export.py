@@ -290,6 +290,8 @@ def export_family(src: LoraSource, lora: Lora, base: str | None = None) -> str:
         return "sdxl" if 2048 in widths or any(m.startswith("add_embedding") for m in modules) else "sd"
     if any("to_qkv_mlp_proj" in m for m in modules):
         return "flux2-klein"
+    if any(m.startswith(("layers.", "noise_refiner.", "context_refiner.")) for m in modules):  # Z-Image's DiT
+        return "z-image"
     if any(m.startswith("single_transformer_blocks.") for m in modules):
         return "flux"
     raise UserError(

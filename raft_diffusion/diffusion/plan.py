@@ -228,8 +228,8 @@ def meta_pipeline(folder: Path, family, dtype: torch.dtype):
                 parts[name] = _empty(lambda cls=cls, config=config: cls._from_config(config), dtype)
             elif "Scheduler" in cls_name:
                 parts[name] = cls.from_pretrained(folder, subfolder=name)
-            elif "Tokenizer" in cls_name:  # FLUX.2 [klein]'s chat template needs the real one
-                parts[name] = cls.from_pretrained(sub) if family.name == "flux2-klein" else _shape_tokenizer(sub, cls_name)
+            elif "Tokenizer" in cls_name:  # a chat template (FLUX.2 [klein], Z-Image) needs the real one
+                parts[name] = cls.from_pretrained(sub) if family.chat_template else _shape_tokenizer(sub, cls_name)
             else:
                 parts[name] = None
         pipe_cls = family.pipeline_class()
@@ -263,22 +263,6 @@ def _without_attention_mask(module, args, kwargs):
     if layer_types and not hasattr(config, "vision_config"):
         kwargs["attention_mask"] = dict.fromkeys(layer_types)
     return args, kwargs
-
-
-def _qwen_image_encode_on_meta(pipe) -> None:
-    """QwenImagePipeline's ``encode_prompt`` picks each prompt's tokens by the values of its mask, which meta tensors do
-    not have. With the stand-in tokenizer every token is a prompt token, so the pick is a slice: the same text-encoder
-    call (every hidden state kept, as the pipeline asks), the template's tokens dropped, ``max_sequence_length`` kept."""
-
-    def encode_prompt(prompt, device=None, num_images_per_prompt=1, max_sequence_length=1024, **_):
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        drop = pipe.prompt_template_encode_start_idx
-        ids = pipe.tokenizer(prompts, max_length=pipe.tokenizer_max_length + drop).input_ids.to(device or pipe.device)
-        hidden = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
-        embeds = hidden[:, drop:][:, :max_sequence_length]
-        return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
-
-    pipe.encode_prompt = encode_prompt
 
 
 @dataclass
@@ -493,8 +477,7 @@ class MemoryPlanner:
         if self.work.type == "meta":
             for name in self.text_encoders:
                 self.pipe.components[name].register_forward_pre_hook(_without_attention_mask, with_kwargs=True)
-            if self.family.name == "qwen-image":
-                _qwen_image_encode_on_meta(self.pipe)
+            self.family.encode_on_meta(self.pipe)
 
     # -- measurements (cached) --------------------------------------------------------------------
     def _measure(self, key, fn) -> int:

@@ -68,6 +68,8 @@ class Family(ABC):
     # the prompt of the unconditional branch: the negative prompt's default, and what caption dropout
     # (train.empty_prompt_ratio) trains a dropped row on
     empty_prompt: str = ""
+    # the pipeline applies its tokenizer's chat template to the prompts (the memory planner then reads the real tokenizer)
+    chat_template: bool = False
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"
@@ -128,6 +130,11 @@ class Family(ABC):
                        max_sequence_length=None) -> PromptEmbeds:  # fmt: skip
         """Every prompt's conditioning once, through the pipeline's own ``encode_prompt``. ``max_sequence_length``:
         the T5 / Qwen3 token count of families that have one (None: the family's default)."""
+
+    def encode_on_meta(self, pipe) -> None:
+        """Make :meth:`encode_prompts` run with the pipeline's models on the meta device (the memory planner's full-size
+        estimates), where tensors have shapes but no values: nothing to do unless the pipeline's encoding reads them."""
+        return None
 
     def image_size(self, pipe, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` in pixels: the given ones, or the denoiser's native size (its ``sample_size``, else the

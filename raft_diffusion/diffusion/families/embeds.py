@@ -73,3 +73,11 @@ class PromptEmbeds:
 
         per_prompt = {k: move(v) for k, v in self.per_prompt.items()}
         return PromptEmbeds(per_prompt, {k: move(v) for k, v in self.shared.items()})
+
+
+def pad_rows(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunks of ``[n, L_i, D]`` embeddings and ``[n, L_i]`` masks, zero-padded at the end to the longest ``L``."""
+    length = max(e.shape[1] for e in embeds)
+    pad = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
+    pad_masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
+    return torch.cat(pad), torch.cat(pad_masks)

@@ -32,6 +32,7 @@ class Flux2KleinFamily(FlowFamily):
     # the pipeline asks Qwen3 for every hidden state (37 of [B, 512, 2560] for the 4B), so 64 prompts at once would hold
     # 11 GiB of activations: 8 at a time hold 1.4
     encode_batch_size = 8
+    chat_template = True
     # diffusers' train_dreambooth_lora_flux2_klein.py default: the double blocks' image-stream attention, the
     # single blocks' fused qkv+mlp input and their output (named per block there: FLUX.2 [klein] 9B has 24)
     lora_targets = ("to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",

@@ -1,5 +1,5 @@
-"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev, FLUX.2 [klein] base 4B and Qwen-Image,
-built with random weights.
+"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev, FLUX.2 [klein] base 4B, Qwen-Image and
+Z-Image, built with random weights.
 
 Each config is the one in the model's published folder (``<component>/config.json`` on the hub), so a model
 built from it has the real layer names and sizes: the default LoRA targets, the trainable-parameter counts and
@@ -47,7 +47,14 @@ FLUX2_KLEIN_4B = {
     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
     "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
 }  # fmt: skip
-# Qwen/Qwen3-4B (FLUX.2 [klein] 4B's text_encoder, a Qwen3ForCausalLM with tied embeddings)
+# Tongyi-MAI/Z-Image, transformer/config.json (the 6B single-stream DiT; Turbo's is the same; its text encoder is
+# Qwen3-4B, whose second-to-last hidden state is the caption)
+Z_IMAGE = {
+    "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+    "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "norm_eps": 1e-5, "qk_norm": True, "cap_feat_dim": 2560,
+    "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": (32, 48, 48), "axes_lens": (1536, 512, 512),
+}  # fmt: skip
+# Qwen/Qwen3-4B (FLUX.2 [klein] 4B's and Z-Image's text_encoder, a Qwen3ForCausalLM with tied embeddings)
 QWEN3_4B = {"vocab_size": 151936, "hidden_size": 2560, "intermediate_size": 9728, "num_hidden_layers": 36,
             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960,
             "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "tie_word_embeddings": True}  # fmt: skip
@@ -69,7 +76,7 @@ SD3_VAE = {**VAE_BLOCKS, "latent_channels": 16, "use_quant_conv": False, "use_po
 
 DENOISERS = {"sdxl": ("UNet2DConditionModel", SDXL_UNET), "sd3": ("SD3Transformer2DModel", SD35_MEDIUM),
              "flux": ("FluxTransformer2DModel", FLUX_DEV), "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE),
-             "flux2-klein": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B)}  # fmt: skip
+             "flux2-klein": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B), "z-image": ("ZImageTransformer2DModel", Z_IMAGE)}  # fmt: skip
 # the families whose whole pipeline this module builds on CPU (FLUX.1-dev's 12B transformer needs 48 GB in fp32,
 # Qwen-Image's 20B 82 GB)
 PIPELINES = ("sdxl", "sd3")
@@ -77,7 +84,7 @@ PIPELINES = ("sdxl", "sd3")
 
 def build_denoiser(name: str, *, dtype=torch.float32, meta: bool = False, seed: int = 0) -> torch.nn.Module:
     """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev, ``qwen-image``,
-    ``flux2-klein`` = FLUX.2 [klein] base 4B), frozen.
+    ``flux2-klein`` = FLUX.2 [klein] base 4B, ``z-image``), frozen.
 
     ``meta=True`` builds it without memory on the meta device (shapes only); otherwise with diffusers' random
     initialisation under ``seed``.

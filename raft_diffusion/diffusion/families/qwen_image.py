@@ -11,7 +11,7 @@ import torch
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import seed_generators
-from raft_diffusion.diffusion.families.embeds import PromptEmbeds
+from raft_diffusion.diffusion.families.embeds import PromptEmbeds, pad_rows
 from raft_diffusion.diffusion.families.flow import PackedFlowFamily
 
 
@@ -21,14 +21,6 @@ def _latent_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(vae.config.latents_mean).view(shape)
     std = torch.tensor(vae.config.latents_std).view(shape)
     return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
-
-
-def _pad_rows(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chunks of ``[n, L_i, D]`` embeddings and ``[n, L_i]`` masks, zero-padded at the end to the longest ``L``."""
-    length = max(e.shape[1] for e in embeds)
-    pad = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
-    pad_masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
-    return torch.cat(pad), torch.cat(pad_masks)
 
 
 def _distilled(pretrained) -> UserError:
@@ -81,12 +73,28 @@ class QwenImageFamily(PackedFlowFamily):
         length = max_sequence_length or self.max_sequence_length
         prompts = list(prompts)
         chunks = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]
-        embeds, mask = _pad_rows([c[0] for c in chunks], [c[1] for c in chunks])
+        embeds, mask = pad_rows([c[0] for c in chunks], [c[1] for c in chunks])
         shared = {}
         if do_cfg:
             neg, neg_mask = self._encode(pipe, [negative_prompt or self.empty_prompt], length)
             shared = {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
         return PromptEmbeds({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, shared)
+
+    def encode_on_meta(self, pipe) -> None:
+        """The pipeline's ``encode_prompt`` picks each prompt's tokens by the values of its mask, which meta tensors do
+        not have. With the planner's stand-in tokenizer every token is a prompt token, so the pick is a slice: the same
+        text-encoder call (every hidden state kept, as the pipeline asks), the template's tokens dropped,
+        ``max_sequence_length`` kept."""
+
+        def encode_prompt(prompt, device=None, num_images_per_prompt=1, max_sequence_length=1024, **_):
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            drop = pipe.prompt_template_encode_start_idx
+            ids = pipe.tokenizer(prompts, max_length=pipe.tokenizer_max_length + drop).input_ids.to(device or pipe.device)
+            hidden = pipe.text_encoder(input_ids=ids, output_hidden_states=True).hidden_states[-1]
+            embeds = hidden[:, drop:][:, :max_sequence_length]
+            return embeds, torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+
+        pipe.encode_prompt = encode_prompt
 
     def guidance_kwargs(self, pipe, guidance: float, cfg: bool) -> dict:
         """Classifier-free guidance is ``true_cfg_scale`` here (``guidance_scale`` is for guidance-distilled models)."""

@@ -13,10 +13,19 @@ from raft_diffusion.diffusion.families.qwen_image import QwenImageFamily
 from raft_diffusion.diffusion.families.sd import StableDiffusionFamily
 from raft_diffusion.diffusion.families.sd3 import StableDiffusion3Family
 from raft_diffusion.diffusion.families.sdxl import StableDiffusionXLFamily
+from raft_diffusion.diffusion.families.z_image import ZImageFamily
 
 FAMILIES: dict[str, Family] = {
     f.pipeline_class_name: f
-    for f in (StableDiffusionFamily(), StableDiffusionXLFamily(), StableDiffusion3Family(), FluxFamily(), Flux2KleinFamily(), QwenImageFamily())
+    for f in (
+        StableDiffusionFamily(),
+        StableDiffusionXLFamily(),
+        StableDiffusion3Family(),
+        FluxFamily(),
+        Flux2KleinFamily(),
+        QwenImageFamily(),
+        ZImageFamily(),
+    )
 }  # pipeline class name -> family
 
 
@@ -25,7 +34,7 @@ def _supported() -> str:
 
 
 def get_family(name: str) -> Family:
-    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``, ``flux2-klein``, ``qwen-image``) or pipeline class name."""
+    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``, ``flux2-klein``, ``qwen-image``, ``z-image``) or pipeline class name."""
     for cls, family in FAMILIES.items():
         if name in (cls, family.name):
             return family

@@ -1,4 +1,5 @@
-"""Tiny SDXL / SD3.5 / FLUX.1 / FLUX.2 [klein] / Qwen-Image (and SD) pipelines built from configs (fixed init seeds), saved as pipeline folders.
+"""Tiny SDXL / SD3.5 / FLUX.1 / FLUX.2 [klein] / Qwen-Image / Z-Image (and SD) pipelines built from configs (fixed init
+seeds), saved as pipeline folders.
 
 The real structures at toy width, so loading, encoding, sampling, the losses and LoRA save/load run the
 real diffusers code paths: CLIP's real BPE tokenizer (built offline, see ``diffusion.tiny``), a small
@@ -280,6 +281,37 @@ def tiny_qwen_image_components(seed: int = 0) -> dict:
             "scheduler": scheduler}  # fmt: skip
 
 
+def tiny_z_image_components(seed: int = 0) -> dict:
+    """ZImagePipeline parts shaped like Z-Image: a two-layer Qwen3 (the pipeline reads its second-to-last hidden state)
+    with the Qwen2-style BPE tokenizer, a two-level FLUX-style VAE with a shift and a scale, and a single-stream DiT
+    with its noise and context refiners on 2x2 patches. The scheduler config is Z-Image's (shift 3, no dynamic
+    shifting)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = build_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=8, max_position_embeddings=1024, tie_word_embeddings=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )).eval()  # fmt: skip
+        vae = AutoencoderKL(
+            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+            scaling_factor=0.3611,
+        ).eval()  # fmt: skip
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+            n_heads=2, n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6], axes_lens=[1024, 64, 64],
+        ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}  # fmt: skip
+
+
 def tiny_sd_components(seed: int = 0) -> dict:
     """StableDiffusionPipeline parts: those of ``diffusion.tiny`` (the SD path's tiny model)."""
     from raft_diffusion.diffusion.tiny import build_tiny_components
@@ -289,7 +321,7 @@ def tiny_sd_components(seed: int = 0) -> dict:
 
 _BUILDERS = {
     "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
-    "flux2-klein": tiny_flux2_klein_components, "qwen-image": tiny_qwen_image_components,
+    "flux2-klein": tiny_flux2_klein_components, "qwen-image": tiny_qwen_image_components, "z-image": tiny_z_image_components,
 }  # fmt: skip
 
 
