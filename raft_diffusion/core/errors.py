@@ -27,22 +27,25 @@ RESUME_HINT = "the run directory keeps every completed stage: rerun the same com
 
 # errno -> what to do about it (the message adds the path and the system's wording)
 _OS_ADVICE = {
-    errno.ENOSPC: "the disk is full: free some space (or choose another --output-dir)",
-    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another --output-dir)",
-    errno.EACCES: "permission denied: fix the permissions, or choose an --output-dir you can write to",
-    errno.EPERM: "operation not permitted: fix the permissions, or choose an --output-dir you can write to",
-    errno.EROFS: "the file system is read-only: choose an --output-dir on a writable disk",
-    errno.ENOTDIR: "a path component is a file, not a folder: choose another --output-dir (or move the file away)",
-    errno.EEXIST: "a file is in the way: choose another --output-dir (or move the file away)",
+    errno.ENOSPC: "the disk is full: free some space (or choose another {option})",
+    errno.EDQUOT: "the disk quota is exceeded: free some space (or choose another {option})",
+    errno.EACCES: "permission denied: fix the permissions, or choose an {option} you can write to",
+    errno.EPERM: "operation not permitted: fix the permissions, or choose an {option} you can write to",
+    errno.EROFS: "the file system is read-only: choose an {option} on a writable disk",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another {option} (or move the file away)",
+    errno.EEXIST: "a file is in the way: choose another {option} (or move the file away)",
     errno.EISDIR: "a folder is where a file should be: choose another path (or move the folder away)",
 }
 _RESUMABLE = {errno.ENOSPC, errno.EDQUOT}  # a run stopped by these resumes once there is room
 
 
-def os_advice(code: int | None, *, resume: bool = True) -> str | None:
-    """What to do about an OSError with this errno, or None when there is no advice for it. With ``resume`` (a run
-    that has started) a full disk's advice adds that the completed stages are kept and the command resumes."""
+def os_advice(code: int | None, *, resume: bool = True, option: str = "--output-dir") -> str | None:
+    """What to do about an OSError with this errno, or None when there is no advice for it; ``option`` is the
+    command's flag for its output folder. With ``resume`` (a run that has started) a full disk's advice adds that the
+    completed stages are kept and the command resumes."""
     advice = _OS_ADVICE.get(code)
+    if advice is not None:
+        advice = advice.format(option=option)
     if advice is not None and resume and code in _RESUMABLE:
         advice = f"{advice}; {RESUME_HINT}"
     return advice

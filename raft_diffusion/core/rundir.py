@@ -217,8 +217,7 @@ def _probe_write(folder: Path, root: Path, option: str = "--output-dir") -> None
             os.close(fd)
             os.unlink(name)
     except OSError as e:
-        advice = os_advice(e.errno, resume=False) or "choose another --output-dir or fix its permissions"  # nothing to resume yet
-        advice = advice.replace("--output-dir", option)
+        advice = os_advice(e.errno, resume=False, option=option) or f"choose another {option} or fix its permissions"  # nothing to resume yet
         raise UserError(f"{option} {root} cannot be written: {e.strerror} in {folder}; {advice}") from None
 
 
