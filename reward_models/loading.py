@@ -86,14 +86,15 @@ def _specs(cfg: dict) -> list[tuple[Any, dict, dict | None]]:
     return [(cfg["name"], _kwargs(cfg, None), None)]
 
 
-def check_reward_config(cfg: str | dict) -> None:
+def check_reward_config(cfg: str | dict, kind: str | None = None, extra=()) -> None:
     """What can be known of a reward config before any model loads: its keys, and that each name is a built-in, an
     installed entry point, a ``module:function`` / ``file.py:function`` form or a callable (the form's module is only
-    imported when the reward loads). Raises the error ``load_reward_from_config`` would."""
+    imported when the reward loads). Raises the error ``load_reward_from_config`` would; for an unknown name it lists
+    the built-ins of ``kind`` (``"image"``, ``"text"``; None: all) and the caller's ``extra`` names, which also pass."""
     for name, _, _ in [(cfg, {}, None)] if isinstance(cfg, str) else _specs(cfg):
         if isinstance(name, str):
-            if ":" not in name and not is_known_reward_name(name.strip()):
-                raise unknown_reward(name.strip())
+            if ":" not in name and name.strip() not in extra and not is_known_reward_name(name.strip()):
+                raise unknown_reward(name.strip(), kind, extra)
         elif not callable(name):
             raise RewardConfigError(f"reward name must be a string or a callable, got {type(name).__name__} {name!r}")
 

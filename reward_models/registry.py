@@ -201,8 +201,11 @@ def is_known_reward_name(name: str) -> bool:
     return name in REGISTRY or name in _entry_points()
 
 
-def unknown_reward(name: str) -> UnknownRewardError:
-    builtins, plugins = sorted(REGISTRY), sorted(n for n in _entry_points() if n not in REGISTRY)
+def unknown_reward(name: str, kind: str | None = None, extra=()) -> UnknownRewardError:
+    """The error for a name that is not a reward: the nearest valid one, and the valid names (the built-ins of
+    ``kind`` only, when given, and ``extra`` names the caller adds)."""
+    builtins = sorted({*(n for n, info in REGISTRY.items() if kind is None or info.kind == kind), *extra})
+    plugins = sorted(n for n in _entry_points() if n not in REGISTRY)
     near = difflib.get_close_matches(name, builtins + plugins, n=1, cutoff=0.5)
     hint = f"did you mean '{near[0]}'? " if near else ""
     listed = ", ".join(builtins) + (f"; entry points: {', '.join(plugins)}" if plugins else "")

@@ -294,3 +294,25 @@ def test_check_reward_config_names_without_loading_anything(tmp_path):
         check_reward_config({"name": 5})
     with pytest.raises(RewardConfigError, match=r"reward mix item 1: unknown keys \['wieght'\]"):
         check_reward_config({"mix": ["brightness", {"name": "saturation", "wieght": 2}]})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "reward.name=sentimnt",
+            "error: unknown reward 'sentimnt'; did you mean 'toy_sentiment'? valid names: sequence_classifier, toy_gold, toy_sentiment;",
+        ),
+        ("model.pretrained=./no/such/model", "error: model folder not found: ./no/such/model; give an existing folder"),
+    ],
+)
+def test_llm_align_refuses_a_bad_reward_or_model_folder_before_the_run_directory(tmp_path, capsys, override, message):
+    """The LLM's unknown reward used to be named after the "run directory" line, with the image rewards as the valid
+    names; a missing model folder, when the tokenizer loaded."""
+    from raft_diffusion.cli import main
+
+    run = tmp_path / "run"
+    assert main(["llm", "align", "--config", str(ROOT / "configs" / "llm_toy_sentiment.yaml"), "-o", str(run), override]) == 2
+    out = capsys.readouterr()
+    assert "run directory" not in out.out and not run.exists()
+    assert out.err.startswith(message) and len(out.err.strip().splitlines()) == 1, out.err

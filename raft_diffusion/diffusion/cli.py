@@ -40,7 +40,7 @@ def _align(args) -> int:
     from .task import DiffusionTask, resolve_pretrained
     from .tracking import Trackers
 
-    check_reward_config(cfg.reward)  # an unknown reward name, before the run directory and any weight
+    check_reward_config(cfg.reward, kind="image")  # an unknown reward name, before the run directory and any weight
     dist = init_dist(cfg.model.device)  # several processes under accelerate launch / torchrun
     if dist.is_main:  # one process builds the tiny model's cache, the others wait and reuse it
         cfg.model.pretrained = resolve_pretrained(cfg.model.pretrained)  # the snapshot names a real folder or hub id

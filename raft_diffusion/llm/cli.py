@@ -39,13 +39,19 @@ def _align(args) -> int:
             f"llm align runs on one process (the launcher started {launched_world_size()}): start it with "
             "'raft-diffusion llm align ...' or 'python -m raft_diffusion llm align ...', not torchrun or accelerate launch"
         )
+    from reward_models.loading import check_reward_config
+
     from ..core.early_stop import read_stop
     from ..core.loop import run_raft
     from ..core.rundir import RunDir
-    from .model import quiet_transformers
+    from .model import check_model_source, quiet_transformers
     from .report import write_report
+    from .rewards import TOY_REWARDS
     from .task import LLMTask
 
+    # a missing model folder or an unknown reward name, before the run directory and any weight
+    check_model_source("model", cfg.model.pretrained)
+    check_reward_config(cfg.reward, kind="text", extra=TOY_REWARDS)
     quiet_transformers()
     run = RunDir(args.output_dir)
     run.start(cfg.to_dict(), defaults=LLMConfig().to_dict())
