@@ -84,3 +84,93 @@ def preset_peaks_on_published_configs(kind, preset, tmp_path, transformer_params
         assert planner.trainable == trainable
         peaks[offload] = planner.peak(planner.base_settings()) / 2**30
     return peaks
+
+
+def tiny_family_fixtures(name):
+    """The module-scoped fixtures ``folder`` (the family's tiny pipeline folder, built once into the test cache) and
+    ``pipe`` (it loaded, shared: tests must not modify it), to be assigned to those names in a test module."""
+    import pytest
+
+    from raft_diffusion.diffusion.families import get_family
+
+    @pytest.fixture(scope="module")
+    def folder():
+        from raft_diffusion.diffusion.families.tiny import tiny_pipeline
+
+        return tiny_pipeline(name)
+
+    @pytest.fixture(scope="module")
+    def pipe(folder):
+        return get_family(name).load(folder, device="cpu")
+
+    return folder, pipe
+
+
+def fresh_pipeline(name, folder, pipe):
+    """A pipeline whose denoiser (and VAE, scheduler) are read from disk again; text encoder and tokenizer shared."""
+    from raft_diffusion.diffusion.families import get_family
+
+    return get_family(name).load(folder, device="cpu", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+
+
+def align_keeps_the_top_k_and_the_lora_reloads(name, folder, config, tmp_path):
+    """A 2-stage ``align`` of ``config`` (4 training prompts, 8 samples each, top 2): each stage keeps exactly its
+    pool's top 2 per prompt by reward, and the final LoRA in a fresh pipeline reproduces the run's held-out images,
+    which are not the base model's."""
+    import yaml
+
+    from raft_diffusion.cli import main
+    from raft_diffusion.core.rundir import read_jsonl
+    from raft_diffusion.diffusion.families import get_family
+
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(config))
+    out = tmp_path / "run"
+    assert main(["align", "--config", str(cfg), "--output-dir", str(out)]) == 0
+    assert [r["stage"] for r in read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+    for stage in (1, 2):
+        samples = read_jsonl(out / "stages" / f"{stage:03d}" / "samples.jsonl")
+        for p in range(4):
+            mine = sorted((s for s in samples if s["prompt_index"] == p), key=lambda s: -s["reward"])
+            assert [s["kept"] for s in mine] == [True] * 2 + [False] * 6
+    family = get_family(name)
+    snapshot = yaml.safe_load((out / "config.yaml").read_text())
+    assert snapshot["train"]["target_modules"] == list(family.lora_targets)
+    images, evals = final_lora_reproduces_held_out_images(family, folder, out, config, stage=2)
+    base = family.load(folder, device="cpu")
+    s = config["sampling"]
+    emb = family.encode_prompts(base, config["prompts"]["eval"], None, do_cfg=True)
+    first = family.sample(base, emb, [evals[0]["prompt_index"]], [evals[0]["seed"]], steps=s["num_inference_steps"],
+                          guidance=s["guidance_scale"], height=s["height"], width=s["width"])  # fmt: skip
+    base_image = (family.decode(base, first)[0] * 255).round().permute(1, 2, 0).numpy()
+    assert abs(base_image - images[0]).max() > 2  # the LoRA changed the held-out images
+
+
+def merged_export_gives_the_loras_prediction(name, transformer_cls, folder, pipe, embeds, shape, tmp_path):
+    """``export --merge`` of a rank-4 LoRA (alpha 8, random B) into a pipeline folder of the family: the merged
+    transformer's prediction is the LoRA's to 1e-4, and the LoRA moved it from the base's. Returns the LoRA folder."""
+    from test_export_families import randomise_lora_b
+
+    from raft_diffusion.cli import main
+    from raft_diffusion.diffusion.families import LossSettings, get_family
+
+    family = get_family(name)
+    trained = fresh_pipeline(name, folder, pipe)
+    family.add_lora(trained.transformer, rank=4, alpha=8, init_seed=1)
+    randomise_lora_b(trained.transformer)
+    lora = family.save_lora(trained, trained.transformer, tmp_path / "lora")
+    x = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0))
+
+    def predict(transformer):
+        return family._predict(trained, transformer, x, torch.tensor([500.0]), embeds[[0]], LossSettings())
+
+    with torch.no_grad():
+        want = predict(trained.transformer)
+        base = predict(transformer_cls.from_pretrained(str(folder), subfolder="transformer"))
+    assert main(["export", str(lora), "--merge", "-o", str(tmp_path / "merged"), "--base", str(folder)]) == 0
+    index = json.loads((tmp_path / "merged" / "model_index.json").read_text())
+    assert index["_class_name"] == family.pipeline_class_name
+    with torch.no_grad():
+        merged = predict(transformer_cls.from_pretrained(str(tmp_path / "merged"), subfolder="transformer"))
+    assert (want - base).abs().max() > 1e-2 and (merged - want).abs().max() <= 1e-4
+    return lora

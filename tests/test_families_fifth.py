@@ -12,7 +12,13 @@ import json
 import pytest
 import torch
 import yaml
-from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads, preset_peaks_on_published_configs
+from family_checks import (
+    final_lora_reproduces_held_out_images,
+    fresh_pipeline,
+    lora_trains_saves_and_reloads,
+    preset_peaks_on_published_configs,
+    tiny_family_fixtures,
+)
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
@@ -27,22 +33,11 @@ SIZE, SEQ, GUIDANCE = 32, 32, 4.0
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
-
-    return tiny_pipeline(NAME)
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    """The loaded tiny pipeline, shared: tests must not modify it."""
-    return get_family(NAME).load(folder, device="cpu")
+folder, pipe = tiny_family_fixtures(NAME)
 
 
 def _fresh(folder, pipe):
-    """A pipeline whose transformer (and VAE, scheduler) are read from disk again; text encoder and tokenizer shared."""
-    return get_family(NAME).load(folder, device="cpu", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    return fresh_pipeline(NAME, folder, pipe)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,14 @@ import json
 import pytest
 import torch
 import yaml
-from family_checks import final_lora_reproduces_held_out_images, lora_trains_saves_and_reloads, preset_peaks_on_published_configs
+from family_checks import (
+    align_keeps_the_top_k_and_the_lora_reloads,
+    fresh_pipeline,
+    lora_trains_saves_and_reloads,
+    merged_export_gives_the_loras_prediction,
+    preset_peaks_on_published_configs,
+    tiny_family_fixtures,
+)
 
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
@@ -27,22 +34,11 @@ SIZE, GUIDANCE = 32, 3.0  # not the pipeline's default true_cfg_scale (4)
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module")
-def folder():
-    from raft_diffusion.diffusion.families.tiny import tiny_pipeline
-
-    return tiny_pipeline(NAME)
-
-
-@pytest.fixture(scope="module")
-def pipe(folder):
-    """The loaded tiny pipeline, shared: tests must not modify it."""
-    return get_family(NAME).load(folder, device="cpu")
+folder, pipe = tiny_family_fixtures(NAME)
 
 
 def _fresh(folder, pipe):
-    """A pipeline whose transformer (and VAE, scheduler) are read from disk again; text encoder and tokenizer shared."""
-    return get_family(NAME).load(folder, device="cpu", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+    return fresh_pipeline(NAME, folder, pipe)
 
 
 @pytest.fixture(scope="module")
@@ -246,32 +242,7 @@ CONFIG = {
 
 
 def test_align_two_stages_keep_the_top_k_and_the_lora_reloads(tmp_path, folder):
-
-    from raft_diffusion.cli import main
-    from raft_diffusion.core.rundir import read_jsonl
-
-    cfg = tmp_path / "config.yaml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
-    out = tmp_path / "run"
-    assert main(["align", "--config", str(cfg), "--output-dir", str(out)]) == 0
-    rows = read_jsonl(out / "metrics.jsonl")
-    assert [r["stage"] for r in rows] == [0, 1, 2]
-    # each stage keeps exactly its pool's top 2 per prompt by reward
-    for stage in (1, 2):
-        samples = read_jsonl(out / "stages" / f"{stage:03d}" / "samples.jsonl")
-        for p in range(4):
-            mine = sorted((s for s in samples if s["prompt_index"] == p), key=lambda s: -s["reward"])
-            assert [s["kept"] for s in mine] == [True] * 2 + [False] * 6
-    snapshot = yaml.safe_load((out / "config.yaml").read_text())
-    assert snapshot["train"]["target_modules"] == list(get_family(NAME).lora_targets)
-    # the final LoRA in a fresh pipeline reproduces the run's held-out images, and they are not the base model's
-    family = get_family(NAME)
-    images, evals = final_lora_reproduces_held_out_images(family, folder, out, CONFIG, stage=2)
-    base = family.load(folder, device="cpu")
-    emb = family.encode_prompts(base, CONFIG["prompts"]["eval"], None, do_cfg=True)
-    first = family.sample(base, emb, [evals[0]["prompt_index"]], [evals[0]["seed"]], steps=4, guidance=2.0, height=32, width=32)
-    base_image = (family.decode(base, first)[0] * 255).round().permute(1, 2, 0).numpy()
-    assert abs(base_image - images[0]).max() > 2  # the LoRA changed the held-out images
+    align_keeps_the_top_k_and_the_lora_reloads(NAME, folder, CONFIG, tmp_path)
 
 
 # --- export ------------------------------------------------------------------------------------------------
@@ -279,28 +250,8 @@ def test_align_two_stages_keep_the_top_k_and_the_lora_reloads(tmp_path, folder):
 
 def test_export_merges_into_a_pipeline_folder(tmp_path, folder, pipe, embeds):
     from diffusers import QwenImageTransformer2DModel
-    from test_export_families import randomise_lora_b
 
-    from raft_diffusion.cli import main
-
-    family = get_family(NAME)
-    trained = _fresh(folder, pipe)
-    family.add_lora(trained.transformer, rank=4, alpha=8, init_seed=1)
-    randomise_lora_b(trained.transformer)
-    lora = family.save_lora(trained, trained.transformer, tmp_path / "lora")
-    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-
-    def predict(transformer):
-        return family._predict(trained, transformer, x, torch.tensor([500.0]), embeds[[0]], LossSettings())
-
-    with torch.no_grad():
-        want = predict(trained.transformer)
-        base = predict(QwenImageTransformer2DModel.from_pretrained(str(folder), subfolder="transformer"))
-    assert main(["export", str(lora), "--merge", "-o", str(tmp_path / "merged"), "--base", str(folder)]) == 0
-    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "QwenImagePipeline"
-    with torch.no_grad():
-        merged = predict(QwenImageTransformer2DModel.from_pretrained(str(tmp_path / "merged"), subfolder="transformer"))
-    assert (want - base).abs().max() > 1e-2 and (merged - want).abs().max() <= 1e-4
+    merged_export_gives_the_loras_prediction(NAME, QwenImageTransformer2DModel, folder, pipe, embeds, (4, 8, 8), tmp_path)
 
 
 # --- the memory planner ------------------------------------------------------------------------------------

@@ -81,3 +81,20 @@ def pad_rows(embeds: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[tor
     pad = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embeds]
     pad_masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
     return torch.cat(pad), torch.cat(pad_masks)
+
+
+def encode_padded(family, pipe, prompts, negative_prompt, do_cfg, batch_size, max_sequence_length) -> PromptEmbeds:
+    """The conditioning of a family whose prompts keep their own lengths (Qwen-Image, Z-Image): ``family._encode(pipe,
+    prompts, length) -> (embeds [n, L, D], mask [n, L])`` in chunks of ``batch_size`` (default the family's), zero-padded
+    to the longest as ``prompt_embeds`` and ``prompt_embeds_mask``; with ``do_cfg`` the negative prompt's (the
+    family's ``empty_prompt`` by default) once."""
+    batch_size = batch_size or family.encode_batch_size
+    length = max_sequence_length or family.max_sequence_length
+    prompts = list(prompts)
+    chunks = [family._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]
+    embeds, mask = pad_rows([c[0] for c in chunks], [c[1] for c in chunks])
+    shared = {}
+    if do_cfg:
+        neg, neg_mask = family._encode(pipe, [negative_prompt or family.empty_prompt], length)
+        shared = {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
+    return PromptEmbeds({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, shared)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.families.embeds import PromptEmbeds, pad_rows
+from raft_diffusion.diffusion.families.embeds import PromptEmbeds, encode_padded
 from raft_diffusion.diffusion.families.flow import FlowFamily
 
 
@@ -68,16 +68,7 @@ class ZImageFamily(FlowFamily):
         """``prompt_embeds [P, L, D]`` and ``prompt_embeds_mask [P, L]`` per prompt (each prompt's own tokens, at most
         ``max_sequence_length``, zero-padded to the longest); with ``do_cfg`` the negative prompt's (``""`` by default,
         the pipeline's) once."""
-        batch_size = batch_size or self.encode_batch_size
-        length = max_sequence_length or self.max_sequence_length
-        prompts = list(prompts)
-        chunks = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]
-        embeds, mask = pad_rows([c[0] for c in chunks], [c[1] for c in chunks])
-        shared = {}
-        if do_cfg:
-            neg, neg_mask = self._encode(pipe, [negative_prompt or self.empty_prompt], length)
-            shared = {"negative_prompt_embeds": neg, "negative_prompt_embeds_mask": neg_mask}
-        return PromptEmbeds({"prompt_embeds": embeds, "prompt_embeds_mask": mask}, shared)
+        return encode_padded(self, pipe, prompts, negative_prompt, do_cfg, batch_size, max_sequence_length)
 
     def latent_shape(self, pipe, height, width):
         """``(in_channels, height / f, width / f)``; sizes must be multiples of 2f (the transformer's 2x2 patches)."""
