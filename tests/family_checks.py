@@ -136,6 +136,9 @@ def align_keeps_the_top_k_and_the_lora_reloads(name, folder, config, tmp_path):
     family = get_family(name)
     snapshot = yaml.safe_load((out / "config.yaml").read_text())
     assert snapshot["train"]["target_modules"] == list(family.lora_targets)
+    card = (out / "final" / "README.md").read_text()  # the model card names the transformer and the family's tags
+    assert "A LoRA on the transformer of" in card and "- stable-diffusion\n" not in card
+    assert all(f"- {tag}\n" in card for tag in family.hub_tags)
     images, evals = final_lora_reproduces_held_out_images(family, folder, out, config, stage=2)
     base = family.load(folder, device="cpu")
     s = config["sampling"]

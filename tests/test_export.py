@@ -288,6 +288,28 @@ def test_card_of_a_full_finetuning_run(run_dir, tmp_path):
     assert "licence: openrail." in text and "Before / after" not in text  # no gallery in this folder: no image link
 
 
+def test_card_of_a_transformer_family_names_it_and_its_tags(run_dir, tmp_path):
+    """A run of another family (here model.family: z-image with a hub id that is not cached, so the family comes from
+    the config alone): the card says transformer, carries the family's Hub tags, and a full fine-tune loads with
+    AutoModel into the family's pipeline."""
+    import yaml
+
+    run = tmp_path / "zimage"
+    (run / "final").mkdir(parents=True)
+    shutil.copy(run_dir / "metrics.jsonl", run / "metrics.jsonl")
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    cfg["model"].update(pretrained="Tongyi-MAI/Z-Image", family="z-image")
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = card_text(run)
+    assert "A LoRA on the transformer of `Tongyi-MAI/Z-Image`" in text and "base_model: Tongyi-MAI/Z-Image" in text
+    assert "- z-image\n" in text and "stable-diffusion" not in text
+    cfg["train"]["method"] = "full"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    text = card_text(run)
+    assert "# RAFT transformer for" in text and 'AutoModel.from_pretrained("path/to/this/folder")' in text
+    assert 'DiffusionPipeline.from_pretrained("Tongyi-MAI/Z-Image", transformer=transformer)' in text
+
+
 # --- push -----------------------------------------------------------------------------------------------------
 
 

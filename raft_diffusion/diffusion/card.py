@@ -81,6 +81,45 @@ def metrics_table(rows: list[dict], stage: int | None) -> tuple[list[str], dict 
     return lines, base, final
 
 
+def _run_family(run_dir: Path, cfg: dict, base_model: str):
+    """The run's model family, or None, found without the network: ``model.family``, else the base model's
+    ``model_index.json`` in its folder or in the Hugging Face cache."""
+    import json
+
+    from .export import resolve_base
+    from .families.registry import FAMILIES, get_family
+
+    name = _config_value(cfg, "model.family")
+    if name:
+        return get_family(name)
+    index = Path(resolve_base(base_model)).expanduser() / "model_index.json"
+    if not index.is_file() and "/" in base_model and not Path(base_model).exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(base_model, "model_index.json")
+            index = Path(cached) if isinstance(cached, str) else index
+        except Exception:  # noqa: BLE001 - no cache or an odd id: the card says less
+            pass
+    if not index.is_file():
+        return None
+    return FAMILIES.get(json.loads(index.read_text(encoding="utf-8")).get("_class_name"))
+
+
+def _denoiser_word(run_dir: Path, family) -> str:
+    """ "UNet" or "transformer": the family's denoiser, else what the final LoRA's keys start with."""
+    if family is not None:
+        return "UNet" if family.denoiser_attr == "unet" else "transformer"
+    weights = run_dir / "final" / LORA_WEIGHT_NAME
+    if weights.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(weights), "pt") as f:
+            if any(k.startswith("transformer.") for k in f.keys()):
+                return "transformer"
+    return "UNet"
+
+
 def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str | None = None,
               lora_file: str = LORA_WEIGHT_NAME) -> str:  # fmt: skip
     """The model card of ``run_dir`` as Markdown. ``grid_link`` is the before/after grid's link as seen from
@@ -97,14 +136,17 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
     licence = license or LICENCE_DEFAULT
     lora = _config_value(cfg, "train.method", "lora") == "lora"
     grid_link = grid_link or f"../{GRID}"
+    family = _run_family(run_dir, cfg, base_model)
+    denoiser = _denoiser_word(run_dir, family)
 
     header = ["---", f"base_model: {base_model}" if "/" in base_model and not Path(base_model).exists() else None,
               "library_name: diffusers", f"license: {license}" if license else None,
-              "tags:", "- text-to-image", "- stable-diffusion", "- lora", "- diffusers", "- raft", "---"]  # fmt: skip
+              "tags:", "- text-to-image", *(f"- {t}" for t in (family.hub_tags if family else ())), "- lora", "- diffusers",
+              "- raft", "---"]  # fmt: skip
     out = [line for line in header if line is not None]
     out += [
-        "", f"# RAFT {'LoRA' if lora else 'UNet'} for {base_model}", "",
-        (f"A LoRA on the UNet of `{base_model}`" if lora else f"The fully fine-tuned UNet of `{base_model}`")
+        "", f"# RAFT {'LoRA' if lora else denoiser} for {base_model}", "",
+        (f"A LoRA on the {denoiser} of `{base_model}`" if lora else f"The fully fine-tuned {denoiser} of `{base_model}`")
         + f", aligned with the reward **{reward}**"
         + (f" (`{reward_kwargs}`)" if reward_kwargs else "")
         + " by RAFT (Reward rAnked FineTuning, Dong et al., TMLR 2023): each stage samples K images per prompt, "
@@ -122,11 +164,16 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
                 f"![before and after]({grid_link})", ""]  # fmt: skip
     out += ["## Licence", "", f"licence: {licence}. These weights derive from `{base_model}`; its licence "
             "terms apply to them and to what they generate.", ""]  # fmt: skip
-    if not lora:
+    if not lora and denoiser == "UNet":
         out += ["## How to use", "", "diffusers:", "", "```python",
                 "from diffusers import StableDiffusionPipeline, UNet2DConditionModel", "",
                 'unet = UNet2DConditionModel.from_pretrained("path/to/this/folder")',
                 f'pipe = StableDiffusionPipeline.from_pretrained("{base_model}", unet=unet)', "```", ""]  # fmt: skip
+        return "\n".join(out)
+    if not lora:
+        out += ["## How to use", "", "diffusers:", "", "```python", "from diffusers import AutoModel, DiffusionPipeline", "",
+                'transformer = AutoModel.from_pretrained("path/to/this/folder")',
+                f'pipe = DiffusionPipeline.from_pretrained("{base_model}", transformer=transformer)', "```", ""]  # fmt: skip
         return "\n".join(out)
     out += [
         "## How to use", "",
@@ -134,8 +181,8 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
         f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
         'pipe.load_lora_weights("path/to/this/folder")  # or the hub repo id',
         'image = pipe("a prompt", num_inference_steps=30).images[0]', "```", "",
-        "A1111 / ComfyUI / kohya (one `.safetensors` with kohya key names, alpha kept; SD 1.x, SDXL, FLUX.1 and FLUX.2 -- "
-        "ComfyUI reads this folder's diffusers-format file for SD3):", "",
+        "A1111 / ComfyUI / kohya (one `.safetensors` with kohya key names, alpha kept; SD 1.x, SDXL, FLUX.1, FLUX.2 and "
+        "Qwen-Image -- ComfyUI reads this folder's diffusers-format file for SD3 and Z-Image):", "",
         "```bash", "raft-diffusion export RUN_DIR --format kohya -o my_raft_lora.safetensors", "```", "",
         "A merged model (diffusers folder, plus one single-file checkpoint for SD 1.x and SDXL): "
         "`raft-diffusion export RUN_DIR --merge -o merged/`.", "",

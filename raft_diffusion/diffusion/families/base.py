@@ -70,6 +70,8 @@ class Family(ABC):
     empty_prompt: str = ""
     # the pipeline applies its tokenizer's chat template to the prompts (the memory planner then reads the real tokenizer)
     chat_template: bool = False
+    # the Hugging Face Hub tags of a model card for a LoRA of this family (besides text-to-image, lora, diffusers)
+    hub_tags: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"<family {self.name}: {self.pipeline_class_name}>"

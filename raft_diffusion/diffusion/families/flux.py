@@ -16,6 +16,7 @@ class FluxFamily(PackedFlowFamily):
 
     name = "flux"
     pipeline_class_name = "FluxPipeline"
+    hub_tags = ("flux",)
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # T5-XXL and the MMDiT overflow in fp16
     # diffusers' train_dreambooth_lora_flux.py default

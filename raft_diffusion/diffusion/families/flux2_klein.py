@@ -26,6 +26,7 @@ class Flux2KleinFamily(FlowFamily):
 
     name = "flux2-klein"
     pipeline_class_name = "Flux2KleinPipeline"
+    hub_tags = ("flux2", "flux2-klein")
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # the pipeline's and the LoRA script's dtype
     cfg_in_one_batch = False  # the pipeline's conditional and unconditional passes are separate calls

@@ -37,6 +37,7 @@ class QwenImageFamily(PackedFlowFamily):
 
     name = "qwen-image"
     pipeline_class_name = "QwenImagePipeline"
+    hub_tags = ("qwen-image",)
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # the pipeline's and the LoRA script's dtype
     cfg_in_one_batch = False  # the pipeline's conditional and unconditional passes are separate calls

@@ -29,6 +29,7 @@ class StableDiffusionFamily(Family):
 
     name = "sd"
     pipeline_class_name = "StableDiffusionPipeline"
+    hub_tags = ("stable-diffusion",)
     denoiser_attr = "unet"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_text_to_image_lora / dreambooth_lora
     stepwise_schedulers = STEPWISE_SCHEDULERS  # generate.denoise's (DDIM, DDPM)

@@ -15,6 +15,7 @@ class StableDiffusion3Family(FlowFamily):
 
     name = "sd3"
     pipeline_class_name = "StableDiffusion3Pipeline"
+    hub_tags = ("sd3",)
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"  # T5-XXL and the MMDiT overflow in fp16
     # diffusers' train_dreambooth_lora_sd3.py default (joint attention only: not attn2 of SD3.5's dual blocks)

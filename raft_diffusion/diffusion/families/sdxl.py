@@ -22,6 +22,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
     name = "sdxl"
     pipeline_class_name = "StableDiffusionXLPipeline"
+    hub_tags = ("stable-diffusion-xl",)
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # diffusers' train_dreambooth_lora_sdxl.py
     stepwise_schedulers = ()  # sampling.prune_step: SD's split loop does not carry SDXL's pooled and size conditioning
 

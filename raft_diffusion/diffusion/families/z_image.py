@@ -28,6 +28,7 @@ class ZImageFamily(FlowFamily):
 
     name = "z-image"
     pipeline_class_name = "ZImagePipeline"
+    hub_tags = ("z-image",)
     denoiser_attr = "transformer"
     cuda_dtype = "bf16"
     # diffusers' train_dreambooth_lora_z_image.py default: every attention's q, k, v and output (the refiners' too)
