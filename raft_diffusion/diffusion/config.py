@@ -47,7 +47,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class ModelConfig:
     pretrained: str = _f(
         "runwayml/stable-diffusion-v1-5",
-        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline or QwenImagePipeline; 'tiny' builds a tiny test model",
+        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, QwenImagePipeline or ZImagePipeline; 'tiny' builds a tiny test model",
     )
     family: str | None = _f(
         None,
@@ -74,7 +74,7 @@ class ModelConfig:
     allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere and later); no effect on CPU")
     max_sequence_length: int | None = _f(
         None,
-        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein, Qwen2.5-VL for qwen-image), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux, flux2-klein and qwen-image); not for sd and sdxl",
+        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein and z-image, Qwen2.5-VL for qwen-image), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux, flux2-klein, qwen-image and z-image); not for sd and sdxl",
     )
 
 
@@ -340,7 +340,7 @@ class RaftConfig(core.BaseConfig):
         need(n is None or (isinstance(n, int) and 1 <= n <= 512), f"model.max_sequence_length must be an integer in 1..512 or null (got {n!r})")
         need(
             n is None or self.model.family not in ("sd", "sdxl"),
-            f"model.max_sequence_length applies to sd3, flux, flux2-klein and qwen-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
+            f"model.max_sequence_length applies to sd3, flux, flux2-klein, qwen-image and z-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
         )
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         need(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1] (got {s.eta}): 0 is deterministic DDIM, 1 as DDPM")
