@@ -49,7 +49,7 @@ def final_lora_reproduces_held_out_images(family, folder, run, config, stage):
     folder_of_stage = run / "stages" / f"{stage:03d}"
     evals = [json.loads(line) for line in (folder_of_stage / "eval.jsonl").read_text().splitlines()]
     s = config["sampling"]
-    emb = family.encode_prompts(pipe, config["prompts"]["eval"], None, do_cfg=True)
+    emb = family.encode_prompts(pipe, config["prompts"]["eval"], None, do_cfg=True, max_sequence_length=config["model"].get("max_sequence_length"))
     latents = family.sample(pipe, emb, [r["prompt_index"] for r in evals], [r["seed"] for r in evals],
                             steps=s["num_inference_steps"], guidance=s["guidance_scale"], height=s["height"],
                             width=s["width"])  # fmt: skip
@@ -142,7 +142,7 @@ def align_keeps_the_top_k_and_the_lora_reloads(name, folder, config, tmp_path):
     images, evals = final_lora_reproduces_held_out_images(family, folder, out, config, stage=2)
     base = family.load(folder, device="cpu")
     s = config["sampling"]
-    emb = family.encode_prompts(base, config["prompts"]["eval"], None, do_cfg=True)
+    emb = family.encode_prompts(base, config["prompts"]["eval"], None, do_cfg=True, max_sequence_length=config["model"].get("max_sequence_length"))
     first = family.sample(base, emb, [evals[0]["prompt_index"]], [evals[0]["seed"]], steps=s["num_inference_steps"],
                           guidance=s["guidance_scale"], height=s["height"], width=s["width"])  # fmt: skip
     base_image = (family.decode(base, first)[0] * 255).round().permute(1, 2, 0).numpy()

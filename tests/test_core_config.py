@@ -231,7 +231,7 @@ def test_model_family_and_flow_settings_are_checked_and_match_the_families():
     assert FAMILIES == {f.name: cls for cls, f in registry.FAMILIES.items()}
     assert WEIGHTING_SCHEMES == settings.WEIGHTING_SCHEMES
     assert config_from_dict({}, ["model.family=sdxl"]).model.family == "sdxl"
-    with pytest.raises(ConfigError, match="model.family must be one of sd, sdxl, sd3, flux, flux2-klein"):
+    with pytest.raises(ConfigError, match="model.family must be one of sd, sdxl, sd3, flux, flux2, flux2-klein, qwen-image, z-image or null"):
         config_from_dict({}, ["model.family=kandinsky"])
     with pytest.raises(ConfigError, match="train.weighting_scheme must be one of logit_normal"):
         config_from_dict({}, ["train.weighting_scheme=uniform"])

@@ -43,7 +43,8 @@ def _denoiser(name: str, dtype=torch.bfloat16):
      ("flux", 11_901_408_320, 19 * 12 + 38 * 3),  # 12 per double block, q/k/v per single block
      ("qwen-image", 20_430_401_088, 60 * 4),  # the image stream's q, k, v and out in each of 60 blocks
      ("flux2-klein", 3_875_544_576, 5 * 4 + 20 * 2),  # q, k, v, out per double block; qkv+mlp and out per single
-     ("z-image", 6_154_908_736, (30 + 2 + 2) * 4)],  # q, k, v, out in 30 layers and the two refiners' 2 each
+     ("z-image", 6_154_908_736, (30 + 2 + 2) * 4),  # q, k, v, out in 30 layers and the two refiners' 2 each
+     ("flux2", 32_223_281_152, 8 * 4)],  # the image stream's q, k, v and out in each of 8 double blocks
 )  # fmt: skip
 def test_full_size_denoisers_and_their_lora(name, params, matched):
     family = get_family(name)
@@ -183,12 +184,14 @@ DIFFUSERS_SCRIPT_TARGETS = {
     "flux2-klein": ["to_k", "to_q", "to_v", "to_out.0", "to_qkv_mlp_proj",
                     *[f"single_transformer_blocks.{i}.attn.to_out" for i in range(24)]],  # train_dreambooth_lora_flux2_klein.py
     "z-image": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_z_image.py, no --lora_layers
+    "flux2": ["to_k", "to_q", "to_v", "to_out.0"],  # train_dreambooth_lora_flux2.py, no --lora_layers
 }  # fmt: skip
 # measured with the test below (the same for both ways of adding the LoRA)
-TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624, "qwen-image": 23_592_960, "flux2-klein": 16_711_680, "z-image": 16_711_680}
+TRAINABLE_R16 = {"sdxl": 23_224_320, "sd3": 9_388_032, "flux": 44_826_624, "qwen-image": 23_592_960, "flux2-klein": 16_711_680,
+                 "z-image": 16_711_680, "flux2": 6_291_456}  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwen-image", "flux2-klein", "z-image"])
+@pytest.mark.parametrize("name", ["sdxl", "sd3", "flux", "qwen-image", "flux2-klein", "z-image", "flux2"])
 def test_trainable_counts_equal_what_the_diffusers_lora_scripts_train(name):
     from peft import LoraConfig
 

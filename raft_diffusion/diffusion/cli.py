@@ -265,7 +265,8 @@ def add_commands(sub) -> None:
     p.add_argument("--label", action="append", help="column title for each LORA_DIR, in order")
     p.add_argument("--batch-size", type=int, help="images per generation batch")
     p.add_argument(
-        "--family", help="model family of BASE when its model_index.json cannot be read (sd, sdxl, sd3, flux, flux2-klein, qwen-image, z-image)"
+        "--family",
+        help="model family of BASE when its model_index.json cannot be read (sd, sdxl, sd3, flux, flux2, flux2-klein, qwen-image, z-image)",
     )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, fp32, fp16, bf16")

@@ -49,7 +49,7 @@ class CompareSettings:
     reward: dict | None = None  # a reward config ({name, kwargs} or {mix: ...}); None = no reward
     batch_size: int = 8
     family: str | None = None  # model.family: the base's family when its model_index.json cannot be read
-    max_sequence_length: int | None = None  # model.max_sequence_length: T5/Qwen tokens (sd3, flux, flux2-klein, qwen-image, z-image)
+    max_sequence_length: int | None = None  # model.max_sequence_length: T5/Qwen tokens (sd3, flux, flux2, flux2-klein, qwen-image, z-image)
 
 
 DENOISER_FOLDERS = ("unet", "transformer")  # what a full fine-tune saves in a stage folder, by family

@@ -29,6 +29,7 @@ FAMILIES = {
     "sdxl": "StableDiffusionXLPipeline",
     "sd3": "StableDiffusion3Pipeline",
     "flux": "FluxPipeline",
+    "flux2": "Flux2Pipeline",
     "flux2-klein": "Flux2KleinPipeline",
     "qwen-image": "QwenImagePipeline",
     "z-image": "ZImagePipeline",
@@ -47,11 +48,11 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 class ModelConfig:
     pretrained: str = _f(
         "runwayml/stable-diffusion-v1-5",
-        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, Flux2KleinPipeline, QwenImagePipeline or ZImagePipeline; 'tiny' builds a tiny test model",
+        "hub id or local folder of a StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline, Flux2Pipeline, Flux2KleinPipeline, QwenImagePipeline or ZImagePipeline; 'tiny' builds a tiny test model",
     )
     family: str | None = _f(
         None,
-        "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), flux2-klein (FLUX.2 [klein]), qwen-image (Qwen-Image) or z-image (Z-Image); null = read from the folder's model_index.json",
+        "sd (SD 1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), flux2 (FLUX.2 [dev]), flux2-klein (FLUX.2 [klein]), qwen-image (Qwen-Image) or z-image (Z-Image); null = read from the folder's model_index.json",
     )
     revision: str | None = _f(None, "hub revision (branch, tag or commit)")
     variant: str | None = _f(None, "weights variant to load, e.g. 'fp16'")
@@ -74,7 +75,7 @@ class ModelConfig:
     allow_tf32: bool = _f(True, "TF32 matmuls and convolutions on CUDA GPUs that have them (Ampere and later); no effect on CPU")
     max_sequence_length: int | None = _f(
         None,
-        "text tokens of the long text encoder (T5 for sd3 and flux, Qwen3 for flux2-klein and z-image, Qwen2.5-VL for qwen-image), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux, flux2-klein, qwen-image and z-image); not for sd and sdxl",
+        "text tokens of the long text encoder (T5 for sd3 and flux, Mistral-3 for flux2, Qwen3 for flux2-klein and z-image, Qwen2.5-VL for qwen-image), passed to the pipeline's encode_prompt as max_sequence_length; SD3 without T5 appends this many zero tokens. null = the family's default (256 sd3, 512 flux, flux2, flux2-klein, qwen-image and z-image); not for sd and sdxl",
     )
 
 
@@ -208,7 +209,7 @@ class TrainConfig:
     logit_mean: float = _f(0.0, "SD3/FLUX, logit_normal: mean of logit(u) of the drawn timesteps")
     logit_std: float = _f(1.0, "SD3/FLUX, logit_normal: std of logit(u) of the drawn timesteps")
     mode_scale: float = _f(1.29, "SD3/FLUX, mode: how strongly the density favours the middle timesteps")
-    flux_guidance: float = _f(3.5, "FLUX: the distilled guidance value fed to the guidance embedding while training (FLUX.1-dev)")
+    flux_guidance: float = _f(3.5, "FLUX.1-dev and FLUX.2 [dev]: the distilled guidance value fed to the guidance embedding while training")
     snr_gamma: float | None = _f(
         None,
         "Min-SNR-gamma loss weighting (5 is usual): weight each sample's loss by min(SNR, gamma)/SNR so the high-noise steps that set layout count more; null = plain MSE",
@@ -340,7 +341,7 @@ class RaftConfig(core.BaseConfig):
         need(n is None or (isinstance(n, int) and 1 <= n <= 512), f"model.max_sequence_length must be an integer in 1..512 or null (got {n!r})")
         need(
             n is None or self.model.family not in ("sd", "sdxl"),
-            f"model.max_sequence_length applies to sd3, flux, flux2-klein, qwen-image and z-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
+            f"model.max_sequence_length applies to sd3, flux, flux2, flux2-klein, qwen-image and z-image (their T5/Qwen tokens); {self.model.family} has none: set it to null",
         )
         need(s.num_inference_steps >= 1, "sampling.num_inference_steps must be >= 1")
         need(0 <= s.eta <= 1, f"sampling.eta must be in [0, 1] (got {s.eta}): 0 is deterministic DDIM, 1 as DDPM")

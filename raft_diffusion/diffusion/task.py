@@ -39,7 +39,7 @@ def resolve_pretrained(name: str) -> str:
         from .tiny import ensure_tiny_pipeline
 
         return str(ensure_tiny_pipeline())
-    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2-klein", "tiny-qwen-image", "tiny-z-image"):
+    if name in ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-flux2-klein", "tiny-qwen-image", "tiny-z-image"):
         from .families.tiny import tiny_pipeline
 
         return str(tiny_pipeline(name.removeprefix("tiny-")))

@@ -18,6 +18,12 @@ def _bn_stats(vae, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean.to(like.device, like.dtype), std.to(like.device, like.dtype)
 
 
+def tokens_to_grid(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Packed tokens ``[B, h * w, C]`` in the pipelines' row-major order (``_pack_latents``, ``_prepare_latent_ids``)
+    -> ``[B, C, h, w]``."""
+    return tokens.reshape(tokens.shape[0], h, w, -1).permute(0, 3, 1, 2)
+
+
 class Flux2KleinFamily(FlowFamily):
     """Flux2KleinPipeline. Denoiser-space latents are what the transformer sees before packing: the VAE latents
     patchified 2x2 and normalised by the VAE's batch-norm statistics, ``[B, 4C, H / 2f, W / 2f]``. The undistilled
@@ -121,4 +127,4 @@ class Flux2KleinFamily(FlowFamily):
         pred = denoiser(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
                         encoder_hidden_states=prompt_embeds, txt_ids=txt_ids, img_ids=img_ids,
                         return_dict=False)[0][:, : packed.shape[1]]  # fmt: skip
-        return pipe._unpack_latents_with_ids(pred, img_ids, noisy.shape[2], noisy.shape[3])
+        return tokens_to_grid(pred, noisy.shape[2], noisy.shape[3])

@@ -1,5 +1,5 @@
-"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev, FLUX.2 [klein] base 4B, Qwen-Image and
-Z-Image, built with random weights.
+"""The published architectures of SDXL base 1.0, SD3.5-medium, FLUX.1-dev, FLUX.2 [dev], FLUX.2 [klein] base 4B,
+Qwen-Image and Z-Image, built with random weights.
 
 Each config is the one in the model's published folder (``<component>/config.json`` on the hub), so a model
 built from it has the real layer names and sizes: the default LoRA targets, the trainable-parameter counts and
@@ -47,6 +47,13 @@ FLUX2_KLEIN_4B = {
     "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 7680, "timestep_guidance_channels": 256,
     "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
 }  # fmt: skip
+# black-forest-labs/FLUX.2-dev, transformer/config.json (the 32B MMDiT; guidance_embeds is the class default, true; its
+# text encoder is Mistral-3-Small, whose hidden states 10, 20 and 30 are stacked: joint_attention_dim = 3 x 5120)
+FLUX2_DEV = {
+    "patch_size": 1, "in_channels": 128, "out_channels": None, "num_layers": 8, "num_single_layers": 48,
+    "attention_head_dim": 128, "num_attention_heads": 48, "joint_attention_dim": 15360, "timestep_guidance_channels": 256,
+    "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": True,
+}  # fmt: skip
 # Tongyi-MAI/Z-Image, transformer/config.json (the 6B single-stream DiT; Turbo's is the same; its text encoder is
 # Qwen3-4B, whose second-to-last hidden state is the caption)
 Z_IMAGE = {
@@ -76,7 +83,8 @@ SD3_VAE = {**VAE_BLOCKS, "latent_channels": 16, "use_quant_conv": False, "use_po
 
 DENOISERS = {"sdxl": ("UNet2DConditionModel", SDXL_UNET), "sd3": ("SD3Transformer2DModel", SD35_MEDIUM),
              "flux": ("FluxTransformer2DModel", FLUX_DEV), "qwen-image": ("QwenImageTransformer2DModel", QWEN_IMAGE),
-             "flux2-klein": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B), "z-image": ("ZImageTransformer2DModel", Z_IMAGE)}  # fmt: skip
+             "flux2-klein": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B), "z-image": ("ZImageTransformer2DModel", Z_IMAGE),
+             "flux2": ("Flux2Transformer2DModel", FLUX2_DEV)}  # fmt: skip
 # the families whose whole pipeline this module builds on CPU (FLUX.1-dev's 12B transformer needs 48 GB in fp32,
 # Qwen-Image's 20B 82 GB)
 PIPELINES = ("sdxl", "sd3")
@@ -84,7 +92,7 @@ PIPELINES = ("sdxl", "sd3")
 
 def build_denoiser(name: str, *, dtype=torch.float32, meta: bool = False, seed: int = 0) -> torch.nn.Module:
     """The published denoiser of ``name`` (``sdxl``, ``sd3`` = SD3.5-medium, ``flux`` = FLUX.1-dev, ``qwen-image``,
-    ``flux2-klein`` = FLUX.2 [klein] base 4B, ``z-image``), frozen.
+    ``flux2`` = FLUX.2 [dev], ``flux2-klein`` = FLUX.2 [klein] base 4B, ``z-image``), frozen.
 
     ``meta=True`` builds it without memory on the meta device (shapes only); otherwise with diffusers' random
     initialisation under ``seed``.

@@ -8,6 +8,7 @@ from pathlib import Path
 from raft_diffusion.core.errors import UserError
 from raft_diffusion.diffusion.families.base import Family
 from raft_diffusion.diffusion.families.flux import FluxFamily
+from raft_diffusion.diffusion.families.flux2 import Flux2Family
 from raft_diffusion.diffusion.families.flux2_klein import Flux2KleinFamily
 from raft_diffusion.diffusion.families.qwen_image import QwenImageFamily
 from raft_diffusion.diffusion.families.sd import StableDiffusionFamily
@@ -22,6 +23,7 @@ FAMILIES: dict[str, Family] = {
         StableDiffusionXLFamily(),
         StableDiffusion3Family(),
         FluxFamily(),
+        Flux2Family(),
         Flux2KleinFamily(),
         QwenImageFamily(),
         ZImageFamily(),
@@ -34,7 +36,8 @@ def _supported() -> str:
 
 
 def get_family(name: str) -> Family:
-    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``, ``flux2-klein``, ``qwen-image``, ``z-image``) or pipeline class name."""
+    """A family by short name (``sd``, ``sdxl``, ``sd3``, ``flux``, ``flux2``, ``flux2-klein``, ``qwen-image``,
+    ``z-image``) or pipeline class name."""
     for cls, family in FAMILIES.items():
         if name in (cls, family.name):
             return family

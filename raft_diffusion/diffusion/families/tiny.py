@@ -1,4 +1,4 @@
-"""Tiny SDXL / SD3.5 / FLUX.1 / FLUX.2 [klein] / Qwen-Image / Z-Image (and SD) pipelines built from configs (fixed init
+"""Tiny SDXL / SD3.5 / FLUX.1 / FLUX.2 [dev] / FLUX.2 [klein] / Qwen-Image / Z-Image (and SD) pipelines built from configs (fixed init
 seeds), saved as pipeline folders.
 
 The real structures at toy width, so loading, encoding, sampling, the losses and LoRA save/load run the
@@ -242,6 +242,55 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict:
             "scheduler": scheduler, "is_distilled": False}  # fmt: skip
 
 
+# a chat template for the tiny Mistral-3 stand-in: FLUX.2 [dev]'s pipeline gives each message's content as a list of
+# typed parts, where Qwen's template takes a string
+_PARTS_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<|im_end|>\n{% endfor %}"
+)
+
+
+def tiny_flux2_components(seed: int = 0) -> dict:
+    """Flux2Pipeline parts shaped like FLUX.2 [dev]: a 30-layer Mistral-3 of width 16 (the pipeline reads its hidden
+    states 10, 20 and 30) with a one-layer Pixtral vision tower it does not use and the Qwen2-style BPE tokenizer with a
+    chat template for typed message parts, the FLUX.2 VAE with batch-norm latent statistics, and double and single
+    stream blocks with the guidance embedding."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    tokenizer = build_qwen_tokenizer()
+    tokenizer.chat_template = _PARTS_CHAT_TEMPLATE
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config={"model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": 16, "intermediate_size": 32,
+                         "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 8,
+                         "max_position_embeddings": 1024, "pad_token_id": tokenizer.pad_token_id},
+            vision_config={"model_type": "pixtral", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "head_dim": 8},
+            image_token_index=1, spatial_merge_size=1,
+        )).eval()  # fmt: skip
+        vae = AutoencoderKLFlux2(
+            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+            sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False,
+        ).eval()  # fmt: skip
+        vae.bn.running_mean.copy_(0.2 * torch.randn_like(vae.bn.running_mean))
+        vae.bn.running_var.copy_((2 + torch.rand_like(vae.bn.running_var)) ** 2)
+        transformer = Flux2Transformer2DModel(
+            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
+        ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+            "scheduler": scheduler}  # fmt: skip
+
+
 def tiny_qwen_image_components(seed: int = 0) -> dict:
     """QwenImagePipeline parts shaped like Qwen-Image: a two-layer Qwen2.5-VL (its text model is what the pipeline
     reads; the vision tower is built but unused) with the Qwen2-style BPE tokenizer, the causal video VAE at two
@@ -321,7 +370,8 @@ def tiny_sd_components(seed: int = 0) -> dict:
 
 _BUILDERS = {
     "sd": tiny_sd_components, "sdxl": tiny_sdxl_components, "sd3": tiny_sd3_components, "flux": tiny_flux_components,
-    "flux2-klein": tiny_flux2_klein_components, "qwen-image": tiny_qwen_image_components, "z-image": tiny_z_image_components,
+    "flux2": tiny_flux2_components, "flux2-klein": tiny_flux2_klein_components, "qwen-image": tiny_qwen_image_components,
+    "z-image": tiny_z_image_components,
 }  # fmt: skip
 
 
