@@ -206,11 +206,35 @@ def build_qwen_tokenizer(vocab_size: int = 600, model_max_length: int = 512):
                           additional_special_tokens=_QWEN_SPECIALS[1:], chat_template=_QWEN_CHAT_TEMPLATE)  # fmt: skip
 
 
+def _tiny_flux2_image_parts(guidance_embeds: bool) -> dict:
+    """The VAE, transformer and scheduler of the tiny FLUX.2 pipelines ([klein] and [dev]), drawn from the current RNG
+    state after the text encoder: the FLUX.2 VAE with batch-norm latent statistics as a trained VAE has them (not 0
+    and 1: the patches are un-normalised with std 2..3), double and single stream blocks, FLUX.2's scheduler config."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+
+    vae = AutoencoderKLFlux2(
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()  # fmt: skip
+    vae.bn.running_mean.copy_(0.2 * torch.randn_like(vae.bn.running_mean))
+    vae.bn.running_var.copy_((2 + torch.rand_like(vae.bn.running_var)) ** 2)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=guidance_embeds,
+    ).eval()  # fmt: skip
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+        base_image_seq_len=256, max_image_seq_len=4096,
+    )  # fmt: skip
+    return {"vae": vae, "transformer": transformer, "scheduler": scheduler}
+
+
 def tiny_flux2_klein_components(seed: int = 0) -> dict:
     """Flux2KleinPipeline parts shaped like FLUX.2 [klein] base (undistilled, so with CFG): a 36-layer Qwen3 as in klein (the
     pipeline reads its hidden states 9, 18 and 27), the FLUX.2 VAE with batch-norm latent statistics, double and
     single stream blocks without a guidance embedding."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = build_qwen_tokenizer()
@@ -221,25 +245,8 @@ def tiny_flux2_klein_components(seed: int = 0) -> dict:
             num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=1024,
             tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
         )).eval()  # fmt: skip
-        vae = AutoencoderKLFlux2(
-            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False,
-        ).eval()  # fmt: skip
-        # latent statistics as a trained VAE has them (not 0 and 1): the patches are un-normalised with std 2..3
-        vae.bn.running_mean.copy_(0.2 * torch.randn_like(vae.bn.running_mean))
-        vae.bn.running_var.copy_((2 + torch.rand_like(vae.bn.running_var)) ** 2)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-        ).eval()  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )  # fmt: skip
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": scheduler, "is_distilled": False}  # fmt: skip
+        parts = _tiny_flux2_image_parts(guidance_embeds=False)
+    return {**parts, "text_encoder": text_encoder, "tokenizer": tokenizer, "is_distilled": False}
 
 
 # a chat template for the tiny Mistral-3 stand-in: FLUX.2 [dev]'s pipeline gives each message's content as a list of
@@ -256,7 +263,6 @@ def tiny_flux2_components(seed: int = 0) -> dict:
     states 10, 20 and 30) with a one-layer Pixtral vision tower it does not use and the Qwen2-style BPE tokenizer with a
     chat template for typed message parts, the FLUX.2 VAE with batch-norm latent statistics, and double and single
     stream blocks with the guidance embedding."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     tokenizer = build_qwen_tokenizer()
@@ -271,24 +277,8 @@ def tiny_flux2_components(seed: int = 0) -> dict:
                            "num_attention_heads": 2, "image_size": 32, "patch_size": 16, "head_dim": 8},
             image_token_index=1, spatial_merge_size=1,
         )).eval()  # fmt: skip
-        vae = AutoencoderKLFlux2(
-            block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=8,
-            down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            sample_size=TINY_IMAGE_SIZE, use_quant_conv=False, use_post_quant_conv=False,
-        ).eval()  # fmt: skip
-        vae.bn.running_mean.copy_(0.2 * torch.randn_like(vae.bn.running_mean))
-        vae.bn.running_var.copy_((2 + torch.rand_like(vae.bn.running_var)) ** 2)
-        transformer = Flux2Transformer2DModel(
-            patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=3 * 16, timestep_guidance_channels=32,
-            axes_dims_rope=(4, 4, 4, 4), guidance_embeds=True,
-        ).eval()  # fmt: skip
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-        base_image_seq_len=256, max_image_seq_len=4096,
-    )  # fmt: skip
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": scheduler}  # fmt: skip
+        parts = _tiny_flux2_image_parts(guidance_embeds=True)
+    return {**parts, "text_encoder": text_encoder, "tokenizer": tokenizer}
 
 
 def tiny_qwen_image_components(seed: int = 0) -> dict:
