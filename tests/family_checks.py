@@ -177,3 +177,45 @@ def merged_export_gives_the_loras_prediction(name, transformer_cls, folder, pipe
         merged = predict(transformer_cls.from_pretrained(str(tmp_path / "merged"), subfolder="transformer"))
     assert (want - base).abs().max() > 1e-2 and (merged - want).abs().max() <= 1e-4
     return lora
+
+
+def tiny_align_config(pretrained, *, guidance=2.0, learning_rate=0.1, **model):
+    """The 2-stage ``align`` config the per-family tests run on a tiny pipeline: 4 training prompts x 8 samples at 32 px
+    and 4 steps, the top 2 kept, the brightness of the central region as the reward, a rank-8 LoRA trained 30 steps.
+    ``model`` adds model settings (``max_sequence_length``)."""
+    return {
+        "seed": 0, "num_stages": 2, "model": {"device": "cpu", "pretrained": pretrained, **model},
+        "prompts": {"train": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
+                    "eval": ["a red square", "a blue circle", "a green star"]},
+        "sampling": {"num_per_prompt": 8, "batch_size": 16, "num_inference_steps": 4, "guidance_scale": guidance,
+                     "height": 32, "width": 32},
+        "reward": {"name": "brightness", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}},
+        "ranking": {"mode": "local", "top_k": 2},
+        "train": {"lora_rank": 8, "lora_alpha": 16, "steps_per_stage": 30, "batch_size": 4, "learning_rate": learning_rate},
+        "eval": {"num_per_prompt": 4, "clip_model": None},
+        "progress": False,
+    }  # fmt: skip
+
+
+def family_is_detected_everywhere(name, folder, pipe, tmp_path, other="flux"):
+    """The family is read from a folder's model_index.json (as a Path and a str), from its pipeline class name and its
+    short name, from the tiny folder and the loaded pipeline; ``model.family`` agreeing with the folder is accepted and
+    another family (``other``) refused in one line naming both; ``tiny-<name>`` resolves to the tiny folder."""
+    import re
+
+    import pytest
+
+    from raft_diffusion.core.errors import UserError
+    from raft_diffusion.diffusion.config import FAMILIES
+    from raft_diffusion.diffusion.families import detect_family
+    from raft_diffusion.diffusion.task import resolve_pretrained
+
+    cls = FAMILIES[name]
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": cls}))
+    for source in (tmp_path, str(tmp_path), cls, name, folder, pipe):
+        assert detect_family(source).name == name, source
+    assert detect_family(tmp_path, override=name).name == name
+    with pytest.raises(UserError, match=rf"model.family is {re.escape(other)}, but .* holds a {cls} \({re.escape(name)}\)"):
+        detect_family(tmp_path, override=other)
+    assert json.loads((folder / "model_index.json").read_text())["_class_name"] == cls
+    assert resolve_pretrained(f"tiny-{name}") == str(folder)

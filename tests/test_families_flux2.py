@@ -8,20 +8,20 @@ patches, 2 sampling steps, 32 text tokens.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from family_checks import (
     align_keeps_the_top_k_and_the_lora_reloads,
+    family_is_detected_everywhere,
     fresh_pipeline,
     lora_trains_saves_and_reloads,
     merged_export_gives_the_loras_prediction,
+    tiny_align_config,
     tiny_family_fixtures,
 )
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
+from raft_diffusion.diffusion.families import LossSettings, get_family
 from raft_diffusion.diffusion.families.lora import matching_modules
 
 NAME = "flux2"
@@ -55,17 +55,7 @@ def _pipeline_call(pipe, prompt, seed, guidance=GUIDANCE, output_type="latent"):
 
 
 def test_detection_from_model_index_config_and_shortcut(tmp_path, folder, pipe):
-    from raft_diffusion.diffusion.config import FAMILIES
-    from raft_diffusion.diffusion.task import resolve_pretrained
-
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "Flux2Pipeline"}))
-    assert detect_family(tmp_path).name == NAME and detect_family("Flux2Pipeline").name == NAME
-    assert detect_family(NAME).name == NAME and detect_family(tmp_path, override=NAME).name == NAME
-    with pytest.raises(UserError, match=r"model.family is flux2-klein, but .* holds a Flux2Pipeline \(flux2\)"):
-        detect_family(tmp_path, override="flux2-klein")
-    assert detect_family(folder).name == NAME and detect_family(pipe).name == NAME
-    assert FAMILIES[NAME] == "Flux2Pipeline"
-    assert resolve_pretrained("tiny-flux2") == str(folder)
+    family_is_detected_everywhere(NAME, folder, pipe, tmp_path, other="flux2-klein")
 
 
 def test_encode_prompts_rows_are_per_prompt_and_a_negative_prompt_is_refused(pipe, embeds):
@@ -133,18 +123,7 @@ def test_lora_trains_saves_and_a_fresh_pipeline_reproduces_it(tmp_path, folder, 
     lora_trains_saves_and_reloads(family, trained, lambda: _fresh(folder, pipe), embeds, _sample, (16, 8, 8), tmp_path, ATOL, drop=0.9)
 
 
-CONFIG = {
-    "seed": 0, "num_stages": 2, "model": {"device": "cpu", "pretrained": "tiny-flux2", "max_sequence_length": SEQ},
-    "prompts": {"train": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
-                "eval": ["a red square", "a blue circle", "a green star"]},
-    "sampling": {"num_per_prompt": 8, "batch_size": 16, "num_inference_steps": 4, "guidance_scale": GUIDANCE,
-                 "height": 32, "width": 32},
-    "reward": {"name": "brightness", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}},
-    "ranking": {"mode": "local", "top_k": 2},
-    "train": {"lora_rank": 8, "lora_alpha": 16, "steps_per_stage": 30, "batch_size": 4, "learning_rate": 0.1},
-    "eval": {"num_per_prompt": 4, "clip_model": None},
-    "progress": False,
-}  # fmt: skip
+CONFIG = tiny_align_config("tiny-flux2", guidance=GUIDANCE, max_sequence_length=SEQ)
 
 
 def test_align_two_stages_keep_the_top_k_and_the_lora_reloads(tmp_path, folder):

@@ -14,15 +14,17 @@ import torch
 import yaml
 from family_checks import (
     align_keeps_the_top_k_and_the_lora_reloads,
+    family_is_detected_everywhere,
     fresh_pipeline,
     lora_trains_saves_and_reloads,
     merged_export_gives_the_loras_prediction,
     preset_peaks_on_published_configs,
+    tiny_align_config,
     tiny_family_fixtures,
 )
 
 from raft_diffusion.core.errors import UserError
-from raft_diffusion.diffusion.families import LossSettings, detect_family, get_family
+from raft_diffusion.diffusion.families import LossSettings, get_family
 from raft_diffusion.diffusion.families.lora import matching_modules
 
 NAME = "qwen-image"
@@ -62,17 +64,7 @@ def _pipeline_call(pipe, prompt, seed, guidance=GUIDANCE, output_type="latent"):
 
 
 def test_detection_from_model_index_config_and_shortcut(tmp_path, folder, pipe):
-    from raft_diffusion.diffusion.config import FAMILIES
-    from raft_diffusion.diffusion.task import resolve_pretrained
-
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "QwenImagePipeline"}))
-    assert detect_family(tmp_path).name == NAME and detect_family("QwenImagePipeline").name == NAME
-    assert detect_family(NAME).name == NAME and detect_family(tmp_path, override=NAME).name == NAME
-    with pytest.raises(UserError, match=r"model.family is flux, but .* holds a QwenImagePipeline \(qwen-image\)"):
-        detect_family(tmp_path, override="flux")
-    assert detect_family(folder).name == NAME and detect_family(pipe).name == NAME
-    assert FAMILIES[NAME] == "QwenImagePipeline"
-    assert resolve_pretrained("tiny-qwen-image") == str(folder)
+    family_is_detected_everywhere(NAME, folder, pipe, tmp_path)
 
 
 def test_a_guidance_distilled_transformer_is_refused_in_one_line(tmp_path, folder):
@@ -227,18 +219,7 @@ def test_lora_trains_saves_and_a_fresh_pipeline_reproduces_it(tmp_path, folder, 
 
 # --- align end to end --------------------------------------------------------------------------------------
 
-CONFIG = {
-    "seed": 0, "num_stages": 2, "model": {"device": "cpu", "pretrained": "tiny-qwen-image"},
-    "prompts": {"train": ["a red circle", "a blue square", "a green triangle", "a yellow star"],
-                "eval": ["a red square", "a blue circle", "a green star"]},
-    "sampling": {"num_per_prompt": 8, "batch_size": 16, "num_inference_steps": 4, "guidance_scale": 2.0,
-                 "height": 32, "width": 32},
-    "reward": {"name": "brightness", "kwargs": {"region": [0.25, 0.25, 0.75, 0.75]}},
-    "ranking": {"mode": "local", "top_k": 2},
-    "train": {"lora_rank": 8, "lora_alpha": 16, "steps_per_stage": 30, "batch_size": 4, "learning_rate": 0.1},
-    "eval": {"num_per_prompt": 4, "clip_model": None},
-    "progress": False,
-}  # fmt: skip
+CONFIG = tiny_align_config("tiny-qwen-image")
 
 
 def test_align_two_stages_keep_the_top_k_and_the_lora_reloads(tmp_path, folder):
