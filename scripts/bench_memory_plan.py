@@ -184,6 +184,30 @@ def write_config_folder(kind: str, root: Path) -> Path:
                  "tokenizer": ["transformers", "Qwen2TokenizerFast"], "is_distilled": False,
                  "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                                     base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
+    elif kind == "flux2":  # black-forest-labs/FLUX.2-dev: the 32B MMDiT, Mistral-3-Small (24B) and the FLUX.2 VAE
+        from diffusers import AutoencoderKLFlux2
+        from transformers import Mistral3Config
+
+        from raft_diffusion.diffusion.families.fullsize import FLUX2_DEV
+        from raft_diffusion.diffusion.families.tiny import _PARTS_CHAT_TEMPLATE, build_qwen_tokenizer
+
+        Mistral3Config(
+            text_config={"model_type": "mistral", "hidden_size": 5120, "intermediate_size": 32768, "num_hidden_layers": 40,
+                         "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 131072,
+                         "max_position_embeddings": 131072, "rope_theta": 1000000000.0, "rms_norm_eps": 1e-5},
+            vision_config={"model_type": "pixtral", "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+                           "num_attention_heads": 16, "head_dim": 64, "image_size": 1540, "patch_size": 14},
+            spatial_merge_size=2, multimodal_projector_bias=False,
+        ).save_pretrained(folder / "text_encoder")  # fmt: skip
+        AutoencoderKLFlux2().save_config(folder / "vae")
+        tokenizer = build_qwen_tokenizer()
+        tokenizer.chat_template = _PARTS_CHAT_TEMPLATE
+        tokenizer.save_pretrained(folder / "tokenizer")
+        index = {"_class_name": "Flux2Pipeline", "transformer": model("transformer", "Flux2Transformer2DModel", dict(FLUX2_DEV)),
+                 "vae": ["diffusers", "AutoencoderKLFlux2"], "text_encoder": ["transformers", "Mistral3ForConditionalGeneration"],
+                 "tokenizer": ["transformers", "Qwen2TokenizerFast"],
+                 "scheduler": sched(FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                                    base_image_seq_len=256, max_image_seq_len=4096))}  # fmt: skip
     elif kind == "z-image":  # Tongyi-MAI/Z-Image: the 6.15B DiT, Qwen3-4B and the FLUX VAE (84M)
         from transformers import Qwen3Config
 
@@ -428,7 +452,8 @@ def presets(tmp: Path) -> None:
     print("\n== the shipped GPU presets (planned for CUDA) ==")
     for name, kind in (("sd15_aesthetic_512", "sd15"), ("sdxl_aesthetic_1024", "sdxl"), ("sd35m_pickscore_512", "sd35m-t5"),
                        ("flux1_dev_hpsv2_512", "flux"), ("qwen_image_aesthetic_1024", "qwen-image"),
-                       ("flux2_klein_base4b_aesthetic_1024", "flux2-klein"), ("z_image_aesthetic_1024", "z-image")):  # fmt: skip
+                       ("flux2_klein_base4b_aesthetic_1024", "flux2-klein"), ("z_image_aesthetic_1024", "z-image"),
+                       ("flux2_dev_aesthetic_1024", "flux2")):  # fmt: skip
         folder = write_config_folder(kind, tmp)
         cfg = load_config(ROOT / "configs" / f"{name}.yaml", [f"model.pretrained={folder}", "model.device=cuda"])
         print(f"\n-- configs/{name}.yaml\n" + plan_report(cfg, None), flush=True)

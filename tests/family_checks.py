@@ -59,9 +59,10 @@ def final_lora_reproduces_held_out_images(family, folder, run, config, stage):
     return images, evals
 
 
-def preset_peaks_on_published_configs(kind, preset, tmp_path, transformer_params, text_encoder_params, trainable):
+def preset_peaks_on_published_configs(kind, preset, tmp_path, transformer_params, text_encoder_params, trainable,
+                                      offloads=("none", "phases")):  # fmt: skip
     """``configs/<preset>.yaml`` planned for CUDA on ``kind``'s published configs (scripts/bench_memory_plan.py writes
-    them as a config-only folder), with everything resident and with ``model.offload=phases``: the weights are the
+    them as a config-only folder), for each of ``offloads`` (everything resident, ``phases``): the weights are the
     parameter counts at 2 bytes (the text encoder's with its rotary buffers, under 4 KiB), the LoRA trains
     ``trainable`` weights; returns the peaks in GiB by offload."""
     import sys
@@ -76,7 +77,7 @@ def preset_peaks_on_published_configs(kind, preset, tmp_path, transformer_params
 
     folder = write_config_folder(kind, tmp_path)
     peaks = {}
-    for offload in ("none", "phases"):
+    for offload in offloads:
         cfg = load_config(root / "configs" / f"{preset}.yaml", [f"model.pretrained={folder}", "model.device=cuda", f"model.offload={offload}"])
         planner = MemoryPlanner(cfg, device="cuda")
         assert planner.components["transformer"] == 2 * transformer_params

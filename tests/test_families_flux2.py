@@ -152,3 +152,15 @@ def test_planner_runs_on_the_tiny_pipeline_without_guidance_passes(tmp_path, cap
     assert main(["plan", "--config", str(path)]) == 0
     out = capsys.readouterr().out
     assert "(flux2)" in out and "sampling batch 16," in out and "guidance" not in out and "peak:" in out, out
+
+
+@pytest.mark.slow  # about two minutes: Mistral-3-Small and the 32B transformer traced on the meta device
+def test_planner_on_the_published_configs_gives_the_presets_figures(tmp_path):
+    """configs/flux2_dev_aesthetic_1024.yaml planned on FLUX.2 [dev]'s published configs: the weights are the parameter
+    counts at 2 bytes (Mistral-3-Small's 23.3B with its vision tower), and the peaks are the preset's header figures:
+    110.6 GiB with everything resident, 65.5 with one model at a time (model.offload=sequential, the preset's)."""
+    from family_checks import preset_peaks_on_published_configs
+
+    peaks = preset_peaks_on_published_configs(NAME, "flux2_dev_aesthetic_1024", tmp_path, 32_223_281_152, 23_340_272_832, 6_291_456,
+                                              offloads=("none", "sequential"))  # fmt: skip
+    assert 110.3 < peaks["none"] < 110.9 and 65.2 < peaks["sequential"] < 65.8, peaks

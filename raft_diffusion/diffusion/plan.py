@@ -254,15 +254,34 @@ def _plain_tensors_to_cpu(module: torch.nn.Module) -> None:
 def _without_attention_mask(module, args, kwargs):
     """A text encoder's forward on the meta device without its attention mask: transformers' causal-mask builders read
     the mask's values (``.item()``), which meta tensors do not have. The planner's stand-in tokenizer masks nothing,
-    so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted. A text-only
-    decoder (FLUX.2 [klein]'s Qwen3) gets a mask of None for each of its layer types instead: causal attention without
-    a mask tensor, and without the check for packed sequences that reads the position ids' values."""
-    kwargs = {k: v for k, v in kwargs.items() if k != "attention_mask"}
-    config = getattr(module, "config", None)
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and not hasattr(config, "vision_config"):
-        kwargs["attention_mask"] = dict.fromkeys(layer_types)
-    return args, kwargs
+    so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted. Without a
+    mask, transformers' decoders (Qwen3, Mistral-3) look for packed sequences in the position ids' values: the forward
+    runs with that check answering "none" (:func:`_no_packed_sequences`), as it would on real ids ``0..L-1``."""
+    return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}
+
+
+@contextlib.contextmanager
+def _no_packed_sequences():
+    """transformers' check for packed sequences, which reads the position ids' values, answering "none" while on."""
+    import transformers.masking_utils as masking
+
+    original = masking.find_packed_sequence_indices
+    masking.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking.find_packed_sequence_indices = original
+
+
+def _wrap_forward(module, context) -> None:
+    """``module``'s forward run inside ``context()``."""
+    forward = module.forward
+
+    def wrapped(*args, **kwargs):
+        with context():
+            return forward(*args, **kwargs)
+
+    module.forward = wrapped
 
 
 @dataclass
@@ -477,6 +496,7 @@ class MemoryPlanner:
         if self.work.type == "meta":
             for name in self.text_encoders:
                 self.pipe.components[name].register_forward_pre_hook(_without_attention_mask, with_kwargs=True)
+                _wrap_forward(self.pipe.components[name], _no_packed_sequences)
             self.family.encode_on_meta(self.pipe)
 
     # -- measurements (cached) --------------------------------------------------------------------
