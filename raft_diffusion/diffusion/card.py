@@ -181,8 +181,8 @@ def card_text(run_dir: str | Path, *, license: str | None = None, grid_link: str
         f'pipe = DiffusionPipeline.from_pretrained("{base_model}")',
         'pipe.load_lora_weights("path/to/this/folder")  # or the hub repo id',
         'image = pipe("a prompt", num_inference_steps=30).images[0]', "```", "",
-        "A1111 / ComfyUI / kohya (one `.safetensors` with kohya key names, alpha kept; SD 1.x, SDXL, FLUX.1, FLUX.2 and "
-        "Qwen-Image -- ComfyUI reads this folder's diffusers-format file for SD3 and Z-Image):", "",
+        "A1111 / ComfyUI / kohya (one `.safetensors` with kohya key names, alpha kept; SD 1.x, SDXL, FLUX.1, FLUX.2 [klein] "
+        "and Qwen-Image -- ComfyUI reads this folder's diffusers-format file for the others):", "",
         "```bash", "raft-diffusion export RUN_DIR --format kohya -o my_raft_lora.safetensors", "```", "",
         "A merged model (diffusers folder, plus one single-file checkpoint for SD 1.x and SDXL): "
         "`raft-diffusion export RUN_DIR --merge -o merged/`.", "",

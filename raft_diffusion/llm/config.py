@@ -184,7 +184,8 @@ class LLMConfig(core.BaseConfig):
     sampling: LLMSamplingConfig = _f(None, "completion generation")
     filters: FilterConfig = _f(None, "discard rules applied before ranking (a discarded completion gets no reward)")
     reward: dict = _f(
-        {"name": "toy_sentiment"}, "text reward: {name: NAME, kwargs: {...}}; NAME = a built-in, sequence_classification, or package.module:function"
+        {"name": "toy_sentiment"},
+        "text reward: {name: NAME, kwargs: {...}}; NAME = toy_sentiment, toy_gold, sequence_classifier (a Hub or local reward model) or package.module:function",
     )
     ranking: LLMRankingConfig = _f(None, "what is kept (kl_beta > 0 ranks by r - beta*log(p/p_base), base = adapter disabled)")
     train: LLMTrainConfig = _f(None, "fine-tuning on the kept completions (loss on response tokens only)")
