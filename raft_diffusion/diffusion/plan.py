@@ -251,13 +251,20 @@ def _plain_tensors_to_cpu(module: torch.nn.Module) -> None:
                 setattr(sub, name, torch.zeros(value.shape, dtype=value.dtype))
 
 
-def _without_attention_mask(module, args, kwargs):
+def _text_encoder_on_meta(module) -> None:
     """A text encoder's forward on the meta device without its attention mask: transformers' causal-mask builders read
     the mask's values (``.item()``), which meta tensors do not have. The planner's stand-in tokenizer masks nothing,
     so the mask changes no shape; only the mask tensor itself (``[B, 1, L, L]`` booleans) goes uncounted. Without a
     mask, transformers' decoders (Qwen3, Mistral-3) look for packed sequences in the position ids' values: the forward
     runs with that check answering "none" (:func:`_no_packed_sequences`), as it would on real ids ``0..L-1``."""
-    return args, {k: v for k, v in kwargs.items() if k != "attention_mask"}
+    forward = module.forward
+
+    def without_mask(*args, **kwargs):
+        kwargs.pop("attention_mask", None)
+        with _no_packed_sequences():
+            return forward(*args, **kwargs)
+
+    module.forward = without_mask
 
 
 @contextlib.contextmanager
@@ -271,17 +278,6 @@ def _no_packed_sequences():
         yield
     finally:
         masking.find_packed_sequence_indices = original
-
-
-def _wrap_forward(module, context) -> None:
-    """``module``'s forward run inside ``context()``."""
-    forward = module.forward
-
-    def wrapped(*args, **kwargs):
-        with context():
-            return forward(*args, **kwargs)
-
-    module.forward = wrapped
 
 
 @dataclass
@@ -495,8 +491,7 @@ class MemoryPlanner:
             self.work = torch.device("cpu")
         if self.work.type == "meta":
             for name in self.text_encoders:
-                self.pipe.components[name].register_forward_pre_hook(_without_attention_mask, with_kwargs=True)
-                _wrap_forward(self.pipe.components[name], _no_packed_sequences)
+                _text_encoder_on_meta(self.pipe.components[name])
             self.family.encode_on_meta(self.pipe)
 
     # -- measurements (cached) --------------------------------------------------------------------

@@ -147,15 +147,19 @@ class DiffusionTask:
         # 3. Prompt embeddings, once per prompt (the text encoders are frozen).
         # the pool's guidance and the held-out samples' (eval.guidance_scale, default the same)
         self.eval_guidance = cfg.eval_guidance_scale
-        self.train_embeds = self._encode(self.train_prompts, s.guidance_scale > 1.0)
-        self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
-        # the empty prompt's conditioning, for caption dropout (train.empty_prompt_ratio): SD's embedding [1, L, D]; a
-        # family's one row, encoded with the training prompts (Qwen-Image pads every row to the call's longest prompt)
+        # with caption dropout (train.empty_prompt_ratio) the empty prompt's conditioning: SD's embedding [1, L, D]; a
+        # family's one row, encoded in the same call as the training prompts' (Qwen-Image and Z-Image pad every row to
+        # the call's longest prompt, which the empty one is not)
         self.empty_embeds = None
-        if cfg.train.empty_prompt_ratio > 0 and self.legacy:
-            self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
-        elif cfg.train.empty_prompt_ratio > 0:
-            self.empty_embeds = self._encode([*self.train_prompts, self.family.empty_prompt], False)[len(self.train_prompts) :]
+        n = len(self.train_prompts)
+        if cfg.train.empty_prompt_ratio > 0 and not self.legacy:
+            both = self._encode([*self.train_prompts, self.family.empty_prompt], s.guidance_scale > 1.0)
+            self.train_embeds, self.empty_embeds = both[:n], both[n:]
+        else:
+            self.train_embeds = self._encode(self.train_prompts, s.guidance_scale > 1.0)
+            if cfg.train.empty_prompt_ratio > 0:
+                self.empty_embeds = encode_prompts(self.pipe, [""], None, do_cfg=False)[0]
+        self.eval_embeds = self._encode(self.eval_prompts, self.eval_guidance > 1.0)
         # model.offload (resolved by the planner): from here on the text encoders are not needed on the device
         self.placement = Placement(
             offload, self.device, self.pipe, self.family, scorers=(self.reward, self.eval_clip), vae_slicing=cfg.model.vae_slicing

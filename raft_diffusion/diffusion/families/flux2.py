@@ -32,11 +32,7 @@ class Flux2Family(Flux2KleinFamily):
         refused: FLUX.2 [dev] is guidance-distilled."""
         if negative_prompt:
             raise UserError("FLUX.2 [dev] is guidance-distilled and takes no negative prompt: set prompts.negative to null")
-        batch_size = batch_size or self.encode_batch_size
-        length = max_sequence_length or self.max_sequence_length
-        prompts = list(prompts)
-        rows = [self._encode(pipe, prompts[i : i + batch_size], length) for i in range(0, len(prompts), batch_size)]
-        return PromptEmbeds({"prompt_embeds": torch.cat(rows)})
+        return super().encode_prompts(pipe, prompts, do_cfg=False, batch_size=batch_size, max_sequence_length=max_sequence_length)
 
     def _unpack(self, pipe, latents, height, width):
         """The pipeline's latent output is its packed, normalised tokens ``[B, h * w, C]``."""
